@@ -1,0 +1,64 @@
+"""Atomic file writes: a file is either the old complete version or the new complete one.
+
+Everything that a later step trusts (index, folds, manifests, checkpoints, tables)
+is written through these helpers: to a temporary file in the same folder, flushed
+and fsynced, then renamed over the target. A crash or a full disk leaves the
+previous file intact and no half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike, **to_csv_kwargs) -> Path:
+    """Write a DataFrame as CSV atomically (``index=False`` unless given)."""
+    to_csv_kwargs.setdefault("index", False)
+    with atomic_write(path, "w") as handle:
+        frame.to_csv(handle, **to_csv_kwargs)
+    return Path(path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file atomically."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,110 @@
+"""The 14 CheXpert findings and the uncertainty policies that turn raw labels into targets.
+
+Raw labels (MIMIC-CXR-JPG's ``mimic-cxr-2.0.0-chexpert.csv``, CheXpert's CSVs) take
+four values per finding: ``1`` positive, ``0`` negative, ``-1`` uncertain and blank
+(not mentioned). A policy maps them to targets in {1, 0, unknown}; unknown is NaN in
+the label matrix and is masked out of every loss and metric.
+
+======== ============ ============ ============ ======================
+policy   1            0            -1           blank
+======== ============ ============ ============ ======================
+u-zeros  1            0            0            0, or NaN (``blank="unknown"``)
+u-ones   1            0            1            0, or NaN
+u-ignore 1            0            NaN          0, or NaN
+======== ============ ============ ============ ======================
+
+``u-zeros`` with blank as 0 is the paper's setting (all non-positive labels are negative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+)
+NUM_FINDINGS = len(FINDINGS)
+POLICIES: tuple[str, ...] = ("u-zeros", "u-ones", "u-ignore")
+BLANK_OPTIONS: tuple[str, ...] = ("zero", "unknown")
+RAW_VALUES = (1.0, 0.0, -1.0)
+
+
+def validate_raw_labels(raw: pd.DataFrame, source: str = "labels") -> None:
+    """Raise ``ValueError`` naming the file, column and row of the first value outside {1, 0, -1, blank}.
+
+    ``raw`` must hold the 14 finding columns; ``source`` names the file in messages.
+    """
+    missing = [f for f in FINDINGS if f not in raw.columns]
+    if missing:
+        raise ValueError(f"{source}: missing finding column(s) {missing}")
+    for finding in FINDINGS:
+        values = pd.to_numeric(raw[finding], errors="coerce")
+        not_numeric = values.isna() & raw[finding].notna() & (raw[finding].astype(str).str.strip() != "")
+        bad = not_numeric | (values.notna() & ~values.isin(RAW_VALUES))
+        if bad.any():
+            row = bad.to_numpy().nonzero()[0][0]
+            raise ValueError(
+                f"{source}: column {finding!r}, row {row + 2} (line in the CSV, header is line 1): "
+                f"value {raw[finding].iloc[row]!r} is not one of 1, 0, -1 or blank"
+            )
+
+
+def apply_policy(
+    raw: pd.DataFrame, policy: str = "u-zeros", blank: str = "zero", source: str = "labels"
+) -> pd.DataFrame:
+    """Map raw labels (1 / 0 / -1 / blank) of the 14 findings to targets (1.0 / 0.0 / NaN).
+
+    Returns a float DataFrame with exactly the 14 finding columns, in ``FINDINGS`` order,
+    on ``raw``'s index. Raises ``ValueError`` on an unknown policy or a bad value.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown uncertainty policy {policy!r}; choose one of {POLICIES}")
+    if blank not in BLANK_OPTIONS:
+        raise ValueError(f"unknown blank option {blank!r}; choose one of {BLANK_OPTIONS}")
+    validate_raw_labels(raw, source)
+    values = raw[list(FINDINGS)].apply(pd.to_numeric, errors="coerce").astype(float)
+    out = values.copy()
+    uncertain = values == -1.0
+    out[uncertain] = {"u-zeros": 0.0, "u-ones": 1.0, "u-ignore": np.nan}[policy]
+    out[values.isna()] = 0.0 if blank == "zero" else np.nan
+    return out
+
+
+def targets_and_mask(labels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a label array with NaN for unknown into (targets with NaN set to 0, mask of known)."""
+    labels = torch.as_tensor(labels, dtype=torch.float32)
+    mask = ~torch.isnan(labels)
+    return torch.nan_to_num(labels, nan=0.0), mask.to(torch.float32)
+
+
+def masked_bce_with_logits(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Binary cross-entropy on logits that ignores unknown labels (``mask == 0``).
+
+    ``reduction="mean"`` averages over known labels only; ``"sum"`` returns the sum,
+    which with ``mask.sum()`` lets callers average across batches or processes exactly.
+    """
+    losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    total = (losses * mask).sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / mask.sum().clamp_min(1.0)
+    raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")
