@@ -30,7 +30,9 @@ def test_normalize_makes_three_imagenet_channels():
     image = torch.full((1, 8, 8), 255, dtype=torch.uint8)
     out = normalize(image)
     assert out.shape == (3, 8, 8)
-    assert torch.allclose(out[:, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor([0.229, 0.224, 0.225]))
+    assert torch.allclose(
+        out[:, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor([0.229, 0.224, 0.225])
+    )
 
 
 def test_eval_transform_is_deterministic_and_train_transform_augments():
