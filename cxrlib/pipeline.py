@@ -1,0 +1,487 @@
+"""Run the numbered notebooks of a preset in order with papermill: ``python -m cxrlib.pipeline``.
+
+Usage::
+
+    python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
+    python -m cxrlib.pipeline --preset smoke                     # a minute or two, CPU
+    python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
+    python -m cxrlib.pipeline --preset kermany --resolutions 64 128 --folds 0 1
+    python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
+
+Executed notebooks go to ``runs/<preset>/`` (``03_train`` once per resolution, as
+``03_train_res<R>.ipynb``), tables to ``runs/<preset>/tables/`` and figures to
+``figures/<preset>/``. A step whose outputs are complete and whose settings and notebook
+are unchanged is skipped, so an interrupted run resumes where it stopped (``--force``
+runs everything again). Training resumes from its last checkpoint on its own.
+
+Provenance (settings, git commit, package versions, data and fold hashes, step times) is
+written to ``runs/<preset>/provenance.json`` and into each executed notebook's metadata.
+A lock file refuses a second pipeline on the same run folder while one is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, paths
+from .fileio import sha256_file, write_text_atomic
+from .presets import Preset, resolve
+
+STATE_DIR = ".pipeline"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One executed notebook: its source, its resolution (03_train) and the files it must leave."""
+
+    notebook: str
+    outputs: Callable[[Preset, int | None], list[Path]] = field(default=lambda preset, resolution: [])
+    per_resolution: bool = False
+
+    def name(self, resolution: int | None = None) -> str:
+        return f"{self.notebook}_res{resolution}" if resolution is not None else self.notebook
+
+
+def _data_outputs(preset: Preset, _: int | None) -> list[Path]:
+    return [preset.index_path, preset.folds_path]
+
+
+def _cache_outputs(preset: Preset, _: int | None) -> list[Path]:
+    return [preset.cache_path / "manifest.csv"]
+
+
+def _train_outputs(preset: Preset, resolution: int | None) -> list[Path]:
+    outputs = []
+    for fold in preset.trained_folds():
+        run = paths.fold_dir(preset.run_path, resolution, fold)
+        outputs += [run / "history.csv", run / "val_predictions.csv", run / "test_predictions.csv"]
+    return outputs
+
+
+def _tables(*names: str) -> Callable[[Preset, int | None], list[Path]]:
+    return lambda preset, _: [preset.tables_path / name for name in names]
+
+
+def _figures_and_tables(figures: list[str], tables: list[str]) -> Callable[[Preset, int | None], list[Path]]:
+    return lambda preset, _: (
+        [preset.figures_path / f for f in figures] + [preset.tables_path / t for t in tables]
+    )
+
+
+STEPS: tuple[Step, ...] = (
+    Step("00_data", _data_outputs),
+    Step("01_image_sizes", _figures_and_tables(["fig3_image_sizes.png"], [])),
+    Step("02_downscale", _cache_outputs),
+    Step("03_train", _train_outputs, per_resolution=True),
+    Step("04_evaluate", _figures_and_tables(["auc_vs_resolution.png"], ["auc.csv", "table3.csv"])),
+    Step("05_receptive_field", _figures_and_tables(["fig1_erf.png"], ["erf.csv"])),
+    Step("06_gradcam", _figures_and_tables(["fig4_gradcam.png"], [])),
+    Step("07_ensemble", _figures_and_tables(["fig5_ensemble_weights.png"], ["ensemble_weights.csv"])),
+    Step("08_throughput", _tables("table2_throughput.csv")),
+    Step("09_receptive_field_explained"),
+)
+
+
+class PipelineError(RuntimeError):
+    """A step failed; the message names the executed notebook that holds the error."""
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def git_commit() -> dict[str, Any]:
+    """The repository's commit and whether the working tree has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=paths.PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the results."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "cxrlib": __version__}
+    for name in (
+        "torch",
+        "torchvision",
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "scipy",
+        "pillow",
+        "matplotlib",
+        "seaborn",
+        "papermill",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def devices() -> dict[str, Any]:
+    """CPU count and the visible CUDA devices."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cuda_devices": gpus,
+    }
+
+
+def data_hashes(preset: Preset) -> dict[str, str | None]:
+    """SHA-256 of the index, the folds and the cache manifest (None where not written yet)."""
+    files = {
+        "index.csv": preset.index_path,
+        "folds.csv": preset.folds_path,
+        "cache/manifest.csv": preset.cache_path / "manifest.csv",
+    }
+    return {name: (sha256_file(path) if path.is_file() else None) for name, path in files.items()}
+
+
+# ----------------------------------------------------------------------------- step state
+
+
+def notebook_source_hash(path: Path) -> str:
+    """Hash of a notebook's cell sources (outputs and metadata do not count)."""
+    cells = json.loads(path.read_text())["cells"]
+    text = json.dumps([(c["cell_type"], "".join(c["source"])) for c in cells])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stamp_path(preset: Preset, name: str) -> Path:
+    return preset.run_path / STATE_DIR / f"{name}.json"
+
+
+def _fingerprint(preset: Preset, notebook: Path, parameters: dict[str, Any]) -> str:
+    settings = json.dumps({"preset": preset.to_dict(), "parameters": parameters}, sort_keys=True, default=str)
+    return hashlib.sha256((settings + notebook_source_hash(notebook)).encode()).hexdigest()
+
+
+def step_is_complete(preset: Preset, step: Step, resolution: int | None, fingerprint: str) -> bool:
+    """True when the step ran with these settings and every output it promises is there."""
+    name = step.name(resolution)
+    stamp = _stamp_path(preset, name)
+    if not stamp.is_file() or not (preset.run_path / f"{name}.ipynb").is_file():
+        return False
+    try:
+        if json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+            return False
+    except json.JSONDecodeError:
+        return False
+    return all(path.is_file() and path.stat().st_size > 0 for path in step.outputs(preset, resolution))
+
+
+@contextlib.contextmanager
+def run_lock(preset: Preset) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder; refuse clearly if another pipeline holds it."""
+    import fcntl
+
+    preset.run_path.mkdir(parents=True, exist_ok=True)
+    lock_path = preset.run_path / STATE_DIR / "lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown process"
+            raise PipelineError(
+                f"another pipeline is running on {preset.run_path} ({holder}); wait for it "
+                f"to finish or stop it, then run again"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def planned_steps(preset: Preset) -> list[tuple[Step, int | None]]:
+    """Every (step, resolution) the preset runs, in order."""
+    planned: list[tuple[Step, int | None]] = []
+    for step in STEPS:
+        if step.per_resolution:
+            planned += [(step, resolution) for resolution in preset.resolutions]
+        else:
+            planned.append((step, None))
+    return planned
+
+
+def notebook_parameters(
+    preset_arg: str, preset: Preset, overrides: dict[str, Any], resolution: int | None
+) -> dict[str, Any]:
+    """Papermill parameters: the preset, the folders, the user's overrides and the resolution."""
+    parameters = {
+        "preset": preset_arg,
+        "run_dir": str(preset.run_path),
+        "figures_dir": str(preset.figures_path),
+        **overrides,
+    }
+    if resolution is not None:
+        parameters["resolution"] = resolution
+    return parameters
+
+
+def execute_step(
+    notebook: Path, output: Path, parameters: dict[str, Any], provenance: dict[str, Any], progress_bar: bool
+) -> None:
+    """Execute one notebook with papermill and record provenance in its metadata."""
+    import nbformat
+    import papermill
+
+    env_path = str(Path(sys.executable).parent)
+    if env_path not in os.environ.get("PATH", "").split(os.pathsep):
+        # Subprocesses started by notebooks (torchrun) must find this environment first.
+        os.environ["PATH"] = env_path + os.pathsep + os.environ.get("PATH", "")
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(output),
+            parameters=parameters,
+            cwd=str(paths.NOTEBOOKS_DIR),
+            kernel_name="python3",
+            progress_bar=progress_bar,
+            request_save_on_cell_execute=True,
+        )
+    except papermill.PapermillExecutionError as error:
+        raise PipelineError(
+            f"{output.name} failed in cell {error.exec_count}: {error.ename}: "
+            f"{error.evalue}\n  open {output} to see the traceback"
+        ) from None
+    executed = nbformat.read(output, as_version=4)
+    executed.metadata["cxr_provenance"] = provenance
+    write_text_atomic(nbformat.writes(executed), output)
+
+
+def run_pipeline(
+    preset_arg: str,
+    *,
+    data_root: str | None = None,
+    resolutions: list[int] | None = None,
+    folds: list[int] | None = None,
+    gpus: str | None = None,
+    run_dir: str | None = None,
+    figures_dir: str | None = None,
+    force: bool = False,
+    start_from: str | None = None,
+    progress_bar: bool | None = None,
+) -> Preset:
+    """Run (or resume) every step of a preset; returns the resolved preset."""
+    if Path(preset_arg).suffix in (".yaml", ".yml"):
+        preset_arg = str(Path(preset_arg).resolve())  # notebooks run in notebooks/, not here
+    preset = resolve(
+        preset_arg,
+        data_root=data_root,
+        resolutions=resolutions,
+        folds=folds,
+        gpus=gpus,
+        run_dir=run_dir,
+        figures_dir=figures_dir,
+    )
+    overrides = {
+        "data_root": data_root and preset.data.root,
+        "resolutions": resolutions,
+        "folds": folds,
+        "gpus": gpus,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if progress_bar is None:
+        progress_bar = sys.stderr.isatty()
+    steps = planned_steps(preset)
+    if start_from is not None:
+        names = [step.name(resolution) for step, resolution in steps]
+        matches = [i for i, (step, _) in enumerate(steps) if start_from in (step.notebook, names[i])]
+        if not matches:
+            raise PipelineError(f"--from {start_from!r} is not a step; steps are {names}")
+        force_from = matches[0]
+    else:
+        force_from = 0 if force else None
+
+    with run_lock(preset):
+        provenance_path = preset.run_path / "provenance.json"
+        provenance: dict[str, Any] = {
+            "preset": preset_arg,
+            "settings": preset.to_dict(),
+            "overrides": overrides,
+            "command": [Path(sys.executable).name, "-m", "cxrlib.pipeline", *sys.argv[1:]],
+            "started": _now(),
+            "git": git_commit(),
+            "packages": package_versions(),
+            "machine": devices(),
+            "steps": {},
+        }
+        write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
+        total = len(steps)
+        rerun_rest = False
+        t_start = time.time()
+        for i, (step, resolution) in enumerate(steps):
+            name = step.name(resolution)
+            notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
+            output = preset.run_path / f"{name}.ipynb"
+            parameters = notebook_parameters(preset_arg, preset, overrides, resolution)
+            fingerprint = _fingerprint(preset, notebook, parameters)
+            forced = rerun_rest or (force_from is not None and i >= force_from)
+            prefix = f"[{i + 1}/{total}] {name:<32}"
+            if not forced and step_is_complete(preset, step, resolution, fingerprint):
+                print(f"{prefix} skipped (complete)", flush=True)
+                continue
+            print(f"{prefix} running ...", flush=True)
+            t0 = time.time()
+            step_provenance = {
+                **provenance,
+                "step": name,
+                "parameters": parameters,
+                "data_hashes": data_hashes(preset),
+            }
+            execute_step(notebook, output, parameters, step_provenance, progress_bar)
+            seconds = time.time() - t0
+            missing = [str(p) for p in step.outputs(preset, resolution) if not p.is_file()]
+            if missing:
+                raise PipelineError(f"{name} finished but did not write {missing}; see {output}")
+            write_text_atomic(
+                json.dumps({"fingerprint": fingerprint, "finished": _now(), "seconds": round(seconds, 1)}),
+                _stamp_path(preset, name),
+            )
+            provenance["steps"][name] = {"seconds": round(seconds, 1), "finished": _now()}
+            provenance["data_hashes"] = data_hashes(preset)
+            write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
+            print(f"{prefix} done in {_elapsed(seconds)}", flush=True)
+            rerun_rest = True  # later steps read what this one wrote
+        provenance["finished"] = _now()
+        provenance["data_hashes"] = data_hashes(preset)
+        write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
+        print(
+            f"\nall {total} steps complete in {_elapsed(time.time() - t_start)}\n"
+            f"  figures:   {preset.figures_path}\n"
+            f"  tables:    {preset.tables_path}\n"
+            f"  notebooks: {preset.run_path}",
+            flush=True,
+        )
+    return preset
+
+
+def list_steps(preset_arg: str, **overrides: Any) -> None:
+    """Print each step and whether its outputs are complete."""
+    preset = resolve(preset_arg, **overrides)
+    for step, resolution in planned_steps(preset):
+        outputs = step.outputs(preset, resolution)
+        done = sum(p.is_file() for p in outputs)
+        executed = (preset.run_path / f"{step.name(resolution)}.ipynb").is_file()
+        state = "executed" if executed else "not run"
+        print(f"{step.name(resolution):<34} {state:<9} outputs {done}/{len(outputs)}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        required=True,
+        help="smoke, demo, phantom-gpu, kermany, mimic, or a path to a preset YAML file",
+    )
+    parser.add_argument("--data-root", help="folder of the data (MIMIC-CXR-JPG, CheXpert, CSV images)")
+    parser.add_argument("--resolutions", type=int, nargs="+", help="override the preset's resolutions")
+    parser.add_argument(
+        "--folds", type=int, nargs="+", help="folds to train and evaluate (default: preset's)"
+    )
+    parser.add_argument("--gpus", help="'all' or a number of processes per node for training")
+    parser.add_argument("--run-dir", help="where executed notebooks and tables go (default runs/<preset>)")
+    parser.add_argument("--figures-dir", help="where figures go (default figures/<preset>)")
+    parser.add_argument("--force", action="store_true", help="run every step again, even if complete")
+    parser.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="STEP",
+        help="run again from this step (e.g. 04_evaluate or 03_train_res256)",
+    )
+    parser.add_argument("--list", action="store_true", help="show the steps and their state, run nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    gpus: str | int | None = args.gpus
+    if gpus is not None and gpus != "all":
+        if not gpus.isdigit() or int(gpus) < 1:
+            print(f"error: --gpus must be 'all' or a positive number, got {gpus!r}", file=sys.stderr)
+            return 2
+        gpus = int(gpus)
+    try:
+        if args.list:
+            list_steps(
+                args.preset,
+                data_root=args.data_root,
+                resolutions=args.resolutions,
+                folds=args.folds,
+                gpus=gpus,
+                run_dir=args.run_dir,
+                figures_dir=args.figures_dir,
+            )
+            return 0
+        run_pipeline(
+            args.preset,
+            data_root=args.data_root,
+            resolutions=args.resolutions,
+            folds=args.folds,
+            gpus=gpus,
+            run_dir=args.run_dir,
+            figures_dir=args.figures_dir,
+            force=args.force,
+            start_from=args.start_from,
+        )
+    except (PipelineError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

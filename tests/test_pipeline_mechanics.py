@@ -1,0 +1,86 @@
+"""The pipeline runner on two tiny stand-in notebooks: resume, provenance, failure and lock."""
+
+import json
+
+import nbformat
+import pytest
+
+from cxrlib import pipeline
+from cxrlib.pipeline import PipelineError, Step, run_lock, run_pipeline
+from cxrlib.presets import resolve
+
+
+def write_notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('preset = "smoke"\nrun_dir = None\nfigures_dir = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def fake_steps(tmp_path, monkeypatch):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / "00_first.ipynb",
+        "from pathlib import Path\n(Path(run_dir) / 'first.txt').write_text(preset)",
+    )
+    write_notebook(
+        notebooks / "01_second.ipynb",
+        "from pathlib import Path\n"
+        "text = (Path(run_dir) / 'first.txt').read_text()\n"
+        "(Path(run_dir) / 'second.txt').write_text(text + '!')",
+    )
+    steps = (
+        Step("00_first", lambda preset, _: [preset.run_path / "first.txt"]),
+        Step("01_second", lambda preset, _: [preset.run_path / "second.txt"]),
+    )
+    monkeypatch.setattr(pipeline, "STEPS", steps)
+    monkeypatch.setattr(pipeline.paths, "NOTEBOOKS_DIR", notebooks)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_runs_in_order_then_skips_then_resumes_after_a_lost_output(fake_steps, capsys):
+    run = fake_steps / "run"
+    kwargs = {"run_dir": str(run), "figures_dir": str(fake_steps / "fig"), "progress_bar": False}
+    run_pipeline("smoke", **kwargs)
+    assert (run / "second.txt").read_text() == "smoke!"
+    executed = nbformat.read(run / "01_second.ipynb", as_version=4)
+    provenance = executed.metadata["cxr_provenance"]
+    assert provenance["step"] == "01_second" and "torch" in provenance["packages"]
+    assert json.loads((run / "provenance.json").read_text())["steps"].keys() == {"00_first", "01_second"}
+    capsys.readouterr()
+
+    run_pipeline("smoke", **kwargs)
+    assert capsys.readouterr().out.count("skipped (complete)") == 2
+
+    (run / "second.txt").unlink()
+    run_pipeline("smoke", **kwargs)
+    out = capsys.readouterr().out
+    assert "00_first" in out and out.count("skipped (complete)") == 1
+    assert (run / "second.txt").read_text() == "smoke!"
+
+
+@pytest.mark.slow
+def test_a_failing_step_names_its_executed_notebook_and_error(fake_steps):
+    write_notebook(pipeline.paths.NOTEBOOKS_DIR / "01_second.ipynb", "raise ValueError('bad input row 7')")
+    with pytest.raises(PipelineError, match=r"01_second.ipynb failed .*ValueError: bad input row 7"):
+        run_pipeline(
+            "smoke", run_dir=str(fake_steps / "run"), figures_dir=str(fake_steps / "f"), progress_bar=False
+        )
+
+
+def test_a_second_pipeline_on_the_same_run_folder_is_refused(tmp_path):
+    preset = resolve("smoke", run_dir=str(tmp_path / "run"))
+    with run_lock(preset), pytest.raises(PipelineError, match="another pipeline is running"):
+        run_pipeline("smoke", run_dir=str(tmp_path / "run"), progress_bar=False)
+    with run_lock(preset):  # released after the first holder left
+        pass
+
+
+def test_unknown_step_for_from_is_an_error(tmp_path):
+    with pytest.raises(PipelineError, match="--from 'nope' is not a step"):
+        run_pipeline("smoke", run_dir=str(tmp_path), start_from="nope", progress_bar=False)

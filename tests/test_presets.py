@@ -1,0 +1,57 @@
+"""Presets are data: every shipped preset loads, overrides apply, bad settings are named."""
+
+import pytest
+
+from cxrlib.presets import available_presets, check_resolution, load_preset, resolve
+
+
+def test_every_shipped_preset_loads_and_names_the_paper_ones():
+    names = available_presets()
+    assert {"smoke", "demo", "phantom-gpu", "kermany", "mimic"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        assert preset.name == name and preset.resolutions
+    mimic = load_preset("mimic")
+    assert mimic.resolutions == [256, 512, 1024, 2048]
+    assert mimic.trained_folds() == [0, 1, 2, 3, 4]
+    assert mimic.train.weights == "imagenet"
+
+
+def test_unknown_preset_and_unknown_setting_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*smoke"):
+        load_preset("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("resolutions: [64]\ntrain:\n  epocs: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: train: unknown setting\(s\) \['epocs'\]"):
+        load_preset(bad)
+
+
+@pytest.mark.parametrize("resolution", [16, 48, 100, 0])
+def test_resolutions_must_be_multiples_of_32(resolution):
+    with pytest.raises(ValueError, match=f"resolution {resolution} must be a multiple of 32"):
+        check_resolution(resolution)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        resolve("smoke", resolutions=[resolution])
+
+
+def test_overrides_and_folders(tmp_path):
+    preset = resolve("smoke", resolutions=[64], folds=[1], gpus=2, run_dir=str(tmp_path / "r"))
+    assert preset.resolutions == [64] and preset.trained_folds() == [1] and preset.train.gpus == 2
+    assert preset.index_path == tmp_path / "r" / "index.csv"
+    assert preset.cache_path == tmp_path / "r" / "cache"
+    with pytest.raises(ValueError, match="fold 7 does not exist"):
+        resolve("smoke", folds=[7])
+    with pytest.raises(ValueError, match="needs a data root"):
+        _ = resolve("mimic").data_path
+
+
+def test_per_resolution_train_options_override_shared_ones(tmp_path):
+    custom = tmp_path / "custom.yaml"
+    custom.write_text(
+        "resolutions: [32, 64]\ntrain:\n  epochs: 4\n  options: {batch_size: 16}\n"
+        "  per_resolution:\n    64: {batch_size: 8}\n"
+    )
+    preset = load_preset(custom)
+    assert preset.name == "custom"
+    assert preset.train_options(32)["batch_size"] == 16
+    assert preset.train_options(64) == {"epochs": 4, "weights": "imagenet", "batch_size": 8}
