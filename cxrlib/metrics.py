@@ -1,0 +1,516 @@
+"""Per-finding AUC on each test fold, Table 3, patient-level bootstrap CIs and paired DeLong tests.
+
+Scores are the logits of the prediction files (or ensemble logits): AUC only depends on
+their order, so logits and probabilities give the same AUC. Labels come from the run's
+``index.csv`` joined on ``dicom_id``; unknown labels (NaN) are left out of every AUC.
+
+Definitions used throughout
+---------------------------
+* **AUC** of a finding on one fold: scikit-learn's ``roc_auc_score`` on the fold's test
+  images whose label is known. It is NaN, with a ``reason``, when the finding has no
+  known label or only one class among the known labels.
+* **Table 3** (the paper's layout): per finding and per resolution (or ensemble) the mean
+  and the sample standard deviation (``ddof=1``) of the per-fold AUCs, plus the same in
+  percent formatted ``"80.8 ± 0.6"``. Folds whose AUC is NaN are left out of that cell.
+* **Average** row: for each fold, the mean AUC over the findings that have one on that
+  fold (the paper's "Average"), then mean and std of those per-fold averages over folds.
+  Its std is therefore the fold-to-fold spread of the average, not an average of stds.
+* **Bootstrap CI**: percentile interval of the AUC over resamples of *patients*
+  (``subject_id``) with replacement; every image of a drawn patient comes along, as
+  often as the patient is drawn. Images of one patient are correlated, so resampling
+  images would understate the uncertainty.
+* **DeLong test**: the paired test of two AUCs on the same images (DeLong et al. 1988)
+  with the fast midrank algorithm of Sun & Xu (2014), two-sided normal p-value. It treats
+  images as independent; with several images per patient its variance is optimistic,
+  which the patient bootstrap is not. p-values of the 14 findings of one comparison are
+  corrected with Holm (family-wise error) and Benjamini-Hochberg (false discovery rate).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from .fileio import write_csv_atomic
+from .labels import FINDINGS
+from .paths import fold_dir, tables_dir
+from .splits import fold_ids, num_folds, read_folds
+
+ENSEMBLE_NAMES: tuple[str, ...] = ("ensemble", "average")
+AUC_COLUMNS: tuple[str, ...] = ("finding", "resolution", "fold", "auc", "n_pos", "n_neg", "reason")
+REASON_NO_LABELS = "no known labels"
+REASON_ONE_CLASS_POS = "only positive labels"
+REASON_ONE_CLASS_NEG = "only negative labels"
+
+# A prediction set: (resolution or ensemble name, fold) -> DataFrame indexed by dicom_id with the
+# 14 finding columns (logits, or any scores whose order matters).
+PredictionSet = Mapping[tuple[int | str, int | str], pd.DataFrame]
+
+
+# ----------------------------------------------------------------------------- prediction files
+
+
+def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: str = "test") -> Path:
+    """``<run>/res<R>/fold<k>/<split>_predictions.csv``."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    return fold_dir(run, resolution, fold) / f"{split}_predictions.csv"
+
+
+def read_predictions(path: str | os.PathLike, expected_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """Read one prediction file: ``dicom_id`` then one logit column per finding.
+
+    Returns a float DataFrame indexed by ``dicom_id`` (string) with the ``FINDINGS`` columns
+    in order. With ``expected_ids`` it must hold exactly those images. Raises ``ValueError``
+    naming the file and the problem (missing or extra columns, duplicate or missing ids,
+    non-numeric or non-finite values).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prediction file not found: {path}")
+    frame = pd.read_csv(path, dtype={"dicom_id": str})
+    if "dicom_id" not in frame.columns:
+        raise ValueError(f"{path}: no 'dicom_id' column")
+    missing = [f for f in FINDINGS if f not in frame.columns]
+    extra = [c for c in frame.columns if c != "dicom_id" and c not in FINDINGS]
+    if missing or extra:
+        raise ValueError(f"{path}: missing finding column(s) {missing}, unexpected column(s) {extra}")
+    duplicated = frame["dicom_id"].duplicated()
+    if duplicated.any():
+        raise ValueError(f"{path}: dicom_id {frame['dicom_id'][duplicated].iloc[0]!r} appears twice")
+    scores = frame.set_index("dicom_id")[list(FINDINGS)]
+    for finding in FINDINGS:
+        values = pd.to_numeric(scores[finding], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=float))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{path}: column {finding!r}, CSV line {row + 2}: {scores[finding].iloc[row]!r} "
+                "is not a finite number"
+            )
+        scores[finding] = values.astype(float)
+    if expected_ids is not None:
+        expected = set(map(str, expected_ids))
+        have = set(scores.index)
+        if have != expected:
+            lacking, surplus = sorted(expected - have), sorted(have - expected)
+            raise ValueError(
+                f"{path}: does not cover exactly the fold's images: {len(lacking)} missing "
+                f"(e.g. {lacking[:3]}), {len(surplus)} not in the fold (e.g. {surplus[:3]})"
+            )
+    return scores
+
+
+def load_predictions(
+    run: str | os.PathLike,
+    resolutions: Sequence[int],
+    folds: Sequence[int] | None = None,
+    split: str = "test",
+) -> dict[tuple[int, int], pd.DataFrame]:
+    """Load every ``<split>_predictions.csv`` of a run, checked against ``folds.csv``.
+
+    Returns ``{(resolution, fold): scores}`` (see :func:`read_predictions`); each file must
+    hold exactly the images with role ``split`` in that fold. ``folds=None`` means all folds.
+    """
+    fold_table = read_folds(Path(run) / "folds.csv")
+    folds = range(num_folds(fold_table)) if folds is None else folds
+    out = {}
+    for resolution in resolutions:
+        for fold in folds:
+            ids = fold_ids(fold_table, int(fold), split)
+            out[(int(resolution), int(fold))] = read_predictions(
+                predictions_path(run, resolution, fold, split), ids
+            )
+    return out
+
+
+def pool_folds(predictions: PredictionSet, label: str = "all") -> dict[tuple[int | str, str], pd.DataFrame]:
+    """Concatenate the folds of each resolution: ``{(resolution, label): scores}``.
+
+    With test predictions every image appears once (each is test in exactly one fold), so the
+    pooled frame is the out-of-fold prediction of the whole data set.
+    """
+    by_resolution: dict[int | str, list[pd.DataFrame]] = {}
+    for (resolution, _fold), frame in predictions.items():
+        by_resolution.setdefault(resolution, []).append(frame)
+    pooled = {}
+    for resolution, frames in by_resolution.items():
+        frame = pd.concat(frames)
+        if frame.index.duplicated().any():
+            raise ValueError(
+                f"resolution {resolution}: image {frame.index[frame.index.duplicated()][0]!r} "
+                "is in more than one fold's predictions"
+            )
+        pooled[(resolution, label)] = frame
+    return pooled
+
+
+def labels_for(index: pd.DataFrame, ids: Iterable[str]) -> pd.DataFrame:
+    """The index's labels (1 / 0 / NaN) of the 14 findings for ``ids``, in that order.
+
+    Raises ``ValueError`` naming an id that the index does not have.
+    """
+    labels = index.set_index(index["dicom_id"].astype(str))[list(FINDINGS)]
+    ids = pd.Index(list(map(str, ids)))
+    unknown = ids.difference(labels.index)
+    if len(unknown):
+        raise ValueError(f"{len(unknown)} predicted image(s) not in the index, e.g. {list(unknown[:3])}")
+    return labels.loc[ids].astype(float)
+
+
+# ----------------------------------------------------------------------------- AUC and tables
+
+
+def finding_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int, str]:
+    """AUC of one finding with unknown (NaN) labels left out: ``(auc, n_pos, n_neg, reason)``.
+
+    ``reason`` is ``""`` when the AUC is defined, otherwise why it is NaN.
+    """
+    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
+    known = ~np.isnan(labels)
+    y, s = labels[known], scores[known]
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if n_pos + n_neg == 0:
+        return float("nan"), 0, 0, REASON_NO_LABELS
+    if n_neg == 0:
+        return float("nan"), n_pos, 0, REASON_ONE_CLASS_POS
+    if n_pos == 0:
+        return float("nan"), 0, n_neg, REASON_ONE_CLASS_NEG
+    return float(roc_auc_score(y, s)), n_pos, n_neg, ""
+
+
+def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
+    """Long AUC table: one row per (finding, resolution, fold) of ``predictions``.
+
+    Columns: finding, resolution, fold, auc, n_pos, n_neg, reason (empty when the AUC is
+    defined). ``resolution`` is the key's first part: an int, or an ensemble name.
+    """
+    rows = []
+    for (resolution, fold), scores in predictions.items():
+        labels = labels_for(index, scores.index)
+        for finding in FINDINGS:
+            auc, n_pos, n_neg, reason = finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())
+            rows.append((finding, resolution, fold, auc, n_pos, n_neg, reason))
+    return pd.DataFrame(rows, columns=list(AUC_COLUMNS))
+
+
+def column_order(resolutions: Iterable[int | str]) -> list[int | str]:
+    """Resolutions in increasing order, then ensembles (``ensemble``, ``average``, others)."""
+    unique = list(dict.fromkeys(resolutions))
+    numbers = sorted(r for r in unique if _is_number(r))
+    names = [n for n in ENSEMBLE_NAMES if n in unique] + [
+        r for r in unique if not _is_number(r) and r not in ENSEMBLE_NAMES
+    ]
+    return [int(r) for r in numbers] + names
+
+
+def _is_number(value) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _format_percent(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "n/a"
+    if np.isnan(std):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def table3(auc_long: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 3 from the long AUC table.
+
+    One row per finding plus ``Average`` (see the module docstring for its definition);
+    for each resolution / ensemble ``L`` (in :func:`column_order`) the columns ``L_mean``,
+    ``L_std`` (sample std over folds, NaN with one fold), ``L_n_folds`` and ``L`` (percent,
+    ``"mean ± std"``). The first column is ``finding``.
+    """
+    frame = auc_long.copy()
+    frame["resolution"] = frame["resolution"].map(lambda r: int(r) if _is_number(r) else str(r))
+    per_fold_average = (
+        frame.groupby(["resolution", "fold"], sort=False)["auc"]
+        .mean()
+        .reset_index()
+        .assign(finding="Average")
+    )
+    both = pd.concat([frame[["finding", "resolution", "fold", "auc"]], per_fold_average], ignore_index=True)
+    grouped = both.groupby(["finding", "resolution"], sort=False)["auc"]
+    summary = grouped.agg(mean="mean", std=lambda a: a.std(ddof=1), n_folds="count").reset_index()
+    findings = [f for f in FINDINGS if f in set(frame["finding"])] + ["Average"]
+    out = pd.DataFrame({"finding": findings})
+    for label in column_order(frame["resolution"]):
+        part = summary[summary["resolution"] == label].set_index("finding").reindex(findings)
+        out[f"{label}_mean"] = part["mean"].to_numpy()
+        out[f"{label}_std"] = part["std"].to_numpy()
+        out[f"{label}_n_folds"] = part["n_folds"].fillna(0).astype(int).to_numpy()
+        out[str(label)] = [_format_percent(m, s) for m, s in zip(part["mean"], part["std"], strict=True)]
+    return out
+
+
+def write_auc_tables(run: str | os.PathLike, auc_long: pd.DataFrame) -> tuple[Path, Path]:
+    """Write ``tables/auc.csv`` (long) and ``tables/table3.csv`` atomically; return both paths."""
+    folder = tables_dir(run)
+    auc_path = write_csv_atomic(auc_long, folder / "auc.csv")
+    table_path = write_csv_atomic(table3(auc_long), folder / "table3.csv")
+    return auc_path, table_path
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _weighted_auc_rows(sorted_pos: np.ndarray, sorted_neg: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """AUCs for rows of image weights, images sorted by score, tied scores grouped at ``starts``.
+
+    ``sorted_pos`` / ``sorted_neg`` are ``[B, n]`` weights of the positive / negative images
+    (zero elsewhere). A tie between a positive and a negative counts one half, as in sklearn.
+    """
+    pos = np.add.reduceat(sorted_pos, starts, axis=1)
+    neg = np.add.reduceat(sorted_neg, starts, axis=1)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    numerator = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+    denominator = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def bootstrap_auc(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk: int = 200,
+) -> np.ndarray:
+    """AUC of ``n_boot`` resamples that draw *groups* (patients) with replacement.
+
+    Every image of a drawn group enters with the number of times its group was drawn
+    (the same as concatenating the drawn patients' images). ``groups=None`` resamples
+    images. Unknown labels are dropped first. Resamples with one class give NaN.
+    """
+    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    if not len(labels) == len(scores) == len(groups):
+        raise ValueError(
+            f"labels, scores and groups differ in length: {len(labels)}, {len(scores)}, {len(groups)}"
+        )
+    known = ~np.isnan(labels)
+    labels, scores, groups = labels[known], scores[known], groups[known]
+    order = np.argsort(scores, kind="mergesort")
+    labels, scores, groups = labels[order], scores[order], groups[order]
+    starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]]) if len(scores) else np.array([0])
+    _, group_of_image = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_image.max()) + 1 if len(groups) else 0
+    out = np.full(n_boot, np.nan)
+    if n_groups == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    is_pos = (labels == 1).astype(float)
+    chunk = max(1, min(chunk, 2_000_000 // max(len(labels), 1)))  # bounds memory to ~50 MB per array
+    for first in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - first)
+        # How often each group is drawn when n_groups groups are drawn uniformly with replacement.
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b).astype(float)
+        weights = counts[:, group_of_image]
+        out[first : first + b] = _weighted_auc_rows(weights * is_pos, weights * (1.0 - is_pos), starts)
+    return out
+
+
+def bootstrap_auc_ci(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, float]:
+    """AUC with a percentile bootstrap interval resampling ``groups`` (patients).
+
+    Returns ``{"auc", "ci_low", "ci_high", "se", "n_boot_valid"}``; the interval is the
+    ``alpha/2`` and ``1 - alpha/2`` quantiles over resamples that have both classes.
+    """
+    auc, _, _, _ = finding_auc(labels, scores)
+    boots = bootstrap_auc(labels, scores, groups, n_boot=n_boot, seed=seed)
+    valid = boots[~np.isnan(boots)]
+    if len(valid) == 0:
+        return {"auc": auc, "ci_low": np.nan, "ci_high": np.nan, "se": np.nan, "n_boot_valid": 0}
+    low, high = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    return {
+        "auc": auc,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "se": float(valid.std(ddof=1)) if len(valid) > 1 else np.nan,
+        "n_boot_valid": int(len(valid)),
+    }
+
+
+def bootstrap_table(
+    predictions: PredictionSet,
+    index: pd.DataFrame,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    group_column: str = "subject_id",
+) -> pd.DataFrame:
+    """Patient-bootstrap CIs for every (finding, resolution, fold) of ``predictions``.
+
+    Columns: finding, resolution, fold, auc, ci_low, ci_high, se, n_boot_valid, n_groups.
+    Use :func:`pool_folds` first for one interval per resolution over all test images.
+    """
+    subject = index.set_index(index["dicom_id"].astype(str))[group_column].astype(str)
+    rows = []
+    for (resolution, fold), scores in predictions.items():
+        labels = labels_for(index, scores.index)
+        groups = subject.loc[scores.index].to_numpy()
+        for finding in FINDINGS:
+            ci = bootstrap_auc_ci(
+                labels[finding].to_numpy(), scores[finding].to_numpy(), groups, n_boot, alpha, seed
+            )
+            rows.append({"finding": finding, "resolution": resolution, "fold": fold, **ci})
+            rows[-1]["n_groups"] = int(pd.unique(groups).size)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- DeLong
+
+
+def _midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their mean rank (``scipy.stats.rankdata(method='average')``)."""
+    return stats.rankdata(values, method="average")
+
+
+def delong_covariance(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs and their DeLong covariance for several predictors on the same images.
+
+    ``labels``: ``[n]`` of 0 / 1 (no NaN); ``scores``: ``[n_predictors, n]``. Implements the
+    fast algorithm of Sun & Xu (2014), O(n log n): the structural components of DeLong et al.
+    (1988) from midranks among positives, among negatives and among all images.
+    Returns ``(aucs [P], covariance [P, P])``.
+    """
+    labels = np.asarray(labels)
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    positive = labels == 1
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong needs at least 2 positives and 2 negatives, got {m} and {n}")
+    x, y = scores[:, positive], scores[:, ~positive]
+    tx = np.apply_along_axis(_midranks, 1, x)
+    ty = np.apply_along_axis(_midranks, 1, y)
+    tz = np.apply_along_axis(_midranks, 1, np.concatenate([x, y], axis=1))
+    aucs = (tz[:, :m].sum(axis=1) / m - (m + 1) / 2) / n
+    v01 = (tz[:, :m] - tx) / n  # per positive: share of negatives scored below it
+    v10 = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives scored above it
+    sx = np.atleast_2d(np.cov(v01))
+    sy = np.atleast_2d(np.cov(v10))
+    return aucs, sx / m + sy / n
+
+
+def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict[str, float]:
+    """Paired two-sided DeLong test of AUC(a) = AUC(b) on the same images.
+
+    Unknown (NaN) labels are dropped. Returns auc_a, auc_b, diff (a - b), se (of the
+    difference), z and p. Identical predictors give diff 0 and p 1; a difference with
+    zero variance gives p 0. Raises ``ValueError`` with fewer than 2 cases of a class.
+    """
+    labels = np.asarray(labels, dtype=float)
+    known = ~np.isnan(labels)
+    scores = np.vstack([np.asarray(scores_a, float)[known], np.asarray(scores_b, float)[known]])
+    aucs, cov = delong_covariance(labels[known], scores)
+    diff = float(aucs[0] - aucs[1])
+    variance = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    se = float(np.sqrt(max(variance, 0.0)))
+    if diff == 0.0:
+        z, p = 0.0, 1.0
+    elif se <= 1e-12 * max(abs(diff), 1.0):
+        z, p = float(np.sign(diff) * np.inf), 0.0
+    else:
+        z = diff / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": z, "p": p}
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and is not counted)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    if len(valid) == 0:
+        return out
+    order = valid[np.argsort(p[valid], kind="mergesort")]
+    m = len(order)
+    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values; NaN stays NaN and is not counted)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    if len(valid) == 0:
+        return out
+    order = valid[np.argsort(p[valid], kind="mergesort")]
+    m = len(order)
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
+
+
+def delong_findings(scores_a: pd.DataFrame, scores_b: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """DeLong test per finding between two score frames of the same images, Holm and BH corrected.
+
+    Columns: finding, auc_a, auc_b, diff, se, z, p, p_holm, p_bh, reason. A finding that
+    cannot be tested (fewer than 2 known cases of a class) has NaN and a reason; the
+    corrections run over the findings that were tested.
+    """
+    if set(scores_a.index) != set(scores_b.index):
+        raise ValueError("the two prediction frames do not hold the same images; a paired test needs them")
+    scores_b = scores_b.loc[scores_a.index]
+    labels = labels_for(index, scores_a.index)
+    rows = []
+    for finding in FINDINGS:
+        try:
+            result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding])
+            result["reason"] = ""
+        except ValueError as error:
+            result = dict.fromkeys(("auc_a", "auc_b", "diff", "se", "z", "p"), np.nan)
+            result["reason"] = str(error)
+        rows.append({"finding": finding, **result})
+    table = pd.DataFrame(rows)
+    table.insert(table.columns.get_loc("reason"), "p_holm", holm(table["p"]))
+    table.insert(table.columns.get_loc("reason"), "p_bh", benjamini_hochberg(table["p"]))
+    return table
+
+
+def pairwise_delong(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
+    """DeLong tests for every pair of resolutions / ensembles, per fold and finding.
+
+    Long table: resolution_a, resolution_b, fold, finding, auc_a, auc_b, diff, se, z, p,
+    p_holm, p_bh, reason. Corrections are across the findings of one (pair, fold).
+    Pass :func:`pool_folds` output for one test per pair over all test images.
+    """
+    folds = list(dict.fromkeys(fold for _, fold in predictions))
+    labels_in = column_order(resolution for resolution, _ in predictions)
+    tables = []
+    for fold in folds:
+        present = [r for r in labels_in if (r, fold) in predictions]
+        for a, b in itertools.combinations(present, 2):
+            table = delong_findings(predictions[(a, fold)], predictions[(b, fold)], index)
+            table.insert(0, "fold", fold)
+            table.insert(0, "resolution_b", b)
+            table.insert(0, "resolution_a", a)
+            tables.append(table)
+    if not tables:
+        raise ValueError("pairwise_delong needs at least two resolutions with predictions on the same fold")
+    return pd.concat(tables, ignore_index=True)
