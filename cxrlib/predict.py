@@ -1,0 +1,225 @@
+"""Logits of a trained model for any images at any resolution (val/test predictions, train x test matrix).
+
+:func:`predict_logits` scores a :class:`cxrlib.datasets.CXRDataset` (uint8 images; the ImageNet
+normalisation runs on the device in batches) and returns one row per image: ``dicom_id``, then
+one logit column per finding named as :data:`cxrlib.labels.FINDINGS`, in the dataset's order.
+:func:`load_trained_model` rebuilds the network from a run folder's ``best_model.pt`` (checked
+against its sidecar) or from any weights file, always with ``weights_only=True``.
+
+Command line (scores a fold's role, or every image of the index, with a model trained at any
+resolution; this gives the train-resolution x test-resolution matrix)::
+
+    python -m cxrlib.predict --model runs/mimic/res512/fold0 --index index.csv --cache CACHE \\
+        --resolution 1024 --folds folds.csv --fold 0 --role test --out preds_512_on_1024.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import BEST_MODEL_NAME, CheckpointError, load_verified
+from .datasets import CXRDataset, collate_skip_none, read_index
+from .fileio import write_csv_atomic
+from .labels import FINDINGS
+from .models import build_model, extract_state_dict, load_state_dict_file, load_weights_into
+from .transforms import normalize
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so each item starts with its position: ``(i, image, target, mask)``.
+
+    Items the wrapped dataset returns as ``None`` (skipped bad images) stay ``None``, so
+    :func:`cxrlib.datasets.collate_skip_none` drops them and the positions say which are left.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return None if item is None else (i, *item)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 ``[B, 1, R, R]`` (already on the device) -> normalised float ``[B, 3, R, R]``."""
+    x = normalize(images) if images.dtype == torch.uint8 else images.float()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict_arrays(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
+    num_workers: int = 0,
+    channels_last: bool | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, logits) for the items of ``dataset`` that could be read, in dataset order.
+
+    ``amp`` is the autocast dtype (``None`` for float32); ``channels_last`` defaults to
+    True on CUDA. ``model`` is put in eval mode on ``device``.
+    """
+    device = torch.device(device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_skip_none,
+    )
+    positions, logits = [], []
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        index, images = batch[0], batch[1]
+        with autocast(device, amp):
+            out = model(model_input(images.to(device, non_blocking=True), channels_last))
+        positions.append(index.numpy())
+        logits.append(out.float().cpu().numpy())
+    if not positions:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(FINDINGS)), dtype=np.float32)
+    return np.concatenate(positions), np.concatenate(logits)
+
+
+def logits_frame(dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
+    """The predictions table: ``dicom_id`` then one column per finding, rows in position order.
+
+    Images that were skipped (absent from ``positions``) are left out with a warning naming them.
+    """
+    order = np.argsort(positions, kind="stable")
+    positions, logits = positions[order], logits[order]
+    frame = pd.DataFrame(logits.astype(np.float64), columns=list(FINDINGS))
+    frame.insert(0, "dicom_id", [dicom_ids[i] for i in positions])
+    missing = sorted(set(range(len(dicom_ids))) - set(positions.tolist()))
+    if missing:
+        names = [dicom_ids[i] for i in missing[:5]]
+        warnings.warn(
+            f"{len(missing)} image(s) could not be read and have no prediction (first: {names})", stacklevel=2
+        )
+    return frame
+
+
+def predict_logits(
+    model: nn.Module,
+    dataset: CXRDataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Logits for every image of ``dataset``: ``dicom_id`` then the 14 finding columns, dataset order."""
+    positions, logits = predict_arrays(
+        model, dataset, batch_size, device, amp, num_workers, progress=progress
+    )
+    return logits_frame(list(dataset.dicom_ids), positions, logits)
+
+
+def load_trained_model(
+    source: str | os.PathLike, map_location: str | torch.device = "cpu", memory_efficient: bool = False
+) -> nn.Module:
+    """DenseNet121 with trained weights, in eval mode.
+
+    ``source``: a run folder (its ``best_model.pt``, verified against the sidecar), a file
+    written with a sidecar (``best_model.pt``, a checkpoint), or a plain weights file. Every
+    path loads with ``weights_only=True``; a file that would run code raises ``ValueError``.
+    """
+    source = Path(source)
+    path = source / BEST_MODEL_NAME if source.is_dir() else source
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path} (train it first, or give a weights file)")
+    if Path(f"{path}.json").is_file():
+        try:
+            state = extract_state_dict(load_verified(path, map_location), source=str(path))
+        except CheckpointError as error:
+            raise ValueError(str(error)) from error
+    else:
+        state = load_state_dict_file(path, map_location)
+    num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
+    model = build_model("none", num_classes=num_classes, memory_efficient=memory_efficient)
+    load_weights_into(model, state, source=str(path))
+    return model.eval()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, type=Path, help="run folder (best_model.pt) or weights file"
+    )
+    parser.add_argument("--index", required=True, type=Path, help="index.csv")
+    parser.add_argument("--cache", required=True, type=Path, help="image cache folder")
+    parser.add_argument("--resolution", required=True, type=int, help="test resolution in pixels")
+    parser.add_argument("--folds", type=Path, default=None, help="folds.csv (with --fold and --role)")
+    parser.add_argument("--fold", type=int, default=None, help="fold number (default: every image)")
+    parser.add_argument(
+        "--role", default="test", choices=("train", "val", "test"), help="role (default test)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="predictions CSV to write")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast")
+    parser.add_argument("--cache-format", default="png", choices=("png", "jpg"), help="cache file format")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from .splits import fold_ids, read_folds
+    from .train import amp_dtype, resolve_device
+
+    try:
+        index = read_index(args.index)
+        if args.fold is not None:
+            if args.folds is None:
+                raise ValueError("--fold needs --folds")
+            ids = set(fold_ids(read_folds(args.folds, index), args.fold, args.role))
+            index = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
+        device = resolve_device(args.device)
+        model = load_trained_model(args.model, map_location="cpu")
+        dataset = CXRDataset(index, args.resolution, args.cache, cache_format=args.cache_format)
+        frame = predict_logits(
+            model, dataset, args.batch_size, device, amp_dtype(device, args.amp), args.workers, progress=True
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    write_csv_atomic(frame, args.out)
+    print(f"wrote {args.out}: {len(frame)} images at {args.resolution} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Table 2: training and inference images/s, peak memory and cache loading rate per resolution.
+
+Each resolution is measured on the current device with the trainer's real settings: its
+per-process batch (:func:`cxrlib.train.default_per_gpu_batch`), mixed precision
+(:func:`cxrlib.train.amp_dtype`), channels_last on GPUs, augmentation on the device
+(:func:`cxrlib.train.augment_batch`), masked BCE and Adam. Inputs are synthetic uint8 batches
+already on the device, so ``train_img_s`` and ``infer_img_s`` are the model's ceiling;
+``load_img_s`` is the DataLoader's rate from the cache alone (decode only, the trainer's
+worker count), measured when a cache and an index are given. ``peak_mem_gib`` is the peak
+GPU memory allocated during training (the paper's "memory used"); NaN on the CPU.
+
+On a CPU the measurement is small (batch 4, 2 timed steps by default) and the ``note``
+column says so: the numbers size CPU presets, they are not comparable to the paper's A100s.
+
+Command line::
+
+    python -m cxrlib.throughput --resolutions 256 512 1024 2048 --out runs/mimic/tables/table2_throughput.csv
+    python -m cxrlib.throughput --resolutions 64 128 --cache cache/demo --index runs/demo/index.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import CXRDataset, collate_skip_none
+from .fileio import write_csv_atomic
+from .labels import NUM_FINDINGS, masked_bce_with_logits
+from .models import build_model
+from .predict import autocast, model_input
+from .train import amp_dtype, augment_batch, default_per_gpu_batch, default_workers, resolve_device
+
+COLUMNS = (
+    "resolution",
+    "device",
+    "batch",
+    "amp",
+    "train_img_s",
+    "infer_img_s",
+    "peak_mem_gib",
+    "load_img_s",
+    "note",
+)
+CPU_BATCH = 4
+CPU_STEPS = 2
+GPU_STEPS = 20
+
+
+def device_name(device: torch.device) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` for a GPU, ``"cpu (N threads)"`` for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: wait for them before reading the clock.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_model(
+    resolution: int,
+    batch: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    steps: int,
+    warmup: int,
+    memory_efficient: bool = False,
+) -> dict:
+    """Training and inference images/s and training peak memory for one resolution and batch."""
+    channels_last = device.type == "cuda"
+    model = build_model("none", memory_efficient=memory_efficient).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (batch, 1, resolution, resolution), dtype=torch.uint8, device=device)
+    targets = (torch.rand(batch, NUM_FINDINGS, device=device, generator=generator) < 0.3).float()
+    masks = torch.ones_like(targets)
+    angles = (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15
+    flips = torch.rand(batch, device=device, generator=generator) < 0.5
+
+    def train_step() -> None:
+        x = augment_batch(images, angles, flips, channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        loss = masked_bce_with_logits(logits, targets, masks)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def infer_step() -> None:
+        with autocast(device, amp):
+            model(model_input(images, channels_last))
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    train_seconds = _timed(train_step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    model.eval()
+    infer_seconds = _timed(infer_step, steps, warmup, device)
+    return {
+        "train_img_s": batch * steps / train_seconds,
+        "infer_img_s": batch * steps / infer_seconds,
+        "peak_mem_gib": peak,
+    }
+
+
+def measure_loading(
+    index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, batch: int, workers: int, images: int
+) -> float:
+    """Images/s of the trainer's DataLoader reading (decoding) ``images`` cached images."""
+    dataset = CXRDataset(index.iloc[:images].reset_index(drop=True), resolution, cache_dir)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_skip_none)
+    start = time.perf_counter()
+    count = sum(len(b[0]) for b in loader if b is not None)
+    return count / (time.perf_counter() - start)
+
+
+def measure_throughput(
+    resolutions: Sequence[int],
+    device: str | torch.device | None = None,
+    batch_sizes: Sequence[int] | dict[int, int] | None = None,
+    steps: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    index: pd.DataFrame | None = None,
+    amp: str = "auto",
+    memory_efficient: bool = False,
+    warmup: int | None = None,
+    load_images: int = 256,
+) -> pd.DataFrame:
+    """Table 2 on this device: one row per resolution with the columns of :data:`COLUMNS`.
+
+    Args:
+        resolutions: image sides in pixels.
+        device: ``None`` for the trainer's choice (CUDA when available).
+        batch_sizes: per resolution (a list parallel to ``resolutions`` or a dict); default the
+            trainer's per-GPU batch on a GPU, 4 on the CPU.
+        steps: timed steps (default 20 on a GPU, 2 on the CPU), after ``warmup`` untimed ones.
+        cache_dir, index: when both are given, ``load_img_s`` is measured on up to
+            ``load_images`` images of ``index``; otherwise it is NaN.
+        amp: as the trainer's ``--amp``.
+    """
+    device = resolve_device("auto" if device is None else str(device))
+    on_gpu = device.type == "cuda"
+    steps = steps or (GPU_STEPS if on_gpu else CPU_STEPS)
+    warmup = warmup if warmup is not None else (3 if on_gpu else 1)
+    dtype = amp_dtype(device, amp)
+    if isinstance(batch_sizes, Sequence):
+        batch_sizes = dict(zip(resolutions, batch_sizes, strict=True))
+    rows = []
+    for resolution in resolutions:
+        batch = (batch_sizes or {}).get(resolution) or (
+            default_per_gpu_batch(resolution, device, memory_efficient) if on_gpu else CPU_BATCH
+        )
+        note = (
+            "" if on_gpu else f"CPU: batch {batch}, {steps} timed steps; indicative only, not Table 2's GPUs"
+        )
+        row = {
+            "resolution": int(resolution),
+            "device": device_name(device),
+            "batch": int(batch),
+            "amp": str(dtype).removeprefix("torch.") if dtype else "off",
+        }
+        try:
+            row.update(measure_model(resolution, batch, device, dtype, steps, warmup, memory_efficient))
+        except torch.cuda.OutOfMemoryError:
+            row.update(train_img_s=math.nan, infer_img_s=math.nan, peak_mem_gib=math.nan)
+            note = f"out of GPU memory at batch {batch}"
+        finally:
+            if on_gpu:
+                torch.cuda.empty_cache()
+        row["load_img_s"] = (
+            measure_loading(index, cache_dir, resolution, batch, default_workers(device), load_images)
+            if cache_dir is not None and index is not None
+            else math.nan
+        )
+        row["note"] = note
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def write_table2(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the table atomically (``<run>/tables/table2_throughput.csv`` by the contract)."""
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"throughput table lacks column(s) {missing}")
+    return write_csv_atomic(frame[list(COLUMNS)], path)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024, 2048], help="pixels")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one per resolution")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 2 CPU)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
+    parser.add_argument(
+        "--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="as the trainer"
+    )
+    parser.add_argument("--memory-efficient", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder, to measure loading")
+    parser.add_argument("--index", type=Path, default=None, help="index.csv, to measure loading")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="CSV to write (e.g. tables/table2_throughput.csv)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from .datasets import read_index
+
+    index = read_index(args.index) if args.index else None
+    frame = measure_throughput(
+        args.resolutions, args.device, args.batch_sizes, args.steps, args.cache, index, args.amp,
+        args.memory_efficient,
+    )  # fmt: skip
+    print(frame.to_string(index=False))
+    if args.out:
+        write_table2(frame, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
