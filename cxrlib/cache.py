@@ -235,6 +235,27 @@ def _write_errors(errors: list[dict], cache_dir: Path) -> None:
     write_csv_atomic(pd.DataFrame(errors, columns=list(ERROR_COLUMNS)), cache_dir / ERRORS_NAME)
 
 
+def cache_settings(cache_dir: str | os.PathLike, resolution: int) -> dict[str, str] | None:
+    """The ``format`` and ``mode`` of a cache at ``resolution``, from its manifest (None without one).
+
+    Raises ``ValueError`` when the manifest mixes formats or modes at that resolution.
+    """
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    manifest = pd.read_csv(path, usecols=["resolution", "mode", "format"], dtype=str)
+    rows = manifest[manifest["resolution"] == str(int(resolution))]
+    settings = {}
+    for column in ("format", "mode"):
+        values = sorted(rows[column].unique())
+        if len(values) > 1:
+            raise ValueError(
+                f"{path}: {resolution} px images have several {column}s {values}; rebuild the cache"
+            )
+        settings[column] = values[0] if values else None
+    return settings
+
+
 def check_cache(
     index: pd.DataFrame,
     cache_dir: str | os.PathLike,

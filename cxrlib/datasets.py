@@ -55,7 +55,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-from .cache import MANIFEST_NAME, cached_image_path, resize_to_square
+from .cache import cache_settings, cached_image_path, resize_to_square
 from .fileio import write_csv_atomic
 from .labels import BLANK_OPTIONS, FINDINGS, POLICIES, apply_policy, targets_and_mask, validate_raw_labels
 
@@ -660,27 +660,6 @@ def index_from_csv(
 
 
 # --------------------------------------------------------------------------- torch Dataset
-
-
-def cache_settings(cache_dir: str | os.PathLike, resolution: int) -> dict[str, str] | None:
-    """The ``format`` and ``mode`` of a cache at ``resolution``, from its manifest (None without one).
-
-    Raises ``ValueError`` when the manifest mixes formats or modes at that resolution.
-    """
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    manifest = pd.read_csv(path, usecols=["resolution", "mode", "format"], dtype=str)
-    rows = manifest[manifest["resolution"] == str(int(resolution))]
-    settings = {}
-    for column in ("format", "mode"):
-        values = sorted(rows[column].unique())
-        if len(values) > 1:
-            raise ValueError(
-                f"{path}: {resolution} px images have several {column}s {values}; rebuild the cache"
-            )
-        settings[column] = values[0] if values else None
-    return settings
 
 
 class CXRDataset(Dataset):
