@@ -134,6 +134,7 @@ class Design:
     lateral_fraction: share of studies that also get a simplified lateral view (MIMIC ~0.33;
         0 gives a frontal-only phantom, the default, so a small demo stays learnable).
     fine_contrast: multiplier on the density of every fine finding and of its decoy.
+    fine_size: multiplier on the size (radius, line width, gap, inset) of every fine finding and decoy.
     noise: film noise standard deviation (density units, at 1 mm^2).
     """
 
@@ -143,6 +144,7 @@ class Design:
     studies_per_subject: float = 2.0
     lateral_fraction: float = 0.0
     fine_contrast: float = 1.0
+    fine_size: float = 1.0
     noise: float = 0.02
 
     def __post_init__(self):
@@ -434,6 +436,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
     gens = {name: np.random.default_rng(rng.integers(2**63)) for name in PATHOLOGIES}
     scale = plan["thorax"] / 290.0
     fc = design.fine_contrast
+    fs = design.fine_size * scale
     f: dict[str, Any] = {}
 
     def strength(name):
@@ -450,7 +453,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
     f["Pleural Effusion"] = [
         {
             "side": s,
-            "height": g.uniform(15, 45) * scale * strength("Pleural Effusion"),
+            "height": g.uniform(10, 40) * scale * strength("Pleural Effusion"),
             "meniscus": g.uniform(0.5, 0.8),
         }
         for s in sides
@@ -461,13 +464,13 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
         "x": x,
         "y": y,
         "r": g.uniform(17, 30) * scale,
-        "a": 0.22 * strength("Consolidation"),
+        "a": 0.30 * strength("Consolidation"),
         "bronchi": [[x + g.normal(0, 6), y + g.normal(0, 6), g.uniform(0, math.pi)] for _ in range(3)],
     }
     g = gens["Pneumonia"]
     x, y = _lung_point(g, plan, side_of("Pneumonia"), (0.4, 0.85), (0.3, 0.7))
     spread = g.uniform(15, 30) * scale
-    a = 0.12 * strength("Pneumonia")
+    a = 0.18 * strength("Pneumonia")
     f["Pneumonia"] = [
         {
             "x": x + g.normal(0, spread / 2),
@@ -483,7 +486,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
     f["Atelectasis"] = {
         "points": [(x - half, y - half * tilt), (x + half, y + half * tilt)],
         "width": g.uniform(4, 7) * scale,
-        "a": 0.16 * strength("Atelectasis"),
+        "a": 0.25 * strength("Atelectasis"),
     }
     g = gens["Lung Opacity"]
     x, y = _lung_point(g, plan, side_of("Lung Opacity"), (0.2, 0.85), (0.25, 0.75))
@@ -491,7 +494,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
         "x": x,
         "y": y,
         "sigma": g.uniform(10, 20) * scale,
-        "a": 0.09 * strength("Lung Opacity"),
+        "a": 0.14 * strength("Lung Opacity"),
     }
     g = gens["Pleural Other"]
     t0 = g.uniform(0.25, 0.6)
@@ -500,7 +503,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
         "t0": t0,
         "t1": t0 + g.uniform(50, 90) * scale / plan["lung_h"],
         "thickness": g.uniform(2.5, 4.0) * scale,
-        "a": 0.25 * strength("Pleural Other"),
+        "a": 0.35 * strength("Pleural Other"),
     }
     # Fine findings: every image has 2-5 decoys of each kind; a positive turns decoys into the finding
     # (same place, same integrated density), so counts and coarse-scale content do not depend on labels.
@@ -512,9 +515,9 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             {
                 "x": x,
                 "y": y,
-                "r": g.uniform(2.5, 4.0) * scale,
-                "a": 0.30 * fc,
-                "sigma": g.uniform(4.0, 5.0) * scale,
+                "r": g.uniform(2.5, 4.0) * fs,
+                "a": 0.60 * fc,
+                "sigma": g.uniform(4.0, 5.0) * fs,
                 "kind": "decoy",
             }
         )
@@ -532,10 +535,10 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
                 "side": side_of("Pneumothorax"),
                 "t0": t0,
                 "t1": t0 + g.uniform(0.3, 0.5),
-                "inset": g.uniform(8, 25) * scale,
-                "w": 1.2 * scale,
-                "a": 0.30 * fc,
-                "sigma": 4.0 * scale,
+                "inset": g.uniform(8, 25) * fs,
+                "w": 1.2 * fs,
+                "a": 0.60 * fc,
+                "sigma": 4.0 * fs,
                 "kind": "decoy",
             }
         )
@@ -552,9 +555,9 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             {
                 "rib": rib,
                 "u": g.uniform(0.45, 0.85),
-                "gap": g.uniform(1.5, 2.5) * scale,
-                "step": g.uniform(1.0, 2.0) * scale * g.choice([-1, 1]),
-                "sigma": 5.0 * scale,
+                "gap": g.uniform(2.5, 4.0) * fs,
+                "step": g.uniform(1.0, 2.0) * fs * g.choice([-1, 1]),
+                "sigma": 6.0 * fs,
                 "kind": "decoy",
             }
         )
@@ -573,7 +576,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             angle += g.normal(0, 0.25)
             step = g.uniform(0.06, 0.1) * plan["lung_h"]
             pts.append((pts[-1][0] + step * math.cos(angle), pts[-1][1] + step * math.sin(angle)))
-        wires.append({"points": pts, "w": 1.2 * scale, "a": 0.35 * fc, "sigma": 4.0 * scale, "kind": "decoy"})
+        wires.append({"points": pts, "w": 1.2 * fs, "a": 0.70 * fc, "sigma": 4.0 * fs, "kind": "decoy"})
     n_devices = 1 + int(g.random() < 0.4)
     if drawn["Support Devices"] != "absent":
         for wire in wires[:n_devices]:
@@ -622,37 +625,102 @@ def _segment_distance(x, y, p0, p1):
 
 
 def _add_polyline(img, canvas, points, amp, kind="sharp", width=1.0, sigma=1.0, amp_end=None, width_end=None):
-    """Add a polyline; ``kind='soft'`` lines get the amplitude that gives the same integral as a sharp one."""
+    """Add a polyline whose amplitude and width may taper from start to end.
+
+    ``sharp``: a box profile of ``width`` (area-sampled, so a line thinner than a pixel keeps its
+    integrated density); ``soft``: a Gaussian of ``sigma`` with the same integral as the sharp line.
+    Segments are combined by their maximum, so joints are not counted twice.
+    """
     pts = np.asarray(points, dtype=np.float64)
-    reach = max(width, width_end or width, 3 * sigma, 2 * canvas.px)
+    n = len(pts) - 1
+    amp_end = amp if amp_end is None else amp_end
+    width_end = width if width_end is None else width_end
+    sign = 1.0 if amp >= 0 else -1.0
+    reach = max(width, width_end, 3.5 * sigma if kind == "soft" else 0.0) + 2 * canvas.px
     win = canvas.window(
         pts[:, 0].min() - reach, pts[:, 0].max() + reach, pts[:, 1].min() - reach, pts[:, 1].max() + reach
     )
     if win is None:
         return
-    sl, x, y = win
-    best = None
-    n = len(pts) - 1
+    (rows, cols), _, _ = win
+    layer = np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    soft_s = math.hypot(sigma, 0.45 * canvas.px)
     for i in range(n):
-        d, t = _segment_distance(x, y, pts[i], pts[i + 1])
-        if best is None:
-            best, along = d, (i + t) / n
+        p0, p1 = pts[i], pts[i + 1]
+        sub = canvas.window(
+            min(p0[0], p1[0]) - reach,
+            max(p0[0], p1[0]) + reach,
+            min(p0[1], p1[1]) - reach,
+            max(p0[1], p1[1]) + reach,
+        )
+        if sub is None:
+            continue
+        (r, c), x, y = sub
+        d, t = _segment_distance(x, y, p0, p1)
+        frac = (i + t) / n
+        a = sign * (amp + (amp_end - amp) * frac)
+        if kind == "sharp":
+            profile = _box(d, width + (width_end - width) * frac, canvas.px)
         else:
-            closer = d < best
-            best = np.where(closer, d, best)
-            along = np.where(closer, (i + t) / n, along)
-    frac = along if (amp_end is not None or width_end is not None) else 0.0
-    a = amp + ((amp_end if amp_end is not None else amp) - amp) * frac
-    if kind == "sharp":
-        w = width + ((width_end if width_end is not None else width) - width) * frac
-        half = 0.5 * np.maximum(w, canvas.px)
-        gain = w / np.maximum(w, canvas.px)
-        lo, hi = np.maximum(best - canvas.px / 2, -half), np.minimum(best + canvas.px / 2, half)
-        profile = gain * np.clip(hi - lo, 0, None) / canvas.px
-    else:  # Gaussian with the same integral as a sharp line of ``width``
-        s = math.hypot(sigma, 0.45 * canvas.px)
-        profile = width / (math.sqrt(2 * math.pi) * s) * np.exp(-0.5 * (best / s) ** 2)
-    img[sl] += (a * profile).astype(np.float32)
+            profile = width / (math.sqrt(2 * math.pi) * soft_s) * np.exp(-0.5 * (d / soft_s) ** 2)
+        local = (
+            slice(r.start - rows.start, r.stop - rows.start),
+            slice(c.start - cols.start, c.stop - cols.start),
+        )
+        np.maximum(layer[local], (a * profile).astype(np.float32), out=layer[local])
+    img[rows, cols] += sign * layer
+
+
+def _splat_vessels(canvas, vessels: list[dict]) -> np.ndarray:
+    """Vessel texture: tapering lines deposited as points along each polyline, then Gaussian-blurred.
+
+    Each point carries the line's integrated density (amplitude x width x step), so the texture has
+    the same density per mm at every pixel size; three width classes get their own blur. Much faster
+    than exact line distances when there are hundreds of segments.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    step = min(0.5 * canvas.px, 1.0)
+    xs, ys, masses, widths = [], [], [], []
+    for v in vessels:
+        pts = np.asarray(v["points"], dtype=np.float64)
+        seg = np.diff(pts, axis=0)
+        lengths = np.hypot(seg[:, 0], seg[:, 1])
+        cum = np.concatenate([[0.0], np.cumsum(lengths)])
+        s = np.arange(0.5 * step, cum[-1], step)
+        frac = s / max(cum[-1], 1e-9)
+        xs.append(np.interp(s, cum, pts[:, 0]))
+        ys.append(np.interp(s, cum, pts[:, 1]))
+        w = v["w0"] + (v["w1"] - v["w0"]) * frac
+        masses.append((v["a0"] + (v["a1"] - v["a0"]) * frac) * w * step)
+        widths.append(w)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    mass, width = np.concatenate(masses), np.concatenate(widths)
+    out = np.zeros((canvas.height, canvas.width), np.float64)
+    col = (x - canvas.x0) / canvas.px_x
+    row = (y - canvas.y0) / canvas.px
+    for lo, hi in ((0.0, 1.3), (1.3, 2.3), (2.3, 99.0)):
+        pick = (width >= lo) & (width < hi)
+        if not pick.any():
+            continue
+        layer = np.zeros(canvas.height * canvas.width, np.float64)
+        c, r, m = col[pick], row[pick], mass[pick]
+        c0, r0 = np.floor(c).astype(int), np.floor(r).astype(int)
+        fc, fr = c - c0, r - r0
+        for dc, dr, wgt in (
+            (0, 0, (1 - fc) * (1 - fr)),
+            (1, 0, fc * (1 - fr)),
+            (0, 1, (1 - fc) * fr),
+            (1, 1, fc * fr),
+        ):
+            cc, rr = c0 + dc, r0 + dr
+            ok = (cc >= 0) & (cc < canvas.width) & (rr >= 0) & (rr < canvas.height)
+            layer += np.bincount(rr[ok] * canvas.width + cc[ok], weights=(m * wgt)[ok], minlength=layer.size)
+        sigma_mm = 0.4 * float(np.median(width[pick]))
+        sigma_px = math.sqrt(max((sigma_mm / canvas.px) ** 2 - 0.16, 0.0))
+        layer = layer.reshape(canvas.height, canvas.width) / (canvas.px * canvas.px_x)
+        out += gaussian_filter(layer, sigma_px, mode="constant") if sigma_px > 0.05 else layer
+    return out.astype(np.float32)
 
 
 def _add_blob(img, canvas, x, y, amp, kind="sharp", r=3.0, sigma=4.0):
@@ -750,11 +818,7 @@ def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
             s = f["Edema"]["sigma"]
             _add_blob(haze, canvas, hx, plan["hilum_y"], f["Edema"]["a"], kind="soft", r=s * 1.414, sigma=s)
     # Lung texture: vessels, kept zero-mean where a pneumothorax removes them.
-    vessels = np.zeros((height, width), np.float32)
-    for v in plan["vessels"]:
-        _add_polyline(
-            vessels, canvas, v["points"], v["a0"], "sharp", v["w0"], amp_end=v["a1"], width_end=v["w1"]
-        )
+    vessels = _splat_vessels(canvas, plan["vessels"])
     vessels *= lungs
     for line in f["lines"]:
         if line["kind"] == "pneumothorax":
@@ -788,36 +852,39 @@ def _rib_centre(plan, rib, u):
 
 
 def _render_ribs(density, canvas, plan, lungs):
-    x, y = canvas.x - plan["cx"], canvas.y
     cortex = 1.4
     marks = {m["rib"]: m for m in plan["findings"]["rib_marks"]}
-    ribs = np.zeros_like(density)
+    reach = plan["thorax"] / 2 + plan["wall"]
     for i, rib in enumerate(plan["ribs"]):
         side = rib["side"]
-        u = side * x
-        reach = plan["thorax"] / 2 + plan["wall"]
+        ends = plan["cx"] + side * np.array([12.0, reach + 10])
+        centres = _rib_centre(plan, rib, np.linspace(0, reach + 10, 20))
+        margin = rib["width"] + 5 + 2 * canvas.px
+        win = canvas.window(ends.min(), ends.max(), centres.min() - margin, centres.max() + margin)
+        if win is None:
+            continue
+        sl, x, y = win
+        u = side * (x - plan["cx"])
         centre = _rib_centre(plan, rib, np.clip(u, 0, None))
-        d = np.abs(y - centre)
         mask_u = canvas.soft(u - 12, 3.0) * canvas.soft(reach - u, 6.0)
         half = rib["width"] / 2
         mark = marks.get(i)
         if mark is not None:
             u_mark = mark["u"] * plan["thorax"] / 2
             if mark["kind"] == "fracture":
-                # A sharp gap across the rib and a step of the lateral fragment.
-                # The step is local (a kink over ~1 cm), so it carries no coarse-scale signal.
+                # A sharp gap across the rib and a step of the lateral fragment. The step is local
+                # (a kink over ~1 cm), so it carries no coarse-scale signal.
                 beyond = canvas.soft(u - u_mark, 0.3) * np.exp(-0.5 * ((u - u_mark) / mark["sigma"]) ** 2)
                 centre = centre + mark["step"] * beyond
-                d = np.abs(y - centre)
-                gap = 1 - _box(u - u_mark, mark["gap"], canvas.px)
-                mask_u = mask_u * gap
+                mask_u = mask_u * (1 - _box(u - u_mark, mark["gap"], canvas.px))
             else:  # decoy: a soft dip that removes the same density as the gap
                 depth = mark["gap"] / (math.sqrt(2 * math.pi) * mark["sigma"])
                 mask_u = mask_u * (1 - depth * np.exp(-0.5 * ((u - u_mark) / mark["sigma"]) ** 2))
+        d = np.abs(y - centre)
         body = canvas.soft(half - d, 1.0)
         rim = _box(d - (half - cortex / 2), cortex, canvas.px)
-        ribs += (0.06 * body + 0.09 * rim) * mask_u
-    density += ribs * (0.3 + 0.7 * lungs)
+        # Bone shows best against air: ribs are faint over soft tissue (heart, mediastinum, abdomen).
+        density[sl] += ((0.07 * body + 0.14 * rim) * mask_u * (0.3 + 0.7 * lungs[sl])).astype(np.float32)
 
 
 def _box(d, width, px):
@@ -839,13 +906,16 @@ def _render_findings(density, canvas, plan, lungs, left_lung, right_lung) -> dic
         for e in f["Pleural Effusion"]:
             side = e["side"]
             u = side * x
-            lateral = _lateral_border(plan, y)
-            base = _diaphragm(plan, side, np.clip(u, 0, None))
-            # Fluid rises towards the wall: a meniscus whose top is at height e["height"] at the wall.
-            reach = np.clip(1 - (lateral - u) / (0.35 * plan["thorax"] / 2), 0, 1) ** (1 / e["meniscus"])
-            top = plan["y_apex"] + plan["lung_h"] - e["height"] * reach
+            # A fluid level over the whole dome (the diaphragm is hidden) with a meniscus that rises
+            # towards the chest wall: e["height"] above the dome at the wall, a fifth of it medially.
+            q = np.clip(u / (plan["thorax"] / 2), 0, 1) ** (1 / e["meniscus"])
+            top = (
+                plan["y_apex"]
+                + plan["lung_h"]
+                - plan["dome"][(side + 1) // 2]
+                - e["height"] * (0.2 + 0.8 * q)
+            )
             fluid = canvas.soft(y - top, 2.0) * (left_lung if side < 0 else right_lung)
-            fluid = fluid * canvas.soft(base + 40 - y, 2.0)
             density += 0.5 * fluid
             truth["effusions"].append({"side": side, "height_px": e["height"] / canvas.px})
     if f["drawn"]["Consolidation"] != "absent":
