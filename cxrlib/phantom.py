@@ -1119,43 +1119,41 @@ def _plan_lateral(rng, frontal: dict) -> dict:
 
 
 def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """A simplified lateral: one lung field, heart anterior (image left) sized by the CTR, spine posterior.
+    """A simplified lateral: one lung field with a rounded apex and a diaphragm that is deepest
+    posteriorly, the heart anterior (image left) sized by the CTR, the spine posterior, hilar vessels.
 
     Only the heart size, effusion (posterior costophrenic fluid), devices and the exposure carry over
     from the frontal plan; it is a teaching simplification, not a lateral radiograph.
     """
     canvas = _Canvas(width, height, plan["fov_w"], plan["fov_h"])
-    x, y = canvas.x - plan["cx"], canvas.y
+    x, y = canvas.x - plan["cx"], canvas.y  # x: anterior (image left) to posterior (image right)
     depth = plan["depth"]
     body = canvas.soft(depth / 2 + plan["wall"] - np.abs(x), 6.0)
     density = np.ones((height, width), np.float32) * body
     t = (y - plan["y_apex"]) / plan["lung_h"]
-    lung = canvas.soft(depth / 2 - 10 - np.abs(x), 2.0) * canvas.soft(t, 3.0) * canvas.soft(1 - t, 3.0)
+    half = depth / 2 - 10
+    rounded = half * np.sqrt(np.clip(1 - (1 - np.clip(t / 0.3, 0, 1)) ** 2, 0, 1))
+    floor = plan["y_apex"] + plan["lung_h"] - plan["dome"][0] * (1 - np.clip((x / half) ** 2, 0, 1)) + 0.1 * x
+    lung = canvas.soft(rounded - np.abs(x), 2.0) * canvas.soft(t, 3.0) * canvas.soft(floor - y, 2.0)
     heart_r = plan["ctr"] * plan["thorax"] * 0.45
-    hx, hy = plan["cx"] - depth / 2 + 0.9 * heart_r, plan["y_apex"] + plan["lung_h"] - 0.6 * heart_r
-    heart = canvas.soft(heart_r - np.hypot(x + plan["cx"] - hx, y - hy), 2.0)
+    hx, hy = -depth / 2 + 0.9 * heart_r, plan["y_apex"] + plan["lung_h"] - 0.6 * heart_r
+    heart = canvas.soft(heart_r - np.hypot(x - hx, y - hy), 2.0)
     lung = lung * (1 - heart)
     if plan["findings"]["drawn"]["Pleural Effusion"] != "absent":
-        height_mm = max(e["height"] for e in plan["findings"]["Pleural Effusion"])
-        lung = lung * (
-            1
-            - canvas.soft(
-                y - (plan["y_apex"] + plan["lung_h"] - height_mm * np.clip((x + depth / 2) / depth, 0, 1)),
-                2.0,
-            )
-        )
+        fluid_mm = max(e["height"] for e in plan["findings"]["Pleural Effusion"])
+        top = floor - fluid_mm * np.clip((x + half) / (2 * half), 0, 1) ** 2
+        lung = lung * (1 - canvas.soft(y - top, 2.0))
+    vessels = [
+        {**v, "points": [(plan["cx"] + 0.5 * (px - plan["cx"]), py) for px, py in v["points"]]}
+        for v in plan["vessels"][::2]
+    ]
     density -= 0.58 * lung
+    density += _splat_vessels(canvas, vessels) * lung
     density += 0.12 * canvas.soft(22 - np.abs(x - depth / 2 + 35), 2.0) * body
     for w in plan["findings"]["wires"]:
         if w["kind"] == "device":
-            _add_polyline(
-                density,
-                canvas,
-                [(p[0] * depth / plan["thorax"], p[1]) for p in w["points"]],
-                w["a"],
-                "sharp",
-                w["w"],
-            )
+            points = [(plan["cx"] + (p[0] - plan["cx"]) * depth / plan["thorax"], p[1]) for p in w["points"]]
+            _add_polyline(density, canvas, points, w["a"], "sharp", w["w"])
     return _expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
 
 
