@@ -358,14 +358,20 @@ def auc_vs_resolution(
         frame = pd.concat([frame, average.assign(finding="Average")], ignore_index=True)
         findings = ["Average", *findings]
     summary = frame.groupby(["finding", "resolution"])["auc"].agg(["mean", "std"])
+    if ci is not None:
+        ci = ci.assign(resolution=ci["resolution"].astype(str))
+        if ci.duplicated(["finding", "resolution"]).any():
+            raise ValueError(
+                "ci must have one row per finding and resolution; for several folds pool them "
+                "first (metrics.pool_folds) or pass one fold's rows"
+            )
     nrows = int(np.ceil(len(findings) / ncols))
     fig = _figure(3.0 * min(ncols, len(findings)), 2.5 * nrows + 0.6)
     axes = fig.subplots(nrows, min(ncols, len(findings)), squeeze=False, sharex=True)
     x = np.log2(numbers)
     for ax, finding in zip(axes.flat, findings, strict=False):
         if ci is not None and finding != "Average":
-            part = ci.assign(resolution=ci["resolution"].astype(str))
-            part = part[part["finding"] == finding].set_index("resolution").reindex([str(n) for n in numbers])
+            part = ci[ci["finding"] == finding].set_index("resolution").reindex([str(n) for n in numbers])
             mean = part["auc"].to_numpy(dtype=float)
             err = np.vstack([mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean])
         else:
@@ -429,6 +435,7 @@ def delong_heatmap(pairwise: pd.DataFrame, value: str = "p_holm", fold=None) -> 
     )
     ax.set_xlabel("")
     ax.set_ylabel("")
+    ax.grid(False)
     fig.suptitle(f"Paired DeLong tests (fold {fold}); text: AUC(a) - AUC(b) in points; 1.3 = p 0.05")
     return fig
 

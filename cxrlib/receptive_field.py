@@ -52,6 +52,12 @@ Effective receptive field (ERF), eq. 1
   instead of ``K`` backward passes per image. Its relative noise falls as
   ``1/sqrt(n_probes x N)``; a test checks it against the exact map.
 
+Cost (DenseNet121, CPU, one thread, measured): one image-probe (a backward pass of one
+image) takes about 0.016 s at 64 px, 0.05 s at 128 px and 0.22 s at 256 px; 8 images x 4
+probes at 256 px took 7 s of CPU time. The exact map needs 1024 image-probes per image
+(about 4 minutes per 256 px image on one CPU thread). Memory grows with ``chunk`` x
+``batch_size`` (input gradients and the batched backward's intermediates).
+
 Summaries (:class:`ERFResult`): ``radius50_px`` / ``radius90_px``, the radius of the disc
 around the ERF's centre of mass that holds 50% / 90% of the ERF's total mass (sum of the
 map); ``fraction50`` / ``fraction90 = 2 * radius / side`` (the disc's diameter as a fraction of
@@ -394,7 +400,7 @@ def effective_receptive_field(
     padding: str = "reflect",
     exact: bool = False,
     n_probes: int = 8,
-    chunk: int = 32,
+    chunk: int = 8,
     batch_size: int = 8,
     final_relu: bool = False,
     channel_mode: str = "sum",

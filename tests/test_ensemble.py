@@ -10,6 +10,15 @@ from cxrlib import ensemble, metrics
 from cxrlib.labels import FINDINGS
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread-pool overhead (which is large on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_scales(n, seed, n_findings=4, strong=1.5, weak=0.7, prevalence=0.3):
     """Calibrated logits of S = n_findings scales: scale f sees finding f clearly, the others weakly.
 

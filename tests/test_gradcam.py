@@ -14,6 +14,15 @@ SQUARE = 8
 TARGET = FINDINGS.index("Cardiomegaly")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread-pool overhead (which is large on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class SquareDetector(nn.Module):
     """DenseNet-shaped (features -> in-place ReLU -> pooling -> classifier) with one channel that
     responds to bright areas and a finding whose logit reads that channel."""

@@ -12,6 +12,15 @@ import torchvision
 from cxrlib import receptive_field as rfm
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread-pool overhead (which is large on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_densenet121_theoretical_receptive_field_is_2071():
     features = torchvision.models.densenet121(weights=None).features
     assert rfm.theoretical_receptive_field(features) == 2071
