@@ -55,8 +55,12 @@ Effective receptive field (ERF), eq. 1
 Cost (DenseNet121, CPU, one thread, measured): one image-probe (a backward pass of one
 image) takes about 0.016 s at 64 px, 0.05 s at 128 px and 0.22 s at 256 px; 8 images x 4
 probes at 256 px took 7 s of CPU time. The exact map needs 1024 image-probes per image
-(about 4 minutes per 256 px image on one CPU thread). Memory grows with ``chunk`` x
-``batch_size`` (input gradients and the batched backward's intermediates).
+(about 4 minutes per 256 px image on one CPU thread). On an H200 (fp32, measured): the
+exact map of 4 samples at 256 px took 9.7 s; the estimator with 8 probes on 4 images took
+0.4 s at 256 and 512 px, 1.3 s at 1024 px and 5.4 s at 2048 px (batch 1, chunk 2, 12 GiB
+peak), and with 256 probes its map was within 4.6% (relative L2) of the exact one. Memory
+grows with ``chunk`` x ``batch_size`` (input gradients and the batched backward's
+intermediates).
 
 Summaries (:class:`ERFResult`): ``radius50_px`` / ``radius90_px``, the radius of the disc
 around the ERF's centre of mass that holds 50% / 90% of the ERF's total mass (sum of the
