@@ -85,12 +85,17 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
                     "and MASTER_PORT in the job script"
                 )
         if not dist.is_initialized():
+            timeout = datetime.timedelta(minutes=timeout_minutes)
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+            # torchrun keeps one store across worker restarts (--max-restarts): without a prefix per
+            # attempt, restarted workers read the dead workers' addresses and cannot connect.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(
                 backend=backend,
-                init_method="env://",
+                store=dist.PrefixStore(f"cxrlib/attempt{attempt}", store),
                 rank=rank,
                 world_size=world_size,
-                timeout=datetime.timedelta(minutes=timeout_minutes),
+                timeout=timeout,
                 device_id=torch_device if use_cuda else None,
             )
     return DistInfo(rank, world_size, local_rank, torch_device, backend)

@@ -33,7 +33,7 @@ from .labels import NUM_FINDINGS
 WEIGHT_CHOICES = ("imagenet", "none")
 # torchvision's old DenseNet files name layers "norm.1"; the module is "norm1" today.
 _OLD_DENSELAYER_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 
 
@@ -137,7 +137,10 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
             cleaned.pop("classifier.weight", None)
             cleaned.pop("classifier.bias", None)
     missing, unexpected = model.load_state_dict(cleaned, strict=False)
-    missing = [k for k in missing if not k.startswith("classifier.")]
+    # torchvision's files predate num_batches_tracked; a missing classifier was replaced on purpose
+    missing = [
+        k for k in missing if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")
+    ]
     if missing or unexpected:
         raise ValueError(
             f"{source}: weights do not fit DenseNet121: missing {missing[:5]}, unexpected {unexpected[:5]}"

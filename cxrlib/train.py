@@ -89,7 +89,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import dist as cxrdist
-from .cache import cached_image_path
+from .cache import MANIFEST_NAME, cached_image_path, check_cache
 from .checkpoint import (
     BEST_MODEL_NAME,
     CheckpointError,
@@ -376,7 +376,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.cache.is_dir():
         raise ConfigError(
             f"--cache {args.cache}: folder not found; build it with python -m cxrlib.cache --index "
-            f"{args.index} --resolutions {args.resolution} --out {args.cache}"
+            f"{args.index} --resolutions {args.resolution} --format {args.cache_format} --out {args.cache}"
         )
     if args.weights not in WEIGHT_CHOICES and not Path(args.weights).is_file():
         raise ConfigError(f"--weights {args.weights}: not imagenet, none or an existing file")
@@ -386,17 +386,24 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
 
 
-def check_cached_images(dicom_ids: list[str], cache: Path, resolution: int, fmt: str, index: Path) -> None:
-    """:class:`ConfigError` naming the first cached image that does not exist, and the command to build it."""
-    for dicom_id in dicom_ids:
-        path = cached_image_path(cache, resolution, dicom_id, fmt)
-        if not path.is_file():
-            missing = sum(not cached_image_path(cache, resolution, d, fmt).is_file() for d in dicom_ids)
-            raise ConfigError(
-                f"cached image {path} (dicom_id {dicom_id}) does not exist ({missing} of {len(dicom_ids)} "
-                f"needed images missing); build the cache with: python -m cxrlib.cache --index {index} "
-                f"--resolutions {resolution} --out {cache}"
-            )
+def check_cached_images(frame: pd.DataFrame, cache: Path, resolution: int, fmt: str, index: Path) -> None:
+    """:class:`ConfigError` naming the first needed cached image that is missing, and the command to build it.
+
+    With a manifest (:func:`cxrlib.cache.check_cache`) an image counts when the manifest lists it and
+    its file has the recorded size; without one (a cache written by other means) when its file exists.
+    """
+    if (cache / MANIFEST_NAME).is_file():
+        missing = check_cache(frame, cache, resolution, fmt)
+    else:
+        ids = frame["dicom_id"].astype(str)
+        missing = [d for d in ids if not cached_image_path(cache, resolution, d, fmt).is_file()]
+    if missing:
+        path = cached_image_path(cache, resolution, missing[0], fmt)
+        raise ConfigError(
+            f"cached image {path} (dicom_id {missing[0]}) is missing or incomplete ({len(missing)} of "
+            f"{len(frame)} needed images); build the cache with: python -m cxrlib.cache --index {index} "
+            f"--resolutions {resolution} --format {fmt} --out {cache}"
+        )
 
 
 def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
@@ -417,7 +424,7 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
             raise ConfigError(f"fold {args.fold} of {args.folds} has no {role} images")
     if args.max_train_images is not None:
         frames["train"] = frames["train"].iloc[: args.max_train_images].reset_index(drop=True)
-    needed = [d for frame in frames.values() for d in frame["dicom_id"]]
+    needed = pd.concat(list(frames.values()), ignore_index=True)
     check_cached_images(needed, args.cache, args.resolution, args.cache_format, args.index)
     return frames
 
@@ -783,18 +790,35 @@ def run(args: argparse.Namespace) -> dict:
     except cxrdist.DeviceError as error:
         raise ConfigError(str(error)) from error
     try:
-        return _train(args, frames, info)
+        with algorithm_settings(args.deterministic):
+            return _train(args, frames, info)
     finally:
         cxrdist.cleanup()
+
+
+@contextlib.contextmanager
+def algorithm_settings(deterministic: bool):
+    """Deterministic algorithms (or cuDNN autotuning) for the run; the caller's settings afterwards."""
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+    )
+    cudnn.benchmark, cudnn.deterministic = not deterministic, deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = before[2], before[3]
 
 
 def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdist.DistInfo) -> dict:
     out, device = args.out, info.device
     started = time.time()
-    torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
-        torch.backends.cudnn.deterministic = True
     effective = args.effective_batch or default_effective_batch(args.resolution)
     lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
     max_batch = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient)
@@ -934,6 +958,7 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
                     model.state_dict(), out / BEST_MODEL_NAME, {"epoch": epoch, "val_loss": val_loss}
                 )
             write_csv_atomic(pd.DataFrame(history), out / "history.csv")
+        cxrdist.barrier()  # nobody starts the next epoch before this one's checkpoint is complete
         log(
             f"epoch {epoch}: train_loss {result['train_loss']:.4f} val_loss {val_loss:.4f} lr {lr_used:.3g} "
             f"{history[-1]['img_per_s']:.1f} img/s {history[-1]['seconds']:.1f} s"

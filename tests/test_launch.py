@@ -1,0 +1,162 @@
+"""torchrun from Python: flags, live log streaming, failures with the log's tail, DDP on 2 CPU processes
+equal to 1 process, and a killed worker restarted by torchrun that resumes and finishes."""
+
+import io
+import json
+
+import pandas as pd
+import pytest
+import torch
+from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
+
+from cxrlib import launch as launcher
+from cxrlib.checkpoint import load_verified
+from cxrlib.datasets import read_index
+from cxrlib.labels import FINDINGS
+from cxrlib.splits import fold_ids, read_folds
+
+SETTINGS = {
+    "epochs": 2,
+    "weights": "none",
+    "batch_size": 4,
+    "effective_batch": 8,
+    "lr": 1e-3,
+    "max_train_images": 16,
+    "deterministic": True,
+}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun gives each of several processes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def start(data, run_dir, gpus, **extra):
+    return launcher.launch(
+        32, 0, run_dir, data.index, data.folds, data.cache, gpus=gpus, echo=False, **{**SETTINGS, **extra}
+    )
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny, tmp_path_factory):
+    return start(tiny, tmp_path_factory.mktemp("ddp"), gpus=2, env=ONE_THREAD)
+
+
+def test_overrides_become_trainer_flags():
+    flags = launcher.override_flags(
+        {"batch_size": 8, "deterministic": True, "no_resume": False, "lr": 1e-4, "max_train_images": None}
+    )
+    assert flags == ["--batch-size", "8", "--deterministic", "--lr", "0.0001"]
+    with pytest.raises(ValueError, match="unknown trainer option batchsize="):
+        launcher.override_flags({"batchsize": 8})
+    with pytest.raises(ValueError, match="is a switch"):
+        launcher.override_flags({"deterministic": "yes"})
+    command = launcher.build_command(256, 1, "out", "i.csv", "f.csv", "c", nproc=8, nnodes=2, node_rank=1)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nnodes=2" in command and "--node-rank=1" in command and "--nproc-per-node=8" in command
+    assert command[command.index("--resolution") + 1] == "256"
+
+
+def test_process_count_is_checked_against_the_gpus(monkeypatch):
+    if not torch.cuda.is_available():
+        assert launcher.resolve_nproc("all") == 1
+        assert launcher.resolve_nproc(2) == 2  # gloo processes on the CPU
+    with pytest.raises(ValueError, match="at least one"):
+        launcher.resolve_nproc(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert launcher.resolve_nproc("all") == 1
+    with pytest.raises(ValueError, match="gpus=2: only 1 GPU"):
+        launcher.resolve_nproc(2)
+
+
+def test_stream_shows_progress_updates_and_logs_only_whole_lines(capsys):
+    log = io.StringIO()
+    stream = launcher._Stream(log, echo=True)
+    for chunk in [
+        b"start\nepoch 1:  10%\r",
+        b"epoch 1:  50%\r",
+        b"epoch 1: 100%\r",
+        b"\ndone",
+        b"\r",
+        b"\n",
+        b"tail",
+    ]:
+        stream.feed(chunk)
+    stream.close()
+    # a bar's updates are echoed (each overwrites the last) but only its final state is logged;
+    # "\r\n" split over two chunks is one line end
+    assert log.getvalue() == "start\nepoch 1: 100%\ndone\ntail\n"
+    assert "epoch 1:  10%\repoch 1:  50%\r" in capsys.readouterr().out
+    assert list(stream.tail) == ["start", "epoch 1: 100%", "done", "tail"]
+
+
+@pytest.mark.slow
+def test_failure_raises_with_the_log_tail(tiny, tmp_path):
+    with pytest.raises(launcher.TrainingFailedError, match=r"(?s)exit code.*--fold 9: .* has folds 0 .. 3"):
+        launcher.launch(
+            32, 9, tmp_path, tiny.index, tiny.folds, tiny.cache, gpus=1, echo=False, env=ONE_THREAD
+        )
+    assert "--fold 9" in (tmp_path / "res32" / "fold9" / "train.log").read_text()
+
+
+def learnable(path):
+    state = load_verified(path)["model"]
+    return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_contract_and_match_one_process(tiny, two_process_run, tmp_path):
+    out = two_process_run
+    assert out.name == "fold0" and out.parent.name == "res32"
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "lr", "seconds", "img_per_s"]
+    assert history["epoch"].tolist() == [1, 2]
+    done = json.loads((out / "done.json").read_text())
+    assert done["complete"] and done["world_size"] == 2 and done["batch_plan"]["effective_batch"] == 8
+    index, folds = read_index(tiny.index), read_folds(tiny.folds)
+    for role in ("val", "test"):
+        predictions = pd.read_csv(out / f"{role}_predictions.csv", dtype={"dicom_id": str})
+        assert list(predictions.columns) == ["dicom_id", *FINDINGS]
+        expected = [d for d in index["dicom_id"] if d in set(fold_ids(folds, 0, role))]
+        assert predictions["dicom_id"].tolist() == expected  # index order, every image once
+        assert predictions[list(FINDINGS)].notna().all().all()
+    assert "2 process(es) on cpu (gloo)" in (out / "train.log").read_text()
+
+    # One process with the same per-process batch and twice the accumulation sees the same
+    # micro-batches in the same optimizer steps (StepBlockSampler), so BatchNorm normalises the
+    # same groups and the gradients are equal: training losses and weights agree to float
+    # precision. BatchNorm's running statistics differ (under DDP they are rank 0's, updated by
+    # its micro-batches only), so the validation loss, computed with them, agrees only closely.
+    single = start(tiny, tmp_path, gpus=1, env=ONE_THREAD)
+    one = pd.read_csv(single / "history.csv")
+    assert json.loads((single / "done.json").read_text())["batch_plan"]["accumulation_steps"] == 2
+    assert one["train_loss"].to_numpy() == pytest.approx(history["train_loss"].to_numpy(), rel=1e-6)
+    assert one["val_loss"].to_numpy() == pytest.approx(history["val_loss"].to_numpy(), abs=0.05)
+    ours, theirs = learnable(out / "checkpoint_epoch002.pt"), learnable(single / "checkpoint_epoch002.pt")
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_by_torchrun_and_resumes(tiny, two_process_run, tmp_path):
+    marker = tmp_path / "fault_fired"
+    env = {
+        **ONE_THREAD,
+        "CXRLIB_FAULT": "train-batch:epoch=2:batch=1:rank=1",
+        "CXRLIB_FAULT_MARKER": str(marker),
+    }
+    out = start(tiny, tmp_path, gpus=2, max_restarts=1, env=env)
+    assert marker.exists()  # rank 1 really was killed in epoch 2
+    log = (out / "train.log").read_text()
+    assert "resumed from checkpoint_epoch001.pt" in log
+    keep = ["epoch", "train_loss", "val_loss", "lr"]
+    reference = pd.read_csv(two_process_run / "history.csv")[keep]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv")[keep], reference)
+    ours, theirs = (
+        learnable(out / "checkpoint_epoch002.pt"),
+        learnable(two_process_run / "checkpoint_epoch002.pt"),
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -1,0 +1,95 @@
+"""DenseNet121 builder: 14 logits at any resolution, clear offline error, safe local weights."""
+
+import os
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from tiny_data import one_thread  # noqa: F401 (fixture)
+
+from cxrlib.models import WeightsUnavailableError, build_model, imagenet_weights_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_fourteen_logits_at_each_resolution(resolution):
+    model = build_model("none").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, resolution, resolution))
+    assert out.shape == (2, 14)
+
+
+def test_memory_efficient_computes_the_same_function():
+    torch.manual_seed(0)
+    plain = build_model("none")
+    torch.manual_seed(0)
+    checkpointed = build_model("none", memory_efficient=True)
+    x = torch.randn(2, 3, 64, 64)
+    plain(x).sum().backward()
+    checkpointed(x).sum().backward()
+    grad = plain.features.conv0.weight.grad
+    assert torch.allclose(checkpointed.features.conv0.weight.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_imagenet_without_network_says_which_file_to_place_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError) as error:
+        build_model("imagenet")
+    message = str(error.value)
+    assert str(imagenet_weights_file()) in message
+    assert imagenet_weights_file().name == "densenet121-a639ec97.pth"
+    assert str(tmp_path) in message and "--weights none" in message
+
+
+def torchvision_style_file(path, num_classes=1000):
+    """A state dict as torchvision's DenseNet files store it: "norm.1" for "norm1", no num_batches_tracked."""
+    source = torchvision.models.densenet121(weights=None, num_classes=num_classes)
+    renamed = {}
+    for key, value in source.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for old, new in (("norm1", "norm.1"), ("conv1", "conv.1"), ("norm2", "norm.2"), ("conv2", "conv.2")):
+            if ".denselayer" in key and f".{old}." in key:
+                key = key.replace(f".{old}.", f".{new}.")
+        renamed[key] = value
+    torch.save(renamed, path)
+    return source
+
+
+def test_local_torchvision_file_loads_and_the_classifier_is_replaced(tmp_path):
+    path = tmp_path / "densenet121-imagenet.pth"
+    source = torchvision_style_file(path)
+    with pytest.warns(UserWarning, match="freshly initialised classifier"):
+        model = build_model(path)
+    assert model.classifier.out_features == 14
+    layer = model.features.denseblock1.denselayer1.norm1.weight
+    assert torch.equal(layer, source.features.denseblock1.denselayer1.norm1.weight)
+
+
+def test_our_own_ddp_state_dict_loads_exactly(tmp_path):
+    trained = build_model("none")
+    torch.save({f"module.{k}": v for k, v in trained.state_dict().items()}, tmp_path / "best.pt")
+    model = build_model(tmp_path / "best.pt")
+    assert torch.equal(model.classifier.weight, trained.classifier.weight)
+
+
+def test_weights_file_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"classifier.weight": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        build_model(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match="--weights none"):
+        build_model(tmp_path / "absent.pt")

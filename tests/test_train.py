@@ -1,0 +1,382 @@
+"""The trainer: Table 1 arithmetic, exact loss averaging, LR halving and early stop that act,
+clear errors before work, NaN and bad-image handling, and kill-anywhere resume that ends identical."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
+from torch import nn
+
+import cxrlib.train as train
+from cxrlib import dist
+from cxrlib.cache import cached_image_path
+from cxrlib.checkpoint import checkpoint_path, list_checkpoints, load_verified
+from cxrlib.labels import FINDINGS, masked_bce_with_logits, targets_and_mask
+from cxrlib.splits import fold_ids, read_folds
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def argv(data, out, *extra, epochs=2, resolution=32, train_images=8):
+    return [
+        "--index", str(data.index), "--folds", str(data.folds), "--cache", str(data.cache),
+        "--resolution", str(resolution), "--fold", "0", "--out", str(out), "--epochs", str(epochs),
+        "--weights", "none", "--batch-size", "4", "--effective-batch", "8", "--lr", "1e-3",
+        "--max-train-images", str(train_images), *extra,
+    ]  # fmt: skip
+
+
+def history(out):
+    return pd.read_csv(out / "history.csv")
+
+
+# ----------------------------------------------------------------------------- recipe arithmetic
+
+
+def test_table1_defaults_and_the_rule_between_them():
+    for resolution, (lr, batch) in {256: (5e-4, 512), 512: (2.5e-4, 256), 1024: (1.6e-4, 168)}.items():
+        assert train.default_effective_batch(resolution) == batch
+        assert train.default_lr(resolution) == lr
+    assert train.default_lr(2048) == 8.204e-5 and train.default_effective_batch(2048) == 42
+    t = math.log2(768 / 512)  # log-linear in resolution between 512 (256) and 1024 (168)
+    assert train.default_effective_batch(768) == round(256 ** (1 - t) * 168**t) == 200
+    assert train.default_lr(768) == pytest.approx(5e-4 * train.default_effective_batch(768) / 512)
+    assert train.default_effective_batch(64) == 512 and train.default_effective_batch(4096) == 42
+    assert train.default_lr(256, effective_batch=128) == pytest.approx(1.25e-4)  # linear scaling
+
+
+@pytest.mark.parametrize(
+    "effective, world, per_gpu, max_per_gpu, expected, exact",
+    [
+        (512, 4, None, 128, (128, 1), True),  # 256 px on 4 GPUs
+        (168, 6, None, 28, (28, 1), True),  # the paper's 1024 px on 6 A100s
+        (42, 1, None, 16, (14, 3), True),  # 2048 px on one GPU: 14 x 3
+        (42, 4, None, 7, (5, 2), False),  # 5 x 4 x 2 = 40: logged as inexact
+        (168, 4, 16, None, (16, 3), False),  # fixed batch: 16 x 4 x 3 = 192
+        (8, 1, 4, None, (4, 2), True),
+        (8, 2, 4, None, (4, 1), True),
+    ],
+)
+def test_effective_batch_plan(effective, world, per_gpu, max_per_gpu, expected, exact):
+    plan = train.plan_batches(effective, world, per_gpu, max_per_gpu)
+    assert (plan.per_gpu_batch, plan.accumulation_steps) == expected
+    assert plan.effective_batch == expected[0] * world * expected[1]
+    assert plan.exact is exact
+    assert ("cannot be matched exactly" in plan.describe()) is not exact
+
+
+def test_mixed_precision_choice_on_cpu():
+    cpu = torch.device("cpu")
+    assert train.amp_dtype(cpu, "auto") is None and train.amp_dtype(cpu, "off") is None
+    assert train.amp_dtype(cpu, "bf16") == torch.bfloat16
+    with pytest.raises(train.ConfigError, match="fp16 needs a CUDA GPU"):
+        train.amp_dtype(cpu, "fp16")
+    assert train.default_per_gpu_batch(256, cpu) >= 1
+
+
+# ----------------------------------------------------------------------------- loss averaging
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """uint8 images with labels that include unknown (NaN) entries."""
+
+    def __init__(self, n=8, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=generator)
+        labels = (torch.rand(n, 14, generator=generator) < 0.4).float()
+        labels[torch.rand(n, 14, generator=generator) < 0.3] = float("nan")
+        self.targets, self.masks = targets_and_mask(labels)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i], self.masks[i]
+
+
+def small_net():
+    torch.manual_seed(0)  # no BatchNorm: micro-batch size must not matter at all
+    return nn.Sequential(nn.Conv2d(3, 4, 5, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 14))
+
+
+def one_epoch(dataset, per_gpu, steps, lr=0.1):
+    model = small_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # SGD: any error in the loss scale shows
+    plan = train.BatchPlan(per_gpu, 1, steps, per_gpu * steps)
+    info = dist.DistInfo(0, 1, 0, torch.device("cpu"), None)
+    runtime = train.Runtime(info, None, False, plan, False, False)
+    sampler = train.StepBlockSampler(dataset, 1, 0, per_gpu, steps, seed=0)
+    loader = train.make_loader(dataset, per_gpu, sampler, 0, torch.device("cpu"), 0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    augmentation = train.epoch_augmentation(len(dataset), 0, 1)
+    result = train.train_one_epoch(model, loader, optimizer, scaler, runtime, 1, augmentation)
+    return model, result
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update_over_known_labels():
+    dataset = ImageSet()
+    full, full_result = one_epoch(dataset, per_gpu=8, steps=1)
+    for per_gpu, steps in [(4, 2), (2, 4), (1, 8)]:
+        model, result = one_epoch(dataset, per_gpu, steps)
+        for a, b in zip(model.parameters(), full.parameters(), strict=True):
+            assert torch.allclose(a, b, atol=1e-6), (per_gpu, steps)
+        assert result["train_loss"] == pytest.approx(full_result["train_loss"], rel=1e-6)
+    # the loss is the BCE mean over known labels of the whole batch, before the update
+    _, frozen = one_epoch(dataset, per_gpu=8, steps=1, lr=0.0)
+    model = small_net()
+    order = list(train.StepBlockSampler(dataset, 1, 0, 8, 1, seed=0))
+    angles, flips = train.epoch_augmentation(len(dataset), 0, 1)
+    x = train.augment_batch(dataset.images[order], angles[order], flips[order])
+    expected = masked_bce_with_logits(model(x), dataset.targets[order], dataset.masks[order])
+    assert frozen["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_unknown_labels_do_not_move_the_weights():
+    dataset = ImageSet()
+    reference, _ = one_epoch(dataset, per_gpu=4, steps=2)
+    dataset.targets[dataset.masks == 0] = 1.0  # what an unmasked loss would now learn
+    changed, _ = one_epoch(dataset, per_gpu=4, steps=2)
+    for a, b in zip(reference.parameters(), changed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- errors before work
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--resolution": "48"}, "--resolution 48: must be a multiple of 32"),
+        ({"--resolution": "16"}, "at least 32"),
+        ({"--fold": "4"}, "--fold 4: .* has folds 0 .. 3"),
+        ({"--index": "absent.csv"}, "--index absent.csv: file not found"),
+        ({"--weights": "absent.pt"}, "--weights absent.pt: not imagenet, none or an existing file"),
+        ({"--amp": "fp16"}, "--amp fp16 needs a CUDA GPU"),
+        ({"--epochs": "0"}, "--epochs must be at least 1"),
+    ],
+)
+def test_wrong_parameters_fail_in_one_line_before_any_work(tiny, tmp_path, capsys, change, message):
+    args = argv(tiny, tmp_path / "run")
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert train.main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert re.search(message, error), error
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_only_options_are_refused_on_the_cpu(tiny, tmp_path, capsys):
+    assert train.main([*argv(tiny, tmp_path / "a"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert train.main([*argv(tiny, tmp_path / "b"), "--sync-bn"]) == 2
+    assert "--sync-bn needs CUDA" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    (
+        monkeypatch.setenv("RANK", "1"),
+        monkeypatch.setenv("WORLD_SIZE", "2"),
+        monkeypatch.setenv("LOCAL_RANK", "1"),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(dist.DeviceError, match="only 1 GPU"):
+        dist.init_distributed()
+
+
+def test_missing_cached_image_is_named_with_the_command_to_build_it(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "data", resolutions=(32,))
+    victim = data.frame["dicom_id"].iloc[5]
+    cached_image_path(data.cache, 32, victim).unlink()
+    assert train.main(argv(data, tmp_path / "run")) == 2
+    error = capsys.readouterr().err
+    assert str(cached_image_path(data.cache, 32, victim)) in error
+    assert "python -m cxrlib.cache --index" in error and "--resolutions 32" in error
+
+
+# ----------------------------------------------------------------------------- the schedule acts
+
+
+@pytest.mark.slow
+def test_lr_halves_in_the_optimizer_and_training_stops_after_ten_bad_epochs(tiny, tmp_path, monkeypatch):
+    losses = iter([1.0, 0.9] + [0.95] * 30)  # best at epoch 2, then no improvement
+    monkeypatch.setattr(train, "evaluate_loss", lambda *args: next(losses))
+    out = tmp_path / "run"
+    assert train.main(argv(tiny, out, "--effective-batch", "4", epochs=30, train_images=4)) == 0
+    rows = history(out)
+    # stops at epoch 12: ten epochs (3..12) without improvement, not at --epochs 30
+    assert rows["epoch"].tolist() == list(range(1, 13))
+    # PyTorch patience 3: halved after the 4th bad epoch (6) and again after the 8th (10)
+    assert rows["lr"].tolist() == [1e-3] * 6 + [5e-4] * 4 + [2.5e-4] * 2
+    newest = load_verified(list_checkpoints(out)[0][1])
+    assert newest["optimizer"]["param_groups"][0]["lr"] == 2.5e-4  # the optimizer's own lr
+    done = json.loads((out / "done.json").read_text())
+    assert done["reason"] == "early_stop" and done["best_epoch"] == 2
+    assert json.loads((out / "best_model.pt.json").read_text())["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- NaN and bad images
+
+
+class NaNOnCalls(nn.Module):
+    """DenseNet whose training forward passes number ``calls`` (counting from 1) return NaN logits."""
+
+    def __init__(self, inner, calls):
+        super().__init__()
+        self.inner, self.nan_calls, self.count = inner, set(calls), 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.count += 1
+            if self.count in self.nan_calls:
+                out = out * float("nan")
+        return out
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_epoch_and_batch_and_best_stays_finite(tiny, tmp_path, monkeypatch, capsys):
+    build = train.build_model
+    # 8 images in micro-batches of 4: training call 3 is epoch 2, batch 1
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: NaNOnCalls(build(*a, **k), calls=range(3, 99)))
+    out = tmp_path / "run"
+    assert train.main(argv(tiny, out, epochs=3)) == 1
+    assert "non-finite training loss (NaN or inf) in epoch 2, batch 1" in capsys.readouterr().err
+    assert json.loads((out / "best_model.pt.json").read_text())["epoch"] == 1
+    best = load_verified(out / "best_model.pt")
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+    assert [e for e, _ in list_checkpoints(out)] == [1]
+
+
+@pytest.mark.slow
+def test_skip_nonfinite_steps_skips_and_finishes(tiny, tmp_path, monkeypatch):
+    build = train.build_model
+    # micro-batches of 4 with no accumulation: training call 3 is epoch 2's first optimizer step
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: NaNOnCalls(build(*a, **k), calls=[3]))
+    out = tmp_path / "run"
+    assert train.main(argv(tiny, out, "--skip-nonfinite-steps", "--effective-batch", "4", epochs=2)) == 0
+    done = json.loads((out / "done.json").read_text())
+    assert done["skipped_nonfinite_steps"] == 1
+    assert history(out)[["train_loss", "val_loss"]].notna().all().all()
+
+
+@pytest.mark.slow
+def test_bad_image_is_named_or_skipped_by_the_option_never_zeroed(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "data", resolutions=(32,))
+    victim = fold_ids(read_folds(data.folds), 0, "train")[1]
+    path = cached_image_path(data.cache, 32, victim)
+    path.write_bytes(path.read_bytes()[:40])  # truncated PNG
+    assert train.main(argv(data, tmp_path / "strict", epochs=1)) == 1
+    assert f"cannot read image {path}" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=f"skipping unreadable image: cannot read image {path}"):
+        assert train.main(argv(data, tmp_path / "skip", "--skip-bad-images", epochs=1)) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().out
+    with pytest.raises(OSError):
+        Image.open(path).load()  # still broken: nothing replaced it
+
+
+# ----------------------------------------------------------------------------- resume rules
+
+
+@pytest.mark.slow
+def test_finished_run_is_skipped_other_settings_refused_no_resume_starts_over(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(argv(tiny, out, epochs=1)) == 0
+    first = (out / "done.json").read_text()
+    assert train.main(argv(tiny, out, epochs=1)) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (out / "done.json").read_text() == first
+    assert train.main(argv(tiny, out, epochs=1, resolution=64)) == 2
+    assert "other settings (resolution: 32 there, 64 now)" in capsys.readouterr().err
+    assert train.main(argv(tiny, out, "--no-resume", epochs=1, resolution=64)) == 0
+    assert json.loads((out / "done.json").read_text())["fingerprint"]["resolution"] == 64
+    assert "resumed" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- kill anywhere, end identical
+
+
+def run_trainer(data, out, fault=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(train.FAULT_ENV, None)
+    if fault:
+        env[train.FAULT_ENV] = fault
+    command = [sys.executable, "-m", "cxrlib.train", *argv(data, out, "--deterministic", epochs=3)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_same_run(out, reference):
+    keep = ["epoch", "train_loss", "val_loss", "lr"]  # all but the timing columns
+    pd.testing.assert_frame_equal(history(out)[keep], history(reference)[keep], check_exact=True)
+    for name in ("best_model.pt", "checkpoint_epoch003.pt"):
+        ours, theirs = load_verified(out / name), load_verified(reference / name)
+        ours, theirs = ours.get("model", ours), theirs.get("model", theirs)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert (out / "test_predictions.csv").read_bytes() == (reference / "test_predictions.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run_trainer(tiny, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_during_epoch_2_then_same_command_ends_identical(tiny, reference_run, tmp_path):
+    out = tmp_path / "run"
+    killed = run_trainer(tiny, out, fault="train-batch:epoch=2:batch=2")
+    assert killed.returncode == -9
+    assert [e for e, _ in list_checkpoints(out)] == [1]
+    resumed = run_trainer(tiny, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint_epoch001.pt" in resumed.stdout
+    assert_same_run(out, reference_run)
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    assert list(predictions.columns) == ["dicom_id", *FINDINGS]
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_then_same_command_ends_identical(tiny, reference_run, tmp_path):
+    out = tmp_path / "run"
+    killed = run_trainer(tiny, out, fault="checkpoint-rename:epoch=2")
+    assert killed.returncode == -9
+    assert list(out.glob(".checkpoint_epoch002.pt.*.tmp"))  # complete temporary file, never renamed
+    assert not checkpoint_path(out, 2).exists()
+    resumed = run_trainer(tiny, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.glob("*.tmp"))
+    assert_same_run(out, reference_run)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_to_previous_and_ends_identical(tiny, reference_run, tmp_path):
+    out = tmp_path / "run"
+    assert run_trainer(tiny, out, fault="train-batch:epoch=3:batch=1").returncode == -9
+    newest = checkpoint_path(out, 2)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, e.g. by a full disk
+    resumed = run_trainer(tiny, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "checkpoint_epoch002.pt" in resumed.stderr and "truncated" in resumed.stderr
+    assert "resumed from checkpoint_epoch001.pt" in resumed.stdout
+    assert_same_run(out, reference_run)
