@@ -5,8 +5,9 @@ resolution (:func:`cxrlib.cache.square_images`, the cache's own resize), holds o
 test set, trains torchvision's DenseNet121 from scratch (``weights=None``, fp32) at each resolution
 for the SAME number of optimizer steps (equal wall time would starve the high resolutions), and
 prints per-finding test AUC (U-Zeros labels, as the paper) per resolution, the average-probability
-ensemble, the AUC's standard error (Hanley & McNeil) and timings. This is a study script with its
-own minimal loop (Adam, masked BCE, flip/rotation augmentation on the batch); the project's trainer
+ensemble, the paper's stacked ensemble (softmax weights per finding fitted on a validation set), the
+AUC's standard error (Hanley & McNeil) and timings. This is a study script with its own minimal loop
+(Adam, masked BCE, flip/rotation augmentation on the batch); the project's trainer
 is :mod:`cxrlib.train`.
 
 Usage (the study in docs/phantom.md)::
@@ -57,6 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--lrs", type=float, nargs="*", default=None, help="one per resolution (default 1e-3)"
     )
     parser.add_argument("--test-images", type=int, default=1000, help="about this many test images")
+    parser.add_argument("--val-images", type=int, default=500, help="validation images (stacked ensemble)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (init, batches, augmentation)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the phantom")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -113,17 +115,36 @@ def load_data(args) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
     return meta, arrays
 
 
-def split_subjects(meta: pd.DataFrame, test_images: int) -> np.ndarray:
-    """Boolean test mask: whole subjects, in a fixed shuffled order, until ``test_images`` are reached."""
+def split_subjects(meta: pd.DataFrame, test_images: int, val_images: int) -> np.ndarray:
+    """Role per image (test / val / train): whole subjects in a fixed shuffled order fill the test set
+    up to ``test_images``, then the validation set up to ``val_images``; the rest is training."""
     subjects = meta["subject_id"].drop_duplicates().sample(frac=1.0, random_state=12345).to_numpy()
     counts = meta.groupby("subject_id").size()
-    chosen, total = [], 0
+    role, total = {}, 0
     for s in subjects:
-        if total >= test_images:
-            break
-        chosen.append(s)
+        role[s] = "test" if total < test_images else ("val" if total < test_images + val_images else "train")
         total += counts[s]
-    return meta["subject_id"].isin(chosen).to_numpy()
+    return meta["subject_id"].map(role).to_numpy()
+
+
+def fit_stacked_weights(val_probs: np.ndarray, val_labels: np.ndarray, epochs: int = 100) -> np.ndarray:
+    """The paper's stacked scale ensemble (eq. 2-3): per finding, softmax weights over the scales
+    (uniform at start) that minimise the BCE of sum_r w_r p_r on validation; Adam lr 0.1, decay 0.97.
+
+    ``val_probs``: [scales, images, findings]; returns weights [findings, scales]."""
+    probs = torch.as_tensor(val_probs, dtype=torch.float64)
+    labels = torch.as_tensor(val_labels, dtype=torch.float64)
+    logits = torch.zeros(probs.shape[2], probs.shape[0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.97)
+    for _ in range(epochs):
+        mixed = torch.einsum("rnf,fr->nf", probs, torch.softmax(logits, dim=1)).clamp(1e-7, 1 - 1e-7)
+        loss = torch.nn.functional.binary_cross_entropy(mixed, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return torch.softmax(logits, dim=1).detach().numpy()
 
 
 def train_one(
@@ -183,15 +204,16 @@ def main(argv=None) -> pd.DataFrame:
     batches = args.batch_sizes or [DEFAULT_BATCH.get(r, 8) for r in args.resolutions]
     lrs = args.lrs or [1e-3] * len(args.resolutions)
     meta, arrays = load_data(args)
-    test = split_subjects(meta, args.test_images)
+    role = split_subjects(meta, args.test_images, args.val_images)
+    test, val, train = role == "test", role == "val", role == "train"
     labels = meta[list(FINDINGS)].to_numpy(np.float32)
     targets, masks = targets_and_mask(labels)
     print(
-        f"images: {len(meta)} frontal, train {int((~test).sum())}, test {int(test.sum())}; "
-        f"test positives: "
+        f"images: {len(meta)} frontal, train {int(train.sum())}, val {int(val.sum())}, "
+        f"test {int(test.sum())}; test positives: "
         + ", ".join(f"{f[:12]} {int(labels[test, i].sum())}" for i, f in enumerate(FINDINGS))
     )
-    rows, probabilities = [], {}
+    rows, probabilities, val_probabilities = [], {}, {}
     for resolution, batch, lr in zip(args.resolutions, batches, lrs, strict=True):
         x = torch.from_numpy(np.ascontiguousarray(arrays[resolution])).unsqueeze(1)
 
@@ -207,9 +229,9 @@ def main(argv=None) -> pd.DataFrame:
 
         probe.steps = set(args.eval_steps)
         model, train_s = train_one(
-            x[~test],
-            targets[~test],
-            masks[~test],
+            x[train],
+            targets[train],
+            masks[train],
             args.steps,
             batch,
             lr,
@@ -220,6 +242,7 @@ def main(argv=None) -> pd.DataFrame:
         start = time.time()
         probabilities[resolution] = predict(model, x[test])
         infer_s = time.time() - start
+        val_probabilities[resolution] = predict(model, x[val])
         print(
             f"{resolution} px: batch {batch}, lr {lr}, {args.steps} steps, train {train_s:.0f} s "
             f"({args.steps * batch / train_s:.1f} img/s), test inference {infer_s:.0f} s",
@@ -243,10 +266,26 @@ def main(argv=None) -> pd.DataFrame:
             "  AUC " + ", ".join(f"{r['finding'][:14]} {r['auc']:.3f}" for r in rows[-len(FINDINGS) :]),
             flush=True,
         )
-    ensemble = np.mean([probabilities[r] for r in args.resolutions], axis=0)
+    scales = [str(r) for r in args.resolutions]
+    average = np.mean([probabilities[r] for r in args.resolutions], axis=0)
+    weights = fit_stacked_weights(np.stack([val_probabilities[r] for r in args.resolutions]), labels[val])
+    stacked = np.einsum("rnf,fr->nf", np.stack([probabilities[r] for r in args.resolutions]), weights)
+    for name, ensemble in (("average", average), ("stacked", stacked)):
+        for i, finding in enumerate(FINDINGS):
+            auc, se = auc_and_se(labels[test, i], ensemble[:, i])
+            rows.append({"resolution": name, "finding": finding, "auc": auc, "se": se})
+    print("stacked ensemble weights (" + "/".join(scales) + "):")
     for i, finding in enumerate(FINDINGS):
-        auc, se = auc_and_se(labels[test, i], ensemble[:, i])
-        rows.append({"resolution": "ensemble", "finding": finding, "auc": auc, "se": se})
+        print(f"  {finding:28s} " + " ".join(f"{w:.2f}" for w in weights[i]))
+    np.savez_compressed(
+        Path(args.out) / f"probabilities_{args.tag or 'run'}_seed{args.seed}.npz",
+        test_labels=labels[test],
+        val_labels=labels[val],
+        weights=weights,
+        resolutions=np.array(args.resolutions),
+        **{f"test_{r}": probabilities[r] for r in args.resolutions},
+        **{f"val_{r}": val_probabilities[r] for r in args.resolutions},
+    )
     results = pd.DataFrame(rows).assign(
         seed=args.seed,
         steps=args.steps,
@@ -254,12 +293,12 @@ def main(argv=None) -> pd.DataFrame:
         max_size=args.max_size,
         prevalence=args.prevalence,
         design=args.design,
-        train_images=int((~test).sum()),
+        train_images=int(train.sum()),
         test_images=int(test.sum()),
         tag=args.tag,
     )
     table = results.pivot(index="finding", columns="resolution", values="auc")
-    table = table[[str(r) for r in args.resolutions] + ["ensemble"]]
+    table = table[scales + ["average", "stacked"]]
     order = list(COARSE_FINDINGS) + list(FINE_FINDINGS)
     table = table.loc[order + [f for f in FINDINGS if f not in order]]
     table.loc["Average"] = table.mean()

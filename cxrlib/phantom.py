@@ -135,6 +135,8 @@ class Design:
         0 gives a frontal-only phantom, the default, so a small demo stays learnable).
     fine_contrast: multiplier on the density of every fine finding and of its decoy.
     fine_size: multiplier on the size (radius, line width, gap, inset) of every fine finding and decoy.
+    fine_instances: how many decoys a positive study turns into its fine finding (nodules, rib
+        fractures, wires; a pneumothorax is one long line); more instances are learned in fewer steps.
     noise: film noise standard deviation (density units, at 1 mm^2).
     """
 
@@ -145,6 +147,7 @@ class Design:
     lateral_fraction: float = 0.0
     fine_contrast: float = 1.0
     fine_size: float = 1.0
+    fine_instances: int = 2
     noise: float = 0.02
 
     def __post_init__(self):
@@ -505,11 +508,12 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
         "thickness": g.uniform(2.5, 4.0) * scale,
         "a": 0.35 * strength("Pleural Other"),
     }
-    # Fine findings: every image has 2-5 decoys of each kind; a positive turns decoys into the finding
+    # Fine findings: every image has several decoys of each kind; a positive turns decoys into the finding
     # (same place, same integrated density), so counts and coarse-scale content do not depend on labels.
     g = gens["Lung Lesion"]
     blobs = []
-    for _ in range(int(g.integers(2, 6))):
+    k = design.fine_instances
+    for _ in range(int(g.integers(k + 1, k + 5))):
         x, y = _lung_point(g, plan, side_of("Lung Lesion"), (0.15, 0.85), (0.15, 0.85))
         blobs.append(
             {
@@ -521,20 +525,19 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
                 "kind": "decoy",
             }
         )
-    n_nodules = 1 + int(g.random() < 0.3)
     if drawn["Lung Lesion"] != "absent":
-        for blob in blobs[:n_nodules]:
+        for blob in blobs[:k]:
             blob["kind"], blob["a"] = "nodule", blob["a"] * (1.0 if drawn["Lung Lesion"] == "strong" else 0.7)
     f["blobs"] = blobs
     g = gens["Pneumothorax"]
     lines = []
     for _ in range(int(g.integers(1, 3))):
-        t0 = g.uniform(0.02, 0.3)
+        t0 = g.uniform(0.02, 0.2)
         lines.append(
             {
                 "side": side_of("Pneumothorax"),
                 "t0": t0,
-                "t1": t0 + g.uniform(0.3, 0.5),
+                "t1": t0 + g.uniform(0.45, 0.65),
                 "inset": g.uniform(8, 25) * fs,
                 "w": 1.2 * fs,
                 "a": 0.60 * fc,
@@ -549,7 +552,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
     f["lines"] = lines
     g = gens["Fracture"]
     marks = []
-    for _ in range(int(g.integers(1, 4))):
+    for _ in range(int(g.integers(k + 1, k + 4))):
         rib = int(g.integers(2, 8)) + 10 * int(g.integers(0, 2))
         marks.append(
             {
@@ -563,11 +566,12 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
         )
     marks = list({m["rib"]: m for m in marks}.values())  # at most one mark per rib
     if drawn["Fracture"] != "absent":
-        marks[0]["kind"] = "fracture"
+        for mark in marks[:k]:
+            mark["kind"] = "fracture"
     f["rib_marks"] = marks
     g = gens["Support Devices"]
     wires = []
-    for _ in range(int(g.integers(1, 4))):
+    for _ in range(int(g.integers(k + 1, k + 4))):
         x0 = plan["cx"] + g.uniform(-0.45, 0.45) * plan["thorax"]
         y0 = plan["y_apex"] + g.uniform(-0.1, 0.3) * plan["lung_h"]
         pts = [(x0, y0)]
@@ -577,9 +581,8 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             step = g.uniform(0.06, 0.1) * plan["lung_h"]
             pts.append((pts[-1][0] + step * math.cos(angle), pts[-1][1] + step * math.sin(angle)))
         wires.append({"points": pts, "w": 1.2 * fs, "a": 0.70 * fc, "sigma": 4.0 * fs, "kind": "decoy"})
-    n_devices = 1 + int(g.random() < 0.4)
     if drawn["Support Devices"] != "absent":
-        for wire in wires[:n_devices]:
+        for wire in wires[:k]:
             wire["kind"] = "device"
     f["wires"] = wires
     f["drawn"] = dict(drawn)
@@ -989,7 +992,9 @@ def _render_findings(density, canvas, plan, lungs, left_lung, right_lung) -> dic
             rib = plan["ribs"][mark["rib"]]
             u = mark["u"] * plan["thorax"] / 2
             fx, fy = plan["cx"] + rib["side"] * u, _rib_centre(plan, rib, u)
-            truth["fracture"] = {"centre_px": to_px(fx, fy), "gap_px": mark["gap"] / canvas.px}
+            truth.setdefault("fractures", []).append(
+                {"centre_px": to_px(fx, fy), "gap_px": mark["gap"] / canvas.px}
+            )
     devices = []
     for w in f["wires"]:
         if w["kind"] == "device":

@@ -152,7 +152,7 @@ def test_fine_findings_change_the_image_only_where_drawn_and_vanish_at_low_resol
     key = {
         "Lung Lesion": "nodules",
         "Pneumothorax": "pneumothorax",
-        "Fracture": "fracture",
+        "Fracture": "fractures",
         "Support Devices": "devices",
     }[finding]
     assert key in truth
