@@ -18,9 +18,10 @@ Launch (``--out`` is the fold's run folder, by convention ``runs/<preset>/res<R>
     #!/bin/bash
     #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64 --time=48:00:00
     export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    srun torchrun --nnodes=$SLURM_NNODES --node_rank=$SLURM_NODEID --nproc_per_node=8 \\
+    srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID \\
         --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 --max-restarts=3 \\
         -m cxrlib.train --index ... --resolution 2048 --fold 0 --out ...
+    # (--max-restarts: after a crash the workers restart and resume from the newest checkpoint)
     # (or srun --ntasks-per-node=8 python -m cxrlib.train ... with MASTER_ADDR/MASTER_PORT exported:
     #  SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are read when torchrun's variables are absent)
 
@@ -52,8 +53,13 @@ The recipe (paper section 2.2, Table 1):
   image, so they do not depend on the number of processes, the batch size or a resume.
 * Mixed precision (``--amp auto``): bf16 autocast on GPUs that support it, fp16 with a
   GradScaler on the others, off on the CPU; channels_last on GPUs.
-* BatchNorm: each process normalises with its own micro-batch's statistics (as torchvision's
-  references and the paper's DDP setup); ``--sync-bn`` uses SyncBatchNorm on GPUs.
+* BatchNorm: each process normalises with its own micro-batch's statistics (torchvision's
+  references and plain DDP do the same); ``--sync-bn`` uses SyncBatchNorm on GPUs. The sampler
+  (:class:`StepBlockSampler`, a DistributedSampler with ``set_epoch``) deals each optimizer
+  step's images to the processes in contiguous blocks, so N processes and one process with N
+  times the accumulation steps (same per-process batch) normalise the same groups of images and
+  train identically to float precision. Only BatchNorm's running statistics, which the
+  validation loss and the predictions use, differ: under DDP they are rank 0's.
 
 Files in ``--out``: ``history.csv`` (epoch, train_loss, val_loss, lr, seconds, img_per_s; lr is
 the rate the epoch trained with, img_per_s the training images per second of the training
@@ -611,14 +617,10 @@ def train_one_epoch(
                 scaler.scale(batch_loss * scale.to(batch_loss.dtype)).backward()
             loss_sum += batch_loss.detach().double()
             nonfinite[j] = (~torch.isfinite(batch_loss.detach())).double()
-        images_count = float(sum(len(batch[0]) for _, batch in group))
+        images_count = torch.tensor([sum(len(batch[0]) for _, batch in group)], device=device)
+        # one all-reduce per step: loss sum, image count, and which micro-batches were not finite
         step = cxrdist.all_reduce_sum(
-            torch.cat(
-                [
-                    torch.stack([loss_sum, torch.tensor(images_count, device=device, dtype=torch.float64)]),
-                    nonfinite,
-                ]
-            )
+            torch.cat([loss_sum.reshape(1), images_count.double(), nonfinite])
         ).cpu()
         bad = torch.nonzero(step[2:]).flatten()
         if len(bad):
@@ -824,7 +826,7 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
     max_batch = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient)
     plan = plan_batches(effective, info.world_size, args.batch_size, max_per_gpu=max_batch)
     fingerprint = run_fingerprint(args, effective)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
     workers = args.workers if args.workers is not None else default_workers(device, local_world)
     rt = Runtime(
         info, amp_dtype(device, args.amp), device.type == "cuda", plan, args.skip_nonfinite_steps, True
@@ -1020,11 +1022,16 @@ def resume(out, model, optimizer, scheduler, scaler, stopper, fingerprint, info)
             warnings.simplefilter("ignore")
             found = load_latest_checkpoint(out, map_location="cpu", max_epoch=epoch)
     state, path = found
+    if state["epoch"] != epoch:
+        raise CheckpointError(
+            f"rank {info.rank} read {path} (epoch {state['epoch']}), rank 0 chose epoch {epoch}"
+        )
     check_fingerprint(state.get("fingerprint", {}), fingerprint, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
+        scaler.load_state_dict(state["scaler"])
     stopper.load_state_dict(state["early_stopping"])
     restore_rng_state(state["rng"])
     cxrdist.barrier()

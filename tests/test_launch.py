@@ -23,6 +23,7 @@ SETTINGS = {
     "lr": 1e-3,
     "max_train_images": 16,
     "deterministic": True,
+    "workers": 1,  # a persistent DataLoader worker per process, as on GPUs
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun gives each of several processes
 

@@ -190,6 +190,18 @@ def test_gpu_only_options_are_refused_on_the_cpu(tiny, tmp_path, capsys):
     assert "--sync-bn needs CUDA" in capsys.readouterr().err
 
 
+def test_ranks_come_from_torchrun_or_slurm_and_a_lone_process_needs_no_group(monkeypatch):
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert dist.env_ranks(slurm) == (3, 8, 1)
+    assert dist.env_ranks({**slurm, "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}) == (5, 16, 5)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *slurm):
+        monkeypatch.delenv(name, raising=False)
+    info = dist.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.backend, info.is_main) == (0, 1, None, True)
+    assert not dist.is_dist() and dist.is_main_process() and dist.get_world_size() == 1
+    assert torch.equal(dist.all_reduce_sum(torch.ones(2)), torch.ones(2))
+
+
 def test_more_processes_than_gpus_is_refused(monkeypatch):
     (
         monkeypatch.setenv("RANK", "1"),
@@ -380,3 +392,31 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_and_ends_identical(tin
     assert "checkpoint_epoch002.pt" in resumed.stderr and "truncated" in resumed.stderr
     assert "resumed from checkpoint_epoch001.pt" in resumed.stdout
     assert_same_run(out, reference_run)
+
+
+@pytest.mark.slow
+def test_trained_model_scores_any_resolution_and_matches_the_trainer(tiny, reference_run, tmp_path):
+    from cxrlib import predict
+
+    same = tmp_path / "same.csv"
+    common = ["--model", str(reference_run), "--index", str(tiny.index), "--cache", str(tiny.cache)]
+    common += ["--folds", str(tiny.folds), "--fold", "0", "--role", "test", "--device", "cpu"]
+    assert predict.main([*common, "--resolution", "32", "--out", str(same)]) == 0
+    ours = pd.read_csv(same, dtype={"dicom_id": str})
+    trainer = pd.read_csv(reference_run / "test_predictions.csv", dtype={"dicom_id": str})
+    assert ours["dicom_id"].tolist() == trainer["dicom_id"].tolist()
+    assert ours[list(FINDINGS)].to_numpy() == pytest.approx(trainer[list(FINDINGS)].to_numpy(), abs=1e-5)
+    other = tmp_path / "at64.csv"  # trained at 32 px, tested at 64 px: the train x test matrix
+    assert predict.main([*common, "--resolution", "64", "--out", str(other)]) == 0
+    at64 = pd.read_csv(other, dtype={"dicom_id": str})
+    assert at64["dicom_id"].tolist() == trainer["dicom_id"].tolist()
+    assert not at64[list(FINDINGS)].equals(ours[list(FINDINGS)])
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains_on_the_cpu(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(argv(tiny, out, "--amp", "bf16", epochs=1)) == 0
+    assert json.loads((out / "done.json").read_text())["complete"]
+    assert history(out)[["train_loss", "val_loss"]].map(math.isfinite).all().all()
+    assert pd.read_csv(out / "test_predictions.csv")[list(FINDINGS)].notna().all().all()
