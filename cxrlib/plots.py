@@ -531,3 +531,20 @@ def phantom_examples(
         axes[row, 0].set_ylabel(finding, fontweight="bold", fontsize="small")
     fig.suptitle("Phantom findings across resolutions")
     return fig
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+
+def resolution_strip(images: Mapping[int, np.ndarray], title: str | None = None) -> Figure:
+    """The same image at each resolution, side by side at the same display size (pixels visible)."""
+    resolutions = sorted(images)
+    fig = _figure(2.6 * len(resolutions), 3.0)
+    axes = fig.subplots(1, len(resolutions), squeeze=False)[0]
+    for ax, resolution in zip(axes, resolutions, strict=True):
+        ax.imshow(images[resolution], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(resolution_label(resolution))
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return fig

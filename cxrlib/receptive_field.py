@@ -597,3 +597,33 @@ def resize_images(images: torch.Tensor | np.ndarray, sizes: Sequence[int]) -> di
         resized = F.interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True)
         out[int(size)] = resized.round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def conv_stack(depth: int, channels: int = 4, seed: int = 0) -> nn.Sequential:
+    """``depth`` 3x3 convolutions (stride 1, padding 1) with ReLUs, seeded: the textbook ERF example.
+
+    Its theoretical receptive field is ``2 * depth + 1`` px; its ERF grows only about as
+    ``sqrt(depth)`` (Luo et al. 2016).
+    """
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(depth):
+            layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])  # the last feature map is taken before its ReLU
+
+
+def erf_of_conv_stack(
+    depths: Sequence[int], size: int = 65, channels: int = 4, n_images: int = 8, seed: int = 0
+) -> dict[int, np.ndarray]:
+    """Exact eq. 1 ERF maps (``size`` x ``size``) of :func:`conv_stack` at each depth, on random images."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n_images, 1, size, size, generator=generator)
+    maps = {}
+    for depth in depths:
+        model = conv_stack(int(depth), channels, seed)
+        result = effective_receptive_field(
+            model, images, exact=True, max_shift=0.0, generator=torch.Generator().manual_seed(seed)
+        )
+        maps[int(depth)] = result.erf
+    return maps
