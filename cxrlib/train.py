@@ -511,10 +511,6 @@ def fault_point(point: str, **where: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def sync_buffers(model: nn.Module) -> None:
     """Give every process rank 0's BatchNorm running statistics (DDP's own rule) before evaluating."""
     for buffer in model.buffers():
