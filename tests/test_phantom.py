@@ -145,9 +145,10 @@ def test_fine_findings_change_the_image_only_where_drawn_and_vanish_at_low_resol
     with_image, truth = phantom.render_frontal(with_plan, width, height)
     without_image, _ = phantom.render_frontal(without_plan, width, height)
     diff = with_image.astype(float) - without_image.astype(float)
-    # Same noise, same anatomy: the difference is the finding (minus its decoy) and small in area.
+    # Same noise, same anatomy: the difference is the finding (minus its decoy) and small in area
+    # (at most two wires or rib breaks with their soft decoys' +-2 sigma bands: a few % of the image).
     assert np.abs(diff).max() > 20
-    assert (np.abs(diff) > 8).mean() < 0.02
+    assert (np.abs(diff) > 8).mean() < 0.04
     # Where documented: the difference lies near the truth coordinates.
     key = {
         "Lung Lesion": "nodules",
