@@ -27,7 +27,8 @@ settings and source path, the source's size in bytes and mtime are unchanged, an
 cached file exists with the recorded size in bytes. Files are written to a temporary name
 and renamed, and the manifest is rewritten atomically every ``MANIFEST_SAVE_SECONDS`` and
 at the end (also after an interrupt), so an interrupted build resumes where it stopped and
-a half-written file is never taken as done.
+a half-written file is never taken as done. A write that fails (a full disk) stops the build
+with an error naming the file; the files and manifest written before it stay valid.
 
 Bad sources (truncated or empty files, files that are not images) do not stop the build:
 every other image is cached, the bad ones are listed in ``errors.csv`` (dicom_id,
@@ -596,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk or a failing write: nothing finished before is lost
+        print(
+            f"error: {error}; the images cached before are kept: fix this (e.g. free disk space) "
+            "and run the same command again to continue",
+            file=sys.stderr,
+        )
         return 1
     print(report.summary())
     if report.dropped:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fileio import named_os_error
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
 BEST_MODEL_NAME = "best_model.pt"
 
@@ -84,10 +86,13 @@ def _write_bytes_atomic(data: bytes, path: Path, before_rename: Callable[[Path],
         if before_rename is not None:
             before_rename(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        named = named_os_error(error, path)  # a full disk: say which file could not be written
+        if named is error:
+            raise
+        raise named from error
     _fsync_dir(path.parent)
 
 

@@ -108,9 +108,11 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
         bad = (values.isna() & index[finding].notna()) | (values.notna() & ~values.isin([0.0, 1.0]))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
+            value = index[finding].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value  # 2.0, not np.float64(2.0)
             raise ValueError(
-                f"{source}: column {finding!r}, CSV line {row + 2}: value "
-                f"{index[finding].iloc[row]!r} is not 1, 0 or blank (unknown)"
+                f"{source}: column {finding!r}, CSV line {row + 2}: value {value!r} is not 1, 0 "
+                "or blank (unknown)"
             )
         index[finding] = values.astype(float)
     index["view"] = index["view"].fillna("").astype(str)
@@ -333,6 +335,30 @@ def _require_mimic_file(root: Path, name: str) -> Path:
             f"folder that holds the CSVs and files/"
         )
     return path
+
+
+def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
+    """Raise ``FileNotFoundError`` naming the first file that a ``mimic``, ``chexpert`` or ``csv`` data
+    root lacks (``csv``: the label file, relative to ``root`` unless absolute).
+
+    A cheap check before any work; the index builders check every row again later.
+    """
+    root = Path(os.path.abspath(root))
+    if source not in ("mimic", "chexpert", "csv"):
+        raise ValueError(f"unknown data source {source!r}; choose mimic, chexpert or csv")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root not found: {root} (data source {source})")
+    if source == "mimic":
+        for name in (MIMIC_METADATA, MIMIC_LABELS):
+            _require_mimic_file(root, name)
+        return
+    if csv is None:
+        if source == "csv":
+            raise ValueError("a csv data source needs the name of its label file (data.csv, --csv)")
+        csv = "train.csv"
+    path = Path(csv) if Path(csv).is_absolute() else root / csv
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: label file {path.name} not found at {path} (data source {source})")
 
 
 def index_from_mimic(

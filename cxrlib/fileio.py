@@ -23,7 +23,8 @@ import pandas as pd
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an OS
+    error that names no file (``ENOSPC`` from a full disk) is re-raised naming ``path``.
     ``fsync=False`` keeps the rename's atomicity but not durability across a power cut
     (for many small files whose size a manifest records, like the image cache).
     """
@@ -37,10 +38,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) 
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        named = named_os_error(error, path)
+        if named is error:
+            raise
+        raise named from error
+
+
+def named_os_error(error: BaseException, path: str | os.PathLike) -> BaseException:
+    """``error``, or for an OS error that names no file (a full disk fails ``write``), the same
+    error naming ``path``, so the message says which file could not be written."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    return error
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike, **to_csv_kwargs) -> Path:

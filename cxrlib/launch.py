@@ -85,6 +85,18 @@ def resolve_nproc(gpus: str | int) -> int:
     return nproc
 
 
+def check_gpus(gpus: str | int) -> int:
+    """Processes per node for a study that asks for ``gpus``: :func:`resolve_nproc`, but more than one
+    process on a machine without a CUDA GPU is refused too (``ValueError``), since a number of GPUs
+    there is a mistake, not a request for CPU processes (:func:`launch` itself still allows those)."""
+    nproc = resolve_nproc(gpus)
+    if nproc > 1 and not torch.cuda.is_available():
+        raise ValueError(
+            f"gpus={gpus}: no CUDA GPU is visible on this machine; use 1 (or 'all') to train on the CPU"
+        )
+    return nproc
+
+
 def build_command(
     resolution: int,
     fold: int,

@@ -8,7 +8,7 @@ Definitions used throughout
 ---------------------------
 * **AUC** of a finding on one fold: scikit-learn's ``roc_auc_score`` on the fold's test
   images whose label is known. It is NaN, with a ``reason``, when the finding has no
-  known label or only one class among the known labels.
+  known label or only one class among the known labels; :func:`auc_table` then warns.
 * **Table 3** (the paper's layout): per finding and per resolution (or ensemble) the mean
   and the sample standard deviation (``ddof=1``) of the per-fold AUCs, plus the same in
   percent formatted ``"80.8 ± 0.6"``. Folds whose AUC is NaN are left out of that cell.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -198,7 +199,29 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
         for finding in FINDINGS:
             auc, n_pos, n_neg, reason = finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())
             rows.append((finding, resolution, fold, auc, n_pos, n_neg, reason))
-    return pd.DataFrame(rows, columns=list(AUC_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(AUC_COLUMNS))
+    warn_undefined_aucs(table)
+    return table
+
+
+def warn_undefined_aucs(auc_long: pd.DataFrame) -> None:
+    """Warn, with counts per reason and an example of each, when AUCs of a long table are NaN."""
+    undefined = auc_long[auc_long["reason"] != ""]
+    if undefined.empty:
+        return
+    parts = []
+    for reason, rows in undefined.groupby("reason", sort=True):
+        first = rows.iloc[0]
+        parts.append(
+            f"{reason}: {len(rows)} (e.g. {first['finding']}, resolution {first['resolution']}, "
+            f"fold {first['fold']})"
+        )
+    warnings.warn(
+        f"AUC is NaN for {len(undefined)} of {len(auc_long)} (finding, resolution, fold) cells, where the "
+        f"test images do not have both classes; {'; '.join(parts)}. They are left out of fold means and "
+        "Table 3 (see the 'reason' column of the AUC table)",
+        stacklevel=3,
+    )
 
 
 def column_order(resolutions: Iterable[int | str]) -> list[int | str]:

@@ -238,6 +238,17 @@ def _elapsed(seconds: float) -> str:
 # ----------------------------------------------------------------------------- running
 
 
+def check_before_work(preset: Preset) -> None:
+    """Refuse, before anything is written, what a later step would fail on: more GPUs than this
+    machine has, or a data root without its label files (checked until ``index.csv`` exists)."""
+    from .datasets import check_data_root
+    from .launch import check_gpus
+
+    check_gpus(preset.train.gpus)
+    if preset.data.source != "phantom" and not preset.index_path.is_file():
+        check_data_root(preset.data.source, preset.data_path, preset.data.csv)
+
+
 def planned_steps(preset: Preset) -> list[tuple[Step, int | None]]:
     """Every (step, resolution) the preset runs, in order."""
     planned: list[tuple[Step, int | None]] = []
@@ -339,6 +350,7 @@ def run_pipeline(
     else:
         force_from = 0 if force else None
 
+    check_before_work(preset)
     with run_lock(preset):
         provenance_path = preset.run_path / "provenance.json"
         provenance: dict[str, Any] = {
