@@ -12,37 +12,37 @@ Usage::
     python -m cxrlib.phantom --out data/phantom --subjects 200 --seed 0 --max-size 512
     python -m cxrlib.phantom --out data/phantom --subjects 1500 --max-size 384 --prevalence balanced
 
-Every finding has a spatial scale (mm; px in a 256 px square made from a 2500x3056
-image, about 1.4 x 1.7 mm per px):
+Every finding has a spatial scale (mm; at the demo's top resolution, a 128 px square made from a
+2500x3056 image, a pixel is about 2.7 x 3.3 mm):
 
 ========================== ========== ====================================================================
 finding                    scale      what is rendered (and what it must be told apart from)
 ========================== ========== ====================================================================
-Cardiomegaly               global     cardiothoracic ratio (CTR) > 0.5; CTR drawn close to 0.5; the heart has
-                                      soft-tissue density like every other soft tissue; only its width
-                                      relative to the thorax (~250-330 mm, ~200 px) decides
-Enlarged Cardiomediastinum global     upper mediastinal width / thoracic width > 0.30, drawn close to 0.30
-Edema                      coarse     bilateral perihilar haze (sigma ~0.2 thorax widths) in both lungs at
-                                      once; every lung also has one-sided smooth bumps of the same size
-Pleural Effusion           medium     fluid filling a costophrenic angle 15-45 mm high, concave meniscus
+Cardiomegaly               global     cardiothoracic ratio (CTR) > 0.5, drawn within 0.08 of 0.5; the heart
+                                      has the density of every other soft tissue; only its width relative
+                                      to the thorax (235-325 mm, patient size varies) decides
+Enlarged Cardiomediastinum global     upper mediastinal width / thoracic width > 0.30, drawn within 0.05
+Edema                      coarse     bilateral perihilar haze (sigma 0.2 thorax widths, ~58 mm) in both
+                                      lungs at once; every lung also has one-sided smooth bumps as large
+Pleural Effusion           medium     fluid level hiding a diaphragm dome, meniscus rising 10-40 mm
 Consolidation              medium     dense homogeneous patch 35-60 mm with dark air bronchograms
-Pneumonia                  medium     cluster of 3-6 soft blobs (each 8-15 mm) over 30-60 mm
+Pneumonia                  medium     cluster of 3-6 soft blobs (sigma 4-7.5 mm) over 30-60 mm
 Atelectasis                medium     plate-like band 50-90 mm long, 4-7 mm thick, in a lower zone
-Lung Opacity               medium     faint ill-defined patch 40-80 mm
+Lung Opacity               medium     faint ill-defined patch, sigma 10-20 mm
 Pleural Other              fine       pleural thickening 2.5-4 mm thick, 50-90 mm long along the chest wall
-Lung Lesion                fine       sharp-edged nodule, radius 2.5-4 mm; every image has 2-5 decoy blobs
-                                      of the same integrated density but soft (sigma 4-5 mm)
-Pneumothorax               fine       thin visceral pleural line 1-1.5 mm with no lung texture (mean kept)
-                                      beyond it, 8-25 mm from the wall; decoy: soft skin-fold lines
-                                      (sigma ~4 mm) of the same integrated density
-Fracture                   fine       cortical break 1.5-2.5 mm across a rib with a 1-2 mm step; decoy: soft
-                                      density dips along ribs (sigma ~5 mm) removing the same density
-Support Devices            fine       thin bright wires 1-1.5 mm; decoy: soft lines (sigma ~4 mm), same
-                                      integrated density
+Lung Lesion                fine       2 sharp-edged nodules, radius 3.2-5.2 mm; decoys: 3-6 soft blobs per
+                                      image (sigma 5.2-6.5 mm) of the same integrated density
+Pneumothorax               fine       thin visceral pleural line 1.6 mm, no lung texture (mean kept) between
+                                      it and the wall (10-32 mm); decoys: 1-2 soft skin-fold lines per
+                                      image (sigma 5.2 mm) of the same integrated density and course
+Fracture                   fine       2 cortical breaks 5.2-7.8 mm across ribs with a local 3-5 mm step;
+                                      decoys: 3-5 soft dips along ribs (sigma 10.4 mm), same density removed
+Support Devices            fine       2 thin bright wires 1.6 mm; decoys: 3-5 soft lines per image (sigma
+                                      5.2 mm) of the same integrated density
 No Finding                 -          no other finding (Support Devices aside) positive or uncertain
 ========================== ========== ====================================================================
 
-Fine findings *replace* one of their decoys, so the number of bumps or lines in an
+Fine findings *replace* some of their decoys, so the number of bumps or lines in an
 image does not depend on the label: once a finding is smaller than a pixel it looks
 exactly like its decoy, which is what "invisible when downscaled" means here.
 
