@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PRESET ?= demo
+# Waiting OpenMP threads sleep rather than spin: much faster on a small or shared CPU.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 
 .PHONY: demo test lab smoke lint clean-runs
 

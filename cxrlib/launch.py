@@ -209,7 +209,9 @@ def launch(
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train.log"
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # OMP_WAIT_POLICY=PASSIVE: waiting OpenMP threads sleep instead of spinning, so CPU processes
+    # sharing cores (several ranks, or other jobs) do not slow each other down many times over.
+    child_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "a", encoding="utf-8") as log_handle:
         log_handle.write(
             f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n"

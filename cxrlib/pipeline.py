@@ -282,6 +282,9 @@ def execute_step(
     import nbformat
     import papermill
 
+    # Threads that sleep while waiting keep a loaded or small CPU usable (spinning OpenMP threads
+    # made small-image training 10-20x slower when other processes competed for the cores).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env_path = str(Path(sys.executable).parent)
     if env_path not in os.environ.get("PATH", "").split(os.pathsep):
         # Subprocesses started by notebooks (torchrun) must find this environment first.
@@ -463,29 +466,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --gpus must be 'all' or a positive number, got {gpus!r}", file=sys.stderr)
             return 2
         gpus = int(gpus)
+    selection = {
+        "data_root": args.data_root,
+        "resolutions": args.resolutions,
+        "folds": args.folds,
+        "gpus": gpus,
+        "run_dir": args.run_dir,
+        "figures_dir": args.figures_dir,
+    }
     try:
         if args.list:
-            list_steps(
-                args.preset,
-                data_root=args.data_root,
-                resolutions=args.resolutions,
-                folds=args.folds,
-                gpus=gpus,
-                run_dir=args.run_dir,
-                figures_dir=args.figures_dir,
-            )
+            list_steps(args.preset, **selection)
             return 0
-        run_pipeline(
-            args.preset,
-            data_root=args.data_root,
-            resolutions=args.resolutions,
-            folds=args.folds,
-            gpus=gpus,
-            run_dir=args.run_dir,
-            figures_dir=args.figures_dir,
-            force=args.force,
-            start_from=args.start_from,
-        )
+        run_pipeline(args.preset, force=args.force, start_from=args.start_from, **selection)
     except (PipelineError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -600,17 +600,15 @@ def resize_images(images: torch.Tensor | np.ndarray, sizes: Sequence[int]) -> di
 
 
 def conv_stack(depth: int, channels: int = 4, seed: int = 0) -> nn.Sequential:
-    """``depth`` 3x3 convolutions (stride 1, padding 1) with ReLUs, seeded: the textbook ERF example.
+    """``depth`` linear 3x3 convolutions (stride 1, padding 1), seeded: the textbook ERF example.
 
     Its theoretical receptive field is ``2 * depth + 1`` px; its ERF grows only about as
-    ``sqrt(depth)`` (Luo et al. 2016).
+    ``sqrt(depth)`` (Luo et al. 2016). Linear, so no unit is dead and every map has mass.
     """
-    layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i in range(depth):
-            layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])  # the last feature map is taken before its ReLU
+        layers = [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1) for i in range(depth)]
+    return nn.Sequential(*layers)
 
 
 def erf_of_conv_stack(

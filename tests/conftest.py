@@ -8,6 +8,12 @@ and the tables it was written from, so tests can compare against them.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: waiting threads sleep instead of spinning, which keeps tests that
+# start several processes (DDP ranks, notebook kernels) fast on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,0 +1,119 @@
+"""The whole `smoke` preset through papermill, and the house rules of the committed notebooks."""
+
+import json
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+from PIL import Image
+
+from cxrlib import paths
+from cxrlib.datasets import read_index
+from cxrlib.labels import FINDINGS
+from cxrlib.pipeline import STEPS, planned_steps, run_pipeline
+from cxrlib.presets import resolve
+from cxrlib.splits import fold_ids, read_folds
+
+NOTEBOOKS = sorted(paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+CONTRACT_FIGURES = [
+    "fig1_erf.png",
+    "fig3_image_sizes.png",
+    "fig4_gradcam.png",
+    "fig5_ensemble_weights.png",
+    "auc_vs_resolution.png",
+]
+
+
+def test_every_step_has_its_notebook_and_every_notebook_is_a_step():
+    assert [p.stem for p in NOTEBOOKS] == [step.notebook for step in STEPS]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebooks_have_no_outputs_and_a_papermill_parameters_cell(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{notebook.name} has outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and nb.cells.index(tagged[0]) <= 1, "one parameters cell, at the top"
+    parameters = papermill.inspect_notebook(str(notebook))
+    assert {"preset", "run_dir", "figures_dir", "data_root", "resolutions", "folds", "gpus"} <= set(
+        parameters
+    )
+    assert parameters["preset"]["default"] == '"demo"'
+    compile(tagged[0].source, notebook.name, "exec")  # the defaults are valid Python
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    preset = run_pipeline(
+        "smoke",
+        run_dir=str(root / "run"),
+        figures_dir=str(root / "figures"),
+        data_root=str(root / "phantom"),
+        progress_bar=False,
+    )
+    return preset
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_writes_every_contract_file(smoke_run):
+    preset = smoke_run
+    run, tables = preset.run_path, preset.tables_path
+    index = read_index(run / "index.csv")
+    folds = read_folds(run / "folds.csv", index)
+    for resolution in preset.resolutions:
+        for fold in preset.trained_folds():
+            fold_dir = paths.fold_dir(run, resolution, fold)
+            history = pd.read_csv(fold_dir / "history.csv")
+            assert list(history.columns) == ["epoch", "train_loss", "val_loss", "lr", "seconds", "img_per_s"]
+            assert len(history) >= 1 and history["val_loss"].notna().all()
+            for role in ("val", "test"):
+                predictions = pd.read_csv(fold_dir / f"{role}_predictions.csv", dtype={"dicom_id": str})
+                assert list(predictions.columns) == ["dicom_id", *FINDINGS]
+                assert set(predictions["dicom_id"]) == set(fold_ids(folds, fold, role))
+    auc = pd.read_csv(tables / "auc.csv")
+    assert {"finding", "resolution", "fold", "auc"} <= set(auc.columns)
+    assert {str(r) for r in preset.resolutions} | {"ensemble", "average"} <= set(
+        auc["resolution"].astype(str)
+    )
+    table3 = pd.read_csv(tables / "table3.csv")
+    assert table3["finding"].tolist() == [*FINDINGS, "Average"]
+    weights = pd.read_csv(tables / "ensemble_weights.csv")
+    assert {"finding", "resolution", "weight", "std"} <= set(weights.columns)
+    sums = weights.groupby("finding")["weight"].sum()
+    assert ((sums - 1).abs() < 1e-6).all()
+    erf = pd.read_csv(tables / "erf.csv")
+    assert {"resolution", "erf_radius_px", "erf_fraction_of_image"} <= set(erf.columns)
+    assert set(erf["state"]) == {"init", "trained"}
+    table2 = pd.read_csv(tables / "table2_throughput.csv")
+    assert {"resolution", "device", "batch", "train_img_s", "infer_img_s", "peak_mem_gib"} <= set(
+        table2.columns
+    )
+    assert (table2["train_img_s"] > 0).all()
+    for name in CONTRACT_FIGURES:
+        with Image.open(preset.figures_path / name) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    for step, resolution in planned_steps(preset):
+        executed = nbformat.read(run / f"{step.name(resolution)}.ipynb", as_version=4)
+        provenance = executed.metadata["cxr_provenance"]
+        assert provenance["step"] == step.name(resolution)
+        assert provenance["data_hashes"]["index.csv"]
+    recorded = json.loads((run / "provenance.json").read_text())
+    assert recorded["git"].keys() == {"commit", "dirty"} and "torch" in recorded["packages"]
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_every_complete_step(smoke_run, capsys):
+    preset = smoke_run
+    run_pipeline(
+        "smoke",
+        run_dir=str(preset.run_path),
+        figures_dir=str(preset.figures_path),
+        data_root=str(preset.data.root),
+        progress_bar=False,
+    )
+    out = capsys.readouterr().out
+    assert out.count("skipped (complete)") == len(planned_steps(resolve("smoke")))
