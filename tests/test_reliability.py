@@ -1,10 +1,10 @@
 """Nothing lost, nothing silent: the fault and bad-input cases the module tests leave open.
 
-A full disk while writing the cache, a checkpoint, the index, the folds or a table; a
-damaged index and unreadable images met while indexing; a finding with one class in a test
-fold; wrong parameters given to ``python -m cxrlib.pipeline``; a planted leaked subject met by
-every reader of ``folds.csv``; two pipelines on one run folder (two processes); an infinite
-loss. docs/reliability.md lists every scenario with the test that shows it.
+A checkpoint with one flipped weight bit; a full disk while writing the cache, a checkpoint,
+the index, the folds or a table; a damaged index and unreadable images met while indexing; a
+finding with one class in a test fold; wrong parameters given to ``python -m cxrlib.pipeline``;
+an infinite loss; a planted leaked subject met by every reader of ``folds.csv``; two pipelines
+on one run folder (two processes). docs/reliability.md lists every scenario with its test.
 """
 
 import errno
@@ -12,14 +12,17 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
 from torch import nn
 
@@ -89,11 +92,39 @@ def no_temporaries(folder) -> bool:
     return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
-# ------------------------------------------------------------------------ 3. disk full: checkpoints
+# --------------------------------------------------------------- 1. a damaged checkpoint, same size
 
 
 def checkpoint_state(epoch):
     return {"epoch": epoch, "model": {"w": torch.full((64,), float(epoch))}, "history": [{"epoch": epoch}]}
+
+
+def flip_a_weight_bit(path):
+    """Flip one bit inside the first tensor's bytes of a torch.save zip file (size unchanged)."""
+    data = bytearray(path.read_bytes())
+    record = next(
+        i for i in zipfile.ZipFile(io.BytesIO(bytes(data))).infolist() if i.filename.endswith("/data/0")
+    )
+    # the record's local header holds its name and extra-field lengths at bytes 26-29; data follows
+    name_length, extra_length = struct.unpack(
+        "<HH", data[record.header_offset + 26 : record.header_offset + 30]
+    )
+    data[record.header_offset + 30 + name_length + extra_length + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_weights_is_caught_by_the_checksum_and_the_previous_checkpoint_used(tmp_path):
+    save_checkpoint(checkpoint_state(1), tmp_path, 1)
+    newest = save_checkpoint(checkpoint_state(2), tmp_path, 2)
+    flip_a_weight_bit(newest)
+    silently_wrong = torch.load(newest, weights_only=True)["model"]["w"]  # torch.load alone accepts it ...
+    assert not torch.equal(silently_wrong, torch.full((64,), 2.0))  # ... with a changed weight
+    with pytest.warns(UserWarning, match="checkpoint_epoch002.pt: SHA-256 differs"):
+        state, path = load_latest_checkpoint(tmp_path)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(64))
+
+
+# ------------------------------------------------------------------------ 3. disk full: checkpoints
 
 
 @pytest.mark.parametrize("fails_in", ["checkpoint", "sidecar"])
@@ -179,8 +210,10 @@ def test_disk_full_cache_command_fails_in_one_line_and_says_how_to_continue(
 # --------------------------------------------------------------- 3. disk full: index, folds, tables
 
 
-def write_and_read(kind):
+def write_and_read(kind, image_index):
     """(write(value, path), read(path), first value, second value) for each file a later step reads."""
+    if kind == "index":
+        return write_index, read_index, image_index, image_index.iloc[:5]
     index = pd.DataFrame(
         {"dicom_id": [f"d{i}" for i in range(12)], "subject_id": [f"s{i}" for i in range(12)]}
     )
@@ -198,15 +231,7 @@ def write_and_read(kind):
 def test_disk_full_while_writing_index_folds_or_a_table_keeps_the_previous_file(
     mimic_index, tmp_path, monkeypatch, kind
 ):
-    if kind == "index":
-        write, read, first, second = (
-            lambda frame, path: write_index(frame, path),
-            read_index,
-            mimic_index,
-            mimic_index.iloc[:5],
-        )
-    else:
-        write, read, first, second = write_and_read(kind)
+    write, read, first, second = write_and_read(kind, mimic_index)
     path = tmp_path / ("provenance.json" if kind == "provenance" else f"{kind}.csv")
     write(first, path)
     before = path.read_bytes()
@@ -223,8 +248,6 @@ def test_disk_full_while_writing_index_folds_or_a_table_keeps_the_previous_file(
 
 @pytest.mark.parametrize("bad", ["zero-byte", "not-an-image"])
 def test_an_unreadable_image_listed_in_a_csv_is_named_with_line_and_path(tmp_path, bad):
-    from PIL import Image
-
     Image.new("L", (40, 48), 90).save(tmp_path / "good.jpg")
     (tmp_path / "bad.jpg").write_bytes(b"" if bad == "zero-byte" else b"<html>not found</html>")
     table = pd.DataFrame(
@@ -243,6 +266,7 @@ def test_an_unreadable_image_listed_in_a_csv_is_named_with_line_and_path(tmp_pat
         ("duplicate_id", r"index.csv: duplicate dicom_id '.+' \(CSV lines \[2, 20\]\)"),
         ("label_2", r"index.csv: column 'Fracture', CSV line 5: value 2\.0 is not 1, 0 or blank"),
     ],
+    ids=["drop_column", "duplicate_id", "label_2"],
 )
 def test_a_damaged_index_csv_is_refused_naming_file_column_and_line(mimic_index, tmp_path, damage, message):
     frame = mimic_index.copy()
@@ -320,23 +344,44 @@ MORE_GPUS = str(max(4, torch.cuda.device_count() + 1))
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--preset", "nope"], r"unknown preset 'nope'"),
-        (["--preset", "smoke", "--resolutions", "48"], r"resolution 48 must be a multiple of 32"),
-        (
+        pytest.param(["--preset", "nope"], r"unknown preset 'nope'", id="unknown-preset"),
+        pytest.param(
+            ["--preset", "smoke", "--resolutions", "48"],
+            r"resolution 48 must be a multiple of 32",
+            id="resolution-48",
+        ),
+        pytest.param(
             ["--preset", "smoke", "--resolutions", "16"],
             r"resolution 16 must be a multiple of 32 and at least 32",
+            id="resolution-16",
         ),
-        (["--preset", "smoke", "--folds", "7"], r"fold 7 does not exist with folds.k = 3"),
-        (
+        pytest.param(
+            ["--preset", "smoke", "--folds", "7"], r"fold 7 does not exist with folds.k = 3", id="fold-7-of-3"
+        ),
+        pytest.param(
             ["--preset", "smoke", "--gpus", MORE_GPUS],
             rf"gpus={MORE_GPUS}: (only \d+ GPU|no CUDA GPU is visible)",
+            id="more-gpus-than-present",
         ),
-        (["--preset", "mimic"], r"data source 'mimic' needs a data root"),
-        (["--preset", "mimic", "--data-root", "EMPTY"], r"neither mimic-cxr-2.0.0-metadata.csv.gz nor"),
-        (["--preset", "mimic", "--data-root", "ABSENT"], r"data root not found: .*ABSENT"),
-        (["--preset", "kermany", "--data-root", "EMPTY"], r"label file labels.csv not found"),
+        pytest.param(
+            ["--preset", "mimic"], r"data source 'mimic' needs a data root", id="mimic-no-data-root"
+        ),
+        pytest.param(
+            ["--preset", "mimic", "--data-root", "EMPTY"],
+            r"neither mimic-cxr-2.0.0-metadata.csv.gz nor",
+            id="mimic-data-root-without-csvs",
+        ),
+        pytest.param(
+            ["--preset", "mimic", "--data-root", "ABSENT"],
+            r"data root not found: .*ABSENT",
+            id="mimic-data-root-absent",
+        ),
+        pytest.param(
+            ["--preset", "kermany", "--data-root", "EMPTY"],
+            r"label file labels.csv not found",
+            id="kermany-data-root-without-csv",
+        ),
     ],
-    ids=lambda value: "-".join(value[1:]).replace("--", "") if isinstance(value, list) else None,
 )
 def test_wrong_pipeline_parameters_fail_in_one_line_before_any_work(
     tmp_path, capsys, no_step_runs, argv, message
@@ -349,87 +394,6 @@ def test_wrong_pipeline_parameters_fail_in_one_line_before_any_work(
     assert error.startswith("error: ") and error.count("\n") == 1, error
     assert re.search(message, error), error
     assert not run.exists() and not figures.exists()
-
-
-# ------------------------------------------------------------- 9. leakage re-verified on every load
-
-
-@pytest.fixture
-def leaked(tmp_path):
-    """A tiny dataset whose folds.csv puts one subject's two images in train and val of fold 0."""
-    data = make_tiny_dataset(tmp_path / "data", resolutions=(32,), subjects=8, folds=2)
-    folds = pd.read_csv(data.folds, dtype=str, keep_default_na=False)
-    subject = folds.loc[folds["role_0"] == "train", "subject_id"].iloc[0]
-    folds.loc[folds.index[folds["subject_id"] == subject][1], "role_0"] = "val"
-    folds.to_csv(data.folds, index=False)  # planted by hand, not through write_folds
-    return data, subject
-
-
-def test_a_planted_leaked_subject_is_refused_by_the_trainer_before_training(leaked, tmp_path, capsys):
-    data, subject = leaked
-    out = tmp_path / "run"
-    argv = [
-        "--index", str(data.index), "--folds", str(data.folds), "--cache", str(data.cache),
-        "--resolution", "32", "--fold", "0", "--out", str(out), "--epochs", "1", "--weights", "none",
-    ]  # fmt: skip
-    assert train.main(argv) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and f"subject {subject} is in roles" in error
-    assert not out.exists()  # refused before anything was trained or written
-
-
-def test_a_planted_leaked_subject_is_refused_by_every_other_reader_of_the_folds(leaked, tmp_path, capsys):
-    data, subject = leaked
-    out = tmp_path / "predictions.csv"
-    argv = ["--model", str(tmp_path / "no-model"), "--index", str(data.index), "--cache", str(data.cache)]
-    argv += ["--resolution", "32", "--folds", str(data.folds), "--fold", "0", "--out", str(out)]
-    assert predict.main(argv) == 2
-    assert f"subject {subject} is in roles" in capsys.readouterr().err and not out.exists()
-    with pytest.raises(LeakageError, match=subject):
-        study.load_data(resolve("smoke", run_dir=str(data.root)))  # what every notebook reads
-    with pytest.raises(LeakageError, match=subject):
-        metrics.load_predictions(data.root, [32], [0])  # before any prediction is scored
-
-
-# ----------------------------------------------------------------- 10. two pipelines, two processes
-
-HOLD_LOCK = """
-import sys
-from cxrlib.pipeline import run_lock
-from cxrlib.presets import resolve
-with run_lock(resolve("smoke", run_dir=sys.argv[1])):
-    print("locked", flush=True)
-    sys.stdin.read()  # held until the test closes stdin
-"""
-
-
-def test_a_second_pipeline_process_is_refused_while_the_first_holds_the_run_folder(
-    tmp_path, capsys, no_step_runs
-):
-    run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        lock = run / pipeline.STATE_DIR / "lock"
-        record = lock.read_text()
-        assert record.startswith(f"pid {holder.pid} on ")
-        assert (
-            pipeline.main(["--preset", "smoke", "--run-dir", str(run), "--figures-dir", str(tmp_path / "f")])
-            == 1
-        )
-        error = capsys.readouterr().err
-        assert error.startswith(f"error: another pipeline is running on {run} (pid {holder.pid} on ")
-        assert lock.read_text() == record  # the refused run did not touch the holder's record ...
-        assert sorted(p.name for p in run.iterdir()) == [pipeline.STATE_DIR]  # ... nor wrote anything
-        assert holder.poll() is None  # and the first one runs on
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=120)
-    assert holder.returncode == 0
-    with run_lock(resolve("smoke", run_dir=str(run))):  # free again once the first has finished
-        pass
 
 
 # ------------------------------------------------------------------------------ 7. an infinite loss
@@ -498,3 +462,85 @@ def test_an_infinite_loss_is_named_by_epoch_and_batch_and_never_applied(skip_non
             run_epoch()
     after = model.state_dict()
     assert all(torch.equal(after[k], model.weights_then[k]) for k in after)  # the bad step changed nothing
+
+
+# ------------------------------------------------------------- 9. leakage re-verified on every load
+
+
+@pytest.fixture
+def leaked(tmp_path):
+    """A tiny dataset whose folds.csv puts one subject's two images in train and val of fold 0."""
+    data = make_tiny_dataset(tmp_path / "data", resolutions=(32,), subjects=8, folds=2)
+    folds = pd.read_csv(data.folds, dtype=str, keep_default_na=False)
+    subject = folds.loc[folds["role_0"] == "train", "subject_id"].iloc[0]
+    folds.loc[folds.index[folds["subject_id"] == subject][1], "role_0"] = "val"
+    folds.to_csv(data.folds, index=False)  # planted by hand, not through write_folds
+    return data, subject
+
+
+def test_a_planted_leaked_subject_is_refused_by_the_trainer_before_training(leaked, tmp_path, capsys):
+    data, subject = leaked
+    out = tmp_path / "run"
+    argv = [
+        "--index", str(data.index), "--folds", str(data.folds), "--cache", str(data.cache),
+        "--resolution", "32", "--fold", "0", "--out", str(out), "--epochs", "1", "--weights", "none",
+        "--batch-size", "4", "--effective-batch", "4", "--max-train-images", "4",  # short, if it ran at all
+    ]  # fmt: skip
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and f"subject {subject} is in roles" in error
+    assert not out.exists()  # refused before anything was trained or written
+
+
+def test_a_planted_leaked_subject_is_refused_by_every_other_reader_of_the_folds(leaked, tmp_path, capsys):
+    data, subject = leaked
+    out = tmp_path / "predictions.csv"
+    argv = ["--model", str(tmp_path / "no-model"), "--index", str(data.index), "--cache", str(data.cache)]
+    argv += ["--resolution", "32", "--folds", str(data.folds), "--fold", "0", "--out", str(out)]
+    assert predict.main(argv) == 2
+    assert f"subject {subject} is in roles" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(LeakageError, match=subject):
+        study.load_data(resolve("smoke", run_dir=str(data.root)))  # what every notebook reads
+    with pytest.raises(LeakageError, match=subject):
+        metrics.load_predictions(data.root, [32], [0])  # before any prediction is scored
+
+
+# ----------------------------------------------------------------- 10. two pipelines, two processes
+
+HOLD_LOCK = """
+import sys
+from cxrlib.pipeline import run_lock
+from cxrlib.presets import resolve
+with run_lock(resolve("smoke", run_dir=sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()  # held until the test closes stdin
+"""
+
+
+def test_a_second_pipeline_process_is_refused_while_the_first_holds_the_run_folder(
+    tmp_path, capsys, no_step_runs
+):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        lock = run / pipeline.STATE_DIR / "lock"
+        record = lock.read_text()
+        assert record.startswith(f"pid {holder.pid} on ")
+        assert (
+            pipeline.main(["--preset", "smoke", "--run-dir", str(run), "--figures-dir", str(tmp_path / "f")])
+            == 1
+        )
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: another pipeline is running on {run} (pid {holder.pid} on ")
+        assert lock.read_text() == record  # the refused run did not touch the holder's record ...
+        assert sorted(p.name for p in run.iterdir()) == [pipeline.STATE_DIR]  # ... nor wrote anything
+        assert holder.poll() is None  # and the first one runs on
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+    assert holder.returncode == 0
+    with run_lock(resolve("smoke", run_dir=str(run))):  # free again once the first has finished
+        pass
