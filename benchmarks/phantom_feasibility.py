@@ -10,12 +10,12 @@ AUC's standard error (Hanley & McNeil) and timings. This is a study script with 
 (Adam, masked BCE, flip/rotation augmentation on the batch); the project's trainer
 is :mod:`cxrlib.train`.
 
-Usage (the study in docs/phantom.md)::
+Usage (run 2 of the study in docs/phantom.md; each seed in its own process)::
 
-    python benchmarks/phantom_feasibility.py --out /tmp/feas --subjects 2200 --max-size 320 \\
-        --prevalence balanced --resolutions 32 64 128 256 --steps 250 --seed 0
-    python benchmarks/phantom_feasibility.py --out /tmp/feas --subjects 2200 --max-size 320 \\
-        --prevalence balanced --resolutions 32 64 128 256 --steps 250 --seed 1
+    python benchmarks/phantom_feasibility.py --out /tmp/feas --subjects 2500 --max-size 256 \\
+        --prevalence balanced --resolutions 32 64 96 128 --batch-sizes 16 16 16 16 --steps 450 \\
+        --eval-steps 225 --threads 1 --design '{"fine_instances": 2}' --seed 0
+    (the same with --seed 1)
 
 The phantom and the resized arrays are reused from ``--out`` when present (same settings).
 Results are appended to ``--out/results.csv`` (seed, resolution, finding, auc, se, steps...).
@@ -40,20 +40,20 @@ from cxrlib.labels import FINDINGS, apply_policy, masked_bce_with_logits, target
 from cxrlib.phantom import COARSE_FINDINGS, FINE_FINDINGS, make_phantom
 from cxrlib.transforms import BatchTransform
 
-DEFAULT_BATCH = {32: 32, 64: 32, 96: 16, 128: 16, 160: 8, 192: 8, 224: 8, 256: 8}
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="work folder (phantom, arrays, results.csv)")
-    parser.add_argument("--subjects", type=int, default=2200)
+    parser.add_argument("--subjects", type=int, default=2500)
     parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (data)")
-    parser.add_argument("--max-size", type=int, default=320, help="phantom long side in px")
+    parser.add_argument("--max-size", type=int, default=256, help="phantom long side in px")
     parser.add_argument("--prevalence", default="balanced", choices=["mimic", "balanced"])
     parser.add_argument("--design", default="{}", help="extra make_phantom design options as JSON")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps at every resolution")
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="one per resolution")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 96, 128])
+    parser.add_argument("--steps", type=int, default=450, help="optimizer steps at every resolution")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="*", default=None, help="one per resolution (default 16)"
+    )
     parser.add_argument(
         "--lrs", type=float, nargs="*", default=None, help="one per resolution (default 1e-3)"
     )
@@ -201,7 +201,7 @@ def auc_and_se(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 def main(argv=None) -> pd.DataFrame:
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    batches = args.batch_sizes or [DEFAULT_BATCH.get(r, 8) for r in args.resolutions]
+    batches = args.batch_sizes or [16] * len(args.resolutions)
     lrs = args.lrs or [1e-3] * len(args.resolutions)
     meta, arrays = load_data(args)
     role = split_subjects(meta, args.test_images, args.val_images)

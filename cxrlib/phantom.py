@@ -35,8 +35,8 @@ Lung Lesion                fine       2 sharp-edged nodules, radius 3.2-5.2 mm; 
 Pneumothorax               fine       thin visceral pleural line 1.6 mm, no lung texture (mean kept) between
                                       it and the wall (10-32 mm); decoys: 1-2 soft skin-fold lines per
                                       image (sigma 5.2 mm) of the same integrated density and course
-Fracture                   fine       2 cortical breaks 5.2-7.8 mm across ribs with a local 3-5 mm step;
-                                      decoys: 3-5 soft dips along ribs (sigma 10.4 mm), same density removed
+Fracture                   fine       2 cortical breaks 3.3-5.2 mm across ribs with a local 1.3-2.6 mm step;
+                                      decoys: 3-5 soft dips along ribs (sigma 7.8 mm), same density removed
 Support Devices            fine       2 thin bright wires 1.6 mm; decoys: 3-5 soft lines per image (sigma
                                       5.2 mm) of the same integrated density
 No Finding                 -          no other finding (Support Devices aside) positive or uncertain
@@ -519,7 +519,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             {
                 "x": x,
                 "y": y,
-                "r": g.uniform(3.2, 5.2) * fs,
+                "r": g.uniform(3.25, 5.2) * fs,
                 "a": 0.60 * fc,
                 "sigma": g.uniform(5.2, 6.5) * fs,
                 "kind": "decoy",
@@ -538,8 +538,8 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
                 "side": side_of("Pneumothorax"),
                 "t0": t0,
                 "t1": t0 + g.uniform(0.45, 0.65),
-                "inset": g.uniform(10, 32) * fs,
-                "w": 1.6 * fs,
+                "inset": g.uniform(10.4, 32.5) * fs,
+                "w": 1.56 * fs,
                 "a": 0.60 * fc,
                 "sigma": 5.2 * fs,
                 "kind": "decoy",
@@ -558,9 +558,9 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             {
                 "rib": rib,
                 "u": g.uniform(0.45, 0.85),
-                "gap": g.uniform(5.2, 7.8) * fs,
-                "step": g.uniform(3.2, 5.2) * fs * g.choice([-1, 1]),
-                "sigma": 10.4 * fs,
+                "gap": g.uniform(3.25, 5.2) * fs,
+                "step": g.uniform(1.3, 2.6) * fs * g.choice([-1, 1]),
+                "sigma": 7.8 * fs,
                 "kind": "decoy",
             }
         )
@@ -580,7 +580,7 @@ def _plan_findings(rng, plan, drawn: dict[str, str], design: Design) -> dict:
             angle += g.normal(0, 0.25)
             step = g.uniform(0.06, 0.1) * plan["lung_h"]
             pts.append((pts[-1][0] + step * math.cos(angle), pts[-1][1] + step * math.sin(angle)))
-        wires.append({"points": pts, "w": 1.6 * fs, "a": 0.70 * fc, "sigma": 5.2 * fs, "kind": "decoy"})
+        wires.append({"points": pts, "w": 1.56 * fs, "a": 0.70 * fc, "sigma": 5.2 * fs, "kind": "decoy"})
     if drawn["Support Devices"] != "absent":
         for wire in wires[:k]:
             wire["kind"] = "device"
@@ -887,7 +887,7 @@ def _render_ribs(density, canvas, plan, lungs):
         body = canvas.soft(half - d, 1.0)
         rim = _box(d - (half - cortex / 2), cortex, canvas.px)
         # Bone shows best against air: ribs are faint over soft tissue (heart, mediastinum, abdomen).
-        density[sl] += ((0.07 * body + 0.18 * rim) * mask_u * (0.3 + 0.7 * lungs[sl])).astype(np.float32)
+        density[sl] += ((0.07 * body + 0.14 * rim) * mask_u * (0.3 + 0.7 * lungs[sl])).astype(np.float32)
 
 
 def _box(d, width, px):
