@@ -752,7 +752,8 @@ class CXRDataset(Dataset):
                 array = np.asarray(image)
             else:
                 with Image.open(path) as image:
-                    array = np.asarray(image.convert("L"))
+                    # the cache is 8-bit grayscale already; convert() would copy every pixel once more
+                    array = np.asarray(image if image.mode == "L" else image.convert("L"))
         except Exception as error:  # any decoder failure becomes one error type naming the file
             raise ImageReadError(
                 f"cannot read image {path} (dicom_id {self.dicom_ids[i]}): {error}"

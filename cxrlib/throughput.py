@@ -178,7 +178,7 @@ def measure_throughput(
     rows = []
     for resolution in resolutions:
         batch = (batch_sizes or {}).get(resolution) or (
-            default_per_gpu_batch(resolution, device, memory_efficient) if on_gpu else CPU_BATCH
+            default_per_gpu_batch(resolution, device, memory_efficient, dtype) if on_gpu else CPU_BATCH
         )
         note = (
             "" if on_gpu else f"CPU: batch {batch}, {steps} timed steps; indicative only, not Table 2's GPUs"

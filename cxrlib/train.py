@@ -53,6 +53,16 @@ The recipe (paper section 2.2, Table 1):
   image, so they do not depend on the number of processes, the batch size or a resume.
 * Mixed precision (``--amp auto``): bf16 autocast on GPUs that support it, fp16 with a
   GradScaler on the others, off on the CPU; channels_last on GPUs.
+* Per-process batch (``--batch-size``; by default chosen automatically and logged): on a GPU the
+  largest power of two, at most 256, whose estimated training memory fits 80% of the free memory
+  (``torch.cuda.mem_get_info``) less 1 GiB (:func:`default_per_gpu_batch`). The estimate per image
+  is 0.083 GiB x (R / 256)^2 with bf16 or fp16 autocast and channels_last (measured on an H200),
+  twice that in float32, half that with ``--memory-efficient`` (:func:`training_gib_per_image`).
+  On the CPU: 16 up to 128 px, else 8. The accumulation steps then make up the effective batch
+  (:func:`plan_batches`), so the batch changes the speed, not the recipe.
+* Input pipeline: DataLoader workers (:func:`default_workers`) only decode cached uint8 images
+  into shared memory; batches go through pinned memory with non-blocking copies, persistent
+  workers and a prefetch of 4 batches per worker; augmentation and normalisation run on the device.
 * BatchNorm: each process normalises with its own micro-batch's statistics (torchvision's
   references and plain DDP do the same); ``--sync-bn`` uses SyncBatchNorm on GPUs. The sampler
   (:class:`StepBlockSampler`, a DistributedSampler with ``set_epoch``) deals each optimizer
@@ -125,9 +135,20 @@ TABLE1: dict[int, tuple[float, int]] = {
     2048: (8.204e-5, 42),
 }
 MIN_RESOLUTION = 32  # DenseNet121 reduces the input 32x; smaller images have no feature map left
-# Training memory per image with bf16 + channels_last, measured on an H200 (design.md):
-# 10.6 GiB for 128 images at 256 px, 21 GiB for 4 at 2048 px -> about 0.083 GiB x (R / 256)^2.
+# Automatic per-GPU batch (see default_per_gpu_batch). Training memory per image with bf16 +
+# channels_last, measured on an H200 (design.md): 10.6 GiB for 128 images at 256 px, 21 GiB for 4
+# at 2048 px -> about 0.083 GiB x (R / 256)^2.
 GIB_PER_IMAGE_AT_256 = 0.083
+# Tensors saved for the backward pass of DenseNet121, counted on the CPU (autograd's saved-tensor
+# hooks, 128 px): float32 keeps 1.97x the bytes of bf16 autocast, and memory_efficient (gradient
+# checkpointing of each dense layer's concatenation + BN + ReLU + 1x1 conv) 0.47x. Rounded up.
+FLOAT32_MEMORY_FACTOR = 2.0
+MEMORY_EFFICIENT_FACTOR = 0.5
+AUTO_BATCH_MEMORY_FRACTION = 0.8  # of the free memory; the rest absorbs allocator fragmentation
+AUTO_BATCH_RESERVED_GIB = 1.0  # weights, gradients, Adam's state, cuDNN workspace
+AUTO_BATCH_CAP = 256
+CPU_BATCH_SMALL, CPU_BATCH_LARGE = 16, 8  # on the CPU speed, not memory, limits the batch
+PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead
 FAULT_ENV = "CXRLIB_FAULT"  # tests: "POINT[:key=value...]" kills this process at POINT
 FAULT_MARKER_ENV = "CXRLIB_FAULT_MARKER"  # tests: fire only if this file does not exist yet
 RESULT_FILES = ("history.csv", "val_predictions.csv", "test_predictions.csv", "done.json")
@@ -251,20 +272,76 @@ def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | N
     raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
 
 
-def default_per_gpu_batch(resolution: int, device: str | torch.device, memory_efficient: bool = False) -> int:
-    """Largest per-process batch (a power of two, at most 256) that fits the device.
+def training_gib_per_image(
+    resolution: int, amp: torch.dtype | None = torch.bfloat16, memory_efficient: bool = False
+) -> float:
+    """Estimated GPU training memory per image (GiB) at ``resolution``: 0.083 x (R / 256)^2 with
+    mixed precision, x 2 in float32 (``amp`` None), x 0.5 with ``memory_efficient``."""
+    per_image = GIB_PER_IMAGE_AT_256 * (resolution / 256) ** 2
+    if amp is None:
+        per_image *= FLOAT32_MEMORY_FACTOR
+    if memory_efficient:
+        per_image *= MEMORY_EFFICIENT_FACTOR
+    return per_image
 
-    On a GPU: 80% of the free memory, less 1 GiB for weights and optimizer, divided by the
-    measured training memory per image (bf16, channels_last; conservative with
-    ``memory_efficient``). On the CPU: 16 up to 128 px, else 8 (speed, not memory, limits).
+
+def batch_for_memory(
+    resolution: int,
+    free_bytes: int,
+    amp: torch.dtype | None = torch.bfloat16,
+    memory_efficient: bool = False,
+    cap: int = AUTO_BATCH_CAP,
+) -> int:
+    """Largest power of two (1 .. ``cap``) whose estimated training memory fits ``free_bytes``:
+    ``0.8 x free - 1 GiB`` divided by :func:`training_gib_per_image`."""
+    if free_bytes < 0 or cap < 1:
+        raise ConfigError(f"free memory ({free_bytes} bytes) must be >= 0 and the cap ({cap}) >= 1")
+    usable = AUTO_BATCH_MEMORY_FRACTION * free_bytes / 2**30 - AUTO_BATCH_RESERVED_GIB
+    fits = int(usable / training_gib_per_image(resolution, amp, memory_efficient))
+    if fits < 1:
+        return 1
+    return min(cap, 2 ** int(math.log2(fits)))
+
+
+def default_per_gpu_batch(
+    resolution: int,
+    device: str | torch.device,
+    memory_efficient: bool = False,
+    amp: torch.dtype | None | str = "auto",
+    free_bytes: int | None = None,
+) -> int:
+    """The per-process batch limit when ``--batch-size`` is not given.
+
+    On a GPU: :func:`batch_for_memory` of the device's free memory (``torch.cuda.mem_get_info``, or
+    ``free_bytes``) with ``amp`` (a dtype, None for float32, or the ``--amp`` mode) and
+    ``memory_efficient``. On the CPU: 16 up to 128 px, else 8.
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return 16 if resolution <= 128 else 8
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    per_image = GIB_PER_IMAGE_AT_256 * (resolution / 256) ** 2
-    fits = int((0.8 * free_bytes / 2**30 - 1.0) / per_image)
-    return max(1, min(256, 2 ** int(math.log2(fits)) if fits >= 1 else 1))
+        return CPU_BATCH_SMALL if resolution <= 128 else CPU_BATCH_LARGE
+    if isinstance(amp, str):
+        amp = amp_dtype(device, amp)
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(resolution, free_bytes, amp, memory_efficient)
+
+
+def describe_auto_batch(
+    resolution: int, device: str | torch.device, amp: torch.dtype | None, memory_efficient: bool, batch: int
+) -> str:
+    """One log line saying how the automatic per-process batch limit ``batch`` was chosen."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"per-process batch limit {batch}: the CPU default at {resolution} px (--batch-size to change)"
+    free, total = torch.cuda.mem_get_info(device)
+    precision = str(amp).removeprefix("torch.") if amp is not None else "float32"
+    checkpointing = ", memory_efficient" if memory_efficient else ""
+    return (
+        f"per-process batch limit {batch}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
+        f"x {AUTO_BATCH_MEMORY_FRACTION} - {AUTO_BATCH_RESERVED_GIB:g} GiB, over an estimated "
+        f"{training_gib_per_image(resolution, amp, memory_efficient):.3f} GiB per image at {resolution} px "
+        f"({precision}{checkpointing}); a power of two, at most {AUTO_BATCH_CAP} (--batch-size to override)"
+    )
 
 
 def default_workers(device: torch.device, local_world_size: int = 1) -> int:
@@ -575,7 +652,8 @@ def train_one_epoch(
     image count, skipped steps and bad-image count."""
     model.train()
     device, world = rt.device, rt.info.world_size
-    angles, flips = augmentation
+    # on the device once per epoch, so no batch waits on a host-to-device copy of its draws
+    angles, flips = (draws.to(device) for draws in augmentation)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, known labels, images (all processes)
     skipped_steps, group = 0, []
     progress = tqdm(
@@ -599,11 +677,9 @@ def train_one_epoch(
             last = j == len(group) - 1
             sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
             with sync or contextlib.nullcontext():
+                where = positions.to(device, non_blocking=True)
                 x = augment_batch(
-                    images.to(device, non_blocking=True),
-                    angles[positions],
-                    flips[positions],
-                    rt.channels_last,
+                    images.to(device, non_blocking=True), angles[where], flips[where], rt.channels_last
                 )
                 with autocast(device, rt.amp):
                     logits = model(x)
@@ -679,8 +755,9 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
         _, images, targets, masks = batch
         with autocast(rt.device, rt.amp):
             logits = model(model_input(images.to(rt.device, non_blocking=True), rt.channels_last))
-        masks = masks.to(rt.device)
-        totals[0] += masked_bce_with_logits(logits, targets.to(rt.device), masks, "sum").double()
+        masks = masks.to(rt.device, non_blocking=True)
+        targets = targets.to(rt.device, non_blocking=True)
+        totals[0] += masked_bce_with_logits(logits, targets, masks, "sum").double()
         totals[1] += masks.sum().double()
     cxrdist.all_reduce_sum(totals)
     return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
@@ -736,7 +813,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         collate_fn=collate_skip_none,
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
     )
@@ -819,14 +896,13 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
     started = time.time()
     effective = args.effective_batch or default_effective_batch(args.resolution)
     lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
-    max_batch = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient)
+    amp = amp_dtype(device, args.amp)
+    max_batch = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
     plan = plan_batches(effective, info.world_size, args.batch_size, max_per_gpu=max_batch)
     fingerprint = run_fingerprint(args, effective)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
     workers = args.workers if args.workers is not None else default_workers(device, local_world)
-    rt = Runtime(
-        info, amp_dtype(device, args.amp), device.type == "cuda", plan, args.skip_nonfinite_steps, True
-    )
+    rt = Runtime(info, amp, device.type == "cuda", plan, args.skip_nonfinite_steps, True)
 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -852,6 +928,8 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
         f"{info.world_size} process(es) on {device.type} "
         f"({info.backend or 'no process group'}); amp {rt.amp or 'off'}; lr {lr:g}"
     )
+    if args.batch_size is None:
+        log(describe_auto_batch(args.resolution, device, amp, args.memory_efficient, max_batch))
     log(plan.describe())
     if not plan.exact:
         log(f"using effective batch {plan.effective_batch} instead of {effective} (lr {lr:g} unchanged)")

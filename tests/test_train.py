@@ -87,6 +87,39 @@ def test_mixed_precision_choice_on_cpu():
     assert train.default_per_gpu_batch(256, cpu) >= 1
 
 
+@pytest.mark.parametrize(
+    "resolution, free_gib, amp, memory_efficient, expected",
+    [
+        (256, 79.2, torch.bfloat16, False, 256),  # H100: (0.8 x 79.2 - 1) / 0.083 = 751 -> the cap
+        (1024, 79.2, torch.bfloat16, False, 32),  # 62.4 / 1.328 = 47 -> 32
+        (2048, 79.2, torch.bfloat16, False, 8),  # 62.4 / 5.312 = 11.7 -> 8
+        (2048, 79.2, torch.bfloat16, True, 16),  # half the memory per image: 23.5 -> 16
+        (2048, 79.2, None, False, 4),  # float32: twice the memory per image: 5.9 -> 4
+        (2048, 139.0, torch.float16, False, 16),  # H200: 110.2 / 5.312 = 20.7 -> 16
+        (2048, 6.0, torch.bfloat16, False, 1),  # nothing fits: still 1
+        (512, 0.0, torch.bfloat16, False, 1),
+    ],
+)
+def test_automatic_batch_from_free_gpu_memory(resolution, free_gib, amp, memory_efficient, expected):
+    free = int(free_gib * 2**30)
+    assert train.batch_for_memory(resolution, free, amp, memory_efficient) == expected
+    assert train.default_per_gpu_batch(resolution, "cuda", memory_efficient, amp, free_bytes=free) == expected
+    per_image = train.training_gib_per_image(resolution, amp, memory_efficient)
+    assert expected == 1 or expected * per_image <= 0.8 * free_gib - 1  # what it picks fits the estimate
+
+
+def test_automatic_batch_cap_cpu_default_and_the_2048_plan_on_one_h100():
+    assert train.batch_for_memory(256, 80 * 2**30, cap=64) == 64
+    with pytest.raises(train.ConfigError, match="free memory"):
+        train.batch_for_memory(256, -1)
+    cpu = torch.device("cpu")
+    assert train.default_per_gpu_batch(128, cpu) == 16 and train.default_per_gpu_batch(256, cpu) == 8
+    assert "CPU default" in train.describe_auto_batch(256, cpu, None, False, 8)
+    limit = train.default_per_gpu_batch(2048, "cuda", amp=torch.bfloat16, free_bytes=int(79.2 * 2**30))
+    plan = train.plan_batches(train.default_effective_batch(2048), 1, None, max_per_gpu=limit)
+    assert (plan.per_gpu_batch, plan.accumulation_steps, plan.exact) == (7, 6, True)  # Table 1's 42
+
+
 # ----------------------------------------------------------------------------- loss averaging
 
 
