@@ -69,7 +69,9 @@ def _train_outputs(preset: Preset, resolution: int | None) -> list[Path]:
     outputs = []
     for fold in preset.trained_folds():
         run = paths.fold_dir(preset.run_path, resolution, fold)
-        outputs += [run / "history.csv", run / "val_predictions.csv", run / "test_predictions.csv"]
+        outputs += [
+            run / name for name in ("history.csv", "val_predictions.csv", "test_predictions.csv", "done.json")
+        ]
     return outputs
 
 
