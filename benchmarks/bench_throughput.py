@@ -787,7 +787,9 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 
 def _terminate(signum, _frame):
-    raise SystemExit(128 + signum)  # runs the finally blocks that stop child processes
+    # DataLoader's SIGCHLD handler would raise again as its workers, signalled too, stop.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    raise SystemExit(128 + signum)  # runs the finally blocks that stop child processes and save
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -878,16 +880,22 @@ def main(argv: list[str] | None = None) -> int:
         left = math.inf if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
         timeout = min(args.compile_timeout, max(left, 1.0))
         run_part("compile", lambda: run_compile_child(args, results, timeout))
-    finally:
+    finally:  # also when stopped (SIGTERM): the table of what was measured so far
         shutil.rmtree(work, ignore_errors=True)
-        results.save()
+        try:
+            results.save()
+            write_report(results, args.out.with_suffix(".txt"), time.perf_counter() - started)
+        except Exception:  # the results written before this stay valid
+            traceback.print_exc()
+    return 0
+
+
+def write_report(results: Results, path: Path, seconds: float) -> None:
+    """Print the table and goal lines, and write them to ``path``."""
     report = format_report(results.frame(), results.environment)
     print("\n" + report, flush=True)
-    summary_path = args.out.with_suffix(".txt")
-    write_text_atomic(report + "\n", summary_path)
-    total = time.perf_counter() - started
-    print(f"\nwrote {args.out}, {json_path} and {summary_path} ({total:.0f} s in all)", flush=True)
-    return 0
+    write_text_atomic(report + "\n", path)
+    print(f"\nwrote {results.csv_path}, {results.json_path} and {path} ({seconds:.0f} s in all)", flush=True)
 
 
 if __name__ == "__main__":
