@@ -77,7 +77,8 @@ class TrainConfig:
 
     epochs: int = 50
     weights: str = "imagenet"  # imagenet | none | path to a weights file
-    gpus: int | str = "all"
+    gpus: int | str = "all"  # GPUs per node: "all" or a number
+    cpu_processes: int = 1  # without a CUDA GPU: training processes (gloo), each with its own cores
     nnodes: int = 1
     options: dict[str, Any] = field(default_factory=dict)  # more cxrlib.train flags, e.g. batch_size
     per_resolution: dict[int, dict[str, Any]] = field(default_factory=dict)  # flags for one resolution
@@ -225,6 +226,8 @@ def validate(preset: Preset) -> None:
         raise ValueError(f"{where}: resolutions {preset.resolutions} repeat a value")
     if preset.data.source not in DATA_SOURCES:
         raise ValueError(f"{where}: data.source {preset.data.source!r} is not one of {DATA_SOURCES}")
+    if preset.train.cpu_processes < 1:
+        raise ValueError(f"{where}: train.cpu_processes must be at least 1, got {preset.train.cpu_processes}")
     if preset.folds.k < 2:
         raise ValueError(f"{where}: folds.k must be at least 2, got {preset.folds.k}")
     if preset.folds.train != "all":

@@ -165,6 +165,7 @@ def train_resolution(
     if int(resolution) not in preset_resolutions:
         raise ValueError(f"resolution {resolution} is not one of the preset's {preset_resolutions}")
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
+    processes = preset.train.gpus if torch.cuda.is_available() else preset.train.cpu_processes
     runs = []
     for fold in folds if folds is not None else preset.trained_folds():
         set_aside_stale_run(preset, resolution, fold)
@@ -176,7 +177,7 @@ def train_resolution(
                 index=preset.index_path,
                 folds=preset.folds_path,
                 cache=preset.cache_path,
-                gpus=preset.train.gpus,
+                gpus=processes,
                 nnodes=preset.train.nnodes,
                 echo=echo,
                 cache_format=preset.cache.format,
