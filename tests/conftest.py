@@ -109,3 +109,15 @@ def fake_mimic_copy(fake_mimic, tmp_path) -> FakeMimic:
     root = tmp_path / "mimic"
     shutil.copytree(fake_mimic.root, root)
     return FakeMimic(root, fake_mimic.metadata.copy(), fake_mimic.labels.copy(), fake_mimic.split.copy())
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, then the caller's setting: on a small or shared CPU,
+    threads waiting on each other cost far more than they gain on tiny inputs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
+from tiny_data import make_tiny_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_throughput as bench  # noqa: E402

@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tiny_data import one_thread  # noqa: F401 (fixture)
 
 from cxrlib.checkpoint import (
     CheckpointError,

@@ -9,14 +9,7 @@ from sklearn.metrics import roc_auc_score
 from cxrlib import ensemble, metrics
 from cxrlib.labels import FINDINGS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool overhead (which is large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_scales(n, seed, n_findings=4, strong=1.5, weak=0.7, prevalence=0.3):

@@ -6,7 +6,6 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from tiny_data import one_thread  # noqa: F401 (fixture)
 
 from cxrlib.models import WeightsUnavailableError, build_model, imagenet_weights_file
 

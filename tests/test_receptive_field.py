@@ -11,14 +11,7 @@ import torchvision
 
 from cxrlib import receptive_field as rfm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool overhead (which is large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_densenet121_theoretical_receptive_field_is_2071():

@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 import pytest
-from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
+from tiny_data import make_tiny_dataset
 
 from cxrlib.throughput import COLUMNS, measure_throughput, write_table2
 

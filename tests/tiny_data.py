@@ -12,24 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 from PIL import Image
 
 from cxrlib.cache import cached_image_path
 from cxrlib.datasets import validate_index
 from cxrlib.labels import FINDINGS
 from cxrlib.splits import make_folds, write_folds
-
-
-@pytest.fixture
-def one_thread():
-    """Torch on one thread for the test, then the caller's setting: on a shared 2-core machine,
-    threads waiting on each other cost far more than they gain on tiny inputs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
