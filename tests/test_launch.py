@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
+from tiny_data import make_tiny_dataset
 
 from cxrlib import launch as launcher
 from cxrlib.checkpoint import load_verified

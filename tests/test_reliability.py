@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from tiny_data import make_tiny_dataset, one_thread  # noqa: F401 (fixture)
+from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
