@@ -300,6 +300,9 @@ def execute_step(
             kernel_name="python3",
             progress_bar=progress_bar,
             request_save_on_cell_execute=True,
+            # The kernel's own start-up warnings (e.g. TCP on localhost) are noise in this log;
+            # errors still show, and cell errors are reported by papermill.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except papermill.PapermillExecutionError as error:
         raise PipelineError(
