@@ -277,11 +277,8 @@ def notebook_parameters(
     return parameters
 
 
-def execute_step(
-    notebook: Path, output: Path, parameters: dict[str, Any], provenance: dict[str, Any], progress_bar: bool
-) -> None:
-    """Execute one notebook with papermill and record provenance in its metadata."""
-    import nbformat
+def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progress_bar: bool) -> None:
+    """Execute one notebook with papermill into `output`."""
     import papermill
 
     # Threads that sleep while waiting keep a loaded or small CPU usable (spinning OpenMP threads
@@ -309,9 +306,15 @@ def execute_step(
             f"{output.name} failed in cell {error.exec_count}: {error.ename}: "
             f"{error.evalue}\n  open {output} to see the traceback"
         ) from None
-    executed = nbformat.read(output, as_version=4)
+
+
+def record_provenance(executed_notebook: Path, provenance: dict[str, Any]) -> None:
+    """Store the provenance in an executed notebook's metadata (`cxr_provenance`)."""
+    import nbformat
+
+    executed = nbformat.read(executed_notebook, as_version=4)
     executed.metadata["cxr_provenance"] = provenance
-    write_text_atomic(nbformat.writes(executed), output)
+    write_text_atomic(nbformat.writes(executed), executed_notebook)
 
 
 def run_pipeline(
@@ -389,17 +392,16 @@ def run_pipeline(
                 continue
             print(f"{prefix} running ...", flush=True)
             t0 = time.time()
-            step_provenance = {
-                **provenance,
-                "step": name,
-                "parameters": parameters,
-                "data_hashes": data_hashes(preset),
-            }
-            execute_step(notebook, output, parameters, step_provenance, progress_bar)
+            execute_step(notebook, output, parameters, progress_bar)
             seconds = time.time() - t0
             missing = [str(p) for p in step.outputs(preset, resolution) if not p.is_file()]
             if missing:
                 raise PipelineError(f"{name} finished but did not write {missing}; see {output}")
+            # Hashed after the step, so a step that writes the index or folds records what it wrote.
+            hashes = data_hashes(preset)
+            record_provenance(
+                output, {**provenance, "step": name, "parameters": parameters, "data_hashes": hashes}
+            )
             write_text_atomic(
                 json.dumps({"fingerprint": fingerprint, "finished": _now(), "seconds": round(seconds, 1)}),
                 _stamp_path(preset, name),
