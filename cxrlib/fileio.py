@@ -4,13 +4,18 @@ Everything that a later step trusts (index, folds, manifests, checkpoints, table
 is written through these helpers: to a temporary file in the same folder, flushed
 and fsynced, then renamed over the target. A crash or a full disk leaves the
 previous file intact and no half-written file under the final name.
+
+:func:`exclusive_lock` keeps two processes from writing one run folder at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import errno
 import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +82,38 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of a folder this one wants to write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` for the block, or raise :class:`FolderBusyError`.
+
+    An advisory ``flock``: the operating system releases it when the holder exits, even by
+    SIGKILL, so a crashed run never leaves a stale lock behind. The file records the holder
+    (pid, host, start time) for the message a second process gets.
+    """
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            raise FolderBusyError(handle.read().strip() or "unknown process") from None
+        handle.seek(0)
+        handle.truncate()
+        started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import errno
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, paths
-from .fileio import sha256_file, write_text_atomic
+from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_text_atomic
 from .presets import Preset, resolve
 
 STATE_DIR = ".pipeline"
@@ -201,31 +200,15 @@ def step_is_complete(preset: Preset, step: Step, resolution: int | None, fingerp
 @contextlib.contextmanager
 def run_lock(preset: Preset) -> Iterator[None]:
     """Hold an exclusive lock on the run folder; refuse clearly if another pipeline holds it."""
-    import fcntl
-
     preset.run_path.mkdir(parents=True, exist_ok=True)
-    lock_path = preset.run_path / STATE_DIR / "lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
-            raise PipelineError(
-                f"another pipeline is running on {preset.run_path} ({holder}); wait for it "
-                f"to finish or stop it, then run again"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
+        with exclusive_lock(preset.run_path / STATE_DIR / "lock"):
+            yield
+    except FolderBusyError as holder:
+        raise PipelineError(
+            f"another pipeline is running on {preset.run_path} ({holder}); wait for it "
+            f"to finish or stop it, then run again"
+        ) from None
 
 
 def _now() -> str:

@@ -78,7 +78,8 @@ two kept; see :mod:`cxrlib.checkpoint`), ``best_model.pt``, ``val_predictions.cs
 ``test_predictions.csv`` and ``done.json``. Re-running the same command resumes from the newest
 good checkpoint (epoch granularity; with ``--deterministic`` on the CPU the result is
 bit-identical to an uninterrupted run), or does nothing when ``done.json`` says the run is
-complete; ``--no-resume`` starts over.
+complete; ``--no-resume`` starts over. While a run writes ``--out``, rank 0 holds a lock on
+``--out/.lock``: a second run on the same folder is refused with the first one's pid and host.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ from .checkpoint import (
     sidecar_path,
 )
 from .datasets import CXRDataset, ImageReadError, collate_skip_none, read_index
-from .fileio import sha256_file, write_csv_atomic, write_text_atomic
+from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_csv_atomic, write_text_atomic
 from .labels import masked_bce_with_logits
 from .models import WEIGHT_CHOICES, WeightsUnavailableError, build_model
 from .predict import IndexedDataset, autocast, logits_frame, model_input, predict_arrays
@@ -151,6 +152,7 @@ CPU_BATCH_SMALL, CPU_BATCH_LARGE = 16, 8  # on the CPU speed, not memory, limits
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead
 FAULT_ENV = "CXRLIB_FAULT"  # tests: "POINT[:key=value...]" kills this process at POINT
 FAULT_MARKER_ENV = "CXRLIB_FAULT_MARKER"  # tests: fire only if this file does not exist yet
+LOCK_NAME = ".lock"  # held by rank 0 while a run writes its folder
 RESULT_FILES = ("history.csv", "val_predictions.csv", "test_predictions.csv", "done.json")
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
 
@@ -854,7 +856,8 @@ def run(args: argparse.Namespace) -> dict:
     """Train one fold at one resolution (see module docs); returns the summary written to done.json.
 
     Raises :class:`ConfigError`, :class:`NonFiniteLossError`, :class:`CheckpointError`,
-    :class:`cxrlib.datasets.ImageReadError` or :class:`cxrlib.models.WeightsUnavailableError`.
+    :class:`cxrlib.datasets.ImageReadError`, :class:`cxrlib.models.WeightsUnavailableError` or
+    :class:`cxrlib.fileio.FolderBusyError` (another run is writing the same ``--out``).
     """
     validate_args(args)
     if args.deterministic:
@@ -865,10 +868,27 @@ def run(args: argparse.Namespace) -> dict:
     except cxrdist.DeviceError as error:
         raise ConfigError(str(error)) from error
     try:
-        with algorithm_settings(args.deterministic):
+        with run_folder_lock(args.out, info.is_main), algorithm_settings(args.deterministic):
             return _train(args, frames, info)
     finally:
         cxrdist.cleanup()
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path, is_main: bool):
+    """Rank 0 holds `out`'s lock for the run, so a second run on the same folder is refused
+    instead of mixing its checkpoints with the first one's. Raises :class:`FolderBusyError`."""
+    if not is_main:
+        yield
+        return
+    try:
+        with exclusive_lock(out / LOCK_NAME):
+            yield
+    except FolderBusyError as holder:
+        raise FolderBusyError(
+            f"another training run is writing {out} ({holder}); wait for it to finish or stop it, "
+            f"or give this one another --out"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -1146,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         ImageReadError,
         WeightsUnavailableError,
+        FolderBusyError,
     ) as error:
         if cxrdist.env_ranks()[0] == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)

@@ -356,6 +356,33 @@ def test_finished_run_is_skipped_other_settings_refused_no_resume_starts_over(ti
     assert "resumed" not in capsys.readouterr().out
 
 
+HOLD_RUN_FOLDER = """
+import sys
+from pathlib import Path
+from cxrlib.train import run_folder_lock
+with run_folder_lock(Path(sys.argv[1]), is_main=True):
+    print("locked", flush=True)
+    sys.stdin.read()  # held until the test closes stdin
+"""
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_writes_it(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", HOLD_RUN_FOLDER, str(out)]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train.main(argv(tiny, out, epochs=1)) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: another training run is writing {out} (pid {holder.pid} on ")
+        assert sorted(p.name for p in out.iterdir()) == [train.LOCK_NAME]  # nothing of the refused run
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+    assert train.main(argv(tiny, out, epochs=1)) == 0  # free once the first has finished
+    assert (out / "done.json").is_file()
+
+
 # ----------------------------------------------------------------------------- kill anywhere, end identical
 
 
