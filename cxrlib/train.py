@@ -80,6 +80,8 @@ good checkpoint (epoch granularity; with ``--deterministic`` on the CPU the resu
 bit-identical to an uninterrupted run), or does nothing when ``done.json`` says the run is
 complete; ``--no-resume`` starts over. While a run writes ``--out``, rank 0 holds a lock on
 ``--out/.lock``: a second run on the same folder is refused with the first one's pid and host.
+A failed write (full disk, quota, read-only or I/O error) ends the run with a one-line error
+naming the file; the checkpoints written before are kept for the resume.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -152,6 +155,7 @@ CPU_BATCH_SMALL, CPU_BATCH_LARGE = 16, 8  # on the CPU speed, not memory, limits
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead
 FAULT_ENV = "CXRLIB_FAULT"  # tests: "POINT[:key=value...]" kills this process at POINT
 FAULT_MARKER_ENV = "CXRLIB_FAULT_MARKER"  # tests: fire only if this file does not exist yet
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # one-line errors, no traceback
 LOCK_NAME = ".lock"  # held by rank 0 while a run writes its folder
 RESULT_FILES = ("history.csv", "val_predictions.csv", "test_predictions.csv", "done.json")
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
@@ -1171,6 +1175,17 @@ def main(argv: list[str] | None = None) -> int:
         if cxrdist.env_ranks()[0] == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2 if isinstance(error, ConfigError) else 1
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        if cxrdist.env_ranks()[0] == 0:
+            print(
+                f"error: {error}; the checkpoints written before are kept: fix this (e.g. free disk "
+                "space) and run the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 1
     return 0
 
 

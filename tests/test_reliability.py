@@ -159,6 +159,31 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_checkpoint_and_best_mo
     assert any("checkpoint_epoch002.pt" in str(w.message) for w in caught_warnings) == (fails_in == "sidecar")
 
 
+def test_disk_full_during_training_fails_in_one_line_keeps_the_last_checkpoint_and_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    data = make_tiny_dataset(tmp_path / "data", resolutions=(32,), subjects=8, folds=2)
+    out = tmp_path / "run"
+    argv = [
+        "--index", str(data.index), "--folds", str(data.folds), "--cache", str(data.cache),
+        "--resolution", "32", "--fold", "0", "--out", str(out), "--weights", "none",
+        "--batch-size", "4", "--effective-batch", "4", "--max-train-images", "4", "--workers", "0",
+    ]  # fmt: skip
+    assert train.main([*argv, "--epochs", "1"]) == 0
+    first = checkpoint_path(out, 1).read_bytes()
+    capsys.readouterr()
+    disk = FullDisk(monkeypatch, free=0)
+    assert train.main([*argv, "--epochs", "2"]) == 1  # epoch 2 trains; writing its results fails
+    error = capsys.readouterr().err.split("\r")[-1]  # after the progress bar, which clears its line
+    assert error.startswith("error: [Errno 28] No space left on device: ") and error.count("\n") == 1
+    assert str(out) in error and "run the same command again to resume" in error
+    assert no_temporaries(out) and checkpoint_path(out, 1).read_bytes() == first
+    assert not checkpoint_path(out, 2).exists() and not (out / "done.json").exists()
+    disk.free = None
+    assert train.main([*argv, "--epochs", "2"]) == 0
+    assert json.loads((out / "done.json").read_text())["epochs_run"] == 2
+
+
 # -------------------------------------------------------------------------- 3. disk full: the cache
 
 
