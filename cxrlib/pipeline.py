@@ -183,18 +183,27 @@ def _fingerprint(preset: Preset, notebook: Path, parameters: dict[str, Any]) -> 
     return hashlib.sha256((settings + notebook_source_hash(notebook)).encode()).hexdigest()
 
 
-def step_is_complete(preset: Preset, step: Step, resolution: int | None, fingerprint: str) -> bool:
-    """True when the step ran with these settings and every output it promises is there."""
+def step_state(preset: Preset, step: Step, resolution: int | None, fingerprint: str) -> str:
+    """'complete' when the step ran with these settings and wrote every output it promises;
+    else 'not run', 'changed' (the settings or the notebook changed since) or 'outputs missing'."""
     name = step.name(resolution)
     stamp = _stamp_path(preset, name)
     if not stamp.is_file() or not (preset.run_path / f"{name}.ipynb").is_file():
-        return False
+        return "not run"
     try:
         if json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-            return False
+            return "changed"
     except json.JSONDecodeError:
-        return False
-    return all(path.is_file() and path.stat().st_size > 0 for path in step.outputs(preset, resolution))
+        return "changed"
+    outputs = step.outputs(preset, resolution)
+    if all(path.is_file() and path.stat().st_size > 0 for path in outputs):
+        return "complete"
+    return "outputs missing"
+
+
+def step_is_complete(preset: Preset, step: Step, resolution: int | None, fingerprint: str) -> bool:
+    """True when the step ran with these settings and every output it promises is there."""
+    return step_state(preset, step, resolution, fingerprint) == "complete"
 
 
 @contextlib.contextmanager
@@ -300,20 +309,16 @@ def record_provenance(executed_notebook: Path, provenance: dict[str, Any]) -> No
     write_text_atomic(nbformat.writes(executed), executed_notebook)
 
 
-def run_pipeline(
+def resolve_run(
     preset_arg: str,
-    *,
     data_root: str | None = None,
     resolutions: list[int] | None = None,
     folds: list[int] | None = None,
-    gpus: str | None = None,
+    gpus: str | int | None = None,
     run_dir: str | None = None,
     figures_dir: str | None = None,
-    force: bool = False,
-    start_from: str | None = None,
-    progress_bar: bool | None = None,
-) -> Preset:
-    """Run (or resume) every step of a preset; returns the resolved preset."""
+) -> tuple[str, Preset, dict[str, Any]]:
+    """The preset as the notebooks will see it, and the user's overrides passed to each of them."""
     if Path(preset_arg).suffix in (".yaml", ".yml"):
         preset_arg = str(Path(preset_arg).resolve())  # notebooks run in notebooks/, not here
     preset = resolve(
@@ -332,6 +337,26 @@ def run_pipeline(
         "gpus": gpus,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
+    return preset_arg, preset, overrides
+
+
+def run_pipeline(
+    preset_arg: str,
+    *,
+    data_root: str | None = None,
+    resolutions: list[int] | None = None,
+    folds: list[int] | None = None,
+    gpus: str | None = None,
+    run_dir: str | None = None,
+    figures_dir: str | None = None,
+    force: bool = False,
+    start_from: str | None = None,
+    progress_bar: bool | None = None,
+) -> Preset:
+    """Run (or resume) every step of a preset; returns the resolved preset."""
+    preset_arg, preset, overrides = resolve_run(
+        preset_arg, data_root, resolutions, folds, gpus, run_dir=run_dir, figures_dir=figures_dir
+    )
     if progress_bar is None:
         progress_bar = sys.stderr.isatty()
     steps = planned_steps(preset)
@@ -407,15 +432,34 @@ def run_pipeline(
     return preset
 
 
-def list_steps(preset_arg: str, **overrides: Any) -> None:
-    """Print each step and whether its outputs are complete."""
-    preset = resolve(preset_arg, **overrides)
+def list_steps(
+    preset_arg: str,
+    data_root: str | None = None,
+    resolutions: list[int] | None = None,
+    folds: list[int] | None = None,
+    gpus: str | int | None = None,
+    run_dir: str | None = None,
+    figures_dir: str | None = None,
+) -> None:
+    """Print each step's state (complete, changed, outputs missing, not run) and where a run
+    would start: the first step that is not complete, and every step after it."""
+    preset_arg, preset, overrides = resolve_run(
+        preset_arg, data_root, resolutions, folds, gpus, run_dir=run_dir, figures_dir=figures_dir
+    )
+    first_to_run = None
     for step, resolution in planned_steps(preset):
+        name = step.name(resolution)
+        notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
+        fingerprint = _fingerprint(
+            preset, notebook, notebook_parameters(preset_arg, preset, overrides, resolution)
+        )
+        state = step_state(preset, step, resolution, fingerprint)
         outputs = step.outputs(preset, resolution)
         done = sum(p.is_file() for p in outputs)
-        executed = (preset.run_path / f"{step.name(resolution)}.ipynb").is_file()
-        state = "executed" if executed else "not run"
-        print(f"{step.name(resolution):<34} {state:<9} outputs {done}/{len(outputs)}")
+        print(f"{name:<34} {state:<16} outputs {done}/{len(outputs)}")
+        if state != "complete" and first_to_run is None:
+            first_to_run = name
+    print(f"a run starts at {first_to_run}" if first_to_run else "every step is complete")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -444,7 +488,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="run again from this step (e.g. 04_evaluate or 03_train_res256)",
     )
-    parser.add_argument("--list", action="store_true", help="show the steps and their state, run nothing")
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="show each step (complete, changed, outputs missing, not run) and where a run would start; "
+        "run nothing",
+    )
     return parser
 
 

@@ -65,6 +65,26 @@ def test_runs_in_order_then_skips_then_resumes_after_a_lost_output(fake_steps, c
 
 
 @pytest.mark.slow
+def test_list_names_each_steps_state_and_where_a_run_starts(fake_steps, capsys):
+    run = fake_steps / "run"
+    folders = {"run_dir": str(run), "figures_dir": str(fake_steps / "fig")}
+
+    def listed():
+        capsys.readouterr()
+        pipeline.list_steps("smoke", **folders)
+        lines = capsys.readouterr().out.splitlines()
+        return [line.split()[:2] if " outputs " in line else line for line in lines]
+
+    assert listed() == [["00_first", "not"], ["01_second", "not"], "a run starts at 00_first"]
+    run_pipeline("smoke", progress_bar=False, **folders)
+    assert listed() == [["00_first", "complete"], ["01_second", "complete"], "every step is complete"]
+    (run / "second.txt").unlink()
+    assert listed() == [["00_first", "complete"], ["01_second", "outputs"], "a run starts at 01_second"]
+    write_notebook(pipeline.paths.NOTEBOOKS_DIR / "00_first.ipynb", "print('edited')")
+    assert listed()[0] == ["00_first", "changed"] and listed()[-1] == "a run starts at 00_first"
+
+
+@pytest.mark.slow
 def test_a_failing_step_names_its_executed_notebook_and_error(fake_steps):
     write_notebook(pipeline.paths.NOTEBOOKS_DIR / "01_second.ipynb", "raise ValueError('bad input row 7')")
     with pytest.raises(PipelineError, match=r"01_second.ipynb failed .*ValueError: bad input row 7"):
