@@ -51,6 +51,8 @@ class Step:
     notebook: str
     outputs: Callable[[Preset, int | None], list[Path]] = field(default=lambda preset, resolution: [])
     per_resolution: bool = False
+    # parameters the pipeline always passes to this notebook (e.g. no widgets in a batch run)
+    fixed_parameters: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def name(self, resolution: int | None = None) -> str:
         return f"{self.notebook}_res{resolution}" if resolution is not None else self.notebook
@@ -94,7 +96,8 @@ STEPS: tuple[Step, ...] = (
     Step("06_gradcam", _figures_and_tables(["fig4_gradcam.png"], [])),
     Step("07_ensemble", _figures_and_tables(["fig5_ensemble_weights.png"], ["ensemble_weights.csv"])),
     Step("08_throughput", _tables("table2_throughput.csv")),
-    Step("09_receptive_field_explained"),
+    # Interactive widgets can leave a batch kernel's last reply undelivered (nbclient waits forever).
+    Step("09_receptive_field_explained", fixed_parameters={"interactive": False}),
 )
 
 
@@ -255,14 +258,20 @@ def planned_steps(preset: Preset) -> list[tuple[Step, int | None]]:
 
 
 def notebook_parameters(
-    preset_arg: str, preset: Preset, overrides: dict[str, Any], resolution: int | None
+    preset_arg: str,
+    preset: Preset,
+    overrides: dict[str, Any],
+    resolution: int | None,
+    step: Step | None = None,
 ) -> dict[str, Any]:
-    """Papermill parameters: the preset, the folders, the user's overrides and the resolution."""
+    """Papermill parameters: the preset, the folders, the user's overrides, the step's fixed
+    parameters and the resolution."""
     parameters = {
         "preset": preset_arg,
         "run_dir": str(preset.run_path),
         "figures_dir": str(preset.figures_path),
         **overrides,
+        **(step.fixed_parameters if step else {}),
     }
     if resolution is not None:
         parameters["resolution"] = resolution
@@ -391,7 +400,7 @@ def run_pipeline(
             name = step.name(resolution)
             notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
             output = preset.run_path / f"{name}.ipynb"
-            parameters = notebook_parameters(preset_arg, preset, overrides, resolution)
+            parameters = notebook_parameters(preset_arg, preset, overrides, resolution, step)
             fingerprint = _fingerprint(preset, notebook, parameters)
             forced = rerun_rest or (force_from is not None and i >= force_from)
             prefix = f"[{i + 1}/{total}] {name:<32}"
@@ -451,7 +460,7 @@ def list_steps(
         name = step.name(resolution)
         notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
         fingerprint = _fingerprint(
-            preset, notebook, notebook_parameters(preset_arg, preset, overrides, resolution)
+            preset, notebook, notebook_parameters(preset_arg, preset, overrides, resolution, step)
         )
         state = step_state(preset, step, resolution, fingerprint)
         outputs = step.outputs(preset, resolution)

@@ -101,6 +101,9 @@ def test_smoke_pipeline_writes_every_contract_file(smoke_run):
         provenance = executed.metadata["cxr_provenance"]
         assert provenance["step"] == step.name(resolution)
         assert provenance["data_hashes"]["index.csv"]
+    # a batch run never starts widgets: they can leave nbclient waiting for a reply forever
+    teaching = nbformat.read(run / "09_receptive_field_explained.ipynb", as_version=4)
+    assert teaching.metadata["papermill"]["parameters"]["interactive"] is False
     recorded = json.loads((run / "provenance.json").read_text())
     assert recorded["git"].keys() == {"commit", "dirty"} and "torch" in recorded["packages"]
 
