@@ -278,6 +278,15 @@ def notebook_parameters(
     return parameters
 
 
+def step_settings(
+    preset_arg: str, preset: Preset, overrides: dict[str, Any], step: Step, resolution: int | None
+) -> tuple[Path, dict[str, Any], str]:
+    """A planned step's source notebook, papermill parameters and fingerprint."""
+    notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
+    parameters = notebook_parameters(preset_arg, preset, overrides, resolution, step)
+    return notebook, parameters, _fingerprint(preset, notebook, parameters)
+
+
 def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progress_bar: bool) -> None:
     """Execute one notebook with papermill into `output`."""
     import papermill
@@ -398,10 +407,8 @@ def run_pipeline(
         t_start = time.time()
         for i, (step, resolution) in enumerate(steps):
             name = step.name(resolution)
-            notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
+            notebook, parameters, fingerprint = step_settings(preset_arg, preset, overrides, step, resolution)
             output = preset.run_path / f"{name}.ipynb"
-            parameters = notebook_parameters(preset_arg, preset, overrides, resolution, step)
-            fingerprint = _fingerprint(preset, notebook, parameters)
             forced = rerun_rest or (force_from is not None and i >= force_from)
             prefix = f"[{i + 1}/{total}] {name:<32}"
             if not forced and step_is_complete(preset, step, resolution, fingerprint):
@@ -458,10 +465,7 @@ def list_steps(
     first_to_run = None
     for step, resolution in planned_steps(preset):
         name = step.name(resolution)
-        notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
-        fingerprint = _fingerprint(
-            preset, notebook, notebook_parameters(preset_arg, preset, overrides, resolution, step)
-        )
+        fingerprint = step_settings(preset_arg, preset, overrides, step, resolution)[2]
         state = step_state(preset, step, resolution, fingerprint)
         outputs = step.outputs(preset, resolution)
         done = sum(p.is_file() for p in outputs)
