@@ -20,10 +20,14 @@ Definitions used throughout
   often as the patient is drawn. Images of one patient are correlated, so resampling
   images would understate the uncertainty.
 * **DeLong test**: the paired test of two AUCs on the same images (DeLong et al. 1988)
-  with the fast midrank algorithm of Sun & Xu (2014), two-sided normal p-value. It treats
-  images as independent; with several images per patient its variance is optimistic,
-  which the patient bootstrap is not. p-values of the 14 findings of one comparison are
-  corrected with Holm (family-wise error) and Benjamini-Hochberg (false discovery rate).
+  with the fast midrank algorithm of Sun & Xu (2014), two-sided normal p-value, clustered by
+  patient (Obuchowski 1997, "Nonparametric analysis of clustered ROC curve data", Biometrics
+  53:567-578): the structural components are summed per patient, so several images of one
+  patient are not counted as independent evidence (the image-level test, ``clusters=None``,
+  would be optimistic with MIMIC's ~5 images per patient). :func:`pairwise_delong` corrects
+  the p-values of its whole family, every pair of resolutions and ensembles x every finding,
+  with Holm (family-wise error) and Benjamini-Hochberg (false discovery rate), and names the
+  family in ``correction_family``.
 """
 
 from __future__ import annotations
@@ -411,13 +415,19 @@ def _midranks(values: np.ndarray) -> np.ndarray:
     return stats.rankdata(values, method="average")
 
 
-def delong_covariance(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def delong_covariance(
+    labels: np.ndarray, scores: np.ndarray, clusters: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """AUCs and their DeLong covariance for several predictors on the same images.
 
-    ``labels``: ``[n]`` of 0 / 1 (no NaN); ``scores``: ``[n_predictors, n]``. Implements the
-    fast algorithm of Sun & Xu (2014), O(n log n): the structural components of DeLong et al.
-    (1988) from midranks among positives, among negatives and among all images.
-    Returns ``(aucs [P], covariance [P, P])``.
+    ``labels``: ``[n]`` of 0 / 1 (no NaN); ``scores``: ``[n_predictors, n]``. The structural
+    components of DeLong et al. (1988) come from midranks among positives, among negatives and
+    among all images (the fast algorithm of Sun & Xu 2014, O(n log n)). Without ``clusters``
+    images are independent (DeLong's covariance). With ``clusters`` (``[n]`` ids, e.g. the
+    subject of each image) the covariance is Obuchowski's (1997) for clustered data: the
+    components are summed per cluster and their spread is taken over clusters, so correlated
+    images of one patient count once, not as independent evidence. Returns
+    ``(aucs [P], covariance [P, P])``.
     """
     labels = np.asarray(labels)
     scores = np.atleast_2d(np.asarray(scores, dtype=float))
@@ -430,16 +440,56 @@ def delong_covariance(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     ty = np.apply_along_axis(_midranks, 1, y)
     tz = np.apply_along_axis(_midranks, 1, np.concatenate([x, y], axis=1))
     aucs = (tz[:, :m].sum(axis=1) / m - (m + 1) / 2) / n
-    v01 = (tz[:, :m] - tx) / n  # per positive: share of negatives scored below it
-    v10 = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives scored above it
-    sx = np.atleast_2d(np.cov(v01))
-    sy = np.atleast_2d(np.cov(v10))
-    return aucs, sx / m + sy / n
+    v_pos = (tz[:, :m] - tx) / n  # per positive: share of negatives scored below it
+    v_neg = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives scored above it
+    if clusters is None:
+        sx = np.atleast_2d(np.cov(v_pos))
+        sy = np.atleast_2d(np.cov(v_neg))
+        return aucs, sx / m + sy / n
+    return aucs, _clustered_covariance(aucs, v_pos, v_neg, np.asarray(clusters), positive)
 
 
-def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict[str, float]:
+def _clustered_covariance(
+    aucs: np.ndarray, v_pos: np.ndarray, v_neg: np.ndarray, clusters: np.ndarray, positive: np.ndarray
+) -> np.ndarray:
+    """Obuchowski (1997), Biometrics 53:567-578: with I clusters, M positives and N negatives,
+    and per cluster the sums of the components of its positives (X_i, count m_i) and of its
+    negatives (Y_i, count n_i), D_x = X_i - m_i AUC, D_y = Y_i - n_i AUC::
+
+        S10 = I / ((I - 1) M) sum_i D_x D_x',  S01 = I / ((I - 1) N) sum_i D_y D_y',
+        S11 = I / (I - 1) sum_i D_x D_y',      cov = S10 / M + S01 / N + (S11 + S11') / (M N)
+    """
+    _, cluster_of = np.unique(clusters, return_inverse=True)
+    n_clusters = int(cluster_of.max()) + 1
+    if n_clusters < 2:
+        raise ValueError("the clustered DeLong test needs at least 2 clusters (subjects)")
+    pos_cluster, neg_cluster = cluster_of[positive], cluster_of[~positive]
+    m, n = len(pos_cluster), len(neg_cluster)
+
+    def per_cluster(components: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sums = np.zeros((components.shape[0], n_clusters))
+        for predictor in range(components.shape[0]):
+            sums[predictor] = np.bincount(members, weights=components[predictor], minlength=n_clusters)
+        return sums, np.bincount(members, minlength=n_clusters)
+
+    x_sum, m_i = per_cluster(v_pos, pos_cluster)
+    y_sum, n_i = per_cluster(v_neg, neg_cluster)
+    d_x = x_sum - aucs[:, None] * m_i[None, :]
+    d_y = y_sum - aucs[:, None] * n_i[None, :]
+    factor = n_clusters / (n_clusters - 1)
+    s10 = factor / m * d_x @ d_x.T
+    s01 = factor / n * d_y @ d_y.T
+    s11 = factor * d_x @ d_y.T
+    return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+
+
+def delong_test(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, clusters: np.ndarray | None = None
+) -> dict[str, float]:
     """Paired two-sided DeLong test of AUC(a) = AUC(b) on the same images.
 
+    ``clusters`` (one id per image, e.g. its ``subject_id``) gives the clustered test of
+    Obuchowski (1997), which counts patients, not images; without it images are independent.
     Unknown (NaN) labels are dropped. Returns auc_a, auc_b, diff (a - b), se (of the
     difference), z and p. Identical predictors give diff 0 and p 1; a difference with
     zero variance gives p 0. Raises ``ValueError`` with fewer than 2 cases of a class.
@@ -447,7 +497,8 @@ def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) 
     labels = np.asarray(labels, dtype=float)
     known = ~np.isnan(labels)
     scores = np.vstack([np.asarray(scores_a, float)[known], np.asarray(scores_b, float)[known]])
-    aucs, cov = delong_covariance(labels[known], scores)
+    groups = None if clusters is None else np.asarray(clusters)[known]
+    aucs, cov = delong_covariance(labels[known], scores, groups)
     diff = float(aucs[0] - aucs[1])
     variance = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     se = float(np.sqrt(max(variance, 0.0)))
@@ -490,37 +541,63 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
-def delong_findings(scores_a: pd.DataFrame, scores_b: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+def correct_family(table: pd.DataFrame, family: str) -> pd.DataFrame:
+    """Holm and Benjamini-Hochberg over every tested row of ``table`` (one family of tests).
+
+    Writes ``p_holm``, ``p_bh`` and ``correction_family`` (``family`` and the number of tests
+    it counts) before the ``reason`` column; untested rows (NaN p) stay NaN and are not counted.
+    """
+    table = table.drop(columns=["p_holm", "p_bh", "correction_family"], errors="ignore")
+    where = table.columns.get_loc("reason") if "reason" in table.columns else len(table.columns)
+    tested = int(table["p"].notna().sum())
+    table.insert(where, "p_holm", holm(table["p"]))
+    table.insert(where + 1, "p_bh", benjamini_hochberg(table["p"]))
+    table.insert(where + 2, "correction_family", f"{family} ({tested} tests)")
+    return table
+
+
+def delong_findings(
+    scores_a: pd.DataFrame,
+    scores_b: pd.DataFrame,
+    index: pd.DataFrame,
+    group_column: str | None = "subject_id",
+) -> pd.DataFrame:
     """DeLong test per finding between two score frames of the same images, Holm and BH corrected.
 
-    Columns: finding, auc_a, auc_b, diff, se, z, p, p_holm, p_bh, reason. A finding that
-    cannot be tested (fewer than 2 known cases of a class) has NaN and a reason; the
-    corrections run over the findings that were tested.
+    Images are clustered by ``group_column`` of the index (the patient: Obuchowski's clustered
+    test); ``None`` treats images as independent. Columns: finding, auc_a, auc_b, diff, se, z,
+    p, p_holm, p_bh, correction_family, reason. A finding that cannot be tested (fewer than 2
+    known cases of a class) has NaN and a reason; the corrections run over the findings tested.
     """
     if set(scores_a.index) != set(scores_b.index):
         raise ValueError("the two prediction frames do not hold the same images; a paired test needs them")
     scores_b = scores_b.loc[scores_a.index]
     labels = labels_for(index, scores_a.index)
+    clusters = None
+    if group_column is not None:
+        subject = index.set_index(index["dicom_id"].astype(str))[group_column].astype(str)
+        clusters = subject.loc[scores_a.index].to_numpy()
     rows = []
     for finding in FINDINGS:
         try:
-            result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding])
+            result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding], clusters)
             result["reason"] = ""
         except ValueError as error:
             result = dict.fromkeys(("auc_a", "auc_b", "diff", "se", "z", "p"), np.nan)
             result["reason"] = str(error)
         rows.append({"finding": finding, **result})
-    table = pd.DataFrame(rows)
-    table.insert(table.columns.get_loc("reason"), "p_holm", holm(table["p"]))
-    table.insert(table.columns.get_loc("reason"), "p_bh", benjamini_hochberg(table["p"]))
-    return table
+    return correct_family(pd.DataFrame(rows), "the findings of this pair")
 
 
-def pairwise_delong(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
-    """DeLong tests for every pair of resolutions / ensembles, per fold and finding.
+def pairwise_delong(
+    predictions: PredictionSet, index: pd.DataFrame, group_column: str | None = "subject_id"
+) -> pd.DataFrame:
+    """Clustered DeLong tests for every pair of resolutions / ensembles, per fold and finding.
 
     Long table: resolution_a, resolution_b, fold, finding, auc_a, auc_b, diff, se, z, p,
-    p_holm, p_bh, reason. Corrections are across the findings of one (pair, fold).
+    p_holm, p_bh, correction_family, reason. Images are clustered by patient (``group_column``;
+    None: independent images). The corrections run over the whole family of one fold: every
+    pair of resolutions and ensembles x every finding, as ``correction_family`` says.
     Pass :func:`pool_folds` output for one test per pair over all test images.
     """
     folds = list(dict.fromkeys(fold for _, fold in predictions))
@@ -528,12 +605,17 @@ def pairwise_delong(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataF
     tables = []
     for fold in folds:
         present = [r for r in labels_in if (r, fold) in predictions]
-        for a, b in itertools.combinations(present, 2):
-            table = delong_findings(predictions[(a, fold)], predictions[(b, fold)], index)
+        pairs = list(itertools.combinations(present, 2))
+        per_fold = []
+        for a, b in pairs:
+            table = delong_findings(predictions[(a, fold)], predictions[(b, fold)], index, group_column)
             table.insert(0, "fold", fold)
             table.insert(0, "resolution_b", b)
             table.insert(0, "resolution_a", a)
-            tables.append(table)
+            per_fold.append(table)
+        if per_fold:
+            family = f"fold {fold}: {len(pairs)} pairs x {len(FINDINGS)} findings"
+            tables.append(correct_family(pd.concat(per_fold, ignore_index=True), family))
     if not tables:
         raise ValueError("pairwise_delong needs at least two resolutions with predictions on the same fold")
     return pd.concat(tables, ignore_index=True)

@@ -48,6 +48,83 @@ def test_delong_matches_plain_structural_components(ties):
     assert result["p"] == pytest.approx(ref_p, rel=1e-9)
 
 
+def reference_clustered_delong(labels, scores, clusters):
+    """Obuchowski (1997) written plainly: O(m n) components, summed per cluster, then the covariance."""
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    ids = sorted(set(clusters))
+    pos, neg = labels == 1, labels == 0
+    m, n, big_i = pos.sum(), neg.sum(), len(ids)
+    d_x, d_y, aucs = [], [], []
+    for s in scores:
+        psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+        auc = psi.mean()
+        v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+        d_x.append([v10[clusters[pos] == c].sum() - (clusters[pos] == c).sum() * auc for c in ids])
+        d_y.append([v01[clusters[neg] == c].sum() - (clusters[neg] == c).sum() * auc for c in ids])
+        aucs.append(auc)
+    d_x, d_y = np.array(d_x), np.array(d_y)
+    cov = np.zeros((len(scores), len(scores)))
+    for a in range(len(scores)):
+        for b in range(len(scores)):
+            s10 = big_i / ((big_i - 1) * m) * np.sum(d_x[a] * d_x[b])
+            s01 = big_i / ((big_i - 1) * n) * np.sum(d_y[a] * d_y[b])
+            s11 = big_i / (big_i - 1) * (np.sum(d_x[a] * d_y[b]) + np.sum(d_x[b] * d_y[a]))
+            cov[a, b] = s10 / m + s01 / n + s11 / (m * n)
+    return np.array(aucs), cov
+
+
+def clustered_sample(rng, subjects=150, signal=1.0):
+    """Subjects with 1-4 images each; a subject effect shared by its images' scores and labels."""
+    sizes = rng.integers(1, 5, subjects)
+    clusters = np.repeat(np.arange(subjects), sizes)
+    subject_effect = rng.normal(size=subjects)[clusters]
+    labels = ((subject_effect + rng.normal(size=len(clusters))) > 0.3).astype(float)
+    a = signal * labels + subject_effect + rng.normal(size=len(clusters))
+    b = 0.5 * signal * labels + subject_effect + rng.normal(size=len(clusters))
+    return labels, np.round(a, 1), np.round(b, 1), clusters  # rounded: ties too
+
+
+def test_clustered_delong_matches_obuchowski_written_plainly():
+    labels, a, b, clusters = clustered_sample(np.random.default_rng(3))
+    aucs, cov = metrics.delong_covariance(labels, np.vstack([a, b]), clusters)
+    ref_aucs, ref_cov = reference_clustered_delong(labels, [a, b], clusters)
+    np.testing.assert_allclose(aucs, ref_aucs, rtol=1e-12)
+    np.testing.assert_allclose(cov, ref_cov, rtol=1e-9)
+    result = metrics.delong_test(labels, a, b, clusters=clusters)
+    se = np.sqrt(ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1])
+    assert result["se"] == pytest.approx(se, rel=1e-9)
+
+
+def test_clustered_delong_counts_patients_and_the_image_level_test_counts_copies():
+    rng = np.random.default_rng(4)
+    labels = (rng.random(400) < 0.35).astype(float)
+    a, b = noisy_scores(labels, 1.0, rng), noisy_scores(labels, 0.7, rng)
+    subjects = np.arange(len(labels))
+    single = metrics.delong_test(labels, a, b)
+    # One image per subject: the clustered test is the image-level one (up to I/(I-1) vs M/(M-1)).
+    assert metrics.delong_test(labels, a, b, clusters=subjects)["se"] == pytest.approx(single["se"], rel=0.01)
+    k = 4  # every image copied k times inside its subject: no new patients, no new evidence
+    copied = [np.repeat(v, k) for v in (labels, a, b, subjects)]
+    clustered = metrics.delong_test(*copied[:3], clusters=copied[3])
+    image_level = metrics.delong_test(*copied[:3])
+    assert clustered["diff"] == pytest.approx(single["diff"])
+    assert clustered["se"] == pytest.approx(single["se"], rel=0.03)
+    assert image_level["se"] == pytest.approx(single["se"] / np.sqrt(k), rel=0.03)
+    assert clustered["p"] > image_level["p"]
+
+
+def test_image_level_delong_agrees_with_an_independent_implementation():
+    mlstatkit = pytest.importorskip("MLstatkit", reason="the test extra (pip install -e .[dev]) has it")
+    rng = np.random.default_rng(5)
+    for trial in range(5):
+        labels = (rng.random(250) < 0.3).astype(int)
+        a, b = noisy_scores(labels, 1.0, rng, ties=trial % 2 == 1), noisy_scores(labels, 0.5, rng)
+        z, p = mlstatkit.Delong_test(labels, a, b, return_ci=False, return_auc=False)
+        ours = metrics.delong_test(labels, a, b)
+        assert ours["p"] == pytest.approx(p, rel=1e-8)
+        assert abs(ours["z"]) == pytest.approx(abs(z), rel=1e-8)
+
+
 def test_delong_identical_predictors_give_p_one_and_clearly_better_gives_small_p():
     rng = np.random.default_rng(1)
     labels = (rng.random(400) < 0.4).astype(float)
@@ -211,7 +288,8 @@ def test_load_predictions_refuses_a_file_missing_an_image(tmp_path):
 
 
 def test_pairwise_delong_and_bootstrap_table_over_a_run(tmp_path):
-    index, _ = make_run(tmp_path, resolutions=(32, 64, 128))
+    # 80 patients: enough that clustered tests corrected over all 3 x 14 comparisons have power
+    index, _ = make_run(tmp_path, resolutions=(32, 64, 128), n_subjects=80)
     predictions = metrics.load_predictions(tmp_path, [32, 64, 128])
     pooled = metrics.pool_folds(predictions)
     assert len(pooled[(32, "all")]) == len(index)
@@ -224,7 +302,11 @@ def test_pairwise_delong_and_bootstrap_table_over_a_run(tmp_path):
     fracture = pairs[pairs["finding"] == "Fracture"]
     assert fracture["p"].isna().all() and fracture["reason"].str.contains("positives").all()
     one = pairs[(pairs["resolution_a"] == 32) & (pairs["resolution_b"] == 128)]
-    np.testing.assert_allclose(one["p_holm"], metrics.holm(one["p"]))
+    # One family: every pair x every finding of the fold, named in the table.
+    np.testing.assert_allclose(pairs["p_holm"], metrics.holm(pairs["p"]))
+    np.testing.assert_allclose(pairs["p_bh"], metrics.benjamini_hochberg(pairs["p"]))
+    tested = int(pairs["p"].notna().sum())
+    assert (pairs["correction_family"] == f"fold all: 3 pairs x 14 findings ({tested} tests)").all()
     # The 128 px scores carry three times the signal: most findings differ significantly.
     assert (one["p_holm"] < 0.05).sum() >= 10
     boot = metrics.bootstrap_table({(64, "all"): pooled[(64, "all")]}, index, n_boot=100)
