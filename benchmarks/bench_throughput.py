@@ -498,7 +498,7 @@ def saved_gib_per_image(resolution: int, batch: int, device, amp, memory_efficie
     import torch
 
     from cxrlib.models import build_model
-    from cxrlib.predict import autocast
+    from cxrlib.runtime import autocast
 
     model = build_model("none", memory_efficient=memory_efficient).to(device).train()
     storages: dict[int, int] = {}
@@ -801,8 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cxrlib.datasets import CXRDataset, read_index
+    from cxrlib.runtime import amp_dtype
     from cxrlib.throughput import device_name
-    from cxrlib.train import algorithm_settings, amp_dtype
+    from cxrlib.train import algorithm_settings
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA GPU is visible (use --device cpu)")

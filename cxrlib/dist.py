@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,18 +88,40 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
         if not dist.is_initialized():
             timeout = datetime.timedelta(minutes=timeout_minutes)
             store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
-            # torchrun keeps one store across worker restarts (--max-restarts): without a prefix per
-            # attempt, restarted workers read the dead workers' addresses and cannot connect.
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(
                 backend=backend,
-                store=dist.PrefixStore(f"cxrlib/attempt{attempt}", store),
+                store=_store_for_this_attempt(store),
                 rank=rank,
                 world_size=world_size,
                 timeout=timeout,
                 device_id=torch_device if use_cuda else None,
             )
     return DistInfo(rank, world_size, local_rank, torch_device, backend)
+
+
+def _store_for_this_attempt(store: dist.Store) -> dist.Store:
+    """The workers' store, with a prefix per restart when torchrun shares its agent's store.
+
+    A shared store (torchrun's default) outlives worker restarts (``--max-restarts``): without a
+    prefix per attempt, restarted workers would read the dead workers' addresses and never
+    connect. The restart count only agrees between the workers of one node, though: on several
+    nodes a node whose workers were restarted because another node failed counts no restart. So
+    several nodes need a fresh store per rendezvous round instead,
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (which :func:`cxrlib.launch.launch` sets), and then no
+    prefix is needed.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env_ranks()[0] == 0:
+        warnings.warn(
+            f"{nodes} nodes with --max-restarts share torchrun's agent store: after a restart the "
+            "nodes can wait for each other forever; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on "
+            "every node",
+            stacklevel=2,
+        )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"cxrlib/attempt{attempt}", store)
 
 
 def is_dist() -> bool:

@@ -110,18 +110,27 @@ def build_command(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     max_restarts: int = 0,
+    rdzv_id: str | None = None,
     **overrides,
 ) -> list[str]:
-    """The torchrun command line that trains one fold at one resolution into ``out``."""
+    """The torchrun command line that trains one fold at one resolution into ``out``.
+
+    One node: ``--standalone``. Several: the c10d rendezvous at ``master_addr:master_port`` (every
+    node runs the same command with its own ``node_rank``), so that when a worker fails on one
+    node, the agents of all nodes restart their workers together (``max_restarts``) and they
+    resume from the newest checkpoint. ``rdzv_id`` names the job (default: one per run folder).
+    """
     command = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1:
         command.append("--standalone")  # picks a free port: several single-node runs can coexist
     else:
+        job = rdzv_id or re.sub(r"[^A-Za-z0-9_-]+", "-", str(Path(out).resolve()).strip("/"))[-64:]
         command += [
             f"--nnodes={nnodes}",
             f"--node-rank={node_rank}",
-            f"--master-addr={master_addr}",
-            f"--master-port={master_port}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={master_addr}:{master_port}",
+            f"--rdzv-id={job}",
         ]
     command += [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "-m", "cxrlib.train"]
     command += [
@@ -180,6 +189,7 @@ def launch(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     max_restarts: int = 0,
+    rdzv_id: str | None = None,
     echo: bool = True,
     env: dict[str, str] | None = None,
     **overrides,
@@ -190,7 +200,9 @@ def launch(
         run_dir: the preset's run folder (``runs/<preset>``); the fold folder is made inside it.
         gpus: ``"all"`` (every visible GPU, or one CPU process) or a number of processes per node
             (on a CPU any number, using gloo).
-        nnodes, node_rank, master_addr, master_port: for several machines (call on each node).
+        nnodes, node_rank, master_addr, master_port, rdzv_id: for several machines (call on each
+            node; c10d rendezvous at ``master_addr:master_port``). Node 0 logs to
+            ``train.log``, node ``n`` to ``train_node<n>.log``.
         max_restarts: torchrun restarts the workers this often after a failure; they resume
             from the newest checkpoint.
         echo: print the output live (a notebook cell shows it as it comes).
@@ -205,13 +217,18 @@ def launch(
     out = fold_dir_of(run_dir, resolution, fold)
     command = build_command(
         resolution, fold, out, index, folds, cache, nproc, nnodes, node_rank, master_addr, master_port,
-        max_restarts, **overrides,
+        max_restarts, rdzv_id, **overrides,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train.log"
+    log_path = out / ("train.log" if node_rank == 0 else f"train_node{node_rank}.log")
     # OMP_WAIT_POLICY=PASSIVE: waiting OpenMP threads sleep instead of spinning, so CPU processes
     # sharing cores (several ranks, or other jobs) do not slow each other down many times over.
     child_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if nnodes > 1:
+        # Each rendezvous round gets a fresh store for the workers' process group. The agent's
+        # shared store keeps the previous round's keys, so after a restart the workers of one
+        # node could try the dead workers' addresses (connection refused, or a hang).
+        child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with open(log_path, "a", encoding="utf-8") as log_handle:
         log_handle.write(
             f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n"

@@ -14,6 +14,12 @@ weights) with a 14-output classifier. :func:`build_model` gives that network:
 
 ``memory_efficient=True`` is torchvision's gradient checkpointing inside the dense blocks:
 less activation memory at high resolution for some recomputation.
+
+The head (ReLU, global average pooling, classifier) always computes in float32, also under
+bf16 or fp16 autocast (:class:`DenseNet121`): the features keep the speed of mixed precision,
+while the logits that validation, prediction files, metrics and the ensemble read keep float32
+precision. A bf16 logit has 3 significant digits (spacing 0.03 between 4 and 8), which would
+turn thousands of test images into artificial ties.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -47,10 +54,30 @@ def imagenet_weights_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+class DenseNet121(torchvision.models.DenseNet):
+    """torchvision's DenseNet121 (same layers, same state dict keys) with a float32 head.
+
+    ``forward`` is ``head(features(x))``; :meth:`head` runs outside autocast on float32
+    features, so the logits are float32 numbers, not rounded bf16 / fp16 ones.
+    """
+
+    def __init__(self, num_classes: int, memory_efficient: bool = False):
+        super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Feature maps ``[N, 1024, h, w]`` -> logits ``[N, num_classes]``, in float32."""
+        with torch.autocast(features.device.type, enabled=False):
+            pooled = F.adaptive_avg_pool2d(F.relu(features.float()), 1).flatten(1)
+            return self.classifier(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 def build_model(
     weights: str | os.PathLike = "imagenet", num_classes: int = NUM_FINDINGS, memory_efficient: bool = False
 ) -> nn.Module:
-    """torchvision DenseNet121 with a ``num_classes`` linear classifier.
+    """DenseNet121 (:class:`DenseNet121`: torchvision's, float32 head) with ``num_classes`` outputs.
 
     Args:
         weights: ``"imagenet"``, ``"none"`` or the path of a local state dict (see module docs).
@@ -61,8 +88,7 @@ def build_model(
         WeightsUnavailableError: ImageNet weights requested but not downloadable or cached.
         FileNotFoundError: ``weights`` is neither a choice nor an existing file.
     """
-    model = torchvision.models.densenet121(weights=None, memory_efficient=memory_efficient)
-    model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    model = DenseNet121(num_classes, memory_efficient=memory_efficient)
     choice = str(weights)
     if choice == "none":
         return model

@@ -34,3 +34,8 @@ def tables_dir(run: str | os.PathLike) -> Path:
 def fold_dir(run: str | os.PathLike, resolution: int, fold: int) -> Path:
     """``<run>/res<R>/fold<k>/``: checkpoint, history.csv and prediction files of one training run."""
     return Path(run) / f"res{int(resolution)}" / f"fold{int(fold)}"
+
+
+def cross_predictions_path(run: str | os.PathLike, resolution: int, fold: int, test_resolution: int) -> Path:
+    """``<run>/res<R>/fold<k>/test_predictions_at<T>.csv``: the model trained at R scored at T px."""
+    return fold_dir(run, resolution, fold) / f"test_predictions_at{int(test_resolution)}.csv"

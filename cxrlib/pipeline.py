@@ -91,7 +91,13 @@ STEPS: tuple[Step, ...] = (
     Step("01_image_sizes", _figures_and_tables(["fig3_image_sizes.png"], [])),
     Step("02_downscale", _cache_outputs),
     Step("03_train", _train_outputs, per_resolution=True),
-    Step("04_evaluate", _figures_and_tables(["auc_vs_resolution.png"], ["auc.csv", "table3.csv"])),
+    Step(
+        "04_evaluate",
+        _figures_and_tables(
+            ["auc_vs_resolution.png", "cross_resolution.png"],
+            ["auc.csv", "table3.csv", "delong.csv", "cross_resolution_auc.csv"],
+        ),
+    ),
     Step("05_receptive_field", _figures_and_tables(["fig1_erf.png"], ["erf.csv"])),
     Step("06_gradcam", _figures_and_tables(["fig4_gradcam.png"], [])),
     Step("07_ensemble", _figures_and_tables(["fig5_ensemble_weights.png"], ["ensemble_weights.csv"])),

@@ -14,6 +14,7 @@ fig4_gradcam.png       :func:`fig4_gradcam`         Grad-CAM maps and probabilit
 fig5_ensemble_weights  :func:`fig5_ensemble_weights` ensemble_weights.csv
 auc_vs_resolution.png  :func:`auc_vs_resolution`    auc.csv (optionally bootstrap CIs)
 (optional)             :func:`delong_heatmap`       metrics.pairwise_delong output
+cross_resolution.png   :func:`cross_resolution_heatmap` cross_resolution_auc.csv (study.cross_resolution)
 (notebooks)            :func:`training_curves`      history.csv files (:func:`read_histories`)
 (notebooks)            :func:`phantom_examples`     cxrlib.phantom.finding_examples output
 ====================== =========================== =============================================
@@ -437,6 +438,36 @@ def delong_heatmap(pairwise: pd.DataFrame, value: str = "p_holm", fold=None) -> 
     ax.set_ylabel("")
     ax.grid(False)
     fig.suptitle(f"Paired DeLong tests (fold {fold}); text: AUC(a) - AUC(b) in points; 1.3 = p 0.05")
+    return fig
+
+
+def cross_resolution_heatmap(table: pd.DataFrame, findings: Sequence[str] = ("Average",)) -> Figure:
+    """Test AUC of each model (rows: trained at) at each test resolution (columns), one panel per finding.
+
+    ``table``: ``cross_resolution_auc.csv`` (train_resolution, test_resolution, fold, finding,
+    auc); cells are means over folds. ``"Average"`` is, per fold, the mean over the findings
+    with an AUC (as Table 3's Average), then the mean over folds. The diagonal is each model
+    at its own resolution.
+    """
+    keys = ["train_resolution", "test_resolution", "fold"]
+    average = table.groupby(keys)["auc"].mean().reset_index().assign(finding="Average")
+    both = pd.concat([table, average], ignore_index=True)
+    shown = [f for f in findings if f in set(both["finding"])]
+    if not shown:
+        raise ValueError(f"none of {list(findings)} is in the table (it has {sorted(set(table['finding']))})")
+    fig = _figure(3.4 * len(shown) + 0.6, 3.3)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    for ax, finding in zip(axes, shown, strict=True):
+        part = both[both["finding"] == finding]
+        cells = part.groupby(["train_resolution", "test_resolution"])["auc"].mean()
+        grid = cells.unstack("test_resolution").sort_index().sort_index(axis=1)
+        sns.heatmap(
+            grid, annot=True, fmt=".2f", cmap="viridis", vmin=0.5, vmax=1.0, ax=ax, cbar=ax is axes[-1],
+            linewidths=0.5, square=True, cbar_kws={"label": "test AUC"},
+        )  # fmt: skip
+        ax.set(xlabel="tested at (px)", ylabel="trained at (px)", title=finding)
+        ax.grid(False)
+    fig.suptitle("Each model at every test resolution (diagonal: its own)")
     return fig
 
 

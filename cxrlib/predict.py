@@ -16,7 +16,6 @@ resolution; this gives the train-resolution x test-resolution matrix)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import warnings
@@ -34,7 +33,7 @@ from .datasets import CXRDataset, collate_skip_none, read_index
 from .fileio import write_csv_atomic
 from .labels import FINDINGS
 from .models import build_model, extract_state_dict, load_state_dict_file, load_weights_into
-from .transforms import normalize
+from .runtime import amp_dtype, autocast, model_input, resolve_device
 
 
 class IndexedDataset(Dataset):
@@ -53,19 +52,6 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.dataset[i]
         return None if item is None else (i, *item)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 ``[B, 1, R, R]`` (already on the device) -> normalised float ``[B, 3, R, R]``."""
-    x = normalize(images) if images.dtype == torch.uint8 else images.float()
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()
@@ -198,7 +184,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from .splits import fold_ids, read_folds
-    from .train import amp_dtype, resolve_device
 
     try:
         index = read_index(args.index)

@@ -95,6 +95,7 @@ class AnalysisConfig:
     bootstrap: int = 1000
     throughput_steps: int = 10
     throughput_resolutions: list[int] | None = None  # None: the preset's resolutions
+    device: str = "auto"  # ERF, Grad-CAM and prediction in the notebooks: auto (GPU if visible) | cpu | cuda
 
 
 @dataclass
@@ -226,6 +227,9 @@ def validate(preset: Preset) -> None:
         raise ValueError(f"{where}: resolutions {preset.resolutions} repeat a value")
     if preset.data.source not in DATA_SOURCES:
         raise ValueError(f"{where}: data.source {preset.data.source!r} is not one of {DATA_SOURCES}")
+    device = str(preset.analysis.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"{where}: analysis.device {device!r} is not auto, cpu, cuda or cuda:N")
     if preset.train.cpu_processes < 1:
         raise ValueError(f"{where}: train.cpu_processes must be at least 1, got {preset.train.cpu_processes}")
     if preset.folds.k < 2:
@@ -258,8 +262,10 @@ def resolve(
     gpus: int | str | None = None,
     run_dir: str | None = None,
     figures_dir: str | None = None,
+    device: str | None = None,
 ) -> Preset:
-    """Load a preset and apply overrides (``None`` keeps the preset's value)."""
+    """Load a preset and apply overrides (``None`` keeps the preset's value); ``device`` is the
+    analysis device (``analysis.device``)."""
     resolved = copy.deepcopy(preset) if isinstance(preset, Preset) else load_preset(preset)
     if data_root is not None:
         resolved.data.root = str(Path(data_root).resolve())
@@ -273,5 +279,7 @@ def resolve(
         resolved.run_dir = str(Path(run_dir).resolve())
     if figures_dir is not None:
         resolved.figures_dir = str(Path(figures_dir).resolve())
+    if device is not None:
+        resolved.analysis.device = str(device)
     validate(resolved)
     return resolved

@@ -270,6 +270,63 @@ def evaluate(preset: Preset) -> Evaluation:
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
 
 
+CROSS_RESOLUTION_COLUMNS = ("train_resolution", "test_resolution", "fold", "finding", "auc")
+
+
+def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
+    """Every trained model scored on its test fold at every resolution of the preset.
+
+    Writes ``tables/cross_resolution_auc.csv`` (train_resolution, test_resolution, fold,
+    finding, auc). The diagonal reads the trainer's own ``test_predictions.csv``, so it equals
+    ``auc.csv``; each other cell is predicted on the analysis device (bf16 features on a GPU,
+    float32 logits) and kept as ``res<R>/fold<k>/test_predictions_at<T>.csv``, which a re-run
+    reuses unless the model is newer.
+    """
+    from tqdm.auto import tqdm
+
+    from . import metrics
+    from .fileio import write_csv_atomic
+    from .paths import cross_predictions_path, fold_dir
+    from .predict import predict_logits
+    from .runtime import amp_dtype
+
+    index, folds = load_data(preset)
+    device = analysis_device(preset)
+    cells = [
+        (f, r, t) for f in preset.trained_folds() for r in preset.resolutions for t in preset.resolutions
+    ]
+    rows = []
+    models: dict[tuple[int, int], torch.nn.Module] = {}
+    for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
+        ids = splits.fold_ids(folds, fold, "test")
+        if trained_at == tested_at:
+            scores = metrics.read_predictions(
+                metrics.predictions_path(preset.run_path, trained_at, fold), ids
+            )
+        else:
+            path = cross_predictions_path(preset.run_path, trained_at, fold, tested_at)
+            best = fold_dir(preset.run_path, trained_at, fold) / "best_model.pt"
+            if not (path.is_file() and path.stat().st_mtime >= best.stat().st_mtime):
+                if (trained_at, fold) not in models:
+                    models = {(trained_at, fold): trained_model(preset, trained_at, fold, device)}
+                dataset = datasets.CXRDataset(
+                    index[index["dicom_id"].isin(set(ids))].reset_index(drop=True),
+                    tested_at,
+                    preset.cache_path,
+                    cache_format=preset.cache.format,
+                )
+                frame = predict_logits(models[(trained_at, fold)], dataset, 64, device, amp_dtype(device))
+                write_csv_atomic(frame, path)
+            scores = metrics.read_predictions(path, ids)
+        labels = metrics.labels_for(index, scores.index)
+        for finding in scores.columns:
+            auc = metrics.finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())[0]
+            rows.append((trained_at, tested_at, fold, finding, auc))
+    table = pd.DataFrame(rows, columns=list(CROSS_RESOLUTION_COLUMNS))
+    write_csv_atomic(table, preset.tables_path / "cross_resolution_auc.csv")
+    return table
+
+
 # ----------------------------------------------------------------------------- 05, 06: ERF and Grad-CAM
 
 
@@ -288,13 +345,26 @@ def analysis_fold(preset: Preset) -> int:
     return preset.trained_folds()[0]
 
 
-def trained_model(preset: Preset, resolution: int, fold: int | None = None) -> torch.nn.Module:
-    """The best model of one (resolution, fold), in eval mode on the CPU."""
+def analysis_device(preset: Preset) -> torch.device:
+    """Where ERF, Grad-CAM and prediction run: ``analysis.device`` (auto: the GPU when one is visible)."""
+    from .runtime import ConfigError, resolve_device
+
+    try:
+        return resolve_device(preset.analysis.device)
+    except (ConfigError, RuntimeError) as error:
+        raise ValueError(f"preset {preset.name!r}: analysis.device: {error}") from None
+
+
+def trained_model(
+    preset: Preset, resolution: int, fold: int | None = None, device: torch.device | str | None = None
+) -> torch.nn.Module:
+    """The best model of one (resolution, fold), in eval mode on ``device`` (default: the analysis device)."""
     from .paths import fold_dir
     from .predict import load_trained_model
 
     fold = analysis_fold(preset) if fold is None else fold
-    return load_trained_model(fold_dir(preset.run_path, resolution, fold))
+    device = analysis_device(preset) if device is None else torch.device(device)
+    return load_trained_model(fold_dir(preset.run_path, resolution, fold), map_location=device).to(device)
 
 
 def receptive_fields(
@@ -303,21 +373,23 @@ def receptive_fields(
     """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``.
 
     The same test images of the analysis fold are used at every resolution. The "init" model
-    has the weights training started from (``train.weights`` of the preset).
+    has the weights training started from (``train.weights`` of the preset). Runs on the
+    analysis device (:func:`analysis_device`), in float32: the ERF is a squared gradient.
     """
     from .models import build_model
     from .receptive_field import compute_erfs, erf_table, theoretical_receptive_field, write_erf_table
 
     index, folds = load_data(preset)
+    device = analysis_device(preset)
     test_ids = splits.fold_ids(folds, analysis_fold(preset), "test")[: preset.analysis.erf_images]
     images = {r: example_images(preset, test_ids, r) for r in preset.resolutions}
     models = {}
     for resolution in preset.resolutions:
         if "init" in states:
             torch.manual_seed(seed)
-            models[(resolution, "init")] = build_model(weights=preset.train.weights).eval()
+            models[(resolution, "init")] = build_model(weights=preset.train.weights).eval().to(device)
         if "trained" in states:
-            models[(resolution, "trained")] = trained_model(preset, resolution)
+            models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
     results = compute_erfs(models, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
     rf = theoretical_receptive_field(next(iter(models.values())).features)
     table = erf_table(results, theoretical_rf_px=rf)

@@ -2,7 +2,7 @@
 
 Each resolution is measured on the current device with the trainer's real settings: its
 per-process batch (:func:`cxrlib.train.default_per_gpu_batch`), mixed precision
-(:func:`cxrlib.train.amp_dtype`), channels_last on GPUs, augmentation on the device
+(:func:`cxrlib.runtime.amp_dtype`), channels_last on GPUs, augmentation on the device
 (:func:`cxrlib.train.augment_batch`), masked BCE and Adam. Inputs are synthetic uint8 batches
 already on the device, so ``train_img_s`` and ``infer_img_s`` are the model's ceiling;
 ``load_img_s`` is the DataLoader's rate from the cache alone (decode only, the trainer's
@@ -36,8 +36,8 @@ from .datasets import CXRDataset, collate_skip_none
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS, masked_bce_with_logits
 from .models import build_model
-from .predict import autocast, model_input
-from .train import amp_dtype, augment_batch, default_per_gpu_batch, default_workers, resolve_device
+from .runtime import amp_dtype, autocast, model_input, resolve_device
+from .train import augment_batch, default_per_gpu_batch, default_workers
 
 COLUMNS = (
     "resolution",

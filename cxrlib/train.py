@@ -10,14 +10,17 @@ Launch (``--out`` is the fold's run folder, by convention ``runs/<preset>/res<R>
     torchrun --standalone --nproc_per_node=gpu -m cxrlib.train --index ... --resolution 1024 \\
         --fold 0 --out ...
 
-    # two nodes of 8 GPUs (run on each node, NODE_RANK 0 and 1; --out on a shared filesystem)
-    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=node01 \\
-        --master_port=29500 -m cxrlib.train --index ... --resolution 2048 --fold 0 --out ...
+    # two nodes of 8 GPUs (the same command on each node; --out on a shared filesystem; a fresh
+    # rendezvous store per round, so that the nodes can restart together after a failure)
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node01:29500 \\
+        --rdzv_id=res2048-fold0 --max-restarts=3 -m cxrlib.train --index ... --resolution 2048 ...
 
     # SLURM: sbatch this script (one torchrun per node; srun starts it on each node)
     #!/bin/bash
     #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64 --time=48:00:00
     export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID \\
         --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 --max-restarts=3 \\
         -m cxrlib.train --index ... --resolution 2048 --fold 0 --out ...
@@ -38,8 +41,10 @@ The recipe (paper section 2.2, Table 1):
   effective batch interpolated log-linearly in resolution between Table 1's neighbours (the
   end values outside 256-2048), and lr = 5e-4 x effective batch / 512 (linear scaling anchored
   on 256 px). A given ``--effective-batch`` without ``--lr`` scales the resolution's lr linearly.
-  Effective batch = per-process batch x processes x accumulation steps; the trainer picks the
-  accumulation steps and logs the effective batch it uses when it cannot match exactly.
+  Effective batch = per-process batch x processes x accumulation steps: met exactly whenever a
+  split within the per-process limit exists (:func:`plan_batches`); otherwise the closest is
+  used and the learning rate scaled linearly by actual / requested (logged, and recorded in
+  ``done.json`` as ``lr``, ``lr_requested`` and ``lr_scale``).
 * ``ReduceLROnPlateau(factor=0.5, patience=3)`` on the validation loss (PyTorch semantics: the
   lr halves at the end of the 4th consecutive epoch without improvement, i.e. once the loss has
   not improved *for more than* 3 epochs); training stops once the validation loss has not
@@ -58,8 +63,9 @@ The recipe (paper section 2.2, Table 1):
   (``torch.cuda.mem_get_info``) less 1 GiB (:func:`default_per_gpu_batch`). The estimate per image
   is 0.083 GiB x (R / 256)^2 with bf16 or fp16 autocast and channels_last (measured on an H200),
   twice that in float32, half that with ``--memory-efficient`` (:func:`training_gib_per_image`).
-  On the CPU: 16 up to 128 px, else 8. The accumulation steps then make up the effective batch
-  (:func:`plan_batches`), so the batch changes the speed, not the recipe.
+  On the CPU: 16 up to 128 px, else 8. That is a limit: the per-process batch and the
+  accumulation steps then make up the effective batch (:func:`plan_batches`), so the batch
+  changes the speed, not the recipe.
 * Input pipeline: DataLoader workers (:func:`default_workers`) only decode cached uint8 images
   into shared memory; batches go through pinned memory with non-blocking copies, persistent
   workers and a prefetch of 4 batches per worker; augmentation and normalisation run on the device.
@@ -127,7 +133,8 @@ from .datasets import CXRDataset, ImageReadError, collate_skip_none, read_index
 from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_csv_atomic, write_text_atomic
 from .labels import masked_bce_with_logits
 from .models import WEIGHT_CHOICES, WeightsUnavailableError, build_model
-from .predict import IndexedDataset, autocast, logits_frame, model_input, predict_arrays
+from .predict import IndexedDataset, logits_frame, predict_arrays
+from .runtime import ConfigError, amp_dtype, autocast, model_input, resolve_device
 from .splits import fold_ids, num_folds, read_folds
 from .transforms import MAX_ROTATION_DEGREES, normalize, rotate_flip_batch
 
@@ -159,10 +166,6 @@ WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # one-lin
 LOCK_NAME = ".lock"  # held by rank 0 while a run writes its folder
 RESULT_FILES = ("history.csv", "val_predictions.csv", "test_predictions.csv", "done.json")
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
-
-
-class ConfigError(ValueError):
-    """A parameter or input file is wrong; raised before any work starts."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -215,13 +218,21 @@ class BatchPlan:
     def exact(self) -> bool:
         return self.effective_batch == self.requested_effective_batch
 
+    @property
+    def lr_scale(self) -> float:
+        """Linear scaling of the learning rate to the batch actually used: actual / requested."""
+        return self.effective_batch / self.requested_effective_batch
+
     def describe(self) -> str:
         text = (
             f"effective batch {self.effective_batch} = {self.per_gpu_batch} per process x "
             f"{self.world_size} process(es) x {self.accumulation_steps} accumulation step(s)"
         )
         if not self.exact:
-            text += f"; {self.requested_effective_batch} requested cannot be matched exactly"
+            text += (
+                f"; {self.requested_effective_batch} requested cannot be matched exactly, so the "
+                f"learning rate is scaled by {self.effective_batch}/{self.requested_effective_batch}"
+            )
         return text
 
 
@@ -231,8 +242,11 @@ def plan_batches(
     """Choose accumulation steps (and, when ``per_gpu_batch`` is None, the per-process batch).
 
     With a fixed ``per_gpu_batch``: accumulation = round(effective / (batch x world)), at least 1.
-    Otherwise: the fewest accumulation steps whose per-process batch fits ``max_per_gpu``, and
-    the per-process batch that comes closest to ``effective_batch`` with them.
+    Otherwise the requested effective batch is met exactly whenever a per-process batch of at
+    most ``max_per_gpu`` allows it (with the fewest accumulation steps among the exact splits:
+    42 on one GPU of at most 4 images is 3 x 14). Only when no split is exact is the closest
+    taken (fewest steps among equally close ones); :attr:`BatchPlan.lr_scale` then says how
+    the learning rate follows it.
     """
     if effective_batch < 1 or world_size < 1:
         raise ConfigError(f"effective batch ({effective_batch}) and processes ({world_size}) must be >= 1")
@@ -242,40 +256,19 @@ def plan_batches(
         steps = max(1, round(effective_batch / (per_gpu_batch * world_size)))
         return BatchPlan(per_gpu_batch, world_size, steps, effective_batch)
     limit = max(1, max_per_gpu or effective_batch)
-    steps = max(1, math.ceil(effective_batch / (limit * world_size)))
-    batch = min(limit, max(1, round(effective_batch / (world_size * steps))))
-    return BatchPlan(batch, world_size, steps, effective_batch)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; refuses ``cuda`` without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible")
-    return device
-
-
-def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32.
-
-    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU.
-    """
-    device = torch.device(device)
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU")
-        return torch.float16
-    raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
+    per_process, remainder = divmod(effective_batch, world_size)
+    if remainder == 0:
+        for steps in range(1, per_process + 1):
+            if per_process % steps == 0 and per_process // steps <= limit:
+                return BatchPlan(per_process // steps, world_size, steps, effective_batch)
+    best = BatchPlan(1, world_size, 1, effective_batch)
+    for steps in range(1, max(1, math.ceil(effective_batch / world_size)) + 1):
+        share = effective_batch / (world_size * steps)
+        for batch in sorted({min(limit, max(1, math.floor(share))), min(limit, max(1, math.ceil(share)))}):
+            plan = BatchPlan(batch, world_size, steps, effective_batch)
+            if abs(plan.lr_scale - 1) < abs(best.lr_scale - 1):  # ties keep the fewer steps
+                best = plan
+    return best
 
 
 def training_gib_per_image(
@@ -919,10 +912,11 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
     out, device = args.out, info.device
     started = time.time()
     effective = args.effective_batch or default_effective_batch(args.resolution)
-    lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
+    requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
     amp = amp_dtype(device, args.amp)
     max_batch = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
     plan = plan_batches(effective, info.world_size, args.batch_size, max_per_gpu=max_batch)
+    lr = requested_lr * plan.lr_scale  # linear scaling when the batch cannot be met exactly
     fingerprint = run_fingerprint(args, effective)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
     workers = args.workers if args.workers is not None else default_workers(device, local_world)
@@ -956,7 +950,10 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
         log(describe_auto_batch(args.resolution, device, amp, args.memory_efficient, max_batch))
     log(plan.describe())
     if not plan.exact:
-        log(f"using effective batch {plan.effective_batch} instead of {effective} (lr {lr:g} unchanged)")
+        log(
+            f"using effective batch {plan.effective_batch} instead of {effective}: lr {requested_lr:g} x "
+            f"{plan.effective_batch}/{effective} = {lr:g}"
+        )
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
@@ -1086,6 +1083,8 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
         "skipped_nonfinite_steps": skipped_total,
         "batch_plan": {**dataclasses.asdict(plan), "effective_batch": plan.effective_batch},
         "lr": lr,
+        "lr_requested": requested_lr,
+        "lr_scale": plan.lr_scale,
         "world_size": info.world_size,
         "device": str(device),
         "seconds": time.time() - started,

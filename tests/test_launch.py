@@ -58,6 +58,7 @@ def test_overrides_become_trainer_flags():
     command = launcher.build_command(256, 1, "out", "i.csv", "f.csv", "c", nproc=8, nnodes=2, node_rank=1)
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert "--nnodes=2" in command and "--node-rank=1" in command and "--nproc-per-node=8" in command
+    assert "--rdzv-backend=c10d" in command and "--rdzv-endpoint=127.0.0.1:29500" in command
     assert command[command.index("--resolution") + 1] == "256"
 
 
@@ -153,6 +154,62 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes(tiny, two_process_ru
     assert marker.exists()  # rank 1 really was killed in epoch 2
     log = (out / "train.log").read_text()
     assert "resumed from checkpoint_epoch001.pt" in log
+    keep = ["epoch", "train_loss", "val_loss", "lr"]
+    reference = pd.read_csv(two_process_run / "history.csv")[keep]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv")[keep], reference)
+    ours, theirs = (
+        learnable(out / "checkpoint_epoch002.pt"),
+        learnable(two_process_run / "checkpoint_epoch002.pt"),
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_nodes(data, run_dir, env_of_node=lambda node: ONE_THREAD, **extra):
+    """Two torchrun "nodes" on this machine, one process each, c10d rendezvous on 127.0.0.1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, job = free_port(), f"two-nodes-{free_port()}"
+
+    def node(rank):
+        return start(
+            data, run_dir, gpus=1, nnodes=2, node_rank=rank, master_addr="127.0.0.1", master_port=port,
+            rdzv_id=job, env=env_of_node(rank), **extra,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(node, (0, 1)))
+    assert outs[0] == outs[1]
+    return outs[0]
+
+
+@pytest.mark.slow
+def test_two_nodes_restart_together_after_a_kill_and_end_like_one_node_with_two_processes(
+    tiny, two_process_run, tmp_path
+):
+    """Two torchrun nodes (one process each); node rank 1's worker is killed in epoch 2. Both nodes
+    restart their workers, which resume from epoch 1's checkpoint, and the run ends exactly as the
+    uninterrupted single-node run with two processes: same history, same weights."""
+    marker = tmp_path / "fault_fired"
+    fault = {"CXRLIB_FAULT": "train-batch:epoch=2:batch=1:rank=1", "CXRLIB_FAULT_MARKER": str(marker)}
+    out = two_nodes(tiny, tmp_path, env_of_node=lambda node: {**ONE_THREAD, **fault}, max_restarts=1)
+    assert marker.exists()  # a worker really was killed in epoch 2
+    done = json.loads((out / "done.json").read_text())
+    assert done["complete"] and done["world_size"] == 2
+    logs = {name: (out / name).read_text() for name in ("train.log", "train_node1.log")}
+    assert all("--nnodes=2" in log and "--rdzv-backend=c10d" in log for log in logs.values())
+    assert "resumed from checkpoint_epoch001.pt" in "".join(logs.values())
+    # one node's worker was killed, the other node's worker was stopped for the common restart
+    killed = [name for name, log in logs.items() if "exitcode: -9" in log]
+    stopped = [name for name, log in logs.items() if "closing signal SIGTERM" in log]
+    assert len(killed) == 1 and len(stopped) == 1 and killed != stopped
     keep = ["epoch", "train_loss", "val_loss", "lr"]
     reference = pd.read_csv(two_process_run / "history.csv")[keep]
     pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv")[keep], reference)

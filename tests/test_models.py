@@ -92,3 +92,19 @@ def test_weights_file_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
     with pytest.raises(FileNotFoundError, match="--weights none"):
         build_model(tmp_path / "absent.pt")
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_the_head_computes_in_float32_under_bf16_autocast(resolution):
+    torch.manual_seed(0)
+    model = build_model("none").eval()
+    plain = torchvision.models.densenet121(weights=None, num_classes=14).eval()
+    plain.load_state_dict(model.state_dict())  # same layers and keys as torchvision's
+    x = torch.randn(4, 3, resolution, resolution)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(x), plain(x)
+    assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
+    # a bf16 logit is a float32 whose low 16 bits are zero; ours are not rounded that way
+    assert ((ours.view(torch.int32) & 0xFFFF) != 0).float().mean() > 0.95
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5)  # without autocast: the same function

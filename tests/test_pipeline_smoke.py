@@ -3,6 +3,7 @@
 import json
 
 import nbformat
+import numpy as np
 import pandas as pd
 import papermill
 import pytest
@@ -22,6 +23,7 @@ CONTRACT_FIGURES = [
     "fig4_gradcam.png",
     "fig5_ensemble_weights.png",
     "auc_vs_resolution.png",
+    "cross_resolution.png",
 ]
 
 
@@ -85,6 +87,24 @@ def test_smoke_pipeline_writes_every_contract_file(smoke_run):
     assert {"finding", "resolution", "weight", "std"} <= set(weights.columns)
     sums = weights.groupby("finding")["weight"].sum()
     assert ((sums - 1).abs() < 1e-6).all()
+    # Train x test resolution: every model at every resolution; its diagonal is auc.csv.
+    cross = pd.read_csv(tables / "cross_resolution_auc.csv")
+    assert list(cross.columns) == ["train_resolution", "test_resolution", "fold", "finding", "auc"]
+    assert len(cross) == len(preset.resolutions) ** 2 * len(preset.trained_folds()) * len(FINDINGS)
+    diagonal = cross[cross["train_resolution"] == cross["test_resolution"]]
+    single = auc[auc["resolution"].astype(str).isin([str(r) for r in preset.resolutions])]
+    merged = diagonal.assign(resolution=diagonal["train_resolution"].astype(str)).merge(
+        single.assign(resolution=single["resolution"].astype(str)), on=["resolution", "fold", "finding"]
+    )
+    assert len(merged) == len(diagonal)
+    np.testing.assert_array_equal(merged["auc_x"].to_numpy(), merged["auc_y"].to_numpy())
+    off = cross[cross["train_resolution"] != cross["test_resolution"]]
+    assert off["auc"].notna().any()
+    # DeLong tests are clustered by patient and corrected over one named family.
+    delong = pd.read_csv(tables / "delong.csv")
+    compared = len(preset.resolutions) + 2  # the resolutions and both ensembles
+    family = rf"fold all: {compared * (compared - 1) // 2} pairs x 14 findings \(\d+ tests\)"
+    assert delong["correction_family"].str.fullmatch(family).all()
     erf = pd.read_csv(tables / "erf.csv")
     assert {"resolution", "erf_radius_px", "erf_fraction_of_image"} <= set(erf.columns)
     assert set(erf["state"]) == {"init", "trained"}

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,6 +65,11 @@ def test_table1_defaults_and_the_rule_between_them():
         (512, 4, None, 128, (128, 1), True),  # 256 px on 4 GPUs
         (168, 6, None, 28, (28, 1), True),  # the paper's 1024 px on 6 A100s
         (42, 1, None, 16, (14, 3), True),  # 2048 px on one GPU: 14 x 3
+        (42, 1, None, 4, (3, 14), True),  # at most 4 per GPU: 3 x 14, not 4 x 11 = 44
+        (42, 1, None, 11, (7, 6), True),  # at most 11: 7 x 6, not 10 x 4 = 40
+        (168, 8, None, 4, (3, 7), True),  # 1024 px on 8 GPUs, at most 4: 3 x 8 x 7, not 4 x 8 x 6 = 192
+        (512, 6, None, 256, (85, 1), False),  # 512 / 6 has no exact split: 85 x 6 = 510, the closest
+        (512, 6, None, 32, (17, 5), False),  # at most 32: 17 x 6 x 5 = 510
         (42, 4, None, 7, (5, 2), False),  # 5 x 4 x 2 = 40: logged as inexact
         (168, 4, 16, None, (16, 3), False),  # fixed batch: 16 x 4 x 3 = 192
         (8, 1, 4, None, (4, 2), True),
@@ -76,6 +82,33 @@ def test_effective_batch_plan(effective, world, per_gpu, max_per_gpu, expected, 
     assert plan.effective_batch == expected[0] * world * expected[1]
     assert plan.exact is exact
     assert ("cannot be matched exactly" in plan.describe()) is not exact
+    assert plan.lr_scale == pytest.approx(plan.effective_batch / effective)
+    if max_per_gpu is not None:
+        assert plan.per_gpu_batch <= max_per_gpu
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("resolution", [256, 512, 1024, 2048])
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 7, 11, 16, 64, 256])
+def test_an_exact_split_is_found_whenever_one_exists(resolution, world, limit):
+    effective = train.default_effective_batch(resolution)
+    exact = [
+        (batch, steps)
+        for steps in range(1, effective + 1)
+        for batch in range(1, limit + 1)
+        if batch * world * steps == effective
+    ]
+    plan = train.plan_batches(effective, world, None, max_per_gpu=limit)
+    assert plan.exact is bool(exact)
+    if exact:
+        assert plan.accumulation_steps == min(steps for _, steps in exact)
+    else:  # the closest of all splits within the limit
+        closest = min(
+            abs(batch * world * steps - effective)
+            for steps in range(1, effective + 1)
+            for batch in range(1, limit + 1)
+        )
+        assert abs(plan.effective_batch - effective) == closest
 
 
 def test_mixed_precision_choice_on_cpu():
@@ -474,9 +507,41 @@ def test_trained_model_scores_any_resolution_and_matches_the_trainer(tiny, refer
 
 
 @pytest.mark.slow
-def test_bf16_autocast_trains_on_the_cpu(tiny, tmp_path):
+def test_bf16_autocast_trains_on_the_cpu_and_saves_float32_logits(tiny, tmp_path):
+    from cxrlib import metrics, predict
+
     out = tmp_path / "run"
-    assert train.main(argv(tiny, out, "--amp", "bf16", epochs=1)) == 0
+    assert train.main(argv(tiny, out, "--amp", "bf16", epochs=2, train_images=24)) == 0
     assert json.loads((out / "done.json").read_text())["complete"]
     assert history(out)[["train_loss", "val_loss"]].map(math.isfinite).all().all()
-    assert pd.read_csv(out / "test_predictions.csv")[list(FINDINGS)].notna().all().all()
+    saved = pd.read_csv(out / "test_predictions.csv", dtype={"dicom_id": str}).set_index("dicom_id")
+    logits = saved[list(FINDINGS)].to_numpy().astype(np.float32)
+    assert np.isfinite(logits).all()
+    # A bf16 number is a float32 whose low 16 bits are zero; float32 logits almost never are.
+    low_bits = logits.view(np.uint32) & 0xFFFF
+    assert (low_bits != 0).mean() > 0.95
+    # Scored again in float32: the same AUCs.
+    exact = tmp_path / "float32.csv"
+    common = ["--model", str(out), "--index", str(tiny.index), "--cache", str(tiny.cache), "--device", "cpu"]
+    common += ["--folds", str(tiny.folds), "--fold", "0", "--role", "test", "--resolution", "32"]
+    assert predict.main([*common, "--amp", "off", "--out", str(exact)]) == 0
+    float32 = pd.read_csv(exact, dtype={"dicom_id": str}).set_index("dicom_id").loc[saved.index]
+    labels = tiny.frame.set_index("dicom_id").loc[saved.index]
+    for finding in ("Cardiomegaly", "Pleural Effusion"):
+        auc = metrics.finding_auc(labels[finding].to_numpy(), saved[finding].to_numpy())[0]
+        reference = metrics.finding_auc(labels[finding].to_numpy(), float32[finding].to_numpy())[0]
+        assert auc == pytest.approx(reference, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_an_inexact_effective_batch_scales_the_learning_rate_and_says_so(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    # 4 per process, asked for 6: 2 accumulation steps make 8, so the lr is scaled by 8 / 6
+    args = argv(tiny, out, epochs=1)
+    args[args.index("--effective-batch") + 1] = "6"
+    assert train.main(args) == 0
+    done = json.loads((out / "done.json").read_text())
+    assert done["lr_requested"] == pytest.approx(1e-3)
+    assert done["lr_scale"] == pytest.approx(8 / 6) and done["lr"] == pytest.approx(1e-3 * 8 / 6)
+    assert history(out)["lr"].iloc[0] == pytest.approx(1e-3 * 8 / 6)
+    assert "lr 0.001 x 8/6" in capsys.readouterr().out
