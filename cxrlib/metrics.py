@@ -490,9 +490,10 @@ def delong_test(
 
     ``clusters`` (one id per image, e.g. its ``subject_id``) gives the clustered test of
     Obuchowski (1997), which counts patients, not images; without it images are independent.
-    Unknown (NaN) labels are dropped. Returns auc_a, auc_b, diff (a - b), se (of the
-    difference), z and p. Identical predictors give diff 0 and p 1; a difference with
-    zero variance gives p 0. Raises ``ValueError`` with fewer than 2 cases of a class.
+    Unknown (NaN) labels are dropped. Returns auc_a, auc_b, diff (a - b), ci_low, ci_high, se
+    (of the difference), z and p. Identical predictors give diff 0 and p 1; a difference with
+    zero variance gives p 0. ``ci_low`` / ``ci_high``: the 95% interval of the difference (normal,
+    from the same standard error). Raises ``ValueError`` with fewer than 2 cases of a class.
     """
     labels = np.asarray(labels, dtype=float)
     known = ~np.isnan(labels)
@@ -509,7 +510,11 @@ def delong_test(
     else:
         z = diff / se
         p = float(2 * stats.norm.sf(abs(z)))
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": z, "p": p}
+    half = float(stats.norm.ppf(0.975)) * se  # the 95% interval of the difference
+    return {
+        "auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "ci_low": diff - half,
+        "ci_high": diff + half, "se": se, "z": z, "p": p,
+    }  # fmt: skip
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -565,8 +570,8 @@ def delong_findings(
     """DeLong test per finding between two score frames of the same images, Holm and BH corrected.
 
     Images are clustered by ``group_column`` of the index (the patient: Obuchowski's clustered
-    test); ``None`` treats images as independent. Columns: finding, auc_a, auc_b, diff, se, z,
-    p, p_holm, p_bh, correction_family, reason. A finding that cannot be tested (fewer than 2
+    test); ``None`` treats images as independent. Columns: finding, auc_a, auc_b, diff, ci_low,
+    ci_high, se, z, p, p_holm, p_bh, correction_family, reason. A finding that cannot be tested (fewer than 2
     known cases of a class) has NaN and a reason; the corrections run over the findings tested.
     """
     if set(scores_a.index) != set(scores_b.index):
@@ -583,7 +588,7 @@ def delong_findings(
             result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding], clusters)
             result["reason"] = ""
         except ValueError as error:
-            result = dict.fromkeys(("auc_a", "auc_b", "diff", "se", "z", "p"), np.nan)
+            result = dict.fromkeys(("auc_a", "auc_b", "diff", "ci_low", "ci_high", "se", "z", "p"), np.nan)
             result["reason"] = str(error)
         rows.append({"finding": finding, **result})
     return correct_family(pd.DataFrame(rows), "the findings of this pair")
@@ -594,8 +599,8 @@ def pairwise_delong(
 ) -> pd.DataFrame:
     """Clustered DeLong tests for every pair of resolutions / ensembles, per fold and finding.
 
-    Long table: resolution_a, resolution_b, fold, finding, auc_a, auc_b, diff, se, z, p,
-    p_holm, p_bh, correction_family, reason. Images are clustered by patient (``group_column``;
+    Long table: resolution_a, resolution_b, fold, finding, auc_a, auc_b, diff, ci_low, ci_high,
+    se, z, p, p_holm, p_bh, correction_family, reason. Images are clustered by patient (``group_column``;
     None: independent images). The corrections run over the whole family of one fold: every
     pair of resolutions and ensembles x every finding, as ``correction_family`` says.
     Pass :func:`pool_folds` output for one test per pair over all test images.

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, paths
+from . import __version__, eta, paths
 from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_text_atomic
 from .presets import Preset, resolve
 
@@ -151,14 +151,20 @@ def package_versions() -> dict[str, str]:
 
 
 def devices() -> dict[str, Any]:
-    """CPU count and the visible CUDA devices."""
+    """The CPU (model, cores, vector extensions, PyTorch's kernel level) and the visible CUDA devices.
+
+    Results depend on the CPU's floating-point kernels, so the CPU is recorded as carefully as the GPU.
+    """
     import torch
+
+    from .runtime import cpu_info
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpu": cpu_info(),
         "cuda_devices": gpus,
     }
 
@@ -239,6 +245,34 @@ def _elapsed(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+
+
+def _recorded_seconds(preset: Preset, name: str) -> float:
+    """How long a complete step took when it ran (from its stamp; 0 when unknown)."""
+    try:
+        return float(json.loads(_stamp_path(preset, name).read_text()).get("seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def expected_times(preset: Preset, done: dict[str, float]) -> dict[str, float] | None:
+    """Calibrate (or reuse the kept calibration), print each step's expected time; None on failure.
+
+    An estimate is a convenience: whatever goes wrong here is reported in one line and the run goes on.
+    """
+    from .datasets import read_index
+    from .splits import read_folds
+
+    try:
+        index = read_index(preset.index_path)
+        folds = read_folds(preset.folds_path, index)
+        rates = eta.calibrate(preset)
+        expected = eta.estimate(preset, rates, index, folds)
+    except Exception as error:  # noqa: BLE001 - a failed estimate must not stop the study
+        print(f"(no time estimate: {type(error).__name__}: {error})", flush=True)
+        return None
+    print(eta.format_plan(expected, done, eta.machine_label()), flush=True)
+    return expected
 
 
 def check_before_work(preset: Preset) -> None:
@@ -411,6 +445,8 @@ def run_pipeline(
         total = len(steps)
         rerun_rest = False
         t_start = time.time()
+        done: dict[str, float] = {}  # step -> seconds, of this run or of the run that completed it
+        expected: dict[str, float] | None = None
         for i, (step, resolution) in enumerate(steps):
             name = step.name(resolution)
             notebook, parameters, fingerprint = step_settings(preset_arg, preset, overrides, step, resolution)
@@ -419,11 +455,20 @@ def run_pipeline(
             prefix = f"[{i + 1}/{total}] {name:<32}"
             if not forced and step_is_complete(preset, step, resolution, fingerprint):
                 print(f"{prefix} skipped (complete)", flush=True)
+                done[name] = _recorded_seconds(preset, name)
                 continue
-            print(f"{prefix} running ...", flush=True)
+            if step.per_resolution and expected is None:  # before the long work
+                expected = expected_times(preset, done)
+            hint = ""
+            if expected and name in expected:
+                left = sum(s for n, s in expected.items() if n not in done)
+                hint = f" (expected {eta.clock(expected[name])}; whole run about {eta.clock(left)} left)"
+            print(f"{prefix} running ...{hint}", flush=True)
             t0 = time.time()
             execute_step(notebook, output, parameters, progress_bar)
             seconds = time.time() - t0
+            done[name] = seconds
+            eta.record_step_time(preset, name, seconds)
             missing = [str(p) for p in step.outputs(preset, resolution) if not p.is_file()]
             if missing:
                 raise PipelineError(f"{name} finished but did not write {missing}; see {output}")
@@ -437,13 +482,18 @@ def run_pipeline(
                 _stamp_path(preset, name),
             )
             provenance["steps"][name] = {"seconds": round(seconds, 1), "finished": _now()}
+            if expected and name in expected:
+                provenance["steps"][name]["expected_seconds"] = round(expected[name], 1)
             provenance["data_hashes"] = data_hashes(preset)
             write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
-            print(f"{prefix} done in {_elapsed(seconds)}", flush=True)
+            versus = f" (expected {eta.clock(expected[name])})" if expected and name in expected else ""
+            print(f"{prefix} done in {_elapsed(seconds)}{versus}", flush=True)
             rerun_rest = True  # later steps read what this one wrote
         provenance["finished"] = _now()
         provenance["data_hashes"] = data_hashes(preset)
         write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
+        if expected:
+            print("\n" + eta.format_comparison(expected, done), flush=True)
         print(
             f"\nall {total} steps complete in {_elapsed(time.time() - t_start)}\n"
             f"  figures:   {preset.figures_path}\n"

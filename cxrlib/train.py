@@ -57,7 +57,8 @@ The recipe (paper section 2.2, Table 1):
   Each image's flip and angle are drawn per epoch from ``(seed, epoch)`` and indexed by the
   image, so they do not depend on the number of processes, the batch size or a resume.
 * Mixed precision (``--amp auto``): bf16 autocast on GPUs that support it, fp16 with a
-  GradScaler on the others, off on the CPU; channels_last on GPUs.
+  GradScaler on the others, off on the CPU; channels_last on GPUs (``--channels-last on``
+  also on the CPU, where it pays at small sizes).
 * Per-process batch (``--batch-size``; by default chosen automatically and logged): on a GPU the
   largest power of two, at most 256, whose estimated training memory fits 80% of the free memory
   (``torch.cuda.mem_get_info``) less 1 GiB (:func:`default_per_gpu_batch`). The estimate per image
@@ -134,7 +135,7 @@ from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_csv_atom
 from .labels import masked_bce_with_logits
 from .models import WEIGHT_CHOICES, WeightsUnavailableError, build_model
 from .predict import IndexedDataset, logits_frame, predict_arrays
-from .runtime import ConfigError, amp_dtype, autocast, model_input, resolve_device
+from .runtime import ConfigError, amp_dtype, autocast, model_input, resolve_device, use_channels_last
 from .splits import fold_ids, num_folds, read_folds
 from .transforms import MAX_ROTATION_DEGREES, normalize, rotate_flip_batch
 
@@ -424,6 +425,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     system.add_argument(
         "--memory-efficient", action="store_true", help="gradient checkpointing in dense blocks"
+    )
+    system.add_argument(
+        "--channels-last",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="channels_last memory format (auto: on GPUs only; on pays on the CPU at small sizes)",
     )
     system.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
     system.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
@@ -920,7 +927,8 @@ def _train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrd
     fingerprint = run_fingerprint(args, effective)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
     workers = args.workers if args.workers is not None else default_workers(device, local_world)
-    rt = Runtime(info, amp, device.type == "cuda", plan, args.skip_nonfinite_steps, True)
+    channels_last = use_channels_last(device, args.channels_last)
+    rt = Runtime(info, amp, channels_last, plan, args.skip_nonfinite_steps, True)
 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

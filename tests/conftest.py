@@ -9,10 +9,13 @@ and the tables it was written from, so tests can compare against them.
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before torch loads OpenMP: waiting threads sleep instead of spinning, which keeps tests that
 # start several processes (DDP ranks, notebook kernels) fast on a 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Time calibrations and step times of the pipeline's estimate stay inside the test session.
+os.environ.setdefault("CXR_CACHE_DIR", tempfile.mkdtemp(prefix="cxrlib-test-cache-"))
 
 import shutil
 from dataclasses import dataclass

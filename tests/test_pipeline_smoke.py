@@ -126,6 +126,11 @@ def test_smoke_pipeline_writes_every_contract_file(smoke_run):
     assert teaching.metadata["papermill"]["parameters"]["interactive"] is False
     recorded = json.loads((run / "provenance.json").read_text())
     assert recorded["git"].keys() == {"commit", "dirty"} and "torch" in recorded["packages"]
+    # the CPU that produced the numbers, and the estimate printed before training, next to the actual
+    assert {"model", "cores", "extensions", "torch_capability"} <= set(recorded["machine"]["cpu"])
+    for resolution in preset.resolutions:
+        step = recorded["steps"][f"03_train_res{resolution}"]
+        assert step["expected_seconds"] > 0 and step["seconds"] > 0
 
 
 @pytest.mark.slow

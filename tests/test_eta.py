@@ -1,0 +1,67 @@
+"""The pipeline's time estimate: a kept calibration, a cost per step, recorded step times."""
+
+import pytest
+from tiny_data import make_tiny_dataset
+
+from cxrlib import eta
+from cxrlib.presets import resolve
+from cxrlib.splits import make_folds
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_calibration_measures_once_per_machine_and_setting(private_cache, monkeypatch):
+    preset = resolve("smoke")
+    calls = []
+
+    def fake_measure(setting):
+        calls.append(setting)
+        return 10.0 * 64 / setting.resolution, 40.0 * 64 / setting.resolution
+
+    monkeypatch.setattr(eta, "_measure_side_by_side", fake_measure)
+    rates = eta.calibrate(preset, progress=False)
+    assert set(rates) == {32, 64} and rates[64] == {"train_img_s": 10.0, "infer_img_s": 40.0}
+    assert [s.resolution for s in calls] == [32, 64] and calls[0].batch == 16
+    assert eta.calibrate(preset, progress=False) == rates and len(calls) == 2  # kept, not measured again
+    assert (private_cache / "calibration.json").is_file()
+
+
+def test_a_real_measurement_gives_positive_rates(private_cache):
+    setting = eta.Setting(32, 2, 1, 1, True, "cpu")
+    train, infer = eta._measure(setting)
+    assert 0 < train < infer  # a training step costs more than an inference step
+
+
+def test_estimate_names_every_step_and_training_follows_the_rates(tmp_path, private_cache):
+    data = make_tiny_dataset(tmp_path / "tiny")
+    preset = resolve("smoke")
+    folds = make_folds(data.frame, k=3, seed=0)
+    slow = {r: {"train_img_s": 1.0, "infer_img_s": 10.0} for r in (32, 64)}
+    fast = {r: {"train_img_s": 10.0, "infer_img_s": 100.0} for r in (32, 64)}
+    expected = eta.estimate(preset, slow, data.frame, folds)
+    assert list(expected) == [
+        "00_data", "01_image_sizes", "02_downscale", "03_train_res32", "03_train_res64", "04_evaluate",
+        "05_receptive_field", "06_gradcam", "07_ensemble", "08_throughput", "09_receptive_field_explained",
+    ]  # fmt: skip
+    quicker = eta.estimate(preset, fast, data.frame, folds)
+    train = (folds["role_0"] == "train").sum()
+    # two epochs of the training images at 1 img/s, against 10 img/s: 2 x train x (1 - 1/10) seconds saved
+    saved = expected["03_train_res32"] - quicker["03_train_res32"]
+    assert saved > 2 * train * 0.9
+    eta.record_step_time(preset, "03_train_res32", 123.0)
+    assert eta.estimate(preset, slow, data.frame, folds)["03_train_res32"] == 123.0  # a recorded time wins
+    plan = eta.format_plan(expected, {"00_data": 5.0}, "a CPU")
+    assert "a CPU" in plan and "(done)" in plan and "whole run" in plan
+
+
+def test_clock_reads_like_a_clock():
+    assert (eta.clock(40), eta.clock(725), eta.clock(3720)) == ("40s", "12m05s", "1h02m")
+
+
+def test_the_comparison_lists_expected_and_actual_times_of_the_steps_that_ran():
+    text = eta.format_comparison({"00_data": 60.0, "03_train_res32": 600.0}, {"03_train_res32": 540.0})
+    assert "03_train_res32" in text and "10m00s" in text and "9m00s" in text and "00_data" not in text
