@@ -94,7 +94,8 @@ def test_clustered_delong_matches_obuchowski_written_plainly():
     se = np.sqrt(ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1])
     assert result["se"] == pytest.approx(se, rel=1e-9)
     half = stats.norm.ppf(0.975) * se  # the 95% interval of the difference, from the same se
-    assert (result["ci_low"], result["ci_high"]) == pytest.approx((result["diff"] - half, result["diff"] + half))
+    interval = (result["diff"] - half, result["diff"] + half)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(interval)
 
 
 def test_clustered_delong_counts_patients_and_the_image_level_test_counts_copies():
