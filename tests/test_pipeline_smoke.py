@@ -42,6 +42,9 @@ def test_committed_notebooks_have_no_outputs_and_a_papermill_parameters_cell(not
         parameters
     )
     assert parameters["preset"]["default"] == '"demo"'
+    for name, parameter in parameters.items():  # `papermill --help-notebook` shows a type and a help
+        assert parameter["inferred_type_name"] not in ("None", ""), f"{notebook.name}: {name} has no type"
+        assert parameter["help"], f"{notebook.name}: {name} has no help comment"
     compile(tagged[0].source, notebook.name, "exec")  # the defaults are valid Python
 
 
