@@ -1,4 +1,5 @@
-"""The whole `smoke` preset through papermill, and the house rules of the committed notebooks."""
+"""The whole `smoke` preset through papermill (the session's ``smoke_run``), and the house rules of the
+committed notebooks."""
 
 import json
 
@@ -46,19 +47,6 @@ def test_committed_notebooks_have_no_outputs_and_a_papermill_parameters_cell(not
         assert parameter["inferred_type_name"] not in ("None", ""), f"{notebook.name}: {name} has no type"
         assert parameter["help"], f"{notebook.name}: {name} has no help comment"
     compile(tagged[0].source, notebook.name, "exec")  # the defaults are valid Python
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    preset = run_pipeline(
-        "smoke",
-        run_dir=str(root / "run"),
-        figures_dir=str(root / "figures"),
-        data_root=str(root / "phantom"),
-        progress_bar=False,
-    )
-    return preset
 
 
 @pytest.mark.slow
