@@ -54,7 +54,7 @@ class ERFExplorer:
     init_model: nn.Module
     trained: dict[int, nn.Module | Path] = field(default_factory=dict)
     seed: int = 0
-    _results: dict[tuple[int, str], ERFResult] = field(default_factory=dict, repr=False)
+    _results: dict[tuple[int, str], ERFResult] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> ERFExplorer:
