@@ -176,12 +176,24 @@ class Lab:
         wait_for(lambda: finished() and self.kernel_idle(), KERNEL_TIMEOUT_S, "Run All to finish", interval=1)
 
     def save(self, notebook: str) -> nbformat.NotebookNode:
-        """File > Save Notebook, then the notebook as written to disk (outputs included)."""
+        """File > Save Notebook, then the notebook as written to disk (outputs included).
+
+        Jupyter writes into the file in place (after a backup copy), so a read can meet it
+        half written: it is read again until it is a complete notebook newer than before.
+        """
         path = self.root / notebook
         before = path.stat().st_mtime_ns
         self.menu("File", "Save Notebook")
-        wait_for(lambda: path.stat().st_mtime_ns != before, 30, f"{notebook} to be saved")
-        return nbformat.read(path, as_version=4)
+
+        def saved() -> nbformat.NotebookNode | None:
+            if path.stat().st_mtime_ns == before:
+                return None
+            try:
+                return nbformat.read(path, as_version=4)
+            except ValueError:  # not (yet) complete JSON
+                return None
+
+        return wait_for(saved, 30, f"{notebook} to be saved")
 
     def screenshot(self, name: str) -> Path:
         path = self.screenshots / f"{name}.png"
