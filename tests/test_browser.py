@@ -12,11 +12,11 @@ read the smoke run get papermill's injected-parameters cell ``preset = "smoke"``
 else; an unchanged notebook (default preset ``demo``) finds no run and must say in one line
 which command makes one.
 
-Chromium is Debian's ``/usr/bin/chromium`` (``CXR_CHROMIUM`` overrides it), started here with
-the flags a sandboxed root process needs and driven over its DevTools port, so that this
-module holds its process id; Playwright's own browser download is never used. Everything
-started here (Chromium and its children, JupyterLab and its kernels) is stopped by process
-id when the module's tests end, failed or not.
+Chromium is Debian's ``/usr/bin/chromium`` (``CXR_CHROMIUM`` overrides it), launched by
+Playwright as its ``executable_path`` with the flags a sandboxed root process needs and a
+fresh profile; Playwright's own browser download is never used. Everything started here
+(Chromium and its helpers, found by that profile; JupyterLab and its kernels) is stopped by
+process id when the module's tests end, failed or not.
 
 Screenshots of each notebook after its run are saved under the module's temporary folder;
 with ``CXR_REFRESH_SCREENSHOTS=1`` the screenshot of 09 with its slider moved is also written
@@ -68,41 +68,36 @@ LAB_SETTINGS = {
         "checkForUpdates": False,
     },
 }
-KERNEL_TIMEOUT_S = 150  # one notebook's "Run All" (the longest, 09, takes about 30 s on 2 cores)
+KERNEL_TIMEOUT_S = 300  # one notebook's "Run All": 09 takes 30-90 s on 2 shared cores
 
 
 # ----------------------------------------------------------------------------- processes
 
 
-def stop_process(process: subprocess.Popen, also: list[int] = (), timeout: float = 15) -> None:
-    """SIGTERM the process group of ``process`` (started in its own session) and the pids in
-    ``also``, then SIGKILL whatever is left after ``timeout`` seconds."""
-    pids = [process.pid, *also]
+def stop_processes(pids: list[int], timeout: float = 15) -> None:
+    """SIGTERM every pid, then SIGKILL the ones still running after ``timeout`` seconds."""
     for pid in pids:
-        _signal(pid, signal.SIGTERM, group=pid == process.pid)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        _signal(process.pid, signal.SIGKILL, group=True)
-        process.wait(timeout)
+        _signal(pid, signal.SIGTERM)
     deadline = time.time() + timeout
-    for pid in also:
-        while _alive(pid) and time.time() < deadline:
+    for pid in pids:
+        while _running(pid) and time.time() < deadline:
             time.sleep(0.2)
-        _signal(pid, signal.SIGKILL, group=False)
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
 
 
-def _signal(pid: int, sig: int, group: bool) -> None:
+def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
+        os.kill(pid, sig)
 
 
-def _alive(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 def descendants(pid: int) -> list[int]:
@@ -113,6 +108,18 @@ def descendants(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def chromium_processes(profile: Path) -> list[int]:
+    """Process ids of this process's descendants started with ``profile`` (Chromium and its helpers)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(str(profile) in arg for arg in child.cmdline()):
+                found.append(child.pid)
+    return found
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
@@ -271,23 +278,15 @@ def start_lab(folder: Path, log) -> tuple[subprocess.Popen, str, str]:
     try:
         wait_for(answers, 90, "JupyterLab to answer")
     except BaseException:
-        stop_process(process, descendants(process.pid))
+        stop_lab(process)
         raise
     return process, base_url, token
 
 
-def start_chromium(folder: Path, log) -> tuple[subprocess.Popen, str]:
-    """Headless Chromium with a fresh profile and a DevTools port; returns it and the DevTools URL."""
-    profile = folder / "chromium-profile"
-    command = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    port_file = profile / "DevToolsActivePort"
-    try:
-        wait_for(lambda: port_file.is_file() and port_file.read_text().split("\n")[0], 60, "Chromium")
-    except BaseException:
-        stop_process(process)
-        raise
-    return process, f"http://127.0.0.1:{port_file.read_text().split()[0]}"
+def stop_lab(process: subprocess.Popen) -> None:
+    """Stop JupyterLab and its kernels by process id."""
+    stop_processes([process.pid, *descendants(process.pid)])
+    process.wait(15)
 
 
 @pytest.fixture(scope="module")
@@ -302,23 +301,27 @@ def lab(request, tmp_path_factory) -> Iterator[Lab]:
     write_notebook_copies(folder / "notebooks")
     screenshots = folder / "screenshots"
     screenshots.mkdir()
-    lab_log, browser_log = (folder / "jupyterlab.log").open("wb"), (folder / "chromium.log").open("wb")
-    with lab_log, browser_log:
+    with (folder / "jupyterlab.log").open("wb") as lab_log:
         server, base_url, token = start_lab(folder, lab_log)
-        playwright = chromium = None
+        profile, playwright = folder / "chromium-profile", None
         try:
             playwright = sync_api.sync_playwright().start()
-            chromium, devtools = start_chromium(folder, browser_log)
-            browser = playwright.chromium.connect_over_cdp(devtools)
-            page = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()
+            context = playwright.chromium.launch_persistent_context(
+                str(profile),
+                executable_path=str(CHROMIUM),
+                args=CHROMIUM_FLAGS,
+                headless=True,
+                viewport={"width": 1280, "height": 860},
+            )
+            page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(60_000)
             yield Lab(base_url, token, folder / "notebooks", screenshots, page)
         finally:
+            chromium = chromium_processes(profile)  # found while they are still this process's descendants
             if playwright is not None:
-                playwright.stop()  # Playwright's driver; then Chromium and JupyterLab by their process ids
-            if chromium is not None:
-                stop_process(chromium)
-            stop_process(server, descendants(server.pid))
+                playwright.stop()
+            stop_processes(chromium)
+            stop_lab(server)
 
 
 # ----------------------------------------------------------------------------- the tests
