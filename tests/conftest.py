@@ -4,6 +4,9 @@
 18 small JPEGs, the three official CSVs gzipped) with hand-planted uncertain (-1) and
 blank labels, a study without a label row kept out (tests add that case themselves),
 and the tables it was written from, so tests can compare against them.
+
+``smoke_run``: the whole ``smoke`` preset run once per session by the pipeline (about
+1m40s on 2 CPU cores), shared by the smoke and browser tests; do not modify it (copy it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import pytest
 from PIL import Image
 
 from cxrlib.labels import FINDINGS
+from cxrlib.pipeline import run_pipeline
+from cxrlib.presets import Preset
 
 FAKE_MIMIC_SUBJECTS = ("10000032", "10000764", "11000183", "12000005", "15000001", "19999987")
 FAKE_MIMIC_SPLIT = ("train", "train", "train", "train", "validate", "test")  # per subject
@@ -124,3 +129,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Preset:
+    """The ``smoke`` preset run by the pipeline into ``run/``, ``figures/`` and ``phantom/`` of one
+    session folder; returns the resolved preset. Shared by the session: copy it to change it."""
+    root = tmp_path_factory.mktemp("smoke")
+    return run_pipeline(
+        "smoke",
+        run_dir=str(root / "run"),
+        figures_dir=str(root / "figures"),
+        data_root=str(root / "phantom"),
+        progress_bar=False,
+    )

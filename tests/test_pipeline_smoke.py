@@ -1,4 +1,5 @@
-"""The whole `smoke` preset through papermill, and the house rules of the committed notebooks."""
+"""The whole `smoke` preset through papermill (the session's ``smoke_run``), and the house rules of the
+committed notebooks."""
 
 import json
 
@@ -44,20 +45,10 @@ def test_committed_notebooks_have_no_outputs_and_a_papermill_parameters_cell(not
         parameters
     )
     assert parameters["preset"]["default"] == '"demo"'
+    for name, parameter in parameters.items():  # `papermill --help-notebook` shows a type and a help
+        assert parameter["inferred_type_name"] not in ("None", ""), f"{notebook.name}: {name} has no type"
+        assert parameter["help"], f"{notebook.name}: {name} has no help comment"
     compile(tagged[0].source, notebook.name, "exec")  # the defaults are valid Python
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    preset = run_pipeline(
-        "smoke",
-        run_dir=str(root / "run"),
-        figures_dir=str(root / "figures"),
-        data_root=str(root / "phantom"),
-        progress_bar=False,
-    )
-    return preset
 
 
 @pytest.mark.slow
@@ -145,3 +136,15 @@ def test_a_second_run_skips_every_complete_step(smoke_run, capsys):
     )
     out = capsys.readouterr().out
     assert out.count("skipped (complete)") == len(planned_steps(resolve("smoke")))
+
+
+@pytest.mark.slow
+def test_every_executed_notebook_shows_its_figures_as_images(smoke_run):
+    for step, resolution in planned_steps(smoke_run):
+        executed = nbformat.read(smoke_run.run_path / f"{step.name(resolution)}.ipynb", as_version=4)
+        shown = [o.data for c in executed.cells if c.cell_type == "code" for o in c.outputs if "data" in o]
+        as_text = [d.get("text/plain", "") for d in shown if "image/png" not in d]
+        as_text = [text for text in as_text if text.startswith("<Figure")]
+        assert not as_text, f"{step.name(resolution)} shows a figure as text: {as_text[0]}"
+        if step.notebook not in ("00_data", "08_throughput"):  # the steps without a figure
+            assert any("image/png" in d for d in shown), f"{step.name(resolution)} shows no figure"

@@ -1,0 +1,174 @@
+"""The "try it yourself" part of the teaching notebook (09): the ERF at a resolution chosen on a slider.
+
+:class:`ERFExplorer` measures the effective receptive field (eq. 1) of a randomly initialised
+DenseNet121 on the same phantom images at any resolution and, where the preset's run has a
+trained model at that resolution, of that model too. :meth:`ERFExplorer.show` prints one line
+and draws one figure; the slider of :func:`show_erf_explorer` calls the same method, so the
+figure in JupyterLab is the one an executed notebook (``interactive = False``) shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle
+from torch import nn
+
+from .paths import fold_dir
+from .plots import resolution_label, set_style
+from .presets import Preset
+from .receptive_field import ERFResult, effective_receptive_field, resize_images
+
+# Image sides the slider offers besides the preset's trained resolutions: seconds each on a CPU.
+TEACHING_RESOLUTIONS = (32, 64, 96, 128, 192, 256)
+STATE_LABELS = {"init": "initialisation", "trained": "after training"}
+STATE_COLOURS = {"init": "cyan", "trained": "orange"}
+
+
+def trained_model_paths(preset: Preset, fold: int | None = None) -> dict[int, Path]:
+    """Folders of the preset's finished trainings (``done.json`` and ``best_model.pt``) of one fold,
+    by resolution; the resolutions not trained yet are left out."""
+    fold = preset.trained_folds()[0] if fold is None else fold
+    found = {}
+    for resolution in preset.resolutions:
+        run = fold_dir(preset.run_path, resolution, fold)
+        if (run / "done.json").is_file() and (run / "best_model.pt").is_file():
+            found[int(resolution)] = run
+    return found
+
+
+@dataclass
+class ERFExplorer:
+    """ERF maps at any resolution, at initialisation and (where trained) after training.
+
+    ``images``: uint8 ``[N, 1, S, S]`` phantom images, resized to each chosen resolution;
+    ``init_model``: the randomly initialised network; ``trained``: the trained model of each
+    resolution, or its run folder (loaded on first use). Results are kept, so going back to a
+    resolution is instant.
+    """
+
+    images: torch.Tensor
+    init_model: nn.Module
+    trained: dict[int, nn.Module | Path] = field(default_factory=dict)
+    seed: int = 0
+    _results: dict[tuple[int, str], ERFResult] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> ERFExplorer:
+        """An explorer offering the preset's trained models of its first trained fold."""
+        return cls(images, init_model, trained_model_paths(preset))
+
+    @property
+    def resolutions(self) -> list[int]:
+        """What the slider offers: the teaching sizes and every trained resolution."""
+        return sorted(set(TEACHING_RESOLUTIONS) | set(self.trained))
+
+    @property
+    def default_resolution(self) -> int:
+        """The largest trained resolution up to 256 px, else 128 px."""
+        trained = [r for r in self.trained if r <= 256]
+        return max(trained) if trained else 128
+
+    def image(self, resolution: int) -> torch.Tensor:
+        """The images at ``resolution``: uint8 ``[N, 1, R, R]``."""
+        return resize_images(self.images, [resolution])[int(resolution)]
+
+    def trained_model(self, resolution: int) -> nn.Module:
+        """The trained model at ``resolution`` (loaded from its run folder the first time)."""
+        from .predict import load_trained_model
+
+        model = self.trained[int(resolution)]
+        if not isinstance(model, nn.Module):
+            model = self.trained[int(resolution)] = load_trained_model(model)
+        return model
+
+    def results(self, resolution: int) -> dict[str, ERFResult]:
+        """``{"init": ERFResult}``, plus ``"trained"`` when the run has a model at ``resolution``."""
+        resolution = int(resolution)
+        states = ["init"] + (["trained"] if resolution in self.trained else [])
+        for state in states:
+            if (resolution, state) not in self._results:
+                model = self.init_model if state == "init" else self.trained_model(resolution)
+                generator = torch.Generator().manual_seed(self.seed)
+                self._results[(resolution, state)] = effective_receptive_field(
+                    model, self.image(resolution), generator=generator
+                )
+        return {state: self._results[(resolution, state)] for state in states}
+
+    def caption(self, resolution: int) -> str:
+        """One line: how much of the image side the ERF's 90%-mass disc spans at ``resolution``."""
+        results = self.results(resolution)
+        line = f"{int(resolution)} px: the ERF's 90% disc spans {100 * results['init'].fraction90:.0f}% "
+        line += "of the image side at initialisation"
+        if "trained" in results:
+            return line + f", {100 * results['trained'].fraction90:.0f}% after training"
+        return line + " (the run has no trained model at this resolution)"
+
+    def figure(self, resolution: int) -> Figure:
+        """The first image at ``resolution`` with the 90% (solid) and 50% (dashed) discs of each
+        ERF drawn over it, then each ERF map, all in the same frame (the image as [0, 1])."""
+        results = self.results(resolution)
+        set_style()
+        fig = Figure(figsize=(3.0 * (1 + len(results)), 3.4), layout="constrained")
+        axes = fig.subplots(1, 1 + len(results), squeeze=False)[0]
+        frame = (0, 1, 1, 0)
+        axes[0].imshow(self.image(resolution)[0, 0].numpy(), cmap="gray", extent=frame, vmin=0, vmax=255)
+        axes[0].set_title(f"phantom at {resolution_label(resolution)}")
+        for ax, (state, result) in zip(axes[1:], results.items(), strict=True):
+            ax.imshow(result.erf / result.erf.max(), cmap="magma", extent=frame, vmin=0)
+            ax.set_title(f"ERF, {STATE_LABELS[state]}")
+            label = f"90%: {100 * result.fraction90:.0f}% of side"
+            ax.text(0.03, 0.97, label, transform=ax.transAxes, va="top", color="white", fontsize="small")
+            for target in (axes[0], ax):
+                _draw_discs(target, result, STATE_COLOURS[state])
+        for ax in axes:
+            ax.set(xlim=(0, 1), ylim=(1, 0), xticks=[0, 0.5, 1], yticks=[0, 0.5, 1])
+            ax.grid(False)
+        fig.suptitle(f"Effective receptive field of DenseNet121 at {resolution} px")
+        return fig
+
+    def show(self, resolution: int) -> None:
+        """Print :meth:`caption` and display :meth:`figure` (what the slider redraws)."""
+        from IPython.display import display
+
+        print(self.caption(resolution))
+        display(self.figure(resolution))
+
+
+def _draw_discs(ax, result: ERFResult, colour: str) -> None:
+    side = result.resolution
+    centre = ((result.centroid[1] + 0.5) / side, (result.centroid[0] + 0.5) / side)
+    for radius, style in ((result.radius50_px, "--"), (result.radius90_px, "-")):
+        ax.add_patch(Circle(centre, radius / side, fill=False, color=colour, linestyle=style, lw=1.4))
+
+
+def erf_slider(explorer: ERFExplorer, value: int | None = None):
+    """An ipywidgets ``interactive``: a resolution slider over :attr:`ERFExplorer.resolutions` whose
+    output is :meth:`ERFExplorer.show` (redrawn when the slider is released). Needs ipywidgets."""
+    import ipywidgets
+
+    slider = ipywidgets.SelectionSlider(
+        options=explorer.resolutions,
+        value=explorer.default_resolution if value is None else int(value),
+        description="resolution",
+        continuous_update=False,
+    )
+    return ipywidgets.interactive(explorer.show, resolution=slider)
+
+
+def show_erf_explorer(explorer: ERFExplorer, interactive: bool = True) -> None:
+    """Display the slider (``interactive`` and ipywidgets installed), else the default resolution's
+    caption and figure: the same output the slider shows at its start."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        interactive = False
+    if interactive:
+        from IPython.display import display
+
+        display(erf_slider(explorer))
+    else:
+        explorer.show(explorer.default_resolution)
