@@ -237,7 +237,8 @@ class Trainee:
 
         from cxrlib import dist as cxrdist
         from cxrlib.models import build_model
-        from cxrlib.train import BatchPlan, Runtime, default_lr
+        from cxrlib.recipe import BatchPlan, default_lr
+        from cxrlib.train import Runtime
 
         torch.manual_seed(0)
         self.rt = Runtime(
@@ -270,14 +271,14 @@ class Trainee:
 
 def synthetic_augmentation(batch: int):
     """Flip and angle draws for positions 0 .. batch-1, as the trainer draws them per epoch."""
-    from cxrlib.train import epoch_augmentation
+    from cxrlib.loaders import epoch_augmentation
 
     return epoch_augmentation(batch, 0, 1)
 
 
 def trainer_batch(resolution: int, device, amp) -> int:
     """The per-GPU batch :func:`cxrlib.train.run` would use for one process at ``resolution``."""
-    from cxrlib.train import default_effective_batch, default_per_gpu_batch, plan_batches
+    from cxrlib.recipe import default_effective_batch, default_per_gpu_batch, plan_batches
 
     limit = default_per_gpu_batch(resolution, device, False, amp)
     return plan_batches(default_effective_batch(resolution), 1, None, max_per_gpu=limit).per_gpu_batch
@@ -288,7 +289,7 @@ def cache_loader(dataset, batch: int, batches: int, workers: int, device):
     at random, with replacement, from ``dataset``."""
     import torch
 
-    from cxrlib.train import make_loader
+    from cxrlib.loaders import make_loader
 
     sampler = torch.utils.data.RandomSampler(
         dataset, replacement=True, num_samples=batches * batch, generator=torch.Generator().manual_seed(0)
@@ -390,10 +391,11 @@ def measure_cache_build(index: pd.DataFrame, images: int, workers: int, work: Pa
 
 def measure_pipeline(resolution: int, dataset, device, amp, args, results: Results) -> None:
     """Model-only and end-to-end training and inference at one resolution (see module docs)."""
-    from cxrlib.train import PREFETCH_BATCHES, default_workers, training_gib_per_image
+    from cxrlib.loaders import PREFETCH_BATCHES, default_workers
+    from cxrlib.recipe import training_gib_per_image
 
     batch = args.batch_size or trainer_batch(resolution, device, amp)
-    workers = args.workers if args.workers is not None else default_workers(device)
+    workers = args.workers if args.workers is not None else default_workers(device, 1)
     train_steps = args.steps or planned_steps(
         args.seconds, expected_rate(CEILING_TRAIN_IMG_S, resolution), batch, args.min_steps
     )
@@ -417,7 +419,7 @@ def measure_pipeline(resolution: int, dataset, device, amp, args, results: Resul
         return {"img_s": rate, "peak_gib": peak, "reserved_gib": reserved, "estimate_gib": estimate}
 
     def train_end_to_end() -> dict:
-        from cxrlib.train import epoch_augmentation
+        from cxrlib.loaders import epoch_augmentation
 
         loader = cache_loader(dataset, batch, skip + train_steps, workers, device)
         rate = trainee.train(loader, batch, skip, train_steps, epoch_augmentation(len(dataset), 0, 1))
@@ -461,7 +463,7 @@ def measure_pipeline(resolution: int, dataset, device, amp, args, results: Resul
 
 def measure_memory(resolution: int, batch: int, device, amp, args, results: Results) -> None:
     """Peak memory and img/s of training at ``batch`` without and with memory_efficient."""
-    from cxrlib.train import training_gib_per_image
+    from cxrlib.recipe import training_gib_per_image
 
     steps = args.steps or planned_steps(
         args.seconds, expected_rate(CEILING_TRAIN_IMG_S, resolution), batch, args.min_steps
@@ -801,9 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cxrlib.datasets import CXRDataset, read_index
-    from cxrlib.runtime import amp_dtype
+    from cxrlib.runtime import algorithm_settings, amp_dtype
     from cxrlib.throughput import device_name
-    from cxrlib.train import algorithm_settings
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA GPU is visible (use --device cpu)")

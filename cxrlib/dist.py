@@ -162,6 +162,12 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm's running statistics, DDP's own rule)."""
+    for buffer in model.buffers():
+        broadcast_(buffer.data, src=0)
+
+
 def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every process's ``tensor`` (first dimensions may differ), in rank order."""
     if not is_dist():

@@ -79,8 +79,8 @@ def training_settings(preset: Preset) -> list[Setting]:
     """The per-resolution settings the preset's trainer will use on this machine."""
     import torch
 
+    from .recipe import default_per_gpu_batch
     from .runtime import use_channels_last
-    from .train import default_per_gpu_batch
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -105,8 +105,8 @@ def _measure(setting: Setting) -> tuple[float, float]:
     import torch
 
     from .labels import masked_bce_with_logits
+    from .loaders import augment_batch
     from .models import build_model
-    from .train import augment_batch
 
     torch.set_num_threads(setting.threads)
     device = torch.device(setting.device)

@@ -1,7 +1,10 @@
-"""Project folders in one place: data/, runs/<preset>/, figures/<preset>/ and the run layout.
+"""Every artifact path and file name of the project, in one place (README, "Artifacts").
 
-Every module that reads or writes an artifact of the contract (README, "Artifacts")
-asks this module for its path, so the layout is defined once.
+Folders: ``data/``, ``runs/<preset>/``, ``figures/<preset>/`` and the notebooks. Inside a run:
+``index.csv``, ``folds.csv``, ``tables/`` and one folder per trained (resolution, fold),
+``res<R>/fold<k>/``, holding the trainer's files (:data:`FOLD_RESULTS` once a training is
+complete). Every module that reads or writes an artifact asks this module for its path, and the
+pipeline derives each step's expected outputs from it, so the layout is defined once.
 """
 
 from __future__ import annotations
@@ -14,6 +17,20 @@ DATA_DIR = Path(os.environ.get("CXR_DATA_DIR", PROJECT_ROOT / "data"))
 RUNS_DIR = Path(os.environ.get("CXR_RUNS_DIR", PROJECT_ROOT / "runs"))
 FIGURES_DIR = Path(os.environ.get("CXR_FIGURES_DIR", PROJECT_ROOT / "figures"))
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+
+# A run folder (runs/<preset>/)
+INDEX = "index.csv"
+FOLDS = "folds.csv"
+PROVENANCE = "provenance.json"
+TABLES = "tables"
+# A trained fold (runs/<preset>/res<R>/fold<k>/)
+HISTORY = "history.csv"  # one row per epoch
+DONE = "done.json"  # written last: the training is complete
+BEST_MODEL = "best_model.pt"  # (+ its .json sidecar, see cxrlib.checkpoint)
+LOCK = ".lock"  # held by rank 0 while a training writes the folder
+TRAIN_LOG = "train.log"
+PREDICTIONS = {"val": "val_predictions.csv", "test": "test_predictions.csv"}
+FOLD_RESULTS = (HISTORY, PREDICTIONS["val"], PREDICTIONS["test"], DONE)
 
 
 def run_dir(preset: str, runs_root: str | os.PathLike | None = None) -> Path:
@@ -28,7 +45,7 @@ def figures_dir(preset: str, figures_root: str | os.PathLike | None = None) -> P
 
 def tables_dir(run: str | os.PathLike) -> Path:
     """``<run>/tables/``: auc.csv, table3.csv, ensemble_weights.csv, erf.csv, table2_throughput.csv."""
-    return Path(run) / "tables"
+    return Path(run) / TABLES
 
 
 def fold_dir(run: str | os.PathLike, resolution: int, fold: int) -> Path:
@@ -36,6 +53,19 @@ def fold_dir(run: str | os.PathLike, resolution: int, fold: int) -> Path:
     return Path(run) / f"res{int(resolution)}" / f"fold{int(fold)}"
 
 
+def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: str = "test") -> Path:
+    """``<run>/res<R>/fold<k>/<split>_predictions.csv`` (split ``val`` or ``test``)."""
+    if split not in PREDICTIONS:
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    return fold_dir(run, resolution, fold) / PREDICTIONS[split]
+
+
 def cross_predictions_path(run: str | os.PathLike, resolution: int, fold: int, test_resolution: int) -> Path:
     """``<run>/res<R>/fold<k>/test_predictions_at<T>.csv``: the model trained at R scored at T px."""
     return fold_dir(run, resolution, fold) / f"test_predictions_at{int(test_resolution)}.csv"
+
+
+def fold_results(run: str | os.PathLike, resolution: int, fold: int) -> list[Path]:
+    """The files a complete training of (resolution, fold) leaves: :data:`FOLD_RESULTS`."""
+    folder = fold_dir(run, resolution, fold)
+    return [folder / name for name in FOLD_RESULTS]

@@ -32,26 +32,9 @@ from .checkpoint import BEST_MODEL_NAME, CheckpointError, load_verified
 from .datasets import CXRDataset, collate_skip_none, read_index
 from .fileio import write_csv_atomic
 from .labels import FINDINGS
+from .loaders import IndexedDataset
 from .models import build_model, extract_state_dict, load_state_dict_file, load_weights_into
 from .runtime import amp_dtype, autocast, model_input, resolve_device
-
-
-class IndexedDataset(Dataset):
-    """Wraps a dataset so each item starts with its position: ``(i, image, target, mask)``.
-
-    Items the wrapped dataset returns as ``None`` (skipped bad images) stay ``None``, so
-    :func:`cxrlib.datasets.collate_skip_none` drops them and the positions say which are left.
-    """
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        item = self.dataset[i]
-        return None if item is None else (i, *item)
 
 
 @torch.no_grad()

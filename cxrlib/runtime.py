@@ -115,3 +115,23 @@ def describe_cpu(info: dict[str, object] | None = None) -> str:
     info = cpu_info() if info is None else info
     extensions = ", ".join(str(e).upper() for e in info["extensions"]) or "no AVX2"
     return f"{info['model']}, {info['cores']} cores, {extensions} (torch kernels: {info['torch_capability']})"
+
+
+@contextlib.contextmanager
+def algorithm_settings(deterministic: bool):
+    """Deterministic algorithms (or cuDNN autotuning) for the run; the caller's settings afterwards."""
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+    )
+    cudnn.benchmark, cudnn.deterministic = not deterministic, deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = before[2], before[3]

@@ -35,9 +35,10 @@ from torch.utils.data import DataLoader
 from .datasets import CXRDataset, collate_skip_none
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS, masked_bce_with_logits
+from .loaders import augment_batch, default_workers
 from .models import build_model
+from .recipe import default_per_gpu_batch
 from .runtime import amp_dtype, autocast, model_input, resolve_device
-from .train import augment_batch, default_per_gpu_batch, default_workers
 
 COLUMNS = (
     "resolution",
@@ -198,7 +199,7 @@ def measure_throughput(
             if on_gpu:
                 torch.cuda.empty_cache()
         row["load_img_s"] = (
-            measure_loading(index, cache_dir, resolution, batch, default_workers(device), load_images)
+            measure_loading(index, cache_dir, resolution, batch, default_workers(device, 1), load_images)
             if cache_dir is not None and index is not None
             else math.nan
         )

@@ -27,7 +27,7 @@ from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
-from cxrlib import cache, dist, metrics, pipeline, predict, study
+from cxrlib import cache, dist, loaders, metrics, pipeline, predict, study
 from cxrlib.cache import build_cache, cached_image_path, check_cache, read_manifest
 from cxrlib.checkpoint import (
     BEST_MODEL_NAME,
@@ -465,11 +465,11 @@ def epoch_with_an_infinite_loss(skip_nonfinite: bool):
     runtime = train.Runtime(
         dist.DistInfo(0, 1, 0, torch.device("cpu"), None), None, False, plan, skip_nonfinite, False
     )
-    loader = train.make_loader(
-        dataset, 4, train.StepBlockSampler(dataset, 1, 0, 4, 1, seed=0), 0, torch.device("cpu"), 0
+    loader = loaders.make_loader(
+        dataset, 4, loaders.StepBlockSampler(dataset, 1, 0, 4, 1, seed=0), 0, torch.device("cpu"), 0
     )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    augmentation = train.epoch_augmentation(len(dataset), 0, 1)
+    augmentation = loaders.epoch_augmentation(len(dataset), 0, 1)
     return model, lambda: train.train_one_epoch(model, loader, optimizer, scaler, runtime, 3, augmentation)
 
 

@@ -17,7 +17,7 @@ from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
-from cxrlib import dist
+from cxrlib import dist, faults, loaders, paths, recipe, runtime
 from cxrlib.cache import cached_image_path
 from cxrlib.checkpoint import checkpoint_path, list_checkpoints, load_verified
 from cxrlib.labels import FINDINGS, masked_bce_with_logits, targets_and_mask
@@ -49,14 +49,14 @@ def history(out):
 
 def test_table1_defaults_and_the_rule_between_them():
     for resolution, (lr, batch) in {256: (5e-4, 512), 512: (2.5e-4, 256), 1024: (1.6e-4, 168)}.items():
-        assert train.default_effective_batch(resolution) == batch
-        assert train.default_lr(resolution) == lr
-    assert train.default_lr(2048) == 8.204e-5 and train.default_effective_batch(2048) == 42
+        assert recipe.default_effective_batch(resolution) == batch
+        assert recipe.default_lr(resolution) == lr
+    assert recipe.default_lr(2048) == 8.204e-5 and recipe.default_effective_batch(2048) == 42
     t = math.log2(768 / 512)  # log-linear in resolution between 512 (256) and 1024 (168)
-    assert train.default_effective_batch(768) == round(256 ** (1 - t) * 168**t) == 200
-    assert train.default_lr(768) == pytest.approx(5e-4 * train.default_effective_batch(768) / 512)
-    assert train.default_effective_batch(64) == 512 and train.default_effective_batch(4096) == 42
-    assert train.default_lr(256, effective_batch=128) == pytest.approx(1.25e-4)  # linear scaling
+    assert recipe.default_effective_batch(768) == round(256 ** (1 - t) * 168**t) == 200
+    assert recipe.default_lr(768) == pytest.approx(5e-4 * recipe.default_effective_batch(768) / 512)
+    assert recipe.default_effective_batch(64) == 512 and recipe.default_effective_batch(4096) == 42
+    assert recipe.default_lr(256, effective_batch=128) == pytest.approx(1.25e-4)  # linear scaling
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_table1_defaults_and_the_rule_between_them():
     ],
 )
 def test_effective_batch_plan(effective, world, per_gpu, max_per_gpu, expected, exact):
-    plan = train.plan_batches(effective, world, per_gpu, max_per_gpu)
+    plan = recipe.plan_batches(effective, world, per_gpu, max_per_gpu)
     assert (plan.per_gpu_batch, plan.accumulation_steps) == expected
     assert plan.effective_batch == expected[0] * world * expected[1]
     assert plan.exact is exact
@@ -91,14 +91,14 @@ def test_effective_batch_plan(effective, world, per_gpu, max_per_gpu, expected, 
 @pytest.mark.parametrize("resolution", [256, 512, 1024, 2048])
 @pytest.mark.parametrize("limit", [1, 2, 3, 4, 7, 11, 16, 64, 256])
 def test_an_exact_split_is_found_whenever_one_exists(resolution, world, limit):
-    effective = train.default_effective_batch(resolution)
+    effective = recipe.default_effective_batch(resolution)
     exact = [
         (batch, steps)
         for steps in range(1, effective + 1)
         for batch in range(1, limit + 1)
         if batch * world * steps == effective
     ]
-    plan = train.plan_batches(effective, world, None, max_per_gpu=limit)
+    plan = recipe.plan_batches(effective, world, None, max_per_gpu=limit)
     assert plan.exact is bool(exact)
     if exact:
         assert plan.accumulation_steps == min(steps for _, steps in exact)
@@ -113,11 +113,11 @@ def test_an_exact_split_is_found_whenever_one_exists(resolution, world, limit):
 
 def test_mixed_precision_choice_on_cpu():
     cpu = torch.device("cpu")
-    assert train.amp_dtype(cpu, "auto") is None and train.amp_dtype(cpu, "off") is None
-    assert train.amp_dtype(cpu, "bf16") == torch.bfloat16
+    assert runtime.amp_dtype(cpu, "auto") is None and runtime.amp_dtype(cpu, "off") is None
+    assert runtime.amp_dtype(cpu, "bf16") == torch.bfloat16
     with pytest.raises(train.ConfigError, match="fp16 needs a CUDA GPU"):
-        train.amp_dtype(cpu, "fp16")
-    assert train.default_per_gpu_batch(256, cpu) >= 1
+        runtime.amp_dtype(cpu, "fp16")
+    assert recipe.default_per_gpu_batch(256, cpu) >= 1
 
 
 @pytest.mark.parametrize(
@@ -135,21 +135,23 @@ def test_mixed_precision_choice_on_cpu():
 )
 def test_automatic_batch_from_free_gpu_memory(resolution, free_gib, amp, memory_efficient, expected):
     free = int(free_gib * 2**30)
-    assert train.batch_for_memory(resolution, free, amp, memory_efficient) == expected
-    assert train.default_per_gpu_batch(resolution, "cuda", memory_efficient, amp, free_bytes=free) == expected
-    per_image = train.training_gib_per_image(resolution, amp, memory_efficient)
+    assert recipe.batch_for_memory(resolution, free, amp, memory_efficient) == expected
+    assert (
+        recipe.default_per_gpu_batch(resolution, "cuda", memory_efficient, amp, free_bytes=free) == expected
+    )
+    per_image = recipe.training_gib_per_image(resolution, amp, memory_efficient)
     assert expected == 1 or expected * per_image <= 0.8 * free_gib - 1  # what it picks fits the estimate
 
 
 def test_automatic_batch_cap_cpu_default_and_the_2048_plan_on_one_h100():
-    assert train.batch_for_memory(256, 80 * 2**30, cap=64) == 64
+    assert recipe.batch_for_memory(256, 80 * 2**30, cap=64) == 64
     with pytest.raises(train.ConfigError, match="free memory"):
-        train.batch_for_memory(256, -1)
+        recipe.batch_for_memory(256, -1)
     cpu = torch.device("cpu")
-    assert train.default_per_gpu_batch(128, cpu) == 16 and train.default_per_gpu_batch(256, cpu) == 8
-    assert "CPU default" in train.describe_auto_batch(256, cpu, None, False, 8)
-    limit = train.default_per_gpu_batch(2048, "cuda", amp=torch.bfloat16, free_bytes=int(79.2 * 2**30))
-    plan = train.plan_batches(train.default_effective_batch(2048), 1, None, max_per_gpu=limit)
+    assert recipe.default_per_gpu_batch(128, cpu) == 16 and recipe.default_per_gpu_batch(256, cpu) == 8
+    assert "CPU default" in recipe.describe_auto_batch(256, cpu, None, False, 8)
+    limit = recipe.default_per_gpu_batch(2048, "cuda", amp=torch.bfloat16, free_bytes=int(79.2 * 2**30))
+    plan = recipe.plan_batches(recipe.default_effective_batch(2048), 1, None, max_per_gpu=limit)
     assert (plan.per_gpu_batch, plan.accumulation_steps, plan.exact) == (7, 6, True)  # Table 1's 42
 
 
@@ -184,10 +186,10 @@ def one_epoch(dataset, per_gpu, steps, lr=0.1):
     plan = train.BatchPlan(per_gpu, 1, steps, per_gpu * steps)
     info = dist.DistInfo(0, 1, 0, torch.device("cpu"), None)
     runtime = train.Runtime(info, None, False, plan, False, False)
-    sampler = train.StepBlockSampler(dataset, 1, 0, per_gpu, steps, seed=0)
-    loader = train.make_loader(dataset, per_gpu, sampler, 0, torch.device("cpu"), 0)
+    sampler = loaders.StepBlockSampler(dataset, 1, 0, per_gpu, steps, seed=0)
+    loader = loaders.make_loader(dataset, per_gpu, sampler, 0, torch.device("cpu"), 0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    augmentation = train.epoch_augmentation(len(dataset), 0, 1)
+    augmentation = loaders.epoch_augmentation(len(dataset), 0, 1)
     result = train.train_one_epoch(model, loader, optimizer, scaler, runtime, 1, augmentation)
     return model, result
 
@@ -203,9 +205,9 @@ def test_accumulated_micro_batches_give_the_full_batch_update_over_known_labels(
     # the loss is the BCE mean over known labels of the whole batch, before the update
     _, frozen = one_epoch(dataset, per_gpu=8, steps=1, lr=0.0)
     model = small_net()
-    order = list(train.StepBlockSampler(dataset, 1, 0, 8, 1, seed=0))
-    angles, flips = train.epoch_augmentation(len(dataset), 0, 1)
-    x = train.augment_batch(dataset.images[order], angles[order], flips[order])
+    order = list(loaders.StepBlockSampler(dataset, 1, 0, 8, 1, seed=0))
+    angles, flips = loaders.epoch_augmentation(len(dataset), 0, 1)
+    x = loaders.augment_batch(dataset.images[order], angles[order], flips[order])
     expected = masked_bce_with_logits(model(x), dataset.targets[order], dataset.masks[order])
     assert frozen["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
@@ -392,7 +394,7 @@ def test_finished_run_is_skipped_other_settings_refused_no_resume_starts_over(ti
 HOLD_RUN_FOLDER = """
 import sys
 from pathlib import Path
-from cxrlib.train import run_folder_lock
+from cxrlib.run_folder import run_folder_lock
 with run_folder_lock(Path(sys.argv[1]), is_main=True):
     print("locked", flush=True)
     sys.stdin.read()  # held until the test closes stdin
@@ -408,7 +410,7 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_writes_it(ti
         assert train.main(argv(tiny, out, epochs=1)) == 1
         error = capsys.readouterr().err
         assert error.startswith(f"error: another training run is writing {out} (pid {holder.pid} on ")
-        assert sorted(p.name for p in out.iterdir()) == [train.LOCK_NAME]  # nothing of the refused run
+        assert sorted(p.name for p in out.iterdir()) == [paths.LOCK]  # nothing of the refused run
     finally:
         holder.stdin.close()
         holder.wait(timeout=120)
@@ -421,9 +423,9 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_writes_it(ti
 
 def run_trainer(data, out, fault=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop(train.FAULT_ENV, None)
+    env.pop(faults.FAULT_ENV, None)
     if fault:
-        env[train.FAULT_ENV] = fault
+        env[faults.FAULT_ENV] = fault
     command = [sys.executable, "-m", "cxrlib.train", *argv(data, out, "--deterministic", epochs=3)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 

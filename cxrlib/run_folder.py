@@ -1,0 +1,265 @@
+"""A training's folder: lock, resume, one checkpoint + best model + history per epoch, predictions, done.
+
+:class:`RunFolder` is everything the trainer writes to or reads from ``--out``
+(``runs/<preset>/res<R>/fold<k>``, file names in :mod:`cxrlib.paths`), so the training loop only
+says *when*: ``prepare`` (start over or keep), ``finished`` (``done.json`` says there is nothing to
+do), ``resume`` (the newest verified checkpoint into every object), ``save_epoch`` (checkpoint,
+best model when improved, ``history.csv``), ``write_predictions`` (the best model's logits for
+the validation and test images) and ``write_done``. Only rank 0 writes; every process reads what
+rank 0 chose. Every write is atomic and verified (:mod:`cxrlib.checkpoint`, :mod:`cxrlib.fileio`).
+
+A run resumed with other essential settings (:data:`ESSENTIAL_KEYS`) is refused in one line,
+and :func:`run_folder_lock` refuses a second training on the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import __version__, paths
+from . import dist as cxrdist
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    list_checkpoints,
+    load_latest_checkpoint,
+    load_verified,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_checkpoint,
+    save_verified,
+    sidecar_path,
+)
+from .datasets import CXRDataset
+from .faults import checkpoint_fault
+from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_csv_atomic, write_text_atomic
+from .loaders import shard
+from .predict import logits_frame, predict_arrays
+from .runtime import ConfigError
+
+ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
+
+
+def log(message: str) -> None:
+    """Print on the main process only."""
+    if cxrdist.is_main_process():
+        print(f"[cxrlib.train] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path, is_main: bool):
+    """Rank 0 holds `out`'s lock for the run, so a second run on the same folder is refused
+    instead of mixing its checkpoints with the first one's. Raises :class:`FolderBusyError`."""
+    if not is_main:
+        yield
+        return
+    try:
+        with exclusive_lock(out / paths.LOCK):
+            yield
+    except FolderBusyError as holder:
+        raise FolderBusyError(
+            f"another training run is writing {out} ({holder}); wait for it to finish or stop it, "
+            f"or give this one another --out"
+        ) from None
+
+
+def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
+    """The arguments a resumed run must share with the checkpoint it continues."""
+    return {
+        "resolution": args.resolution,
+        "fold": args.fold,
+        "index_sha256": sha256_file(args.index),
+        "folds_sha256": sha256_file(args.folds),
+        "seed": args.seed,
+        "effective_batch": effective_batch,
+        "weights": str(args.weights),
+        "max_train_images": args.max_train_images,
+    }
+
+
+def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
+    """One-line :class:`ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
+    differ = [k for k in (*ESSENTIAL_KEYS, "max_train_images") if saved.get(k) != current.get(k)]
+    if differ:
+        details = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
+        raise ConfigError(
+            f"{where} belongs to a run with other settings ({details}); use another --out, "
+            "or --no-resume to start this run over"
+        )
+
+
+def jsonable_args(args: argparse.Namespace) -> dict:
+    """The command's arguments as JSON values (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+class RunFolder:
+    """The files of one training in ``out``; rank 0 (``is_main``) writes them."""
+
+    def __init__(self, out: Path, is_main: bool, fingerprint: dict):
+        self.out, self.is_main, self.fingerprint = Path(out), is_main, fingerprint
+
+    @property
+    def done_file(self) -> Path:
+        return self.out / paths.DONE
+
+    def prepare(self, start_over: bool) -> None:
+        """Create the folder; with ``start_over`` (``--no-resume``) delete the earlier run's files."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if start_over:
+                for _, path in list_checkpoints(self.out):
+                    sidecar_path(path).unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+                for name in (*paths.FOLD_RESULTS, paths.BEST_MODEL, f"{paths.BEST_MODEL}.json"):
+                    (self.out / name).unlink(missing_ok=True)
+            remove_stale_temporaries(self.out)
+        cxrdist.barrier()
+
+    def finished(self, epochs: int) -> dict | None:
+        """``done.json`` of a complete run with these settings (nothing to do), else None.
+
+        A run that stopped at fewer epochs than asked for now continues: its marker is removed.
+        """
+        if not self.done_file.is_file():
+            return None
+        done = json.loads(self.done_file.read_text())
+        check_fingerprint(done.get("fingerprint", {}), self.fingerprint, self.done_file)
+        if done.get("stopped_early") or done.get("epochs_run", 0) >= epochs:
+            log(f"{self.out} is already complete ({done.get('reason')}); nothing to do (--no-resume to redo)")
+            return done
+        log(f"{self.done_file}: continuing to {epochs} epochs")
+        cxrdist.barrier()
+        if self.is_main:
+            self.done_file.unlink()
+        return None
+
+    def resume(self, model, optimizer, scheduler, scaler, stopper, info) -> tuple[int, list[dict]]:
+        """Load the newest good checkpoint (chosen by rank 0) into every object; (epoch, history)."""
+        chosen = torch.zeros(1, dtype=torch.int64, device=info.device)
+        found = None
+        if info.is_main:
+            found = load_latest_checkpoint(self.out, map_location="cpu")
+            chosen[0] = found[0]["epoch"] if found else 0
+        cxrdist.broadcast_(chosen, src=0)
+        epoch = int(chosen.item())
+        if epoch == 0:
+            return 0, []
+        if not info.is_main:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found = load_latest_checkpoint(self.out, map_location="cpu", max_epoch=epoch)
+        state, path = found
+        if state["epoch"] != epoch:
+            raise CheckpointError(
+                f"rank {info.rank} read {path} (epoch {state['epoch']}), rank 0 chose epoch {epoch}"
+            )
+        check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
+            scaler.load_state_dict(state["scaler"])
+        stopper.load_state_dict(state["early_stopping"])
+        restore_rng_state(state["rng"])
+        cxrdist.barrier()
+        if self.is_main:
+            for newer_epoch, newer in list_checkpoints(self.out):
+                if newer_epoch > epoch:  # failed verification above: remove so it never shadows a good one
+                    sidecar_path(newer).unlink(missing_ok=True)
+                    newer.unlink(missing_ok=True)
+            self._repair_best_model(state, model)
+            write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
+        log(f"resumed from {path.name} (epoch {epoch}, best epoch {stopper.best_epoch})")
+        return epoch, list(state["history"])
+
+    def _repair_best_model(self, state: dict, model: nn.Module) -> None:
+        """Rewrite best_model.pt from the checkpoint when a kill came between the two writes."""
+        best_epoch = state["early_stopping"]["best_epoch"]
+        best = self.out / paths.BEST_MODEL
+        side = sidecar_path(best)
+        recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
+        if recorded == best_epoch:
+            return
+        if best_epoch == state["epoch"]:
+            save_verified(model.state_dict(), best, {"epoch": best_epoch})
+        else:
+            warnings.warn(
+                f"{best} is from epoch {recorded}, the checkpoint's best is epoch {best_epoch}", stacklevel=3
+            )
+
+    def save_epoch(
+        self, state: dict, keep: int, improved: bool, model: nn.Module, val_loss: float, history: list[dict]
+    ) -> None:
+        """After an epoch: its checkpoint, the best model when it improved, ``history.csv``; then a
+        barrier, so that nobody starts the next epoch before this one's checkpoint is complete."""
+        if self.is_main:
+            epoch = state["epoch"]
+            save_checkpoint(state, self.out, epoch, keep, before_rename=checkpoint_fault(epoch))
+            if improved:
+                save_verified(
+                    model.state_dict(), self.out / paths.BEST_MODEL, {"epoch": epoch, "val_loss": val_loss}
+                )
+            write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
+        cxrdist.barrier()
+
+    def load_best(self, model: nn.Module, device: torch.device) -> None:
+        """The best epoch's weights (verified against their sidecar) into ``model``."""
+        cxrdist.barrier()
+        model.load_state_dict(load_verified(self.out / paths.BEST_MODEL, map_location=device))
+
+    def write_predictions(
+        self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt, workers: int
+    ) -> None:
+        """The model's logits for ``frame``'s images: each process scores its share, rank 0 writes."""
+        dataset = CXRDataset(
+            frame,
+            args.resolution,
+            args.cache,
+            cache_format=args.cache_format,
+            skip_bad_images=args.skip_bad_images,
+        )
+        positions = shard(len(dataset), rt.info.rank, rt.info.world_size)
+        local = torch.utils.data.Subset(dataset, positions)
+        local_pos, logits = predict_arrays(
+            model, local, 2 * rt.plan.per_gpu_batch, rt.device, rt.amp, workers, rt.channels_last
+        )
+        global_pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)[local_pos], device=rt.device)
+        gathered_pos = cxrdist.all_gather_tensors(global_pos)
+        gathered_logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=rt.device))
+        if self.is_main:
+            table = logits_frame(
+                frame["dicom_id"].tolist(),
+                torch.cat(gathered_pos).cpu().numpy(),
+                torch.cat(gathered_logits).cpu().numpy(),
+            )
+            write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
+
+    def write_done(self, summary: dict) -> None:
+        """``done.json``, written last: the training is complete."""
+        if self.is_main:
+            write_text_atomic(json.dumps(summary, indent=1), self.done_file)
+        cxrdist.barrier()
+
+
+def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint: dict, plan) -> dict:
+    """Everything a resume needs after ``epoch``: model, optimizer, scheduler, scaler, early stopping
+    (``objects``, in that order), the history, the RNG states and the run's settings."""
+    model, optimizer, scheduler, scaler, stopper = objects
+    return {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
+        "args": jsonable_args(args), "fingerprint": fingerprint, "batch_plan": dataclasses.asdict(plan),
+        "version": __version__, "torch_version": str(torch.__version__),
+    }  # fmt: skip
