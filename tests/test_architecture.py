@@ -20,6 +20,16 @@ CHECKED = (
     "cxrlib.datasets",
     "cxrlib.images",
     "cxrlib.index",
+    "cxrlib.phantom",
+    "cxrlib.phantom.__main__",
+    "cxrlib.phantom.anatomy",
+    "cxrlib.phantom.design",
+    "cxrlib.phantom.draw",
+    "cxrlib.phantom.examples",
+    "cxrlib.phantom.findings",
+    "cxrlib.phantom.labels",
+    "cxrlib.phantom.views",
+    "cxrlib.phantom.writer",
     "cxrlib.readers",
 )
 
