@@ -1,4 +1,6 @@
-"""Source readers: build the image index (:mod:`cxrlib.index`) of MIMIC-CXR-JPG, CheXpert or any CSV.
+"""Source readers: the image index (one row per image) of MIMIC-CXR-JPG, CheXpert or any CSV.
+
+The index schema is :mod:`cxrlib.index`; the torch ``Dataset`` that reads it is :mod:`cxrlib.datasets`.
 
 Builders (each returns a validated index; errors name the file, column and CSV line):
 
