@@ -1,26 +1,16 @@
 """Multi-resolution image cache: each source image once per resolution, as a square 8-bit file.
 
-Layout (shared by the writer here and the readers in :mod:`cxrlib.datasets`)::
+Layout (shared by the writer here and the reader :class:`cxrlib.datasets.CXRDataset`)::
 
     CACHE/manifest.csv             one row per cached (image, resolution), see MANIFEST_COLUMNS
     CACHE/errors.csv               sources the last build could not read (header only when none)
     CACHE/index.cleaned.csv        only with ``drop_bad``: the index without those images
     CACHE/<R>/<first two characters of dicom_id>/<dicom_id>.<png|jpg>
 
-How one cached image is made (:func:`square_images`, the single definition used by the
-writer and by datasets that read originals on the fly, so both give identical pixels):
-
-1. JPEG sources with ``reduced_decode``: ``Image.draft`` asks libjpeg for the smallest DCT
-   scale (1/2, 1/4, 1/8) whose output is still at least the target size, so the reduction
-   only happens when the target is at most half the source;
-2. :func:`to_grayscale_8bit`;
-3. ``squash`` (the paper's plain resize to a square) or ``pad`` (keep the aspect ratio, pad
-   the short side with black to a square), then a Lanczos resize to ``R`` x ``R``.
-
-A cached file therefore depends only on (source, R, mode, reduced_decode), never on which
-other resolutions were built with it. The builder reads each source once and decodes it
-once per distinct DCT scale: resolutions above half the source share one full decode, and
-each smaller one gets a cheap reduced decode (a 256 px image from a 1/8-scale decode).
+Each cached file is what :func:`cxrlib.images.square_images` makes of its source (the same
+code :class:`cxrlib.datasets.CXRDataset` uses on the fly, so both give identical pixels), so
+it depends only on (source, R, mode, reduced_decode), never on which other resolutions were
+built with it. The builder reads each source once and decodes it once per distinct DCT scale.
 
 Resuming: a (image, resolution) pair is skipped when the manifest lists it with the same
 settings and source path, the source's size in bytes and mtime are unchanged, and the
@@ -47,8 +37,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import io
-import math
 import multiprocessing
 import os
 import sys
@@ -56,16 +44,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from .fileio import atomic_write, write_csv_atomic
+from .images import INTERPOLATION, RESIZE_MODES, square_images
 
-RESIZE_MODES = ("squash", "pad")
+# Re-exported: callers import the image operations from here as well.
+from .images import SquareImages as SquareImages
+from .images import resize_to_square as resize_to_square
+from .images import to_grayscale_8bit as to_grayscale_8bit
+from .index import read_index
+
 CACHE_FORMATS = ("png", "jpg")
-INTERPOLATION = "lanczos"
 MANIFEST_NAME = "manifest.csv"
 ERRORS_NAME = "errors.csv"
 CLEANED_INDEX_NAME = "index.cleaned.csv"
@@ -97,105 +88,6 @@ def cached_image_path(cache_dir: str | os.PathLike, resolution: int, dicom_id: s
     """Where the ``resolution`` px copy of image ``dicom_id`` lives in the cache."""
     dicom_id = str(dicom_id)
     return Path(cache_dir) / str(int(resolution)) / dicom_id[:2] / f"{dicom_id}.{fmt}"
-
-
-# --------------------------------------------------------------------------- making one image
-
-
-def to_grayscale_8bit(image: Image.Image) -> Image.Image:
-    """Convert any Pillow image (L, 1, RGB, RGBA, CMYK, YCbCr, palette, LA, 16-bit, I, F) to 8-bit ``L``.
-
-    16- and 32-bit integer images are divided by ``2**b - 1``, where ``b`` is the smallest
-    bit depth (at least 8) that holds the image's maximum: a 16-bit image keeps its range,
-    and a 12-bit radiograph stored in a 16-bit PNG keeps all its contrast instead of being
-    squeezed into 16 gray levels. Float images in [0, 1] are scaled by 255.
-    """
-    image.load()
-    if image.mode == "L":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = float(array.max(initial=0.0))
-        if image.mode == "F" and top <= 1.0:
-            scale = 1.0
-        else:
-            scale = float(2 ** max(8, int(math.ceil(top)).bit_length()) - 1)
-        return Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("1", "RGB", "YCbCr"):
-        return image.convert("L")
-    # CMYK, palette, alpha and anything else: through RGB, which Pillow converts from every mode.
-    return image.convert("RGB").convert("L")
-
-
-def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, int]:
-    """The smallest decoded size that still gives a full-quality ``resolution`` px square."""
-    if mode == "squash":
-        return resolution, resolution
-    longest = max(size)  # pad: the long side becomes the square's side
-    return max(1, math.ceil(resolution * size[0] / longest)), max(
-        1, math.ceil(resolution * size[1] / longest)
-    )
-
-
-def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
-    if mode == "pad":
-        side = max(image.size)
-        canvas = Image.new("L", (side, side), 0)
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-
-
-@dataclass
-class SquareImages:
-    """The result of :func:`square_images`: one image per resolution and what the source was."""
-
-    images: dict[int, Image.Image]
-    source_size: tuple[int, int]
-    decode_scale: dict[int, int]
-
-
-def square_images(
-    source: str | os.PathLike | bytes,
-    resolutions: list[int] | tuple[int, ...],
-    mode: str = "squash",
-    reduced_decode: bool = True,
-) -> SquareImages:
-    """Decode a source (path or its bytes) and make an 8-bit ``R`` x ``R`` image for each resolution.
-
-    The source is read once and decoded once per distinct DCT scale; every image is what
-    :func:`resize_to_square` returns for its resolution alone.
-    """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    decoded: dict[tuple[int, int], Image.Image] = {}
-    images, scales = {}, {}
-    source_size = (0, 0)
-    for resolution in sorted({int(r) for r in resolutions}, reverse=True):
-        with Image.open(io.BytesIO(data)) as image:
-            source_size = image.size
-            if reduced_decode and image.format == "JPEG":
-                image.draft("L", _draft_request(image.size, resolution, mode))
-            if image.size not in decoded:
-                decoded[image.size] = to_grayscale_8bit(image)
-            gray = decoded[image.size]
-        images[resolution] = _to_square(gray, resolution, mode)
-        scales[resolution] = max(1, round(source_size[0] / gray.width))
-    return SquareImages(images, source_size, scales)
-
-
-def resize_to_square(
-    source: str | os.PathLike, resolution: int, mode: str = "squash", reduced_decode: bool = True
-) -> Image.Image:
-    """Open an image and return it as an 8-bit grayscale ``resolution`` x ``resolution`` image.
-
-    ``squash`` is the paper's plain resize to a square; ``pad`` keeps the aspect ratio
-    and pads the short side with black. JPEGs are decoded at reduced size (``draft``)
-    when the target is at most half the source, then resized with a Lanczos filter.
-    The cache writer makes its files with the same code (:func:`square_images`).
-    """
-    return square_images(source, [resolution], mode, reduced_decode).images[int(resolution)]
 
 
 # --------------------------------------------------------------------------- manifest
@@ -459,17 +351,44 @@ def build_cache(
     resolutions = _check_inputs(index, resolutions, mode, fmt)
     cache_dir = Path(out_dir).absolute()
     cache_dir.mkdir(parents=True, exist_ok=True)
+    rows = _manifest_rows(cache_dir)
+    wanted = {"mode": mode, "format": fmt, "interpolation": INTERPOLATION, "reduced_decode": reduced_decode}
+    settings = _Settings(str(cache_dir), mode, fmt, int(jpeg_quality), bool(reduced_decode))
+    tasks, skipped = _pending(index, resolutions, rows, wanted, settings, progress)
+    report = CacheReport(cache_dir, resolutions, len(index), skipped=skipped)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    report.written, errors = _write_pending(tasks, workers, rows, resolutions, cache_dir, progress)
+    report.errors = pd.DataFrame(errors, columns=list(ERROR_COLUMNS))
+    if drop_bad:
+        report.dropped = report.errors["dicom_id"].tolist()
+        cleaned = index[~index["dicom_id"].astype(str).isin(report.dropped)]
+        report.cleaned_index = write_csv_atomic(cleaned, cache_dir / CLEANED_INDEX_NAME, lineterminator="\n")
+    report.seconds = time.monotonic() - started
+    if not report.ok and not drop_bad:
+        raise CacheBuildError(report)
+    return report
+
+
+def _manifest_rows(cache_dir: Path) -> dict[tuple[str, int], dict]:
+    """The manifest of a previous build (empty when there is none), by (dicom_id, resolution)."""
     try:
         old = read_manifest(cache_dir)
     except FileNotFoundError:
         old = _empty_manifest()
-    rows: dict[tuple[str, int], dict] = {
-        (row["dicom_id"], int(row["resolution"])): row for row in old.to_dict("records")
-    }
-    wanted = {"mode": mode, "format": fmt, "interpolation": INTERPOLATION, "reduced_decode": reduced_decode}
-    settings = _Settings(str(cache_dir), mode, fmt, int(jpeg_quality), bool(reduced_decode))
+    return {(row["dicom_id"], int(row["resolution"])): row for row in old.to_dict("records")}
 
+
+def _pending(
+    index: pd.DataFrame,
+    resolutions: tuple[int, ...],
+    rows: dict[tuple[str, int], dict],
+    wanted: dict,
+    settings: _Settings,
+    progress: bool,
+) -> tuple[list, int]:
+    """Worker tasks for the (image, resolution) pairs not cached and current; and how many are."""
     tasks, skipped = [], 0
+    cache_dir = Path(settings.cache_dir)
     pairs = zip(index["dicom_id"].astype(str), index["path"].astype(str), strict=True)
     for dicom_id, source in tqdm(
         pairs, total=len(index), desc="checking cache", leave=False, disable=not progress
@@ -484,10 +403,19 @@ def build_cache(
         skipped += len(resolutions) - len(todo)
         if todo:
             tasks.append((dicom_id, source, todo, settings))
+    return tasks, skipped
 
-    report = CacheReport(cache_dir, resolutions, len(index), skipped=skipped)
-    errors: list[dict] = []
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+
+def _write_pending(
+    tasks: list,
+    workers: int,
+    rows: dict[tuple[str, int], dict],
+    resolutions: tuple[int, ...],
+    cache_dir: Path,
+    progress: bool,
+) -> tuple[int, list[dict]]:
+    """Run the tasks, updating ``rows`` and saving the manifest as they finish; (files written, errors)."""
+    written, errors = 0, []
     last_save = time.monotonic()
     try:
         with tqdm(
@@ -501,7 +429,7 @@ def build_cache(
                 else:
                     for row in new_rows:
                         rows[(dicom_id, row["resolution"])] = row
-                    report.written += len(new_rows)
+                    written += len(new_rows)
                 bar.update()
                 if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
                     _write_manifest(rows, cache_dir)
@@ -509,16 +437,7 @@ def build_cache(
     finally:  # also after an interrupt, so the next run resumes from here
         _write_manifest(rows, cache_dir)
         _write_errors(errors, cache_dir)
-
-    report.errors = pd.DataFrame(errors, columns=list(ERROR_COLUMNS))
-    if drop_bad:
-        report.dropped = report.errors["dicom_id"].tolist()
-        cleaned = index[~index["dicom_id"].astype(str).isin(report.dropped)]
-        report.cleaned_index = write_csv_atomic(cleaned, cache_dir / CLEANED_INDEX_NAME, lineterminator="\n")
-    report.seconds = time.monotonic() - started
-    if not report.ok and not drop_bad:
-        raise CacheBuildError(report)
-    return report
+    return written, errors
 
 
 def _run(tasks: list, workers: int):
@@ -565,8 +484,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from .datasets import read_index  # datasets imports this module
-
     try:
         index = read_index(args.index)
         if args.check:

@@ -1,5 +1,6 @@
 """The synthetic phantom: MIMIC-CXR-JPG layout and schemas, determinism, label rates, rendered truth."""
 
+import dataclasses
 import gzip
 import json
 
@@ -124,6 +125,16 @@ def test_truth_file_is_consistent_with_labels(tiny):
     for has, key in [("present_Lung Lesion", "nodules"), ("present_Pneumothorax", "pneumothorax")]:
         frontal = merged["view"] != "LATERAL"
         assert (details[frontal].map(lambda d, k=key: k in d) == (merged[has][frontal] == 1)).all()
+
+
+def test_every_pathology_is_one_registered_finding_with_a_typed_plan():
+    names = [finding.name for finding in phantom.REGISTRY]
+    assert sorted(names) == sorted(phantom.PATHOLOGIES) and len(set(names)) == len(names)
+    plan = plan_pair("Pneumothorax")[0]
+    assert list(plan["findings"]) == names  # drawing order
+    for name, finding_plan in plan["findings"].items():
+        assert isinstance(finding_plan, phantom.FindingPlan) and dataclasses.is_dataclass(finding_plan), name
+        assert finding_plan.state == ("strong" if name == "Pneumothorax" else "absent"), name
 
 
 def plan_pair(finding, seed=4):

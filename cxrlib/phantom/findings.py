@@ -1,0 +1,711 @@
+"""The phantom's 13 pathologies, each defined once: how it is planned, drawn, and told apart from its decoy.
+
+A finding is a :class:`Finding` with a typed ``Plan`` (a frozen dataclass that holds the
+finding's state, ``strong``, ``faint`` or ``absent``, and everything needed to draw it and
+its decoys). :func:`plan_findings` gives every finding its own random generator, so turning
+one finding on or off leaves the rest of the image (anatomy, decoys, other findings)
+unchanged. Drawing an image (:func:`cxrlib.phantom.views.render_frontal`) calls each finding's
+hooks in the order of :data:`REGISTRY` at fixed points:
+
+1. :meth:`Finding.haze`: lung haze before the air is subtracted (Edema);
+2. :meth:`Finding.texture`: the lung texture (a pneumothorax removes it);
+3. :meth:`Finding.bend_rib`: a rib's course (a fracture breaks it);
+4. :meth:`Finding.render`: everything else; returns the finding's truth in pixels.
+
+A lateral view calls :meth:`Finding.lateral_lung` and :meth:`Finding.lateral`. The
+registry's order is the drawing order, which decides the float rounding of the image and so
+is part of the phantom's bytes. To add a finding: write its class here and add it to
+:data:`REGISTRY`.
+
+Fine findings (lesion, pneumothorax, fracture, devices) turn some of their decoys (soft
+bumps, lines, rib dips of the same integrated density) into the finding, so the number of
+marks in an image does not depend on the label: once a finding is smaller than a pixel it
+looks exactly like its decoy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .anatomy import lateral_border, lung_point, rib_centre, wall_curve
+from .design import Design
+from .draw import Canvas, add_blob, add_polyline, box
+from .labels import PATHOLOGIES
+
+CTR_THRESHOLD = 0.5
+MEDIASTINUM_THRESHOLD = 0.30
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a frontal image's findings are drawn on: canvas, image plan, coordinates and lung masks."""
+
+    canvas: Canvas
+    image: dict  # the image's plan (anatomy, exposure)
+    x: np.ndarray  # mm from the body's midline, towards the image right
+    y: np.ndarray  # mm from the image centre, down
+    lungs: np.ndarray
+    left_lung: np.ndarray
+    right_lung: np.ndarray
+
+    def lung(self, side: int) -> np.ndarray:
+        """The mask of the image-left (side -1) or image-right (+1) lung."""
+        return self.left_lung if side < 0 else self.right_lung
+
+
+@dataclass(frozen=True)
+class LateralScene:
+    """What a lateral image's findings are drawn on (x: anterior, image left, to posterior)."""
+
+    canvas: Canvas
+    image: dict
+    x: np.ndarray
+    y: np.ndarray
+    floor: np.ndarray  # height of the diaphragm (mm, y down)
+    half: float  # half the lung's depth (mm)
+
+
+@dataclass(frozen=True)
+class FindingPlan:
+    """The base of every finding's plan: how the finding is drawn (``strong``, ``faint``, ``absent``)."""
+
+    state: str
+
+    @property
+    def present(self) -> bool:
+        return self.state != "absent"
+
+
+class Finding:
+    """One pathology: its plan and its drawing hooks (each a no-op unless the finding needs it)."""
+
+    name: str = ""
+    Plan: type[FindingPlan] = FindingPlan
+
+    def plan(self, rng: np.random.Generator, image: dict, state: str, design: Design) -> FindingPlan:
+        """Draw the finding's parameters (and its decoys') for one image plan from the finding's own
+        generator ``rng`` (mm)."""
+        return self.Plan(state)
+
+    def haze(self, haze: np.ndarray, scene: Scene, plan: FindingPlan) -> None:
+        """Add lung haze (applied before the air is subtracted)."""
+
+    def texture(self, vessels: np.ndarray, scene: Scene, plan: FindingPlan) -> np.ndarray:
+        """The lung texture (vessels) with this finding."""
+        return vessels
+
+    def bend_rib(
+        self, rib: int, u: np.ndarray, centre: np.ndarray, mask: np.ndarray, scene: Scene, plan: FindingPlan
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rib ``rib``'s centre line and extent (``u``: mm from the midline) with this finding."""
+        return centre, mask
+
+    def render(self, density: np.ndarray, scene: Scene, plan: FindingPlan) -> dict:
+        """Draw the finding and its decoys into ``density``; return its truth in pixels (may be empty)."""
+        return {}
+
+    def lateral_lung(self, lung: np.ndarray, scene: LateralScene, plan: FindingPlan) -> np.ndarray:
+        """The lateral view's lung mask with this finding."""
+        return lung
+
+    def lateral(self, density: np.ndarray, scene: LateralScene, plan: FindingPlan) -> None:
+        """Draw the finding into a lateral view's ``density``."""
+
+
+def _strength(rng: np.random.Generator, state: str) -> float:
+    # Uncertain studies that are drawn get a faint version (40-60% of the density or size).
+    return 1.0 if state == "strong" else float(rng.uniform(0.4, 0.6))
+
+
+def _side(rng: np.random.Generator) -> int:
+    return int(rng.choice([-1, 1]))
+
+
+def _scale(image: dict) -> float:
+    """Patient size relative to the 290 mm reference thorax."""
+    return image["thorax"] / 290.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Global findings: a width ratio of the anatomy
+
+
+@dataclass(frozen=True)
+class RatioFinding(Finding):
+    """A width relative to the thorax above a threshold (the heart: CTR; the upper mediastinum).
+
+    The ratio is part of the anatomy (:func:`cxrlib.phantom.views.plan_frontal` draws it with
+    :meth:`draw_ratio`); ``margin_scale`` scales the design's CTR margin and spread to this ratio.
+    """
+
+    name: str = ""
+    threshold: float = 0.5
+    margin_scale: float = 1.0
+
+    def draw_ratio(self, rng: np.random.Generator, state: str, design: Design) -> float:
+        """A ratio above the threshold when present (just above when faint), below it when absent."""
+        margin, spread = self.margin_scale * design.ctr_margin, self.margin_scale * design.ctr_spread
+        threshold = self.threshold
+        if state == "strong":
+            return float(rng.uniform(threshold + margin, threshold + spread))
+        if state == "faint":  # uncertain and drawn: just above the threshold
+            return float(rng.uniform(threshold + margin, threshold + margin + 0.3 * (spread - margin)))
+        return float(rng.uniform(threshold - spread, threshold - margin))
+
+
+CARDIOMEGALY = RatioFinding("Cardiomegaly", CTR_THRESHOLD)
+ENLARGED_CARDIOMEDIASTINUM = RatioFinding("Enlarged Cardiomediastinum", MEDIASTINUM_THRESHOLD, 0.6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coarse and medium findings
+
+
+class Edema(Finding):
+    """Bilateral perihilar haze in both lungs at once; its decoys are the anatomy's one-sided bumps."""
+
+    name = "Edema"
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        a: float
+        sigma: float
+
+    def plan(self, rng, image, state, design):
+        a = float(0.10 * rng.uniform(0.8, 1.2) * _strength(rng, state))
+        return self.Plan(state, a=a, sigma=0.2 * image["thorax"])
+
+    def haze(self, haze, scene, plan):
+        if not plan.present:
+            return
+        image = scene.image
+        for side in (-1, 1):
+            hx = image["cx"] + side * (image["mediastinum"][(side + 1) // 2] + 0.12 * image["thorax"])
+            s = plan.sigma
+            add_blob(haze, scene.canvas, hx, image["hilum_y"], plan.a, kind="soft", r=s * 1.414, sigma=s)
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        return {"edema": {"amplitude": plan.a, "sigma_px": plan.sigma / scene.canvas.px}}
+
+
+class PleuralEffusion(Finding):
+    """A fluid level hiding a diaphragm dome (one side or both), its meniscus rising to the wall."""
+
+    name = "Pleural Effusion"
+
+    @dataclass(frozen=True)
+    class Fluid:
+        side: int
+        height: float  # mm above the dome at the chest wall
+        meniscus: float
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        fluids: tuple[PleuralEffusion.Fluid, ...]
+
+    def plan(self, rng, image, state, design):
+        scale = _scale(image)
+        sides = [_side(rng)] if rng.random() < 0.6 else [-1, 1]
+        fluids = tuple(
+            self.Fluid(
+                side=s,
+                height=rng.uniform(10, 40) * scale * _strength(rng, state),
+                meniscus=rng.uniform(0.5, 0.8),
+            )
+            for s in sides
+        )
+        return self.Plan(state, fluids)
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        image, canvas = scene.image, scene.canvas
+        effusions = []
+        for e in plan.fluids:
+            side = e.side
+            u = side * scene.x
+            # A fluid level over the whole dome (the diaphragm is hidden) with a meniscus that rises
+            # towards the chest wall: e.height above the dome at the wall, a fifth of it medially.
+            q = np.clip(u / (image["thorax"] / 2), 0, 1) ** (1 / e.meniscus)
+            top = (
+                image["y_apex"]
+                + image["lung_h"]
+                - image["dome"][(side + 1) // 2]
+                - e.height * (0.2 + 0.8 * q)
+            )
+            fluid = canvas.soft(scene.y - top, 2.0) * scene.lung(side)
+            density += 0.5 * fluid
+            effusions.append({"side": side, "height_px": e.height / canvas.px})
+        return {"effusions": effusions}
+
+    def lateral_lung(self, lung, scene, plan):
+        if not plan.present:
+            return lung
+        # Posterior costophrenic fluid, as high as the highest fluid level of the frontal view.
+        fluid_mm = max(e.height for e in plan.fluids)
+        top = scene.floor - fluid_mm * np.clip((scene.x + scene.half) / (2 * scene.half), 0, 1) ** 2
+        return lung * (1 - scene.canvas.soft(scene.y - top, 2.0))
+
+
+class Consolidation(Finding):
+    """A dense homogeneous patch 35-60 mm across with dark air bronchograms."""
+
+    name = "Consolidation"
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        x: float
+        y: float
+        r: float
+        a: float
+        bronchi: tuple[tuple[float, float, float], ...]  # centre x, y (mm) and angle of each bronchus
+
+    def plan(self, rng, image, state, design):
+        x, y = lung_point(rng, image, _side(rng), (0.35, 0.85), (0.3, 0.7))
+        r = rng.uniform(17, 30) * _scale(image)
+        a = 0.30 * _strength(rng, state)
+        bronchi = tuple(
+            (x + rng.normal(0, 6), y + rng.normal(0, 6), rng.uniform(0, math.pi)) for _ in range(3)
+        )
+        return self.Plan(state, x, y, r, a, bronchi)
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        canvas = scene.canvas
+        patch = np.zeros_like(density)
+        add_blob(patch, canvas, plan.x, plan.y, plan.a, "sharp", r=plan.r)
+        for bx, by, ang in plan.bronchi:
+            dx, dy = 0.6 * plan.r * math.cos(ang), 0.6 * plan.r * math.sin(ang)
+            width = 2.0 * _scale(scene.image)
+            add_polyline(
+                patch, canvas, [(bx - dx, by - dy), (bx + dx, by + dy)], -0.6 * plan.a, "sharp", width
+            )
+        density += np.clip(patch, 0, None) * scene.lungs
+        return {"consolidation": {"centre_px": canvas.to_px(plan.x, plan.y), "radius_px": plan.r / canvas.px}}
+
+
+class Pneumonia(Finding):
+    """A cluster of 3-6 soft blobs (sigma 4-7.5 mm) over 30-60 mm."""
+
+    name = "Pneumonia"
+
+    @dataclass(frozen=True)
+    class Blob:
+        x: float
+        y: float
+        sigma: float
+        a: float
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        blobs: tuple[Pneumonia.Blob, ...]
+
+    def plan(self, rng, image, state, design):
+        scale = _scale(image)
+        x, y = lung_point(rng, image, _side(rng), (0.4, 0.85), (0.3, 0.7))
+        spread = rng.uniform(15, 30) * scale
+        a = 0.18 * _strength(rng, state)
+        blobs = tuple(
+            self.Blob(
+                x=x + rng.normal(0, spread / 2),
+                y=y + rng.normal(0, spread / 2),
+                sigma=rng.uniform(4, 7.5) * scale,
+                a=a,
+            )
+            for _ in range(int(rng.integers(3, 7)))
+        )
+        return self.Plan(state, blobs)
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        canvas = scene.canvas
+        patch = np.zeros_like(density)
+        for b in plan.blobs:
+            add_blob(patch, canvas, b.x, b.y, b.a, "soft", r=2 * b.sigma, sigma=b.sigma)
+        density += np.minimum(patch, 0.25) * scene.lungs
+        return {
+            "pneumonia": [
+                {"centre_px": canvas.to_px(b.x, b.y), "sigma_px": b.sigma / canvas.px} for b in plan.blobs
+            ]
+        }
+
+
+class Atelectasis(Finding):
+    """A plate-like band 50-90 mm long and 4-7 mm thick in a lower zone."""
+
+    name = "Atelectasis"
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        points: tuple[Point, Point]
+        width: float
+        a: float
+
+    def plan(self, rng, image, state, design):
+        scale = _scale(image)
+        x, y = lung_point(rng, image, _side(rng), (0.65, 0.85), (0.35, 0.6))
+        half, tilt = rng.uniform(25, 45) * scale, rng.uniform(-0.25, 0.25)
+        points = ((x - half, y - half * tilt), (x + half, y + half * tilt))
+        return self.Plan(state, points, width=rng.uniform(4, 7) * scale, a=0.25 * _strength(rng, state))
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        canvas = scene.canvas
+        band = np.zeros_like(density)
+        add_polyline(band, canvas, plan.points, plan.a, "sharp", plan.width)
+        density += band * scene.lungs
+        return {
+            "atelectasis": {
+                "ends_px": [canvas.to_px(*p) for p in plan.points],
+                "width_px": plan.width / canvas.px,
+            }
+        }
+
+
+class LungOpacity(Finding):
+    """A faint ill-defined patch, sigma 10-20 mm."""
+
+    name = "Lung Opacity"
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        x: float
+        y: float
+        sigma: float
+        a: float
+
+    def plan(self, rng, image, state, design):
+        x, y = lung_point(rng, image, _side(rng), (0.2, 0.85), (0.25, 0.75))
+        return self.Plan(
+            state, x, y, sigma=rng.uniform(10, 20) * _scale(image), a=0.14 * _strength(rng, state)
+        )
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        canvas = scene.canvas
+        patch = np.zeros_like(density)
+        add_blob(patch, canvas, plan.x, plan.y, plan.a, "soft", r=2 * plan.sigma, sigma=plan.sigma)
+        density += patch * scene.lungs
+        return {
+            "lung_opacity": {"centre_px": canvas.to_px(plan.x, plan.y), "sigma_px": plan.sigma / canvas.px}
+        }
+
+
+class PleuralOther(Finding):
+    """Pleural thickening 2.5-4 mm thick and 50-90 mm long along the chest wall."""
+
+    name = "Pleural Other"
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        side: int
+        t0: float  # start and end as fractions of the lung height
+        t1: float
+        thickness: float
+        a: float
+
+    def plan(self, rng, image, state, design):
+        scale = _scale(image)
+        t0 = rng.uniform(0.25, 0.6)
+        side = _side(rng)
+        t1 = t0 + rng.uniform(50, 90) * scale / image["lung_h"]
+        thickness = rng.uniform(2.5, 4.0) * scale
+        return self.Plan(state, side, t0, t1, thickness, a=0.35 * _strength(rng, state))
+
+    def render(self, density, scene, plan):
+        if not plan.present:
+            return {}
+        image, canvas, y = scene.image, scene.canvas, scene.y
+        u = plan.side * scene.x
+        t = (y - image["y_apex"]) / image["lung_h"]
+        lateral = lateral_border(image, y)
+        band = box(lateral - u - plan.thickness / 2, plan.thickness, canvas.px)
+        band = band * canvas.soft(t - plan.t0, 2.0) * canvas.soft(plan.t1 - t, 2.0)
+        density += plan.a * band * (y < image["y_apex"] + image["lung_h"])
+        return {"pleural_other": {"side": plan.side, "thickness_px": plan.thickness / canvas.px}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine findings: each turns some of its decoys (same place, same integrated density) into the finding
+
+
+def _fine(image: dict, design: Design) -> tuple[float, float]:
+    """Density and size multipliers of the fine findings and their decoys (size also by patient)."""
+    return design.fine_contrast, design.fine_size * _scale(image)
+
+
+class LungLesion(Finding):
+    """2 sharp-edged nodules (radius 3.2-5.2 mm); decoys: 3-6 soft blobs of the same integrated density."""
+
+    name = "Lung Lesion"
+
+    @dataclass(frozen=True)
+    class Spot:
+        x: float
+        y: float
+        r: float
+        a: float
+        sigma: float
+        real: bool = False  # a nodule (sharp disc of radius r), else a decoy (Gaussian of sigma)
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        spots: tuple[LungLesion.Spot, ...]
+
+    def plan(self, rng, image, state, design):
+        fc, fs = _fine(image, design)
+        k = design.fine_instances
+        spots = []
+        for _ in range(int(rng.integers(k + 1, k + 5))):
+            x, y = lung_point(rng, image, _side(rng), (0.15, 0.85), (0.15, 0.85))
+            spots.append(
+                self.Spot(
+                    x=x, y=y, r=rng.uniform(3.25, 5.2) * fs, a=0.60 * fc, sigma=rng.uniform(5.2, 6.5) * fs
+                )
+            )
+        if state != "absent":
+            faint = 1.0 if state == "strong" else 0.7
+            spots[:k] = [replace(spot, real=True, a=spot.a * faint) for spot in spots[:k]]
+        return self.Plan(state, tuple(spots))
+
+    def render(self, density, scene, plan):
+        canvas = scene.canvas
+        nodules = []
+        for b in plan.spots:
+            if b.real:
+                add_blob(density, canvas, b.x, b.y, b.a, "sharp", r=b.r)
+                nodules.append({"centre_px": canvas.to_px(b.x, b.y), "radius_px": b.r / canvas.px})
+            else:
+                add_blob(density, canvas, b.x, b.y, b.a, "soft", r=b.r, sigma=b.sigma)
+        return {"nodules": nodules} if nodules else {}
+
+
+class Pneumothorax(Finding):
+    """A thin visceral pleural line (1.6 mm) with no lung texture between it and the wall (10-32 mm);
+    decoys: 1-2 soft skin-fold lines (sigma 5.2 mm) of the same integrated density and course."""
+
+    name = "Pneumothorax"
+
+    @dataclass(frozen=True)
+    class Line:
+        side: int
+        t0: float
+        t1: float
+        inset: float  # mm inside the chest wall
+        w: float
+        a: float
+        sigma: float
+        real: bool = False
+
+        def points(self, image: dict) -> list[Point]:
+            """The line's course (mm), parallel to the chest wall."""
+            return wall_curve(image, self.side, self.t0, self.t1, self.inset)
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        lines: tuple[Pneumothorax.Line, ...]
+
+    def plan(self, rng, image, state, design):
+        fc, fs = _fine(image, design)
+        lines = []
+        for _ in range(int(rng.integers(1, 3))):
+            t0 = rng.uniform(0.02, 0.2)
+            side = _side(rng)
+            t1 = t0 + rng.uniform(0.45, 0.65)
+            inset = rng.uniform(10.4, 32.5) * fs
+            lines.append(self.Line(side, t0, t1, inset, w=1.56 * fs, a=0.60 * fc, sigma=5.2 * fs))
+        if state != "absent":
+            first = lines[0]
+            lines[0] = replace(first, real=True, inset=first.inset * 0.5 if state == "faint" else first.inset)
+        return self.Plan(state, tuple(lines))
+
+    def texture(self, vessels, scene, plan):
+        # The lung's texture ends at the pleural line; its mean is kept so no coarse signal remains.
+        image, canvas, x, y = scene.image, scene.canvas, scene.x, scene.y
+        for line in plan.lines:
+            if line.real:
+                side = line.side
+                lateral = lateral_border(image, y)
+                t = (y - image["y_apex"]) / image["lung_h"]
+                inside = canvas.soft(side * x - (lateral - line.inset), 0.5) * canvas.soft(t - line.t0, 1.0)
+                inside = inside * canvas.soft(line.t1 - t, 1.0) * scene.lung(side)
+                lungs = scene.lungs
+                mean_vessel = float(vessels[lungs > 0.5].mean()) if (lungs > 0.5).any() else 0.0
+                vessels = vessels * (1 - inside) + mean_vessel * inside
+        return vessels
+
+    def render(self, density, scene, plan):
+        canvas = scene.canvas
+        truth = {}
+        for line in plan.lines:
+            pts = line.points(scene.image)
+            if line.real:
+                add_polyline(density, canvas, pts, line.a, "sharp", line.w)
+                truth["pneumothorax"] = {
+                    "side": line.side,
+                    "line_px": [canvas.to_px(*p) for p in pts[:: max(len(pts) // 4, 1)]],
+                    "inset_px": line.inset / canvas.px,
+                }
+            else:
+                add_polyline(density, canvas, pts, line.a, "soft", line.w, sigma=line.sigma)
+        return truth
+
+
+class Fracture(Finding):
+    """2 cortical breaks (3.3-5.2 mm) across ribs with a local 1.3-2.6 mm step;
+    decoys: 3-5 soft dips along ribs (sigma 7.8 mm) that remove the same density."""
+
+    name = "Fracture"
+
+    @dataclass(frozen=True)
+    class Mark:
+        rib: int  # index into the plan's ribs
+        u: float  # position along the rib, as a fraction of half the thorax
+        gap: float
+        step: float
+        sigma: float
+        real: bool = False
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        marks: tuple[Fracture.Mark, ...]  # at most one per rib
+
+    def plan(self, rng, image, state, design):
+        _, fs = _fine(image, design)
+        k = design.fine_instances
+        marks = []
+        for _ in range(int(rng.integers(k + 1, k + 4))):
+            rib = int(rng.integers(2, 8)) + 10 * int(rng.integers(0, 2))
+            u = rng.uniform(0.45, 0.85)
+            gap = rng.uniform(3.25, 5.2) * fs
+            step = rng.uniform(1.3, 2.6) * fs * rng.choice([-1, 1])
+            marks.append(self.Mark(rib, u, gap, step, sigma=7.8 * fs))
+        marks = list({m.rib: m for m in marks}.values())  # at most one mark per rib
+        if state != "absent":
+            marks[:k] = [replace(mark, real=True) for mark in marks[:k]]
+        return self.Plan(state, tuple(marks))
+
+    def bend_rib(self, rib, u, centre, mask, scene, plan):
+        mark = next((m for m in plan.marks if m.rib == rib), None)
+        if mark is None:
+            return centre, mask
+        u_mark = mark.u * scene.image["thorax"] / 2
+        if mark.real:
+            # A sharp gap across the rib and a step of the lateral fragment. The step is local
+            # (a kink over ~1 cm), so it carries no coarse-scale signal.
+            beyond = scene.canvas.soft(u - u_mark, 0.3) * np.exp(-0.5 * ((u - u_mark) / mark.sigma) ** 2)
+            centre = centre + mark.step * beyond
+            mask = mask * (1 - box(u - u_mark, mark.gap, scene.canvas.px))
+        else:  # decoy: a soft dip that removes the same density as the gap
+            depth = mark.gap / (math.sqrt(2 * math.pi) * mark.sigma)
+            mask = mask * (1 - depth * np.exp(-0.5 * ((u - u_mark) / mark.sigma) ** 2))
+        return centre, mask
+
+    def render(self, density, scene, plan):
+        image, canvas = scene.image, scene.canvas
+        fractures = []
+        for mark in plan.marks:
+            if mark.real:
+                rib = image["ribs"][mark.rib]
+                u = mark.u * image["thorax"] / 2
+                fx, fy = image["cx"] + rib["side"] * u, rib_centre(image, rib, u)
+                fractures.append({"centre_px": canvas.to_px(fx, fy), "gap_px": mark.gap / canvas.px})
+        return {"fractures": fractures} if fractures else {}
+
+
+class SupportDevices(Finding):
+    """2 thin bright wires (1.6 mm); decoys: 3-5 soft lines (sigma 5.2 mm) of the same integrated density."""
+
+    name = "Support Devices"
+
+    @dataclass(frozen=True)
+    class Wire:
+        points: tuple[Point, ...]
+        w: float
+        a: float
+        sigma: float
+        real: bool = False
+
+    @dataclass(frozen=True)
+    class Plan(FindingPlan):
+        wires: tuple[SupportDevices.Wire, ...]
+
+    def plan(self, rng, image, state, design):
+        fc, fs = _fine(image, design)
+        k = design.fine_instances
+        wires = []
+        for _ in range(int(rng.integers(k + 1, k + 4))):
+            x0 = image["cx"] + rng.uniform(-0.45, 0.45) * image["thorax"]
+            y0 = image["y_apex"] + rng.uniform(-0.1, 0.3) * image["lung_h"]
+            pts = [(x0, y0)]
+            angle = rng.uniform(0.3, 2.8)
+            for _ in range(6):
+                angle += rng.normal(0, 0.25)
+                step = rng.uniform(0.06, 0.1) * image["lung_h"]
+                pts.append((pts[-1][0] + step * math.cos(angle), pts[-1][1] + step * math.sin(angle)))
+            wires.append(self.Wire(tuple(pts), w=1.56 * fs, a=0.70 * fc, sigma=5.2 * fs))
+        if state != "absent":
+            wires[:k] = [replace(wire, real=True) for wire in wires[:k]]
+        return self.Plan(state, tuple(wires))
+
+    def render(self, density, scene, plan):
+        canvas = scene.canvas
+        devices = []
+        for w in plan.wires:
+            if w.real:
+                add_polyline(density, canvas, w.points, w.a, "sharp", w.w)
+                devices.append(
+                    {"points_px": [canvas.to_px(*p) for p in w.points], "width_px": w.w / canvas.px}
+                )
+            else:
+                add_polyline(density, canvas, w.points, w.a, "soft", w.w, sigma=w.sigma)
+        return {"devices": devices} if devices else {}
+
+    def lateral(self, density, scene, plan):
+        image = scene.image
+        depth, cx = image["depth"], image["cx"]
+        for w in plan.wires:
+            if w.real:  # the wire seen from the side: its course squeezed to the lateral's depth
+                points = [(cx + (p[0] - cx) * depth / image["thorax"], p[1]) for p in w.points]
+                add_polyline(density, scene.canvas, points, w.a, "sharp", w.w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry
+
+REGISTRY: tuple[Finding, ...] = (
+    CARDIOMEGALY,
+    ENLARGED_CARDIOMEDIASTINUM,
+    PleuralEffusion(),
+    Consolidation(),
+    Pneumonia(),
+    Atelectasis(),
+    LungOpacity(),
+    PleuralOther(),
+    Edema(),
+    LungLesion(),
+    Pneumothorax(),
+    Fracture(),
+    SupportDevices(),
+)
+
+
+def plan_findings(
+    rng: np.random.Generator, image: dict, drawn: dict[str, str], design: Design
+) -> dict[str, FindingPlan]:
+    """Every finding's plan, by name, in drawing order. Each finding draws from its own generator
+    (seeded from ``rng`` in the order of ``PATHOLOGIES``), so turning one finding on or off leaves
+    the rest of the image (anatomy, decoys, other findings) unchanged."""
+    seeds = {name: np.random.default_rng(rng.integers(2**63)) for name in PATHOLOGIES}
+    return {f.name: f.plan(seeds[f.name], image, drawn[f.name], design) for f in REGISTRY}

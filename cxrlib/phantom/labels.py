@@ -1,0 +1,120 @@
+"""The phantom's labels: MIMIC-CXR-JPG's label rates, drawing a study's raw labels, and what gets drawn.
+
+Labels (per study, as in MIMIC): 1 positive, 0 negative, -1 uncertain, blank (not
+mentioned). Rendering: 1 -> present; -1 -> present with probability 0.5, faint or
+close to the decision threshold; 0 and blank -> absent. ``prevalence="mimic"`` uses
+MIMIC-CXR-JPG's label rates with co-occurrence (see ``MIMIC_LABEL_COUNTS``); ``"balanced"``
+draws every finding independently with 18% positives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..labels import FINDINGS
+
+PATHOLOGIES: tuple[str, ...] = tuple(f for f in FINDINGS if f != "No Finding")
+# No Finding is positive when none of these is positive or uncertain (CheXpert labeler rule).
+NO_FINDING_EXCLUDES = ("Support Devices",)
+FINE_FINDINGS = ("Lung Lesion", "Pneumothorax", "Fracture", "Support Devices")
+COARSE_FINDINGS = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema")
+
+# Label counts per study in MIMIC-CXR-JPG v2.0.0 (227,827 studies; positive, negative, uncertain;
+# the rest blank), as reported in the label statistics table of Johnson et al., "MIMIC-CXR-JPG, a large
+# publicly available database of labeled chest radiographs" (arXiv:1901.07042, 2019). Transcribed from
+# memory of that table without network access; the rates are right to about a percentage point.
+MIMIC_STUDIES = 227_827
+MIMIC_LABEL_COUNTS: dict[str, tuple[int, int, int]] = {
+    "Atelectasis": (45_808, 1_531, 10_327),
+    "Cardiomegaly": (44_845, 15_911, 6_043),
+    "Consolidation": (10_778, 7_967, 4_331),
+    "Edema": (27_018, 25_641, 13_174),
+    "Enlarged Cardiomediastinum": (7_004, 5_283, 9_375),
+    "Fracture": (4_390, 870, 555),
+    "Lung Lesion": (6_284, 859, 1_141),
+    "Lung Opacity": (51_525, 3_069, 3_831),
+    "No Finding": (75_455, 0, 0),
+    "Pleural Effusion": (54_300, 27_158, 5_814),
+    "Pleural Other": (2_011, 126, 765),
+    "Pneumonia": (16_556, 24_338, 18_291),
+    "Pneumothorax": (10_358, 42_356, 1_134),
+    "Support Devices": (66_558, 3_486, 237),
+}
+# Co-occurrence in "mimic" mode: a Gaussian copula with one factor shared by all pathologies and
+# two group factors (cardiac: heart, mediastinum, edema, effusion; airspace: the opacities).
+CARDIAC_GROUP = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema", "Pleural Effusion")
+AIRSPACE_GROUP = ("Atelectasis", "Consolidation", "Edema", "Lung Opacity", "Pneumonia")
+PREVALENCES = ("mimic", "balanced")
+BALANCED_RATES = (0.18, 0.10, 0.02)  # positive, negative, uncertain; independent findings
+
+
+def label_rates(prevalence: str) -> dict[str, tuple[float, float, float]]:
+    """Per pathology: (positive, negative, uncertain) rates per study; blank is the rest."""
+    if prevalence == "mimic":
+        return {f: tuple(c / MIMIC_STUDIES for c in MIMIC_LABEL_COUNTS[f]) for f in PATHOLOGIES}
+    if prevalence == "balanced":
+        return {f: BALANCED_RATES for f in PATHOLOGIES}
+    raise ValueError(f"prevalence={prevalence!r}: choose one of {PREVALENCES}")
+
+
+def _normal_quantile(p: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(min(max(p, 1e-12), 1 - 1e-12))
+
+
+def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 1) -> pd.DataFrame:
+    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings.
+
+    ``mimic``: a Gaussian copula (shared and group factors) whose marginals are MIMIC's rates, so
+    findings co-occur; the highest latent values are positive, then uncertain, the rest negative or
+    blank. ``balanced``: independent findings. No Finding is 1 when no pathology other than Support
+    Devices is positive or uncertain, else blank (MIMIC never has No Finding = 0 or -1).
+    """
+    rates = label_rates(prevalence)
+    shared = rng.standard_normal(n)
+    cardiac, airspace = rng.standard_normal(n), rng.standard_normal(n)
+    out = {}
+    for finding in PATHOLOGIES:
+        pos, neg, unc = rates[finding]
+        own = rng.standard_normal(n)
+        if prevalence == "mimic":
+            g_cardiac = 0.45 if finding in CARDIAC_GROUP else 0.0
+            g_air = 0.45 if finding in AIRSPACE_GROUP else 0.0
+            w_shared = 0.45
+            own_w = math.sqrt(max(1.0 - w_shared**2 - g_cardiac**2 - g_air**2, 0.05))
+            latent = w_shared * shared + g_cardiac * cardiac + g_air * airspace + own_w * own
+            latent = latent / math.sqrt(w_shared**2 + g_cardiac**2 + g_air**2 + own_w**2)
+        else:
+            latent = own
+        top_pos, top_unc = _normal_quantile(1 - pos), _normal_quantile(1 - pos - unc)
+        negative = rng.random(n) < neg / max(1 - pos - unc, 1e-9)
+        values = np.where(
+            latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, np.where(negative, 0.0, np.nan))
+        )
+        out[finding] = values
+    frame = pd.DataFrame(out)
+    counted = [f for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES]
+    sick = frame[counted].isin([1.0, -1.0]).any(axis=1)
+    frame["No Finding"] = np.where(sick, np.nan, 1.0)
+    return frame[list(FINDINGS)]
+
+
+def rendered_presence(labels: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
+    """Turn one study's raw labels into what is drawn: ``strong``, ``faint`` or ``absent`` per pathology.
+
+    1 -> strong; -1 -> faint with probability 0.5, else absent; 0 and blank -> absent.
+    """
+    drawn = {}
+    for finding in PATHOLOGIES:
+        value = labels[finding]
+        if value == 1.0:
+            drawn[finding] = "strong"
+        elif value == -1.0:
+            drawn[finding] = "faint" if rng.random() < 0.5 else "absent"
+        else:
+            drawn[finding] = "absent"
+    return drawn

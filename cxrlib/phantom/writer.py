@@ -1,0 +1,316 @@
+"""Synthetic chest X-ray phantom written in the MIMIC-CXR-JPG layout: the project's built-in data.
+
+This module plans every study of a phantom (ids, dates, labels, image plans), renders the
+images in worker processes and writes them with MIMIC-CXR-JPG's CSVs, the truth of what is
+drawn and a README; the same seed and options give the same bytes whatever the worker count.
+
+Usage::
+
+    python -m cxrlib.phantom --out data/phantom --subjects 200 --seed 0 --max-size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from ..fileio import atomic_write, write_csv_atomic, write_text_atomic
+from ..labels import FINDINGS
+from .anatomy import sample_subject
+from .design import Design
+from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, rendered_presence, sample_labels
+from .views import output_size, plan_frontal, plan_lateral, render_frontal, render_lateral
+
+JPEG_QUALITY = 95
+
+
+def _hex_id(rng) -> str:
+    return "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5, dtype=np.uint64))
+
+
+def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[dict], Design]:
+    """Draw every study's ids, labels and image plans (no rendering). One entry per image."""
+    if subjects < 1:
+        raise ValueError(f"subjects must be >= 1, got {subjects}")
+    design = Design(**design_options)
+    root = np.random.SeedSequence([int(seed), 20240229])
+    id_rng = np.random.default_rng(root.spawn(1)[0])
+    subject_ids = 10_000_000 + id_rng.choice(9_999_999, size=subjects, replace=False)
+    p_more = 1 - 1 / design.studies_per_subject
+    studies = (
+        np.minimum(1 + id_rng.geometric(1 - p_more, size=subjects) - 1, 12)
+        if p_more > 0
+        else np.ones(subjects, int)
+    )
+    study_ids = 50_000_000 + id_rng.choice(9_999_999, size=int(studies.sum()), replace=False)
+    label_rng = np.random.default_rng(root.spawn(2)[1])
+    labels = sample_labels(label_rng, design.prevalence, int(studies.sum()))
+    entries = []
+    k = 0
+    for s in range(subjects):
+        subject_rng = np.random.default_rng([int(seed), 7, s])
+        subject = sample_subject(subject_rng)
+        split = (
+            "test"
+            if subject_rng.random() < 0.05
+            else ("validate" if subject_rng.random() < 0.05 else "train")
+        )
+        day = int(subject_rng.integers(0, 365 * 60))
+        for j in range(int(studies[s])):
+            rng = np.random.default_rng([int(seed), 11, s, j])
+            row = {f: labels.at[k, f] for f in FINDINGS}
+            drawn = rendered_presence(row, rng)
+            day += int(rng.integers(1, 400))
+            date = pd.Timestamp("2110-01-01") + pd.Timedelta(days=day)
+            views = ["frontal"] + (["lateral"] if rng.random() < design.lateral_fraction else [])
+            frontal_plan = plan_frontal(rng, subject, drawn, design)
+            for view in views:
+                plan = frontal_plan if view == "frontal" else plan_lateral(rng, frontal_plan)
+                entries.append(
+                    {
+                        "dicom_id": _hex_id(rng),
+                        "subject_id": int(subject_ids[s]),
+                        "study_id": int(study_ids[k]),
+                        "split": split,
+                        "date": date.strftime("%Y%m%d"),
+                        "time": f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}"
+                        f"{int(rng.integers(0, 60)):02d}.{int(rng.integers(0, 1000)):03d}",
+                        "labels": row,
+                        "drawn": drawn,
+                        "plan": plan,
+                    }
+                )
+            k += 1
+    return entries, design
+
+
+def _render_entry(args) -> tuple[bytes, dict]:
+    entry, max_size = args
+    plan = entry["plan"]
+    width, height = output_size(plan["native_width"], plan["native_height"], max_size)
+    render = render_lateral if plan["view"] == "LATERAL" else render_frontal
+    image, details = render(plan, width, height)
+    buffer = io.BytesIO()
+    Image.fromarray(image, "L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    canvas_px = plan["fov_h"] / height
+    details["thorax_px"] = plan["thorax"] / (plan["fov_w"] / width)
+    details["heart_px"] = plan["ctr"] * plan["thorax"] / (plan["fov_w"] / width)
+    details["mm_per_px"] = canvas_px
+    return buffer.getvalue(), {"width": width, "height": height, "details": details}
+
+
+def image_relpath(subject_id: int, study_id: int, dicom_id: str) -> Path:
+    """``files/p<first 2 digits>/p<subject>/s<study>/<dicom_id>.jpg`` as in MIMIC-CXR-JPG."""
+    s = str(subject_id)
+    return Path("files") / f"p{s[:2]}" / f"p{s}" / f"s{study_id}" / f"{dicom_id}.jpg"
+
+
+_VIEW_TEXT = {
+    "PA": ("CHEST (PA AND LAT)", "postero-anterior", "Erect"),
+    "AP": ("CHEST (PORTABLE AP)", "antero-posterior", "Recumbent"),
+    "LATERAL": ("CHEST (PA AND LAT)", "lateral", "Erect"),
+}
+
+
+def make_phantom(
+    out_dir: str | os.PathLike,
+    subjects: int,
+    seed: int = 0,
+    max_size: int | None = None,
+    workers: int | None = None,
+    **design_options,
+) -> Path:
+    """Write a phantom dataset in the MIMIC-CXR-JPG layout under ``out_dir``; return ``out_dir``.
+
+    Files: ``files/pXX/pSUBJECT/sSTUDY/DICOM.jpg``, ``mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz``,
+    ``phantom_truth.csv`` (what is really drawn in each image) and ``README.txt``. ``max_size`` caps
+    the long side of the written images (None: native size). The output is byte-identical for the same
+    seed and options, whatever ``workers`` is. ``design_options`` are the fields of :class:`Design`.
+    """
+    out_dir = Path(out_dir)
+    entries, design = plan_dataset(subjects, seed, **design_options)
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    jobs = [(e, max_size) for e in entries]
+    bar = tqdm(total=len(jobs), desc="phantom", unit="img")
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(_render_entry, jobs, chunksize=4)
+            outputs = _write_all(out_dir, entries, results, bar)
+    else:
+        outputs = _write_all(out_dir, entries, map(_render_entry, jobs), bar)
+    bar.close()
+    meta_rows = [_metadata_row(entry, info) for entry, info in zip(entries, outputs, strict=True)]
+    truth_rows = [_truth_row(entry, info) for entry, info in zip(entries, outputs, strict=True)]
+    _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size)
+    return out_dir
+
+
+def _metadata_row(entry: dict, info: dict) -> dict:
+    """One row of ``mimic-cxr-2.0.0-metadata.csv``."""
+    view = entry["plan"]["view"]
+    description, view_text, orientation = _VIEW_TEXT[view]
+    return {
+        "dicom_id": entry["dicom_id"],
+        "subject_id": entry["subject_id"],
+        "study_id": entry["study_id"],
+        "PerformedProcedureStepDescription": description,
+        "ViewPosition": view,
+        "Rows": info["height"],
+        "Columns": info["width"],
+        "StudyDate": entry["date"],
+        "StudyTime": entry["time"],
+        "ProcedureCodeSequence_CodeMeaning": description,
+        "ViewCodeSequence_CodeMeaning": view_text,
+        "PatientOrientationCodeSequence_CodeMeaning": orientation,
+    }
+
+
+def _truth_row(entry: dict, info: dict) -> dict:
+    """One row of ``phantom_truth.csv``: what is really drawn in the image."""
+    truth = {
+        "dicom_id": entry["dicom_id"],
+        "subject_id": entry["subject_id"],
+        "study_id": entry["study_id"],
+        "view": entry["plan"]["view"],
+        "width": info["width"],
+        "height": info["height"],
+    }
+    drawn = entry["drawn"]
+    for finding in PATHOLOGIES:
+        truth[f"present_{finding}"] = int(drawn[finding] != "absent")
+    truth["present_No Finding"] = int(
+        all(drawn[f] == "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
+    )
+    plan = entry["plan"]
+    truth["ctr"] = round(plan["ctr"], 4)
+    truth["mediastinum_ratio"] = round(plan["mediastinum_ratio"], 4)
+    edema = plan["findings"]["Edema"].a if drawn["Edema"] != "absent" else 0.0
+    truth["edema_amplitude"] = round(edema, 4)
+    truth["details"] = json.dumps(_rounded(info["details"]), sort_keys=True)
+    return truth
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _write_all(out_dir: Path, entries, results, bar) -> list[dict]:
+    outputs = []
+    for entry, (jpeg, info) in zip(entries, results, strict=True):
+        path = out_dir / image_relpath(entry["subject_id"], entry["study_id"], entry["dicom_id"])
+        with atomic_write(path, "wb") as handle:
+            handle.write(jpeg)
+        outputs.append(info)
+        bar.update(1)
+    return outputs
+
+
+def _gzip_csv(frame: pd.DataFrame, path: Path) -> None:
+    # mtime=0 keeps the gzip header (and so the file) identical across runs.
+    import gzip
+
+    text = frame.to_csv(index=False).encode()
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as handle:
+        handle.write(text)
+    with atomic_write(path, "wb") as out:
+        out.write(buffer.getvalue())
+
+
+def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size) -> None:
+    _gzip_csv(pd.DataFrame(meta_rows), out_dir / "mimic-cxr-2.0.0-metadata.csv.gz")
+    studies = {}
+    for entry in entries:
+        studies.setdefault(entry["study_id"], entry)
+    label_rows = []
+    for study_id, entry in studies.items():
+        row = {"subject_id": entry["subject_id"], "study_id": study_id}
+        row.update({f: entry["labels"][f] for f in FINDINGS})
+        label_rows.append(row)
+    labels = pd.DataFrame(label_rows).sort_values(["subject_id", "study_id"], kind="stable")
+    for f in FINDINGS:
+        labels[f] = labels[f].astype("Float64")
+    _gzip_csv(labels, out_dir / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    split = pd.DataFrame(
+        [
+            {
+                "dicom_id": e["dicom_id"],
+                "study_id": e["study_id"],
+                "subject_id": e["subject_id"],
+                "split": e["split"],
+            }
+            for e in entries
+        ]
+    )
+    _gzip_csv(split, out_dir / "mimic-cxr-2.0.0-split.csv.gz")
+    write_csv_atomic(pd.DataFrame(truth_rows), out_dir / "phantom_truth.csv")
+    write_text_atomic(
+        "Synthetic chest X-ray teaching phantom (cxrlib.phantom) - NOT real patients, NOT anatomy.\n"
+        "Layout and CSV schemas follow MIMIC-CXR-JPG v2.0.0 so the same code runs on real data.\n"
+        f"subjects={subjects} seed={seed} max_size={max_size} images={len(entries)} design={design}\n"
+        "phantom_truth.csv: per image, what is really drawn (present_<finding>), the cardiothoracic and\n"
+        "mediastinal ratios, and finding positions/sizes in pixels of the written image.\n"
+        "Labels: 1 positive, 0 negative, -1 uncertain, blank not mentioned. See docs/phantom.md.\n",
+        out_dir / "README.txt",
+    )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cxrlib.phantom",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="output folder (MIMIC-CXR-JPG layout)")
+    parser.add_argument("--subjects", type=int, default=60, help="number of patients")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    parser.add_argument(
+        "--max-size", type=int, default=None, help="cap on the long side in px (default: native)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="rendering processes (default: CPU count, at most 8)"
+    )
+    parser.add_argument(
+        "--prevalence", default="mimic", choices=PREVALENCES, help="label rates: MIMIC's or balanced"
+    )
+    parser.add_argument(
+        "--lateral-fraction", type=float, default=0.0, help="share of studies with a lateral view"
+    )
+    parser.add_argument("--studies-per-subject", type=float, default=2.0, help="mean studies per patient")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = make_phantom(
+        args.out,
+        args.subjects,
+        args.seed,
+        args.max_size,
+        args.workers,
+        prevalence=args.prevalence,
+        lateral_fraction=args.lateral_fraction,
+        studies_per_subject=args.studies_per_subject,
+    )
+    print(f"phantom written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
