@@ -815,10 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or args.out.with_suffix(".json")
     results = Results(args.out, json_path, environment_info(device_name(device), args))
     if args.compile_child:
-        with algorithm_settings(False):
-            for resolution in args.resolutions:
-                measure_compile(resolution, device, amp, args.compile_backend, args, results)
-        return 0
+        return compile_child(args, device, amp, results)
 
     signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
@@ -889,6 +886,16 @@ def main(argv: list[str] | None = None) -> int:
             write_report(results, args.out.with_suffix(".txt"), time.perf_counter() - started)
         except Exception:  # the results written before this stay valid
             traceback.print_exc()
+    return 0
+
+
+def compile_child(args: argparse.Namespace, device, amp, results: Results) -> int:
+    """The child process of the ``compile`` part: compile and time each resolution, then exit."""
+    from cxrlib.runtime import algorithm_settings
+
+    with algorithm_settings(False):
+        for resolution in args.resolutions:
+            measure_compile(resolution, device, amp, args.compile_backend, args, results)
     return 0
 
 

@@ -162,6 +162,13 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel on this process's device (keep ``model`` for saving)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Give every process rank 0's buffers (BatchNorm's running statistics, DDP's own rule)."""
     for buffer in model.buffers():

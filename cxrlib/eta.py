@@ -101,48 +101,26 @@ def training_settings(preset: Preset) -> list[Setting]:
 
 
 def _measure(setting: Setting) -> tuple[float, float]:
-    """(training, inference) images per second of one process at ``setting`` (run in a child)."""
+    """(training, inference) images per second of one process at ``setting`` (run in a child),
+    with the trainer's own optimizer step (:func:`cxrlib.throughput.measure_model`)."""
     import torch
 
-    from .labels import masked_bce_with_logits
-    from .loaders import augment_batch
-    from .models import build_model
+    from .throughput import measure_model
 
     torch.set_num_threads(setting.threads)
-    device = torch.device(setting.device)
     torch.manual_seed(0)
-    model = build_model("none").to(device)
-    if setting.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    n, r = setting.batch, setting.resolution
-    images = torch.randint(0, 256, (n, 1, r, r), dtype=torch.uint8, device=device)
-    targets = (torch.rand(n, 14, device=device) < 0.2).float()
-    angles, flips = torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-
-    def train_step() -> None:
-        logits = model(augment_batch(images, angles, flips, setting.channels_last))
-        masked_bce_with_logits(logits, targets, torch.ones_like(targets), "sum").backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def infer_step() -> None:
-        with torch.no_grad():
-            model(augment_batch(images, angles, flips, setting.channels_last))
-
-    rates = []
-    for step in (train_step, infer_step):
-        model.train(step is train_step)
-        step()  # warm-up: allocator, oneDNN / cuDNN kernel choice
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(CALIBRATION_STEPS):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(CALIBRATION_STEPS * n / (time.perf_counter() - start))
-    return rates[0], rates[1]
+    device = torch.device(setting.device)
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    measured = measure_model(
+        setting.resolution,
+        setting.batch,
+        device,
+        amp,
+        CALIBRATION_STEPS,
+        1,
+        channels_last=setting.channels_last,
+    )
+    return measured["train_img_s"], measured["infer_img_s"]
 
 
 def _measure_side_by_side(setting: Setting) -> tuple[float, float]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .paths import fold_dir as fold_dir_of
 
 
@@ -176,6 +177,35 @@ class _Stream:
             self.pending = ""
 
 
+def run_logged(command: list[str], env: dict[str, str], log_path: Path, echo: bool) -> tuple[int, str]:
+    """Run ``command`` in its own process group, streaming its output live (``echo``) and appending
+    it to ``log_path``; returns the exit code and the log's last lines. An interrupt (e.g. in the
+    notebook) stops the whole process group before it is raised again."""
+    with open(log_path, "a", encoding="utf-8") as log_handle:
+        log_handle.write(
+            f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n"
+        )
+        stream = _Stream(log_handle, echo)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            while chunk := os.read(process.stdout.fileno(), 65536):
+                stream.feed(chunk)
+            returncode = process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+        finally:
+            stream.close()
+            process.stdout.close()
+    return returncode, "\n".join(stream.tail)
+
+
 def launch(
     resolution: int,
     fold: int,
@@ -220,7 +250,7 @@ def launch(
         max_restarts, rdzv_id, **overrides,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / ("train.log" if node_rank == 0 else f"train_node{node_rank}.log")
+    log_path = out / (paths.TRAIN_LOG if node_rank == 0 else f"train_node{node_rank}.log")
     # OMP_WAIT_POLICY=PASSIVE: waiting OpenMP threads sleep instead of spinning, so CPU processes
     # sharing cores (several ranks, or other jobs) do not slow each other down many times over.
     child_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -229,30 +259,8 @@ def launch(
         # shared store keeps the previous round's keys, so after a restart the workers of one
         # node could try the dead workers' addresses (connection refused, or a hang).
         child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    with open(log_path, "a", encoding="utf-8") as log_handle:
-        log_handle.write(
-            f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n"
-        )
-        stream = _Stream(log_handle, echo)
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
-        )
-        try:
-            while chunk := os.read(process.stdout.fileno(), 65536):
-                stream.feed(chunk)
-            returncode = process.wait()
-        except BaseException:  # e.g. KeyboardInterrupt in the notebook: stop the whole process group
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-            raise
-        finally:
-            stream.close()
-            process.stdout.close()
+    returncode, tail = run_logged(command, child_env, log_path, echo)
     if returncode != 0:
-        tail = "\n".join(stream.tail)
         raise TrainingFailedError(
             f"training of resolution {resolution}, fold {fold} failed (exit code {returncode}); "
             f"full log: {log_path}\n--- last lines ---\n{tail}"

@@ -398,6 +398,59 @@ def resolve_run(
     return preset_arg, preset, overrides
 
 
+def first_forced_step(
+    steps: list[tuple[Step, int | None]], start_from: str | None, force: bool
+) -> int | None:
+    """Index of the first step to run again whatever its state (``--from`` / ``--force``), or None."""
+    if start_from is None:
+        return 0 if force else None
+    names = [step.name(resolution) for step, resolution in steps]
+    matches = [i for i, (step, _) in enumerate(steps) if start_from in (step.notebook, names[i])]
+    if not matches:
+        raise PipelineError(f"--from {start_from!r} is not a step; steps are {names}")
+    return matches[0]
+
+
+def new_provenance(preset_arg: str, preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """What a run records before its first step: settings, command, git commit, packages, machine."""
+    return {
+        "preset": preset_arg,
+        "settings": preset.to_dict(),
+        "overrides": overrides,
+        "command": [Path(sys.executable).name, "-m", "cxrlib.pipeline", *sys.argv[1:]],
+        "started": _now(),
+        "git": git_commit(),
+        "packages": package_versions(),
+        "machine": devices(),
+        "steps": {},
+    }
+
+
+def record_step(preset: Preset, step: Step, resolution: int | None, run: dict[str, Any]) -> None:
+    """After a step: check its outputs, write its provenance, its stamp and the run's provenance.
+
+    ``run`` holds the step's ``output`` notebook, ``parameters``, ``fingerprint``, ``seconds``, the
+    run's ``provenance`` (updated here) and the ``expected`` seconds (or None).
+    """
+    name, output, seconds = step.name(resolution), run["output"], run["seconds"]
+    missing = [str(p) for p in step.outputs(preset, resolution) if not p.is_file()]
+    if missing:
+        raise PipelineError(f"{name} finished but did not write {missing}; see {output}")
+    provenance = run["provenance"]
+    # Hashed after the step, so a step that writes the index or folds records what it wrote.
+    hashes = data_hashes(preset)
+    record_provenance(
+        output, {**provenance, "step": name, "parameters": run["parameters"], "data_hashes": hashes}
+    )
+    stamp = {"fingerprint": run["fingerprint"], "finished": _now(), "seconds": round(seconds, 1)}
+    write_text_atomic(json.dumps(stamp), _stamp_path(preset, name))
+    provenance["steps"][name] = {"seconds": round(seconds, 1), "finished": _now()}
+    if run["expected"] and name in run["expected"]:
+        provenance["steps"][name]["expected_seconds"] = round(run["expected"][name], 1)
+    provenance["data_hashes"] = hashes
+    write_text_atomic(json.dumps(provenance, indent=2, default=str), preset.run_path / paths.PROVENANCE)
+
+
 def run_pipeline(
     preset_arg: str,
     *,
@@ -415,36 +468,15 @@ def run_pipeline(
     preset_arg, preset, overrides = resolve_run(
         preset_arg, data_root, resolutions, folds, gpus, run_dir=run_dir, figures_dir=figures_dir
     )
-    if progress_bar is None:
-        progress_bar = sys.stderr.isatty()
+    progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     steps = planned_steps(preset)
-    if start_from is not None:
-        names = [step.name(resolution) for step, resolution in steps]
-        matches = [i for i, (step, _) in enumerate(steps) if start_from in (step.notebook, names[i])]
-        if not matches:
-            raise PipelineError(f"--from {start_from!r} is not a step; steps are {names}")
-        force_from = matches[0]
-    else:
-        force_from = 0 if force else None
-
+    force_from = first_forced_step(steps, start_from, force)
     check_before_work(preset)
     with run_lock(preset):
-        provenance_path = preset.run_path / "provenance.json"
-        provenance: dict[str, Any] = {
-            "preset": preset_arg,
-            "settings": preset.to_dict(),
-            "overrides": overrides,
-            "command": [Path(sys.executable).name, "-m", "cxrlib.pipeline", *sys.argv[1:]],
-            "started": _now(),
-            "git": git_commit(),
-            "packages": package_versions(),
-            "machine": devices(),
-            "steps": {},
-        }
+        provenance = new_provenance(preset_arg, preset, overrides)
+        provenance_path = preset.run_path / paths.PROVENANCE
         write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
-        total = len(steps)
-        rerun_rest = False
-        t_start = time.time()
+        rerun_rest, t_start = False, time.time()
         done: dict[str, float] = {}  # step -> seconds, of this run or of the run that completed it
         expected: dict[str, float] | None = None
         for i, (step, resolution) in enumerate(steps):
@@ -452,50 +484,38 @@ def run_pipeline(
             notebook, parameters, fingerprint = step_settings(preset_arg, preset, overrides, step, resolution)
             output = preset.run_path / f"{name}.ipynb"
             forced = rerun_rest or (force_from is not None and i >= force_from)
-            prefix = f"[{i + 1}/{total}] {name:<32}"
+            prefix = f"[{i + 1}/{len(steps)}] {name:<32}"
             if not forced and step_is_complete(preset, step, resolution, fingerprint):
                 print(f"{prefix} skipped (complete)", flush=True)
                 done[name] = _recorded_seconds(preset, name)
                 continue
             if step.per_resolution and expected is None:  # before the long work
                 expected = expected_times(preset, done)
-            hint = ""
-            if expected and name in expected:
-                left = sum(s for n, s in expected.items() if n not in done)
-                hint = f" (expected {eta.clock(expected[name])}; whole run about {eta.clock(left)} left)"
+            known = expected is not None and name in expected
+            left = sum(s for n, s in expected.items() if n not in done) if expected else 0.0
+            hint = (
+                f" (expected {eta.clock(expected[name])}; whole run about {eta.clock(left)} left)"
+                if known
+                else ""
+            )
             print(f"{prefix} running ...{hint}", flush=True)
             t0 = time.time()
             execute_step(notebook, output, parameters, progress_bar)
-            seconds = time.time() - t0
-            done[name] = seconds
+            done[name] = seconds = time.time() - t0
             eta.record_step_time(preset, name, seconds)
-            missing = [str(p) for p in step.outputs(preset, resolution) if not p.is_file()]
-            if missing:
-                raise PipelineError(f"{name} finished but did not write {missing}; see {output}")
-            # Hashed after the step, so a step that writes the index or folds records what it wrote.
-            hashes = data_hashes(preset)
-            record_provenance(
-                output, {**provenance, "step": name, "parameters": parameters, "data_hashes": hashes}
-            )
-            write_text_atomic(
-                json.dumps({"fingerprint": fingerprint, "finished": _now(), "seconds": round(seconds, 1)}),
-                _stamp_path(preset, name),
-            )
-            provenance["steps"][name] = {"seconds": round(seconds, 1), "finished": _now()}
-            if expected and name in expected:
-                provenance["steps"][name]["expected_seconds"] = round(expected[name], 1)
-            provenance["data_hashes"] = data_hashes(preset)
-            write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
-            versus = f" (expected {eta.clock(expected[name])})" if expected and name in expected else ""
+            record_step(preset, step, resolution, {
+                "output": output, "parameters": parameters, "fingerprint": fingerprint, "seconds": seconds,
+                "provenance": provenance, "expected": expected,
+            })  # fmt: skip
+            versus = f" (expected {eta.clock(expected[name])})" if known else ""
             print(f"{prefix} done in {_elapsed(seconds)}{versus}", flush=True)
             rerun_rest = True  # later steps read what this one wrote
-        provenance["finished"] = _now()
-        provenance["data_hashes"] = data_hashes(preset)
+        provenance["finished"], provenance["data_hashes"] = _now(), data_hashes(preset)
         write_text_atomic(json.dumps(provenance, indent=2, default=str), provenance_path)
         if expected:
             print("\n" + eta.format_comparison(expected, done), flush=True)
         print(
-            f"\nall {total} steps complete in {_elapsed(time.time() - t_start)}\n"
+            f"\nall {len(steps)} steps complete in {_elapsed(time.time() - t_start)}\n"
             f"  figures:   {preset.figures_path}\n"
             f"  tables:    {preset.tables_path}\n"
             f"  notebooks: {preset.run_path}",

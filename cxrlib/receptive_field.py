@@ -395,6 +395,15 @@ def _feature_extractor(model: nn.Module) -> nn.Module:
     return getattr(model, "features", model)
 
 
+def _check_erf_options(channel_mode, n_translations, n_probes, chunk, batch_size, max_shift) -> None:
+    if channel_mode not in ("sum", "sum_of_squares"):
+        raise ValueError(f"channel_mode must be 'sum' or 'sum_of_squares', got {channel_mode!r}")
+    if n_translations < 1 or n_probes < 1 or chunk < 1 or batch_size < 1:
+        raise ValueError("n_translations, n_probes, chunk and batch_size must be at least 1")
+    if not 0.0 <= max_shift < 1.0:
+        raise ValueError(f"max_shift is a fraction of the image side in [0, 1), got {max_shift}")
+
+
 def effective_receptive_field(
     model: nn.Module,
     images: torch.Tensor | np.ndarray,
@@ -429,17 +438,9 @@ def effective_receptive_field(
         generator: a ``torch.Generator`` for reproducible shifts and probes.
         progress: show a tqdm bar.
     """
-    if channel_mode not in ("sum", "sum_of_squares"):
-        raise ValueError(f"channel_mode must be 'sum' or 'sum_of_squares', got {channel_mode!r}")
-    if n_translations < 1 or n_probes < 1 or chunk < 1 or batch_size < 1:
-        raise ValueError("n_translations, n_probes, chunk and batch_size must be at least 1")
-    if not 0.0 <= max_shift < 1.0:
-        raise ValueError(f"max_shift is a fraction of the image side in [0, 1), got {max_shift}")
+    _check_erf_options(channel_mode, n_translations, n_probes, chunk, batch_size, max_shift)
     features = _feature_extractor(model)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = next(model.parameters(), torch.empty(0)).device
     pixels, grayscale = _as_batch(images)
     n_images, _, height, width = pixels.shape
     shift_px = int(round(max_shift * min(height, width)))
@@ -462,14 +463,14 @@ def effective_receptive_field(
                 x = translate_batch(batch, shifts, shift_px, padding).to(device).requires_grad_(True)
                 with torch.enable_grad():
                     fmap = features(_grayscale_to_model_input(x) if grayscale else x)
-                    if final_relu:
-                        fmap = F.relu(fmap)
+                    fmap = F.relu(fmap) if final_relu else fmap
                     n_channels, feature_size = fmap.shape[1], tuple(fmap.shape[-2:])
                     position = (feature_size[0] // 2, feature_size[1] // 2)
                     target = fmap[:, :, position[0], position[1]]  # [b, K]
-                    total += _squared_gradient_sum(
+                    squared = _squared_gradient_sum(
                         target, x, exact, n_probes, chunk, channel_mode, generator
-                    ).double()
+                    )
+                total += squared.double()
                 bar.update(len(batch))
     finally:
         bar.close()
@@ -477,17 +478,10 @@ def effective_receptive_field(
     n_samples = n_images * n_translations
     erf = (total / (n_channels * n_samples)).cpu().numpy()
     return ERFResult(
-        erf=erf,
-        feature_position=position,
-        feature_size=feature_size,
-        n_images=n_images,
-        n_samples=n_samples,
-        n_channels=n_channels,
-        method="exact" if exact else "estimator",
-        n_probes=None if exact else n_probes,
-        max_shift_px=shift_px,
-        padding=padding,
-    )
+        erf=erf, feature_position=position, feature_size=feature_size, n_images=n_images,
+        n_samples=n_samples, n_channels=n_channels, method="exact" if exact else "estimator",
+        n_probes=None if exact else n_probes, max_shift_px=shift_px, padding=padding,
+    )  # fmt: skip
 
 
 def _squared_gradient_sum(

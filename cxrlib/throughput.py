@@ -1,9 +1,9 @@
 """Table 2: training and inference images/s, peak memory and cache loading rate per resolution.
 
-Each resolution is measured on the current device with the trainer's real settings: its
-per-process batch (:func:`cxrlib.train.default_per_gpu_batch`), mixed precision
-(:func:`cxrlib.runtime.amp_dtype`), channels_last on GPUs, augmentation on the device
-(:func:`cxrlib.train.augment_batch`), masked BCE and Adam. Inputs are synthetic uint8 batches
+Each resolution is measured on the current device with the trainer's real settings and its own
+optimizer step (:func:`cxrlib.train.optimizer_step`): its per-process batch
+(:func:`cxrlib.recipe.default_per_gpu_batch`), mixed precision (:func:`cxrlib.runtime.amp_dtype`),
+channels_last on GPUs, augmentation on the device, masked BCE and Adam. Inputs are synthetic uint8 batches
 already on the device, so ``train_img_s`` and ``infer_img_s`` are the model's ceiling;
 ``load_img_s`` is the DataLoader's rate from the cache alone (decode only, the trainer's
 worker count), measured when a cache and an index are given. ``peak_mem_gib`` is the peak
@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader
 
 from .datasets import CXRDataset, collate_skip_none
 from .fileio import write_csv_atomic
-from .labels import NUM_FINDINGS, masked_bce_with_logits
-from .loaders import augment_batch, default_workers
+from .labels import NUM_FINDINGS
+from .loaders import default_workers
 from .models import build_model
-from .recipe import default_per_gpu_batch
+from .recipe import BatchPlan, default_per_gpu_batch
 from .runtime import amp_dtype, autocast, model_input, resolve_device
 
 COLUMNS = (
@@ -89,9 +89,18 @@ def measure_model(
     steps: int,
     warmup: int,
     memory_efficient: bool = False,
+    channels_last: bool | None = None,
 ) -> dict:
-    """Training and inference images/s and training peak memory for one resolution and batch."""
-    channels_last = device.type == "cuda"
+    """Training and inference images/s and training peak memory for one resolution and batch.
+
+    A training step is the trainer's own (:func:`cxrlib.train.optimizer_step`: augmentation on the
+    device, autocast, masked BCE, Adam); inference is its validation forward pass. ``channels_last``
+    defaults to the trainer's choice (GPUs only).
+    """
+    from . import dist as cxrdist
+    from .train import Runtime, optimizer_step
+
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
     model = build_model("none", memory_efficient=memory_efficient).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -100,19 +109,17 @@ def measure_model(
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (batch, 1, resolution, resolution), dtype=torch.uint8, device=device)
     targets = (torch.rand(batch, NUM_FINDINGS, device=device, generator=generator) < 0.3).float()
-    masks = torch.ones_like(targets)
-    angles = (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15
-    flips = torch.rand(batch, device=device, generator=generator) < 0.5
+    draws = (
+        (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15,
+        torch.rand(batch, device=device, generator=generator) < 0.5,
+    )
+    info = cxrdist.DistInfo(0, 1, 0, device, None)
+    rt = Runtime(info, amp, channels_last, BatchPlan(batch, 1, 1, batch), False, False)
+    group = [(1, (torch.arange(batch), images, targets, torch.ones_like(targets)))]
+    totals = torch.zeros(3, dtype=torch.float64)
 
     def train_step() -> None:
-        x = augment_batch(images, angles, flips, channels_last)
-        with autocast(device, amp):
-            logits = model(x)
-        loss = masked_bce_with_logits(logits, targets, masks)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, group, optimizer, scaler, rt, 1, draws, totals)
 
     @torch.inference_mode()
     def infer_step() -> None:

@@ -288,13 +288,10 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer, scheduler, stopper = optimization(model, schedule.lr, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    start_epoch, history = (0, [])
-    if not args.no_resume:
-        start_epoch, history = folder.resume(model, optimizer, scheduler, scaler, stopper, info)
+    objects = (model, optimizer, scheduler, scaler, stopper)
+    start_epoch, history = (0, []) if args.no_resume else folder.resume(*objects, info)
     loaders = training_loaders(frames, args, info, rt.plan, workers)
-    skipped = fit(
-        args, rt, folder, (model, optimizer, scheduler, scaler, stopper), loaders, start_epoch, history
-    )
+    skipped = fit(args, rt, folder, objects, loaders, start_epoch, history)
 
     folder.load_best(model, device)
     for split in ("val", "test"):
@@ -322,11 +319,7 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
     """
     model, optimizer, scheduler, scaler, stopper = objects
     (train_loader, val_loader), info = loaders, rt.info
-    ddp_model = (
-        DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        if info.distributed
-        else model
-    )
+    ddp_model = cxrdist.data_parallel(model, rt.device) if info.distributed else model
     skipped = 0
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if stopper.should_stop:
