@@ -359,3 +359,22 @@ def ensemble_weights_table(weights: pd.DataFrame) -> pd.DataFrame:
 def write_ensemble_weights(run: str | os.PathLike, weights: pd.DataFrame) -> Path:
     """Write ``tables/ensemble_weights.csv`` (from the per-fold long weights) atomically."""
     return write_csv_atomic(ensemble_weights_table(weights), tables_dir(run) / "ensemble_weights.csv")
+
+
+def versus_best_single(table3: pd.DataFrame, resolutions: list[int]) -> pd.DataFrame:
+    """Per finding: the best single resolution and its mean test AUC against both ensembles."""
+    rows = []
+    for row in table3.to_dict("records"):
+        means = {r: row.get(f"{r}_mean") for r in resolutions}
+        means = {r: m for r, m in means.items() if m is not None and not pd.isna(m)}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        entry = {"finding": row["finding"], "best resolution": best, "best AUC": means[best]}
+        for name in ("ensemble", "average"):
+            value = row.get(f"{name}_mean")
+            if value is not None and not pd.isna(value):
+                entry[f"{name} AUC"] = value
+                entry[f"{name} - best"] = value - means[best]
+        rows.append(entry)
+    return pd.DataFrame(rows).round(4)

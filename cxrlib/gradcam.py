@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -158,3 +159,11 @@ def gradcam(
     """Grad-CAM maps for ``finding`` in one call (the hook is removed before returning)."""
     with GradCAM(model, target_layer) as cam:
         return cam(images, finding, batch_size=batch_size)
+
+
+def example_for(test: pd.DataFrame, finding: str) -> tuple[pd.Series, bool]:
+    """The image a Grad-CAM row shows for ``finding``: the first test image (index order) positive
+    for it, an unselected example rather than the best-looking one; the first test image when none
+    is positive. Returns ``(row, positive)``."""
+    positives = test[test[finding] == 1.0]
+    return (positives if not positives.empty else test).iloc[0], not positives.empty

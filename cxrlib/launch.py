@@ -222,6 +222,7 @@ def launch(
     rdzv_id: str | None = None,
     echo: bool = True,
     env: dict[str, str] | None = None,
+    out: str | os.PathLike | None = None,
     **overrides,
 ) -> Path:
     """Train ``fold`` at ``resolution`` into ``run_dir/res<R>/fold<k>`` with torchrun; return that folder.
@@ -237,6 +238,7 @@ def launch(
             from the newest checkpoint.
         echo: print the output live (a notebook cell shows it as it comes).
         env: extra environment variables for the processes.
+        out: the training's folder, when not ``run_dir/res<R>/fold<k>`` (e.g. a field-limited variant).
         overrides: trainer options, e.g. ``epochs=30, batch_size=16, deterministic=True``.
 
     Raises:
@@ -244,7 +246,7 @@ def launch(
         TrainingFailedError: the run failed; the message holds the end of ``train.log``.
     """
     nproc = resolve_nproc(gpus)
-    out = fold_dir_of(run_dir, resolution, fold)
+    out = Path(out) if out is not None else fold_dir_of(run_dir, resolution, fold)
     command = build_command(
         resolution, fold, out, index, folds, cache, nproc, nnodes, node_rank, master_addr, master_port,
         max_restarts, rdzv_id, **overrides,

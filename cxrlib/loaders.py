@@ -61,6 +61,11 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--resolution {args.resolution}: must be a multiple of 32 and at least {MIN_RESOLUTION} "
             "(DenseNet121 reduces the image 32x)"
         )
+    if args.tiles < 1 or args.resolution % (32 * args.tiles):
+        raise ConfigError(
+            f"--tiles {args.tiles}: the {args.resolution} px image must split into tiles whose side is a "
+            "multiple of 32 (resolution divisible by 32 x tiles)"
+        )
     for name in ("epochs", "batch_size", "effective_batch", "max_train_images", "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:

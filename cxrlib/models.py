@@ -24,6 +24,7 @@ turn thousands of test images into artificial ties.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import warnings
@@ -54,15 +55,52 @@ def imagenet_weights_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+class TiledFeatures(nn.Sequential):
+    """DenseNet's feature layers applied to each of ``tiles x tiles`` non-overlapping tiles of the
+    image on its own; the tiles' feature maps are put back side by side (a mosaic).
+
+    No feature can see beyond its tile, so the receptive field is limited to the tile while the
+    network, the resolution and the pixel size stay what they are: the field alone changes. The
+    layers and their state dict keys are the plain model's; the head pools the mosaic, i.e. over
+    all tiles. Grad-CAM and the ERF read the mosaic like any feature map.
+    """
+
+    def __init__(self, features: nn.Sequential, tiles: int):
+        super().__init__(collections.OrderedDict(features.named_children()))
+        self.tiles = int(tiles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tiles
+        if t == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if h % t or w % t:
+            raise ValueError(f"a {h}x{w} image cannot be cut into {t}x{t} equal tiles")
+        tiles = (
+            x.reshape(n, c, t, h // t, t, w // t)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(n * t * t, c, h // t, w // t)
+        )
+        if x.is_contiguous(memory_format=torch.channels_last):
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        maps = super().forward(tiles)
+        _, k, fh, fw = maps.shape
+        return maps.reshape(n, t, t, k, fh, fw).permute(0, 3, 1, 4, 2, 5).reshape(n, k, t * fh, t * fw)
+
+
 class DenseNet121(torchvision.models.DenseNet):
     """torchvision's DenseNet121 (same layers, same state dict keys) with a float32 head.
 
     ``forward`` is ``head(features(x))``; :meth:`head` runs outside autocast on float32
-    features, so the logits are float32 numbers, not rounded bf16 / fp16 ones.
+    features, so the logits are float32 numbers, not rounded bf16 / fp16 ones. With ``tiles``
+    above 1 the features see ``tiles x tiles`` tiles of the image separately (:class:`TiledFeatures`).
     """
 
-    def __init__(self, num_classes: int, memory_efficient: bool = False):
+    def __init__(self, num_classes: int, memory_efficient: bool = False, tiles: int = 1):
         super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
+        self.tiles = int(tiles)
+        if self.tiles > 1:
+            self.features = TiledFeatures(self.features, self.tiles)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Feature maps ``[N, 1024, h, w]`` -> logits ``[N, num_classes]``, in float32."""
@@ -75,7 +113,10 @@ class DenseNet121(torchvision.models.DenseNet):
 
 
 def build_model(
-    weights: str | os.PathLike = "imagenet", num_classes: int = NUM_FINDINGS, memory_efficient: bool = False
+    weights: str | os.PathLike = "imagenet",
+    num_classes: int = NUM_FINDINGS,
+    memory_efficient: bool = False,
+    tiles: int = 1,
 ) -> nn.Module:
     """DenseNet121 (:class:`DenseNet121`: torchvision's, float32 head) with ``num_classes`` outputs.
 
@@ -83,12 +124,15 @@ def build_model(
         weights: ``"imagenet"``, ``"none"`` or the path of a local state dict (see module docs).
         num_classes: number of outputs (14 findings).
         memory_efficient: gradient checkpointing in the dense blocks (torchvision's option).
+        tiles: limit the receptive field to ``tiles x tiles`` tiles of the image (1: the plain model).
 
     Raises:
         WeightsUnavailableError: ImageNet weights requested but not downloadable or cached.
         FileNotFoundError: ``weights`` is neither a choice nor an existing file.
     """
-    model = DenseNet121(num_classes, memory_efficient=memory_efficient)
+    if tiles < 1:
+        raise ValueError(f"tiles must be at least 1, got {tiles}")
+    model = DenseNet121(num_classes, memory_efficient=memory_efficient, tiles=tiles)
     choice = str(weights)
     if choice == "none":
         return model

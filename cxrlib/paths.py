@@ -53,6 +53,14 @@ def fold_dir(run: str | os.PathLike, resolution: int, fold: int) -> Path:
     return Path(run) / f"res{int(resolution)}" / f"fold{int(fold)}"
 
 
+def variant_dir(run: str | os.PathLike, resolution: int, fold: int, tiles: int = 1) -> Path:
+    """``<run>/res<R>/fold<k>/`` for the plain model, ``<run>/res<R>-tiles<T>/fold<k>/`` for one whose
+    features see ``T x T`` tiles of the image apart (the field sweep)."""
+    if int(tiles) == 1:
+        return fold_dir(run, resolution, fold)
+    return Path(run) / f"res{int(resolution)}-tiles{int(tiles)}" / f"fold{int(fold)}"
+
+
 def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: str = "test") -> Path:
     """``<run>/res<R>/fold<k>/<split>_predictions.csv`` (split ``val`` or ``test``)."""
     if split not in PREDICTIONS:

@@ -53,6 +53,7 @@ class Step:
     per_resolution: bool = False
     # parameters the pipeline always passes to this notebook (e.g. no widgets in a batch run)
     fixed_parameters: dict[str, Any] = field(default_factory=dict, compare=False)
+    default: bool = True  # run by every preset that does not list its own steps
 
     def name(self, resolution: int | None = None) -> str:
         return f"{self.notebook}_res{resolution}" if resolution is not None else self.notebook
@@ -104,6 +105,13 @@ STEPS: tuple[Step, ...] = (
     Step("08_throughput", _tables("table2_throughput.csv")),
     # Interactive widgets can leave a batch kernel's last reply undelivered (nbclient waits forever).
     Step("09_receptive_field_explained", fixed_parameters={"interactive": False}),
+    Step(
+        "10_field_sweep",
+        _figures_and_tables(
+            ["auc_vs_erf.png", "field_gradcam.png"], ["field_sweep.csv", "field_sweep_delong.csv"]
+        ),
+        default=False,
+    ),
 )
 
 
@@ -287,9 +295,14 @@ def check_before_work(preset: Preset) -> None:
 
 
 def planned_steps(preset: Preset) -> list[tuple[Step, int | None]]:
-    """Every (step, resolution) the preset runs, in order."""
+    """Every (step, resolution) the preset runs, in order: its ``steps``, or every default step."""
+    names = [step.notebook for step in STEPS]
+    unknown = sorted(set(preset.steps or []) - set(names))
+    if unknown:
+        raise ValueError(f"preset {preset.name!r}: steps {unknown} are not notebooks; steps are {names}")
+    chosen = [s for s in STEPS if (s.notebook in preset.steps if preset.steps else s.default)]
     planned: list[tuple[Step, int | None]] = []
-    for step in STEPS:
+    for step in chosen:
         if step.per_resolution:
             planned += [(step, resolution) for resolution in preset.resolutions]
         else:

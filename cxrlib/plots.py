@@ -15,7 +15,7 @@ fig5_ensemble_weights  :func:`fig5_ensemble_weights` ensemble_weights.csv
 auc_vs_resolution.png  :func:`auc_vs_resolution`    auc.csv (optionally bootstrap CIs)
 (optional)             :func:`delong_heatmap`       metrics.pairwise_delong output
 cross_resolution.png   :func:`cross_resolution_heatmap` cross_resolution_auc.csv (study.cross_resolution)
-(notebooks)            :func:`training_curves`      history.csv files (:func:`read_histories`)
+(notebooks)            :func:`training_curves`      history.csv files (run_folder.read_histories)
 (notebooks)            :func:`phantom_examples`     cxrlib.phantom.finding_examples output
 ====================== =========================== =============================================
 """
@@ -46,7 +46,6 @@ from matplotlib.patches import Circle
 
 from .fileio import atomic_write
 from .labels import FINDINGS
-from .paths import fold_dir
 
 FIGURE_FILES: dict[str, str] = {
     "erf": "fig1_erf.png",
@@ -59,6 +58,19 @@ ENSEMBLE_STYLES: dict[str, dict] = {
     "ensemble": {"color": "black", "linestyle": "--", "label": "stacked ensemble"},
     "average": {"color": "0.45", "linestyle": ":", "label": "average ensemble"},
 }
+
+
+def show_inline() -> None:
+    """In a notebook, show returned figures as images (IPython's inline display, as
+    ``%matplotlib inline``): these figures are built without pyplot, so nothing else turns it on."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
+        shell.run_line_magic("matplotlib", "inline")
+    set_style()
 
 
 def set_style() -> None:
@@ -211,8 +223,12 @@ def fig4_gradcam(
     findings: Sequence[str] = ("Cardiomegaly", "Pneumothorax"),
     threshold: float = 0.5,
     alpha: float = 0.45,
+    title: str = "Grad-CAM across resolutions",
 ) -> Figure:
     """Grad-CAM grid (paper Fig. 4): rows = findings, columns = the original and each resolution.
+
+    The columns are the keys of ``maps`` (resolutions, in increasing order, or names such as
+    ``"tiles 2x2"``, in the given order).
 
     Args:
         originals: per row's finding, the image shown (2-D, any size; the maps are drawn over it
@@ -225,7 +241,8 @@ def fig4_gradcam(
     findings = [f for f in findings if f in maps]
     if not findings:
         raise ValueError("none of the requested findings has Grad-CAM maps")
-    resolutions = sorted({int(r) for f in findings for r in maps[f]})
+    columns = list(dict.fromkeys(key for f in findings for key in maps[f]))
+    resolutions = sorted(columns) if all(isinstance(k, int | np.integer) for k in columns) else columns
     fig = _figure(2.6 * (len(resolutions) + 1), 3.0 * len(findings) + 0.3)
     axes = fig.subplots(len(findings), len(resolutions) + 1, squeeze=False)
     for row, finding in enumerate(findings):
@@ -263,7 +280,10 @@ def fig4_gradcam(
                     f"{name} ({p:.2f})" for name, p in zip(FINDINGS, probs, strict=True) if p > threshold
                 ]
                 target = probs[FINDINGS.index(finding)]
-                ax.set_title(f"{resolution_label(resolution)}: p={target:.2f}")
+                name = (
+                    resolution_label(resolution) if isinstance(resolution, int | np.integer) else resolution
+                )
+                ax.set_title(f"{name}: p={target:.2f}")
                 ax.text(
                     0.5,
                     -0.04,
@@ -277,7 +297,7 @@ def fig4_gradcam(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
-    fig.suptitle("Grad-CAM across resolutions")
+    fig.suptitle(title)
     return fig
 
 
@@ -471,19 +491,6 @@ def cross_resolution_heatmap(table: pd.DataFrame, findings: Sequence[str] = ("Av
     return fig
 
 
-def read_histories(
-    run: str | os.PathLike, resolutions: Sequence[int], folds: Sequence[int]
-) -> dict[tuple[int, int], pd.DataFrame]:
-    """``{(resolution, fold): history.csv}`` for the runs that have one (missing ones are skipped)."""
-    out = {}
-    for resolution in resolutions:
-        for fold in folds:
-            path = fold_dir(run, resolution, fold) / "history.csv"
-            if path.is_file():
-                out[(int(resolution), int(fold))] = pd.read_csv(path)
-    return out
-
-
 def training_curves(histories: Mapping[tuple[int, int], pd.DataFrame]) -> Figure:
     """Train (dashed) and validation (solid) loss, and the learning rate, per epoch; colour = resolution."""
     if not histories:
@@ -578,4 +585,108 @@ def resolution_strip(images: Mapping[int, np.ndarray], title: str | None = None)
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- teaching (09)
+
+
+def receptive_field_growth(layers: pd.DataFrame, rf: int) -> Figure:
+    """The theoretical receptive field layer by layer (``receptive_field.theoretical_receptive_field``
+    with ``return_table=True``), on a log scale."""
+    fig = _figure(7, 3)
+    ax = fig.add_subplot()
+    ax.plot(range(len(layers)), layers["rf"], drawstyle="steps-post")
+    ax.set(xlabel="layer (in order)", ylabel="receptive field (px)", yscale="log",
+           title=f"DenseNet121: theoretical receptive field reaches {rf} px")  # fmt: skip
+    return fig
+
+
+def conv_stack_erfs(maps: Mapping[int, np.ndarray]) -> Figure:
+    """The ERF of stacks of 3x3 convolutions, one panel per depth (``receptive_field.erf_of_conv_stack``)."""
+    fig = _figure(2.2 * len(maps), 2.4)
+    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    for ax, (depth, erf) in zip(axes, maps.items(), strict=True):
+        ax.imshow(erf, cmap="magma")
+        ax.set_title(f"{depth} conv 3x3\nRF {2 * depth + 1} px")
+        ax.axis("off")
+    return fig
+
+
+ERF_STATE_LABELS = {"init": "initialisation", "trained": "after training"}
+ERF_STATE_COLOURS = {"init": "cyan", "trained": "orange"}
+
+
+def erf_over_image(image: np.ndarray, results: Mapping, resolution: int) -> Figure:
+    """An image with the 90% (solid) and 50% (dashed) discs of each ERF drawn over it, then each ERF
+    map, all in the same frame. ``results``: ``{"init" | "trained": ERFResult}`` at ``resolution``."""
+    fig = _figure(3.0 * (1 + len(results)), 3.4)
+    axes = fig.subplots(1, 1 + len(results), squeeze=False)[0]
+    frame = (0, 1, 1, 0)
+    axes[0].imshow(image, cmap="gray", extent=frame, vmin=0, vmax=255)
+    axes[0].set_title(f"phantom at {resolution_label(resolution)}")
+    for ax, (state, result) in zip(axes[1:], results.items(), strict=True):
+        ax.imshow(result.erf / result.erf.max(), cmap="magma", extent=frame, vmin=0)
+        ax.set_title(f"ERF, {ERF_STATE_LABELS[state]}")
+        label = f"90%: {100 * result.fraction90:.0f}% of side"
+        ax.text(0.03, 0.97, label, transform=ax.transAxes, va="top", color="white", fontsize="small")
+        for target in (axes[0], ax):
+            _draw_erf_discs(target, result, ERF_STATE_COLOURS[state])
+    for ax in axes:
+        ax.set(xlim=(0, 1), ylim=(1, 0), xticks=[0, 0.5, 1], yticks=[0, 0.5, 1])
+        ax.grid(False)
+    fig.suptitle(f"Effective receptive field of DenseNet121 at {resolution} px")
+    return fig
+
+
+def _draw_erf_discs(ax, result, colour: str) -> None:
+    side = result.resolution
+    centre = ((result.centroid[1] + 0.5) / side, (result.centroid[0] + 0.5) / side)
+    for radius, style in ((result.radius50_px, "--"), (result.radius90_px, "-")):
+        ax.add_patch(Circle(centre, radius / side, fill=False, color=colour, linestyle=style, lw=1.4))
+
+
+# ----------------------------------------------------------------------------- field sweep (10)
+
+
+def auc_vs_erf(
+    sweep: pd.DataFrame,
+    resolutions: pd.DataFrame | None = None,
+    coarse: Sequence[str] = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema"),
+    fine: Sequence[str] = ("Pneumothorax", "Lung Lesion", "Support Devices"),
+) -> Figure:
+    """Test AUC against the measured ERF (fraction of the image side), coarse and fine findings apart.
+
+    ``sweep``: ``field_sweep.csv`` (field, erf_fraction, finding, auc, auc_low, auc_high): the field
+    limited at one resolution (circles, with their patient-bootstrap intervals, joined by lines).
+    ``resolutions``: the same findings of a resolution sweep (resolution, erf_fraction, finding, auc;
+    squares, dashed), whose field shrinks as the image grows; None to leave it out.
+    """
+    fig = _figure(11, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    colours = dict(
+        zip([*coarse, *fine], sns.color_palette("colorblind", len(coarse) + len(fine)), strict=True)
+    )
+    for ax, group, name in ((axes[0], coarse, "coarse findings"), (axes[1], fine, "fine findings")):
+        for finding in group:
+            part = sweep[sweep["finding"] == finding].sort_values("erf_fraction")
+            if part.empty:
+                continue
+            errors = [part["auc"] - part["auc_low"], part["auc_high"] - part["auc"]]
+            ax.errorbar(part["erf_fraction"], part["auc"], yerr=errors, marker="o", capsize=3,
+                        color=colours[finding], label=f"{finding} (field limited)")  # fmt: skip
+            for _, row in part.iterrows():
+                ax.annotate(row["field"], (row["erf_fraction"], row["auc"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize="x-small", color=colours[finding])  # fmt: skip
+            if resolutions is not None:
+                other = resolutions[resolutions["finding"] == finding].sort_values("erf_fraction")
+                ax.plot(other["erf_fraction"], other["auc"], marker="s", linestyle="--", alpha=0.6,
+                        color=colours[finding], label=f"{finding} (resolution sweep)")  # fmt: skip
+        ax.axhline(0.5, color="0.6", linewidth=0.8)
+        ax.set(
+            xlabel="effective receptive field after training (90% disc, fraction of image side)", title=name
+        )
+        ax.legend(fontsize="x-small", loc="lower right")
+    axes[0].set_ylabel("test AUC")
+    fig.suptitle("Does the receptive field decide? AUC against the measured ERF")
     return fig

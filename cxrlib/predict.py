@@ -16,6 +16,7 @@ resolution; this gives the train-resolution x test-resolution matrix)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import paths
 from .checkpoint import BEST_MODEL_NAME, CheckpointError, load_verified
 from .datasets import CXRDataset, collate_skip_none, read_index
 from .fileio import write_csv_atomic
@@ -114,6 +116,14 @@ def predict_logits(
     return logits_frame(list(dataset.dicom_ids), positions, logits)
 
 
+def trained_tiles(folder: Path) -> int:
+    """The ``--tiles`` a run folder's model was trained with (its ``done.json``; 1 without one)."""
+    done = folder / paths.DONE
+    if not done.is_file():
+        return 1
+    return int(json.loads(done.read_text()).get("args", {}).get("tiles", 1))
+
+
 def load_trained_model(
     source: str | os.PathLike, map_location: str | torch.device = "cpu", memory_efficient: bool = False
 ) -> nn.Module:
@@ -135,7 +145,7 @@ def load_trained_model(
     else:
         state = load_state_dict_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
-    model = build_model("none", num_classes=num_classes, memory_efficient=memory_efficient)
+    model = build_model("none", num_classes, memory_efficient, tiles=trained_tiles(path.parent))
     load_weights_into(model, state, source=str(path))
     return model.eval()
 

@@ -30,9 +30,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "04_evaluate": ("00_data", "03_train"),
     "05_receptive_field": ("00_data", "02_downscale", "03_train"),
     "06_gradcam": ("00_data", "02_downscale", "03_train"),
-    "07_ensemble": ("00_data", "03_train"),
+    "07_ensemble": ("00_data", "03_train", "04_evaluate"),
     "08_throughput": ("00_data", "02_downscale"),
     "09_receptive_field_explained": ("00_data", "02_downscale"),
+    "10_field_sweep": ("00_data", "02_downscale"),
 }
 
 

@@ -99,6 +99,24 @@ class AnalysisConfig:
 
 
 @dataclass
+class FieldSweepConfig:
+    """The receptive field limited at a fixed resolution (notebook 10_field_sweep).
+
+    The same DenseNet121 is trained with its features seeing ``tiles x tiles`` separate tiles of
+    the image (``cxrlib.models.TiledFeatures``), with everything else as the top resolution's
+    training. ``reuse``: a run folder (``runs/<preset>``) whose model at ``resolution`` is the
+    untiled one (tiles 1) when it was trained on the same index and folds; trained here otherwise.
+    """
+
+    resolution: int | None = None  # None: the preset's largest resolution
+    tiles: list[int] = field(default_factory=lambda: [1, 2, 4])
+    reuse: str | None = None
+    compare: str | None = None  # a run folder whose resolution sweep the figure shows beside
+    coarse: list[str] = field(default_factory=lambda: ["Cardiomegaly", "Enlarged Cardiomediastinum", "Edema"])
+    fine: list[str] = field(default_factory=lambda: ["Pneumothorax", "Lung Lesion", "Support Devices"])
+
+
+@dataclass
 class Preset:
     """A resolved preset: settings plus the folders of the artifacts contract."""
 
@@ -110,6 +128,8 @@ class Preset:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    field_sweep: FieldSweepConfig = field(default_factory=FieldSweepConfig)
+    steps: list[str] | None = None  # the notebooks this preset runs (None: 00_data ... 09)
     run_dir: str | None = None
     figures_dir: str | None = None
 
@@ -205,6 +225,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         "cache": CacheConfig,
         "train": TrainConfig,
         "analysis": AnalysisConfig,
+        "field_sweep": FieldSweepConfig,
     }
     top = {k: v for k, v in raw.items() if k not in sections}
     top.setdefault("name", path.stem)
@@ -230,6 +251,14 @@ def validate(preset: Preset) -> None:
     device = str(preset.analysis.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"{where}: analysis.device {device!r} is not auto, cpu, cuda or cuda:N")
+    sweep = preset.field_sweep
+    side = sweep.resolution or max(preset.resolutions)
+    for tiles in sweep.tiles if "10_field_sweep" in (preset.steps or []) else []:
+        if int(tiles) < 1 or side % (32 * int(tiles)):
+            raise ValueError(
+                f"{where}: field_sweep.tiles {tiles}: {side} px must split into tiles whose side is a "
+                "multiple of 32"
+            )
     if preset.train.cpu_processes < 1:
         raise ValueError(f"{where}: train.cpu_processes must be at least 1, got {preset.train.cpu_processes}")
     if preset.folds.k < 2:

@@ -664,6 +664,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def index_from_source(
+    source: str,
+    root: str | os.PathLike,
+    csv: str | os.PathLike | None = None,
+    csv_options: dict | None = None,
+    policy: str = "u-zeros",
+    blank: str = "zero",
+    views: str | None = None,
+) -> pd.DataFrame:
+    """The index of a data source as a preset names it: ``mimic`` (or a written ``phantom``, which
+    has MIMIC-CXR-JPG's layout), ``chexpert`` (``csv`` default ``train.csv``) or ``csv`` (a label
+    file, relative to ``root`` unless absolute, read with ``csv_options``)."""
+    common = {"policy": policy, "blank": blank, "views": views}
+    if source in ("phantom", "mimic"):
+        return index_from_mimic(root, **common)
+    if source == "chexpert":
+        return index_from_chexpert(root, csv=csv or "train.csv", **common)
+    if source == "csv":
+        if not csv:
+            raise ValueError("data.csv must name the label file of a csv data source")
+        path = Path(csv) if Path(csv).is_absolute() else Path(root) / csv
+        return index_from_csv(path, root=root, **{**(csv_options or {}), **common})
+    raise ValueError(f"unknown data source {source!r}")
+
+
 def build_index(args: argparse.Namespace) -> pd.DataFrame:
     """The index the command-line arguments ask for."""
     common = {

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from .predict import logits_frame, predict_arrays
 from .runtime import ConfigError
 
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
+OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1}  # with the value a run made before the key had
 
 
 def log(message: str) -> None:
@@ -84,14 +86,19 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
         "effective_batch": effective_batch,
         "weights": str(args.weights),
         "max_train_images": args.max_train_images,
+        "tiles": getattr(args, "tiles", 1),
     }
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
     """One-line :class:`ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
-    differ = [k for k in (*ESSENTIAL_KEYS, "max_train_images") if saved.get(k) != current.get(k)]
+
+    def value(fingerprint: dict, key: str):
+        return fingerprint.get(key, OPTIONAL_KEYS.get(key))
+
+    differ = [k for k in (*ESSENTIAL_KEYS, *OPTIONAL_KEYS) if value(saved, k) != value(current, k)]
     if differ:
-        details = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
+        details = ", ".join(f"{k}: {value(saved, k)!r} there, {value(current, k)!r} now" for k in differ)
         raise ConfigError(
             f"{where} belongs to a run with other settings ({details}); use another --out, "
             "or --no-resume to start this run over"
@@ -263,3 +270,34 @@ def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint
         "args": jsonable_args(args), "fingerprint": fingerprint, "batch_plan": dataclasses.asdict(plan),
         "version": __version__, "torch_version": str(torch.__version__),
     }  # fmt: skip
+
+
+def set_aside_stale_run(folder: Path, index_path: Path, folds_path: Path) -> Path | None:
+    """Move a finished training made from another index or fold file aside (never delete it).
+
+    When the data of a preset changes (a new phantom, another data root), the old run's results
+    no longer belong to it; its folder is renamed ``fold<k>.stale-<time>`` so that the new run
+    starts clean and nothing is lost. Returns the new name, or None.
+    """
+    done = folder / paths.DONE
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text()).get("fingerprint", {})
+    current = {"index_sha256": sha256_file(index_path), "folds_sha256": sha256_file(folds_path)}
+    if all(saved.get(key) == value for key, value in current.items()):
+        return None
+    stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(stale)
+    warnings.warn(f"{folder} was trained on another index or fold file; moved it to {stale}", stacklevel=2)
+    return stale
+
+
+def read_histories(run: Path, resolutions, folds) -> dict[tuple[int, int], pd.DataFrame]:
+    """``history.csv`` of every (resolution, fold) of ``run`` that has one (missing runs are skipped)."""
+    out = {}
+    for resolution in resolutions:
+        for fold in folds:
+            path = paths.fold_dir(run, resolution, fold) / paths.HISTORY
+            if path.is_file():
+                out[(int(resolution), int(fold))] = pd.read_csv(path)
+    return out

@@ -177,6 +177,18 @@ def fold_ids(folds: pd.DataFrame, fold: int, role: str) -> list[str]:
     return folds.loc[folds[f"role_{fold}"] == role, "dicom_id"].tolist()
 
 
+def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
+    """Images and subjects per role in each fold."""
+    rows = []
+    for k in range(num_folds(folds)):
+        role = folds[f"role_{k}"]
+        for name in ROLES:
+            member = role == name
+            images, subjects = int(member.sum()), int(folds.loc[member, "subject_id"].nunique())
+            rows.append({"fold": k, "role": name, "images": images, "subjects": subjects})
+    return pd.DataFrame(rows).pivot(index="fold", columns="role", values=["images", "subjects"])
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter

@@ -1,14 +1,14 @@
 """The steps of the paper's study for one preset: what each numbered notebook runs.
 
-Each function takes a resolved :class:`cxrlib.presets.Preset`, calls the modules that do
-the work and writes the artifacts of the contract, so a notebook cell is one call plus
-display, and the same step can be run (and tested) without a notebook.
+Composition only: each function takes a resolved :class:`cxrlib.presets.Preset`, calls the
+modules that do the work (readers, splits, cache, launch, metrics, ensemble, receptive_field,
+gradcam, throughput) and writes the artifacts of the contract, so a notebook cell is one call
+plus display, and the same step runs (and is tested) without a notebook. A notebook starts
+with :func:`open_preset`.
 """
 
 from __future__ import annotations
 
-import json
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,71 +18,48 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import datasets, splits
-from .fileio import write_text_atomic
+from . import datasets, paths, splits
 from .presets import Preset
 
-PHANTOM_SETTINGS = "phantom_settings.json"
+# ----------------------------------------------------------------------------- every notebook
+
+
+def open_preset(step: str, preset: str, **overrides: Any) -> Preset:
+    """A notebook's setup in one call: resolve the preset with the notebook's parameters, stop in
+    one line when an earlier step's output is missing, show figures inline, print where things go."""
+    from . import plots, presets
+    from .prerequisites import require_step_inputs
+
+    cfg = presets.resolve(preset, **overrides)
+    require_step_inputs(cfg, step, preset)
+    plots.show_inline()
+    print(f"preset {cfg.name}: resolutions {cfg.resolutions}, folds {cfg.trained_folds()} of {cfg.folds.k}")
+    print(f"artifacts in {cfg.run_path}, figures in {cfg.figures_path}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- 00_data
 
 
-def phantom_settings(preset: Preset) -> dict[str, Any]:
-    """The settings that decide the phantom's bytes (regenerated when they change)."""
-    data = preset.data
-    return {
-        "subjects": data.subjects,
-        "seed": data.seed,
-        "max_size": data.max_size,
-        "options": data.phantom_options,
-    }
-
-
-def ensure_phantom(preset: Preset, workers: int | None = None) -> Path:
-    """Write the preset's phantom unless the same phantom is already complete on disk."""
-    from .phantom import make_phantom
-
-    root = preset.data_path
-    marker = root / PHANTOM_SETTINGS
-    wanted = phantom_settings(preset)
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return root
-    make_phantom(
-        root,
-        preset.data.subjects,
-        seed=preset.data.seed,
-        max_size=preset.data.max_size,
-        workers=workers,
-        **preset.data.phantom_options,
-    )
-    write_text_atomic(json.dumps(wanted, indent=2), marker)  # written last: marks the phantom complete
-    return root
-
-
 def build_index(preset: Preset) -> pd.DataFrame:
-    """The image index of the preset's data source (labels mapped by the preset's policy)."""
+    """The image index of the preset's data source (labels mapped by the preset's policy); a
+    phantom is written first unless the same one is already complete."""
+    from .readers import index_from_source
+
     data = preset.data
-    common = {
-        "policy": data.policy,
-        "blank": data.blank,
-        "views": None if data.views == "all" else data.views,
-    }
-    if data.source in ("phantom", "mimic"):
-        if data.source == "phantom":
-            ensure_phantom(preset)
-        return datasets.index_from_mimic(preset.data_path, **common)
-    if data.source == "chexpert":
-        return datasets.index_from_chexpert(preset.data_path, csv=data.csv or "train.csv", **common)
-    if data.source == "csv":
-        if not data.csv:
-            raise ValueError(
-                f"preset {preset.name!r}: data.csv must name the label file of a csv data source"
-            )
-        csv = Path(data.csv)
-        csv = csv if csv.is_absolute() else preset.data_path / csv
-        return datasets.index_from_csv(csv, root=preset.data_path, **{**data.csv_options, **common})
-    raise ValueError(f"preset {preset.name!r}: unknown data source {data.source!r}")
+    if data.source == "phantom":
+        from .phantom import ensure_phantom
+
+        ensure_phantom(preset.data_path, data.subjects, data.seed, data.max_size, **data.phantom_options)
+    try:
+        return index_from_source(
+            data.source, preset.data_path, data.csv, data.csv_options, data.policy, data.blank,
+            None if data.views == "all" else data.views,
+        )  # fmt: skip
+    except ValueError as error:
+        if str(error).startswith(("unknown data source", "data.csv must")):
+            raise ValueError(f"preset {preset.name!r}: {error}") from None
+        raise
 
 
 def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -98,32 +75,14 @@ def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the preset's index and folds (the folds are checked for leakage against the index)."""
-    for path, step in ((preset.index_path, "00_data"), (preset.folds_path, "00_data")):
+    for path in (preset.index_path, preset.folds_path):
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} does not exist yet: run notebook {step} first "
+                f"{path} does not exist yet: run notebook 00_data first "
                 f"(python -m cxrlib.pipeline --preset {preset.name})"
             )
     index = datasets.read_index(preset.index_path)
     return index, splits.read_folds(preset.folds_path, index)
-
-
-def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
-    """Images and subjects per role in each fold."""
-    rows = []
-    for k in range(splits.num_folds(folds)):
-        role = folds[f"role_{k}"]
-        for name in splits.ROLES:
-            member = role == name
-            rows.append(
-                {
-                    "fold": k,
-                    "role": name,
-                    "images": int(member.sum()),
-                    "subjects": int(folds.loc[member, "subject_id"].nunique()),
-                }
-            )
-    return pd.DataFrame(rows).pivot(index="fold", columns="role", values=["images", "subjects"])
 
 
 # ----------------------------------------------------------------------------- 02_downscale
@@ -157,18 +116,20 @@ def train_resolution(
     """Train every fold of the preset at one resolution with torchrun; returns the fold folders.
 
     A finished fold is not trained again and an interrupted one resumes from its checkpoint
-    (the trainer's automatic resume).
+    (the trainer's automatic resume); a finished fold made from other data is set aside first
+    (:func:`cxrlib.run_folder.set_aside_stale_run`).
     """
     from .launch import launch
+    from .run_folder import set_aside_stale_run
 
-    preset_resolutions = preset.resolutions
-    if int(resolution) not in preset_resolutions:
-        raise ValueError(f"resolution {resolution} is not one of the preset's {preset_resolutions}")
+    if int(resolution) not in preset.resolutions:
+        raise ValueError(f"resolution {resolution} is not one of the preset's {preset.resolutions}")
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
     processes = preset.train.gpus if torch.cuda.is_available() else preset.train.cpu_processes
     runs = []
     for fold in folds if folds is not None else preset.trained_folds():
-        set_aside_stale_run(preset, resolution, fold)
+        folder = paths.fold_dir(preset.run_path, resolution, fold)
+        set_aside_stale_run(folder, preset.index_path, preset.folds_path)
         runs.append(
             launch(
                 int(resolution),
@@ -187,41 +148,11 @@ def train_resolution(
     return runs
 
 
-def set_aside_stale_run(preset: Preset, resolution: int, fold: int) -> Path | None:
-    """Move a finished run made from another index or fold file aside (never delete it).
-
-    When the data of a preset changes (a new phantom, another data root), the old run's
-    results no longer belong to it; they are renamed ``fold<k>.stale-<time>`` so that the
-    new run starts clean and nothing is lost. Returns the new name, or None.
-    """
-    from .fileio import sha256_file
-    from .paths import fold_dir
-
-    run = fold_dir(preset.run_path, resolution, fold)
-    done = run / "done.json"
-    if not done.is_file():
-        return None
-    saved = json.loads(done.read_text()).get("fingerprint", {})
-    current = {"index_sha256": sha256_file(preset.index_path), "folds_sha256": sha256_file(preset.folds_path)}
-    if all(saved.get(key) == value for key, value in current.items()):
-        return None
-    stale = run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-    run.rename(stale)
-    warnings.warn(f"{run} was trained on another index or fold file; moved it to {stale}", stacklevel=2)
-    return stale
-
-
 def histories(preset: Preset) -> dict[tuple[int, int], pd.DataFrame]:
     """``history.csv`` of every trained (resolution, fold) that has one."""
-    from .paths import fold_dir
+    from .run_folder import read_histories
 
-    out = {}
-    for resolution in preset.resolutions:
-        for fold in preset.trained_folds():
-            path = fold_dir(preset.run_path, resolution, fold) / "history.csv"
-            if path.is_file():
-                out[(resolution, fold)] = pd.read_csv(path)
-    return out
+    return read_histories(preset.run_path, preset.resolutions, preset.trained_folds())
 
 
 # ----------------------------------------------------------------------------- 04_evaluate, 07_ensemble
@@ -229,7 +160,7 @@ def histories(preset: Preset) -> dict[tuple[int, int], pd.DataFrame]:
 
 @dataclass
 class Evaluation:
-    """Everything 04_evaluate and 07_ensemble show; the tables are also written to ``tables/``."""
+    """Everything 04_evaluate shows; the tables are also written to ``tables/``."""
 
     auc: pd.DataFrame  # long: finding, resolution, fold, auc, n_pos, n_neg, reason
     table3: pd.DataFrame
@@ -270,6 +201,30 @@ def evaluate(preset: Preset) -> Evaluation:
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
 
 
+@dataclass
+class EnsembleReport:
+    """What 07_ensemble shows, read from the tables 04_evaluate wrote."""
+
+    weights: pd.DataFrame  # ensemble_weights.csv
+    convergence: pd.DataFrame  # ensemble_convergence.csv
+    versus_best: pd.DataFrame  # per finding: the best single resolution against both ensembles
+
+
+def ensemble_report(preset: Preset) -> EnsembleReport:
+    """The fitted ensemble of 04_evaluate (its weights, convergence and Table 3), not fitted again."""
+    from .ensemble import versus_best_single
+
+    tables = preset.tables_path
+    if len(preset.resolutions) < 2:
+        raise ValueError("the ensemble needs at least two resolutions")
+    table3 = pd.read_csv(tables / "table3.csv")
+    return EnsembleReport(
+        pd.read_csv(tables / "ensemble_weights.csv"),
+        pd.read_csv(tables / "ensemble_convergence.csv"),
+        versus_best_single(table3, preset.resolutions),
+    )
+
+
 CROSS_RESOLUTION_COLUMNS = ("train_resolution", "test_resolution", "fold", "finding", "auc")
 
 
@@ -286,38 +241,15 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
 
     from . import metrics
     from .fileio import write_csv_atomic
-    from .paths import cross_predictions_path, fold_dir
-    from .predict import predict_logits
-    from .runtime import amp_dtype
 
     index, folds = load_data(preset)
-    device = analysis_device(preset)
-    cells = [
-        (f, r, t) for f in preset.trained_folds() for r in preset.resolutions for t in preset.resolutions
-    ]
+    resolutions = preset.resolutions
+    cells = [(f, r, t) for f in preset.trained_folds() for r in resolutions for t in resolutions]
     rows = []
-    models: dict[tuple[int, int], torch.nn.Module] = {}
     for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
         ids = splits.fold_ids(folds, fold, "test")
-        if trained_at == tested_at:
-            scores = metrics.read_predictions(
-                metrics.predictions_path(preset.run_path, trained_at, fold), ids
-            )
-        else:
-            path = cross_predictions_path(preset.run_path, trained_at, fold, tested_at)
-            best = fold_dir(preset.run_path, trained_at, fold) / "best_model.pt"
-            if not (path.is_file() and path.stat().st_mtime >= best.stat().st_mtime):
-                if (trained_at, fold) not in models:
-                    models = {(trained_at, fold): trained_model(preset, trained_at, fold, device)}
-                dataset = datasets.CXRDataset(
-                    index[index["dicom_id"].isin(set(ids))].reset_index(drop=True),
-                    tested_at,
-                    preset.cache_path,
-                    cache_format=preset.cache.format,
-                )
-                frame = predict_logits(models[(trained_at, fold)], dataset, 64, device, amp_dtype(device))
-                write_csv_atomic(frame, path)
-            scores = metrics.read_predictions(path, ids)
+        path = cross_predictions(preset, index, ids, trained_at, fold, tested_at)
+        scores = metrics.read_predictions(path, ids)
         labels = metrics.labels_for(index, scores.index)
         for finding in scores.columns:
             auc = metrics.finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())[0]
@@ -325,6 +257,28 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=list(CROSS_RESOLUTION_COLUMNS))
     write_csv_atomic(table, preset.tables_path / "cross_resolution_auc.csv")
     return table
+
+
+def cross_predictions(
+    preset: Preset, index: pd.DataFrame, ids: list[str], trained_at: int, fold: int, tested_at: int
+) -> Path:
+    """The prediction file of the model trained at ``trained_at`` scored at ``tested_at`` (its own
+    test predictions on the diagonal); predicted now when missing or older than the model."""
+    from .fileio import write_csv_atomic
+    from .predict import predict_logits
+    from .runtime import amp_dtype
+
+    if trained_at == tested_at:
+        return paths.predictions_path(preset.run_path, trained_at, fold)
+    path = paths.cross_predictions_path(preset.run_path, trained_at, fold, tested_at)
+    best = paths.fold_dir(preset.run_path, trained_at, fold) / paths.BEST_MODEL
+    if not (path.is_file() and path.stat().st_mtime >= best.stat().st_mtime):
+        device = analysis_device(preset)
+        frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
+        dataset = datasets.CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
+        model = trained_model(preset, trained_at, fold, device)
+        write_csv_atomic(predict_logits(model, dataset, 64, device, amp_dtype(device)), path)
+    return path
 
 
 # ----------------------------------------------------------------------------- 05, 06: ERF and Grad-CAM
@@ -359,12 +313,12 @@ def trained_model(
     preset: Preset, resolution: int, fold: int | None = None, device: torch.device | str | None = None
 ) -> torch.nn.Module:
     """The best model of one (resolution, fold), in eval mode on ``device`` (default: the analysis device)."""
-    from .paths import fold_dir
     from .predict import load_trained_model
 
     fold = analysis_fold(preset) if fold is None else fold
     device = analysis_device(preset) if device is None else torch.device(device)
-    return load_trained_model(fold_dir(preset.run_path, resolution, fold), map_location=device).to(device)
+    folder = paths.fold_dir(preset.run_path, resolution, fold)
+    return load_trained_model(folder, map_location=device).to(device)
 
 
 def receptive_fields(
@@ -407,15 +361,23 @@ class GradCAMGrid:
     ground_truth: dict[str, list[str]]
     dicom_ids: dict[str, str]
 
+    def probability_table(self) -> pd.DataFrame:
+        """Per row's finding: the model's probability of it at each resolution, and the image shown."""
+        from .labels import FINDINGS
+
+        table = pd.DataFrame(
+            {
+                finding: {f"{r} px": round(float(p[FINDINGS.index(finding)]), 3) for r, p in by_res.items()}
+                for finding, by_res in self.probabilities.items()
+            }
+        ).T
+        return table.assign(image=pd.Series(self.dicom_ids))
+
 
 def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGrid:
-    """Grad-CAM of each finding at every resolution on one test image positive for it.
-
-    The image of a row is the first test image of the analysis fold (in index order) with a
-    positive label for the row's finding: an unselected example, not the best-looking one
-    (the first test image, with a warning, when no test image is positive for it).
-    """
-    from .gradcam import gradcam
+    """Grad-CAM of each finding at every resolution on one test image of the analysis fold
+    (:func:`cxrlib.gradcam.example_for`: the first one positive for it, an unselected example)."""
+    from .gradcam import example_for, gradcam
     from .labels import FINDINGS
 
     index, folds = load_data(preset)
@@ -424,25 +386,22 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
     grid = GradCAMGrid({}, {}, {}, {}, {})
     models = {r: trained_model(preset, r) for r in preset.resolutions}
     for finding in findings:
-        positives = test[test[finding] == 1.0]
-        if positives.empty:
+        row, positive = example_for(test, finding)
+        if not positive:
             warnings.warn(
                 f"no test image of fold {analysis_fold(preset)} is positive for {finding!r}; "
                 f"its row shows the first test image instead",
                 stacklevel=2,
             )
-        row = (positives if not positives.empty else test).iloc[0]
         grid.dicom_ids[finding] = row["dicom_id"]
         grid.ground_truth[finding] = [f for f in FINDINGS if row[f] == 1.0]
         grid.maps[finding], grid.probabilities[finding] = {}, {}
         for resolution, model in models.items():
-            image = example_images(preset, [row["dicom_id"]], resolution)
-            result = gradcam(model, image, finding)
+            result = gradcam(model, example_images(preset, [row["dicom_id"]], resolution), finding)
             grid.maps[finding][resolution] = result.maps[0]
             grid.probabilities[finding][resolution] = result.probabilities[0]
-        grid.originals[finding] = example_images(preset, [row["dicom_id"]], max(preset.resolutions))[
-            0, 0
-        ].numpy()
+        original = example_images(preset, [row["dicom_id"]], max(preset.resolutions))
+        grid.originals[finding] = original[0, 0].numpy()
     return grid
 
 
@@ -462,20 +421,43 @@ def throughput(preset: Preset) -> pd.DataFrame:
     return frame
 
 
-def ensemble_versus_best(table3: pd.DataFrame, resolutions: list[int]) -> pd.DataFrame:
-    """Per finding: the best single resolution and its mean test AUC against both ensembles."""
-    rows = []
-    for row in table3.to_dict("records"):
-        means = {r: row.get(f"{r}_mean") for r in resolutions}
-        means = {r: m for r, m in means.items() if m is not None and not pd.isna(m)}
-        if not means:
-            continue
-        best = max(means, key=means.get)
-        entry = {"finding": row["finding"], "best resolution": best, "best AUC": means[best]}
-        for name in ("ensemble", "average"):
-            value = row.get(f"{name}_mean")
-            if value is not None and not pd.isna(value):
-                entry[f"{name} AUC"] = value
-                entry[f"{name} - best"] = value - means[best]
-        rows.append(entry)
-    return pd.DataFrame(rows).round(4)
+# ----------------------------------------------------------------------------- 10_field_sweep
+
+
+@dataclass
+class FieldSweepResult:
+    """What 10_field_sweep shows: the sweep (table, tests, ERFs), the resolution sweep beside it, and
+    a Grad-CAM row per variant."""
+
+    sweep: Any  # cxrlib.field_sweep.Sweep
+    resolutions: pd.DataFrame | None
+    gradcam: GradCAMGrid
+
+
+def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
+    """Train the field-limited variants (reusing a finished untiled run), score them, measure their
+    ERF after training, and draw Grad-CAM of the first coarse finding for each; writes the tables."""
+    from . import field_sweep as sweep
+    from .gradcam import example_for, gradcam
+    from .labels import FINDINGS
+    from .predict import load_trained_model
+
+    fold, device = analysis_fold(preset), analysis_device(preset)
+    folders = sweep.train_variants(preset, fold, echo=echo)
+    result = sweep.sweep_table(preset, folders, fold, device)
+    index, folds = load_data(preset)
+    test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
+    finding = preset.field_sweep.coarse[0]
+    row, _ = example_for(test, finding)
+    resolution = sweep.sweep_resolution(preset)
+    image = example_images(preset, [row["dicom_id"]], resolution)
+    grid = GradCAMGrid(
+        {finding: image[0, 0].numpy()}, {finding: {}}, {finding: {}}, {}, {finding: row["dicom_id"]}
+    )
+    grid.ground_truth[finding] = [f for f in FINDINGS if row[f] == 1.0]
+    for tiles, folder in folders.items():
+        model = load_trained_model(folder, map_location=device).to(device)
+        cam = gradcam(model, image, finding)
+        grid.maps[finding][sweep.field_name(tiles)] = cam.maps[0]
+        grid.probabilities[finding][sweep.field_name(tiles)] = cam.probabilities[0]
+    return FieldSweepResult(result, sweep.resolution_sweep(preset.field_sweep.compare), grid)

@@ -12,20 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle
 from torch import nn
 
+from . import paths
 from .paths import fold_dir
-from .plots import resolution_label, set_style
+from .plots import erf_over_image
 from .presets import Preset
 from .receptive_field import ERFResult, effective_receptive_field, resize_images
 
 # Image sides the slider offers besides the preset's trained resolutions: seconds each on a CPU.
 TEACHING_RESOLUTIONS = (32, 64, 96, 128, 192, 256)
-STATE_LABELS = {"init": "initialisation", "trained": "after training"}
-STATE_COLOURS = {"init": "cyan", "trained": "orange"}
 
 
 def trained_model_paths(preset: Preset, fold: int | None = None) -> dict[int, Path]:
@@ -35,7 +34,7 @@ def trained_model_paths(preset: Preset, fold: int | None = None) -> dict[int, Pa
     found = {}
     for resolution in preset.resolutions:
         run = fold_dir(preset.run_path, resolution, fold)
-        if (run / "done.json").is_file() and (run / "best_model.pt").is_file():
+        if (run / paths.DONE).is_file() and (run / paths.BEST_MODEL).is_file():
             found[int(resolution)] = run
     return found
 
@@ -108,27 +107,9 @@ class ERFExplorer:
         return line + " (the run has no trained model at this resolution)"
 
     def figure(self, resolution: int) -> Figure:
-        """The first image at ``resolution`` with the 90% (solid) and 50% (dashed) discs of each
-        ERF drawn over it, then each ERF map, all in the same frame (the image as [0, 1])."""
-        results = self.results(resolution)
-        set_style()
-        fig = Figure(figsize=(3.0 * (1 + len(results)), 3.4), layout="constrained")
-        axes = fig.subplots(1, 1 + len(results), squeeze=False)[0]
-        frame = (0, 1, 1, 0)
-        axes[0].imshow(self.image(resolution)[0, 0].numpy(), cmap="gray", extent=frame, vmin=0, vmax=255)
-        axes[0].set_title(f"phantom at {resolution_label(resolution)}")
-        for ax, (state, result) in zip(axes[1:], results.items(), strict=True):
-            ax.imshow(result.erf / result.erf.max(), cmap="magma", extent=frame, vmin=0)
-            ax.set_title(f"ERF, {STATE_LABELS[state]}")
-            label = f"90%: {100 * result.fraction90:.0f}% of side"
-            ax.text(0.03, 0.97, label, transform=ax.transAxes, va="top", color="white", fontsize="small")
-            for target in (axes[0], ax):
-                _draw_discs(target, result, STATE_COLOURS[state])
-        for ax in axes:
-            ax.set(xlim=(0, 1), ylim=(1, 0), xticks=[0, 0.5, 1], yticks=[0, 0.5, 1])
-            ax.grid(False)
-        fig.suptitle(f"Effective receptive field of DenseNet121 at {resolution} px")
-        return fig
+        """The first image at ``resolution`` with each ERF's discs over it, then each ERF map
+        (:func:`cxrlib.plots.erf_over_image`)."""
+        return erf_over_image(self.image(resolution)[0, 0].numpy(), self.results(resolution), int(resolution))
 
     def show(self, resolution: int) -> None:
         """Print :meth:`caption` and display :meth:`figure` (what the slider redraws)."""
@@ -136,13 +117,6 @@ class ERFExplorer:
 
         print(self.caption(resolution))
         display(self.figure(resolution))
-
-
-def _draw_discs(ax, result: ERFResult, colour: str) -> None:
-    side = result.resolution
-    centre = ((result.centroid[1] + 0.5) / side, (result.centroid[0] + 0.5) / side)
-    for radius, style in ((result.radius50_px, "--"), (result.radius90_px, "-")):
-        ax.add_patch(Circle(centre, radius / side, fill=False, color=colour, linestyle=style, lw=1.4))
 
 
 def erf_slider(explorer: ERFExplorer, value: int | None = None):
@@ -172,3 +146,40 @@ def show_erf_explorer(explorer: ERFExplorer, interactive: bool = True) -> None:
         display(erf_slider(explorer))
     else:
         explorer.show(explorer.default_resolution)
+
+
+@dataclass
+class InitialERFs:
+    """Section 3 of the teaching notebook: the same phantom images at several sizes and the ERF of
+    one randomly initialised DenseNet121 at each."""
+
+    images: dict[int, torch.Tensor]  # uint8 [N, 1, R, R] per size
+    model: nn.Module
+    results: dict[int, ERFResult]
+
+    def summary(self) -> pd.DataFrame:
+        """Per size: the 90%-mass disc's diameter in pixels and as a fraction of the image side."""
+        sizes = list(self.results)
+        return pd.DataFrame({
+            "resolution": sizes,
+            "ERF 90% diameter (px)": [round(2 * self.results[r].radius90_px, 1) for r in sizes],
+            "fraction of image side": [round(self.results[r].fraction90, 3) for r in sizes],
+        })  # fmt: skip
+
+
+def initial_erfs(preset: Preset, sizes=(32, 64, 128, 256), images: int = 4, seed: int = 0) -> InitialERFs:
+    """The ERF of a randomly initialised DenseNet121 on the first ``images`` phantom images of the
+    preset, resized from its largest cached resolution to each of ``sizes`` (seconds on a CPU)."""
+    from .models import build_model
+    from .study import example_images, load_data
+
+    index, _ = load_data(preset)
+    ids = index["dicom_id"].iloc[:images].tolist()
+    resized = resize_images(example_images(preset, ids, max(preset.resolutions)), sizes)
+    torch.manual_seed(seed)
+    model = build_model("none").eval()
+    results = {
+        r: effective_receptive_field(model, resized[r], generator=torch.Generator().manual_seed(seed))
+        for r in sizes
+    }
+    return InitialERFs(resized, model, results)

@@ -107,6 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe("--lr-factor", type=float, default=0.5, help="lr reduction factor (default 0.5)")
     recipe("--patience-stop", type=int, default=10, help="stop after N epochs without improvement")
     recipe("--seed", type=int, default=0, help="seed for weights, order and augmentation")
+    recipe("--tiles", type=int, default=1, help="features see T x T tiles of the image apart (default 1)")
     system = parser.add_argument_group("system").add_argument
     system("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     system("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
@@ -282,7 +283,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
         log(line)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
-    model = build_model(args.weights, memory_efficient=args.memory_efficient)
+    model = build_model(args.weights, memory_efficient=args.memory_efficient, tiles=args.tiles)
     if args.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

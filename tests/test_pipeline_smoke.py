@@ -44,7 +44,9 @@ def test_committed_notebooks_have_no_outputs_and_a_papermill_parameters_cell(not
     assert {"preset", "run_dir", "figures_dir", "data_root", "resolutions", "folds", "gpus"} <= set(
         parameters
     )
-    assert parameters["preset"]["default"] == '"demo"'
+    # the resolution study's notebooks read the demo; the field sweep reads its own preset
+    expected = '"receptive-field"' if notebook.stem == "10_field_sweep" else '"demo"'
+    assert parameters["preset"]["default"] == expected
     for name, parameter in parameters.items():  # `papermill --help-notebook` shows a type and a help
         assert parameter["inferred_type_name"] not in ("None", ""), f"{notebook.name}: {name} has no type"
         assert parameter["help"], f"{notebook.name}: {name} has no help comment"
@@ -148,3 +150,50 @@ def test_every_executed_notebook_shows_its_figures_as_images(smoke_run):
         assert not as_text, f"{step.name(resolution)} shows a figure as text: {as_text[0]}"
         if step.notebook not in ("00_data", "08_throughput"):  # the steps without a figure
             assert any("image/png" in d for d in shown), f"{step.name(resolution)} shows no figure"
+
+
+@pytest.mark.slow
+def test_the_field_sweep_reuses_the_untiled_model_and_limits_the_field(smoke_run, tmp_path):
+    """Notebook 10 on the smoke run's images: tiles 1x1 is the smoke run's own 64 px model
+    (reused, not trained again), tiles 2x2 is trained, and its ERF is smaller."""
+    import yaml
+
+    from cxrlib import presets
+
+    base = yaml.safe_load((presets.PRESET_DIR / "smoke.yaml").read_text())
+    base.update(
+        resolutions=[64],
+        steps=["00_data", "02_downscale", "10_field_sweep"],
+        field_sweep={"tiles": [1, 2], "reuse": str(smoke_run.run_path), "compare": str(smoke_run.run_path),
+                     "coarse": ["Cardiomegaly"], "fine": ["Pleural Effusion"]},
+    )  # fmt: skip
+    base["data"]["root"] = str(smoke_run.data_path)
+    base["cache"]["dir"] = str(smoke_run.cache_path)
+    base["analysis"] = {**base.get("analysis", {}), "bootstrap": 20}
+    path = tmp_path / "smoke-field.yaml"
+    path.write_text(yaml.safe_dump(base))
+    preset = run_pipeline(
+        str(path), run_dir=str(tmp_path / "run"), figures_dir=str(tmp_path / "figures"), progress_bar=False
+    )
+    table = pd.read_csv(preset.tables_path / "field_sweep.csv")
+    assert list(table.columns) == [
+        "field", "tiles", "erf_fraction", "finding", "auc", "auc_low", "auc_high", "n_pos", "n_neg"
+    ]  # fmt: skip
+    assert set(table["field"]) == {"tiles 1x1", "tiles 2x2"}
+    assert len(table) == 2 * len(FINDINGS)
+    erf = table.groupby("field")["erf_fraction"].first()
+    assert erf["tiles 2x2"] < erf["tiles 1x1"]
+    assert not paths.fold_dir(preset.run_path, 64, 0).exists()  # the smoke run's model was reused
+    assert (paths.variant_dir(preset.run_path, 64, 0, 2) / "done.json").is_file()
+    reused = pd.read_csv(paths.predictions_path(smoke_run.run_path, 64, 0), dtype={"dicom_id": str})
+    one = table[table["field"] == "tiles 1x1"].set_index("finding")
+    labels = read_index(smoke_run.index_path).set_index("dicom_id").loc[reused["dicom_id"]]
+    from cxrlib.metrics import finding_auc
+
+    auc, *_ = finding_auc(labels["Pleural Effusion"].to_numpy(), reused["Pleural Effusion"].to_numpy())
+    assert one.loc["Pleural Effusion", "auc"] == pytest.approx(auc)
+    delong = pd.read_csv(preset.tables_path / "field_sweep_delong.csv")
+    assert {"field_a", "field_b", "p", "p_holm", "correction_family"} <= set(delong.columns)
+    for name in ("auc_vs_erf.png", "field_gradcam.png"):
+        with Image.open(preset.figures_path / name) as image:
+            assert image.format == "PNG"

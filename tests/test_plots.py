@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from cxrlib import metrics, plots
+from cxrlib import metrics, plots, run_folder
 from cxrlib.labels import FINDINGS
 from cxrlib.receptive_field import ERFResult
 
@@ -161,5 +161,5 @@ def test_read_histories_skips_missing_runs(tmp_path):
     pd.DataFrame({"epoch": [1], "train_loss": [0.5], "val_loss": [0.4], "lr": [1e-3]}).to_csv(
         path, index=False
     )
-    histories = plots.read_histories(tmp_path, [32, 64], [0, 1])
+    histories = run_folder.read_histories(tmp_path, [32, 64], [0, 1])
     assert list(histories) == [(32, 0)]

@@ -67,9 +67,9 @@ def test_an_unknown_step_is_refused(tmp_path):
 def test_each_notebook_checks_its_own_step_in_its_first_cell_after_the_parameters(notebook):
     nb = nbformat.read(notebook, as_version=4)
     setup = nb.cells[[c.cell_type for c in nb.cells].index("code") + 1]
-    assert f'require_step_inputs(cfg, "{notebook.stem}", preset)' in setup.source
-    resolve_end = setup.source.index("\n)\n", setup.source.index("cfg = presets.resolve("))
-    assert setup.source.index("require_step_inputs(cfg") == resolve_end + 3  # before anything else runs
+    # study.open_preset resolves the preset and checks the step's inputs before anything else runs
+    assert f'cfg = study.open_preset(\n    "{notebook.stem}",\n    preset,' in setup.source
+    assert setup.source.rstrip().endswith(")") and setup.source.count("\ncfg = ") == 1
 
 
 @pytest.mark.slow

@@ -43,3 +43,15 @@ def test_on_a_gpu_node_the_trained_model_is_loaded_onto_the_gpu(tmp_path):
     preset = preset_with_a_trained_model(tmp_path)  # analysis.device auto
     model = study.trained_model(preset, 32, 0)
     assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+def test_a_notebook_opens_its_preset_in_one_call_and_stops_in_one_line_without_its_inputs(tmp_path, capsys):
+    from cxrlib.prerequisites import MissingInputError
+
+    cfg = study.open_preset("00_data", "smoke", run_dir=str(tmp_path / "run"), device="cpu")
+    assert cfg.name == "smoke" and cfg.analysis.device == "cpu"
+    assert "preset smoke: resolutions [32, 64]" in capsys.readouterr().out
+    with pytest.raises(
+        MissingInputError, match=r"index.csv does not exist yet: run python -m cxrlib.pipeline"
+    ):
+        study.open_preset("04_evaluate", "smoke", run_dir=str(tmp_path / "run"))

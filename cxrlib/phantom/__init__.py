@@ -91,6 +91,7 @@ from .labels import (
 from .views import plan_frontal, plan_lateral, render_frontal, render_lateral
 from .writer import (
     JPEG_QUALITY,
+    ensure_phantom,
     get_args_parser,
     image_relpath,
     main,
@@ -119,6 +120,7 @@ __all__ = [
     "REGISTRY",
     "Design",
     "Finding",
+    "ensure_phantom",
     "FindingPlan",
     "finding_examples",
     "get_args_parser",

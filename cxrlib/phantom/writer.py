@@ -314,3 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
+
+
+def ensure_phantom(
+    root: str | os.PathLike,
+    subjects: int,
+    seed: int = 0,
+    max_size: int | None = None,
+    workers: int | None = None,
+    **design_options,
+) -> Path:
+    """Write a phantom to ``root`` unless the same one (same settings) is already complete there."""
+    root = Path(root)
+    marker = root / SETTINGS_FILE
+    wanted = {"subjects": subjects, "seed": seed, "max_size": max_size, "options": design_options}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return root
+    make_phantom(root, subjects, seed=seed, max_size=max_size, workers=workers, **design_options)
+    write_text_atomic(json.dumps(wanted, indent=2), marker)
+    return root
