@@ -289,9 +289,11 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     from .paths import cross_predictions_path, fold_dir
     from .predict import predict_logits
     from .runtime import amp_dtype
+    from .train import default_workers
 
     index, folds = load_data(preset)
     device = analysis_device(preset)
+    workers = default_workers(device)  # on a GPU, decoding 2048 px images in one process is the bottleneck
     cells = [
         (f, r, t) for f in preset.trained_folds() for r in preset.resolutions for t in preset.resolutions
     ]
@@ -315,7 +317,8 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
                     preset.cache_path,
                     cache_format=preset.cache.format,
                 )
-                frame = predict_logits(models[(trained_at, fold)], dataset, 64, device, amp_dtype(device))
+                model = models[(trained_at, fold)]
+                frame = predict_logits(model, dataset, 64, device, amp_dtype(device), num_workers=workers)
                 write_csv_atomic(frame, path)
             scores = metrics.read_predictions(path, ids)
         labels = metrics.labels_for(index, scores.index)
