@@ -95,9 +95,9 @@ GPU_MACHINE_CORE_FACTOR = 1.3
 EVALUATE_CPU_S = (1.2, 0.0101)
 LOADER_START_S = 1.0  # a DataLoader with 8 workers (estimate)
 MODEL_LOAD_S = 0.5  # a best_model.pt onto the GPU (estimate)
-# ERF (float32: TF32 convolutions, 8 probes in one batched backward): per image, from the bf16
-# training rate x 2 for float32 x (1 forward + 8 backwards) / (1 forward + 1 backward) (estimate).
-ERF_FACTOR = 2 * (1 + 8 * 2) / 3  # seconds per image = ERF_FACTOR / training img/s
+# ERF, float32, 8 probes, per image: measured on an H200 for 4 images (cxrlib/receptive_field.py:
+# 0.4 / 0.4 / 1.3 / 5.4 s at 256 / 512 / 1024 / 2048 px, batch 1).
+H200_ERF_S_PER_IMAGE = {256: 0.1, 512: 0.1, 1024: 0.325, 2048: 1.35}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def plan_seconds(preset, split: Split, cores: int = 16) -> dict[str, float]:
     evaluate = (EVALUATE_CPU_S[0] + EVALUATE_CPU_S[1] * analysis.bootstrap) * n_test / 1000
     evaluate *= GPU_MACHINE_CORE_FACTOR
     plan = {
-        "setup": 10.0,
+        "setup": 5.0,  # this driver's start (the machine is probed beside the phantom)
         "phantom": n_img * (RENDER_2048_CPU_S * per_core + PHANTOM_MAIN_CPU_S * GPU_MACHINE_CORE_FACTOR) + 3,
         "00_data": 2.0,
         "01_image_sizes": 3.0,
@@ -183,7 +183,7 @@ def plan_seconds(preset, split: Split, cores: int = 16) -> dict[str, float]:
         + len(resolutions) * MODEL_LOAD_S
     )  # fmt: skip
     plan["05_receptive_field"] = (
-        5 + 2 * analysis.erf_images * sum(ERF_FACTOR / rate(H200_TRAIN_IMG_S, r) for r in resolutions)
+        5 + 2 * analysis.erf_images * sum(H200_ERF_S_PER_IMAGE.get(r, 0.1) for r in resolutions)
         + 2 * len(resolutions) * MODEL_LOAD_S
     )  # fmt: skip
     plan["06_gradcam"] = 5 + len(resolutions) * MODEL_LOAD_S

@@ -116,6 +116,13 @@ def test_the_preset_fits_the_budget_with_equal_steps_and_says_so_in_its_comments
         assert claim in text, f"phantom-gpu.yaml's comments no longer say {claim!r}"
 
 
+def test_erf_batch_keeps_8_images_up_to_256_px_and_one_at_2048_px():
+    from cxrlib.receptive_field import default_erf_batch
+
+    assert [default_erf_batch(r, r) for r in (32, 128, 256, 512, 1024, 2048)] == [8, 8, 8, 2, 1, 1]
+    assert default_erf_batch(256, 512) == 4
+
+
 def test_dry_run_settings_keep_the_preset_and_shrink_its_sizes(tmp_path):
     import yaml
 
