@@ -9,8 +9,8 @@ papermill does, with the notebook's own code as the single source of truth:
 * every code cell runs in order in one namespace (``__name__ == "__main__"``), with the working
   directory set to the notebook's folder (papermill's ``cwd``);
 * as in a notebook, the value of a cell's last expression is displayed; ``display()`` and
-  ``Markdown`` work without IPython (the notebook's own imports get a small stand-in,
-  :data:`IPYTHON_SHIM`, when IPython cannot be imported; libraries still see it absent);
+  ``Markdown`` work without IPython (imports made while the notebook runs get a small stand-in,
+  :data:`IPYTHON_SHIM`, when IPython cannot be imported; it is kept out of ``sys.modules``);
   ``%matplotlib ...`` lines are skipped (figures are drawn with the Agg backend);
   any other IPython magic or shell escape is an error naming the notebook, cell and line;
 * stdout and stderr are shown as they come and kept as each cell's outputs;
@@ -93,9 +93,9 @@ _real_import = builtins.__import__
 
 
 def _import(name, globals=None, locals=None, fromlist=(), level=0):
-    """The notebooks' ``import``: IPython's display functions from :data:`IPYTHON_SHIM` when IPython
-    cannot be imported. Only the notebook's own import statements see the stand-in; libraries (which
-    inspect ``sys.modules["IPython"]``) still see that IPython is absent."""
+    """``import``, with IPython's display functions from :data:`IPYTHON_SHIM` when IPython cannot be
+    imported. The stand-in is never put in ``sys.modules``, so libraries that look there for IPython
+    (matplotlib, tqdm) still see that it is absent."""
     try:
         return _real_import(name, globals, locals, fromlist, level)
     except ImportError:
@@ -104,9 +104,15 @@ def _import(name, globals=None, locals=None, fromlist=(), level=0):
         return IPYTHON_SHIM[name] if fromlist else IPYTHON_SHIM["IPython"]
 
 
-def notebook_builtins() -> dict[str, Any]:
-    """Builtins for a notebook's namespace: the real ones with :func:`_import`."""
-    return {**vars(builtins), "__import__": _import}
+@contextlib.contextmanager
+def ipython_fallback() -> Iterator[None]:
+    """While a notebook runs, ``from IPython.display import display`` works without IPython, in the
+    notebook's cells and in the modules they call (e.g. a teaching helper that displays a figure)."""
+    builtins.__import__ = _import
+    try:
+        yield
+    finally:
+        builtins.__import__ = _real_import
 
 
 @contextlib.contextmanager
@@ -182,6 +188,10 @@ class _Tee(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
     def fileno(self) -> int:  # subprocess and faulthandler need a real descriptor
         return self.stream.fileno()
 
@@ -232,14 +242,16 @@ def execute_notebook(
         "outputs": [],
         "source": parameters_source(parameters),
     }
+    if notebook.get("nbformat_minor", 0) >= 5:  # cell ids from nbformat 4.5 on
+        injected["id"] = "injected-parameters"
     cells.insert(tagged[0] + 1 if tagged else 0, injected)
-    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": notebook_builtins()}
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     started = time.perf_counter()
     previous_cwd = Path.cwd()
     failure: NotebookExecutionError | None = None
     os.environ.setdefault("MPLBACKEND", "Agg")
     count = 0
-    with hidden_modules(hide_modules):
+    with hidden_modules(hide_modules), ipython_fallback():
         try:
             os.chdir(cwd or source.parent)
             for cell in cells:

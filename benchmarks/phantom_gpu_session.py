@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+STARTED = time.monotonic()  # the time limit counts from here, before the heavy imports
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -432,12 +433,11 @@ class Runner:
         from cxrlib.pipeline import git_commit, package_versions
 
         self.args, self.ctx, self.out = args, ctx, out
-        self.t0 = time.monotonic()
+        self.t0 = STARTED
         self.budget = float(args.budget_seconds)
         self.reserve = float(args.reserve_seconds)
-        git = git_commit()
-        if not git.get("commit"):
-            git = {"commit": os.environ.get("CXR_COMMIT") or None, "dirty": None, "from": "CXR_COMMIT"}
+        git = {**git_commit(), "CXR_COMMIT": os.environ.get("CXR_COMMIT")}  # the copy may have no .git
+        git["commit"] = git["commit"] or git["CXR_COMMIT"]
         self.session = Session(
             mode="CPU dry run" if args.dry_run else "GPU",
             budget_seconds=self.budget,
