@@ -63,6 +63,19 @@ def test_runner_injects_parameters_and_keeps_outputs_without_ipython(tmp_path):
     assert not metadata["failed"]
 
 
+def test_modules_a_notebook_calls_can_display_without_ipython_too(tmp_path):
+    helper = tmp_path / "helper_display.py"
+    helper.write_text("def show(value):\n    from IPython.display import display\n\n    display(value)\n")
+    source = write_notebook(
+        tmp_path / "nb.ipynb",
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport helper_display"
+        "\nhelper_display.show(x + 1)",
+    )
+    output = tmp_path / "executed.ipynb"
+    runner.execute_notebook(source, output, {"x": 1}, hide_modules=("IPython", "IPython.display"))
+    assert code_cells(output)[2]["outputs"][0]["text"] == "2\n"
+
+
 def test_a_failing_cell_is_named_stops_the_notebook_and_is_written_with_its_traceback(tmp_path):
     source = write_notebook(tmp_path / "nb.ipynb", "y = 2", "1 / 0", "print('never')")
     output = tmp_path / "executed.ipynb"
