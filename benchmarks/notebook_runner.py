@@ -117,11 +117,12 @@ def ipython_fallback() -> Iterator[None]:
 
 @contextlib.contextmanager
 def hidden_modules(names: tuple[str, ...] = ()) -> Iterator[None]:
-    """Make ``names`` unimportable for the duration (e.g. ``("IPython", "ipywidgets")``, to run here
-    as on a machine without them)."""
-    saved = {name: sys.modules.get(name, _MISSING) for name in names}
+    """Make ``names`` and their submodules unimportable for the duration (e.g. ``("IPython",
+    "ipywidgets")``, to run here as on a machine without them), also when they were imported before."""
+    loaded = [m for m in sys.modules if any(m.startswith(f"{name}.") for name in names)]
+    saved = {name: sys.modules.get(name, _MISSING) for name in (*names, *loaded)}
     try:
-        for name in names:
+        for name in saved:
             sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
         yield
     finally:
