@@ -5,7 +5,7 @@
 # what time is left, stopping itself before --budget-seconds (default 540) with what it has packed.
 #
 #   OUT=/tmp/out CXR_COMMIT=<commit> bash benchmarks/phantom_gpu_session.sh                 # GPU
-#   OUT=/tmp/out CXR_COMMIT=<commit> bash benchmarks/phantom_gpu_session.sh --budget-seconds 200
+#   OUT=/tmp/out CXR_COMMIT=<commit> bash benchmarks/phantom_gpu_session.sh --budget-seconds 180
 #                                    # again at once: completed steps are skipped, then torch.compile
 #   OUT=/tmp/out bash benchmarks/phantom_gpu_session.sh --dry-run --work-dir /tmp/dry   # CPU, tiny
 #
