@@ -405,7 +405,7 @@ def effective_receptive_field(
     exact: bool = False,
     n_probes: int = 8,
     chunk: int = 8,
-    batch_size: int | None = None,
+    batch_size: int = 8,
     final_relu: bool = False,
     channel_mode: str = "sum",
     generator: torch.Generator | None = None,
@@ -423,8 +423,7 @@ def effective_receptive_field(
         exact: all K channel gradients (K backward passes per image) instead of the estimator.
         n_probes: random-sign probes per sample for the estimator.
         chunk: channels (exact) or probes (estimator) per batched backward; memory grows with it.
-        batch_size: samples per forward pass; default :func:`default_erf_batch` (8 up to 256 px,
-            one at 1024 px and more, so that 2048 px fits a GPU's memory).
+        batch_size: samples per forward pass.
         final_relu: apply the ReLU that follows ``features`` in torchvision's forward.
         channel_mode: for float inputs, ``sum`` or ``sum_of_squares`` over input channels.
         generator: a ``torch.Generator`` for reproducible shifts and probes.
@@ -432,8 +431,6 @@ def effective_receptive_field(
     """
     if channel_mode not in ("sum", "sum_of_squares"):
         raise ValueError(f"channel_mode must be 'sum' or 'sum_of_squares', got {channel_mode!r}")
-    if batch_size is None:
-        batch_size = default_erf_batch(*tuple(images.shape[-2:]))
     if n_translations < 1 or n_probes < 1 or chunk < 1 or batch_size < 1:
         raise ValueError("n_translations, n_probes, chunk and batch_size must be at least 1")
     if not 0.0 <= max_shift < 1.0:
@@ -491,19 +488,6 @@ def effective_receptive_field(
         max_shift_px=shift_px,
         padding=padding,
     )
-
-
-ERF_BATCH_PIXELS = 8 * 256 * 256  # pixels of one ERF batch by default (8 images of 256 px)
-
-
-def default_erf_batch(height: int, width: int) -> int:
-    """Samples per ERF forward pass: 8 images of 256 px or fewer, one image from 1024 px on.
-
-    Memory grows with batch x pixels (float32, ``chunk`` probes in one backward): measured on the
-    CPU at 256 px, batch 8 with 8 probes needs about 2.4 GiB, about 155 GiB at 2048 px, more than
-    an H200 has; one 2048 px image needs about an eighth of that.
-    """
-    return max(1, min(8, ERF_BATCH_PIXELS // max(1, int(height) * int(width))))
 
 
 def _squared_gradient_sum(
@@ -577,6 +561,20 @@ def erf_table(
     return table.reset_index(drop=True)
 
 
+ERF_BATCH_PIXELS = 8 * 256 * 256  # pixels of one ERF batch in compute_erfs (8 images of 256 px)
+
+
+def default_erf_batch(height: int, width: int) -> int:
+    """Samples per ERF forward pass in :func:`compute_erfs`: 8 images of 256 px or fewer, one image
+    from 1024 px on.
+
+    Memory grows with batch x pixels (float32, ``chunk`` probes in one backward): measured on the
+    CPU at 256 px, batch 8 with 8 probes needs about 2.4 GiB, about 155 GiB at 2048 px, more than
+    an H200 has; one 2048 px image needs about an eighth of that.
+    """
+    return max(1, min(8, ERF_BATCH_PIXELS // max(1, int(height) * int(width))))
+
+
 def compute_erfs(
     models: Mapping[tuple[int, str], nn.Module],
     images: Mapping[int, torch.Tensor | np.ndarray],
@@ -585,15 +583,18 @@ def compute_erfs(
     """:func:`effective_receptive_field` for each ``{(resolution, state): model}`` on ``images[resolution]``.
 
     Keyword arguments go to :func:`effective_receptive_field`; every model gets the same seed.
+    Without ``batch_size`` each resolution gets :func:`default_erf_batch`.
     """
     seed = kwargs.pop("seed", 0)
+    batch_size = kwargs.pop("batch_size", None)
     results = {}
     for (resolution, state), model in models.items():
         if resolution not in images:
             raise ValueError(f"no images given for resolution {resolution}")
         generator = torch.Generator().manual_seed(seed)
+        batch = batch_size or default_erf_batch(*tuple(images[resolution].shape[-2:]))
         results[(resolution, state)] = effective_receptive_field(
-            model, images[resolution], generator=generator, **kwargs
+            model, images[resolution], generator=generator, batch_size=batch, **kwargs
         )
     return results
 

@@ -129,11 +129,24 @@ def test_the_preset_fits_the_budget_with_equal_steps_and_says_so_in_its_comments
         assert claim in text, f"phantom-gpu.yaml's comments no longer say {claim!r}"
 
 
-def test_erf_batch_keeps_8_images_up_to_256_px_and_one_at_2048_px():
-    from cxrlib.receptive_field import default_erf_batch
+def test_erf_batch_keeps_8_images_up_to_256_px_and_one_at_2048_px(monkeypatch):
+    import torch
 
-    assert [default_erf_batch(r, r) for r in (32, 128, 256, 512, 1024, 2048)] == [8, 8, 8, 2, 1, 1]
-    assert default_erf_batch(256, 512) == 4
+    from cxrlib import receptive_field
+
+    assert [receptive_field.default_erf_batch(r, r) for r in (32, 128, 256, 512, 1024, 2048)] == [
+        8, 8, 8, 2, 1, 1,
+    ]  # fmt: skip
+    assert receptive_field.default_erf_batch(256, 512) == 4
+    used = {}
+    monkeypatch.setattr(
+        receptive_field, "effective_receptive_field", lambda model, x, **kw: used.setdefault(x.shape[-1], kw)
+    )
+    images = {r: torch.zeros(2, 1, r, r, dtype=torch.uint8) for r in (256, 2048)}
+    receptive_field.compute_erfs({(256, "a"): None, (2048, "a"): None}, images, seed=3)
+    assert used[256]["batch_size"] == 8 and used[2048]["batch_size"] == 1  # what 05 uses at each size
+    receptive_field.compute_erfs({(512, "b"): None}, {512: torch.zeros(1, 1, 512, 512)}, batch_size=3)
+    assert used[512]["batch_size"] == 3
 
 
 def test_dry_run_settings_keep_the_preset_and_shrink_its_sizes(tmp_path):
