@@ -232,6 +232,7 @@ class Trainee:
         amp,
         memory_efficient: bool = False,
         compile_backend: str | None = None,
+        compile_mode: str | None = None,
     ):
         import torch
 
@@ -250,7 +251,9 @@ class Trainee:
             model = model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=default_lr(resolution))
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-        self.model = torch.compile(model, backend=compile_backend) if compile_backend else model
+        # a mode (default, max-autotune-no-cudagraphs, ...) is an inductor setting; other backends take none
+        mode = compile_mode if compile_backend == "inductor" else None
+        self.model = torch.compile(model, backend=compile_backend, mode=mode) if compile_backend else model
 
     def train(self, batches: Iterable, batch: int, warmup: int, steps: int, augmentation) -> float:
         """Timed training img/s through :func:`cxrlib.train.train_one_epoch`."""
@@ -553,7 +556,9 @@ def measure_compile(resolution: int, device, amp, backend: str, args, results: R
         return {"img_s": eager_rate}
 
     def compiled() -> dict:
-        trainee = Trainee(resolution, batch, device, amp, compile_backend=backend)
+        trainee = Trainee(
+            resolution, batch, device, amp, compile_backend=backend, compile_mode=args.compile_mode
+        )
         started = time.perf_counter()
         trainee.train(synthetic_batches(batch, resolution, device), batch, 0, 1, augmentation)
         first_step = time.perf_counter() - started  # compilation + one step
@@ -563,7 +568,8 @@ def measure_compile(resolution: int, device, amp, backend: str, args, results: R
         return {
             "img_s": rate,
             "value": first_step - batch / rate,
-            "note": f"backend {backend}; value = compile seconds (first step less a compiled step); "
+            "note": f"backend {backend}, mode {args.compile_mode or 'default'}; value = compile seconds "
+            "(first step less a compiled step); "
             f"{rate / eager_rate - 1:+.1%} vs eager",
         }
 
@@ -584,6 +590,8 @@ def run_compile_child(args, results: Results, timeout: float) -> None:
         "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--min-steps", str(args.min_steps),
         "--amp", args.amp, "--out", str(child_csv),
     ]  # fmt: skip
+    if args.compile_mode:
+        command += ["--compile-mode", args.compile_mode]
     for flag, value in (("--steps", args.steps), ("--threads", args.threads)):
         if value:
             command += [flag, str(value)]
@@ -759,6 +767,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--compile-resolutions", type=int, nargs="+", default=[256], help="torch.compile at (default 256)"
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--compile-mode", default=None, help="inductor mode, e.g. default or max-autotune-no-cudagraphs"
+    )
     parser.add_argument("--compile-timeout", type=float, default=150.0, help="seconds (default 150)")
     parser.add_argument("--time-limit", type=float, default=None, help="skip parts that start after N s")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

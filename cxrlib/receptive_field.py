@@ -555,6 +555,20 @@ def erf_table(
     return table.reset_index(drop=True)
 
 
+ERF_BATCH_PIXELS = 8 * 256 * 256  # pixels of one ERF batch in compute_erfs (8 images of 256 px)
+
+
+def default_erf_batch(height: int, width: int) -> int:
+    """Samples per ERF forward pass in :func:`compute_erfs`: 8 images of 256 px or fewer, one image
+    from 1024 px on.
+
+    Memory grows with batch x pixels (float32, ``chunk`` probes in one backward): measured on the
+    CPU at 256 px, batch 8 with 8 probes needs about 2.4 GiB, about 155 GiB at 2048 px, more than
+    an H200 has; one 2048 px image needs about an eighth of that.
+    """
+    return max(1, min(8, ERF_BATCH_PIXELS // max(1, int(height) * int(width))))
+
+
 def compute_erfs(
     models: Mapping[tuple[int, str], nn.Module],
     images: Mapping[int, torch.Tensor | np.ndarray],
@@ -563,15 +577,18 @@ def compute_erfs(
     """:func:`effective_receptive_field` for each ``{(resolution, state): model}`` on ``images[resolution]``.
 
     Keyword arguments go to :func:`effective_receptive_field`; every model gets the same seed.
+    Without ``batch_size`` each resolution gets :func:`default_erf_batch`.
     """
     seed = kwargs.pop("seed", 0)
+    batch_size = kwargs.pop("batch_size", None)
     results = {}
     for (resolution, state), model in models.items():
         if resolution not in images:
             raise ValueError(f"no images given for resolution {resolution}")
         generator = torch.Generator().manual_seed(seed)
+        batch = batch_size or default_erf_batch(*tuple(images[resolution].shape[-2:]))
         results[(resolution, state)] = effective_receptive_field(
-            model, images[resolution], generator=generator, **kwargs
+            model, images[resolution], generator=generator, batch_size=batch, **kwargs
         )
     return results
 

@@ -265,6 +265,7 @@ def cross_predictions(
     """The prediction file of the model trained at ``trained_at`` scored at ``tested_at`` (its own
     test predictions on the diagonal); predicted now when missing or older than the model."""
     from .fileio import write_csv_atomic
+    from .loaders import default_workers
     from .predict import predict_logits
     from .runtime import amp_dtype
 
@@ -277,7 +278,9 @@ def cross_predictions(
         frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
         dataset = datasets.CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
         model = trained_model(preset, trained_at, fold, device)
-        write_csv_atomic(predict_logits(model, dataset, 64, device, amp_dtype(device)), path)
+        workers = default_workers(device)  # on a GPU, decoding 2048 px images in one process is slow
+        frame = predict_logits(model, dataset, 64, device, amp_dtype(device), num_workers=workers)
+        write_csv_atomic(frame, path)
     return path
 
 
