@@ -55,14 +55,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="demo", help="preset name or YAML (default demo)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--out", type=Path, default=Path("runs/demo-claims"), help="work folder")
+    parser.add_argument(
+        "--seed0-run",
+        type=Path,
+        default=None,
+        help="a finished run of the preset with the default training seed (e.g. runs/demo): its models "
+        "are seed 0's (the same settings train the same model on this machine), not trained again",
+    )
     return parser
 
 
-def seed_preset(name: str, out: Path, seed: int) -> Preset:
-    """The preset with its training seed set, its run in ``out/seed<s>`` and a cache shared by all seeds."""
-    preset = resolve(name, run_dir=str(out / f"seed{seed}"), figures_dir=str(out / f"seed{seed}" / "figures"))
+def seed_preset(name: str, out: Path, seed: int, run: Path | None = None) -> Preset:
+    """The preset with its training seed set, its run in ``run`` (default ``out/seed<s>``) and, for a
+    run of its own, a cache shared by all seeds."""
+    run = run or out / f"seed{seed}"
+    preset = resolve(name, run_dir=str(run), figures_dir=str(run / "claims-figures"))
     preset.train.options = {**preset.train.options, "seed": seed}
-    preset.cache.dir = str(out / "cache")
+    if run == out / f"seed{seed}":
+        preset.cache.dir = str((out / "cache").resolve())
     return preset
 
 
@@ -145,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {describe_cpu()}", flush=True)
     results = []
     for seed in args.seeds:
-        preset = seed_preset(args.preset, args.out, seed)
+        existing = args.seed0_run if seed == 0 and args.seed0_run is not None else None
+        preset = seed_preset(args.preset, args.out, seed, existing)
         evaluation, grid, seconds = run_seed(preset)
         print(f"seed {seed}: trained and evaluated in {seconds / 60:.1f} min", flush=True)
         for row in statements(preset, evaluation, grid):

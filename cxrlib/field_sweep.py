@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import metrics, paths, splits
+from . import metrics, paths
 from .fileio import sha256_file, write_csv_atomic
 from .presets import Preset
 
@@ -97,17 +97,21 @@ class Sweep:
     erfs: dict[str, object]  # field name -> ERFResult after training
 
 
-def sweep_table(preset: Preset, folders: dict[int, Path], fold: int, device: torch.device) -> Sweep:
-    """Test AUC (patient-bootstrap 95% interval), the ERF after training and paired clustered DeLong
-    tests of every variant; writes ``tables/field_sweep.csv`` and ``field_sweep_delong.csv``."""
+def sweep_table(
+    preset: Preset,
+    folders: dict[int, Path],
+    index: pd.DataFrame,
+    test_ids: list[str],
+    images: torch.Tensor,
+    device: torch.device,
+) -> Sweep:
+    """Test AUC (patient-bootstrap 95% interval) on ``test_ids``, the ERF after training (on
+    ``images``, uint8 at the sweep's resolution) and paired clustered DeLong tests of every variant;
+    writes ``tables/field_sweep.csv`` and ``field_sweep_delong.csv``."""
     from .predict import load_trained_model
     from .receptive_field import effective_receptive_field
-    from .study import example_images, load_data
 
-    index, folds = load_data(preset)
-    ids = splits.fold_ids(folds, fold, "test")
-    resolution = sweep_resolution(preset)
-    images = example_images(preset, ids[: preset.analysis.erf_images], resolution)
+    ids = test_ids
     subject = index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str)
     rows, scored, erfs = [], {}, {}
     for tiles, folder in folders.items():

@@ -275,30 +275,24 @@ def fig4_gradcam(
                     extent=(0, 1, 1, 0),
                     interpolation="bilinear",
                 )
-                probs = np.asarray(probabilities[finding][resolution], dtype=float)
-                predicted = [
-                    f"{name} ({p:.2f})" for name, p in zip(FINDINGS, probs, strict=True) if p > threshold
-                ]
-                target = probs[FINDINGS.index(finding)]
-                name = (
-                    resolution_label(resolution) if isinstance(resolution, int | np.integer) else resolution
-                )
-                ax.set_title(f"{name}: p={target:.2f}")
-                ax.text(
-                    0.5,
-                    -0.04,
-                    "p > 0.5: " + ("\n".join(predicted) or "none"),
-                    transform=ax.transAxes,
-                    ha="center",
-                    va="top",
-                    fontsize="x-small",
-                )
+                _label_cam(ax, finding, resolution, probabilities[finding][resolution], threshold)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
     fig.suptitle(title)
     return fig
+
+
+def _label_cam(ax, finding: str, column, probabilities: Sequence[float], threshold: float) -> None:
+    """A Grad-CAM panel's title (the row's finding's probability) and the findings predicted above
+    ``threshold``, under it."""
+    probs = np.asarray(probabilities, dtype=float)
+    predicted = [f"{name} ({p:.2f})" for name, p in zip(FINDINGS, probs, strict=True) if p > threshold]
+    name = resolution_label(column) if isinstance(column, int | np.integer) else column
+    ax.set_title(f"{name}: p={probs[FINDINGS.index(finding)]:.2f}")
+    text = f"p > {threshold:g}: " + ("\n".join(predicted) or "none")
+    ax.text(0.5, -0.04, text, transform=ax.transAxes, ha="center", va="top", fontsize="x-small")
 
 
 # ----------------------------------------------------------------------------- Fig 5

@@ -143,7 +143,10 @@ class Preset:
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.cache.dir) if self.cache.dir else self.run_path / "cache"
+        if not self.cache.dir:
+            return self.run_path / "cache"
+        folder = Path(self.cache.dir)  # a folder written in a preset file is relative to the project
+        return folder if folder.is_absolute() else paths.PROJECT_ROOT / folder
 
     @property
     def data_path(self) -> Path:

@@ -447,12 +447,13 @@ def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
 
     fold, device = analysis_fold(preset), analysis_device(preset)
     folders = sweep.train_variants(preset, fold, echo=echo)
-    result = sweep.sweep_table(preset, folders, fold, device)
     index, folds = load_data(preset)
-    test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
+    ids, resolution = splits.fold_ids(folds, fold, "test"), sweep.sweep_resolution(preset)
+    erf_images = example_images(preset, ids[: preset.analysis.erf_images], resolution)
+    result = sweep.sweep_table(preset, folders, index, ids, erf_images, device)
+    test = index[index["dicom_id"].isin(ids)]
     finding = preset.field_sweep.coarse[0]
     row, _ = example_for(test, finding)
-    resolution = sweep.sweep_resolution(preset)
     image = example_images(preset, [row["dicom_id"]], resolution)
     grid = GradCAMGrid(
         {finding: image[0, 0].numpy()}, {finding: {}}, {finding: {}}, {}, {finding: row["dicom_id"]}

@@ -55,3 +55,16 @@ def test_per_resolution_train_options_override_shared_ones(tmp_path):
     assert preset.name == "custom"
     assert preset.train_options(32)["batch_size"] == 16
     assert preset.train_options(64) == {"epochs": 4, "weights": "imagenet", "batch_size": 8}
+
+
+def test_the_field_sweep_preset_trains_exactly_as_the_demo_at_its_top_resolution():
+    demo, sweep = resolve("demo"), resolve("receptive-field")
+    assert sweep.field_sweep.resolution == max(demo.resolutions) == sweep.resolutions[0]
+    assert sweep.data_path == demo.data_path and sweep.cache_path == demo.cache_path
+    assert sweep.data.phantom_options == demo.data.phantom_options
+    assert (sweep.data.subjects, sweep.data.seed, sweep.data.max_size) == (
+        demo.data.subjects, demo.data.seed, demo.data.max_size,
+    )  # fmt: skip
+    assert sweep.folds == demo.folds and sweep.train == demo.train
+    assert sweep.steps == ["00_data", "02_downscale", "10_field_sweep"]
+    assert sweep.train_options(128) == demo.train_options(128)
