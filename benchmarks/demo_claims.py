@@ -118,8 +118,9 @@ def statements(preset: Preset, evaluation: study.Evaluation, grid: study.GradCAM
     stacked = table3.loc["Average", "ensemble_mean"]
     rows.append(
         {
-            "statement": f"ensemble >= best single on Average (best {best} px)",
+            "statement": "ensemble >= best single on Average",
             "value": stacked - singles[best],
+            "note": f"best single {best} px",
             "holds": stacked >= singles[best],
         }
     )
@@ -129,8 +130,9 @@ def statements(preset: Preset, evaluation: study.Evaluation, grid: study.GradCAM
         at_high = table3.loc[finding, f"{high}_mean"]
         rows.append(
             {
-                "statement": f"coarse {finding} ({middle}->{high} px; AUC {learned:.2f} at {middle})",
+                "statement": f"coarse {finding} ({middle}->{high} px)",
                 **diff,
+                "note": f"AUC {learned:.2f} at {middle} px, {at_high:.2f} at {high} px",
                 "holds": learned >= LEARNED_AUC and at_high >= LEARNED_AUC and diff["ci_low"] > LARGE_LOSS,
             }
         )
@@ -144,6 +146,7 @@ def statements(preset: Preset, evaluation: study.Evaluation, grid: study.GradCAM
             {
                 "statement": f"grad-cam predicts {finding} where learned",
                 "value": float(max(p[column] for p in probabilities.values())),
+                "note": "max p over resolutions",
                 "holds": bool(where),
             }
         )
@@ -164,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         table = pd.DataFrame(results)
         write_csv_atomic(table, args.out / "claims.csv")
     table = pd.DataFrame(results)
+    notes = table["note"] if "note" in table else pd.Series([np.nan] * len(table))
     shown = table.assign(
         cell=[
             f"{v:+.3f}" + ("" if np.isnan(lo) else f" [{lo:+.3f}, {hi:+.3f}]") + (" ok" if h else " NO")
-            for v, lo, hi, h in zip(
+            + ("" if not isinstance(n, str) else f" ({n})")
+            for v, lo, hi, h, n in zip(
                 table["value"], table.get("ci_low", np.nan), table.get("ci_high", np.nan), table["holds"],
-                strict=True,
+                notes, strict=True,
             )
         ]
     )  # fmt: skip
