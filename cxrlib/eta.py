@@ -40,6 +40,7 @@ TRAIN_START_SECONDS = 12.0  # torchrun, the processes' imports, the model, the f
 RENDER_SECONDS_AT_256 = 0.015  # phantom: one frontal image at a 256 px long side, one core
 CACHE_SECONDS_PER_IMAGE = 0.006  # decode + resize + PNG per source image and resolution, one core
 BACKWARD_FACTOR = 3.0  # a gradient with respect to the input costs about 3 forward passes
+FIELD_SWEEP_ANALYSIS_S = 60.0  # notebook 10 after its trainings: ERF, Grad-CAM, AUCs and tests (3 variants)
 CALIBRATION_STEPS = 2  # timed steps per resolution, after one untimed warm-up step
 
 
@@ -251,8 +252,28 @@ def estimate(
         steps * 16 * (2 / rates[r]["train_img_s"] + 1 / infer[r]) for r in resolutions
     )
     expected["09_receptive_field_explained"] = KERNEL_SECONDS + 40
+    expected["10_field_sweep"] = field_sweep_seconds(preset, rates, roles)
     recorded = recorded_step_times(preset)
     return {name: recorded.get(name, seconds) for name, seconds in expected.items()}
+
+
+def field_sweep_seconds(
+    preset: Preset, rates: dict[int, dict[str, float]], roles: list[dict[str, int]]
+) -> float:
+    """Notebook 10: each tiled training it still has to do (a tiled DenseNet121 costs about what the
+    untiled one does at the same resolution) and its analysis (ERF, Grad-CAM and tests per variant)."""
+    from . import field_sweep, paths
+
+    resolution = field_sweep.sweep_resolution(preset)
+    if resolution not in rates:
+        return KERNEL_SECONDS + FIELD_SWEEP_ANALYSIS_S
+    trainings = sum(
+        training_seconds(preset, rates[resolution], role, resolution)
+        for fold, role in zip(preset.trained_folds(), roles, strict=True)
+        for folder in field_sweep.variant_folders(preset, fold).values()
+        if not (folder / paths.DONE).is_file()
+    )
+    return KERNEL_SECONDS + trainings + FIELD_SWEEP_ANALYSIS_S
 
 
 def clock(seconds: float) -> str:

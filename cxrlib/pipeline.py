@@ -54,6 +54,7 @@ class Step:
     # parameters the pipeline always passes to this notebook (e.g. no widgets in a batch run)
     fixed_parameters: dict[str, Any] = field(default_factory=dict, compare=False)
     default: bool = True  # run by every preset that does not list its own steps
+    trains: bool = False  # trains models: the run's time estimate is printed before it starts
 
     def name(self, resolution: int | None = None) -> str:
         return f"{self.notebook}_res{resolution}" if resolution is not None else self.notebook
@@ -91,7 +92,7 @@ STEPS: tuple[Step, ...] = (
     Step("00_data", _data_outputs),
     Step("01_image_sizes", _figures_and_tables(["fig3_image_sizes.png"], [])),
     Step("02_downscale", _cache_outputs),
-    Step("03_train", _train_outputs, per_resolution=True),
+    Step("03_train", _train_outputs, per_resolution=True, trains=True),
     Step(
         "04_evaluate",
         _figures_and_tables(
@@ -111,6 +112,7 @@ STEPS: tuple[Step, ...] = (
             ["auc_vs_erf.png", "field_gradcam.png"], ["field_sweep.csv", "field_sweep_delong.csv"]
         ),
         default=False,
+        trains=True,
     ),
 )
 
@@ -263,8 +265,9 @@ def _recorded_seconds(preset: Preset, name: str) -> float:
         return 0.0
 
 
-def expected_times(preset: Preset, done: dict[str, float]) -> dict[str, float] | None:
-    """Calibrate (or reuse the kept calibration), print each step's expected time; None on failure.
+def expected_times(preset: Preset, done: dict[str, float], names: list[str]) -> dict[str, float] | None:
+    """Calibrate (or reuse the kept calibration), print the expected time of each step in ``names``
+    (the steps this run plans); None on failure.
 
     An estimate is a convenience: whatever goes wrong here is reported in one line and the run goes on.
     """
@@ -275,7 +278,8 @@ def expected_times(preset: Preset, done: dict[str, float]) -> dict[str, float] |
         index = read_index(preset.index_path)
         folds = read_folds(preset.folds_path, index)
         rates = eta.calibrate(preset)
-        expected = eta.estimate(preset, rates, index, folds)
+        estimated = eta.estimate(preset, rates, index, folds)
+        expected = {name: estimated[name] for name in names if name in estimated}
     except Exception as error:  # noqa: BLE001 - a failed estimate must not stop the study
         print(f"(no time estimate: {type(error).__name__}: {error})", flush=True)
         return None
@@ -502,8 +506,8 @@ def run_pipeline(
                 print(f"{prefix} skipped (complete)", flush=True)
                 done[name] = _recorded_seconds(preset, name)
                 continue
-            if step.per_resolution and expected is None:  # before the long work
-                expected = expected_times(preset, done)
+            if step.trains and expected is None:  # before the long work
+                expected = expected_times(preset, done, [s.name(r) for s, r in steps])
             known = expected is not None and name in expected
             left = sum(s for n, s in expected.items() if n not in done) if expected else 0.0
             hint = (

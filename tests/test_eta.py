@@ -46,6 +46,7 @@ def test_estimate_names_every_step_and_training_follows_the_rates(tmp_path, priv
     assert list(expected) == [
         "00_data", "01_image_sizes", "02_downscale", "03_train_res32", "03_train_res64", "04_evaluate",
         "05_receptive_field", "06_gradcam", "07_ensemble", "08_throughput", "09_receptive_field_explained",
+        "10_field_sweep",
     ]  # fmt: skip
     quicker = eta.estimate(preset, fast, data.frame, folds)
     train = (folds["role_0"] == "train").sum()
@@ -56,6 +57,23 @@ def test_estimate_names_every_step_and_training_follows_the_rates(tmp_path, priv
     assert eta.estimate(preset, slow, data.frame, folds)["03_train_res32"] == 123.0  # a recorded time wins
     plan = eta.format_plan(expected, {"00_data": 5.0}, "a CPU")
     assert "a CPU" in plan and "(done)" in plan and "whole run" in plan
+
+
+def test_the_field_sweep_estimate_counts_the_tiled_trainings_still_to_do(tmp_path, private_cache):
+    data = make_tiny_dataset(tmp_path / "tiny")
+    preset = resolve("smoke", run_dir=str(tmp_path / "run"))
+    preset.field_sweep.tiles = [1, 2, 4]
+    folds = make_folds(data.frame, k=3, seed=0)
+    rates = {r: {"train_img_s": 1.0, "infer_img_s": 10.0} for r in (32, 64)}
+    three = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
+    roles = [eta._roles(data.frame, folds, fold) for fold in preset.trained_folds()]
+    one = eta.training_seconds(preset, rates[64], roles[0], 64)
+    assert three == pytest.approx(eta.KERNEL_SECONDS + 3 * one + eta.FIELD_SWEEP_ANALYSIS_S)
+    done = tmp_path / "run" / "res64-tiles2" / "fold0" / "done.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")  # a finished variant is not trained again
+    two = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
+    assert two == pytest.approx(three - one)
 
 
 def test_clock_reads_like_a_clock():
