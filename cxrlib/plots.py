@@ -678,7 +678,7 @@ def auc_vs_erf(
                         color=colours[finding], label=f"{finding} (resolution sweep)")  # fmt: skip
         ax.axhline(0.5, color="0.6", linewidth=0.8)
         ax.set(
-            xlabel="effective receptive field after training (90% disc, fraction of image side)", title=name
+            xlabel="trained ERF (90% disc) / image side", title=name
         )
         ax.legend(fontsize="x-small", loc="lower right")
     axes[0].set_ylabel("test AUC")
