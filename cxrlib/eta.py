@@ -40,7 +40,7 @@ TRAIN_START_SECONDS = 12.0  # torchrun, the processes' imports, the model, the f
 RENDER_SECONDS_AT_256 = 0.015  # phantom: one frontal image at a 256 px long side, one core
 CACHE_SECONDS_PER_IMAGE = 0.006  # decode + resize + PNG per source image and resolution, one core
 BACKWARD_FACTOR = 3.0  # a gradient with respect to the input costs about 3 forward passes
-FIELD_SWEEP_ANALYSIS_S = 30.0  # notebook 10 besides its trainings (3 variants at 128 px: ~30 s, 2-core AVX2 CPU)
+FIELD_SWEEP_ANALYSIS_S = 30.0  # notebook 10 besides its trainings (3 variants, 128 px, 2-core AVX2 CPU)
 CALIBRATION_STEPS = 2  # timed steps per resolution, after one untimed warm-up step
 
 
