@@ -677,9 +677,7 @@ def auc_vs_erf(
                 ax.plot(other["erf_fraction"], other["auc"], marker="s", linestyle="--", alpha=0.6,
                         color=colours[finding], label=f"{finding} (resolution sweep)")  # fmt: skip
         ax.axhline(0.5, color="0.6", linewidth=0.8)
-        ax.set(
-            xlabel="trained ERF (90% disc) / image side", title=name
-        )
+        ax.set(xlabel="trained ERF (90% disc) / image side", title=name)
         ax.legend(fontsize="x-small", loc="lower right")
     axes[0].set_ylabel("test AUC")
     fig.suptitle("Does the receptive field decide? AUC against the measured ERF")
