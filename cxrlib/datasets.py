@@ -2,8 +2,9 @@
 
 Label contract of :class:`CXRDataset` (as in torchxrayvision): each item is
 ``(image, target, mask)`` with ``image`` a uint8 ``[1, R, R]`` tensor (or whatever the
-``transform`` makes of it), ``target`` float ``[14]`` with unknown labels set to 0, and
-``mask`` float ``[14]``, 1 where the label is known and 0 where it is unknown.
+``transform`` makes of it), ``target`` float ``[F]`` with unknown labels set to 0, and
+``mask`` float ``[F]``, 1 where the label is known and 0 where it is unknown; ``F`` is the
+number of findings of the index's label set (``dataset.findings``; CheXpert's 14 by default).
 
 The index schema lives in :mod:`cxrlib.index` and its builders in :mod:`cxrlib.readers`; both
 are re-exported here, so ``from cxrlib.datasets import read_index`` keeps working, and
@@ -32,12 +33,14 @@ from .index import (
     ID_COLUMNS,
     INDEX_COLUMNS,
     describe_index,
+    index_findings,
     read_index,
+    select_findings,
     summarize_index,
     validate_index,
     write_index,
 )
-from .labels import FINDINGS, targets_and_mask
+from .labels import targets_and_mask
 from .readers import (
     FRONTAL_VIEWS,
     LABEL_MAP_COLUMNS,
@@ -77,11 +80,13 @@ __all__ = [
     "find_mimic_file",
     "get_args_parser",
     "image_size",
+    "index_findings",
     "index_from_chexpert",
     "index_from_csv",
     "index_from_mimic",
     "main",
     "read_index",
+    "select_findings",
     "summarize_index",
     "validate_index",
     "write_index",
@@ -136,7 +141,8 @@ class CXRDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.dicom_ids = index["dicom_id"].astype(str).tolist()
         self.paths = index["path"].astype(str).tolist()
-        self.targets, self.masks = targets_and_mask(index[list(FINDINGS)].to_numpy(dtype=np.float32))
+        self.findings = index_findings(index)  # the label set: the index's finding columns
+        self.targets, self.masks = targets_and_mask(index[self.findings].to_numpy(dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.dicom_ids)

@@ -49,6 +49,7 @@ class DataConfig:
     views: str = "all"  # all | frontal | comma-separated ViewPosition values
     policy: str = "u-zeros"  # u-zeros (paper) | u-ones | u-ignore
     blank: str = "zero"  # zero (paper) | unknown
+    findings: list[str] | None = None  # a subset of the data's label set to train and report (None: all)
 
 
 @dataclass
