@@ -8,7 +8,7 @@ number of findings of the index's label set (``dataset.findings``; CheXpert's 14
 
 The index schema lives in :mod:`cxrlib.index` and its builders in :mod:`cxrlib.readers`; both
 are re-exported here, so ``from cxrlib.datasets import read_index`` keeps working, and
-``python -m cxrlib.datasets`` runs the readers' command line (:func:`cxrlib.readers.main`)::
+``python -m cxrlib.datasets`` runs the readers' command line (:func:`cxrlib.sources.main`)::
 
     python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
 """
@@ -41,6 +41,7 @@ from .index import (
     write_index,
 )
 from .labels import targets_and_mask
+from .nih import index_from_nih
 from .readers import (
     FRONTAL_VIEWS,
     LABEL_MAP_COLUMNS,
@@ -49,15 +50,13 @@ from .readers import (
     MIMIC_METADATA,
     MIMIC_SPLIT,
     MIMIC_SPLITS,
-    build_index,
-    check_data_root,
     find_mimic_file,
-    get_args_parser,
     index_from_chexpert,
     index_from_csv,
     index_from_mimic,
-    main,
+    multi_label_targets,
 )
+from .sources import build_index, check_data_root, get_args_parser, index_from_source, main
 
 __all__ = [
     # the Dataset
@@ -84,6 +83,9 @@ __all__ = [
     "index_from_chexpert",
     "index_from_csv",
     "index_from_mimic",
+    "index_from_nih",
+    "index_from_source",
+    "multi_label_targets",
     "main",
     "read_index",
     "select_findings",

@@ -123,6 +123,15 @@ def _split_resolutions(values) -> tuple[list[int], list[str]]:
 # ----------------------------------------------------------------------------- Fig 3
 
 
+def native_size_columns(index: pd.DataFrame) -> list[str]:
+    """The index's columns of the native image size: ``native_width`` / ``native_height`` where it
+    has them (a data set whose files were resized), else ``width`` / ``height``."""
+    native = all(c in index.columns for c in ("native_width", "native_height"))
+    if native and pd.to_numeric(index["native_width"], errors="coerce").notna().any():
+        return ["native_width", "native_height"]
+    return ["width", "height"]
+
+
 def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 0) -> Figure:
     """Native width x height of the index's images: scatter with marginal histograms (paper Fig. 3).
 
@@ -131,10 +140,7 @@ def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 
     ``width`` / ``height`` (the files' own size, which is native for MIMIC-CXR-JPG and CheXpert).
     The histograms use every image; the scatter at most ``max_points`` (a seeded sample).
     """
-    columns = ["width", "height"]
-    native = all(c in index.columns for c in ("native_width", "native_height"))
-    if native and pd.to_numeric(index["native_width"], errors="coerce").notna().any():
-        columns = ["native_width", "native_height"]
+    columns = native_size_columns(index)
     for column in columns:
         if column not in index.columns:
             raise ValueError(f"the index has no {column!r} column (native image size)")

@@ -44,7 +44,7 @@ def open_preset(step: str, preset: str, **overrides: Any) -> Preset:
 def build_index(preset: Preset) -> pd.DataFrame:
     """The image index of the preset's data source (labels mapped by the preset's policy); a
     phantom is written first unless the same one is already complete."""
-    from .readers import index_from_source
+    from .sources import index_from_source
 
     data = preset.data
     if data.source == "phantom":
