@@ -174,8 +174,9 @@ class Evaluation:
 def evaluate(preset: Preset) -> Evaluation:
     """Per-finding test AUC per resolution and fold, the two ensembles, Table 3, CIs and DeLong tests.
 
-    Writes ``tables/auc.csv``, ``table3.csv``, ``ensemble_weights.csv``, ``auc_bootstrap.csv``,
-    ``delong.csv`` and ``ensemble_convergence.csv``.
+    Writes ``tables/auc.csv``, ``table3.csv``, ``ensemble_weights.csv`` (and
+    ``ensemble_weights_by_fold.csv``), ``auc_bootstrap.csv``, ``delong.csv`` and
+    ``ensemble_convergence.csv``.
     """
     from . import ensemble, metrics
     from .fileio import write_csv_atomic
@@ -191,6 +192,8 @@ def evaluate(preset: Preset) -> Evaluation:
         scored.update(ensembles.predictions)
         weights = ensemble.ensemble_weights_table(ensembles.weights)
         ensemble.write_ensemble_weights(run, ensembles.weights)
+        # each fold's own weights, which an external validation applies (cxrlib.evaluate)
+        write_csv_atomic(ensembles.weights, preset.tables_path / "ensemble_weights_by_fold.csv")
         write_csv_atomic(ensembles.convergence, preset.tables_path / "ensemble_convergence.csv")
     auc_long = metrics.auc_table(scored, index)
     metrics.write_auc_tables(run, auc_long)
@@ -200,6 +203,19 @@ def evaluate(preset: Preset) -> Evaluation:
     delong = metrics.pairwise_delong(pooled, index) if len(pooled) >= 2 else pd.DataFrame()
     write_csv_atomic(delong, preset.tables_path / "delong.csv")
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
+
+
+def external_validation(preset: Preset, index: str | Path, n_boot: int | None = None):
+    """The run's models and ensembles scored on another data set (see
+    :func:`cxrlib.evaluate.evaluate_external`): its tables under ``<run>/external/<the index's
+    folder>``, its images cached beside the run's."""
+    from .evaluate import evaluate_external
+
+    name = Path(index).resolve().parent.name
+    return evaluate_external(
+        preset.run_path, index, cache=Path(str(preset.cache_path)) / "external" / name,
+        device=str(preset.analysis.device), n_boot=n_boot or preset.analysis.bootstrap,
+    )  # fmt: skip
 
 
 @dataclass
