@@ -87,3 +87,26 @@ def test_finding_order_and_shared_findings():
     shared = shared_findings(NIH_FINDINGS, FINDINGS)
     assert shared["Effusion"] == "Pleural Effusion" and shared["No Finding"] == "No Finding"
     assert "Mass" not in shared and "Hernia" not in shared
+
+
+def test_a_preset_can_train_and_report_a_subset_of_the_label_set(tmp_path):
+    from PIL import Image
+
+    from cxrlib import presets, study
+
+    rows = []
+    for k in range(6):
+        Image.new("L", (8, 8), k * 30).save(tmp_path / f"im{k}.png")
+        rows.append((f"im{k}.png", f"p{k}", ["Nodule|Mass", "No Finding", "Tuberculosis"][k % 3]))
+    pd.DataFrame(rows, columns=["path", "patient_id", "labels"]).to_csv(tmp_path / "labels.csv", index=False)
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(
+        "resolutions: [32]\n"
+        f"data: {{source: csv, root: {tmp_path}, csv: labels.csv, findings: [Tuberculosis, Nodule],\n"
+        "  csv_options: {labels_column: labels}}\n"
+    )
+    cfg = presets.resolve(str(preset), run_dir=str(tmp_path / "run"))
+    assert index_findings(study.build_index(cfg)) == ["Tuberculosis", "Nodule"]
+    cfg.data.findings = ["Fibrosis"]
+    with pytest.raises(DataError, match=r"data.findings: findings \['Fibrosis'\] are not in"):
+        study.build_index(cfg)
