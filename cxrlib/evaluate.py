@@ -8,7 +8,8 @@ again on the other set), and writes, under ``runs/P/external/<name>/``:
 * ``auc.csv`` and ``table3.csv``: the same tables as the run's own, for the shared findings;
 * ``auc_bootstrap.csv``: patient-level bootstrap intervals of every (finding, model);
 * ``findings.csv``: each finding of the run's label set, its name in the other set, and whether it
-  was scored or left out (and why).
+  was scored or left out (and why: not in the other set, one class only there, or never learned
+  because the run's own labels do not give both classes, as Kermany's 12 unknown findings).
 
 Shared findings are those of both label sets under the same name, or the same finding under
 another name (NIH's Effusion is CheXpert's Pleural Effusion; :func:`cxrlib.labels.shared_findings`).
@@ -31,7 +32,7 @@ from .datasets import CXRDataset
 from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_scales
 from .errors import DataError
 from .fileio import write_csv_atomic
-from .index import BASE_COLUMNS, index_findings, read_index, read_index_findings
+from .index import BASE_COLUMNS, index_findings, read_index
 from .labels import shared_findings
 from .paths import BEST_MODEL, INDEX, TABLES
 from .predict import load_trained_model
@@ -69,16 +70,22 @@ def trained_models(run: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def finding_table(ours: list[str], theirs: list[str], other: pd.DataFrame) -> pd.DataFrame:
+def _both_classes(labels: pd.Series) -> bool:
+    return bool((labels == 1.0).any() and (labels == 0.0).any())
+
+
+def finding_table(run_index: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
     """Per finding of the run: its name in the other set, and whether it is scored (or why not)."""
-    shared = shared_findings(ours, theirs)
+    ours = index_findings(run_index)
+    shared = shared_findings(ours, index_findings(other))
     rows = []
     for finding in ours:
         name = shared.get(finding, "")
-        known = other[name].notna() if name else None
-        if not name:
+        if not _both_classes(run_index[finding]):
+            reason = "the run's own labels never give both classes of it (nothing was learned)"
+        elif not name:
             reason = "not in the other set's label set"
-        elif not ((other[name] == 1.0) & known).any() or not ((other[name] == 0.0) & known).any():
+        elif not _both_classes(other[name]):
             reason = "the other set has only one class of it"
         else:
             reason = ""
@@ -147,9 +154,10 @@ def evaluate_external(
     """Score the run's models and ensembles on the data set of ``index``; write the tables (see the
     module docs) under ``out`` (default ``<run>/external/<the index's folder name>``)."""
     run, index = Path(run), Path(index)
-    ours, other = read_index_findings(run / INDEX), read_index(index)
+    run_index, other = read_index(run / INDEX), read_index(index)
+    ours = index_findings(run_index)
     out = Path(out) if out else run / "external" / index.resolve().parent.name
-    findings = finding_table(ours, index_findings(other), other)
+    findings = finding_table(run_index, other)
     scored = findings[findings["scored"]]
     if scored.empty:
         raise DataError(f"{index}: shares no finding with both classes with the run {run} ({ours})")

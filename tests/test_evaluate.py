@@ -25,7 +25,9 @@ def run_and_other(tmp_path_factory):
     root = tmp_path_factory.mktemp("external")
     phantom = ensure_phantom(root / "phantom", 16, seed=5, max_size=96, prevalence="balanced")
     run = root / "run"
-    write_index(index_from_mimic(phantom), run / "index.csv")
+    labels = index_from_mimic(phantom)
+    labels["Atelectasis"] = float("nan")  # never known in the run's data, as Kermany's 12 unknown findings
+    write_index(labels, run / "index.csv")
     for k, resolution in enumerate(RESOLUTIONS):
         torch.manual_seed(k)
         folder = run / f"res{resolution}" / "fold0"
@@ -54,6 +56,8 @@ def test_every_model_and_both_ensembles_are_scored_on_the_shared_findings(run_an
         "Enlarged Cardiomediastinum",
     }
     assert findings.loc["Fracture", "reason"] == "not in the other set's label set"
+    assert findings.loc["Atelectasis", "other_name"] == "Atelectasis" and "Atelectasis" in result.left_out
+    assert "nothing was learned" in findings.loc["Atelectasis", "reason"]
     scored = set(findings.index[findings["scored"]])
     assert set(result.auc["finding"]) == scored
     assert set(result.auc["resolution"].astype(str)) == {"32", "64", "ensemble", "average"}
