@@ -43,8 +43,9 @@ SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "csv")
 
 
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise ``FileNotFoundError`` naming the first file that a ``mimic``, ``chexpert``, ``nih`` or
-    ``csv`` data root lacks (``csv``: the label file, relative to ``root`` unless absolute).
+    """Raise :class:`~cxrlib.errors.DataFileNotFound` (a ``FileNotFoundError``) naming the first file
+    that a ``mimic``, ``chexpert``, ``nih`` or ``csv`` data root lacks (``csv``: the label file,
+    relative to ``root`` unless absolute).
 
     A cheap check before any work; the index builders check every row again later.
     """
@@ -119,9 +120,9 @@ def index_from_source(
     views: str | None = None,
 ) -> pd.DataFrame:
     """The index of a data source as a preset names it: ``mimic`` (or a written ``phantom``, which
-    has MIMIC-CXR-JPG's layout), ``chexpert`` (``csv`` default ``train.csv``) or ``csv`` (a label
-    file, relative to ``root`` unless absolute, read with ``csv_options``) or ``nih`` (``csv_options``
-    may hold its ``subset``); NIH's labels are never uncertain, so the policy does not apply."""
+    has MIMIC-CXR-JPG's layout), ``chexpert`` (``csv`` default ``train.csv``), ``csv`` (a label
+    file, relative to ``root`` unless absolute, read with ``csv_options``) or ``nih``
+    (``csv_options`` may hold its ``subset``; NIH's labels are never uncertain, so no policy)."""
     common = {"policy": policy, "blank": blank, "views": views}
     if source in ("phantom", "mimic"):
         return index_from_mimic(root, **common)
