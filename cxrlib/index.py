@@ -121,16 +121,16 @@ def _refuse_blank(index: pd.DataFrame, column: str, source: str) -> None:
 
 
 def _size_column(index: pd.DataFrame, column: str, source: str) -> pd.Series:
-    """A size column as numbers: positive integers, or blank (not read)."""
+    """A size column as numbers: whole numbers of pixels, 0 or blank where not read."""
     given = index[column]
     values = pd.to_numeric(given, errors="coerce")
     blank = given.isna() | (given.astype(str).str.strip() == "")
-    bad = (values.isna() & ~blank) | (values.notna() & ((values <= 0) | (values != values.round())))
+    bad = (values.isna() & ~blank) | (values.notna() & ((values < 0) | (values != values.round())))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
             f"{source}: column {column!r}, CSV line {row + 2}: {_plain(given.iloc[row])!r} is not a "
-            "positive integer or blank"
+            "whole number of pixels or blank"
         )
     return values if values.isna().any() else values.astype("int64")
 
