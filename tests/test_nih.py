@@ -46,6 +46,7 @@ def test_every_image_is_indexed_with_the_findings_the_column_lists(nih_root):
         assert {f for f in NIH_FINDINGS if row[f] == 1.0} == listed
     assert by_id[list(NIH_FINDINGS)].notna().all().all()  # NIH's labels are never unknown
     assert table["Finding Labels"].str.contains("|", regex=False).any()  # some rows list several
+    assert index["Effusion"].sum() > 0 and index["Pleural_Thickening"].sum() > 0  # the phantom's, renamed
 
 
 def test_native_size_comes_from_the_metadata_and_the_stored_size_from_the_file(nih_root):

@@ -67,6 +67,7 @@ def test_tables_and_figures_name_nih_findings(nih_smoke):
         assert not named & set(CHEXPERT_ONLY), name
     table3 = pd.read_csv(preset.tables_path / "table3.csv")
     assert table3["finding"].tolist() == [*NIH_FINDINGS, "Average"]
+    assert table3.set_index("finding")[["32_mean", "64_mean"]].loc["Effusion"].notna().all()
     auc = pd.read_csv(preset.tables_path / "auc.csv")
     weights = pd.read_csv(preset.tables_path / "ensemble_weights.csv")
     for fig in (plots.auc_vs_resolution(auc), plots.fig5_ensemble_weights(weights)):

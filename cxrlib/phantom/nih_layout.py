@@ -50,7 +50,7 @@ ENTRY_COLUMNS: tuple[str, ...] = (
 )
 
 
-def finding_labels(row: pd.Series) -> str:
+def finding_labels(row: dict) -> str:
     """NIH's ``Finding Labels`` of a phantom index row: its NIH findings joined by ``|``."""
     found = [nih for ours, nih in PHANTOM_TO_NIH.items() if row.get(ours) == 1.0]
     return "|".join(dict.fromkeys(found)) or NO_FINDING
@@ -69,18 +69,17 @@ def write_nih_layout(
     index = index_from_mimic(phantom_root, views="frontal")
     patients = {s: n + 1 for n, s in enumerate(sorted(index["subject_id"].unique()))}
     rows, visits = [], dict.fromkeys(patients, 0)
-    for k, row in enumerate(index.itertuples(index=False)):
-        series = pd.Series(row._asdict())
-        patient = patients[row.subject_id]
-        name = f"{patient:08d}_{visits[row.subject_id]:03d}.png"
-        visits[row.subject_id] += 1
+    for k, row in enumerate(index.to_dict("records")):  # records keep names with spaces
+        patient, visit = patients[row["subject_id"]], visits[row["subject_id"]]
+        name = f"{patient:08d}_{visit:03d}.png"
+        visits[row["subject_id"]] += 1
         folder = out_dir / f"images_{k // images_per_folder + 1:03d}" / "images"
         folder.mkdir(parents=True, exist_ok=True)
-        with Image.open(row.path) as image:
+        with Image.open(row["path"]) as image:
             image.convert("L").resize((stored_size, stored_size)).save(folder / name)
         rows.append(
-            [name, finding_labels(series), visits[row.subject_id] - 1, patient, 40 + patient % 40]
-            + ["M" if patient % 2 else "F", row.view, int(row.width), int(row.height), 0.143, 0.143]
+            [name, finding_labels(row), visit, patient, 40 + patient % 40, "M" if patient % 2 else "F"]
+            + [row["view"], int(row["width"]), int(row["height"]), 0.143, 0.143]
         )
     write_csv_atomic(pd.DataFrame(rows, columns=list(ENTRY_COLUMNS)), out_dir / "Data_Entry_2017_v2020.csv")
     rng = np.random.default_rng(seed)
