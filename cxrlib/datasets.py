@@ -2,12 +2,13 @@
 
 Label contract of :class:`CXRDataset` (as in torchxrayvision): each item is
 ``(image, target, mask)`` with ``image`` a uint8 ``[1, R, R]`` tensor (or whatever the
-``transform`` makes of it), ``target`` float ``[14]`` with unknown labels set to 0, and
-``mask`` float ``[14]``, 1 where the label is known and 0 where it is unknown.
+``transform`` makes of it), ``target`` float ``[F]`` with unknown labels set to 0, and
+``mask`` float ``[F]``, 1 where the label is known and 0 where it is unknown; ``F`` is the
+number of findings of the index's label set (``dataset.findings``; CheXpert's 14 by default).
 
 The index schema lives in :mod:`cxrlib.index` and its builders in :mod:`cxrlib.readers`; both
 are re-exported here, so ``from cxrlib.datasets import read_index`` keeps working, and
-``python -m cxrlib.datasets`` runs the readers' command line (:func:`cxrlib.readers.main`)::
+``python -m cxrlib.datasets`` runs the readers' command line (:func:`cxrlib.sources.main`)::
 
     python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
 """
@@ -32,12 +33,15 @@ from .index import (
     ID_COLUMNS,
     INDEX_COLUMNS,
     describe_index,
+    index_findings,
     read_index,
+    select_findings,
     summarize_index,
     validate_index,
     write_index,
 )
-from .labels import FINDINGS, targets_and_mask
+from .labels import targets_and_mask
+from .nih import index_from_nih
 from .readers import (
     FRONTAL_VIEWS,
     LABEL_MAP_COLUMNS,
@@ -46,15 +50,13 @@ from .readers import (
     MIMIC_METADATA,
     MIMIC_SPLIT,
     MIMIC_SPLITS,
-    build_index,
-    check_data_root,
     find_mimic_file,
-    get_args_parser,
     index_from_chexpert,
     index_from_csv,
     index_from_mimic,
-    main,
+    multi_label_targets,
 )
+from .sources import build_index, check_data_root, get_args_parser, index_from_source, main
 
 __all__ = [
     # the Dataset
@@ -77,11 +79,16 @@ __all__ = [
     "find_mimic_file",
     "get_args_parser",
     "image_size",
+    "index_findings",
     "index_from_chexpert",
     "index_from_csv",
     "index_from_mimic",
+    "index_from_nih",
+    "index_from_source",
+    "multi_label_targets",
     "main",
     "read_index",
+    "select_findings",
     "summarize_index",
     "validate_index",
     "write_index",
@@ -136,7 +143,8 @@ class CXRDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.dicom_ids = index["dicom_id"].astype(str).tolist()
         self.paths = index["path"].astype(str).tolist()
-        self.targets, self.masks = targets_and_mask(index[list(FINDINGS)].to_numpy(dtype=np.float32))
+        self.findings = index_findings(index)  # the label set: the index's finding columns
+        self.targets, self.masks = targets_and_mask(index[self.findings].to_numpy(dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.dicom_ids)

@@ -47,7 +47,7 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 from .fileio import write_csv_atomic
-from .labels import FINDINGS
+from .labels import finding_order
 from .paths import tables_dir
 
 STACKED, AVERAGE = "ensemble", "average"
@@ -271,10 +271,11 @@ def stack_scales(
 ) -> tuple[pd.Index, np.ndarray]:
     """Align per-resolution score frames (indexed by dicom_id) into ``[N, findings, scales]``.
 
-    Returns ``(ids, array)`` in the first resolution's image order. Raises ``ValueError``
-    when the frames do not hold the same images.
+    Returns ``(ids, array)`` in the first resolution's image order, findings in its column order.
+    Raises ``ValueError`` when the frames do not hold the same images or findings.
     """
     ids = frames[resolutions[0]].index
+    findings = list(frames[resolutions[0]].columns)
     stacked = []
     for resolution in resolutions:
         frame = frames[resolution]
@@ -283,7 +284,12 @@ def stack_scales(
                 f"resolution {resolution} has predictions for other images than resolution "
                 f"{resolutions[0]}; the ensemble needs the same images at every scale"
             )
-        stacked.append(frame.loc[ids, list(FINDINGS)].to_numpy(dtype=float))
+        if sorted(frame.columns) != sorted(findings):
+            raise ValueError(
+                f"resolution {resolution} predicts other findings than resolution {resolutions[0]}; "
+                "the ensemble needs the same label set at every scale"
+            )
+        stacked.append(frame.loc[ids, findings].to_numpy(dtype=float))
     return ids, np.stack(stacked, axis=-1)
 
 
@@ -317,17 +323,18 @@ def fit_fold_ensembles(
     predictions, weight_rows, reports, fits = {}, [], [], {}
     for fold in folds:
         val_ids, val_logits = stack_scales({r: val_predictions[(r, fold)] for r in resolutions}, resolutions)
-        fit = fit_stacked_ensemble(val_logits, labels_for(index, val_ids).to_numpy(), **fit_kwargs)
+        findings = list(val_predictions[(resolutions[0], fold)].columns)
+        fit = fit_stacked_ensemble(val_logits, labels_for(index, val_ids, findings).to_numpy(), **fit_kwargs)
         fits[fold] = fit
         test_ids, test_logits = stack_scales(
-            {r: test_predictions[(r, fold)] for r in resolutions}, resolutions
+            {r: test_predictions[(r, fold)][findings] for r in resolutions}, resolutions
         )
         for name, values in (
             (STACKED, ensemble_logits(test_logits, fit.weights)),
             (AVERAGE, average_logits(test_logits)),
         ):
-            predictions[(name, fold)] = pd.DataFrame(values, index=test_ids, columns=list(FINDINGS))
-        for f, finding in enumerate(FINDINGS):
+            predictions[(name, fold)] = pd.DataFrame(values, index=test_ids, columns=findings)
+        for f, finding in enumerate(findings):
             for s, resolution in enumerate(resolutions):
                 weight_rows.append((finding, resolution, fold, float(fit.weights[f, s])))
         reports.append(
@@ -350,7 +357,7 @@ def ensemble_weights_table(weights: pd.DataFrame) -> pd.DataFrame:
     """``ensemble_weights.csv``: finding, resolution, weight (mean over folds), std (ddof=1), n_folds."""
     grouped = weights.groupby(["finding", "resolution"], sort=False)["weight"]
     table = grouped.agg(weight="mean", std=lambda w: w.std(ddof=1), n_folds="count").reset_index()
-    order = {f: i for i, f in enumerate(FINDINGS)}
+    order = {f: i for i, f in enumerate(finding_order(weights["finding"]))}
     return table.sort_values(
         ["finding", "resolution"], key=lambda c: c.map(order) if c.name == "finding" else c
     )[["finding", "resolution", "weight", "std", "n_folds"]].reset_index(drop=True)

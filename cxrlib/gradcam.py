@@ -23,6 +23,7 @@ this avoids a dependency for a model whose target layer and in-place ReLU need t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +47,16 @@ class GradCAMResult:
     raw_maps: np.ndarray  # [N, h', w'] ReLU(sum_k alpha_k A_k) before upsampling and scaling
 
 
-def finding_index(finding: int | str, num_classes: int = len(FINDINGS)) -> int:
-    """Column of ``finding`` (an index or a name of ``FINDINGS``); ``ValueError`` if unknown."""
+def finding_index(
+    finding: int | str, num_classes: int = len(FINDINGS), findings: Sequence[str] | None = None
+) -> int:
+    """Column of ``finding`` (an index, or a name of the label set ``findings``, default CheXpert's
+    14); ``ValueError`` if unknown."""
     if isinstance(finding, str):
-        if finding not in FINDINGS:
-            raise ValueError(f"unknown finding {finding!r}; choose one of {FINDINGS}")
-        return FINDINGS.index(finding)
+        names = list(FINDINGS if findings is None else findings)
+        if finding not in names:
+            raise ValueError(f"unknown finding {finding!r}; choose one of {names}")
+        return names.index(finding)
     if not 0 <= int(finding) < num_classes:
         raise ValueError(f"finding index {finding} outside 0 .. {num_classes - 1}")
     return int(finding)
@@ -104,9 +109,14 @@ class GradCAM:
         self._activation = None
 
     def __call__(
-        self, images: torch.Tensor | np.ndarray, finding: int | str, batch_size: int = 16
+        self,
+        images: torch.Tensor | np.ndarray,
+        finding: int | str,
+        batch_size: int = 16,
+        findings: Sequence[str] | None = None,
     ) -> GradCAMResult:
-        """Maps for ``finding`` (index or name) on ``images`` (uint8 grayscale or model-input floats)."""
+        """Maps for ``finding`` (index, or name in the model's label set ``findings``, default
+        CheXpert's 14) on ``images`` (uint8 grayscale or model-input floats)."""
         if self._handle is None:
             raise RuntimeError("use GradCAM inside a 'with' block: the hook is registered on entering it")
         x_all = model_input(images)
@@ -123,7 +133,7 @@ class GradCAM:
                 x = x_all[first : first + batch_size].to(device)
                 with torch.enable_grad():
                     logits = self.model(x)
-                    column = finding_index(finding, logits.shape[1])
+                    column = finding_index(finding, logits.shape[1], findings)
                     activation = self._activation
                     if activation is None:
                         raise RuntimeError("the target layer did not run in the model's forward pass")
@@ -155,10 +165,12 @@ def gradcam(
     finding: int | str,
     target_layer: nn.Module | None = None,
     batch_size: int = 16,
+    findings: Sequence[str] | None = None,
 ) -> GradCAMResult:
-    """Grad-CAM maps for ``finding`` in one call (the hook is removed before returning)."""
+    """Grad-CAM maps for ``finding`` in one call (the hook is removed before returning);
+    ``findings``: the model's label set, in output order (default CheXpert's 14)."""
     with GradCAM(model, target_layer) as cam:
-        return cam(images, finding, batch_size=batch_size)
+        return cam(images, finding, batch_size=batch_size, findings=findings)
 
 
 def example_for(test: pd.DataFrame, finding: str) -> tuple[pd.Series, bool]:

@@ -2,7 +2,9 @@
 
 Scores are the logits of the prediction files (or ensemble logits): AUC only depends on
 their order, so logits and probabilities give the same AUC. Labels come from the run's
-``index.csv`` joined on ``dicom_id``; unknown labels (NaN) are left out of every AUC.
+``index.csv`` joined on ``dicom_id``; unknown labels (NaN) are left out of every AUC. The
+findings are the prediction frames' columns (the run's label set: its index's finding columns),
+shown in :func:`cxrlib.labels.finding_order`.
 
 Definitions used throughout
 ---------------------------
@@ -44,7 +46,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from .fileio import write_csv_atomic
-from .labels import FINDINGS
+from .index import index_findings, read_index_findings
+from .labels import finding_order
 from .paths import fold_dir, tables_dir
 from .splits import fold_ids, num_folds, read_folds
 
@@ -54,8 +57,8 @@ REASON_NO_LABELS = "no known labels"
 REASON_ONE_CLASS_POS = "only positive labels"
 REASON_ONE_CLASS_NEG = "only negative labels"
 
-# A prediction set: (resolution or ensemble name, fold) -> DataFrame indexed by dicom_id with the
-# 14 finding columns (logits, or any scores whose order matters).
+# A prediction set: (resolution or ensemble name, fold) -> DataFrame indexed by dicom_id with one
+# column per finding of the run's label set (logits, or any scores whose order matters).
 PredictionSet = Mapping[tuple[int | str, int | str], pd.DataFrame]
 
 
@@ -69,13 +72,17 @@ def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: 
     return fold_dir(run, resolution, fold) / f"{split}_predictions.csv"
 
 
-def read_predictions(path: str | os.PathLike, expected_ids: Iterable[str] | None = None) -> pd.DataFrame:
+def read_predictions(
+    path: str | os.PathLike,
+    expected_ids: Iterable[str] | None = None,
+    findings: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Read one prediction file: ``dicom_id`` then one logit column per finding.
 
-    Returns a float DataFrame indexed by ``dicom_id`` (string) with the ``FINDINGS`` columns
-    in order. With ``expected_ids`` it must hold exactly those images. Raises ``ValueError``
-    naming the file and the problem (missing or extra columns, duplicate or missing ids,
-    non-numeric or non-finite values).
+    Returns a float DataFrame indexed by ``dicom_id`` (string) with the ``findings`` columns in
+    order (None: the file's own columns). With ``expected_ids`` it must hold exactly those images.
+    Raises ``ValueError`` naming the file and the problem (missing or extra columns, duplicate or
+    missing ids, non-numeric or non-finite values).
     """
     path = Path(path)
     if not path.is_file():
@@ -83,15 +90,16 @@ def read_predictions(path: str | os.PathLike, expected_ids: Iterable[str] | None
     frame = pd.read_csv(path, dtype={"dicom_id": str})
     if "dicom_id" not in frame.columns:
         raise ValueError(f"{path}: no 'dicom_id' column")
-    missing = [f for f in FINDINGS if f not in frame.columns]
-    extra = [c for c in frame.columns if c != "dicom_id" and c not in FINDINGS]
-    if missing or extra:
+    findings = [c for c in frame.columns if c != "dicom_id"] if findings is None else list(findings)
+    missing = [f for f in findings if f not in frame.columns]
+    extra = [c for c in frame.columns if c != "dicom_id" and c not in findings]
+    if missing or extra or not findings:
         raise ValueError(f"{path}: missing finding column(s) {missing}, unexpected column(s) {extra}")
     duplicated = frame["dicom_id"].duplicated()
     if duplicated.any():
         raise ValueError(f"{path}: dicom_id {frame['dicom_id'][duplicated].iloc[0]!r} appears twice")
-    scores = frame.set_index("dicom_id")[list(FINDINGS)]
-    for finding in FINDINGS:
+    scores = frame.set_index("dicom_id")[findings]
+    for finding in findings:
         values = pd.to_numeric(scores[finding], errors="coerce")
         bad = ~np.isfinite(values.to_numpy(dtype=float))
         if bad.any():
@@ -122,16 +130,18 @@ def load_predictions(
     """Load every ``<split>_predictions.csv`` of a run, checked against ``folds.csv``.
 
     Returns ``{(resolution, fold): scores}`` (see :func:`read_predictions`); each file must
-    hold exactly the images with role ``split`` in that fold. ``folds=None`` means all folds.
+    hold exactly the images with role ``split`` in that fold, and one column per finding of the
+    run's ``index.csv``. ``folds=None`` means all folds.
     """
     fold_table = read_folds(Path(run) / "folds.csv")
+    findings = read_index_findings(Path(run) / "index.csv") if (Path(run) / "index.csv").is_file() else None
     folds = range(num_folds(fold_table)) if folds is None else folds
     out = {}
     for resolution in resolutions:
         for fold in folds:
             ids = fold_ids(fold_table, int(fold), split)
             out[(int(resolution), int(fold))] = read_predictions(
-                predictions_path(run, resolution, fold, split), ids
+                predictions_path(run, resolution, fold, split), ids, findings
             )
     return out
 
@@ -157,12 +167,20 @@ def pool_folds(predictions: PredictionSet, label: str = "all") -> dict[tuple[int
     return pooled
 
 
-def labels_for(index: pd.DataFrame, ids: Iterable[str]) -> pd.DataFrame:
-    """The index's labels (1 / 0 / NaN) of the 14 findings for ``ids``, in that order.
+def labels_for(
+    index: pd.DataFrame, ids: Iterable[str], findings: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The index's labels (1 / 0 / NaN) of ``findings`` (None: its label set) for ``ids``, in that order.
 
-    Raises ``ValueError`` naming an id that the index does not have.
+    Raises ``ValueError`` naming an id that the index does not have, or a finding it lacks.
     """
-    labels = index.set_index(index["dicom_id"].astype(str))[list(FINDINGS)]
+    findings = index_findings(index) if findings is None else list(findings)
+    lacking = [f for f in findings if f not in index.columns]
+    if lacking:
+        raise ValueError(
+            f"the index has no label column for {lacking}; its findings: {index_findings(index)}"
+        )
+    labels = index.set_index(index["dicom_id"].astype(str))[findings]
     ids = pd.Index(list(map(str, ids)))
     unknown = ids.difference(labels.index)
     if len(unknown):
@@ -199,8 +217,8 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     for (resolution, fold), scores in predictions.items():
-        labels = labels_for(index, scores.index)
-        for finding in FINDINGS:
+        labels = labels_for(index, scores.index, scores.columns)
+        for finding in scores.columns:
             auc, n_pos, n_neg, reason = finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())
             rows.append((finding, resolution, fold, auc, n_pos, n_neg, reason))
     table = pd.DataFrame(rows, columns=list(AUC_COLUMNS))
@@ -273,7 +291,7 @@ def table3(auc_long: pd.DataFrame) -> pd.DataFrame:
     both = pd.concat([frame[["finding", "resolution", "fold", "auc"]], per_fold_average], ignore_index=True)
     grouped = both.groupby(["finding", "resolution"], sort=False)["auc"]
     summary = grouped.agg(mean="mean", std=lambda a: a.std(ddof=1), n_folds="count").reset_index()
-    findings = [f for f in FINDINGS if f in set(frame["finding"])] + ["Average"]
+    findings = [f for f in finding_order(frame["finding"]) if f != "Average"] + ["Average"]
     out = pd.DataFrame({"finding": findings})
     for label in column_order(frame["resolution"]):
         part = summary[summary["resolution"] == label].set_index("finding").reindex(findings)
@@ -396,9 +414,9 @@ def bootstrap_table(
     subject = index.set_index(index["dicom_id"].astype(str))[group_column].astype(str)
     rows = []
     for (resolution, fold), scores in predictions.items():
-        labels = labels_for(index, scores.index)
+        labels = labels_for(index, scores.index, scores.columns)
         groups = subject.loc[scores.index].to_numpy()
-        for finding in FINDINGS:
+        for finding in scores.columns:
             ci = bootstrap_auc_ci(
                 labels[finding].to_numpy(), scores[finding].to_numpy(), groups, n_boot, alpha, seed
             )
@@ -577,13 +595,13 @@ def delong_findings(
     if set(scores_a.index) != set(scores_b.index):
         raise ValueError("the two prediction frames do not hold the same images; a paired test needs them")
     scores_b = scores_b.loc[scores_a.index]
-    labels = labels_for(index, scores_a.index)
+    labels = labels_for(index, scores_a.index, scores_a.columns)
     clusters = None
     if group_column is not None:
         subject = index.set_index(index["dicom_id"].astype(str))[group_column].astype(str)
         clusters = subject.loc[scores_a.index].to_numpy()
     rows = []
-    for finding in FINDINGS:
+    for finding in scores_a.columns:
         try:
             result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding], clusters)
             result["reason"] = ""
@@ -619,7 +637,8 @@ def pairwise_delong(
             table.insert(0, "resolution_a", a)
             per_fold.append(table)
         if per_fold:
-            family = f"fold {fold}: {len(pairs)} pairs x {len(FINDINGS)} findings"
+            n_findings = len(predictions[(present[0], fold)].columns)
+            family = f"fold {fold}: {len(pairs)} pairs x {n_findings} findings"
             tables.append(correct_family(pd.concat(per_fold, ignore_index=True), family))
     if not tables:
         raise ValueError("pairwise_delong needs at least two resolutions with predictions on the same fold")

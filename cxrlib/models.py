@@ -122,7 +122,7 @@ def build_model(
 
     Args:
         weights: ``"imagenet"``, ``"none"`` or the path of a local state dict (see module docs).
-        num_classes: number of outputs (14 findings).
+        num_classes: number of outputs (one per finding of the label set; CheXpert's 14 by default).
         memory_efficient: gradient checkpointing in the dense blocks (torchvision's option).
         tiles: limit the receptive field to ``tiles x tiles`` tiles of the image (1: the plain model).
 

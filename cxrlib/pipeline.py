@@ -577,7 +577,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         required=True,
-        help="smoke, demo, phantom-gpu, kermany, mimic, or a path to a preset YAML file",
+        help="smoke, demo, phantom-gpu, kermany, mimic, nih, or a path to a preset YAML file",
     )
     parser.add_argument("--data-root", help="folder of the data (MIMIC-CXR-JPG, CheXpert, CSV images)")
     parser.add_argument("--resolutions", type=int, nargs="+", help="override the preset's resolutions")

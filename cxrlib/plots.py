@@ -45,7 +45,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
 from .fileio import atomic_write
-from .labels import FINDINGS
+from .labels import FINDINGS, finding_order
 
 FIGURE_FILES: dict[str, str] = {
     "erf": "fig1_erf.png",
@@ -123,15 +123,29 @@ def _split_resolutions(values) -> tuple[list[int], list[str]]:
 # ----------------------------------------------------------------------------- Fig 3
 
 
+def native_size_columns(index: pd.DataFrame) -> list[str]:
+    """The index's columns of the native image size: ``native_width`` / ``native_height`` where it
+    has them (a data set whose files were resized), else ``width`` / ``height``."""
+    native = all(c in index.columns for c in ("native_width", "native_height"))
+    if native and pd.to_numeric(index["native_width"], errors="coerce").notna().any():
+        return ["native_width", "native_height"]
+    return ["width", "height"]
+
+
 def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 0) -> Figure:
     """Native width x height of the index's images: scatter with marginal histograms (paper Fig. 3).
 
+    The native size is ``native_width`` / ``native_height`` where the index has them (the original
+    acquisition of a data set whose files were resized, as NIH ChestX-ray14's 1024 px PNGs), else
+    ``width`` / ``height`` (the files' own size, which is native for MIMIC-CXR-JPG and CheXpert).
     The histograms use every image; the scatter at most ``max_points`` (a seeded sample).
     """
-    for column in ("width", "height"):
+    columns = native_size_columns(index)
+    for column in columns:
         if column not in index.columns:
             raise ValueError(f"the index has no {column!r} column (native image size)")
-    sizes = index[["width", "height"]].apply(pd.to_numeric, errors="coerce").dropna()
+    sizes = index[columns].apply(pd.to_numeric, errors="coerce").dropna()
+    sizes.columns = ["width", "height"]
     shown = sizes.sample(max_points, random_state=seed) if len(sizes) > max_points else sizes
     fig = _figure(6.5, 6.0)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
@@ -224,6 +238,7 @@ def fig4_gradcam(
     threshold: float = 0.5,
     alpha: float = 0.45,
     title: str = "Grad-CAM across resolutions",
+    names: Sequence[str] | None = None,
 ) -> Figure:
     """Grad-CAM grid (paper Fig. 4): rows = findings, columns = the original and each resolution.
 
@@ -234,7 +249,8 @@ def fig4_gradcam(
         originals: per row's finding, the image shown (2-D, any size; the maps are drawn over it
             in the same [0, 1] frame, whatever their resolution).
         maps: ``{finding: {resolution: map}}``, Grad-CAM maps in [0, 1] (:mod:`cxrlib.gradcam`).
-        probabilities: ``{finding: {resolution: 14 probabilities}}`` of that row's image.
+        probabilities: ``{finding: {resolution: probabilities}}`` of that row's image, one per
+            finding of the model's label set ``names`` (default CheXpert's 14), in output order.
         ground_truth: ``{finding: positive findings of that row's image}``, written on the original.
         threshold: findings with a probability above it are listed under each map.
     """
@@ -275,7 +291,7 @@ def fig4_gradcam(
                     extent=(0, 1, 1, 0),
                     interpolation="bilinear",
                 )
-                _label_cam(ax, finding, resolution, probabilities[finding][resolution], threshold)
+                _label_cam(ax, finding, resolution, probabilities[finding][resolution], threshold, names)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -284,13 +300,16 @@ def fig4_gradcam(
     return fig
 
 
-def _label_cam(ax, finding: str, column, probabilities: Sequence[float], threshold: float) -> None:
+def _label_cam(
+    ax, finding: str, column, probabilities: Sequence[float], threshold: float, names: Sequence[str] | None
+) -> None:
     """A Grad-CAM panel's title (the row's finding's probability) and the findings predicted above
     ``threshold``, under it."""
     probs = np.asarray(probabilities, dtype=float)
-    predicted = [f"{name} ({p:.2f})" for name, p in zip(FINDINGS, probs, strict=True) if p > threshold]
+    names = list(FINDINGS if names is None else names)
+    predicted = [f"{name} ({p:.2f})" for name, p in zip(names, probs, strict=True) if p > threshold]
     name = resolution_label(column) if isinstance(column, int | np.integer) else column
-    ax.set_title(f"{name}: p={probs[FINDINGS.index(finding)]:.2f}")
+    ax.set_title(f"{name}: p={probs[names.index(finding)]:.2f}")
     text = f"p > {threshold:g}: " + ("\n".join(predicted) or "none")
     ax.text(0.5, -0.04, text, transform=ax.transAxes, ha="center", va="top", fontsize="x-small")
 
@@ -309,9 +328,7 @@ def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
             f"ensemble weights need columns finding, resolution, weight; missing {sorted(missing)}"
         )
     table = weights.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
-    table = table.reindex(
-        [f for f in FINDINGS if f in table.index] + [f for f in table.index if f not in FINDINGS]
-    )
+    table = table.reindex(finding_order(weights["finding"]))
     table = table[sorted(table.columns, key=int)] * 100
     fig = _figure(8.5, 0.42 * len(table) + 1.6)
     ax = fig.add_subplot()
@@ -367,7 +384,8 @@ def auc_vs_resolution(
     numbers, names = _split_resolutions(frame["resolution"])
     if not numbers:
         raise ValueError("the AUC table has no numeric resolutions")
-    findings = [f for f in (findings or FINDINGS) if f in set(frame["finding"])]
+    present = finding_order(frame["finding"])
+    findings = [f for f in findings if f in present] if findings else present
     if include_average:
         average = frame.groupby(["resolution", "fold"], sort=False)["auc"].mean().reset_index()
         frame = pd.concat([frame, average.assign(finding="Average")], ignore_index=True)
@@ -431,7 +449,7 @@ def delong_heatmap(pairwise: pd.DataFrame, value: str = "p_holm", fold=None) -> 
     part = pairwise[pairwise["fold"].astype(str) == str(fold)].copy()
     part["pair"] = [f"{a} vs {b}" for a, b in zip(part["resolution_a"], part["resolution_b"], strict=True)]
     pairs = list(dict.fromkeys(part["pair"]))
-    findings = [f for f in FINDINGS if f in set(part["finding"])]
+    findings = finding_order(part["finding"])
     p = part.pivot(index="finding", columns="pair", values=value).reindex(index=findings, columns=pairs)
     diff = part.pivot(index="finding", columns="pair", values="diff").reindex(index=findings, columns=pairs)
     score = -np.log10(p.clip(lower=1e-300))

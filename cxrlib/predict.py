@@ -2,7 +2,8 @@
 
 :func:`predict_logits` scores a :class:`cxrlib.datasets.CXRDataset` (uint8 images; the ImageNet
 normalisation runs on the device in batches) and returns one row per image: ``dicom_id``, then
-one logit column per finding named as :data:`cxrlib.labels.FINDINGS`, in the dataset's order.
+one logit column per finding of the dataset's label set (``dataset.findings``: the index's finding
+columns; CheXpert's 14 by default), in the dataset's order.
 :func:`load_trained_model` rebuilds the network from a run folder's ``best_model.pt`` (checked
 against its sidecar) or from any weights file, always with ``weights_only=True``.
 
@@ -78,18 +79,29 @@ def predict_arrays(
         positions.append(index.numpy())
         logits.append(out.float().cpu().numpy())
     if not positions:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, len(FINDINGS)), dtype=np.float32)
+        width = len(getattr(dataset, "findings", FINDINGS))
+        return np.zeros(0, dtype=np.int64), np.zeros((0, width), dtype=np.float32)
     return np.concatenate(positions), np.concatenate(logits)
 
 
-def logits_frame(dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
-    """The predictions table: ``dicom_id`` then one column per finding, rows in position order.
+def logits_frame(
+    dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray, findings: list[str] | None = None
+) -> pd.DataFrame:
+    """The predictions table: ``dicom_id`` then one column per finding (``findings``, default
+    CheXpert's 14), rows in position order.
 
     Images that were skipped (absent from ``positions``) are left out with a warning naming them.
+    A model whose outputs do not match the label set is a ``ValueError`` saying both counts.
     """
+    findings = list(FINDINGS if findings is None else findings)
+    if logits.ndim != 2 or logits.shape[1] != len(findings):
+        raise ValueError(
+            f"the model has {logits.shape[-1]} outputs but the label set has {len(findings)} findings "
+            f"({findings[:3]}...): it was trained on another label set"
+        )
     order = np.argsort(positions, kind="stable")
     positions, logits = positions[order], logits[order]
-    frame = pd.DataFrame(logits.astype(np.float64), columns=list(FINDINGS))
+    frame = pd.DataFrame(logits.astype(np.float64), columns=findings)
     frame.insert(0, "dicom_id", [dicom_ids[i] for i in positions])
     missing = sorted(set(range(len(dicom_ids))) - set(positions.tolist()))
     if missing:
@@ -109,11 +121,12 @@ def predict_logits(
     num_workers: int = 0,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Logits for every image of ``dataset``: ``dicom_id`` then the 14 finding columns, dataset order."""
+    """Logits for every image of ``dataset``: ``dicom_id`` then one column per finding of its label
+    set (``dataset.findings``), dataset order."""
     positions, logits = predict_arrays(
         model, dataset, batch_size, device, amp, num_workers, progress=progress
     )
-    return logits_frame(list(dataset.dicom_ids), positions, logits)
+    return logits_frame(list(dataset.dicom_ids), positions, logits, getattr(dataset, "findings", None))
 
 
 def trained_tiles(folder: Path) -> int:

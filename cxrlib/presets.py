@@ -11,6 +11,7 @@ and fills in the folders of the artifacts contract.
 ``phantom-gpu`` phantom at the paper's 256/512/1024/2048 px on one GPU
 ``kermany``   the real pediatric images of ``../shared/data/kermany-pediatric-cxr`` (Pneumonia, No Finding)
 ``mimic``     the paper's study on MIMIC-CXR-JPG: 5 folds, Table 1 batches and learning rates, all GPUs
+``nih``       the same on NIH ChestX-ray14 (its own 14 findings and No Finding) at 256/512/1024 px
 ============= ==============================================================
 """
 
@@ -28,7 +29,7 @@ import yaml
 from . import paths
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-DATA_SOURCES = ("phantom", "mimic", "chexpert", "csv")
+DATA_SOURCES = ("phantom", "mimic", "chexpert", "nih", "csv")
 MIN_RESOLUTION = 32
 
 
@@ -36,7 +37,7 @@ MIN_RESOLUTION = 32
 class DataConfig:
     """Where the images and labels come from and how labels are read."""
 
-    source: str = "phantom"  # phantom | mimic | chexpert | csv
+    source: str = "phantom"  # phantom | mimic | chexpert | nih | csv
     root: str | None = (
         None  # data folder; for the phantom, where it is written (default data/phantom-<preset>)
     )
@@ -45,10 +46,13 @@ class DataConfig:
     max_size: int | None = 512  # phantom only: cap on the long side of the written images
     phantom_options: dict[str, Any] = field(default_factory=dict)  # extra make_phantom() options
     csv: str | None = None  # csv/chexpert: the label file (relative to root)
-    csv_options: dict[str, Any] = field(default_factory=dict)  # csv: column names, label_map, ...
+    csv_options: dict[str, Any] = field(
+        default_factory=dict
+    )  # csv: column names, label_map, ...; nih: subset
     views: str = "all"  # all | frontal | comma-separated ViewPosition values
     policy: str = "u-zeros"  # u-zeros (paper) | u-ones | u-ignore
     blank: str = "zero"  # zero (paper) | unknown
+    findings: list[str] | None = None  # a subset of the data's label set to train and report (None: all)
 
 
 @dataclass

@@ -13,33 +13,29 @@ Builders (each returns a validated index; errors name the file, column and CSV l
   does not give are unknown (NaN). ``label_map="kermany"`` reads the real pediatric set in
   ``../shared/data/kermany-pediatric-cxr/labels.csv`` (Pneumonia and No Finding known).
 
-:func:`check_data_root` is a cheap check of a data root before any work.
+* :func:`multi_label_targets`: a multi-label column (``"Mass|Nodule"``) as targets, for the
+  CSV reader and :mod:`cxrlib.nih`.
 
-Command line (``python -m cxrlib.datasets`` runs :func:`main`)::
-
-    python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
-    python -m cxrlib.datasets --dataset chexpert --data-root CheXpert-v1.0 --csv valid.csv --out index.csv
-    python -m cxrlib.datasets --dataset csv --csv ../shared/data/kermany-pediatric-cxr/labels.csv \\
-        --label-map kermany --out index.csv
+Every error of an input file is a one-line :class:`~cxrlib.errors.DataError` naming the file,
+column and line. The command line and the dispatch by source name are :mod:`cxrlib.sources`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .errors import DataError, DataFileNotFound
 from .images import image_size
-from .index import ID_COLUMNS, describe_index, validate_index, write_index
+from .index import ID_COLUMNS, read_csv_text, validate_index
 from .labels import BLANK_OPTIONS, FINDINGS, POLICIES, apply_policy, validate_raw_labels
 
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "PA RLD", "AP RLD")
@@ -65,23 +61,26 @@ LABEL_MAP_COLUMNS: dict[str, str] = {"kermany": "finding"}  # the label column a
 
 def _check_policy(policy: str, blank: str) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"unknown uncertainty policy {policy!r}; choose one of {POLICIES}")
+        raise DataError(f"unknown uncertainty policy {policy!r}; choose one of {POLICIES}")
     if blank not in BLANK_OPTIONS:
-        raise ValueError(f"unknown blank option {blank!r}; choose one of {BLANK_OPTIONS}")
+        raise DataError(f"unknown blank option {blank!r}; choose one of {BLANK_OPTIONS}")
 
 
 def _read_table(path: Path, required: Iterable[str]) -> pd.DataFrame:
     """Read a CSV (plain or .gz) as strings, blanks as NaN; refuse it when a required column is missing."""
     if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"{path}: cannot read it as CSV: {error}") from error
+        raise DataFileNotFound(f"file not found: {path}")
+    frame = read_csv_text(path, dtype=str, keep_default_na=False, na_values=[""])
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; its columns are {list(frame.columns)}")
+        raise DataError(f"{path}: missing column(s) {missing}; its columns are {list(frame.columns)}")
+    duplicated = pd.Index(frame.columns).duplicated()  # " a" and "a" are one name once stripped
+    if duplicated.any():
+        name = frame.columns[duplicated][0]
+        raise DataError(f"{path}: line 1: column {name!r} appears twice in the header")
+    if frame.empty:
+        raise DataError(f"{path}: the file has a header but no rows")
     frame["_line"] = np.arange(len(frame)) + 2  # CSV line of each row (the header is line 1)
     return frame
 
@@ -92,13 +91,13 @@ def _refuse_duplicates(frame: pd.DataFrame, columns: list[str], source: Path) ->
         first = frame[duplicated].iloc[0]
         same = frame[(frame[columns] == first[columns]).all(axis=1)]
         key = ", ".join(f"{c} {first[c]!r}" for c in columns)
-        raise ValueError(f"{source}: {key} is listed more than once (lines {same['_line'].tolist()[:5]})")
+        raise DataError(f"{source}: {key} is listed more than once (lines {same['_line'].tolist()[:5]})")
 
 
 def _refuse_blanks(frame: pd.DataFrame, column: str, source: Path) -> None:
     blank = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
     if blank.any():
-        raise ValueError(f"{source}: column {column!r}, line {frame['_line'][blank].iloc[0]}: blank value")
+        raise DataError(f"{source}: column {column!r}, line {frame['_line'][blank].iloc[0]}: blank value")
 
 
 def _int_column(frame: pd.DataFrame, column: str, source: Path) -> pd.Series:
@@ -106,7 +105,7 @@ def _int_column(frame: pd.DataFrame, column: str, source: Path) -> pd.Series:
     bad = values.isna() | (values <= 0) | (values != values.round())
     if bad.any():
         row = frame[bad].iloc[0]
-        raise ValueError(
+        raise DataError(
             f"{source}: column {column!r}, line {row['_line']}: {row[column]!r} is not a positive integer"
         )
     return values.astype("int64")
@@ -124,7 +123,7 @@ def _wanted_views(views: str | Iterable[str] | None) -> set[str] | None:
     if "FRONTAL" in wanted:
         wanted = (wanted - {"FRONTAL"}) | set(FRONTAL_VIEWS)
     if not wanted:
-        raise ValueError("views: give 'all', 'frontal' or view names such as 'PA,AP'")
+        raise DataError("views: give 'all', 'frontal' or view names such as 'PA,AP'")
     return wanted
 
 
@@ -135,7 +134,7 @@ def _filter_views(frame: pd.DataFrame, views, source: Path) -> pd.DataFrame:
     kept = frame[frame["view"].str.upper().isin(wanted)]
     if kept.empty:
         present = frame["view"].replace("", "(blank)").value_counts().to_dict()
-        raise ValueError(
+        raise DataError(
             f"{source}: no image has a view in {sorted(wanted)}; views present: {present or 'none'}"
         )
     return kept
@@ -156,7 +155,7 @@ def _refuse_missing_files(frame: pd.DataFrame, source: Path, hint: str) -> None:
             f"line {line}: {path}"
             for line, path in zip(missing["_line"][:3], missing["path"][:3], strict=True)
         )
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"{source}: {len(missing)} of {len(frame)} listed images are missing on disk ({examples}); {hint}"
         )
 
@@ -171,7 +170,7 @@ def _image_sizes(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
         try:
             sizes.append(image_size(path))
         except Exception as error:  # name the row, whatever Pillow raised
-            raise ValueError(f"{source}: line {line}: cannot read image {path}: {error}") from error
+            raise DataError(f"{source}: line {line}: cannot read image {path}: {error}") from error
     return pd.DataFrame(sizes, index=frame.index, columns=["width", "height"], dtype="int64")
 
 
@@ -214,35 +213,11 @@ def find_mimic_file(root: str | os.PathLike, name: str) -> Path | None:
 def _require_mimic_file(root: Path, name: str) -> Path:
     path = find_mimic_file(root, name)
     if path is None:
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"{root}: neither {name}.gz nor {name} found; --data-root must be the MIMIC-CXR-JPG "
             f"folder that holds the CSVs and files/"
         )
     return path
-
-
-def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise ``FileNotFoundError`` naming the first file that a ``mimic``, ``chexpert`` or ``csv`` data
-    root lacks (``csv``: the label file, relative to ``root`` unless absolute).
-
-    A cheap check before any work; the index builders check every row again later.
-    """
-    root = Path(os.path.abspath(root))
-    if source not in ("mimic", "chexpert", "csv"):
-        raise ValueError(f"unknown data source {source!r}; choose mimic, chexpert or csv")
-    if not root.is_dir():
-        raise FileNotFoundError(f"data root not found: {root} (data source {source})")
-    if source == "mimic":
-        for name in (MIMIC_METADATA, MIMIC_LABELS):
-            _require_mimic_file(root, name)
-        return
-    if csv is None:
-        if source == "csv":
-            raise ValueError("a csv data source needs the name of its label file (data.csv, --csv)")
-        csv = "train.csv"
-    path = Path(csv) if Path(csv).is_absolute() else root / csv
-    if not path.is_file():
-        raise FileNotFoundError(f"{root}: label file {path.name} not found at {path} (data source {source})")
 
 
 def index_from_mimic(
@@ -268,10 +243,10 @@ def index_from_mimic(
     """
     _check_policy(policy, blank)
     if split is not None and split not in MIMIC_SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {MIMIC_SPLITS}")
+        raise DataError(f"unknown split {split!r}; choose one of {MIMIC_SPLITS}")
     root = Path(os.path.abspath(root))
     if not root.is_dir():
-        raise FileNotFoundError(f"MIMIC-CXR-JPG folder not found: {root}")
+        raise DataFileNotFound(f"MIMIC-CXR-JPG folder not found: {root}")
     metadata_path = _require_mimic_file(root, MIMIC_METADATA)
     labels_path = _require_mimic_file(root, MIMIC_LABELS)
     meta = _mimic_metadata(metadata_path)
@@ -338,13 +313,13 @@ def _keep_split(frame: pd.DataFrame, root: Path, split: str, metadata_path: Path
     bad = ~splits["split"].isin(MIMIC_SPLITS)
     if bad.any():
         row = splits[bad].iloc[0]
-        raise ValueError(
+        raise DataError(
             f"{split_path}: column 'split', line {row['_line']}: {row['split']!r} "
             f"is not one of {MIMIC_SPLITS}"
         )
     frame = frame[frame["dicom_id"].isin(splits.loc[splits["split"] == split, "dicom_id"])]
     if frame.empty:
-        raise ValueError(f"{split_path}: no image of {metadata_path.name} is in split {split!r}")
+        raise DataError(f"{split_path}: no image of {metadata_path.name} is in split {split!r}")
     return frame
 
 
@@ -401,7 +376,7 @@ def index_from_chexpert(
     unparsed = parts.isna().any(axis=1)
     if unparsed.any():
         row = table[unparsed].iloc[0]
-        raise ValueError(
+        raise DataError(
             f"{csv_path}: column 'Path', line {row['_line']}: {row['Path']!r} does not end in "
             f"patientNNNNN/studyN/<image>.jpg"
         )
@@ -440,28 +415,28 @@ def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
             try:
                 label_map = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"label map: invalid JSON: {error}") from error
+                raise DataError(f"label map: invalid JSON: {error}") from error
         elif Path(text).is_file():
             try:
                 label_map = json.loads(Path(text).read_text())
             except json.JSONDecodeError as error:
-                raise ValueError(f"label map {text}: invalid JSON: {error}") from error
+                raise DataError(f"label map {text}: invalid JSON: {error}") from error
         else:
-            raise ValueError(
+            raise DataError(
                 f"label map {text!r} is not a built-in map {sorted(LABEL_MAPS)}, a JSON object or a JSON file"
             )
     checked: dict[str, dict[str, float]] = {}
     for value, findings in dict(label_map).items():
         if not isinstance(findings, Mapping):
-            raise ValueError(f"label map: value {value!r} must map to {{finding: 0 or 1}}, got {findings!r}")
+            raise DataError(f"label map: value {value!r} must map to {{finding: 0 or 1}}, got {findings!r}")
         for finding, label in findings.items():
             if finding not in FINDINGS:
-                raise ValueError(f"label map: value {value!r}: {finding!r} is not one of the 14 findings")
+                raise DataError(f"label map: value {value!r}: {finding!r} is not one of the 14 findings")
             if label not in (0, 1, -1):
-                raise ValueError(f"label map: value {value!r}, {finding!r}: {label!r} is not 1, 0 or -1")
+                raise DataError(f"label map: value {value!r}, {finding!r}: {label!r} is not 1, 0 or -1")
         checked[str(value).strip()] = {f: float(v) for f, v in findings.items()}
     if not checked:
-        raise ValueError("label map: empty")
+        raise DataError("label map: empty")
     return checked
 
 
@@ -492,17 +467,26 @@ def index_from_csv(
     blank: str = "zero",
     views: str | Iterable[str] | None = None,
     check_files: bool = True,
+    labels_column: str | None = None,
+    labels_separator: str = "|",
+    no_finding: str | None = "No Finding",
+    findings: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Index of any CSV: an image path and a patient id per row, and labels given one of two ways.
+    """Index of any CSV: an image path and a patient id per row, and labels given one of three ways.
 
     * finding columns (1 / 0 / -1 / blank, mapped by ``policy`` and ``blank``):
       ``finding_columns`` lists finding names that are CSV columns, or maps CSV column ->
       finding; by default every CSV column named like a finding is used;
     * one ``label_column`` whose values ``label_map`` ({value: {finding: 1 / 0 / -1}}, a
       built-in name such as ``"kermany"``, or JSON) turns into findings; a value not in the
-      map is an error.
+      map is an error;
+    * one multi-label ``labels_column`` (``"Mass|Nodule"``, split at ``labels_separator``): a
+      finding listed is 1, one not listed 0, ``no_finding`` means none. The label set is then the
+      index's own: ``findings`` as declared, or the values seen (sorted, then ``no_finding`` when
+      a row gives it); :func:`cxrlib.index.describe_index` lists it.
 
-    Findings the CSV does not give are unknown (NaN), never 0. Paths are relative to
+    With the first two, the label set is CheXpert's 14 and findings the CSV does not give are
+    unknown (NaN), never 0. Paths are relative to
     ``root`` (default: the CSV's folder) unless absolute. ``dicom_id`` comes from
     ``id_column`` or else the file name; ``study_id`` from ``study_column`` or else the
     image id (one study per image); ``view`` from ``view_column`` or else ``view``; width and
@@ -514,23 +498,22 @@ def index_from_csv(
     if isinstance(label_map, str) and label_column is None:
         label_column = LABEL_MAP_COLUMNS.get(label_map.strip())
     if (label_map is None) != (label_column is None):
-        raise ValueError("give both label_column (--label-column) and label_map (--label-map), or neither")
-    required = [path_column, patient_column, *(c for c in (study_column, id_column, view_column) if c)]
+        raise DataError("give both label_column (--label-column) and label_map (--label-map), or neither")
+    given_columns = (study_column, id_column, view_column, labels_column)
+    required = [path_column, patient_column, *(c for c in given_columns if c)]
+    if labels_column is not None and (label_column is not None or finding_columns is not None):
+        raise DataError("give labels_column (--labels-column) alone, without a label map or finding columns")
     if label_column is not None:
         required.append(label_column)
         if finding_columns is not None:
-            raise ValueError("give finding_columns or label_column with label_map, not both")
+            raise DataError("give finding_columns or label_column with label_map, not both")
     table = _read_table(csv_path, required)
     for column in (path_column, patient_column):
         _refuse_blanks(table, column, csv_path)
-    if label_column is not None:
-        raw, given = _mapped_labels(table, label_column, _parse_label_map(label_map), csv_path)
-        blank_given = "unknown"  # a finding a value's map leaves out is not known for that value
-    else:
-        raw, given = _column_labels(table, finding_columns, csv_path)
-        blank_given = blank
-    labels = apply_policy(raw, policy, blank_given, source=str(csv_path))
-    labels[[f for f in FINDINGS if f not in given]] = np.nan
+    labels = _csv_labels(
+        table, csv_path, (label_column, label_map, finding_columns, policy, blank),
+        (labels_column, labels_separator, no_finding, findings),
+    )  # fmt: skip
 
     frame = _csv_frame(table, root, path_column, patient_column, study_column, id_column, view_column, view)
     _refuse_duplicates(frame, ["dicom_id"], csv_path)
@@ -542,6 +525,25 @@ def index_from_csv(
         )
     frame = _csv_sizes(frame, width_column, height_column, check_files, csv_path)
     return _finish(frame, labels, csv_path)
+
+
+def _csv_labels(table: pd.DataFrame, csv_path: Path, single: tuple, multi: tuple) -> pd.DataFrame:
+    """The CSV's targets: from its multi-label column (``multi``: column, separator, no-finding
+    token, label set), else from a mapped label column or finding columns (``single``)."""
+    labels_column, separator, no_finding, findings = multi
+    if labels_column is not None:
+        if findings is None:  # the values seen, and the no-finding token where a row gives it
+            return multi_label_targets(table, labels_column, None, separator, no_finding, csv_path, None)
+        return multi_label_targets(table, labels_column, list(findings), separator, no_finding, csv_path)
+    label_column, label_map, finding_columns, policy, blank = single
+    if label_column is not None:
+        raw, given = _mapped_labels(table, label_column, _parse_label_map(label_map), csv_path)
+        blank = "unknown"  # a finding a value's map leaves out is not known for that value
+    else:
+        raw, given = _column_labels(table, finding_columns, csv_path)
+    labels = apply_policy(raw, policy, blank, source=str(csv_path))
+    labels[[f for f in FINDINGS if f not in given]] = np.nan
+    return labels
 
 
 def _csv_frame(
@@ -580,7 +582,7 @@ def _mapped_labels(
     unknown = ~values.isin(list(mapping))
     if unknown.any():
         row = table[unknown].iloc[0]
-        raise ValueError(
+        raise DataError(
             f"{csv_path}: column {label_column!r}, line {row['_line']}: {row[label_column]!r} is not "
             f"in the label map (its values: {sorted(mapping)})"
         )
@@ -603,17 +605,64 @@ def _column_labels(
         columns = {f: f for f in finding_columns}
     if not columns:
         columns_present = [c for c in table.columns if c != "_line"]
-        raise ValueError(
+        raise DataError(
             f"{csv_path}: no labels: name finding columns (--finding-columns) or a label column and "
             f"map (--label-column, --label-map); its columns: {columns_present}"
         )
     for column, finding in columns.items():
         if finding not in FINDINGS:
-            raise ValueError(f"finding_columns: {finding!r} is not one of the 14 findings")
+            raise DataError(f"finding_columns: {finding!r} is not one of the 14 findings")
         if column not in table.columns:
-            raise ValueError(f"{csv_path}: missing column {column!r} (finding {finding})")
+            raise DataError(f"{csv_path}: missing column {column!r} (finding {finding})")
         raw[finding] = table[column]
     return raw, list(columns.values())
+
+
+def split_labels(table: pd.DataFrame, column: str, separator: str, source: Path) -> list[list[str]]:
+    """Each row's findings of a multi-label column (``"Mass|Nodule"``): stripped, blanks dropped;
+    a blank cell is an error naming its line."""
+    if not separator:
+        raise DataError("labels separator: give a character such as '|' (--labels-separator)")
+    _refuse_blanks(table, column, source)
+    return [[p.strip() for p in str(v).split(separator) if p.strip()] for v in table[column]]
+
+
+def multi_label_targets(
+    table: pd.DataFrame,
+    column: str,
+    findings: Sequence[str] | None,
+    separator: str,
+    no_finding: str | None,
+    source: Path,
+    no_finding_column: bool | None = False,
+) -> pd.DataFrame:
+    """Targets of a multi-label column: a finding listed is 1.0, one not listed 0.0.
+
+    ``findings`` is the label set (None: the values seen, sorted); a value outside it is an error
+    naming the file, column and line. ``no_finding`` is the token meaning none (it may not stand
+    beside a finding); ``no_finding_column`` adds it as the last finding (1 where it is given).
+    """
+    parts = split_labels(table, column, separator, source)
+    seen = {p for row in parts for p in row} - {no_finding}
+    label_set = sorted(seen) if findings is None else list(findings)
+    if not label_set:
+        raise DataError(f"{source}: column {column!r}: no finding is listed in any row")
+    allowed = set(label_set) | ({no_finding} if no_finding else set())
+    for line, row in zip(table["_line"], parts, strict=True):
+        unknown = [p for p in row if p not in allowed]
+        if unknown:
+            raise DataError(
+                f"{source}: column {column!r}, line {line}: {unknown[0]!r} is not in the label set "
+                f"{label_set}{f' or {no_finding!r}' if no_finding else ''}"
+            )
+        if no_finding in row and len(row) > 1:
+            raise DataError(f"{source}: column {column!r}, line {line}: {no_finding!r} beside a finding")
+    if no_finding_column is None:
+        no_finding_column = any(no_finding in row for row in parts)
+    extra = [no_finding] if no_finding_column and no_finding and no_finding not in label_set else []
+    columns = [*label_set, *extra]
+    values = [[float(f in set(row)) for f in columns] for row in parts]
+    return pd.DataFrame(values, index=table.index, columns=columns, dtype=float)
 
 
 def _csv_sizes(
@@ -628,116 +677,3 @@ def _csv_sizes(
     else:
         frame["width"] = frame["height"] = pd.NA
     return frame
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--dataset", choices=("mimic", "chexpert", "csv"), required=True, help="source format"
-    )
-    parser.add_argument("--data-root", type=Path, help="dataset folder (csv: default the CSV's folder)")
-    parser.add_argument("--out", type=Path, required=True, help="index.csv to write")
-    parser.add_argument(
-        "--policy", choices=POLICIES, default="u-zeros", help="uncertain (-1) labels (default u-zeros)"
-    )
-    parser.add_argument("--blank", choices=BLANK_OPTIONS, default="zero", help="blank labels (default zero)")
-    parser.add_argument("--views", default="all", help="all (default), frontal, or names such as PA,AP")
-    parser.add_argument("--split", choices=MIMIC_SPLITS, help="mimic: keep one official split")
-    parser.add_argument("--csv", help="chexpert: CSV in the data root (default train.csv); csv: the CSV file")
-    parser.add_argument("--path-column", default="path", help="csv: image path column (default path)")
-    parser.add_argument("--patient-column", default="patient_id", help="csv: patient id column")
-    parser.add_argument("--study-column", help="csv: study id column (default: one study per image)")
-    parser.add_argument("--id-column", help="csv: image id column (default: the file name)")
-    parser.add_argument("--view-column", help="csv: view column")
-    parser.add_argument("--view", default="", help="csv: view of every image when there is no view column")
-    parser.add_argument("--label-column", help="csv: the column --label-map reads")
-    parser.add_argument("--label-map", help=f"csv: {'|'.join(LABEL_MAPS)}, a JSON object or a JSON file")
-    parser.add_argument(
-        "--finding-columns", help="csv: comma-separated finding columns (default: all present)"
-    )
-    parser.add_argument("--no-check-files", action="store_true", help="do not check that the images exist")
-    return parser
-
-
-def index_from_source(
-    source: str,
-    root: str | os.PathLike,
-    csv: str | os.PathLike | None = None,
-    csv_options: dict | None = None,
-    policy: str = "u-zeros",
-    blank: str = "zero",
-    views: str | None = None,
-) -> pd.DataFrame:
-    """The index of a data source as a preset names it: ``mimic`` (or a written ``phantom``, which
-    has MIMIC-CXR-JPG's layout), ``chexpert`` (``csv`` default ``train.csv``) or ``csv`` (a label
-    file, relative to ``root`` unless absolute, read with ``csv_options``)."""
-    common = {"policy": policy, "blank": blank, "views": views}
-    if source in ("phantom", "mimic"):
-        return index_from_mimic(root, **common)
-    if source == "chexpert":
-        return index_from_chexpert(root, csv=csv or "train.csv", **common)
-    if source == "csv":
-        if not csv:
-            raise ValueError("data.csv must name the label file of a csv data source")
-        path = Path(csv) if Path(csv).is_absolute() else Path(root) / csv
-        return index_from_csv(path, root=root, **{**(csv_options or {}), **common})
-    raise ValueError(f"unknown data source {source!r}")
-
-
-def build_index(args: argparse.Namespace) -> pd.DataFrame:
-    """The index the command-line arguments ask for."""
-    common = {
-        "policy": args.policy,
-        "blank": args.blank,
-        "views": args.views,
-        "check_files": not args.no_check_files,
-    }
-    if args.dataset != "mimic" and args.split:
-        raise ValueError("--split is for --dataset mimic")
-    if args.dataset == "mimic":
-        if args.data_root is None:
-            raise ValueError("--dataset mimic needs --data-root")
-        return index_from_mimic(args.data_root, split=args.split, **common)
-    if args.dataset == "chexpert":
-        if args.data_root is None:
-            raise ValueError("--dataset chexpert needs --data-root")
-        return index_from_chexpert(args.data_root, args.csv or "train.csv", **common)
-    if args.csv is None:
-        raise ValueError("--dataset csv needs --csv FILE")
-    findings = [f.strip() for f in args.finding_columns.split(",")] if args.finding_columns else None
-    return index_from_csv(
-        args.csv,
-        root=args.data_root,
-        path_column=args.path_column,
-        patient_column=args.patient_column,
-        study_column=args.study_column,
-        id_column=args.id_column,
-        label_column=args.label_column,
-        label_map=args.label_map,
-        finding_columns=findings,
-        view_column=args.view_column,
-        view=args.view,
-        **common,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        index = build_index(args)
-        write_index(index, args.out)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}")
-    print(describe_index(index))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

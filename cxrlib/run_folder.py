@@ -249,6 +249,7 @@ class RunFolder:
                 frame["dicom_id"].tolist(),
                 torch.cat(gathered_pos).cpu().numpy(),
                 torch.cat(gathered_logits).cpu().numpy(),
+                dataset.findings,
             )
             write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
 

@@ -30,13 +30,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import DataError, DataFileNotFound
 from .fileio import write_csv_atomic
+from .index import read_csv_text, read_header
 
 ROLES: tuple[str, ...] = ("train", "val", "test")
 
 
-class LeakageError(ValueError):
-    """A fold file mixes a subject across roles, or does not test every image exactly once."""
+class LeakageError(DataError):
+    """A fold file mixes a subject across roles, or does not test every image exactly once (or is not
+    a fold file at all); one line, as every :class:`~cxrlib.errors.DataError`."""
 
 
 def role_columns(folds: pd.DataFrame) -> list[str]:
@@ -156,8 +159,9 @@ def read_folds(path: str | os.PathLike, index: pd.DataFrame | None = None) -> pd
     """Read ``folds.csv`` and run :func:`check_folds` on it (and against ``index`` when given)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"fold file not found: {path}")
-    folds = pd.read_csv(path, dtype=str, keep_default_na=False)
+        raise DataFileNotFound(f"fold file not found: {path}")
+    read_header(path)  # an empty file, bytes that are not UTF-8 or a repeated column: one line
+    folds = read_csv_text(path, dtype=str, keep_default_na=False)
     check_folds(folds, index, source=str(path))
     return folds
 

@@ -44,7 +44,7 @@ def open_preset(step: str, preset: str, **overrides: Any) -> Preset:
 def build_index(preset: Preset) -> pd.DataFrame:
     """The image index of the preset's data source (labels mapped by the preset's policy); a
     phantom is written first unless the same one is already complete."""
-    from .readers import index_from_source
+    from .sources import index_from_source
 
     data = preset.data
     if data.source == "phantom":
@@ -52,10 +52,11 @@ def build_index(preset: Preset) -> pd.DataFrame:
 
         ensure_phantom(preset.data_path, data.subjects, data.seed, data.max_size, **data.phantom_options)
     try:
-        return index_from_source(
+        index = index_from_source(
             data.source, preset.data_path, data.csv, data.csv_options, data.policy, data.blank,
             None if data.views == "all" else data.views,
         )  # fmt: skip
+        return datasets.select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
     except ValueError as error:
         if str(error).startswith(("unknown data source", "data.csv must")):
             raise ValueError(f"preset {preset.name!r}: {error}") from None
@@ -173,8 +174,9 @@ class Evaluation:
 def evaluate(preset: Preset) -> Evaluation:
     """Per-finding test AUC per resolution and fold, the two ensembles, Table 3, CIs and DeLong tests.
 
-    Writes ``tables/auc.csv``, ``table3.csv``, ``ensemble_weights.csv``, ``auc_bootstrap.csv``,
-    ``delong.csv`` and ``ensemble_convergence.csv``.
+    Writes ``tables/auc.csv``, ``table3.csv``, ``ensemble_weights.csv`` (and
+    ``ensemble_weights_by_fold.csv``), ``auc_bootstrap.csv``, ``delong.csv`` and
+    ``ensemble_convergence.csv``.
     """
     from . import ensemble, metrics
     from .fileio import write_csv_atomic
@@ -190,6 +192,8 @@ def evaluate(preset: Preset) -> Evaluation:
         scored.update(ensembles.predictions)
         weights = ensemble.ensemble_weights_table(ensembles.weights)
         ensemble.write_ensemble_weights(run, ensembles.weights)
+        # each fold's own weights, which an external validation applies (cxrlib.evaluate)
+        write_csv_atomic(ensembles.weights, preset.tables_path / "ensemble_weights_by_fold.csv")
         write_csv_atomic(ensembles.convergence, preset.tables_path / "ensemble_convergence.csv")
     auc_long = metrics.auc_table(scored, index)
     metrics.write_auc_tables(run, auc_long)
@@ -199,6 +203,19 @@ def evaluate(preset: Preset) -> Evaluation:
     delong = metrics.pairwise_delong(pooled, index) if len(pooled) >= 2 else pd.DataFrame()
     write_csv_atomic(delong, preset.tables_path / "delong.csv")
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
+
+
+def external_validation(preset: Preset, index: str | Path, n_boot: int | None = None):
+    """The run's models and ensembles scored on another data set (see
+    :func:`cxrlib.evaluate.evaluate_external`): its tables under ``<run>/external/<the index's
+    folder>``, its images cached beside the run's."""
+    from .evaluate import evaluate_external
+
+    name = Path(index).resolve().parent.name
+    return evaluate_external(
+        preset.run_path, index, cache=Path(str(preset.cache_path)) / "external" / name,
+        device=str(preset.analysis.device), n_boot=n_boot or preset.analysis.bootstrap,
+    )  # fmt: skip
 
 
 @dataclass
@@ -363,17 +380,15 @@ class GradCAMGrid:
     probabilities: dict[str, dict[int, np.ndarray]]
     ground_truth: dict[str, list[str]]
     dicom_ids: dict[str, str]
+    findings: list[str]  # the models' label set, in output order
 
     def probability_table(self) -> pd.DataFrame:
         """Per row's finding: the model's probability of it at each resolution, and the image shown."""
-        from .labels import FINDINGS
-
-        table = pd.DataFrame(
-            {
-                finding: {f"{r} px": round(float(p[FINDINGS.index(finding)]), 3) for r, p in by_res.items()}
-                for finding, by_res in self.probabilities.items()
-            }
-        ).T
+        rows = {}
+        for finding, by_res in self.probabilities.items():
+            column = self.findings.index(finding)
+            rows[finding] = {f"{r} px": round(float(p[column]), 3) for r, p in by_res.items()}
+        table = pd.DataFrame(rows).T
         return table.assign(image=pd.Series(self.dicom_ids))
 
 
@@ -381,12 +396,12 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
     """Grad-CAM of each finding at every resolution on one test image of the analysis fold
     (:func:`cxrlib.gradcam.example_for`: the first one positive for it, an unselected example)."""
     from .gradcam import example_for, gradcam
-    from .labels import FINDINGS
 
     index, folds = load_data(preset)
+    label_set = datasets.index_findings(index)
     findings = list(findings or preset.analysis.gradcam_findings)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, analysis_fold(preset), "test"))]
-    grid = GradCAMGrid({}, {}, {}, {}, {})
+    grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)
     models = {r: trained_model(preset, r) for r in preset.resolutions}
     for finding in findings:
         row, positive = example_for(test, finding)
@@ -397,10 +412,11 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
                 stacklevel=2,
             )
         grid.dicom_ids[finding] = row["dicom_id"]
-        grid.ground_truth[finding] = [f for f in FINDINGS if row[f] == 1.0]
+        grid.ground_truth[finding] = [f for f in label_set if row[f] == 1.0]
         grid.maps[finding], grid.probabilities[finding] = {}, {}
         for resolution, model in models.items():
-            result = gradcam(model, example_images(preset, [row["dicom_id"]], resolution), finding)
+            images = example_images(preset, [row["dicom_id"]], resolution)
+            result = gradcam(model, images, finding, findings=label_set)
             grid.maps[finding][resolution] = result.maps[0]
             grid.probabilities[finding][resolution] = result.probabilities[0]
         original = example_images(preset, [row["dicom_id"]], max(preset.resolutions))
@@ -442,7 +458,6 @@ def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
     ERF after training, and draw Grad-CAM of the first coarse finding for each; writes the tables."""
     from . import field_sweep as sweep
     from .gradcam import example_for, gradcam
-    from .labels import FINDINGS
     from .predict import load_trained_model
 
     fold, device = analysis_fold(preset), analysis_device(preset)
@@ -455,13 +470,13 @@ def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
     finding = preset.field_sweep.coarse[0]
     row, _ = example_for(test, finding)
     image = example_images(preset, [row["dicom_id"]], resolution)
-    grid = GradCAMGrid(
-        {finding: image[0, 0].numpy()}, {finding: {}}, {finding: {}}, {}, {finding: row["dicom_id"]}
-    )
-    grid.ground_truth[finding] = [f for f in FINDINGS if row[f] == 1.0]
+    label_set = datasets.index_findings(index)
+    shown = {finding: image[0, 0].numpy()}
+    grid = GradCAMGrid(shown, {finding: {}}, {finding: {}}, {}, {finding: row["dicom_id"]}, label_set)
+    grid.ground_truth[finding] = [f for f in label_set if row[f] == 1.0]
     for tiles, folder in folders.items():
         model = load_trained_model(folder, map_location=device).to(device)
-        cam = gradcam(model, image, finding)
+        cam = gradcam(model, image, finding, findings=label_set)
         grid.maps[finding][sweep.field_name(tiles)] = cam.maps[0]
         grid.probabilities[finding][sweep.field_name(tiles)] = cam.probabilities[0]
     return FieldSweepResult(result, sweep.resolution_sweep(preset.field_sweep.compare), grid)

@@ -44,6 +44,7 @@ from .checkpoint import CheckpointError
 from .datasets import ImageReadError
 from .faults import fault_point
 from .fileio import FolderBusyError
+from .index import index_findings
 from .labels import masked_bce_with_logits
 from .loaders import (
     augment_batch,
@@ -283,7 +284,8 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
         log(line)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
-    model = build_model(args.weights, memory_efficient=args.memory_efficient, tiles=args.tiles)
+    num_classes = len(index_findings(frames["train"]))  # the head: one output per finding of the index
+    model = build_model(args.weights, num_classes, memory_efficient=args.memory_efficient, tiles=args.tiles)
     if args.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

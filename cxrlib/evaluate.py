@@ -1,0 +1,233 @@
+"""External validation: a trained run scored on another data set, as papers report generalisation.
+
+``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` caches the other set at the
+run's resolutions, scores every trained model (each resolution and fold) and both scale ensembles
+of each fold with the weights 04_evaluate fitted on the run's own validation images (never fitted
+again on the other set), and writes, under ``runs/P/external/<name>/``:
+
+* ``auc.csv`` and ``table3.csv``: the same tables as the run's own, for the shared findings;
+* ``auc_bootstrap.csv``: patient-level bootstrap intervals of every (finding, model);
+* ``findings.csv``: each finding of the run's label set, its name in the other set, and whether it
+  was scored or left out (and why: not in the other set, one class only there, or never learned
+  because the run's own labels do not give both classes, as Kermany's 12 unknown findings).
+
+Shared findings are those of both label sets under the same name, or the same finding under
+another name (NIH's Effusion is CheXpert's Pleural Effusion; :func:`cxrlib.labels.shared_findings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .cache import build_cache
+from .datasets import CXRDataset
+from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_scales
+from .errors import DataError
+from .fileio import write_csv_atomic
+from .index import BASE_COLUMNS, index_findings, read_index
+from .labels import shared_findings
+from .paths import BEST_MODEL, INDEX, TABLES
+from .predict import load_trained_model
+from .runtime import amp_dtype, resolve_device
+
+FOLD_WEIGHTS = "ensemble_weights_by_fold.csv"  # written by 04_evaluate: finding, resolution, fold, weight
+MEAN_WEIGHTS = "ensemble_weights.csv"  # the fold means, for runs evaluated before the file above
+
+
+@dataclass
+class External:
+    """What an external validation wrote (and returns): tables for the shared findings."""
+
+    out: Path
+    auc: pd.DataFrame
+    table3: pd.DataFrame
+    bootstrap: pd.DataFrame
+    findings: pd.DataFrame  # finding, other_name, scored, reason
+
+    @property
+    def left_out(self) -> list[str]:
+        """The run's findings the other set does not have."""
+        return self.findings.loc[~self.findings["scored"], "finding"].tolist()
+
+
+def trained_models(run: Path) -> dict[tuple[int, int], Path]:
+    """``{(resolution, fold): folder}`` of every ``res<R>/fold<k>/best_model.pt`` of a run."""
+    found = {}
+    for model in sorted(run.glob(f"res*/fold*/{BEST_MODEL}")):
+        resolution, fold = model.parent.parent.name[3:], model.parent.name[4:]
+        if resolution.isdigit() and fold.isdigit():
+            found[(int(resolution), int(fold))] = model.parent
+    if not found:
+        raise DataError(f"{run}: no trained model (res<R>/fold<k>/{BEST_MODEL}); train the run first")
+    return found
+
+
+def _both_classes(labels: pd.Series) -> bool:
+    return bool((labels == 1.0).any() and (labels == 0.0).any())
+
+
+def finding_table(run_index: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """Per finding of the run: its name in the other set, and whether it is scored (or why not)."""
+    ours = index_findings(run_index)
+    shared = shared_findings(ours, index_findings(other))
+    rows = []
+    for finding in ours:
+        name = shared.get(finding, "")
+        if not _both_classes(run_index[finding]):
+            reason = "the run's own labels never give both classes of it (nothing was learned)"
+        elif not name:
+            reason = "not in the other set's label set"
+        elif not _both_classes(other[name]):
+            reason = "the other set has only one class of it"
+        else:
+            reason = ""
+        rows.append((finding, name, reason == "", reason))
+    return pd.DataFrame(rows, columns=["finding", "other_name", "scored", "reason"])
+
+
+def fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: int) -> np.ndarray | None:
+    """The fitted stacked-ensemble weights ``[findings, resolutions]`` of one fold (the fold means
+    for a run that kept only those; None when the run has no fitted ensemble)."""
+    by_fold, mean = run / TABLES / FOLD_WEIGHTS, run / TABLES / MEAN_WEIGHTS
+    if by_fold.is_file():
+        table = pd.read_csv(by_fold)
+        table = table[table["fold"] == fold]
+    elif mean.is_file():
+        table = pd.read_csv(mean)
+    else:
+        return None
+    grid = table.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
+    try:
+        return np.array(grid.loc[findings, resolutions], dtype=float)  # a writable copy
+    except KeyError:
+        return None  # fitted for other resolutions or findings than the models here
+
+
+def score_models(
+    models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int
+) -> dict[tuple[int, int], pd.DataFrame]:
+    """Logits of every model on ``frame`` (the other set, with the run's finding columns)."""
+    from .predict import predict_logits
+
+    scores = {}
+    for (resolution, fold), folder in models.items():
+        model = load_trained_model(folder, map_location=device).to(device)
+        dataset = CXRDataset(frame, resolution, cache)
+        table = predict_logits(model, dataset, batch_size, device, amp_dtype(device))
+        scores[(resolution, fold)] = table.set_index("dicom_id")
+    return scores
+
+
+def add_ensembles(run: Path, scores: dict, findings: list[str]) -> dict:
+    """Both scale ensembles of each fold from its models' logits, with the run's fitted weights."""
+    out = dict(scores)
+    for fold in sorted({f for _, f in scores}):
+        resolutions = sorted(r for r, f in scores if f == fold)
+        if len(resolutions) < 2:
+            continue
+        ids, logits = stack_scales({r: scores[(r, fold)] for r in resolutions}, resolutions)
+        out[(AVERAGE, fold)] = pd.DataFrame(average_logits(logits), index=ids, columns=findings)
+        weights = fold_weights(run, findings, resolutions, fold)
+        if weights is not None:
+            out[(STACKED, fold)] = pd.DataFrame(ensemble_logits(logits, weights), index=ids, columns=findings)
+    return out
+
+
+def evaluate_external(
+    run: str | os.PathLike,
+    index: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    n_boot: int = 1000,
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> External:
+    """Score the run's models and ensembles on the data set of ``index``; write the tables (see the
+    module docs) under ``out`` (default ``<run>/external/<the index's folder name>``)."""
+    run, index = Path(run), Path(index)
+    run_index, other = read_index(run / INDEX), read_index(index)
+    ours = index_findings(run_index)
+    out = Path(out) if out else run / "external" / index.resolve().parent.name
+    findings = finding_table(run_index, other)
+    scored = findings[findings["scored"]]
+    if scored.empty:
+        raise DataError(f"{index}: shares no finding with both classes with the run {run} ({ours})")
+    models = trained_models(run)
+    cache = Path(cache) if cache else out / "cache"
+    build_cache(other, cache, sorted({r for r, _ in models}), workers=workers, progress=False)
+    frame = other[list(BASE_COLUMNS)].assign(**{f: np.nan for f in ours})
+    scores = score_models(models, frame, cache, resolve_device(device), batch_size)
+    scores = add_ensembles(run, scores, ours)
+    keep = scored["finding"].tolist()
+    labels = other[list(BASE_COLUMNS)].assign(
+        **{f: other[n] for f, n in zip(keep, scored["other_name"], strict=True)}
+    )
+    predictions = {key: frame_[keep] for key, frame_ in scores.items()}
+    auc = metrics.auc_table(predictions, labels)
+    bootstrap = metrics.bootstrap_table(predictions, labels, n_boot=n_boot)
+    result = External(out, auc, metrics.table3(auc), bootstrap, findings)
+    for name, table in (("auc", auc), ("table3", result.table3), ("auc_bootstrap", bootstrap)):
+        write_csv_atomic(table, out / f"{name}.csv")
+    write_csv_atomic(findings, out / "findings.csv")
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True, help="a trained run folder (runs/<preset>)")
+    parser.add_argument("--index", type=Path, required=True, help="index.csv of the other data set")
+    parser.add_argument("--out", type=Path, help="tables folder (default <run>/external/<index folder>)")
+    parser.add_argument("--cache", type=Path, help="image cache of the other set (default <out>/cache)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, help="cache processes (default: every CPU)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        result = evaluate_external(
+            args.run,
+            args.index,
+            args.out,
+            args.cache,
+            args.device,
+            args.bootstrap,
+            args.batch_size,
+            args.workers,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.out}: auc.csv, table3.csv, auc_bootstrap.csv, findings.csv")
+    scored = result.findings[result.findings["scored"]]
+    print(
+        f"scored ({len(scored)}): "
+        + ", ".join(f"{a} ({b})" if a != b else a for a, b in scored[["finding", "other_name"]].values)
+    )
+    for row in result.findings[~result.findings["scored"]].itertuples():
+        print(f"left out: {row.finding}: {row.reason}")
+    table = result.table3
+    shown = [c for c in table.columns if not c.endswith(("_mean", "_std", "_n_folds"))]
+    print("test AUC in percent (mean ± std over folds):")
+    print(table[shown].to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

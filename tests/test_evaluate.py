@@ -1,0 +1,89 @@
+"""External validation: a run's models and fitted ensembles scored on another data set's shared findings."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
+from cxrlib.index import write_index
+from cxrlib.labels import FINDINGS
+from cxrlib.models import build_model
+from cxrlib.nih import index_from_nih
+from cxrlib.phantom import ensure_phantom
+from cxrlib.phantom.nih_layout import write_nih_layout
+from cxrlib.readers import index_from_mimic
+
+RESOLUTIONS = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def run_and_other(tmp_path_factory):
+    """A run with CheXpert's findings (untrained models at two resolutions, fold 0, and ensemble
+    weights that take only the 32 px model), and an NIH-layout index to score it on."""
+    root = tmp_path_factory.mktemp("external")
+    phantom = ensure_phantom(root / "phantom", 16, seed=5, max_size=96, prevalence="balanced")
+    run = root / "run"
+    labels = index_from_mimic(phantom)
+    labels["Atelectasis"] = float("nan")  # never known in the run's data, as Kermany's 12 unknown findings
+    write_index(labels, run / "index.csv")
+    for k, resolution in enumerate(RESOLUTIONS):
+        torch.manual_seed(k)
+        folder = run / f"res{resolution}" / "fold0"
+        folder.mkdir(parents=True)
+        torch.save(build_model("none", len(FINDINGS)).state_dict(), folder / "best_model.pt")
+    weights = [(f, r, 0, 1.0 if r == 32 else 0.0) for f in FINDINGS for r in RESOLUTIONS]
+    (run / "tables").mkdir()
+    pd.DataFrame(weights, columns=["finding", "resolution", "fold", "weight"]).to_csv(
+        run / "tables" / FOLD_WEIGHTS, index=False
+    )
+    nih = write_nih_layout(phantom, root / "nih", stored_size=64)
+    other = root / "nih_index" / "index.csv"
+    write_index(index_from_nih(nih), other)
+    return run, other
+
+
+def test_every_model_and_both_ensembles_are_scored_on_the_shared_findings(run_and_other, tmp_path):
+    run, other = run_and_other
+    result = evaluate_external(run, other, out=tmp_path / "out", device="cpu", n_boot=20, workers=1)
+    findings = result.findings.set_index("finding")
+    assert findings.loc["Pleural Effusion", "other_name"] == "Effusion"
+    assert set(result.left_out) >= {
+        "Fracture",
+        "Support Devices",
+        "Lung Lesion",
+        "Enlarged Cardiomediastinum",
+    }
+    assert findings.loc["Fracture", "reason"] == "not in the other set's label set"
+    assert findings.loc["Atelectasis", "other_name"] == "Atelectasis" and "Atelectasis" in result.left_out
+    assert "nothing was learned" in findings.loc["Atelectasis", "reason"]
+    scored = set(findings.index[findings["scored"]])
+    assert set(result.auc["finding"]) == scored
+    assert set(result.auc["resolution"].astype(str)) == {"32", "64", "ensemble", "average"}
+    # the fitted weights (all on 32 px) are applied as they are, not fitted again
+    auc = result.auc.set_index(["finding", "resolution"])["auc"]
+    for finding in scored:
+        assert auc[(finding, "ensemble")] == pytest.approx(auc[(finding, 32)])
+    assert set(result.bootstrap["finding"]) == scored and {"ci_low", "ci_high"} <= set(result.bootstrap)
+    assert list(result.table3["finding"])[-1] == "Average"
+    for name in ("auc", "table3", "auc_bootstrap", "findings"):
+        assert (tmp_path / "out" / f"{name}.csv").is_file()
+
+
+def test_command_line_prints_what_it_scored_and_left_out(run_and_other, tmp_path, capsys):
+    run, other = run_and_other
+    argv = ["--run", str(run), "--index", str(other), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*argv, "--bootstrap", "10", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out: Fracture: not in the other set's label set" in printed
+    assert "Pleural Effusion" in printed and "test AUC in percent" in printed
+
+
+def test_a_run_without_models_is_one_line(run_and_other, tmp_path, capsys):
+    _, other = run_and_other
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "index.csv").write_text(other.read_text())
+    assert main(["--run", str(run), "--index", str(other), "--out", str(tmp_path / "o")]) == 1
+    assert "no trained model" in capsys.readouterr().err
