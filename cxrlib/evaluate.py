@@ -85,6 +85,8 @@ def finding_table(run_index: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
             reason = "the run's own labels never give both classes of it (nothing was learned)"
         elif not name:
             reason = "not in the other set's label set"
+        elif other[name].isna().all():
+            reason = "the other set never labels it (every image unknown)"
         elif not _both_classes(other[name]):
             reason = "the other set has only one class of it"
         else:

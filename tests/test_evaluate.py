@@ -87,3 +87,18 @@ def test_a_run_without_models_is_one_line(run_and_other, tmp_path, capsys):
     (run / "index.csv").write_text(other.read_text())
     assert main(["--run", str(run), "--index", str(other), "--out", str(tmp_path / "o")]) == 1
     assert "no trained model" in capsys.readouterr().err
+
+
+def test_each_finding_left_out_says_why():
+    from cxrlib.evaluate import finding_table
+
+    nan = float("nan")
+    ours = pd.DataFrame({"dicom_id": ["a", "b"], "Pneumonia": [1.0, 0.0], "Edema": [0.0, 1.0],
+                         "Fracture": [0.0, 1.0], "Mass": [0.0, 0.0]})  # fmt: skip
+    other = pd.DataFrame({"dicom_id": ["x", "y"], "Pneumonia": [0.0, 1.0], "Edema": [nan, nan],
+                          "Fracture": [1.0, 1.0], "Mass": [0.0, 1.0]})  # fmt: skip
+    table = finding_table(ours, other).set_index("finding")
+    assert bool(table.loc["Pneumonia", "scored"]) and not table["scored"].drop("Pneumonia").any()
+    assert "never labels" in table.loc["Edema", "reason"]
+    assert "only one class" in table.loc["Fracture", "reason"]
+    assert "own labels" in table.loc["Mass", "reason"]
