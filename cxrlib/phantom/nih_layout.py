@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..fileio import write_csv_atomic, write_text_atomic
 from ..labels import NO_FINDING
+from ..nih import NIH_COLUMNS, NIH_ENTRY_FILES
 from ..readers import index_from_mimic
 
 PHANTOM_TO_NIH: dict[str, str] = {
@@ -35,19 +36,6 @@ PHANTOM_TO_NIH: dict[str, str] = {
     "Edema": "Edema",
     "Pleural Other": "Pleural_Thickening",
 }
-ENTRY_COLUMNS: tuple[str, ...] = (
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
-    "OriginalImage[Width",
-    "Height]",
-    "OriginalImagePixelSpacing[x",
-    "y]",
-)
 
 
 def finding_labels(row: dict) -> str:
@@ -81,7 +69,7 @@ def write_nih_layout(
             [name, finding_labels(row), visit, patient, 40 + patient % 40, "M" if patient % 2 else "F"]
             + [row["view"], int(row["width"]), int(row["height"]), 0.143, 0.143]
         )
-    write_csv_atomic(pd.DataFrame(rows, columns=list(ENTRY_COLUMNS)), out_dir / "Data_Entry_2017_v2020.csv")
+    write_csv_atomic(pd.DataFrame(rows, columns=list(NIH_COLUMNS)), out_dir / NIH_ENTRY_FILES[0])
     rng = np.random.default_rng(seed)
     test_patients = set(
         rng.permutation(sorted(patients.values()))[: max(1, round(test_fraction * len(patients)))]
