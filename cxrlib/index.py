@@ -12,6 +12,8 @@ Schema (a DataFrame, also written as ``index.csv``), one row per image:
 ``height``        height in pixels of the file at ``path``
 ``native_width``  optional: the width of the original acquisition when the stored file was
 ``native_height`` resized (NIH ChestX-ray14's PNGs are 1024 x 1024; its metadata has the original)
+``split``         optional: the source's official split (``train`` / ``val`` / ``test``; Kermany's)
+``subtype``       optional: what a label does not say (Kermany's ``normal`` / ``bacteria`` / ``virus``)
 findings          every other column, in order: the index's label set, 1.0 / 0.0 / NaN (unknown)
 ================= ==========================================================
 
@@ -43,9 +45,10 @@ from .labels import FINDINGS
 ID_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id")
 BASE_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "path", "view", "width", "height")
 NATIVE_SIZE_COLUMNS: tuple[str, ...] = ("native_width", "native_height")
+NOTE_COLUMNS: tuple[str, ...] = ("split", "subtype")  # optional text, never findings
 # The columns of an index with CheXpert's label set (the default).
 INDEX_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *FINDINGS)
-_NOT_FINDINGS = frozenset((*BASE_COLUMNS, *NATIVE_SIZE_COLUMNS, "_line"))
+_NOT_FINDINGS = frozenset((*BASE_COLUMNS, *NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS, "_line"))
 
 
 def index_findings(index: pd.DataFrame | Sequence[str]) -> list[str]:
@@ -56,10 +59,10 @@ def index_findings(index: pd.DataFrame | Sequence[str]) -> list[str]:
 
 
 def index_columns(index: pd.DataFrame) -> list[str]:
-    """The columns :func:`write_index` writes: the fixed ones, the native size when the index has
-    it, then the findings."""
-    native = [c for c in NATIVE_SIZE_COLUMNS if c in index.columns]
-    return [*BASE_COLUMNS, *native, *index_findings(index)]
+    """The columns :func:`write_index` writes: the fixed ones, the native size and notes when the
+    index has them, then the findings."""
+    optional = [c for c in (*NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS) if c in index.columns]
+    return [*BASE_COLUMNS, *optional, *index_findings(index)]
 
 
 def select_findings(
@@ -108,7 +111,8 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
         index[column] = _size_column(index, column, source)
     for finding in findings:
         index[finding] = _label_column(index, finding, source)
-    index["view"] = index["view"].fillna("").astype(str)
+    for column in ("view", *(c for c in NOTE_COLUMNS if c in index.columns)):
+        index[column] = index[column].fillna("").astype(str)
     return index
 
 
@@ -197,7 +201,7 @@ def read_index(path: str | os.PathLike) -> pd.DataFrame:
     findings = index_findings(header)
     frame = read_csv_text(
         path,
-        dtype={c: str for c in (*ID_COLUMNS, "path", "view") if c in header},
+        dtype={c: str for c in (*ID_COLUMNS, "path", "view", *NOTE_COLUMNS) if c in header},
         keep_default_na=False,
         na_values={c: [""] for c in [*findings, "width", "height", *NATIVE_SIZE_COLUMNS] if c in header},
     )

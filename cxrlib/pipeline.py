@@ -5,7 +5,8 @@ Usage::
     python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
     python -m cxrlib.pipeline --preset smoke                     # a minute or two, CPU
     python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
-    python -m cxrlib.pipeline --preset kermany --resolutions 64 128 --folds 0 1
+    python -m cxrlib.pipeline --preset kermany --resolutions 32 64
+    python -m cxrlib.pipeline --preset kermany --kermany-split patients --folds 0 1
     python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
 
 Executed notebooks go to ``runs/<preset>/`` (``03_train`` once per resolution, as
@@ -392,6 +393,7 @@ def resolve_run(
     gpus: str | int | None = None,
     run_dir: str | None = None,
     figures_dir: str | None = None,
+    fold_split: str | None = None,
 ) -> tuple[str, Preset, dict[str, Any]]:
     """The preset as the notebooks will see it, and the user's overrides passed to each of them."""
     if Path(preset_arg).suffix in (".yaml", ".yml"):
@@ -404,12 +406,14 @@ def resolve_run(
         gpus=gpus,
         run_dir=run_dir,
         figures_dir=figures_dir,
+        fold_split=fold_split,
     )
     overrides = {
         "data_root": data_root and preset.data.root,
         "resolutions": resolutions,
         "folds": folds,
         "gpus": gpus,
+        "fold_split": fold_split,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     return preset_arg, preset, overrides
@@ -477,13 +481,14 @@ def run_pipeline(
     gpus: str | None = None,
     run_dir: str | None = None,
     figures_dir: str | None = None,
+    fold_split: str | None = None,
     force: bool = False,
     start_from: str | None = None,
     progress_bar: bool | None = None,
 ) -> Preset:
     """Run (or resume) every step of a preset; returns the resolved preset."""
     preset_arg, preset, overrides = resolve_run(
-        preset_arg, data_root, resolutions, folds, gpus, run_dir=run_dir, figures_dir=figures_dir
+        preset_arg, data_root, resolutions, folds, gpus, run_dir, figures_dir, fold_split
     )
     progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     steps = planned_steps(preset)
@@ -549,11 +554,12 @@ def list_steps(
     gpus: str | int | None = None,
     run_dir: str | None = None,
     figures_dir: str | None = None,
+    fold_split: str | None = None,
 ) -> None:
     """Print each step's state (complete, changed, outputs missing, not run) and where a run
     would start: the first step that is not complete, and every step after it."""
     preset_arg, preset, overrides = resolve_run(
-        preset_arg, data_root, resolutions, folds, gpus, run_dir=run_dir, figures_dir=figures_dir
+        preset_arg, data_root, resolutions, folds, gpus, run_dir, figures_dir, fold_split
     )
     first_to_run = None
     for step, resolution in planned_steps(preset):
@@ -587,6 +593,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", help="'all' or a number of processes per node for training")
     parser.add_argument("--run-dir", help="where executed notebooks and tables go (default runs/<preset>)")
     parser.add_argument("--figures-dir", help="where figures go (default figures/<preset>)")
+    parser.add_argument(
+        "--kermany-split",
+        choices=("official", "patients"),
+        help="official: the data's official test images are the one test fold, never trained on; "
+        "patients: K folds by patient (default: the preset's folds.split)",
+    )
     parser.add_argument("--force", action="store_true", help="run every step again, even if complete")
     parser.add_argument(
         "--from",
@@ -618,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": gpus,
         "run_dir": args.run_dir,
         "figures_dir": args.figures_dir,
+        "fold_split": args.kermany_split,
     }
     try:
         if args.list:

@@ -9,7 +9,7 @@ and fills in the folders of the artifacts contract.
 ``smoke``     tiny phantom, two resolutions: the whole pipeline in a minute or two (tests, CI)
 ``demo``      phantom, four resolutions sized for a 2-core laptop CPU (``make demo``)
 ``phantom-gpu`` phantom at the paper's 256/512/1024/2048 px on one GPU
-``kermany``   the real pediatric images of ``../shared/data/kermany-pediatric-cxr`` (Pneumonia, No Finding)
+``kermany``   Kermany's pediatric chest X-rays as downloaded, in ``data/chest_xray`` (Pneumonia, No Finding)
 ``mimic``     the paper's study on MIMIC-CXR-JPG: 5 folds, Table 1 batches and learning rates, all GPUs
 ``nih``       the same on NIH ChestX-ray14 (its own 14 findings and No Finding) at 256/512/1024 px
 ============= ==============================================================
@@ -29,7 +29,8 @@ import yaml
 from . import paths
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-DATA_SOURCES = ("phantom", "mimic", "chexpert", "nih", "csv")
+DATA_SOURCES = ("phantom", "mimic", "chexpert", "nih", "kermany", "csv")
+FOLD_SPLITS = ("patients", "official")
 MIN_RESOLUTION = 32
 
 
@@ -37,7 +38,7 @@ MIN_RESOLUTION = 32
 class DataConfig:
     """Where the images and labels come from and how labels are read."""
 
-    source: str = "phantom"  # phantom | mimic | chexpert | nih | csv
+    source: str = "phantom"  # phantom | mimic | chexpert | nih | kermany | csv
     root: str | None = (
         None  # data folder; for the phantom, where it is written (default data/phantom-<preset>)
     )
@@ -57,12 +58,18 @@ class DataConfig:
 
 @dataclass
 class FoldConfig:
-    """Patient-level cross-validation."""
+    """Patient-level cross-validation, or the data's official test split as the one test fold."""
 
     k: int = 5
     seed: int = 0
     val_fraction: float = 0.1
     train: list[int] | str = "all"  # which folds to train and evaluate: "all" or a list
+    split: str = "patients"  # patients (k folds) | official (one fold: the index's split column's test)
+
+    @property
+    def count(self) -> int:
+        """The number of folds: k, or 1 with the official split."""
+        return 1 if self.split == "official" else self.k
 
 
 @dataclass
@@ -179,7 +186,9 @@ class Preset:
 
     def trained_folds(self) -> list[int]:
         """The folds this preset trains and evaluates."""
-        return list(range(self.folds.k)) if self.folds.train == "all" else [int(f) for f in self.folds.train]
+        if self.folds.train == "all":
+            return list(range(self.folds.count))
+        return [int(f) for f in self.folds.train]
 
     def train_options(self, resolution: int) -> dict[str, Any]:
         """Flags for ``cxrlib.train`` at one resolution (shared options, then per-resolution ones)."""
@@ -270,13 +279,16 @@ def validate(preset: Preset) -> None:
         raise ValueError(f"{where}: train.cpu_processes must be at least 1, got {preset.train.cpu_processes}")
     if preset.folds.k < 2:
         raise ValueError(f"{where}: folds.k must be at least 2, got {preset.folds.k}")
+    if preset.folds.split not in FOLD_SPLITS:
+        raise ValueError(f"{where}: folds.split {preset.folds.split!r} is not one of {FOLD_SPLITS}")
     if preset.folds.train != "all":
+        count = preset.folds.count
         for fold in preset.folds.train:
-            if not 0 <= int(fold) < preset.folds.k:
-                raise ValueError(
-                    f"{where}: fold {fold} does not exist with folds.k = {preset.folds.k} "
-                    f"(folds are 0 .. {preset.folds.k - 1})"
-                )
+            if not 0 <= int(fold) < count:
+                folds = f"folds.k = {count} (folds are 0 .. {count - 1})"
+                if preset.folds.split == "official":
+                    folds = "folds.split = official (one fold, 0)"
+                raise ValueError(f"{where}: fold {fold} does not exist with {folds}")
 
 
 def check_resolution(resolution: int, where: str = "resolution") -> int:
@@ -299,9 +311,10 @@ def resolve(
     run_dir: str | None = None,
     figures_dir: str | None = None,
     device: str | None = None,
+    fold_split: str | None = None,
 ) -> Preset:
     """Load a preset and apply overrides (``None`` keeps the preset's value); ``device`` is the
-    analysis device (``analysis.device``)."""
+    analysis device (``analysis.device``), ``fold_split`` the folds' ``split``."""
     resolved = copy.deepcopy(preset) if isinstance(preset, Preset) else load_preset(preset)
     if data_root is not None:
         resolved.data.root = str(Path(data_root).resolve())
@@ -317,5 +330,7 @@ def resolve(
         resolved.figures_dir = str(Path(figures_dir).resolve())
     if device is not None:
         resolved.analysis.device = str(device)
+    if fold_split is not None:
+        resolved.folds.split = str(fold_split)
     validate(resolved)
     return resolved

@@ -1,13 +1,14 @@
 """Every data source by name, and the command line that writes an index (``python -m cxrlib.datasets``).
 
 Sources: ``mimic`` (and a written ``phantom``, which has MIMIC-CXR-JPG's layout), ``chexpert``,
-``csv`` (:mod:`cxrlib.readers`) and ``nih`` (:mod:`cxrlib.nih`).
+``csv`` (:mod:`cxrlib.readers`), ``nih`` (:mod:`cxrlib.nih`) and ``kermany`` (:mod:`cxrlib.kermany`).
 
 Command line::
 
     python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
     python -m cxrlib.datasets --dataset chexpert --data-root CheXpert-v1.0 --csv valid.csv --out index.csv
     python -m cxrlib.datasets --dataset nih --data-root ChestX-ray14 --out index.csv [--nih-subset train_val]
+    python -m cxrlib.datasets --dataset kermany --data-root data/chest_xray --out index.csv
     python -m cxrlib.datasets --dataset csv --csv ../shared/data/kermany-pediatric-cxr/labels.csv \\
         --label-map kermany --out index.csv
     python -m cxrlib.datasets --dataset csv --csv export.csv --labels-column "Finding Labels" \\
@@ -26,6 +27,7 @@ import pandas as pd
 
 from .errors import DataError, DataFileNotFound
 from .index import describe_index, write_index
+from .kermany import check_kermany_root, index_from_kermany
 from .labels import BLANK_OPTIONS, POLICIES
 from .nih import NIH_SUBSETS, find_nih_entry, index_from_nih
 from .readers import (
@@ -39,19 +41,22 @@ from .readers import (
     index_from_mimic,
 )
 
-SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "csv")
+SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "kermany", "csv")
 
 
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
     """Raise :class:`~cxrlib.errors.DataFileNotFound` (a ``FileNotFoundError``) naming the first file
-    that a ``mimic``, ``chexpert``, ``nih`` or ``csv`` data root lacks (``csv``: the label file,
-    relative to ``root`` unless absolute).
+    that a ``mimic``, ``chexpert``, ``nih``, ``kermany`` or ``csv`` data root lacks (``csv``: the
+    label file, relative to ``root`` unless absolute).
 
     A cheap check before any work; the index builders check every row again later.
     """
     root = Path(os.path.abspath(root))
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose one of {SOURCES}")
+    if source == "kermany":  # a missing root too: where to download the set and where to unpack it
+        check_kermany_root(root)
+        return
     if not root.is_dir():
         raise DataFileNotFound(f"data root not found: {root} (data source {source})")
     if source == "nih":
@@ -122,7 +127,8 @@ def index_from_source(
     """The index of a data source as a preset names it: ``mimic`` (or a written ``phantom``, which
     has MIMIC-CXR-JPG's layout), ``chexpert`` (``csv`` default ``train.csv``), ``csv`` (a label
     file, relative to ``root`` unless absolute, read with ``csv_options``) or ``nih``
-    (``csv_options`` may hold its ``subset``; NIH's labels are never uncertain, so no policy)."""
+    (``csv_options`` may hold its ``subset``; NIH's labels are never uncertain, so no policy) or
+    ``kermany`` (its official layout)."""
     common = {"policy": policy, "blank": blank, "views": views}
     if source in ("phantom", "mimic"):
         return index_from_mimic(root, **common)
@@ -130,6 +136,8 @@ def index_from_source(
         return index_from_chexpert(root, csv=csv or "train.csv", **common)
     if source == "nih":
         return index_from_nih(root, views=views, **(csv_options or {}))
+    if source == "kermany":
+        return index_from_kermany(root, views)
     if source == "csv":
         if not csv:
             raise DataError("data.csv must name the label file of a csv data source")
@@ -152,6 +160,10 @@ def build_index(args: argparse.Namespace) -> pd.DataFrame:
         if args.data_root is None:
             raise DataError("--dataset nih needs --data-root")
         return index_from_nih(args.data_root, args.nih_subset, args.views, common["check_files"])
+    if args.dataset == "kermany":
+        if args.data_root is None:
+            raise DataError("--dataset kermany needs --data-root (the chest_xray folder)")
+        return index_from_kermany(args.data_root, args.views)
     if args.dataset == "mimic":
         if args.data_root is None:
             raise DataError("--dataset mimic needs --data-root")

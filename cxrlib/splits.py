@@ -4,7 +4,8 @@ Subjects (patients) are shuffled with a recorded seed and dealt into K groups of
 equal size; group k is fold k's test set (about 1/K of the subjects, 20% for K = 5). The
 other subjects of fold k are shuffled again (seeded by ``seed`` and ``k``) and split
 90/10 into train and val. Every image of a subject gets the subject's role, so no patient
-is ever on two sides of a split.
+is ever on two sides of a split. :func:`official_folds` makes one fold instead, whose test images
+are the data's official test split (the index's ``split`` column, as Kermany's reader writes it).
 
 ``folds.csv`` has one row per image, in the index's order::
 
@@ -12,7 +13,8 @@ is ever on two sides of a split.
 
 :func:`check_folds` runs whenever folds are made or read: it refuses a subject with two
 roles in one fold, an image that is not test in exactly one fold, duplicate images and
-unknown roles. The same index and seed give the same file, byte for byte.
+unknown roles (a one-fold table tests what its split says). The same index and seed give the
+same file, byte for byte.
 
 Command line::
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +77,54 @@ def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: flo
     )
     for fold, test_subjects in enumerate(test_groups):
         rest = np.setdiff1d(shuffled, test_subjects)  # sorted, then shuffled per fold below
-        rest = np.random.default_rng([seed, fold]).permutation(rest)
-        n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
-        role_of = dict.fromkeys(rest[n_val:], "train")
-        role_of.update(dict.fromkeys(rest[:n_val], "val"))
-        role_of.update(dict.fromkeys(test_subjects, "test"))
+        role_of = _roles(np.random.default_rng([seed, fold]).permutation(rest), test_subjects, val_fraction)
         folds[f"role_{fold}"] = folds["subject_id"].map(role_of)
+    check_folds(folds)
+    return folds
+
+
+def _roles(rest: np.ndarray, test_subjects, val_fraction: float) -> dict[str, str]:
+    """``{subject: role}``: the first ``val_fraction`` of the shuffled ``rest`` val (at least one,
+    and one left to train), the others train, ``test_subjects`` test."""
+    n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
+    role_of = dict.fromkeys(rest[n_val:], "train")
+    role_of.update(dict.fromkeys(rest[:n_val], "val"))
+    role_of.update(dict.fromkeys(test_subjects, "test"))
+    return role_of
+
+
+def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1) -> pd.DataFrame:
+    """One fold (``role_0``) whose test images are the index's official test images (``split``
+    column ``test``); the other subjects, shuffled with ``seed``, split into train and val.
+
+    A subject with images in the official test split and outside it is tested with all its images
+    (a warning gives the count), so no patient is on two sides and no official test image is
+    trained on.
+    """
+    if "split" not in index.columns:
+        raise DataError("the index has no 'split' column: the official split needs a source that keeps it")
+    subjects = index["subject_id"].astype(str)
+    official = index["split"].astype(str) == "test"
+    test_subjects = sorted(subjects[official].unique())
+    rest = sorted(set(subjects) - set(test_subjects))
+    if not test_subjects or len(rest) < 2:
+        raise DataError(
+            f"the official split has {len(test_subjects)} test and {len(rest)} other subjects; "
+            "it needs a test subject and two others (train and val)"
+        )
+    straddling = ~official & subjects.isin(test_subjects)
+    if straddling.any():
+        warnings.warn(
+            f"{subjects[straddling].nunique()} patients (e.g. {subjects[straddling].iloc[0]}) have images "
+            f"in the official test split and outside it; their {int(straddling.sum())} other images "
+            "are tested too",
+            stacklevel=2,
+        )
+    role_of = _roles(np.random.default_rng(seed).permutation(rest), test_subjects, val_fraction)
+    folds = pd.DataFrame(
+        {"dicom_id": index["dicom_id"].astype(str).to_numpy(), "subject_id": subjects.to_numpy()}
+    )
+    folds["role_0"] = folds["subject_id"].map(role_of)
     check_folds(folds)
     return folds
 
@@ -93,8 +138,8 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: 
         if column not in folds.columns:
             raise LeakageError(f"{source}: missing column {column!r}")
     roles = role_columns(folds)
-    if len(roles) < 2:
-        raise LeakageError(f"{source}: needs role_0 .. role_(K-1) columns for K >= 2, found {roles}")
+    if not roles:
+        raise LeakageError(f"{source}: needs role_0 .. role_(K-1) columns, found none")
     expected = [f"role_{k}" for k in range(len(roles))]
     if roles != expected:
         raise LeakageError(f"{source}: fold columns {roles} are not {expected}")
@@ -118,7 +163,7 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: 
             )
     times_test = (folds[roles] == "test").sum(axis=1)
     wrong = times_test != 1
-    if wrong.any():
+    if len(roles) > 1 and wrong.any():  # one fold (an official split) tests what the split says
         row = int(np.flatnonzero(wrong.to_numpy())[0])
         raise LeakageError(
             f"{source}: image {folds['dicom_id'].iloc[row]!r} (subject "

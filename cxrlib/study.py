@@ -33,7 +33,8 @@ def open_preset(step: str, preset: str, **overrides: Any) -> Preset:
     cfg = presets.resolve(preset, **overrides)
     require_step_inputs(cfg, step, preset)
     plots.show_inline()
-    print(f"preset {cfg.name}: resolutions {cfg.resolutions}, folds {cfg.trained_folds()} of {cfg.folds.k}")
+    folds = f"folds {cfg.trained_folds()} of {cfg.folds.count}"
+    print(f"preset {cfg.name}: resolutions {cfg.resolutions}, {folds}")
     print(f"artifacts in {cfg.run_path}, figures in {cfg.figures_path}")
     return cfg
 
@@ -67,9 +68,11 @@ def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build (or re-build) ``index.csv`` and ``folds.csv`` of the preset; returns both."""
     index = build_index(preset)
     datasets.write_index(index, preset.index_path)
-    folds = splits.make_folds(
-        index, k=preset.folds.k, seed=preset.folds.seed, val_fraction=preset.folds.val_fraction
-    )
+    seed, val_fraction = preset.folds.seed, preset.folds.val_fraction
+    if preset.folds.split == "official":
+        folds = splits.official_folds(index, seed, val_fraction)
+    else:
+        folds = splits.make_folds(index, preset.folds.k, seed, val_fraction)
     splits.write_folds(folds, preset.folds_path)
     return index, folds
 

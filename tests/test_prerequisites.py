@@ -52,7 +52,7 @@ def test_the_first_missing_input_is_named_in_pipeline_order(tmp_path):
 
 def test_the_first_notebook_on_real_data_names_a_missing_data_root(tmp_path):
     preset = resolve("kermany", data_root=str(tmp_path / "nowhere"), run_dir=str(tmp_path / "run"))
-    expected = r"data root not found: .*nowhere.*set the data_root parameter"
+    expected = r"not found: .*nowhere has no train/ or test/ folder; download .*set the data_root parameter"
     with pytest.raises(MissingInputError, match=expected):
         require_step_inputs(preset, "00_data")
     require_step_inputs(resolve("smoke", run_dir=str(tmp_path / "run")), "00_data")  # the phantom: nothing

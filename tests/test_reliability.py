@@ -403,8 +403,8 @@ MORE_GPUS = str(max(4, torch.cuda.device_count() + 1))
         ),
         pytest.param(
             ["--preset", "kermany", "--data-root", "EMPTY"],
-            r"label file labels.csv not found",
-            id="kermany-data-root-without-csv",
+            r"EMPTY has no train/ or test/ folder; download ChestXRay2017.zip .* and unpack it",
+            id="kermany-data-root-without-images",
         ),
     ],
 )
