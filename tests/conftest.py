@@ -7,6 +7,8 @@ and the tables it was written from, so tests can compare against them.
 
 ``smoke_run``: the whole ``smoke`` preset run once per session by the pipeline (about
 1m40s on 2 CPU cores), shared by the smoke and browser tests; do not modify it (copy it).
+
+The terminal summary ends with one line when the browser tests were skipped for want of Chromium.
 """
 
 from __future__ import annotations
@@ -143,3 +145,19 @@ def smoke_run(tmp_path_factory) -> Preset:
         data_root=str(root / "phantom"),
         progress_bar=False,
     )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say in one line that the browser tests were skipped for want of Chromium, and how to install it."""
+    skipped = [
+        report.longrepr[2]
+        for report in terminalreporter.stats.get("skipped", [])
+        if "browser" in report.keywords and isinstance(report.longrepr, tuple)
+    ]
+    no_chromium = [reason for reason in skipped if "no Chromium at" in reason]
+    if no_chromium:
+        where = no_chromium[0].split("no Chromium at ", 1)[1].split(" (", 1)[0]
+        terminalreporter.write_line(
+            f"{len(no_chromium)} browser tests skipped: no Chromium at {where}; install it "
+            "(Debian: apt-get install chromium) or set CXR_CHROMIUM to its path"
+        )
