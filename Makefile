@@ -9,7 +9,7 @@ PRESET ?= demo
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: demo test lab smoke lint clean-runs
+.PHONY: demo kermany test lab smoke lint clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)  ## run every notebook on the built-in phantom (laptop CPU)
 	$(PY) -m cxrlib.pipeline --preset $(PRESET)
+
+kermany: $(STAMP)  ## every notebook on Kermany's real chest X-rays, unpacked into data/chest_xray (CPU)
+	$(PY) -m cxrlib.pipeline --preset kermany
 
 test: $(STAMP)  ## run the test suite (CPU)
 	$(PY) -m pytest -q
