@@ -16,12 +16,11 @@ from cxrlib import pipeline, splits, study
 from cxrlib.datasets import check_data_root, index_from_csv, main, read_index, write_index
 from cxrlib.index import index_findings
 from cxrlib.kermany import index_from_kermany
-from cxrlib.presets import resolve
 
 CSV_COPY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-pediatric-cxr"
 NO_REAL_IMAGES = (
     "no real Kermany images: set CXR_KERMANY_ROOT to an unpacked chest_xray/ folder "
-    f"(or put the CSV copy at {CSV_COPY.name})"
+    f"(or put this project's CSV copy at ../shared/data/{CSV_COPY.name})"
 )
 
 
@@ -103,7 +102,12 @@ def test_the_official_test_images_are_the_test_fold_and_never_trained_on(tiny_tr
 
 @pytest.mark.parametrize("split", ["official", "patients"])
 def test_the_kermany_preset_reads_the_layout_and_makes_the_chosen_folds(tiny_tree, tmp_path, split):
-    preset = resolve("kermany", data_root=str(tiny_tree), run_dir=str(tmp_path / "run"), fold_split=split)
+    args = pipeline.get_args_parser().parse_args(
+        ["--preset", "kermany", "--data-root", str(tiny_tree), "--kermany-split", split]
+    )
+    preset = pipeline.resolve_run(
+        args.preset, args.data_root, run_dir=str(tmp_path / "run"), fold_split=args.kermany_split
+    )[1]
     if split == "official":
         with pytest.warns(UserWarning, match="IM-0115"):
             index, folds = study.prepare_data(preset)
@@ -123,7 +127,9 @@ def test_the_command_line_writes_the_index(tiny_tree, tmp_path, capsys):
     )
 
 
-@pytest.mark.skipif(not (CSV_COPY / "labels.csv").is_file(), reason=NO_REAL_IMAGES)
+@pytest.mark.skipif(
+    not (CSV_COPY / "labels.csv").is_file(), reason=f"no CSV copy at ../shared/data/{CSV_COPY.name}"
+)
 def test_the_csv_copy_arranged_as_the_release_gives_the_csv_routes_rows(tmp_path):
     root = arrange_csv_copy(CSV_COPY, tmp_path / "chest_xray")
     layout = index_from_kermany(root)
