@@ -83,7 +83,7 @@ def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: flo
     return folds
 
 
-def _roles(rest: np.ndarray, test_subjects, val_fraction: float) -> dict[str, str]:
+def _roles(rest: np.ndarray, test_subjects: list[str] | np.ndarray, val_fraction: float) -> dict[str, str]:
     """``{subject: role}``: the first ``val_fraction`` of the shuffled ``rest`` val (at least one,
     and one left to train), the others train, ``test_subjects`` test."""
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
