@@ -11,6 +11,9 @@ again on the other set), and writes, under ``runs/P/external/<name>/``:
   was scored or left out (and why: not in the other set, one class only there, or never learned
   because the run's own labels do not give both classes, as Kermany's 12 unknown findings).
 
+An image of the other set that cannot be read (truncated, corrupt, not an image) stops the command
+in one line naming it; with ``--drop-bad`` it is left out, named in one line, and the rest scored.
+
 Shared findings are those of both label sets under the same name, or the same finding under
 another name (NIH's Effusion is CheXpert's Pleural Effusion; :func:`cxrlib.labels.shared_findings`).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from .cache import build_cache
+from .cache import CacheBuildError, build_cache
 from .datasets import CXRDataset
 from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_scales
 from .errors import DataError
@@ -51,6 +55,7 @@ class External:
     table3: pd.DataFrame
     bootstrap: pd.DataFrame
     findings: pd.DataFrame  # finding, other_name, scored, reason
+    dropped: pd.DataFrame  # unreadable images left out (drop_bad): dicom_id, source_path, error
 
     @property
     def left_out(self) -> list[str]:
@@ -152,20 +157,24 @@ def evaluate_external(
     n_boot: int = 1000,
     batch_size: int = 64,
     workers: int | None = None,
+    drop_bad: bool = False,
 ) -> External:
     """Score the run's models and ensembles on the data set of ``index``; write the tables (see the
-    module docs) under ``out`` (default ``<run>/external/<the index's folder name>``)."""
+    module docs) under ``out`` (default ``<run>/external/<the index's folder name>``). Unreadable
+    images raise :class:`~cxrlib.cache.CacheBuildError`, or with ``drop_bad`` are left out."""
     run, index = Path(run), Path(index)
     run_index, other = read_index(run / INDEX), read_index(index)
     ours = index_findings(run_index)
     out = Path(out) if out else run / "external" / index.resolve().parent.name
-    findings = finding_table(run_index, other)
-    scored = findings[findings["scored"]]
-    if scored.empty:
+    if not finding_table(run_index, other)["scored"].any():
         raise DataError(f"{index}: shares no finding with both classes with the run {run} ({ours})")
     models = trained_models(run)
     cache = Path(cache) if cache else out / "cache"
-    build_cache(other, cache, sorted({r for r, _ in models}), workers=workers, progress=False)
+    resolutions = sorted({r for r, _ in models})
+    report = build_cache(other, cache, resolutions, workers=workers, drop_bad=drop_bad, progress=False)
+    other = other[~other["dicom_id"].isin(report.dropped)]
+    findings = finding_table(run_index, other)
+    scored = findings[findings["scored"]]
     frame = other[list(BASE_COLUMNS)].assign(**{f: np.nan for f in ours})
     scores = score_models(models, frame, cache, resolve_device(device), batch_size)
     scores = add_ensembles(run, scores, ours)
@@ -176,7 +185,7 @@ def evaluate_external(
     predictions = {key: frame_[keep] for key, frame_ in scores.items()}
     auc = metrics.auc_table(predictions, labels)
     bootstrap = metrics.bootstrap_table(predictions, labels, n_boot=n_boot)
-    result = External(out, auc, metrics.table3(auc), bootstrap, findings)
+    result = External(out, auc, metrics.table3(auc), bootstrap, findings, report.errors)
     for name, table in (("auc", auc), ("table3", result.table3), ("auc_bootstrap", bootstrap)):
         write_csv_atomic(table, out / f"{name}.csv")
     write_csv_atomic(findings, out / "findings.csv")
@@ -197,25 +206,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, help="cache processes (default: every CPU)")
+    parser.add_argument(
+        "--drop-bad", action="store_true", help="leave unreadable images out (default: stop, naming them)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        result = evaluate_external(
-            args.run,
-            args.index,
-            args.out,
-            args.cache,
-            args.device,
-            args.bootstrap,
-            args.batch_size,
-            args.workers,
-        )
-    except (ValueError, FileNotFoundError) as error:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = evaluate_external(
+                args.run, args.index, args.out, args.cache, args.device, args.bootstrap,
+                args.batch_size, args.workers, args.drop_bad,
+            )  # fmt: skip
+    except (ValueError, FileNotFoundError, CacheBuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    for row in result.dropped.itertuples():
+        print(f"left out: unreadable image {row.source_path}: {row.error}", file=sys.stderr)
     print(f"wrote {result.out}: auc.csv, table3.csv, auc_bootstrap.csv, findings.csv")
     scored = result.findings[result.findings["scored"]]
     print(

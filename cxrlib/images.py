@@ -12,9 +12,12 @@ reads originals on the fly, so both give identical pixels):
    the short side with black to a square), then a Lanczos resize to ``R`` x ``R``.
 
 An image therefore depends only on (source, R, mode, reduced_decode), never on which other
-resolutions were made with it. A source is read once and decoded once per distinct DCT
-scale: resolutions above half the source share one full decode, and each smaller one gets a
-cheap reduced decode (a 256 px image from a 1/8-scale decode).
+resolutions were made with it. A JPEG whose compressed data holds a marker where none may be
+(random or overwritten bytes carry one about every 256 bytes) is refused (:func:`jpeg_damage`):
+libjpeg warns "Corrupt JPEG data" and decodes on, and Pillow silences that warning. A source is
+read once and decoded once per distinct DCT scale: resolutions above half the source share one
+full decode, and each smaller one gets a cheap reduced decode (a 256 px image from a 1/8-scale
+decode).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,11 @@ from PIL import Image
 
 RESIZE_MODES = ("squash", "pad")
 INTERPOLATION = "lanczos"
+
+_MARKER = re.compile(rb"\xff([^\x00\xff])")  # 0xFF 0x00 is a stuffed data byte, 0xFF 0xFF padding
+_AFTER_SCAN = frozenset((0xC4, 0xCC, 0xDA, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)))  # tables, next scan
+_FRAMES = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)))
+_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -61,6 +70,37 @@ def to_grayscale_8bit(image: Image.Image) -> Image.Image:
         return image.convert("L")
     # CMYK, palette, alpha and anything else: through RGB, which Pillow converts from every mode.
     return image.convert("RGB").convert("L")
+
+
+def jpeg_damage(data: bytes) -> str:
+    """Where a JPEG's markers break the format (a marker inside compressed data, restart markers
+    out of order, stray bytes, data after the end), or ``""`` when they are where the format puts
+    them: segments by their length, each scan's data up to its next marker, and after the last
+    scan of a sequential image only the end-of-image marker."""
+    pos, scan, restart, left = 2, False, 0, None  # left: components a sequential frame has not scanned
+    while match := _MARKER.search(data, pos):
+        code, start = match[1][0], match.start()
+        if not scan and data[pos:start].strip(b"\xff"):
+            return f"{start - pos} stray bytes before marker 0x{code:02X} at byte {start}"
+        pos = match.end()
+        if scan and 0xD0 <= code <= 0xD7:
+            if code != 0xD0 + restart % 8:
+                return f"restart marker 0x{code:02X} out of order at byte {start}"
+            restart += 1
+            continue
+        if code == 0xD9:
+            rest = len(data[pos:].strip(b"\x00\xff"))
+            return f"{rest} bytes after the end-of-image marker at byte {start}" if rest else ""
+        if scan and (code not in _AFTER_SCAN or left == 0):
+            return f"marker 0x{code:02X} inside the compressed data at byte {start}"
+        header = data[pos : pos + 8].ljust(8, b"\0")  # length, then the frame's or scan's fields
+        if code in _FRAMES:
+            left = None if code in _PROGRESSIVE else header[7]
+        elif code == 0xDA and left is not None:
+            left -= header[2]
+        scan, restart = code == 0xDA, 0
+        pos += int.from_bytes(header[:2], "big")
+    return "no end-of-image marker"
 
 
 def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, int]:
@@ -118,6 +158,8 @@ def square_images(
             gray = decoded[image.size]
         images[resolution] = _to_square(gray, resolution, mode)
         scales[resolution] = max(1, round(source_size[0] / gray.width))
+    if data[:2] == b"\xff\xd8" and (damage := jpeg_damage(data)):
+        raise ValueError(f"corrupt JPEG data: {damage}")
     return SquareImages(images, source_size, scales)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +79,34 @@ def select_findings(
         raise DataError(f"{source}: findings {unknown or '[]'} are not in the index's label set {present}")
     fixed = [c for c in index.columns if c not in present]
     return index[[*fixed, *dict.fromkeys(findings)]]
+
+
+def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
+    """The index without the findings its labels never give with both classes (every label unknown,
+    or only positives, or only negatives): nothing can be learned or scored for them, so they are
+    neither model outputs nor table rows. One warning names them; none left is a
+    :class:`~cxrlib.errors.DataError`."""
+    summary = summarize_index(index)
+    reasons = np.select(
+        [
+            summary["positives"] + summary["negatives"] == 0,
+            summary["negatives"] == 0,
+            summary["positives"] == 0,
+        ],
+        ["no known label", "only positive labels", "only negative labels"],
+        "",
+    )
+    lacking = pd.Series(reasons, index=summary.index)
+    lacking = lacking[lacking != ""]
+    if lacking.empty:
+        return index
+    why = "; ".join(f"{', '.join(names.index)} ({reason})" for reason, names in lacking.groupby(lacking))
+    if len(lacking) == len(summary):
+        raise DataError(f"{source}: no finding is labelled with both classes: {why}")
+    warnings.warn(
+        f"{source}: left out of the label set, never labelled with both classes: {why}", stacklevel=2
+    )
+    return index.drop(columns=list(lacking.index))
 
 
 def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:

@@ -20,7 +20,9 @@ Definitions used throughout
 * **Bootstrap CI**: percentile interval of the AUC over resamples of *patients*
   (``subject_id``) with replacement; every image of a drawn patient comes along, as
   often as the patient is drawn. Images of one patient are correlated, so resampling
-  images would understate the uncertainty.
+  images would understate the uncertainty. An interval is flagged (``caution``, and one
+  warning per table) when a class has fewer than ``MIN_PATIENTS_PER_CLASS`` patients or
+  resamples with one class had to be dropped: the percentile interval is then unreliable.
 * **DeLong test**: the paired test of two AUCs on the same images (DeLong et al. 1988)
   with the fast midrank algorithm of Sun & Xu (2014), two-sided normal p-value, clustered by
   patient (Obuchowski 1997, "Nonparametric analysis of clustered ROC curve data", Biometrics
@@ -56,6 +58,7 @@ AUC_COLUMNS: tuple[str, ...] = ("finding", "resolution", "fold", "auc", "n_pos",
 REASON_NO_LABELS = "no known labels"
 REASON_ONE_CLASS_POS = "only positive labels"
 REASON_ONE_CLASS_NEG = "only negative labels"
+MIN_PATIENTS_PER_CLASS = 20  # below this in a class, a patient-bootstrap interval is flagged
 
 # A prediction set: (resolution or ensemble name, fold) -> DataFrame indexed by dicom_id with one
 # column per finding of the run's label set (logits, or any scores whose order matters).
@@ -408,8 +411,10 @@ def bootstrap_table(
 ) -> pd.DataFrame:
     """Patient-bootstrap CIs for every (finding, resolution, fold) of ``predictions``.
 
-    Columns: finding, resolution, fold, auc, ci_low, ci_high, se, n_boot_valid, n_groups.
-    Use :func:`pool_folds` first for one interval per resolution over all test images.
+    Columns: finding, resolution, fold, auc, ci_low, ci_high, se, n_boot_valid, n_groups, caution
+    (why the interval is unreliable, ``""`` when it is not; see the module docs), with one warning
+    counting the flagged rows. Use :func:`pool_folds` first for one interval per resolution over
+    all test images.
     """
     subject = index.set_index(index["dicom_id"].astype(str))[group_column].astype(str)
     rows = []
@@ -417,12 +422,34 @@ def bootstrap_table(
         labels = labels_for(index, scores.index, scores.columns)
         groups = subject.loc[scores.index].to_numpy()
         for finding in scores.columns:
-            ci = bootstrap_auc_ci(
-                labels[finding].to_numpy(), scores[finding].to_numpy(), groups, n_boot, alpha, seed
-            )
+            y = labels[finding].to_numpy()
+            ci = bootstrap_auc_ci(y, scores[finding].to_numpy(), groups, n_boot, alpha, seed)
             rows.append({"finding": finding, "resolution": resolution, "fold": fold, **ci})
             rows[-1]["n_groups"] = int(pd.unique(groups).size)
-    return pd.DataFrame(rows)
+            rows[-1]["caution"] = _bootstrap_caution(y, groups, ci["n_boot_valid"], n_boot)
+    table = pd.DataFrame(rows)
+    flagged = table[table["caution"] != ""] if len(table) else table
+    if len(flagged):
+        first = flagged.iloc[0]
+        warnings.warn(
+            f"bootstrap intervals are unreliable for {len(flagged)} of {len(table)} (finding, resolution, "
+            f"fold) rows, e.g. {first['finding']} at {first['resolution']}: {first['caution']} "
+            "(the 'caution' column)",
+            stacklevel=2,
+        )
+    return table
+
+
+def _bootstrap_caution(labels: np.ndarray, groups: np.ndarray, n_valid: int, n_boot: int) -> str:
+    """Why a patient-bootstrap interval is unreliable: few patients in a class, dropped resamples."""
+    parts = []
+    for value, name in ((1.0, "positive"), (0.0, "negative")):
+        patients = int(pd.unique(groups[labels == value]).size)
+        if 0 < patients < MIN_PATIENTS_PER_CLASS:
+            parts.append(f"{patients} patients with a {name} label (< {MIN_PATIENTS_PER_CLASS})")
+    if 0 < n_valid < n_boot:
+        parts.append(f"{n_boot - n_valid} of {n_boot} resamples had one class and were dropped")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- DeLong

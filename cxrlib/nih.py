@@ -2,7 +2,7 @@
 
 The release (Wang et al. 2017) as distributed::
 
-    Data_Entry_2017_v2020.csv   (or Data_Entry_2017.csv)
+    Data_Entry_2017_v2020.csv   (or Data_Entry_2017.csv; either may be gzipped, .csv.gz)
     images_001/images/*.png .. images_012/images/*.png   (or one images/ folder)
     train_val_list.txt, test_list.txt                     (one image name per line)
 
@@ -65,12 +65,13 @@ NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")
 
 
 def find_nih_entry(root: str | os.PathLike) -> Path:
-    """The metadata CSV of an NIH ChestX-ray14 folder; a one-line error when there is none."""
+    """The metadata CSV (or .csv.gz) of an NIH ChestX-ray14 folder; a one-line error when there is none."""
     for name in NIH_ENTRY_FILES:
-        if (Path(root) / name).is_file():
-            return Path(root) / name
+        for path in (Path(root) / name, Path(root) / f"{name}.gz"):
+            if path.is_file():
+                return path
     raise DataFileNotFound(
-        f"{root}: neither {' nor '.join(NIH_ENTRY_FILES)} found; --data-root must be the NIH "
+        f"{root}: neither {' nor '.join(NIH_ENTRY_FILES)} (nor .gz) found; --data-root must be the NIH "
         "ChestX-ray14 folder that holds them and images_001/ .. images_012/ (or images/)"
     )
 

@@ -54,6 +54,7 @@ FIGURE_FILES: dict[str, str] = {
     "ensemble_weights": "fig5_ensemble_weights.png",
     "auc_vs_resolution": "auc_vs_resolution.png",
 }
+MIN_AUC_SPAN = 0.1  # an AUC axis spans at least this, so that 0.001 does not look like a drop
 ENSEMBLE_STYLES: dict[str, dict] = {
     "ensemble": {"color": "black", "linestyle": "--", "label": "stacked ensemble"},
     "average": {"color": "0.45", "linestyle": ":", "label": "average ensemble"},
@@ -108,6 +109,14 @@ def resolution_label(resolution: int | str) -> str:
     except (TypeError, ValueError):
         return str(resolution)
     return f"{value}x{value}"
+
+
+def _auc_axis(ax) -> None:
+    """Widen an AUC axis to at least :data:`MIN_AUC_SPAN` around its data, not above 1 unless they are."""
+    low, high = ax.get_ylim()
+    if high - low < MIN_AUC_SPAN:
+        top = min(max(high, 1.0), (low + high + MIN_AUC_SPAN) / 2)
+        ax.set_ylim(top - MIN_AUC_SPAN, top)
 
 
 def _split_resolutions(values) -> tuple[list[int], list[str]]:
@@ -423,6 +432,7 @@ def auc_vs_resolution(
                 ax.axhspan(level - spread, level + spread, color=style["color"], alpha=0.08, lw=0)
         ax.set_title(finding)
         ax.set_xticks(x, [str(n) for n in numbers])
+        _auc_axis(ax)
     for ax in list(axes.flat)[len(findings) :]:
         ax.set_axis_off()
     for ax in axes[:, 0]:
@@ -698,5 +708,6 @@ def auc_vs_erf(
         ax.set(xlabel="trained ERF (90% disc) / image side", title=name)
         ax.legend(fontsize="x-small", loc="lower right")
     axes[0].set_ylabel("test AUC")
+    _auc_axis(axes[0])  # the y axis is shared
     fig.suptitle("Does the receptive field decide? AUC against the measured ERF")
     return fig

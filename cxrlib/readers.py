@@ -66,15 +66,18 @@ def _check_policy(policy: str, blank: str) -> None:
         raise DataError(f"unknown blank option {blank!r}; choose one of {BLANK_OPTIONS}")
 
 
-def _read_table(path: Path, required: Iterable[str]) -> pd.DataFrame:
-    """Read a CSV (plain or .gz) as strings, blanks as NaN; refuse it when a required column is missing."""
+def _read_table(path: Path, required: Iterable[str], flags: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Read a CSV (plain or .gz) as strings, blanks as NaN; refuse it when a required column is
+    missing, naming the option that names it (``flags``: column -> option) when there is one."""
     if not path.is_file():
         raise DataFileNotFound(f"file not found: {path}")
     frame = read_csv_text(path, dtype=str, keep_default_na=False, na_values=[""])
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; its columns are {list(frame.columns)}")
+        options = [flags[c] for c in missing if c in (flags or {})]
+        named = f"; give the CSV's own column name with {', '.join(options)}" if options else ""
+        raise DataError(f"{path}: missing column(s) {missing}; its columns are {list(frame.columns)}{named}")
     duplicated = pd.Index(frame.columns).duplicated()  # " a" and "a" are one name once stripped
     if duplicated.any():
         name = frame.columns[duplicated][0]
@@ -127,11 +130,16 @@ def _wanted_views(views: str | Iterable[str] | None) -> set[str] | None:
     return wanted
 
 
-def _filter_views(frame: pd.DataFrame, views, source: Path) -> pd.DataFrame:
+def _filter_views(frame: pd.DataFrame, views, source: Path, frontal: pd.Series | None = None) -> pd.DataFrame:
+    """The rows whose view is wanted. ``frontal`` marks the rows a source itself calls frontal
+    (CheXpert's Frontal/Lateral column): asking for frontal views keeps them whatever their view."""
     wanted = _wanted_views(views)
     if wanted is None:
         return frame
-    kept = frame[frame["view"].str.upper().isin(wanted)]
+    keep = frame["view"].str.upper().isin(wanted)
+    if frontal is not None and wanted >= set(FRONTAL_VIEWS):
+        keep |= frontal
+    kept = frame[keep]
     if kept.empty:
         present = frame["view"].replace("", "(blank)").value_counts().to_dict()
         raise DataError(
@@ -363,8 +371,9 @@ def index_from_chexpert(
     under ``root``, which may be the folder holding ``CheXpert-v1.0/`` or that folder itself.
     ``subject_id`` is ``patient00001``, ``study_id`` ``patient00001/study1``, and ``dicom_id``
     ``00001_study1_view1_frontal`` (digits first, so the cache spreads images over 100 folders).
-    ``view`` is ``AP`` / ``PA`` for frontal images and ``LATERAL`` for lateral ones. Width and
-    height come from the image headers (not read when ``check_files`` is False).
+    ``view`` is the ``AP/PA`` column for frontal images (``AP``, ``PA``, and ``LL`` / ``RL`` for a
+    few, which ``views="frontal"`` keeps as the Frontal/Lateral column says) and ``LATERAL`` for
+    lateral ones. Width and height come from the image headers (not read when ``check_files`` is False).
     """
     _check_policy(policy, blank)
     root = Path(os.path.abspath(root))
@@ -390,7 +399,7 @@ def index_from_chexpert(
         path=_resolve(table["Path"], root),
     )
     _refuse_duplicates(frame, ["dicom_id"], csv_path)
-    frame = _filter_views(frame, views, csv_path)
+    frame = _filter_views(frame, views, csv_path, frontal=~lateral)
     labels = labels.loc[frame.index]
     if check_files:
         _refuse_missing_files(
@@ -499,15 +508,16 @@ def index_from_csv(
         label_column = LABEL_MAP_COLUMNS.get(label_map.strip())
     if (label_map is None) != (label_column is None):
         raise DataError("give both label_column (--label-column) and label_map (--label-map), or neither")
-    given_columns = (study_column, id_column, view_column, labels_column)
-    required = [path_column, patient_column, *(c for c in given_columns if c)]
+    flags = {  # every column the CSV must have, and the option that names it
+        path_column: "--path-column", patient_column: "--patient-column", study_column: "--study-column",
+        id_column: "--id-column", view_column: "--view-column", labels_column: "--labels-column",
+        label_column: "--label-column",
+    }  # fmt: skip
     if labels_column is not None and (label_column is not None or finding_columns is not None):
         raise DataError("give labels_column (--labels-column) alone, without a label map or finding columns")
-    if label_column is not None:
-        required.append(label_column)
-        if finding_columns is not None:
-            raise DataError("give finding_columns or label_column with label_map, not both")
-    table = _read_table(csv_path, required)
+    if label_column is not None and finding_columns is not None:
+        raise DataError("give finding_columns or label_column with label_map, not both")
+    table = _read_table(csv_path, [c for c in flags if c], flags)
     for column in (path_column, patient_column):
         _refuse_blanks(table, column, csv_path)
     labels = _csv_labels(
@@ -582,9 +592,11 @@ def _mapped_labels(
     unknown = ~values.isin(list(mapping))
     if unknown.any():
         row = table[unknown].iloc[0]
+        same = [key for key in mapping if key.lower() == values[unknown].iloc[0].lower()]
+        case = f": it differs from {same[0]!r} only in case" if same else ""
         raise DataError(
             f"{csv_path}: column {label_column!r}, line {row['_line']}: {row[label_column]!r} is not "
-            f"in the label map (its values: {sorted(mapping)})"
+            f"in the label map (its values: {sorted(mapping)}){case}"
         )
     for value, findings in mapping.items():
         for finding, label in findings.items():

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import DataError, DataFileNotFound
-from .index import describe_index, write_index
+from .index import describe_index, drop_unlabelled_findings, write_index
 from .kermany import check_kermany_root, index_from_kermany
 from .labels import BLANK_OPTIONS, POLICIES
 from .nih import NIH_SUBSETS, find_nih_entry, index_from_nih
@@ -128,22 +128,25 @@ def index_from_source(
     has MIMIC-CXR-JPG's layout), ``chexpert`` (``csv`` default ``train.csv``), ``csv`` (a label
     file, relative to ``root`` unless absolute, read with ``csv_options``) or ``nih``
     (``csv_options`` may hold its ``subset``; NIH's labels are never uncertain, so no policy) or
-    ``kermany`` (its official layout)."""
+    ``kermany`` (its official layout). Its label set is the findings the data label with both
+    classes (:func:`drop_unlabelled_findings`)."""
     common = {"policy": policy, "blank": blank, "views": views}
     if source in ("phantom", "mimic"):
-        return index_from_mimic(root, **common)
-    if source == "chexpert":
-        return index_from_chexpert(root, csv=csv or "train.csv", **common)
-    if source == "nih":
-        return index_from_nih(root, views=views, **(csv_options or {}))
-    if source == "kermany":
-        return index_from_kermany(root, views)
-    if source == "csv":
+        index = index_from_mimic(root, **common)
+    elif source == "chexpert":
+        index = index_from_chexpert(root, csv=csv or "train.csv", **common)
+    elif source == "nih":
+        index = index_from_nih(root, views=views, **(csv_options or {}))
+    elif source == "kermany":
+        index = index_from_kermany(root, views)
+    elif source == "csv":
         if not csv:
             raise DataError("data.csv must name the label file of a csv data source")
         path = Path(csv) if Path(csv).is_absolute() else Path(root) / csv
-        return index_from_csv(path, root=root, **{**(csv_options or {}), **common})
-    raise DataError(f"unknown data source {source!r}")
+        index = index_from_csv(path, root=root, **{**(csv_options or {}), **common})
+    else:
+        raise DataError(f"unknown data source {source!r}")
+    return drop_unlabelled_findings(index, f"{source} data in {root}")
 
 
 def build_index(args: argparse.Namespace) -> pd.DataFrame:
@@ -203,7 +206,7 @@ def csv_arguments(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        index = build_index(args)
+        index = drop_unlabelled_findings(build_index(args), str(args.csv or args.data_root))
         write_index(index, args.out)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

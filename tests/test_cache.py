@@ -193,6 +193,31 @@ def test_bad_sources_are_listed_and_everything_else_is_cached(tmp_path):
     assert cleaned["dicom_id"].tolist() == ["good", "good2"]
 
 
+def overwrite_middle(data: bytes, seed: int, size: int = 4096) -> bytes:
+    """``data`` with ``size`` random bytes written over its middle (a JPEG's compressed data)."""
+    middle = len(data) // 2
+    noise = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    return data[:middle] + noise + data[middle + size :]
+
+
+def test_a_jpeg_with_corrupt_compressed_data_is_listed_not_cached(tmp_path):
+    rng = np.random.default_rng(0)
+    radiograph = (rng.random((512, 512)) * 50 + np.linspace(0, 200, 512)).astype(np.uint8)
+    Image.fromarray(radiograph).save(tmp_path / "good.jpg", quality=95)
+    corrupt = overwrite_middle((tmp_path / "good.jpg").read_bytes(), seed=1)
+    (tmp_path / "corrupt.jpg").write_bytes(corrupt)
+    with Image.open(tmp_path / "corrupt.jpg") as silent:  # Pillow decodes it without a word
+        damage = np.abs(np.asarray(silent, dtype=int) - radiograph.astype(int)).max()
+    assert damage > 100
+    index = index_of({"good": tmp_path / "good.jpg", "corrupt": tmp_path / "corrupt.jpg"})
+    with pytest.raises(CacheBuildError, match=r"1 source image\(s\).*corrupt.jpg"):
+        build(index, tmp_path / "c", resolutions=(64,))
+    errors = pd.read_csv(tmp_path / "c" / "errors.csv")
+    assert errors["dicom_id"].tolist() == ["corrupt"]
+    assert "corrupt JPEG data: marker" in errors["error"].iloc[0]
+    assert check_cache(index, tmp_path / "c", 64) == ["corrupt"]
+
+
 def test_a_source_that_goes_bad_is_no_longer_listed_as_cached(mimic_index, tmp_path):
     build(mimic_index, tmp_path / "c")
     index = mimic_index.copy()  # point one image at a broken copy; the shared tree stays intact

@@ -17,6 +17,7 @@ from cxrlib.datasets import (
     CXRDataset,
     ImageReadError,
     collate_skip_none,
+    index_findings,
     index_from_chexpert,
     index_from_csv,
     index_from_mimic,
@@ -264,6 +265,29 @@ def test_chexpert_index(tmp_path, inside):
     assert frontal["view"].tolist() == ["AP", "PA", "AP"]
 
 
+def test_chexpert_frontal_images_with_ll_or_rl_in_ap_pa_stay_frontal(tmp_path):
+    table = write_fake_chexpert(tmp_path)
+    table.loc[[2, 3], "AP/PA"] = ["LL", "RL"]  # Frontal in Frontal/Lateral
+    table.to_csv(tmp_path / "CheXpert-v1.0" / "train.csv", index=False)
+    frontal = index_from_chexpert(tmp_path / "CheXpert-v1.0", "train.csv", views="frontal")
+    assert frontal["view"].tolist() == ["AP", "LL", "RL"]
+    assert index_from_chexpert(tmp_path / "CheXpert-v1.0", "train.csv", views="PA,AP")["view"].tolist() == [
+        "AP"
+    ]
+
+
+def test_blank_unknown_leaves_no_finding_without_negatives_out_with_a_warning(tmp_path, capsys):
+    write_fake_chexpert(tmp_path)
+    out = tmp_path / "index.csv"
+    argv = ["--dataset", "chexpert", "--data-root", str(tmp_path / "CheXpert-v1.0"), "--out", str(out)]
+    with pytest.warns(UserWarning, match=r"left out of the label set.*No Finding \(only positive labels\)"):
+        assert main([*argv, "--blank", "unknown"]) == 0
+    assert index_findings(read_index(out)) == ["Cardiomegaly"]  # the only finding with both classes
+    with pytest.warns(UserWarning, match="Atelectasis"):  # blank zero: No Finding has negatives
+        assert main(argv) == 0
+    assert index_findings(read_index(out)) == ["Cardiomegaly", "No Finding"]
+
+
 def test_chexpert_errors_name_the_file_and_line(tmp_path):
     table = write_fake_chexpert(tmp_path)
     root = tmp_path / "CheXpert-v1.0"
@@ -338,6 +362,18 @@ def test_csv_label_values_outside_the_map_are_named(tmp_path):
         )
 
 
+def test_csv_errors_name_the_option_or_the_case_that_fixes_them(tmp_path):
+    table = write_kermany_like(tmp_path)
+    table.rename(columns={"path": "file"}).to_csv(tmp_path / "renamed.csv", index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['path'\].*with --path-column$"):
+        index_from_csv(tmp_path / "renamed.csv", label_map="kermany")
+    table.assign(finding=table["finding"].str.capitalize()).to_csv(tmp_path / "case.csv", index=False)
+    with pytest.raises(
+        ValueError, match=r"line 2: 'Normal' is not in .*: it differs from 'NORMAL' only in case"
+    ):
+        index_from_csv(tmp_path / "case.csv", label_map="kermany")
+
+
 @pytest.mark.parametrize("policy", ["u-zeros", "u-ones", "u-ignore"])
 def test_csv_with_finding_columns(tmp_path, policy):
     for i in range(3):
@@ -398,28 +434,17 @@ def test_summarize_index_counts_and_prevalence():
 
 def test_cli_round_trip_mimic(fake_mimic, tmp_path, capsys):
     out = tmp_path / "index.csv"
-    assert (
-        main(
-            [
-                "--dataset",
-                "mimic",
-                "--data-root",
-                str(fake_mimic.root),
-                "--out",
-                str(out),
-                "--policy",
-                "u-ignore",
-                "--blank",
-                "unknown",
-                "--views",
-                "frontal",
-            ]
-        )
-        == 0
-    )
+    argv = ["--dataset", "mimic", "--data-root", str(fake_mimic.root), "--out", str(out)]
+    argv += ["--policy", "u-ignore", "--blank", "unknown", "--views", "frontal"]
+    with pytest.warns(UserWarning, match=r"left out of the label set.*No Finding.*\(only negative labels\)"):
+        assert main(argv) == 0
     written = read_index(out)
     built = index_from_mimic(fake_mimic.root, policy="u-ignore", blank="unknown", views="frontal")
-    pd.testing.assert_frame_equal(written, built, check_dtype=False)
+    one_class = [f for f in FINDINGS if built[f].nunique() < 2]
+    assert "No Finding" in one_class and index_findings(written) == [
+        f for f in FINDINGS if f not in one_class
+    ]
+    pd.testing.assert_frame_equal(written, built.drop(columns=one_class), check_dtype=False)
     printed = capsys.readouterr().out
     assert f"{len(built)} images" in printed and "prevalence" in printed and "PA" in printed
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 
 from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
-from cxrlib.index import write_index
+from cxrlib.index import read_index, write_index
 from cxrlib.labels import FINDINGS
 from cxrlib.models import build_model
 from cxrlib.nih import index_from_nih
@@ -102,3 +104,23 @@ def test_each_finding_left_out_says_why():
     assert "never labels" in table.loc["Edema", "reason"]
     assert "only one class" in table.loc["Fracture", "reason"]
     assert "own labels" in table.loc["Mass", "reason"]
+
+
+def test_an_unreadable_image_stops_in_one_line_or_is_left_out_with_drop_bad(run_and_other, tmp_path, capsys):
+    run, other = run_and_other
+    index = read_index(other)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(Path(index.loc[0, "path"]).read_bytes()[:300])
+    index.loc[0, "path"] = str(broken)
+    copy = write_index(index, tmp_path / "other" / "index.csv")
+    argv = ["--run", str(run), "--index", str(copy), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    argv += ["--bootstrap", "10", "--workers", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 1 source image(s)") and str(broken) in err[0]
+    assert "--drop-bad" in err[0]
+    assert main([*argv, "--drop-bad"]) == 0
+    err = capsys.readouterr().err
+    assert f"left out: unreadable image {broken}: " in err and "Traceback" not in err
+    scored = pd.read_csv(tmp_path / "o" / "auc.csv")
+    assert (scored["n_pos"] + scored["n_neg"]).max() == len(index) - 1

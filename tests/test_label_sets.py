@@ -9,7 +9,7 @@ import pytest
 from cxrlib import metrics, plots
 from cxrlib.datasets import CXRDataset
 from cxrlib.errors import DataError
-from cxrlib.index import index_findings, read_index, select_findings, write_index
+from cxrlib.index import drop_unlabelled_findings, index_findings, read_index, select_findings, write_index
 from cxrlib.labels import FINDINGS, NIH_FINDINGS, finding_order, shared_findings
 
 OWN = ["Nodule", "Tuberculosis", "No Finding"]
@@ -110,3 +110,39 @@ def test_a_preset_can_train_and_report_a_subset_of_the_label_set(tmp_path):
     cfg.data.findings = ["Fibrosis"]
     with pytest.raises(DataError, match=r"data.findings: findings \['Fibrosis'\] are not in"):
         study.build_index(cfg)
+
+
+def test_findings_the_data_never_label_with_both_classes_are_left_out_of_the_label_set(tmp_path):
+    """Kermany's CSV labels Pneumonia and No Finding only: the index, so the model head and every
+    table, has those two, on the preset route and on the command line."""
+    from PIL import Image
+
+    from cxrlib import presets, study
+    from cxrlib.datasets import main
+
+    rows = []
+    for k, finding in enumerate(["NORMAL", "PNEUMONIA", "PNEUMONIA", "NORMAL"]):
+        Image.new("L", (8, 8), k * 30).save(tmp_path / f"im{k}.jpeg")
+        rows.append((f"im{k}.jpeg", f"p{k}", finding))
+    pd.DataFrame(rows, columns=["path", "patient_id", "finding"]).to_csv(tmp_path / "labels.csv", index=False)
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(
+        f"resolutions: [32]\ndata: {{source: csv, root: {tmp_path}, csv: labels.csv, csv_options: {{\n"
+        "  path_column: path, patient_column: patient_id, label_column: finding, label_map: kermany}}\n"
+    )
+    cfg = presets.resolve(str(preset), run_dir=str(tmp_path / "run"))
+    left_out = (
+        r"left out of the label set, never labelled with both classes: Atelectasis, .*\(no known label\)"
+    )
+    with pytest.warns(UserWarning, match=left_out):
+        assert index_findings(study.build_index(cfg)) == ["No Finding", "Pneumonia"]
+    argv = ["--dataset", "csv", "--csv", str(tmp_path / "labels.csv"), "--label-map", "kermany"]
+    with pytest.warns(UserWarning, match=left_out):
+        assert main([*argv, "--out", str(tmp_path / "index.csv")]) == 0
+    assert index_findings(read_index(tmp_path / "index.csv")) == ["No Finding", "Pneumonia"]
+    one_class = own_index().assign(Nodule=1.0, Tuberculosis=np.nan, **{"No Finding": 1.0})
+    nothing_left = (
+        r"mine: no finding is labelled with both classes: Tuberculosis \(no known label\); Nodule, No"
+    )
+    with pytest.raises(DataError, match=nothing_left):
+        drop_unlabelled_findings(one_class, "mine")

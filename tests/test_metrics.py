@@ -317,3 +317,21 @@ def test_pairwise_delong_and_bootstrap_table_over_a_run(tmp_path):
     assert len(ok) == len(FINDINGS) - 1
     assert ((ok["ci_low"] <= ok["auc"]) & (ok["auc"] <= ok["ci_high"])).all()
     assert (boot["n_groups"] == index["subject_id"].nunique()).all()
+
+
+def test_a_class_with_few_patients_flags_its_bootstrap_interval_in_a_column_and_one_warning():
+    # Pneumonia: 8 negative images of 6 patients against 92 positive patients; Edema: balanced
+    subjects = ["s0", "s0", "s1", "s1", "s2", "s3", "s4", "s5"] + [f"p{i}" for i in range(8, 100)]
+    index = pd.DataFrame({"dicom_id": [f"d{i}" for i in range(100)], "subject_id": subjects})
+    index["Pneumonia"] = [0.0] * 8 + [1.0] * 92
+    index["Edema"] = [float(int(s[1:]) % 2) for s in subjects]
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame(
+        rng.normal(size=(100, 2)) + index[["Pneumonia", "Edema"]].to_numpy(),
+        index=index["dicom_id"],
+        columns=["Pneumonia", "Edema"],
+    )
+    with pytest.warns(UserWarning, match=r"unreliable for 1 of 2 .* e\.g\. Pneumonia at 64: 6 patients"):
+        table = metrics.bootstrap_table({(64, 0): scores}, index, n_boot=1000).set_index("finding")
+    assert table.loc["Pneumonia", "caution"].startswith("6 patients with a negative label (< 20)")
+    assert table.loc["Edema", "caution"] == "" and table.loc["Edema", "n_boot_valid"] == 1000

@@ -163,3 +163,16 @@ def test_read_histories_skips_missing_runs(tmp_path):
     )
     histories = run_folder.read_histories(tmp_path, [32, 64], [0, 1])
     assert list(histories) == [(32, 0)]
+
+
+def test_an_auc_axis_spans_at_least_a_tenth_so_a_tiny_difference_does_not_look_like_a_drop():
+    rows = [("Pneumonia", r, 0, auc, 10, 20, "") for r, auc in ((32, 0.9955), (64, 0.9967), (128, 0.996))]
+    fig = plots.auc_vs_resolution(pd.DataFrame(rows, columns=list(metrics.AUC_COLUMNS)))
+    for ax in fig.axes[:2]:  # Average and Pneumonia
+        low, high = ax.get_ylim()
+        assert high - low >= plots.MIN_AUC_SPAN - 1e-9 and low < 0.9955 and 0.9967 < high <= 1.0
+    rows = [("Edema", r, 0, auc, 10, 20, "") for r, auc in ((32, 0.50), (64, 0.75))]
+    low, high = (
+        plots.auc_vs_resolution(pd.DataFrame(rows, columns=list(metrics.AUC_COLUMNS))).axes[0].get_ylim()
+    )
+    assert low < 0.5 and high > 0.75  # a wide range keeps matplotlib's own limits
