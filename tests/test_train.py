@@ -120,6 +120,14 @@ def test_mixed_precision_choice_on_cpu():
     assert recipe.default_per_gpu_batch(256, cpu) >= 1
 
 
+def test_auto_precision_is_fp16_on_gpus_whose_bf16_is_only_emulated(monkeypatch):
+    # V100 / T4: bf16 is emulated (slow), so fp16 with a GradScaler; bf16 from Ampere on
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.amp_dtype("cuda", "auto") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert runtime.amp_dtype("cuda", "auto") == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "resolution, free_gib, amp, memory_efficient, expected",
     [
