@@ -84,6 +84,7 @@ class TrainConfig:
     gpus: int | str = "all"  # GPUs per node: "all" or a number
     cpu_processes: int = 1  # without a CUDA GPU: training processes (gloo), each with its own cores
     nnodes: int = 1
+    cudnn_benchmark: bool = True  # cuDNN autotuning in training and 08_throughput (off: no start-up cost)
     options: dict[str, Any] = field(default_factory=dict)  # more cxrlib.train flags, e.g. batch_size
     per_resolution: dict[int, dict[str, Any]] = field(default_factory=dict)  # flags for one resolution
 
@@ -184,6 +185,8 @@ class Preset:
     def train_options(self, resolution: int) -> dict[str, Any]:
         """Flags for ``cxrlib.train`` at one resolution (shared options, then per-resolution ones)."""
         options = {"epochs": self.train.epochs, "weights": self.train.weights, **self.train.options}
+        if not self.train.cudnn_benchmark:
+            options["no_cudnn_benchmark"] = True
         options.update(self.train.per_resolution.get(int(resolution), {}))
         return options
 

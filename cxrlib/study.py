@@ -428,14 +428,28 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
 
 
 def throughput(preset: Preset) -> pd.DataFrame:
-    """Table 2 on this machine's device; writes ``tables/table2_throughput.csv``."""
+    """Table 2 on the analysis device with the trainer's settings of each resolution (precision,
+    memory_efficient, channels_last, cuDNN autotuning); writes ``tables/table2_throughput.csv``."""
     from .throughput import measure_throughput, write_table2
 
     index, _ = load_data(preset)
-    resolutions = preset.analysis.throughput_resolutions or preset.resolutions
-    frame = measure_throughput(
-        resolutions, steps=preset.analysis.throughput_steps, cache_dir=preset.cache_path, index=index
-    )
+    rows = []
+    for resolution in preset.analysis.throughput_resolutions or preset.resolutions:
+        options = preset.train_options(resolution)
+        rows.append(
+            measure_throughput(
+                [resolution],
+                analysis_device(preset),
+                steps=preset.analysis.throughput_steps,
+                cache_dir=preset.cache_path,
+                index=index,
+                amp=options.get("amp", "auto"),
+                memory_efficient=bool(options.get("memory_efficient")),
+                channels_last=str(options.get("channels_last", "auto")),
+                cudnn_benchmark=preset.train.cudnn_benchmark,
+            )  # fmt: skip
+        )
+    frame = pd.concat(rows, ignore_index=True)
     write_table2(frame, preset.tables_path / "table2_throughput.csv")
     return frame
 

@@ -1,9 +1,10 @@
 """The study steps' choices: the analysis device (ERF, Grad-CAM, prediction) and its one-line errors."""
 
+import pandas as pd
 import pytest
 import torch
 
-from cxrlib import study
+from cxrlib import study, throughput
 from cxrlib.checkpoint import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
@@ -55,3 +56,26 @@ def test_a_notebook_opens_its_preset_in_one_call_and_stops_in_one_line_without_i
         MissingInputError, match=r"index.csv does not exist yet: run python -m cxrlib.pipeline"
     ):
         study.open_preset("04_evaluate", "smoke", run_dir=str(tmp_path / "run"))
+
+
+def test_table2_runs_on_the_analysis_device_with_the_trainers_settings_of_each_resolution(
+    tmp_path, monkeypatch
+):
+    preset = resolve("phantom-gpu", run_dir=str(tmp_path / "run"), device="cpu")
+    preset.train.per_resolution = {2048: {"memory_efficient": True}}
+    monkeypatch.setattr(study, "load_data", lambda preset: (pd.DataFrame(), None))
+    calls = []
+
+    def measure_throughput(resolutions, device=None, **settings):
+        calls.append((resolutions, device, settings))
+        return pd.DataFrame([dict.fromkeys(throughput.COLUMNS, 0)])
+
+    monkeypatch.setattr(throughput, "measure_throughput", measure_throughput)
+    monkeypatch.setattr(throughput, "write_table2", lambda frame, path: path)
+    assert len(study.throughput(preset)) == 4
+    assert [resolutions for resolutions, _, _ in calls] == [[256], [512], [1024], [2048]]
+    assert {device for _, device, _ in calls} == {torch.device("cpu")}  # the analysis device, not cuda:0
+    assert [s["memory_efficient"] for _, _, s in calls] == [False, False, False, True]
+    assert all(
+        s["cudnn_benchmark"] is False and s["amp"] == "auto" for _, _, s in calls
+    )  # as phantom-gpu trains

@@ -266,6 +266,17 @@ def test_gpu_only_options_are_refused_on_the_cpu(tiny, tmp_path, capsys):
     assert "--sync-bn needs CUDA" in capsys.readouterr().err
 
 
+def test_cudnn_autotuning_is_on_by_default_and_off_with_its_flag(tiny, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        train, "train", lambda args, frames, info: seen.append(torch.backends.cudnn.benchmark) or {}
+    )
+    before = torch.backends.cudnn.benchmark
+    assert train.main(argv(tiny, tmp_path / "a")) == 0
+    assert train.main([*argv(tiny, tmp_path / "b"), "--no-cudnn-benchmark"]) == 0
+    assert seen == [True, False] and torch.backends.cudnn.benchmark == before
+
+
 def test_ranks_come_from_torchrun_or_slurm_and_a_lone_process_needs_no_group(monkeypatch):
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
     assert dist.env_ranks(slurm) == (3, 8, 1)
