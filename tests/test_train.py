@@ -1,12 +1,14 @@
 """The trainer: Table 1 arithmetic, exact loss averaging, LR halving and early stop that act,
 clear errors before work, NaN and bad-image handling, and kill-anywhere resume that ends identical."""
 
+import argparse
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -299,6 +301,58 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(dist.DeviceError, match="only 1 GPU"):
         dist.init_distributed()
+
+
+def test_a_slurm_task_that_sees_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
+    # srun --ntasks-per-node=8 --gpus-per-task=1 python -m cxrlib.train ...: each task sees its own GPU
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="3", MASTER_ADDR="n1", MASTER_PORT="1")
+    monkeypatch.setattr(os, "environ", environ)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    groups = []
+    monkeypatch.setattr(dist.dist, "rendezvous", lambda *args, **kw: iter([(object(), 3, 8)]))
+    monkeypatch.setattr(dist.dist, "init_process_group", lambda **kw: groups.append(kw))
+    info = dist.init_distributed()
+    assert (info.rank, info.world_size, info.local_rank) == (3, 8, 3)
+    assert info.device == torch.device("cuda", 0)
+    assert groups[0]["backend"] == "nccl" and groups[0]["device_id"] == torch.device("cuda", 0)
+
+
+def plan_on_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """A process of a gloo group whose GPU has its own free memory (rank 0: 100 GiB, rank 1: 20 GiB)
+    plans the 2048 px training: automatically, then with a different --batch-size per rank."""
+    import json
+
+    import torch.distributed as tdist
+
+    torch.cuda.mem_get_info = lambda device=None: ((100, 20)[rank] * 2**30, 141 * 2**30)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = []
+    for batch_size in (None, 4 * (rank + 1)):
+        args = argparse.Namespace(
+            resolution=2048, effective_batch=None, lr=None, batch_size=batch_size, memory_efficient=False
+        )
+        try:
+            plan = recipe.plan_training(args, world, torch.device("cuda"), torch.bfloat16)
+            results.append([plan.batches.per_gpu_batch, plan.batches.accumulation_steps, plan.batch_limit])
+        except runtime.ConfigError as error:
+            results.append(str(error))
+    tdist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_processes_agree_on_the_smallest_automatic_batch_and_refuse_different_plans(tmp_path):
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(plan_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    limit = recipe.batch_for_memory(2048, 20 * 2**30)  # the smaller GPU's, 2 (rank 0 alone: 8)
+    expected = recipe.plan_batches(42, 2, max_per_gpu=limit)  # Table 1's 42 at 2048 px
+    for automatic, different in ranks:
+        assert automatic == [expected.per_gpu_batch, expected.accumulation_steps, limit]
+        assert different.startswith("the processes planned different batches")
 
 
 def test_missing_cached_image_is_named_with_the_command_to_build_it(tmp_path, capsys):
