@@ -83,7 +83,7 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     gpus: int | str = "all"  # GPUs per node: "all" or a number
     cpu_processes: int = 1  # without a CUDA GPU: training processes (gloo), each with its own cores
-    nnodes: int = 1
+    nnodes: int = 1  # the notebooks and the pipeline train on one node (more: torchrun on each node)
     cudnn_benchmark: bool = True  # cuDNN autotuning in training and 08_throughput (off: no start-up cost)
     options: dict[str, Any] = field(default_factory=dict)  # more cxrlib.train flags, e.g. batch_size
     per_resolution: dict[int, dict[str, Any]] = field(default_factory=dict)  # flags for one resolution
@@ -269,6 +269,14 @@ def validate(preset: Preset) -> None:
                 f"{where}: field_sweep.tiles {tiles}: {side} px must split into tiles whose side is a "
                 "multiple of 32"
             )
+    nodes = preset.train.nnodes
+    if nodes != 1:
+        raise ValueError(
+            f"{where}: train.nnodes {nodes}: the notebooks and the pipeline train on one node; for "
+            f"{nodes} nodes run on each: torchrun --nnodes={nodes} --node-rank=<0..{nodes - 1}> "
+            "--nproc-per-node=<GPUs> --rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 "
+            "--rdzv-id=<job> -m cxrlib.train ... (docs/training.md)"
+        )
     if preset.train.cpu_processes < 1:
         raise ValueError(f"{where}: train.cpu_processes must be at least 1, got {preset.train.cpu_processes}")
     if preset.folds.k < 2:

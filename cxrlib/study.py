@@ -140,7 +140,6 @@ def train_resolution(
                 folds=preset.folds_path,
                 cache=preset.cache_path,
                 gpus=processes,
-                nnodes=preset.train.nnodes,
                 echo=echo,
                 cache_format=preset.cache.format,
                 **preset.train_options(resolution),

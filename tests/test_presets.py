@@ -57,6 +57,15 @@ def test_per_resolution_train_options_override_shared_ones(tmp_path):
     assert preset.train_options(64) == {"epochs": 4, "weights": "imagenet", "batch_size": 8}
 
 
+def test_several_nodes_are_refused_with_the_torchrun_command_to_use(tmp_path):
+    custom = tmp_path / "two-nodes.yaml"
+    custom.write_text("resolutions: [256]\ntrain:\n  nnodes: 2\n")
+    message = r"train.nnodes 2: .*one node.*torchrun --nnodes=2 --node-rank=<0..1>"
+    with pytest.raises(ValueError, match=message) as error:
+        load_preset(custom)
+    assert "\n" not in str(error.value)
+
+
 def test_cudnn_autotuning_is_on_by_default_and_the_phantom_gpu_preset_turns_it_off_in_the_trainer():
     from cxrlib.launch import build_command
 
