@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
+from cxrlib import evaluate, predict
 from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
 from cxrlib.index import write_index
 from cxrlib.labels import FINDINGS
@@ -102,3 +106,22 @@ def test_each_finding_left_out_says_why():
     assert "never labels" in table.loc["Edema", "reason"]
     assert "only one class" in table.loc["Fracture", "reason"]
     assert "own labels" in table.loc["Mass", "reason"]
+
+
+def test_external_scoring_decodes_with_loader_workers_in_batches_that_fit_the_resolution(
+    tmp_path, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(evaluate, "load_trained_model", lambda folder, map_location: nn.Identity())
+    monkeypatch.setattr(evaluate, "CXRDataset", lambda frame, resolution, cache: resolution)
+    monkeypatch.setattr(evaluate, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(
+        predict,
+        "predict_logits",
+        lambda *args: calls.append(args[1:3] + args[5:]) or pd.DataFrame({"dicom_id": []}),
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    models = {(256, 0): tmp_path, (2048, 0): tmp_path}
+    evaluate.score_models(models, pd.DataFrame(), tmp_path, torch.device("cuda"), batch_size=None)
+    assert calls == [(256, 64, 8), (2048, 4, 8)]  # (resolution, batch, DataLoader workers)

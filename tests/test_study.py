@@ -1,10 +1,12 @@
 """The study steps' choices: the analysis device (ERF, Grad-CAM, prediction) and its one-line errors."""
 
+import os
+
 import pandas as pd
 import pytest
 import torch
 
-from cxrlib import study, throughput
+from cxrlib import metrics, predict, runtime, study, throughput
 from cxrlib.checkpoint import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
@@ -79,3 +81,38 @@ def test_table2_runs_on_the_analysis_device_with_the_trainers_settings_of_each_r
     assert all(
         s["cudnn_benchmark"] is False and s["amp"] == "auto" for _, _, s in calls
     )  # as phantom-gpu trains
+
+
+def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_workers_for_one_process(
+    tmp_path, monkeypatch
+):
+    preset = resolve("phantom-gpu", run_dir=str(tmp_path / "run"))
+    ids = ["a", "b"]
+    for resolution in preset.resolutions:  # trained models (their time stamps are read)
+        (fold_dir(preset.run_path, resolution, 0) / "best_model.pt").parent.mkdir(parents=True)
+        (fold_dir(preset.run_path, resolution, 0) / "best_model.pt").write_bytes(b"")
+    monkeypatch.setattr(study, "load_data", lambda preset: (pd.DataFrame({"dicom_id": ids}), None))
+    monkeypatch.setattr(study.splits, "fold_ids", lambda folds, fold, role: ids)
+    monkeypatch.setattr(study, "analysis_device", lambda preset: torch.device("cuda"))
+    monkeypatch.setattr(study.datasets, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
+    monkeypatch.setattr(runtime, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    loaded, scored = [], []
+    monkeypatch.setattr(
+        study, "trained_model", lambda preset, resolution, fold, device: loaded.append(resolution)
+    )
+    monkeypatch.setattr(
+        predict,
+        "predict_logits",
+        lambda *args: scored.append(args[1:3] + args[5:]) or pd.DataFrame({"x": ids}),
+    )
+    monkeypatch.setattr(
+        metrics, "read_predictions", lambda path, ids: pd.DataFrame({"F": [0.9, 0.1]}, index=ids)
+    )
+    monkeypatch.setattr(metrics, "labels_for", lambda index, ids: pd.DataFrame({"F": [1.0, 0.0]}, index=ids))
+    table = study.cross_resolution(preset, progress=False)
+    assert len(table) == 16 and (table["auc"] == 1.0).all()
+    assert loaded == [256, 512, 1024, 2048]  # each model once for its 3 other test resolutions
+    batches = {resolution: (batch, workers) for resolution, batch, workers in scored}
+    assert len(scored) == 12 and batches == {256: (64, 8), 512: (64, 8), 1024: (16, 8), 2048: (4, 8)}
