@@ -1,12 +1,13 @@
 """The study steps' choices: the analysis device (ERF, Grad-CAM, prediction) and its one-line errors."""
 
 import os
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
-from cxrlib import metrics, predict, runtime, study, throughput
+from cxrlib import field_sweep, metrics, predict, receptive_field, runtime, study, throughput
 from cxrlib.checkpoint import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
@@ -116,3 +117,29 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
     assert loaded == [256, 512, 1024, 2048]  # each model once for its 3 other test resolutions
     batches = {resolution: (batch, workers) for resolution, batch, workers in scored}
     assert len(scored) == 12 and batches == {256: (64, 8), 512: (64, 8), 1024: (16, 8), 2048: (4, 8)}
+
+
+def test_the_field_sweep_measures_each_erf_in_batches_that_fit_the_resolution(tmp_path, monkeypatch):
+    preset = resolve("phantom-gpu", run_dir=str(tmp_path / "run"))
+    ids = ["a", "b"]
+    index = pd.DataFrame({"dicom_id": ids, "subject_id": ["1", "2"]})
+    monkeypatch.setattr(
+        metrics, "read_predictions", lambda path, ids: pd.DataFrame({"F": [0.9, 0.1]}, index=ids)
+    )
+    monkeypatch.setattr(metrics, "labels_for", lambda index, ids: pd.DataFrame({"F": [1.0, 0.0]}, index=ids))
+    monkeypatch.setattr(
+        metrics, "bootstrap_auc_ci", lambda *args, **kw: dict(auc=1.0, ci_low=1.0, ci_high=1.0)
+    )
+    monkeypatch.setattr(metrics, "pairwise_delong", lambda *args: pd.DataFrame(columns=["resolution_a"]))
+    monkeypatch.setattr(predict, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
+    batches = []
+
+    def erf(model, images, **options):
+        batches.append((images.shape[-1], options["batch_size"]))
+        return SimpleNamespace(fraction90=0.5)
+
+    monkeypatch.setattr(receptive_field, "effective_receptive_field", erf)
+    images = torch.zeros(2, 1, 2048, 2048, dtype=torch.uint8)
+    folders = {1: tmp_path / "tiles1", 4: tmp_path / "tiles4"}
+    field_sweep.sweep_table(preset, folders, index, ids, images, torch.device("cpu"))
+    assert batches == [(2048, 1), (2048, 1)]  # one 2048 px image per pass, not 8

@@ -355,6 +355,34 @@ def test_processes_agree_on_the_smallest_automatic_batch_and_refuse_different_pl
         assert different.startswith("the processes planned different batches")
 
 
+def test_loader_workers_and_prefetch_fit_the_cores_the_gpus_and_the_image_size(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cuda = torch.device("cuda")
+    assert loaders.default_workers(cuda, 1) == 8 and loaders.default_workers(torch.device("cpu"), 1) == 0
+    assert loaders.default_workers(cuda, 8) == 2  # 8 GPUs on 16 cores: two workers each, not one
+    assert loaders.prefetch_batches(8, 256, 256) == 4
+    for workers, batch, resolution in (
+        (8, 256, 256),
+        (8, 512, 256),
+        (8, 14, 2048),
+        (8, 28, 2048),
+        (2, 8, 2048),
+    ):
+        prefetch = loaders.prefetch_batches(workers, batch, resolution)  # shared memory of one loader:
+        assert 1 <= prefetch <= 4 and workers * prefetch * batch * resolution**2 <= 2**30  # at most 1 GiB
+
+
+def test_the_validation_loader_ends_its_workers_after_each_validation(tiny):
+    args = argparse.Namespace(
+        resolution=32, cache=tiny.cache, cache_format="png", skip_bad_images=False, seed=0
+    )
+    frames = {role: tiny.frame.iloc[:8] for role in ("train", "val")}
+    info = dist.DistInfo(0, 1, 0, torch.device("cpu"), None)
+    train_loader, val_loader = loaders.training_loaders(frames, args, info, recipe.BatchPlan(4, 1, 1, 4), 2)
+    assert train_loader.persistent_workers and not val_loader.persistent_workers
+    assert val_loader.batch_size == 8 and val_loader.prefetch_factor == 4
+
+
 def test_missing_cached_image_is_named_with_the_command_to_build_it(tmp_path, capsys):
     data = make_tiny_dataset(tmp_path / "data", resolutions=(32,))
     victim = data.frame["dicom_id"].iloc[5]
