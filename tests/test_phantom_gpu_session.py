@@ -114,7 +114,7 @@ def test_dry_run_settings_keep_the_preset_and_shrink_its_sizes(tmp_path):
 def run_session(out: Path, work: Path, *args: str) -> tuple[int, str]:
     env = {**os.environ, "OUT": str(out), "CXR_COMMIT": "dry-run-test"}
     command = ["bash", str(SCRIPT), "--dry-run", "--work-dir", str(work), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=2700, check=False)
     assert (out / "session.log").is_file(), result.stdout[-3000:] + result.stderr[-3000:]
     return result.returncode, (out / "session.log").read_text()
 
@@ -134,7 +134,7 @@ def test_the_dry_run_runs_the_pipeline_stops_at_its_limit_with_its_results_packe
 
     # 2. The same command with time enough (a busy CPU may need more than the GPU's budget): the real
     # pipeline, through papermill, to every output.
-    rc, log = run_session(second, work, "--budget-seconds", "1500")
+    rc, log = run_session(second, work, "--budget-seconds", "2400")
     assert rc == 0, log[-5000:]
     assert "python -m cxrlib.pipeline --preset" in log and "all 11 steps complete" in log
     if session.WHEELS.is_dir():  # the carried wheels, not this environment's papermill
