@@ -58,19 +58,22 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
     """Join the process group described by the environment and pick this process's device.
 
     ``device``: ``None`` for ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; or an
-    explicit ``"cpu"``/``"cuda"``. The backend is nccl for CUDA and gloo for CPU. Raises
-    :class:`DeviceError` when a process's local rank has no GPU of its own.
+    explicit ``"cpu"``/``"cuda"``. A task started by srun without torchrun that sees one GPU
+    (``--gpus-per-task=1``) uses that GPU whatever its local rank. The backend is nccl for CUDA
+    and gloo for CPU. Raises :class:`DeviceError` when a process's local rank has no GPU of its own.
     """
     rank, world_size, local_rank = env_ranks()
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if use_cuda:
         count = torch.cuda.device_count()
-        if local_rank >= count:
+        slurm_task = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
+        index = 0 if slurm_task and count == 1 else local_rank
+        if index >= count:
             raise DeviceError(
                 f"process with local rank {local_rank} needs GPU {local_rank}, but only {count} "
                 f"GPU(s) are visible: start at most {count} processes per node (--nproc_per_node)"
             )
-        torch_device = torch.device("cuda", local_rank)
+        torch_device = torch.device("cuda", index)
         torch.cuda.set_device(torch_device)
     else:
         torch_device = torch.device("cpu")
@@ -153,6 +156,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_min(values: list[int]) -> list[int]:
+    """The element-wise minimum of ``values`` over all processes (``values`` when alone)."""
+    if not is_dist():
+        return list(values)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor.tolist()
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -7,9 +7,10 @@ estimated from a measurement, not a guess:
 * :func:`calibrate` times a few training and inference steps of DenseNet121 at every resolution
   with the preset's own settings (processes, per-process batch, channels_last, threads, device;
   on a CPU the processes run side by side, as torchrun runs them, so they share memory
-  bandwidth). About 20-40 s on a 2-core CPU; the result is kept in
-  ``~/.cache/cxrlib/calibration.json`` (``CXR_CACHE_DIR``), keyed by the CPU, the torch version
-  and those settings, so later runs on this machine skip it.
+  bandwidth), each in a spawned child process, so no GPU memory stays with the pipeline. About
+  20-40 s on a 2-core CPU; the result is kept in ``~/.cache/cxrlib/calibration.json``
+  (``CXR_CACHE_DIR``), keyed by the CPU, the torch version and those settings, so later runs on
+  this machine skip it.
 * :func:`estimate` turns rates into seconds per step: a training step is its epochs of training
   and validation images at the measured rates plus the final predictions and a start-up cost;
   the other steps use small cost models (images to render, cache, score) and, when this machine
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -106,17 +108,17 @@ def _measure(setting: Setting) -> tuple[float, float]:
     with the trainer's own optimizer step (:func:`cxrlib.throughput.measure_model`)."""
     import torch
 
+    from .runtime import amp_dtype
     from .throughput import measure_model
 
     torch.set_num_threads(setting.threads)
     torch.manual_seed(0)
     device = torch.device(setting.device)
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     measured = measure_model(
         setting.resolution,
         setting.batch,
         device,
-        amp,
+        amp_dtype(device),
         CALIBRATION_STEPS,
         1,
         channels_last=setting.channels_last,
@@ -124,40 +126,44 @@ def _measure(setting: Setting) -> tuple[float, float]:
     return measured["train_img_s"], measured["infer_img_s"]
 
 
-def _measure_side_by_side(setting: Setting) -> tuple[float, float]:
-    """Total rates of ``setting.processes`` processes measuring at once (CPU), or one GPU times the GPUs."""
-    if setting.device == "cuda" or setting.processes == 1:
-        train, infer = _measure(setting)
-        return train * setting.processes, infer * setting.processes
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(setting.processes) as pool:
-        results = pool.map(_measure, [setting] * setting.processes)
-    return sum(r[0] for r in results), sum(r[1] for r in results)
+def _measure_side_by_side(setting: Setting, pool) -> tuple[float, float]:
+    """Total rates of ``setting.processes`` children of ``pool`` measuring at once (CPU: they share
+    the memory bandwidth as torchrun's processes do), or of one child's GPU times the GPUs."""
+    copies = 1 if setting.device == "cuda" else setting.processes
+    results = pool.map(_measure, [setting] * copies, chunksize=1)
+    scale = setting.processes / copies
+    return scale * sum(r[0] for r in results), scale * sum(r[1] for r in results)
 
 
 def calibrate(preset: Preset, progress: bool = True) -> dict[int, dict[str, float]]:
-    """Training and inference images/s per resolution for this preset on this machine (kept)."""
+    """Training and inference images/s per resolution for this preset on this machine (kept).
+
+    Every measurement runs in a spawned child process, never in the caller's: a GPU measurement
+    leaves the memory it used cached by PyTorch's allocator in its process (about 90 GiB after
+    2048 px on an H200), which the trainings that follow could then not have.
+    """
     path = cache_dir() / "calibration.json"
     try:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         kept = {}
     machine = machine_label()
-    rates, new = {}, False
-    for setting in training_settings(preset):
-        key = setting.key(machine)
-        if key not in kept:
-            if progress:
-                print(f"  calibrating {setting.resolution} px ...", flush=True)
-            train, infer = _measure_side_by_side(setting)
-            kept[key] = {"train_img_s": train, "infer_img_s": infer, "measured": time.strftime("%Y-%m-%d")}
-            new = True
-        rates[setting.resolution] = {k: kept[key][k] for k in ("train_img_s", "infer_img_s")}
-    if new:
+    settings = training_settings(preset)
+    missing = [s for s in settings if s.key(machine) not in kept]
+    if missing:
+        children = max(1 if s.device == "cuda" else s.processes for s in missing)
+        with multiprocessing.get_context("spawn").Pool(children) as pool:
+            for setting in missing:
+                if progress:
+                    print(f"  calibrating {setting.resolution} px ...", flush=True)
+                train, infer = _measure_side_by_side(setting, pool)
+                kept[setting.key(machine)] = {
+                    "train_img_s": train, "infer_img_s": infer, "measured": time.strftime("%Y-%m-%d")
+                }  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(kept, indent=1), path)
-    return rates
+    rates = ("train_img_s", "infer_img_s")
+    return {s.resolution: {k: kept[s.key(machine)][k] for k in rates} for s in settings}
 
 
 # ----------------------------------------------------------------------------- step times

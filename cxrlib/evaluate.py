@@ -119,16 +119,19 @@ def fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: i
 
 
 def score_models(
-    models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int
+    models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int | None
 ) -> dict[tuple[int, int], pd.DataFrame]:
-    """Logits of every model on ``frame`` (the other set, with the run's finding columns)."""
-    from .predict import predict_logits
+    """Logits of every model on ``frame`` (the other set, with the run's finding columns); batches
+    of ``batch_size`` images (default :func:`cxrlib.predict.inference_batch` of the resolution)."""
+    from .loaders import default_workers
+    from .predict import inference_batch, predict_logits
 
-    scores = {}
+    scores, workers = {}, default_workers(device, local_world_size=1)
     for (resolution, fold), folder in models.items():
         model = load_trained_model(folder, map_location=device).to(device)
         dataset = CXRDataset(frame, resolution, cache)
-        table = predict_logits(model, dataset, batch_size, device, amp_dtype(device))
+        batch = batch_size or inference_batch(resolution)
+        table = predict_logits(model, dataset, batch, device, amp_dtype(device), workers)
         scores[(resolution, fold)] = table.set_index("dicom_id")
     return scores
 
@@ -155,7 +158,7 @@ def evaluate_external(
     cache: str | os.PathLike | None = None,
     device: str = "auto",
     n_boot: int = 1000,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     drop_bad: bool = False,
 ) -> External:
@@ -204,7 +207,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)"
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size", type=int, help="images per batch (default: 64 up to 512 px, fewer above)"
+    )
     parser.add_argument("--workers", type=int, help="cache processes (default: every CPU)")
     parser.add_argument(
         "--drop-bad", action="store_true", help="leave unreadable images out (default: stop, naming them)"

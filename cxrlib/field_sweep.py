@@ -109,7 +109,7 @@ def sweep_table(
     ``images``, uint8 at the sweep's resolution) and paired clustered DeLong tests of every variant;
     writes ``tables/field_sweep.csv`` and ``field_sweep_delong.csv``."""
     from .predict import load_trained_model
-    from .receptive_field import effective_receptive_field
+    from .receptive_field import default_erf_batch, effective_receptive_field
 
     ids = test_ids
     subject = index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str)
@@ -119,7 +119,8 @@ def sweep_table(
         scores = metrics.read_predictions(folder / paths.PREDICTIONS["test"], ids)
         scored[(name, "all")] = scores
         model = load_trained_model(folder, map_location=device).to(device)
-        erfs[name] = effective_receptive_field(model, images, generator=torch.Generator().manual_seed(0))
+        generator, batch = torch.Generator().manual_seed(0), default_erf_batch(*images.shape[-2:])
+        erfs[name] = effective_receptive_field(model, images, generator=generator, batch_size=batch)
         labels = metrics.labels_for(index, scores.index)
         groups = subject.loc[scores.index].to_numpy()
         for finding in scores.columns:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .labels import FINDINGS
+from .runtime import full_float32
 from .transforms import normalize
 
 
@@ -108,6 +109,7 @@ class GradCAM:
             self._handle = None
         self._activation = None
 
+    @full_float32()  # float32 gradients and maps: no TF32 convolutions on a GPU
     def __call__(
         self,
         images: torch.Tensor | np.ndarray,

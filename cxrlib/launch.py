@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import ctypes
 import datetime
 import os
 import re
@@ -177,18 +178,26 @@ class _Stream:
             self.pending = ""
 
 
+def _end_with_parent() -> None:
+    """In the child, before torchrun starts (Linux): SIGTERM when the process that launched it ends,
+    however it ends (a notebook kernel killed at a time limit), so no trainer is left running."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_logged(command: list[str], env: dict[str, str], log_path: Path, echo: bool) -> tuple[int, str]:
     """Run ``command`` in its own process group, streaming its output live (``echo``) and appending
     it to ``log_path``; returns the exit code and the log's last lines. An interrupt (e.g. in the
-    notebook) stops the whole process group before it is raised again."""
+    notebook) stops the whole process group before it is raised again; on Linux the command also
+    gets SIGTERM should this process end first (:func:`_end_with_parent`)."""
     with open(log_path, "a", encoding="utf-8") as log_handle:
         log_handle.write(
             f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n"
         )
         stream = _Stream(log_handle, echo)
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None,
+        )  # fmt: skip
         try:
             while chunk := os.read(process.stdout.fileno(), 65536):
                 stream.feed(chunk)

@@ -7,7 +7,7 @@
   processes in contiguous blocks, so N processes and one process with N times the accumulation
   train identically; :func:`shard` splits evaluation images without padding.
 * :func:`make_loader`: DataLoader workers only decode cached uint8 images; pinned memory, persistent
-  workers and prefetching on GPUs (:func:`default_workers`).
+  workers and prefetching on GPUs (:func:`default_workers`, :func:`prefetch_batches`).
 * :func:`epoch_augmentation` / :func:`augment_batch`: each image's flip and rotation angle for an
   epoch, drawn from ``(seed, epoch)`` and applied on the device in batches, so the draws do not
   depend on the number of processes, the batch size or a resume.
@@ -33,7 +33,8 @@ from .runtime import ConfigError, amp_dtype, resolve_device
 from .splits import fold_ids, num_folds, read_folds
 from .transforms import MAX_ROTATION_DEGREES, normalize, rotate_flip_batch
 
-PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead
+PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead, at most
+LOADER_SHARED_BYTES = 2**30  # of shared memory one loader's prepared batches may hold, per process
 
 
 class IndexedDataset(Dataset):
@@ -176,31 +177,42 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 
 
 def make_loader(
-    dataset, batch_size: int, sampler, workers: int, device: torch.device, seed: int
+    dataset, batch_size: int, sampler, workers: int, device: torch.device, seed: int, persistent: bool = True
 ) -> DataLoader:
+    """The trainer's DataLoader: ``workers`` decode, prepare :func:`prefetch_batches` batches each
+    ahead and stay between epochs (``persistent``); batches are pinned for a GPU."""
     return DataLoader(
         IndexedDataset(dataset),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=prefetch_batches(workers, batch_size, dataset.resolution) if workers > 0 else None,
         collate_fn=collate_skip_none,
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
     )
 
 
 def default_workers(device: torch.device, local_world_size: int | None = None) -> int:
-    """DataLoader workers per process: the node's cores shared among its processes (at most 8) on a
-    GPU; none on the CPU, where decoding tiny images in the main process is cheaper. The processes
-    of this node: ``local_world_size``, else torchrun's ``LOCAL_WORLD_SIZE``, else one per GPU."""
+    """DataLoader workers per process: on a GPU the node's cores shared among its processes, less one
+    for the process itself, at least 2 where its share allows and at most 8; none on the CPU, where
+    decoding tiny images in the main process is cheaper. The processes of this node:
+    ``local_world_size``, else torchrun's ``LOCAL_WORLD_SIZE``, else one per GPU."""
     if device.type != "cuda":
         return 0
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // max(1, local_world_size) - 1))
+    share = max(1, cores // max(1, local_world_size))
+    return max(min(2, share), min(8, share - 1))
+
+
+def prefetch_batches(workers: int, batch_size: int, resolution: int) -> int:
+    """Batches each worker prepares ahead: 4, or fewer (at least 1) where the uint8 batches of all
+    ``workers`` would hold more than :data:`LOADER_SHARED_BYTES` of shared memory (large images)."""
+    batch_bytes = batch_size * int(resolution) ** 2
+    return max(1, min(PREFETCH_BATCHES, LOADER_SHARED_BYTES // max(1, workers * batch_bytes)))
 
 
 def epoch_augmentation(num_images: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +240,8 @@ def training_loaders(
     frames: dict[str, pd.DataFrame], args: argparse.Namespace, info, plan, workers: int
 ) -> tuple[DataLoader, DataLoader]:
     """The training loader (a :class:`StepBlockSampler`, ``set_epoch`` per epoch) and this process's
-    unpadded share of the validation images (twice the batch: no gradients)."""
+    unpadded share of the validation images (twice the batch: no gradients), whose workers end after
+    each validation, so that the two loaders' batches never hold shared memory at once."""
     common = {"resolution": args.resolution, "cache_dir": args.cache, "cache_format": args.cache_format}
     train_set = CXRDataset(frames["train"], skip_bad_images=args.skip_bad_images, **common)
     val_set = CXRDataset(frames["val"], skip_bad_images=args.skip_bad_images, **common)
@@ -236,5 +249,5 @@ def training_loaders(
     sampler = StepBlockSampler(train_set, info.world_size, info.rank, batch, steps, args.seed)
     train_loader = make_loader(train_set, batch, sampler, workers, info.device, args.seed)
     val_share = shard(len(val_set), info.rank, info.world_size)
-    val_loader = make_loader(val_set, 2 * batch, val_share, workers, info.device, args.seed)
+    val_loader = make_loader(val_set, 2 * batch, val_share, workers, info.device, args.seed, persistent=False)
     return train_loader, val_loader

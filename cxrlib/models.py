@@ -13,7 +13,10 @@ weights) with a 14-output classifier. :func:`build_model` gives that network:
   classes) is replaced by a freshly initialised one.
 
 ``memory_efficient=True`` is torchvision's gradient checkpointing inside the dense blocks:
-less activation memory at high resolution for some recomputation.
+less activation memory at high resolution for some recomputation. The recomputation in the
+backward pass runs each layer's first BatchNorm again in training mode; here it leaves the
+running statistics as the forward pass left them (:class:`_DenseLayer`), so a model trained with
+the option has the statistics, and gives the predictions, of one trained without it.
 
 The head (ReLU, global average pooling, classifier) always computes in float32, also under
 bf16 or fp16 autocast (:class:`DenseNet121`): the features keep the speed of mixed precision,
@@ -35,6 +38,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.models import densenet
 
 from .labels import NUM_FINDINGS
 
@@ -88,6 +93,27 @@ class TiledFeatures(nn.Sequential):
         return maps.reshape(n, t, t, k, fh, fw).permute(0, 3, 1, 4, 2, 5).reshape(n, k, t * fh, t * fw)
 
 
+class _DenseLayer(densenet._DenseLayer):
+    """torchvision's dense layer whose checkpointed bottleneck counts each batch once in BatchNorm's
+    running statistics: the backward pass's recomputation restores the statistics it updated."""
+
+    def call_checkpoint_bottleneck(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        calls = []
+
+        def bottleneck(*tensors: torch.Tensor) -> torch.Tensor:
+            calls.append(None)
+            if len(calls) == 1:  # the forward pass
+                return self.bn_function(list(tensors))
+            kept = [buffer.clone() for buffer in self.norm1.buffers()]
+            try:
+                return self.bn_function(list(tensors))
+            finally:
+                for buffer, value in zip(self.norm1.buffers(), kept, strict=True):
+                    buffer.copy_(value)
+
+        return checkpoint(bottleneck, *inputs, use_reentrant=False)
+
+
 class DenseNet121(torchvision.models.DenseNet):
     """torchvision's DenseNet121 (same layers, same state dict keys) with a float32 head.
 
@@ -98,6 +124,9 @@ class DenseNet121(torchvision.models.DenseNet):
 
     def __init__(self, num_classes: int, memory_efficient: bool = False, tiles: int = 1):
         super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
+        for layer in self.modules():  # same layers and state dict keys, statistics counted once
+            if isinstance(layer, densenet._DenseLayer):
+                layer.__class__ = _DenseLayer
         self.tiles = int(tiles)
         if self.tiles > 1:
             self.features = TiledFeatures(self.features, self.tiles)

@@ -39,6 +39,14 @@ from .loaders import IndexedDataset
 from .models import build_model, extract_state_dict, load_state_dict_file, load_weights_into
 from .runtime import amp_dtype, autocast, model_input, resolve_device
 
+INFERENCE_BATCH_PIXELS = 64 * 512 * 512
+
+
+def inference_batch(resolution: int) -> int:
+    """Images per batch when scoring at ``resolution`` outside training: 64 up to 512 px, then the
+    same number of pixels (16 at 1024 px, 4 at 2048 px), so the memory does not grow with the size."""
+    return max(1, min(64, INFERENCE_BATCH_PIXELS // int(resolution) ** 2))
+
 
 @torch.no_grad()
 def predict_arrays(

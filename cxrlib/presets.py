@@ -90,7 +90,8 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     gpus: int | str = "all"  # GPUs per node: "all" or a number
     cpu_processes: int = 1  # without a CUDA GPU: training processes (gloo), each with its own cores
-    nnodes: int = 1
+    nnodes: int = 1  # the notebooks and the pipeline train on one node (more: torchrun on each node)
+    cudnn_benchmark: bool = True  # cuDNN autotuning in training and 08_throughput (off: no start-up cost)
     options: dict[str, Any] = field(default_factory=dict)  # more cxrlib.train flags, e.g. batch_size
     per_resolution: dict[int, dict[str, Any]] = field(default_factory=dict)  # flags for one resolution
 
@@ -193,6 +194,8 @@ class Preset:
     def train_options(self, resolution: int) -> dict[str, Any]:
         """Flags for ``cxrlib.train`` at one resolution (shared options, then per-resolution ones)."""
         options = {"epochs": self.train.epochs, "weights": self.train.weights, **self.train.options}
+        if not self.train.cudnn_benchmark:
+            options["no_cudnn_benchmark"] = True
         options.update(self.train.per_resolution.get(int(resolution), {}))
         return options
 
@@ -253,15 +256,19 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     return preset
 
 
+def _check_resolutions(resolutions: list[int], where: str) -> None:
+    if not resolutions:
+        raise ValueError(f"{where}: resolutions is empty")
+    for resolution in resolutions:
+        check_resolution(resolution, where)
+    if len(set(resolutions)) != len(resolutions):
+        raise ValueError(f"{where}: resolutions {resolutions} repeat a value")
+
+
 def validate(preset: Preset) -> None:
     """Raise ``ValueError`` naming the setting on anything that would fail later."""
     where = f"preset {preset.name!r}"
-    if not preset.resolutions:
-        raise ValueError(f"{where}: resolutions is empty")
-    for resolution in preset.resolutions:
-        check_resolution(resolution, where)
-    if len(set(preset.resolutions)) != len(preset.resolutions):
-        raise ValueError(f"{where}: resolutions {preset.resolutions} repeat a value")
+    _check_resolutions(preset.resolutions, where)
     if preset.data.source not in DATA_SOURCES:
         raise ValueError(f"{where}: data.source {preset.data.source!r} is not one of {DATA_SOURCES}")
     device = str(preset.analysis.device)
@@ -275,6 +282,14 @@ def validate(preset: Preset) -> None:
                 f"{where}: field_sweep.tiles {tiles}: {side} px must split into tiles whose side is a "
                 "multiple of 32"
             )
+    nodes = preset.train.nnodes
+    if nodes != 1:
+        raise ValueError(
+            f"{where}: train.nnodes {nodes}: the notebooks and the pipeline train on one node; for "
+            f"{nodes} nodes run on each: torchrun --nnodes={nodes} --node-rank=<0..{nodes - 1}> "
+            "--nproc-per-node=<GPUs> --rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 "
+            "--rdzv-id=<job> -m cxrlib.train ... (docs/training.md)"
+        )
     if preset.train.cpu_processes < 1:
         raise ValueError(f"{where}: train.cpu_processes must be at least 1, got {preset.train.cpu_processes}")
     if preset.folds.k < 2:

@@ -88,7 +88,8 @@ from tqdm.auto import tqdm
 
 from .fileio import write_csv_atomic
 from .paths import tables_dir
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .runtime import full_float32
+from .transforms import imagenet_mean_std
 
 # Layers that leave the spatial field unchanged.
 _IDENTITY_LAYERS = (
@@ -370,8 +371,7 @@ def translate_batch(
 
 def _grayscale_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     """``[B, 1, H, W]`` in [0, 1] -> ImageNet-normalised ``[B, 3, H, W]`` (differentiable)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    mean, std = imagenet_mean_std(pixels.device, pixels.dtype)
     return (pixels.expand(-1, 3, -1, -1) - mean) / std
 
 
@@ -404,6 +404,7 @@ def _check_erf_options(channel_mode, n_translations, n_probes, chunk, batch_size
         raise ValueError(f"max_shift is a fraction of the image side in [0, 1), got {max_shift}")
 
 
+@full_float32()  # float32 as documented: TF32 convolutions (a GPU default) would round the gradients
 def effective_receptive_field(
     model: nn.Module,
     images: torch.Tensor | np.ndarray,

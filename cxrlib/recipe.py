@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .dist import all_reduce_min
 from .runtime import ConfigError, amp_dtype
 
 # Paper, Table 1: resolution -> (initial learning rate, effective batch size).
@@ -272,11 +273,21 @@ def plan_training(
     args: argparse.Namespace, world_size: int, device: torch.device, amp: torch.dtype | None
 ) -> TrainingPlan:
     """The effective batch (Table 1 or ``--effective-batch``), how processes, per-process batch and
-    accumulation make it up, and the learning rate (Table 1's rule or ``--lr``)."""
+    accumulation make it up, and the learning rate (Table 1's rule or ``--lr``). Under a process
+    group every process gets the same plan: the automatic batch limit is the smallest of all the
+    processes' (:class:`ConfigError` should the plans still differ)."""
     effective = args.effective_batch or default_effective_batch(args.resolution)
     requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
     limit = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
+    if not args.batch_size:  # each GPU has its own free memory: every process takes the smallest limit
+        (limit,) = all_reduce_min([limit])
     plan = plan_batches(effective, world_size, args.batch_size, max_per_gpu=limit)
+    mine = [plan.per_gpu_batch, plan.accumulation_steps]
+    if all_reduce_min(mine + [-v for v in mine]) != mine + [-v for v in mine]:
+        raise ConfigError(
+            f"the processes planned different batches (this one {plan.describe()}): give them all the same "
+            "--batch-size and --effective-batch"
+        )
     return TrainingPlan(plan, requested_lr, None if args.batch_size else limit)
 
 

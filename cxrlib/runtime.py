@@ -4,8 +4,8 @@ Shared by training, prediction and the analysis steps (ERF, Grad-CAM, the train 
 resolution matrix), so that all of them pick the same device and precision the same way:
 
 * :func:`resolve_device`: ``auto`` is the GPU when one is visible, else the CPU.
-* :func:`amp_dtype`: ``auto`` is bf16 on GPUs that support it, fp16 on older GPUs, off on the
-  CPU; ``bf16`` also runs on the CPU.
+* :func:`amp_dtype`: ``auto`` is bf16 on GPUs that support it natively, fp16 on older GPUs, off
+  on the CPU; ``bf16`` also runs on the CPU.
 * :func:`autocast`: ``torch.autocast`` for that dtype, or nothing for float32. The model's
   head stays float32 under it (:class:`cxrlib.models.DenseNet121`).
 * :func:`model_input`: cached uint8 images on the device -> ImageNet-normalised 3 channels.
@@ -42,7 +42,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | None:
     """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32.
 
-    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU.
+    ``auto``: bf16 on GPUs that support it natively (Ampere and later), fp16 with a GradScaler on
+    older ones (V100, T4), whose bf16 is emulated and slow; off on the CPU.
     """
     device = torch.device(device)
     if mode == "off":
@@ -50,7 +51,11 @@ def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | N
     if mode == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4 has no such argument
+            native = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float16
     if mode == "bf16":
         return torch.bfloat16
     if mode == "fp16":
@@ -118,8 +123,10 @@ def describe_cpu(info: dict[str, object] | None = None) -> str:
 
 
 @contextlib.contextmanager
-def algorithm_settings(deterministic: bool):
-    """Deterministic algorithms (or cuDNN autotuning) for the run; the caller's settings afterwards."""
+def algorithm_settings(deterministic: bool, benchmark: bool = True):
+    """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (it times every convolution
+    algorithm at each new input shape, a cost short runs feel: docs/performance.md), for the run;
+    the caller's settings afterwards."""
     cudnn = torch.backends.cudnn
     before = (
         torch.are_deterministic_algorithms_enabled(),
@@ -127,7 +134,7 @@ def algorithm_settings(deterministic: bool):
         cudnn.benchmark,
         cudnn.deterministic,
     )
-    cudnn.benchmark, cudnn.deterministic = not deterministic, deterministic
+    cudnn.benchmark, cudnn.deterministic = benchmark and not deterministic, deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
     try:
@@ -135,3 +142,17 @@ def algorithm_settings(deterministic: bool):
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         cudnn.benchmark, cudnn.deterministic = before[2], before[3]
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Convolutions and matrix products in float32 inside, not TF32 (PyTorch's default for cuDNN
+    convolutions on Ampere and later GPUs); the caller's settings afterwards. For the ERF and
+    Grad-CAM, which are documented as float32 gradients."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before

@@ -143,7 +143,6 @@ def train_resolution(
                 folds=preset.folds_path,
                 cache=preset.cache_path,
                 gpus=processes,
-                nnodes=preset.train.nnodes,
                 echo=echo,
                 cache_format=preset.cache.format,
                 **preset.train_options(resolution),
@@ -265,10 +264,10 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     index, folds = load_data(preset)
     resolutions = preset.resolutions
     cells = [(f, r, t) for f in preset.trained_folds() for r in resolutions for t in resolutions]
-    rows = []
+    rows, models = [], {}  # each trained model is loaded once for all its test resolutions
     for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
         ids = splits.fold_ids(folds, fold, "test")
-        path = cross_predictions(preset, index, ids, trained_at, fold, tested_at)
+        path = cross_predictions(preset, index, ids, (trained_at, fold, tested_at), models)
         scores = metrics.read_predictions(path, ids)
         labels = metrics.labels_for(index, scores.index)
         for finding in scores.columns:
@@ -280,15 +279,17 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
 
 
 def cross_predictions(
-    preset: Preset, index: pd.DataFrame, ids: list[str], trained_at: int, fold: int, tested_at: int
+    preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple[int, int, int], models: dict
 ) -> Path:
-    """The prediction file of the model trained at ``trained_at`` scored at ``tested_at`` (its own
-    test predictions on the diagonal); predicted now when missing or older than the model."""
+    """The prediction file of the model trained at ``trained_at`` scored at ``tested_at`` (``cell``
+    is ``(trained_at, fold, tested_at)``; its own test predictions on the diagonal); predicted now
+    when missing or older than the model, which ``models`` keeps for the next test resolution."""
     from .fileio import write_csv_atomic
     from .loaders import default_workers
-    from .predict import predict_logits
+    from .predict import inference_batch, predict_logits
     from .runtime import amp_dtype
 
+    trained_at, fold, tested_at = cell
     if trained_at == tested_at:
         return paths.predictions_path(preset.run_path, trained_at, fold)
     path = paths.cross_predictions_path(preset.run_path, trained_at, fold, tested_at)
@@ -297,9 +298,11 @@ def cross_predictions(
         device = analysis_device(preset)
         frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
         dataset = datasets.CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
-        model = trained_model(preset, trained_at, fold, device)
-        workers = default_workers(device)  # on a GPU, decoding 2048 px images in one process is slow
-        frame = predict_logits(model, dataset, 64, device, amp_dtype(device), num_workers=workers)
+        if (trained_at, fold) not in models:
+            models.clear()  # one model on the device at a time
+            models[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
+        batch, workers = inference_batch(tested_at), default_workers(device, local_world_size=1)
+        frame = predict_logits(models[(trained_at, fold)], dataset, batch, device, amp_dtype(device), workers)
         write_csv_atomic(frame, path)
     return path
 
@@ -431,14 +434,28 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
 
 
 def throughput(preset: Preset) -> pd.DataFrame:
-    """Table 2 on this machine's device; writes ``tables/table2_throughput.csv``."""
+    """Table 2 on the analysis device with the trainer's settings of each resolution (precision,
+    memory_efficient, channels_last, cuDNN autotuning); writes ``tables/table2_throughput.csv``."""
     from .throughput import measure_throughput, write_table2
 
     index, _ = load_data(preset)
-    resolutions = preset.analysis.throughput_resolutions or preset.resolutions
-    frame = measure_throughput(
-        resolutions, steps=preset.analysis.throughput_steps, cache_dir=preset.cache_path, index=index
-    )
+    rows = []
+    for resolution in preset.analysis.throughput_resolutions or preset.resolutions:
+        options = preset.train_options(resolution)
+        rows.append(
+            measure_throughput(
+                [resolution],
+                analysis_device(preset),
+                steps=preset.analysis.throughput_steps,
+                cache_dir=preset.cache_path,
+                index=index,
+                amp=options.get("amp", "auto"),
+                memory_efficient=bool(options.get("memory_efficient")),
+                channels_last=str(options.get("channels_last", "auto")),
+                cudnn_benchmark=preset.train.cudnn_benchmark,
+            )  # fmt: skip
+        )
+    frame = pd.concat(rows, ignore_index=True)
     write_table2(frame, preset.tables_path / "table2_throughput.csv")
     return frame
 

@@ -21,7 +21,7 @@ from . import paths
 from .paths import fold_dir
 from .plots import erf_over_image
 from .presets import Preset
-from .receptive_field import ERFResult, effective_receptive_field, resize_images
+from .receptive_field import ERFResult, default_erf_batch, effective_receptive_field, resize_images
 
 # Image sides the slider offers besides the preset's trained resolutions: seconds each on a CPU.
 TEACHING_RESOLUTIONS = (32, 64, 96, 128, 192, 256)
@@ -45,7 +45,9 @@ class ERFExplorer:
 
     ``images``: uint8 ``[N, 1, S, S]`` phantom images, resized to each chosen resolution;
     ``init_model``: the randomly initialised network; ``trained``: the trained model of each
-    resolution, or its run folder (loaded on first use). Results are kept, so going back to a
+    resolution, or its run folder (loaded on first use); ``device``: where the ERFs are computed
+    (the preset's analysis device), in batches that fit the resolution
+    (:func:`cxrlib.receptive_field.default_erf_batch`). Results are kept, so going back to a
     resolution is instant.
     """
 
@@ -53,12 +55,16 @@ class ERFExplorer:
     init_model: nn.Module
     trained: dict[int, nn.Module | Path] = field(default_factory=dict)
     seed: int = 0
+    device: torch.device | str = "cpu"
     _results: dict[tuple[int, str], ERFResult] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> ERFExplorer:
-        """An explorer offering the preset's trained models of its first trained fold."""
-        return cls(images, init_model, trained_model_paths(preset))
+        """An explorer offering the preset's trained models of its first trained fold, on its analysis
+        device."""
+        from .study import analysis_device
+
+        return cls(images, init_model, trained_model_paths(preset), device=analysis_device(preset))
 
     @property
     def resolutions(self) -> list[int]:
@@ -81,7 +87,7 @@ class ERFExplorer:
 
         model = self.trained[int(resolution)]
         if not isinstance(model, nn.Module):
-            model = self.trained[int(resolution)] = load_trained_model(model)
+            model = self.trained[int(resolution)] = load_trained_model(model, map_location=self.device)
         return model
 
     def results(self, resolution: int) -> dict[str, ERFResult]:
@@ -93,8 +99,9 @@ class ERFExplorer:
                 model = self.init_model if state == "init" else self.trained_model(resolution)
                 generator = torch.Generator().manual_seed(self.seed)
                 self._results[(resolution, state)] = effective_receptive_field(
-                    model, self.image(resolution), generator=generator
-                )
+                    model.to(self.device), self.image(resolution), generator=generator,
+                    batch_size=default_erf_batch(resolution, resolution),
+                )  # fmt: skip
         return {state: self._results[(resolution, state)] for state in states}
 
     def caption(self, resolution: int) -> str:

@@ -5,9 +5,10 @@ optimizer step (:func:`cxrlib.train.optimizer_step`): its per-process batch
 (:func:`cxrlib.recipe.default_per_gpu_batch`), mixed precision (:func:`cxrlib.runtime.amp_dtype`),
 channels_last on GPUs, augmentation on the device, masked BCE and Adam. Inputs are synthetic uint8 batches
 already on the device, so ``train_img_s`` and ``infer_img_s`` are the model's ceiling;
-``load_img_s`` is the DataLoader's rate from the cache alone (decode only, the trainer's
-worker count), measured when a cache and an index are given. ``peak_mem_gib`` is the peak
-GPU memory allocated during training (the paper's "memory used"); NaN on the CPU.
+``load_img_s`` is the trainer's DataLoader's rate from the cache alone (decode only: its workers,
+pinned memory, persistent workers, prefetch), measured when a cache and an index are given.
+``peak_mem_gib`` is the peak GPU memory allocated during training (the paper's "memory used");
+NaN on the CPU. cuDNN autotuning is on as in the trainer (``cudnn_benchmark``).
 
 On a CPU the measurement is small (batch 4, 2 timed steps by default) and the ``note``
 column says so: the numbers size CPU presets, they are not comparable to the paper's A100s.
@@ -30,15 +31,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from .datasets import CXRDataset, collate_skip_none
+from .datasets import CXRDataset
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS
-from .loaders import default_workers
+from .loaders import default_workers, make_loader
 from .models import build_model
 from .recipe import BatchPlan, default_per_gpu_batch
-from .runtime import amp_dtype, autocast, model_input, resolve_device
+from .runtime import algorithm_settings, amp_dtype, autocast, model_input, resolve_device, use_channels_last
 
 COLUMNS = (
     "resolution",
@@ -54,6 +54,7 @@ COLUMNS = (
 CPU_BATCH = 4
 CPU_STEPS = 2
 GPU_STEPS = 20
+LOADING_BATCHES_PER_WORKER = 4  # timed batches per DataLoader worker (at least 4 in all)
 
 
 def device_name(device: torch.device) -> str:
@@ -142,11 +143,23 @@ def measure_model(
 
 
 def measure_loading(
-    index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, batch: int, workers: int, images: int
+    index: pd.DataFrame,
+    cache_dir: str | os.PathLike,
+    resolution: int,
+    batch: int,
+    workers: int,
+    device: torch.device,
+    images: int = 256,
 ) -> float:
-    """Images/s of the trainer's DataLoader reading (decoding) ``images`` cached images."""
+    """Images/s of the trainer's DataLoader (:func:`cxrlib.loaders.make_loader`: its ``workers``,
+    pinned memory on a GPU, persistent workers, prefetch) decoding the first ``images`` cached
+    images of ``index``, repeated as needed: one untimed pass starts the workers, then a pass of
+    4 batches per worker is timed."""
     dataset = CXRDataset(index.iloc[:images].reset_index(drop=True), resolution, cache_dir)
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_skip_none)
+    order = [i % len(dataset) for i in range(LOADING_BATCHES_PER_WORKER * max(1, workers) * batch)]
+    loader = make_loader(dataset, batch, order, workers, device, seed=0)
+    for _ in loader:  # workers started, the files read once
+        pass
     start = time.perf_counter()
     count = sum(len(b[0]) for b in loader if b is not None)
     return count / (time.perf_counter() - start)
@@ -163,6 +176,8 @@ def measure_throughput(
     memory_efficient: bool = False,
     warmup: int | None = None,
     load_images: int = 256,
+    channels_last: str = "auto",
+    cudnn_benchmark: bool = True,
 ) -> pd.DataFrame:
     """Table 2 on this device: one row per resolution with the columns of :data:`COLUMNS`.
 
@@ -174,13 +189,14 @@ def measure_throughput(
         steps: timed steps (default 20 on a GPU, 2 on the CPU), after ``warmup`` untimed ones.
         cache_dir, index: when both are given, ``load_img_s`` is measured on up to
             ``load_images`` images of ``index``; otherwise it is NaN.
-        amp: as the trainer's ``--amp``.
+        amp, memory_efficient, channels_last: as the trainer's ``--amp``, ``--memory-efficient``
+            and ``--channels-last``; ``cudnn_benchmark``: cuDNN autotuning, as the trainer by default.
     """
     device = resolve_device("auto" if device is None else str(device))
     on_gpu = device.type == "cuda"
     steps = steps or (GPU_STEPS if on_gpu else CPU_STEPS)
     warmup = warmup if warmup is not None else (3 if on_gpu else 1)
-    dtype = amp_dtype(device, amp)
+    dtype, layout = amp_dtype(device, amp), use_channels_last(device, channels_last)
     if isinstance(batch_sizes, Sequence):
         batch_sizes = dict(zip(resolutions, batch_sizes, strict=True))
     rows = []
@@ -197,16 +213,19 @@ def measure_throughput(
             "batch": int(batch),
             "amp": str(dtype).removeprefix("torch.") if dtype else "off",
         }
+        settings = (resolution, batch, device, dtype, steps, warmup, memory_efficient, layout)
         try:
-            row.update(measure_model(resolution, batch, device, dtype, steps, warmup, memory_efficient))
+            with algorithm_settings(deterministic=False, benchmark=cudnn_benchmark):
+                row.update(measure_model(*settings))
         except torch.cuda.OutOfMemoryError:
             row.update(train_img_s=math.nan, infer_img_s=math.nan, peak_mem_gib=math.nan)
             note = f"out of GPU memory at batch {batch}"
         finally:
             if on_gpu:
                 torch.cuda.empty_cache()
+        workers = default_workers(device, 1)
         row["load_img_s"] = (
-            measure_loading(index, cache_dir, resolution, batch, default_workers(device, 1), load_images)
+            measure_loading(index, cache_dir, resolution, batch, workers, device, load_images)
             if cache_dir is not None and index is not None
             else math.nan
         )

@@ -117,6 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system("--channels-last", default="auto", choices=layouts, help="channels_last (auto: on GPUs only)")
     system("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
     system("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    system("--no-cudnn-benchmark", action="store_true", help="no cuDNN autotuning (saves its start-up)")
     system("--no-resume", action="store_true", help="start over, deleting this run's files")
     system("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
     system("--skip-nonfinite-steps", action="store_true", help="skip an optimizer step whose loss is NaN/inf")
@@ -256,7 +257,8 @@ def run(args: argparse.Namespace) -> dict:
     except cxrdist.DeviceError as error:
         raise ConfigError(str(error)) from error
     try:
-        with run_folder_lock(args.out, info.is_main), algorithm_settings(args.deterministic):
+        settings = algorithm_settings(args.deterministic, benchmark=not args.no_cudnn_benchmark)
+        with run_folder_lock(args.out, info.is_main), settings:
             return train(args, frames, info)
     finally:
         cxrdist.cleanup()

@@ -15,6 +15,7 @@ against torchvision's per-image ``hflip`` + ``rotate``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,9 +38,16 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     if image.dtype == torch.uint8:
         image = image.float().div_(255.0)
     image = to_three_channels(image) if image.shape[-3] == 1 else image
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(3, 1, 1)
+    mean, std = imagenet_mean_std(image.device, image.dtype)
     return (image - mean) / std
+
+
+@functools.cache
+def imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as ``[3, 1, 1]`` tensors on ``device``, made once per device and dtype:
+    a tensor made from a list is copied to a GPU synchronously, which would stall every batch."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(3, 1, 1)
 
 
 def train_transform() -> v2.Compose:

@@ -1,5 +1,8 @@
 """The pipeline's time estimate: a kept calibration, a cost per step, recorded step times."""
 
+import multiprocessing
+from types import SimpleNamespace
+
 import pytest
 from tiny_data import make_tiny_dataset
 
@@ -18,7 +21,7 @@ def test_calibration_measures_once_per_machine_and_setting(private_cache, monkey
     preset = resolve("smoke")
     calls = []
 
-    def fake_measure(setting):
+    def fake_measure(setting, pool):
         calls.append(setting)
         return 10.0 * 64 / setting.resolution, 40.0 * 64 / setting.resolution
 
@@ -28,6 +31,38 @@ def test_calibration_measures_once_per_machine_and_setting(private_cache, monkey
     assert [s.resolution for s in calls] == [32, 64] and calls[0].batch == 16
     assert eta.calibrate(preset, progress=False) == rates and len(calls) == 2  # kept, not measured again
     assert (private_cache / "calibration.json").is_file()
+
+
+def test_calibration_on_a_gpu_measures_in_a_spawned_child_not_in_the_pipeline(private_cache, monkeypatch):
+    # A measurement in the pipeline's own process would keep its GPU memory cached through training.
+    monkeypatch.setattr(eta, "_measure", lambda setting: pytest.fail("measured in the caller's process"))
+    monkeypatch.setattr(eta, "machine_label", lambda: "a GPU machine")
+    settings = [eta.Setting(r, 16, 4, 1, True, "cuda") for r in (256, 2048)]
+    monkeypatch.setattr(eta, "training_settings", lambda preset: settings)
+    pools = []
+
+    class Pool:
+        def __init__(self, processes):
+            self.processes, self.tasks = processes, []
+            pools.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *error):
+            return False
+
+        def map(self, function, items, chunksize=None):
+            self.tasks += [(function, item) for item in items]
+            return [(2.0, 8.0)] * len(items)
+
+    methods = []
+    context = SimpleNamespace(Pool=Pool)
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: methods.append(method) or context)
+    rates = eta.calibrate(resolve("smoke"), progress=False)
+    assert methods == ["spawn"] and len(pools) == 1 and pools[0].processes == 1
+    assert pools[0].tasks == [(eta._measure, s) for s in settings]  # one child's GPU, times 4 GPUs
+    assert rates == {r: {"train_img_s": 8.0, "infer_img_s": 32.0} for r in (256, 2048)}
 
 
 def test_a_real_measurement_gives_positive_rates(private_cache):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
+from cxrlib import evaluate, predict
 from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
 from cxrlib.index import read_index, write_index
 from cxrlib.labels import FINDINGS
@@ -124,3 +127,22 @@ def test_an_unreadable_image_stops_in_one_line_or_is_left_out_with_drop_bad(run_
     assert f"left out: unreadable image {broken}: " in err and "Traceback" not in err
     scored = pd.read_csv(tmp_path / "o" / "auc.csv")
     assert (scored["n_pos"] + scored["n_neg"]).max() == len(index) - 1
+
+
+def test_external_scoring_decodes_with_loader_workers_in_batches_that_fit_the_resolution(
+    tmp_path, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(evaluate, "load_trained_model", lambda folder, map_location: nn.Identity())
+    monkeypatch.setattr(evaluate, "CXRDataset", lambda frame, resolution, cache: resolution)
+    monkeypatch.setattr(evaluate, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(
+        predict,
+        "predict_logits",
+        lambda *args: calls.append(args[1:3] + args[5:]) or pd.DataFrame({"dicom_id": []}),
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    models = {(256, 0): tmp_path, (2048, 0): tmp_path}
+    evaluate.score_models(models, pd.DataFrame(), tmp_path, torch.device("cuda"), batch_size=None)
+    assert calls == [(256, 64, 8), (2048, 4, 8)]  # (resolution, batch, DataLoader workers)

@@ -100,3 +100,19 @@ def test_hook_is_removed_on_exit_and_on_exception():
     assert len(model.features._forward_hooks) == 0
     with pytest.raises(RuntimeError, match="with"):
         GradCAM(model)(planted_images([(0, 0)]), TARGET)
+
+
+def test_gradcam_is_computed_in_float32_with_tf32_off_and_the_settings_restored():
+    seen = []
+    model = SquareDetector()
+    model.features.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    )
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # TF32 allowed outside
+    try:
+        gradcam(model, planted_images([(8, 8)]), TARGET)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False)]

@@ -3,6 +3,11 @@ equal to 1 process, and a killed worker restarted by torchrun that resumes and f
 
 import io
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,6 +15,7 @@ import torch
 from tiny_data import make_tiny_dataset
 
 from cxrlib import launch as launcher
+from cxrlib import paths
 from cxrlib.checkpoint import load_verified
 from cxrlib.datasets import read_index
 from cxrlib.labels import FINDINGS
@@ -94,6 +100,42 @@ def test_stream_shows_progress_updates_and_logs_only_whole_lines(capsys):
     assert log.getvalue() == "start\nepoch 1: 100%\ndone\ntail\n"
     assert "epoch 1:  10%\repoch 1:  50%\r" in capsys.readouterr().out
     assert list(stream.tail) == ["start", "epoch 1: 100%", "done", "tail"]
+
+
+def running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_launched_command_ends_when_the_process_that_launched_it_is_killed(tmp_path):
+    # A notebook kernel killed at a time limit must not leave its torchrun (and trainer) running.
+    pid_file = tmp_path / "child.pid"
+    child = f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file} && exec sleep 120"
+    arguments = (
+        f"['bash', '-c', {child!r}], {{'PATH': {os.environ['PATH']!r}}}, Path({str(tmp_path / 'log')!r})"
+    )
+    code = f"from pathlib import Path\nfrom cxrlib.launch import run_logged\nrun_logged({arguments}, False)"
+    env = {**os.environ, "PYTHONPATH": str(paths.PROJECT_ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    started = time.monotonic()
+    while not pid_file.is_file() and time.monotonic() - started < 120:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    try:
+        parent.kill()  # SIGKILL: no handler of the launcher runs
+        parent.wait()
+        for _ in range(100):
+            if not running(child):
+                break
+            time.sleep(0.1)
+        assert not running(child)
+    finally:
+        if running(child):
+            os.kill(child, 9)
 
 
 @pytest.mark.slow

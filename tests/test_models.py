@@ -32,6 +32,24 @@ def test_memory_efficient_computes_the_same_function():
     assert torch.allclose(checkpointed.features.conv0.weight.grad, grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_memory_efficient_step_counts_the_batch_once_in_batchnorm_and_then_predicts_the_same():
+    def one_step(memory_efficient):
+        torch.manual_seed(0)
+        model = build_model("none", memory_efficient=memory_efficient)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        model(x).sum().backward()  # training mode: BatchNorm updates its running statistics
+        optimizer.step()
+        with torch.no_grad():
+            return model.state_dict(), model.eval()(x)  # eval mode: predictions use those statistics
+
+    (plain, plain_out), (efficient, efficient_out) = one_step(False), one_step(True)
+    assert efficient["features.denseblock1.denselayer1.norm1.num_batches_tracked"] == 1
+    for name, value in plain.items():
+        torch.testing.assert_close(efficient[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(efficient_out, plain_out, rtol=1e-4, atol=1e-5)
+
+
 def test_imagenet_without_network_says_which_file_to_place_where(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

@@ -57,6 +57,26 @@ def test_per_resolution_train_options_override_shared_ones(tmp_path):
     assert preset.train_options(64) == {"epochs": 4, "weights": "imagenet", "batch_size": 8}
 
 
+def test_several_nodes_are_refused_with_the_torchrun_command_to_use(tmp_path):
+    custom = tmp_path / "two-nodes.yaml"
+    custom.write_text("resolutions: [256]\ntrain:\n  nnodes: 2\n")
+    message = r"train.nnodes 2: .*one node.*torchrun --nnodes=2 --node-rank=<0..1>"
+    with pytest.raises(ValueError, match=message) as error:
+        load_preset(custom)
+    assert "\n" not in str(error.value)
+
+
+def test_cudnn_autotuning_is_on_by_default_and_the_phantom_gpu_preset_turns_it_off_in_the_trainer():
+    from cxrlib.launch import build_command
+
+    assert resolve("demo").train.cudnn_benchmark and "no_cudnn_benchmark" not in resolve(
+        "demo"
+    ).train_options(64)
+    preset = resolve("phantom-gpu")
+    assert not preset.train.cudnn_benchmark and preset.train_options(2048)["no_cudnn_benchmark"] is True
+    assert "--no-cudnn-benchmark" in build_command(2048, 0, "o", "i", "f", "c", **preset.train_options(2048))
+
+
 def test_the_field_sweep_preset_trains_exactly_as_the_demo_at_its_top_resolution():
     demo, sweep = resolve("demo"), resolve("receptive-field")
     assert sweep.field_sweep.resolution == max(demo.resolutions) == sweep.resolutions[0]

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torchvision
 
 from cxrlib import receptive_field as rfm
+from cxrlib.transforms import IMAGENET_STD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,7 +122,7 @@ def test_erf_channel_modes_and_grayscale_pixels_on_a_linear_convolution():
     # uint8 grayscale: derivative w.r.t. the pixel in [0, 1] through replication and ImageNet scaling.
     gray = torch.randint(0, 256, (2, 1, 9, 9), dtype=torch.uint8)
     pixel = rfm.effective_receptive_field(conv, gray, exact=True)
-    std = torch.tensor(rfm.IMAGENET_STD).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     np.testing.assert_allclose(pixel.erf[3:6, 3:6], (w / std).sum(1).square().mean(0).numpy(), rtol=1e-5)
 
 
@@ -233,3 +234,19 @@ def test_the_erf_of_a_tiled_model_stays_inside_its_tile():
     inside = erf[64:96, 64:96].sum()
     assert inside / erf.sum() > 0.999
     assert tiled.fraction90 < 0.25 < plain.fraction90
+
+
+def test_the_erf_is_computed_in_float32_with_tf32_off_and_the_settings_restored():
+    seen = []
+    model = rfm.conv_stack(2)
+    model.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    )
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # TF32 allowed outside
+    try:
+        rfm.effective_receptive_field(model, torch.rand(1, 1, 9, 9), max_shift=0.0)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from cxrlib import study, teaching
 from cxrlib.paths import fold_dir
 from cxrlib.plots import resolution_strip
 from cxrlib.presets import resolve
@@ -71,6 +72,23 @@ def test_the_slider_redraws_the_explorer_at_the_chosen_resolution(explorer):
     assert slider.value == explorer.default_resolution
     slider.value = 64
     assert widget.kwargs == {"resolution": 64} and (64, "init") in explorer._results
+
+
+def test_the_explorer_runs_on_the_analysis_device_in_batches_that_fit_the_resolution(explorer, monkeypatch):
+    calls = []
+
+    def erf(model, images, **options):
+        calls.append((next(model.parameters()).device.type, images.shape[-1], options["batch_size"]))
+        return "an ERF"
+
+    monkeypatch.setattr(teaching, "effective_receptive_field", erf)
+    monkeypatch.setattr(study, "analysis_device", lambda preset: torch.device("meta"))  # not the CPU
+    images, model = explorer.images, explorer.init_model
+    on_device = ERFExplorer.from_preset(resolve("smoke"), images, model)
+    on_device.trained = {2048: tiny_cnn(3)}
+    on_device.results(2048)
+    on_device.results(64)
+    assert calls == [("meta", 2048, 1), ("meta", 2048, 1), ("meta", 64, 8)]  # (device, px, batch)
 
 
 def test_trained_models_are_the_finished_trainings_of_the_first_fold(tmp_path):

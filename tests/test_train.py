@@ -1,12 +1,14 @@
 """The trainer: Table 1 arithmetic, exact loss averaging, LR halving and early stop that act,
 clear errors before work, NaN and bad-image handling, and kill-anywhere resume that ends identical."""
 
+import argparse
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,6 +120,14 @@ def test_mixed_precision_choice_on_cpu():
     with pytest.raises(train.ConfigError, match="fp16 needs a CUDA GPU"):
         runtime.amp_dtype(cpu, "fp16")
     assert recipe.default_per_gpu_batch(256, cpu) >= 1
+
+
+def test_auto_precision_is_fp16_on_gpus_whose_bf16_is_only_emulated(monkeypatch):
+    # V100 / T4: bf16 is emulated (slow), so fp16 with a GradScaler; bf16 from Ampere on
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.amp_dtype("cuda", "auto") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert runtime.amp_dtype("cuda", "auto") == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -258,6 +268,17 @@ def test_gpu_only_options_are_refused_on_the_cpu(tiny, tmp_path, capsys):
     assert "--sync-bn needs CUDA" in capsys.readouterr().err
 
 
+def test_cudnn_autotuning_is_on_by_default_and_off_with_its_flag(tiny, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        train, "train", lambda args, frames, info: seen.append(torch.backends.cudnn.benchmark) or {}
+    )
+    before = torch.backends.cudnn.benchmark
+    assert train.main(argv(tiny, tmp_path / "a")) == 0
+    assert train.main([*argv(tiny, tmp_path / "b"), "--no-cudnn-benchmark"]) == 0
+    assert seen == [True, False] and torch.backends.cudnn.benchmark == before
+
+
 def test_ranks_come_from_torchrun_or_slurm_and_a_lone_process_needs_no_group(monkeypatch):
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
     assert dist.env_ranks(slurm) == (3, 8, 1)
@@ -280,6 +301,86 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(dist.DeviceError, match="only 1 GPU"):
         dist.init_distributed()
+
+
+def test_a_slurm_task_that_sees_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
+    # srun --ntasks-per-node=8 --gpus-per-task=1 python -m cxrlib.train ...: each task sees its own GPU
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="3", MASTER_ADDR="n1", MASTER_PORT="1")
+    monkeypatch.setattr(os, "environ", environ)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    groups = []
+    monkeypatch.setattr(dist.dist, "rendezvous", lambda *args, **kw: iter([(object(), 3, 8)]))
+    monkeypatch.setattr(dist.dist, "init_process_group", lambda **kw: groups.append(kw))
+    info = dist.init_distributed()
+    assert (info.rank, info.world_size, info.local_rank) == (3, 8, 3)
+    assert info.device == torch.device("cuda", 0)
+    assert groups[0]["backend"] == "nccl" and groups[0]["device_id"] == torch.device("cuda", 0)
+
+
+def plan_on_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """A process of a gloo group whose GPU has its own free memory (rank 0: 100 GiB, rank 1: 20 GiB)
+    plans the 2048 px training: automatically, then with a different --batch-size per rank."""
+    import json
+
+    import torch.distributed as tdist
+
+    torch.cuda.mem_get_info = lambda device=None: ((100, 20)[rank] * 2**30, 141 * 2**30)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = []
+    for batch_size in (None, 4 * (rank + 1)):
+        args = argparse.Namespace(
+            resolution=2048, effective_batch=None, lr=None, batch_size=batch_size, memory_efficient=False
+        )
+        try:
+            plan = recipe.plan_training(args, world, torch.device("cuda"), torch.bfloat16)
+            results.append([plan.batches.per_gpu_batch, plan.batches.accumulation_steps, plan.batch_limit])
+        except runtime.ConfigError as error:
+            results.append(str(error))
+    tdist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_processes_agree_on_the_smallest_automatic_batch_and_refuse_different_plans(tmp_path):
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(plan_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    limit = recipe.batch_for_memory(2048, 20 * 2**30)  # the smaller GPU's, 2 (rank 0 alone: 8)
+    expected = recipe.plan_batches(42, 2, max_per_gpu=limit)  # Table 1's 42 at 2048 px
+    for automatic, different in ranks:
+        assert automatic == [expected.per_gpu_batch, expected.accumulation_steps, limit]
+        assert different.startswith("the processes planned different batches")
+
+
+def test_loader_workers_and_prefetch_fit_the_cores_the_gpus_and_the_image_size(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cuda = torch.device("cuda")
+    assert loaders.default_workers(cuda, 1) == 8 and loaders.default_workers(torch.device("cpu"), 1) == 0
+    assert loaders.default_workers(cuda, 8) == 2  # 8 GPUs on 16 cores: two workers each, not one
+    assert loaders.prefetch_batches(8, 256, 256) == 4
+    for workers, batch, resolution in (
+        (8, 256, 256),
+        (8, 512, 256),
+        (8, 14, 2048),
+        (8, 28, 2048),
+        (2, 8, 2048),
+    ):
+        prefetch = loaders.prefetch_batches(workers, batch, resolution)  # shared memory of one loader:
+        assert 1 <= prefetch <= 4 and workers * prefetch * batch * resolution**2 <= 2**30  # at most 1 GiB
+
+
+def test_the_validation_loader_ends_its_workers_after_each_validation(tiny):
+    args = argparse.Namespace(
+        resolution=32, cache=tiny.cache, cache_format="png", skip_bad_images=False, seed=0
+    )
+    frames = {role: tiny.frame.iloc[:8] for role in ("train", "val")}
+    info = dist.DistInfo(0, 1, 0, torch.device("cpu"), None)
+    train_loader, val_loader = loaders.training_loaders(frames, args, info, recipe.BatchPlan(4, 1, 1, 4), 2)
+    assert train_loader.persistent_workers and not val_loader.persistent_workers
+    assert val_loader.batch_size == 8 and val_loader.prefetch_factor == 4
 
 
 def test_missing_cached_image_is_named_with_the_command_to_build_it(tmp_path, capsys):

@@ -35,6 +35,18 @@ def test_normalize_makes_three_imagenet_channels():
     )
 
 
+def test_normalisation_constants_are_made_once_per_device_not_copied_to_it_per_batch(monkeypatch):
+    from cxrlib.receptive_field import _grayscale_to_model_input
+
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kw: made.append(kw) or real(*args, **kw))
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8, device="meta")  # a device other than the CPU
+    for _ in range(3):  # three batches
+        assert normalize(images).shape == (2, 3, 8, 8)
+        assert _grayscale_to_model_input(images.float()).shape == (2, 3, 8, 8)
+    assert len(made) <= 2  # mean and std once, not per batch
+
+
 def test_eval_transform_is_deterministic_and_train_transform_augments():
     image = torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8)
     assert torch.equal(eval_transform()(image), eval_transform()(image))
