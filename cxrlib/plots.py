@@ -695,13 +695,12 @@ def arms_auc(
         ax.set_xticks(
             range(len(arms)), [f"{arm}\nERF {100 * erf[arm]:.0f}%" for arm in arms], fontsize="small"
         )
-        ax.set_title(name)
-        ax.legend(fontsize="x-small", loc="lower left")
+        ax.set(xlim=(-0.5, len(arms) - 0.5), title=name)
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(group))
     axes[0].set_ylabel("test AUC (patient-bootstrap 95% interval)")
-    where = (
-        ""
-        if reference is None
-        else "; dashed: " + ", ".join(f"{r} px" for r in sorted(set(reference["resolution"])))
-    )
+    where = ""
+    if reference is not None:
+        sizes = ", ".join(f"{r} px" for r in sorted(set(reference["resolution"])))
+        where = f"; dashed: the resolution sweep at {sizes}"
     fig.suptitle(f"What brings the coarse findings back? One change per arm{where}")
     return fig
