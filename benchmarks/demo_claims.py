@@ -29,6 +29,13 @@ Usage::
 
 Each seed's run lives in ``--out/seed<s>`` (resumable: finished trainings are kept); the table
 is also written to ``--out/claims.csv``.
+
+``--arms receptive-field`` also runs notebook 10's arms (:mod:`cxrlib.field_sweep`) for each seed,
+with that seed's top-resolution model as the baseline (in ``--out/seed<s>/arms``; for seed 0 with
+``--seed0-run``, the preset's own run, ``runs/receptive-field``), and prints each arm's AUC change
+against the baseline per seed and its spread over the seeds (``--out/arms.csv``)::
+
+    python benchmarks/demo_claims.py --seeds 0 1 --seed0-run runs/demo --arms receptive-field
 """
 
 from __future__ import annotations
@@ -62,7 +69,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="a finished run of the preset with the default training seed (e.g. runs/demo): its models "
         "are seed 0's (the same settings train the same model on this machine), not trained again",
     )
+    parser.add_argument("--arms", default=None, help="also run this preset's arms (notebook 10) per seed")
     return parser
+
+
+def run_arms(name: str, seed_run: Preset, seed: int, out: Path, existing: bool) -> pd.DataFrame:
+    """Notebook 10's arms for one training seed, the seed's own run as their baseline; the tests of
+    each arm against it (one row per arm and finding, with the seed)."""
+    run = None if existing else str(out / f"seed{seed}" / "arms")
+    preset = resolve(name, run_dir=run, figures_dir=run)
+    preset.train.options = {**preset.train.options, "seed": seed}
+    preset.field_sweep.reuse = preset.field_sweep.compare = str(seed_run.run_path)
+    preset.cache.dir = str(seed_run.cache_path)
+    if not preset.index_path.is_file():
+        study.prepare_data(preset)
+    study.prepare_cache(preset, progress=False)
+    result = study.field_sweep(preset, echo=False)
+    return result.sweep.delong.assign(seed=seed)
 
 
 def seed_preset(name: str, out: Path, seed: int, run: Path | None = None) -> Preset:
@@ -153,15 +176,32 @@ def statements(preset: Preset, evaluation: study.Evaluation, grid: study.GradCAM
     return rows
 
 
+def print_arms(table: pd.DataFrame) -> None:
+    """Each arm's AUC change against the baseline per finding and seed, and its spread over seeds."""
+    columns = zip(table["diff"], table["ci_low"], table["ci_high"], table["p_holm"], strict=True)
+    cells = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] p_holm {p:.3f}" for d, lo, hi, p in columns]
+    shown = table.assign(cell=cells).pivot(index=["arm", "finding"], columns="seed", values="cell")
+    shown["spread of diff"] = table.groupby(["arm", "finding"])["diff"].agg(np.ptp)
+    order = list(dict.fromkeys(zip(table["arm"], table["finding"], strict=True)))
+    print("\nAUC(arm) - AUC(baseline) per training seed (clustered DeLong 95% interval, Holm over the arms):")
+    print(shown.loc[order].to_string())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     print(f"CPU: {describe_cpu()}", flush=True)
-    results = []
+    results, arms = [], []
     for seed in args.seeds:
         existing = args.seed0_run if seed == 0 and args.seed0_run is not None else None
         preset = seed_preset(args.preset, args.out, seed, existing)
         evaluation, grid, seconds = run_seed(preset)
         print(f"seed {seed}: trained and evaluated in {seconds / 60:.1f} min", flush=True)
+        if args.arms:
+            started = time.time()
+            arms.append(run_arms(args.arms, preset, seed, args.out, existing is not None))
+            write_csv_atomic(pd.concat(arms, ignore_index=True), args.out / "arms.csv")
+            minutes = (time.time() - started) / 60
+            print(f"seed {seed}: arms trained and tested in {minutes:.1f} min", flush=True)
         for row in statements(preset, evaluation, grid):
             results.append({"seed": seed, **row})
         table = pd.DataFrame(results)
@@ -182,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     wide["every seed"] = table.groupby("statement")["holds"].all().map({True: "holds", False: "NOT"})
     order = list(dict.fromkeys(table["statement"]))
     print(wide.loc[order].to_string())
+    if arms:
+        print_arms(pd.concat(arms, ignore_index=True))
     return 0
 
 

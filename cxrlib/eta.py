@@ -42,7 +42,7 @@ TRAIN_START_SECONDS = 12.0  # torchrun, the processes' imports, the model, the f
 RENDER_SECONDS_AT_256 = 0.015  # phantom: one frontal image at a 256 px long side, one core
 CACHE_SECONDS_PER_IMAGE = 0.006  # decode + resize + PNG per source image and resolution, one core
 BACKWARD_FACTOR = 3.0  # a gradient with respect to the input costs about 3 forward passes
-FIELD_SWEEP_ANALYSIS_S = 30.0  # notebook 10 besides its trainings (3 variants, 128 px, 2-core AVX2 CPU)
+FIELD_SWEEP_ANALYSIS_S = 60.0  # notebook 10 besides its trainings (4 arms, 128 px, 2-core AVX2 CPU)
 CALIBRATION_STEPS = 2  # timed steps per resolution, after one untimed warm-up step
 
 
@@ -266,19 +266,26 @@ def estimate(
 def field_sweep_seconds(
     preset: Preset, rates: dict[int, dict[str, float]], roles: list[dict[str, int]]
 ) -> float:
-    """Notebook 10: each tiled training it still has to do (a tiled DenseNet121 costs about what the
-    untiled one does at the same resolution) and its analysis (ERF, Grad-CAM and tests per variant)."""
+    """Notebook 10: each arm it still has to train (an arm costs what the plain model does at the same
+    resolution, per epoch it runs; one that continues another runs only its extra epochs) and its
+    analysis (ERF and tests per arm)."""
     from . import field_sweep, paths
 
     resolution = field_sweep.sweep_resolution(preset)
     if resolution not in rates:
         return KERNEL_SECONDS + FIELD_SWEEP_ANALYSIS_S
-    trainings = sum(
-        training_seconds(preset, rates[resolution], role, resolution)
-        for fold, role in zip(preset.trained_folds(), roles, strict=True)
-        for folder in field_sweep.variant_folders(preset, fold).values()
-        if not (folder / paths.DONE).is_file()
-    )
+    arms, epochs = preset.field_sweep.arms, int(preset.train_options(resolution)["epochs"])
+    trainings = 0.0
+    for fold, role in zip(preset.trained_folds(), roles, strict=True):
+        for arm, folder in field_sweep.arm_folders(preset, fold).items():
+            if (folder / paths.DONE).is_file():
+                continue
+            runs = int(arms[arm].get("epochs", epochs))
+            source = arms[arm].get("continue_from")
+            done_before = int(arms[source].get("epochs", epochs)) if source else 0
+            trainings += (
+                training_seconds(preset, rates[resolution], role, resolution) * (runs - done_before) / epochs
+            )
     return KERNEL_SECONDS + trainings + FIELD_SWEEP_ANALYSIS_S
 
 

@@ -497,12 +497,13 @@ def delong_covariance(
 def _clustered_covariance(
     aucs: np.ndarray, v_pos: np.ndarray, v_neg: np.ndarray, clusters: np.ndarray, positive: np.ndarray
 ) -> np.ndarray:
-    """Obuchowski (1997), Biometrics 53:567-578: with I clusters, M positives and N negatives,
-    and per cluster the sums of the components of its positives (X_i, count m_i) and of its
-    negatives (Y_i, count n_i), D_x = X_i - m_i AUC, D_y = Y_i - n_i AUC::
+    """Obuchowski (1997), Biometrics 53:567-578: with I clusters, I10 of them holding a positive and
+    I01 a negative, M positives and N negatives, and per cluster the sums of the components of its
+    positives (X_i, count m_i) and of its negatives (Y_i, count n_i), D_x = X_i - m_i AUC,
+    D_y = Y_i - n_i AUC::
 
-        S10 = I / ((I - 1) M) sum_i D_x D_x',  S01 = I / ((I - 1) N) sum_i D_y D_y',
-        S11 = I / (I - 1) sum_i D_x D_y',      cov = S10 / M + S01 / N + (S11 + S11') / (M N)
+        S10 = I10 / ((I10 - 1) M) sum_i D_x D_x',  S01 = I01 / ((I01 - 1) N) sum_i D_y D_y',
+        S11 = I / (I - 1) sum_i D_x D_y',          cov = S10 / M + S01 / N + (S11 + S11') / (M N)
     """
     _, cluster_of = np.unique(clusters, return_inverse=True)
     n_clusters = int(cluster_of.max()) + 1
@@ -521,10 +522,15 @@ def _clustered_covariance(
     y_sum, n_i = per_cluster(v_neg, neg_cluster)
     d_x = x_sum - aucs[:, None] * m_i[None, :]
     d_y = y_sum - aucs[:, None] * n_i[None, :]
-    factor = n_clusters / (n_clusters - 1)
-    s10 = factor / m * d_x @ d_x.T
-    s01 = factor / n * d_y @ d_y.T
-    s11 = factor * d_x @ d_y.T
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    if min(i10, i01) < 2:
+        raise ValueError(
+            f"the clustered DeLong test needs positives and negatives in at least 2 clusters each, "
+            f"got {i10} and {i01}"
+        )
+    s10 = i10 / (i10 - 1) / m * d_x @ d_x.T
+    s01 = i01 / (i01 - 1) / n * d_y @ d_y.T
+    s11 = n_clusters / (n_clusters - 1) * d_x @ d_y.T
     return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
 
 

@@ -114,19 +114,58 @@ class _DenseLayer(densenet._DenseLayer):
         return checkpoint(bottleneck, *inputs, use_reentrant=False)
 
 
+class GlobalContext(nn.Module):
+    """A global context block (Cao et al. 2019, GCNet): every position's features are pooled into
+    one vector with softmax attention weights, the vector is transformed (1x1 conv to
+    ``channels / reduction``, LayerNorm, ReLU, 1x1 conv back) and added to every position. Each
+    feature after it depends on the whole image. The last conv starts at zero, so the block
+    starts as the identity and the network as the plain one.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = channels // reduction
+        self.attention = nn.Conv2d(channels, 1, kernel_size=1)
+        self.transform = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel_size=1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, kernel_size=1),
+        )
+        nn.init.zeros_(self.transform[-1].weight)
+        nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        weights = self.attention(x).flatten(2).softmax(dim=-1)  # [N, 1, HW]: where to look
+        context = torch.bmm(x.flatten(2), weights.transpose(1, 2)).reshape(n, c, 1, 1)
+        return x + self.transform(context)
+
+
 class DenseNet121(torchvision.models.DenseNet):
     """torchvision's DenseNet121 (same layers, same state dict keys) with a float32 head.
 
     ``forward`` is ``head(features(x))``; :meth:`head` runs outside autocast on float32
     features, so the logits are float32 numbers, not rounded bf16 / fp16 ones. With ``tiles``
-    above 1 the features see ``tiles x tiles`` tiles of the image separately (:class:`TiledFeatures`).
+    above 1 the features see ``tiles x tiles`` tiles of the image separately (:class:`TiledFeatures`);
+    with ``global_context`` a :class:`GlobalContext` block follows dense block 3
+    (``features.globalcontext``).
     """
 
-    def __init__(self, num_classes: int, memory_efficient: bool = False, tiles: int = 1):
+    def __init__(
+        self, num_classes: int, memory_efficient: bool = False, tiles: int = 1, global_context: bool = False
+    ):
         super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
         for layer in self.modules():  # same layers and state dict keys, statistics counted once
             if isinstance(layer, densenet._DenseLayer):
                 layer.__class__ = _DenseLayer
+        if global_context:
+            layers = collections.OrderedDict()
+            for name, layer in self.features.named_children():
+                layers[name] = layer
+                if name == "denseblock3":
+                    layers["globalcontext"] = GlobalContext(self.features.transition3.norm.num_features)
+            self.features = nn.Sequential(layers)
         self.tiles = int(tiles)
         if self.tiles > 1:
             self.features = TiledFeatures(self.features, self.tiles)
@@ -146,6 +185,7 @@ def build_model(
     num_classes: int = NUM_FINDINGS,
     memory_efficient: bool = False,
     tiles: int = 1,
+    global_context: bool = False,
 ) -> nn.Module:
     """DenseNet121 (:class:`DenseNet121`: torchvision's, float32 head) with ``num_classes`` outputs.
 
@@ -154,6 +194,8 @@ def build_model(
         num_classes: number of outputs (one per finding of the label set; CheXpert's 14 by default).
         memory_efficient: gradient checkpointing in the dense blocks (torchvision's option).
         tiles: limit the receptive field to ``tiles x tiles`` tiles of the image (1: the plain model).
+        global_context: a :class:`GlobalContext` block after dense block 3, so that every later
+            feature sees the whole image (ImageNet weights load into the other layers).
 
     Raises:
         WeightsUnavailableError: ImageNet weights requested but not downloadable or cached.
@@ -161,7 +203,9 @@ def build_model(
     """
     if tiles < 1:
         raise ValueError(f"tiles must be at least 1, got {tiles}")
-    model = DenseNet121(num_classes, memory_efficient=memory_efficient, tiles=tiles)
+    model = DenseNet121(
+        num_classes, memory_efficient=memory_efficient, tiles=tiles, global_context=global_context
+    )
     choice = str(weights)
     if choice == "none":
         return model
@@ -236,10 +280,10 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
             cleaned.pop("classifier.weight", None)
             cleaned.pop("classifier.bias", None)
     missing, unexpected = model.load_state_dict(cleaned, strict=False)
-    # torchvision's files predate num_batches_tracked; a missing classifier was replaced on purpose
-    missing = [
-        k for k in missing if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")
-    ]
+    # torchvision's files predate num_batches_tracked; a missing classifier was replaced on purpose;
+    # a global context block missing from a plain model's file starts as the identity
+    fresh = ("classifier.", "features.globalcontext.")
+    missing = [k for k in missing if not k.startswith(fresh) and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(
             f"{source}: weights do not fit DenseNet121: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -53,12 +53,12 @@ def fold_dir(run: str | os.PathLike, resolution: int, fold: int) -> Path:
     return Path(run) / f"res{int(resolution)}" / f"fold{int(fold)}"
 
 
-def variant_dir(run: str | os.PathLike, resolution: int, fold: int, tiles: int = 1) -> Path:
-    """``<run>/res<R>/fold<k>/`` for the plain model, ``<run>/res<R>-tiles<T>/fold<k>/`` for one whose
-    features see ``T x T`` tiles of the image apart (the field sweep)."""
-    if int(tiles) == 1:
+def variant_dir(run: str | os.PathLike, resolution: int, fold: int, arm: str = "baseline") -> Path:
+    """``<run>/res<R>/fold<k>/`` for the plain model (the ``baseline`` arm), ``<run>/res<R>-<arm>/fold<k>/``
+    for another arm of notebook 10 (:mod:`cxrlib.field_sweep`)."""
+    if arm == "baseline":
         return fold_dir(run, resolution, fold)
-    return Path(run) / f"res{int(resolution)}-tiles{int(tiles)}" / f"fold{int(fold)}"
+    return Path(run) / f"res{int(resolution)}-{arm}" / f"fold{int(fold)}"
 
 
 def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: str = "test") -> Path:

@@ -109,9 +109,7 @@ STEPS: tuple[Step, ...] = (
     Step("09_receptive_field_explained", fixed_parameters={"interactive": False}),
     Step(
         "10_field_sweep",
-        _figures_and_tables(
-            ["auc_vs_erf.png", "field_gradcam.png"], ["field_sweep.csv", "field_sweep_delong.csv"]
-        ),
+        _figures_and_tables(["field_sweep_arms.png"], ["field_sweep.csv", "field_sweep_delong.csv"]),
         default=False,
         trains=True,
     ),

@@ -668,46 +668,50 @@ def _draw_erf_discs(ax, result, colour: str) -> None:
         ax.add_patch(Circle(centre, radius / side, fill=False, color=colour, linestyle=style, lw=1.4))
 
 
-# ----------------------------------------------------------------------------- field sweep (10)
+# ----------------------------------------------------------------------------- arms (10)
 
 
-def auc_vs_erf(
-    sweep: pd.DataFrame,
-    resolutions: pd.DataFrame | None = None,
+def arms_auc(
+    table: pd.DataFrame,
+    reference: pd.DataFrame | None = None,
     coarse: Sequence[str] = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema"),
     fine: Sequence[str] = ("Pneumothorax", "Lung Lesion", "Support Devices"),
 ) -> Figure:
-    """Test AUC against the measured ERF (fraction of the image side), coarse and fine findings apart.
+    """Test AUC per arm (``field_sweep.csv``: arm, erf_fraction, finding, auc, auc_low, auc_high),
+    coarse and fine findings apart, each arm labelled with its measured ERF (90% disc / image side).
 
-    ``sweep``: ``field_sweep.csv`` (field, erf_fraction, finding, auc, auc_low, auc_high): the field
-    limited at one resolution (circles, with their patient-bootstrap intervals, joined by lines).
-    ``resolutions``: the same findings of a resolution sweep (resolution, erf_fraction, finding, auc;
-    squares, dashed), whose field shrinks as the image grows; None to leave it out.
+    ``reference``: the same findings' AUC at a lower resolution of the resolution sweep (resolution,
+    finding, auc), drawn as dashed lines: where the coarse findings would recover to.
     """
-    fig = _figure(11, 4.2)
+    arms = list(dict.fromkeys(table["arm"]))
+    erf = table.groupby("arm", sort=False)["erf_fraction"].first()
+    fig = _figure(12, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
     colours = dict(
         zip([*coarse, *fine], sns.color_palette("colorblind", len(coarse) + len(fine)), strict=True)
     )
-    for ax, group, name in ((axes[0], coarse, "coarse findings"), (axes[1], fine, "fine findings")):
-        for finding in group:
-            part = sweep[sweep["finding"] == finding].sort_values("erf_fraction")
-            if part.empty:
-                continue
+    for ax, group, name in ((axes[0], coarse, "coarse findings"), (axes[1], fine, "fine findings (control)")):
+        for k, finding in enumerate(group):
+            part = table[table["finding"] == finding].set_index("arm").reindex(arms)
+            x = np.arange(len(arms)) + 0.08 * (k - (len(group) - 1) / 2)
             errors = [part["auc"] - part["auc_low"], part["auc_high"] - part["auc"]]
-            ax.errorbar(part["erf_fraction"], part["auc"], yerr=errors, marker="o", capsize=3,
-                        color=colours[finding], label=f"{finding} (field limited)")  # fmt: skip
-            for _, row in part.iterrows():
-                ax.annotate(row["field"], (row["erf_fraction"], row["auc"]), textcoords="offset points",
-                            xytext=(4, -10), fontsize="x-small", color=colours[finding])  # fmt: skip
-            if resolutions is not None:
-                other = resolutions[resolutions["finding"] == finding].sort_values("erf_fraction")
-                ax.plot(other["erf_fraction"], other["auc"], marker="s", linestyle="--", alpha=0.6,
-                        color=colours[finding], label=f"{finding} (resolution sweep)")  # fmt: skip
+            ax.errorbar(
+                x, part["auc"], yerr=errors, marker="o", capsize=3, color=colours[finding], label=finding
+            )
+            if reference is not None:
+                for _, row in reference[reference["finding"] == finding].iterrows():
+                    ax.axhline(row["auc"], color=colours[finding], linestyle="--", linewidth=0.9, alpha=0.7)
         ax.axhline(0.5, color="0.6", linewidth=0.8)
-        ax.set(xlabel="trained ERF (90% disc) / image side", title=name)
-        ax.legend(fontsize="x-small", loc="lower right")
-    axes[0].set_ylabel("test AUC")
+        ax.set_xticks(
+            range(len(arms)), [f"{arm}\nERF {100 * erf[arm]:.0f}%" for arm in arms], fontsize="small"
+        )
+        ax.set(xlim=(-0.5, len(arms) - 0.5), title=name)
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(group))
+    axes[0].set_ylabel("test AUC (patient-bootstrap 95% interval)")
+    where = ""
+    if reference is not None:
+        sizes = ", ".join(f"{r} px" for r in sorted(set(reference["resolution"])))
+        where = f"; dashed: the resolution sweep at {sizes}"
     _auc_axis(axes[0])  # the y axis is shared
-    fig.suptitle("Does the receptive field decide? AUC against the measured ERF")
+    fig.suptitle(f"What brings the coarse findings back? One change per arm{where}")
     return fig

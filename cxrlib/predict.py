@@ -166,7 +166,10 @@ def load_trained_model(
     else:
         state = load_state_dict_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
-    model = build_model("none", num_classes, memory_efficient, tiles=trained_tiles(path.parent))
+    global_context = any(key.startswith("features.globalcontext.") for key in state)
+    model = build_model(
+        "none", num_classes, memory_efficient, tiles=trained_tiles(path.parent), global_context=global_context
+    )
     load_weights_into(model, state, source=str(path))
     return model.eval()
 

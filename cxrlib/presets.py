@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,18 +111,25 @@ class AnalysisConfig:
     device: str = "auto"  # ERF, Grad-CAM and prediction in the notebooks: auto (GPU if visible) | cpu | cuda
 
 
+BASELINE_ARM = "baseline"
+ARM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
 @dataclass
 class FieldSweepConfig:
-    """The receptive field limited at a fixed resolution (notebook 10_field_sweep).
+    """What makes coarse findings fail at a higher resolution (notebook 10_field_sweep).
 
-    The same DenseNet121 is trained with its features seeing ``tiles x tiles`` separate tiles of
-    the image (``cxrlib.models.TiledFeatures``), with everything else as the top resolution's
-    training. ``reuse``: a run folder (``runs/<preset>``) whose model at ``resolution`` is the
-    untiled one (tiles 1) when it was trained on the same index and folds; trained here otherwise.
+    ``arms``: name -> settings, each trained at ``resolution`` on the preset's images and fold with
+    the preset's recipe changed by its settings: ``cxrlib.train`` options (``global_context: true``,
+    ``epochs: 4``, ``tiles: 2``), ``findings`` (train on this subset of the label set) and
+    ``continue_from`` (an earlier arm whose last checkpoint this one continues, to its own
+    ``epochs``). ``baseline`` (no settings) is the plain model every arm is tested against;
+    ``reuse``: a run folder (``runs/<preset>``) whose model at ``resolution`` is the baseline when
+    it was trained on the same index, folds and seed (trained here otherwise).
     """
 
     resolution: int | None = None  # None: the preset's largest resolution
-    tiles: list[int] = field(default_factory=lambda: [1, 2, 4])
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {BASELINE_ARM: {}})
     reuse: str | None = None
     compare: str | None = None  # a run folder whose resolution sweep the figure shows beside
     coarse: list[str] = field(default_factory=lambda: ["Cardiomegaly", "Enlarged Cardiomediastinum", "Edema"])
@@ -252,6 +260,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     for key, cls in sections.items():
         setattr(preset, key, _build(cls, raw.get(key), f"{where}: {key}"))
     preset.train.per_resolution = {int(r): dict(v) for r, v in preset.train.per_resolution.items()}
+    preset.field_sweep.arms = {str(arm): dict(v or {}) for arm, v in preset.field_sweep.arms.items()}
     validate(preset)
     return preset
 
@@ -274,14 +283,7 @@ def validate(preset: Preset) -> None:
     device = str(preset.analysis.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"{where}: analysis.device {device!r} is not auto, cpu, cuda or cuda:N")
-    sweep = preset.field_sweep
-    side = sweep.resolution or max(preset.resolutions)
-    for tiles in sweep.tiles if "10_field_sweep" in (preset.steps or []) else []:
-        if int(tiles) < 1 or side % (32 * int(tiles)):
-            raise ValueError(
-                f"{where}: field_sweep.tiles {tiles}: {side} px must split into tiles whose side is a "
-                "multiple of 32"
-            )
+    validate_arms(preset.field_sweep, f"{where}: field_sweep.arms")
     nodes = preset.train.nnodes
     if nodes != 1:
         raise ValueError(
@@ -304,6 +306,20 @@ def validate(preset: Preset) -> None:
                 if preset.folds.split == "official":
                     folds = "folds.split = official (one fold, 0)"
                 raise ValueError(f"{where}: fold {fold} does not exist with {folds}")
+
+
+def validate_arms(sweep: FieldSweepConfig, where: str) -> None:
+    """The arms of notebook 10: ``baseline`` first and plain, names usable as folder names and
+    ``continue_from`` naming an earlier arm (other settings are checked by the trainer's launch)."""
+    arms = list(sweep.arms)
+    if not arms or arms[0] != BASELINE_ARM or sweep.arms[BASELINE_ARM]:
+        raise ValueError(f"{where}: the first arm must be {BASELINE_ARM!r}, with no settings")
+    for position, (arm, settings) in enumerate(sweep.arms.items()):
+        if not ARM_NAME.match(arm):
+            raise ValueError(f"{where}: arm name {arm!r}: use lower-case letters, digits and '-'")
+        source = settings.get("continue_from")
+        if source is not None and source not in arms[:position]:
+            raise ValueError(f"{where}: {arm}.continue_from {source!r} is not an earlier arm")
 
 
 def check_resolution(resolution: int, where: str = "resolution") -> int:

@@ -49,7 +49,8 @@ from .predict import logits_frame, predict_arrays
 from .runtime import ConfigError
 
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
-OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1}  # with the value a run made before the key had
+# with the value a run made before the key had
+OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1, "global_context": False}
 
 
 def log(message: str) -> None:
@@ -87,6 +88,7 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
         "weights": str(args.weights),
         "max_train_images": args.max_train_images,
         "tiles": getattr(args, "tiles", 1),
+        "global_context": getattr(args, "global_context", False),
     }
 
 

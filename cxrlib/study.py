@@ -465,38 +465,24 @@ def throughput(preset: Preset) -> pd.DataFrame:
 
 @dataclass
 class FieldSweepResult:
-    """What 10_field_sweep shows: the sweep (table, tests, ERFs), the resolution sweep beside it, and
-    a Grad-CAM row per variant."""
+    """What 10_field_sweep shows: the arms (table, tests against the baseline, ERFs), the resolution
+    sweep beside them, and each arm's training history."""
 
     sweep: Any  # cxrlib.field_sweep.Sweep
     resolutions: pd.DataFrame | None
-    gradcam: GradCAMGrid
+    histories: dict[str, pd.DataFrame]
 
 
 def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
-    """Train the field-limited variants (reusing a finished untiled run), score them, measure their
-    ERF after training, and draw Grad-CAM of the first coarse finding for each; writes the tables."""
+    """Train the arms (reusing a finished baseline), score them and measure their ERF after training;
+    writes the tables."""
     from . import field_sweep as sweep
-    from .gradcam import example_for, gradcam
-    from .predict import load_trained_model
 
     fold, device = analysis_fold(preset), analysis_device(preset)
-    folders = sweep.train_variants(preset, fold, echo=echo)
+    folders = sweep.train_arms(preset, fold, echo=echo)
     index, folds = load_data(preset)
     ids, resolution = splits.fold_ids(folds, fold, "test"), sweep.sweep_resolution(preset)
     erf_images = example_images(preset, ids[: preset.analysis.erf_images], resolution)
     result = sweep.sweep_table(preset, folders, index, ids, erf_images, device)
-    test = index[index["dicom_id"].isin(ids)]
-    finding = preset.field_sweep.coarse[0]
-    row, _ = example_for(test, finding)
-    image = example_images(preset, [row["dicom_id"]], resolution)
-    label_set = datasets.index_findings(index)
-    shown = {finding: image[0, 0].numpy()}
-    grid = GradCAMGrid(shown, {finding: {}}, {finding: {}}, {}, {finding: row["dicom_id"]}, label_set)
-    grid.ground_truth[finding] = [f for f in label_set if row[f] == 1.0]
-    for tiles, folder in folders.items():
-        model = load_trained_model(folder, map_location=device).to(device)
-        cam = gradcam(model, image, finding, findings=label_set)
-        grid.maps[finding][sweep.field_name(tiles)] = cam.maps[0]
-        grid.probabilities[finding][sweep.field_name(tiles)] = cam.probabilities[0]
-    return FieldSweepResult(result, sweep.resolution_sweep(preset.field_sweep.compare), grid)
+    histories = {arm: pd.read_csv(folder / paths.HISTORY) for arm, folder in folders.items()}
+    return FieldSweepResult(result, sweep.resolution_sweep(preset.field_sweep.compare), histories)

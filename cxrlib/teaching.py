@@ -160,7 +160,7 @@ class InitialERFs:
     """Section 3 of the teaching notebook: the same phantom images at several sizes and the ERF of
     one randomly initialised DenseNet121 at each."""
 
-    images: dict[int, torch.Tensor]  # uint8 [N, 1, R, R] per size
+    images: dict[int, torch.Tensor]  # uint8 [N, 1, R, R] per size, and as cached at the largest resolution
     model: nn.Module
     results: dict[int, ERFResult]
 
@@ -176,17 +176,21 @@ class InitialERFs:
 
 def initial_erfs(preset: Preset, sizes=(32, 64, 128, 256), images: int = 4, seed: int = 0) -> InitialERFs:
     """The ERF of a randomly initialised DenseNet121 on the first ``images`` phantom images of the
-    preset, resized from its largest cached resolution to each of ``sizes`` (seconds on a CPU)."""
+    preset, resized from its largest cached resolution to each of ``sizes`` (seconds on a CPU).
+    ``images`` also holds the cached ones at that resolution: the source to resize for a trained
+    model (a trained model's ERF differs on images blurred by resizing up and down again)."""
     from .models import build_model
     from .study import example_images, load_data
 
     index, _ = load_data(preset)
     ids = index["dicom_id"].iloc[:images].tolist()
-    resized = resize_images(example_images(preset, ids, max(preset.resolutions)), sizes)
+    largest = max(preset.resolutions)
+    cached = example_images(preset, ids, largest)
+    resized = resize_images(cached, sizes)
     torch.manual_seed(seed)
     model = build_model("none").eval()
     results = {
         r: effective_receptive_field(model, resized[r], generator=torch.Generator().manual_seed(seed))
         for r in sizes
     }
-    return InitialERFs(resized, model, results)
+    return InitialERFs({**resized, largest: cached}, model, results)

@@ -109,6 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe("--patience-stop", type=int, default=10, help="stop after N epochs without improvement")
     recipe("--seed", type=int, default=0, help="seed for weights, order and augmentation")
     recipe("--tiles", type=int, default=1, help="features see T x T tiles of the image apart (default 1)")
+    recipe("--global-context", action="store_true", help="a global context block after dense block 3")
     system = parser.add_argument_group("system").add_argument
     system("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     system("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
@@ -287,7 +288,9 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     num_classes = len(index_findings(frames["train"]))  # the head: one output per finding of the index
-    model = build_model(args.weights, num_classes, memory_efficient=args.memory_efficient, tiles=args.tiles)
+    model = build_model(
+        args.weights, num_classes, args.memory_efficient, tiles=args.tiles, global_context=args.global_context
+    )
     if args.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -94,21 +94,25 @@ def test_estimate_names_every_step_and_training_follows_the_rates(tmp_path, priv
     assert "a CPU" in plan and "(done)" in plan and "whole run" in plan
 
 
-def test_the_field_sweep_estimate_counts_the_tiled_trainings_still_to_do(tmp_path, private_cache):
+def test_the_field_sweep_estimate_counts_the_arms_still_to_train(tmp_path, private_cache):
     data = make_tiny_dataset(tmp_path / "tiny")
     preset = resolve("smoke", run_dir=str(tmp_path / "run"))
-    preset.field_sweep.tiles = [1, 2, 4]
+    preset.field_sweep.arms = {
+        "baseline": {},
+        "global-context": {"global_context": True},
+        "twice-the-steps": {"epochs": 6, "continue_from": "baseline"},  # 4 epochs more than the baseline's 2
+    }
     folds = make_folds(data.frame, k=3, seed=0)
     rates = {r: {"train_img_s": 1.0, "infer_img_s": 10.0} for r in (32, 64)}
-    three = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
+    every = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
     roles = [eta._roles(data.frame, folds, fold) for fold in preset.trained_folds()]
     one = eta.training_seconds(preset, rates[64], roles[0], 64)
-    assert three == pytest.approx(eta.KERNEL_SECONDS + 3 * one + eta.FIELD_SWEEP_ANALYSIS_S)
-    done = tmp_path / "run" / "res64-tiles2" / "fold0" / "done.json"
+    assert every == pytest.approx(eta.KERNEL_SECONDS + (1 + 1 + 2) * one + eta.FIELD_SWEEP_ANALYSIS_S)
+    done = tmp_path / "run" / "res64-global-context" / "fold0" / "done.json"
     done.parent.mkdir(parents=True)
-    done.write_text("{}")  # a finished variant is not trained again
-    two = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
-    assert two == pytest.approx(three - one)
+    done.write_text("{}")  # a finished arm is not trained again
+    rest = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
+    assert rest == pytest.approx(every - one)
 
 
 def test_clock_reads_like_a_clock():

@@ -54,6 +54,7 @@ def reference_clustered_delong(labels, scores, clusters):
     ids = sorted(set(clusters))
     pos, neg = labels == 1, labels == 0
     m, n, big_i = pos.sum(), neg.sum(), len(ids)
+    i10, i01 = len(set(clusters[pos])), len(set(clusters[neg]))  # clusters holding a positive, a negative
     d_x, d_y, aucs = [], [], []
     for s in scores:
         psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
@@ -66,8 +67,8 @@ def reference_clustered_delong(labels, scores, clusters):
     cov = np.zeros((len(scores), len(scores)))
     for a in range(len(scores)):
         for b in range(len(scores)):
-            s10 = big_i / ((big_i - 1) * m) * np.sum(d_x[a] * d_x[b])
-            s01 = big_i / ((big_i - 1) * n) * np.sum(d_y[a] * d_y[b])
+            s10 = i10 / ((i10 - 1) * m) * np.sum(d_x[a] * d_x[b])
+            s01 = i01 / ((i01 - 1) * n) * np.sum(d_y[a] * d_y[b])
             s11 = big_i / (big_i - 1) * (np.sum(d_x[a] * d_y[b]) + np.sum(d_x[b] * d_y[a]))
             cov[a, b] = s10 / m + s01 / n + s11 / (m * n)
     return np.array(aucs), cov
@@ -98,14 +99,30 @@ def test_clustered_delong_matches_obuchowski_written_plainly():
     assert (result["ci_low"], result["ci_high"]) == pytest.approx(interval)
 
 
+def test_clustered_delong_variance_where_few_clusters_hold_positives_is_obuchowskis_by_hand():
+    # 4 patients, positives in only 2 of them. AUC = 12/15; per patient D_x = 0.2, -0.2, 0, 0 and
+    # D_y = 3/15, -2/15, -4/15, 3/15, so with I10 = 2, I01 = I = 4:
+    # S10 = 2/(1 x 3) x 0.08, S01 = 4/(3 x 5) x 38/225, S11 = 4/3 x 1/15, and
+    # var = S10/3 + S01/5 + 2 S11/15 = 4/225 + 152/16875 + 8/675 = 652/16875.
+    clusters = np.array([1, 1, 1, 2, 2, 3, 3, 4])
+    labels = np.array([1, 1, 0, 1, 0, 0, 0, 0])
+    scores = np.array([0.8, 0.6, 0.2, 0.4, 0.5, 0.1, 0.7, 0.3])
+    aucs, cov = metrics.delong_covariance(labels, scores, clusters)
+    assert aucs[0] == pytest.approx(12 / 15, rel=1e-12)
+    assert cov[0, 0] == pytest.approx(652 / 16875, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 clusters each, got 1 and 4"):
+        metrics.delong_covariance(labels, scores, np.array([1, 1, 1, 1, 2, 3, 3, 4]))
+
+
 def test_clustered_delong_counts_patients_and_the_image_level_test_counts_copies():
     rng = np.random.default_rng(4)
     labels = (rng.random(400) < 0.35).astype(float)
     a, b = noisy_scores(labels, 1.0, rng), noisy_scores(labels, 0.7, rng)
     subjects = np.arange(len(labels))
     single = metrics.delong_test(labels, a, b)
-    # One image per subject: the clustered test is the image-level one (up to I/(I-1) vs M/(M-1)).
-    assert metrics.delong_test(labels, a, b, clusters=subjects)["se"] == pytest.approx(single["se"], rel=0.01)
+    # One image per subject: the clustered test is the image-level one (I10 = M, I01 = N clusters).
+    one_each = metrics.delong_test(labels, a, b, clusters=subjects)
+    assert one_each["se"] == pytest.approx(single["se"], rel=1e-12)
     k = 4  # every image copied k times inside its subject: no new patients, no new evidence
     copied = [np.repeat(v, k) for v in (labels, a, b, subjects)]
     clustered = metrics.delong_test(*copied[:3], clusters=copied[3])

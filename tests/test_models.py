@@ -148,3 +148,31 @@ def test_tiled_features_see_only_their_tile_and_share_the_plain_layers(tiles):
         assert tiled(x).shape == (2, 14)
     with pytest.raises(ValueError, match="tiles must be at least 1"):
         build_model("none", tiles=0)
+
+
+def test_the_global_context_block_starts_as_the_plain_network_and_lets_each_position_see_all(tmp_path):
+    from cxrlib.models import load_weights_into
+    from cxrlib.predict import load_trained_model
+
+    torch.manual_seed(0)
+    plain = build_model("none").eval()
+    wide = build_model("none", global_context=True).eval()
+    block = wide.features.globalcontext
+    channels, hidden = 1024, 64  # dense block 3's output, a 1/16 bottleneck
+    expected = (channels + 1) + (channels * hidden + hidden) + 2 * hidden + (hidden * channels + channels)
+    assert sum(p.numel() for p in block.parameters()) == expected == 133_313
+    load_weights_into(wide, plain.state_dict())  # a plain model's weights: the block starts as the identity
+    x = torch.randn(2, 3, 128, 128)
+    features = torch.randn(1, channels, 8, 8)
+    far = features.clone()
+    far[..., 7, 7] += 1.0  # a change in one corner of the map
+    with torch.no_grad():
+        assert torch.allclose(wide(x), plain(x), atol=1e-5)
+        assert torch.equal(block(features)[..., 0, 0], block(far)[..., 0, 0])
+        torch.nn.init.normal_(block.transform[-1].weight)  # as after training: the block is used
+        assert not torch.allclose(block(features)[..., 0, 0], block(far)[..., 0, 0])  # seen in the other
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    loaded = load_trained_model(tmp_path / "wide.pt")
+    assert hasattr(loaded.features, "globalcontext")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), wide(x), atol=1e-5)

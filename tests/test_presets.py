@@ -1,6 +1,7 @@
 """Presets are data: every shipped preset loads, overrides apply, bad settings are named."""
 
 import pytest
+import yaml
 
 from cxrlib.presets import available_presets, check_resolution, load_preset, resolve
 
@@ -88,3 +89,21 @@ def test_the_field_sweep_preset_trains_exactly_as_the_demo_at_its_top_resolution
     assert sweep.folds == demo.folds and sweep.train == demo.train
     assert sweep.steps == ["00_data", "02_downscale", "10_field_sweep"]
     assert sweep.train_options(128) == demo.train_options(128)
+    assert list(sweep.field_sweep.arms) == ["baseline", "global-context", "twice-the-steps", "coarse-only"]
+    assert sweep.field_sweep.arms["coarse-only"]["findings"] == sweep.field_sweep.coarse
+
+
+@pytest.mark.parametrize(
+    "arms, message",
+    [
+        ({"global-context": {"global_context": True}}, "the first arm must be 'baseline'"),
+        ({"baseline": {"epochs": 4}}, "the first arm must be 'baseline', with no settings"),
+        ({"baseline": {}, "Two Steps": {"epochs": 4}}, "arm name 'Two Steps'"),
+        ({"baseline": {}, "more": {"continue_from": "later"}, "later": {}}, "not an earlier arm"),
+    ],
+)
+def test_the_arms_of_notebook_10_are_checked_when_the_preset_loads(tmp_path, arms, message):
+    custom = tmp_path / "arms.yaml"
+    custom.write_text(yaml.safe_dump({"resolutions": [64], "field_sweep": {"arms": arms}}, sort_keys=False))
+    with pytest.raises(ValueError, match=message):
+        load_preset(custom)

@@ -111,7 +111,9 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
     monkeypatch.setattr(
         metrics, "read_predictions", lambda path, ids: pd.DataFrame({"F": [0.9, 0.1]}, index=ids)
     )
-    monkeypatch.setattr(metrics, "labels_for", lambda index, ids: pd.DataFrame({"F": [1.0, 0.0]}, index=ids))
+    monkeypatch.setattr(
+        metrics, "labels_for", lambda index, ids, *findings: pd.DataFrame({"F": [1.0, 0.0]}, index=ids)
+    )
     table = study.cross_resolution(preset, progress=False)
     assert len(table) == 16 and (table["auc"] == 1.0).all()
     assert loaded == [256, 512, 1024, 2048]  # each model once for its 3 other test resolutions
@@ -126,7 +128,9 @@ def test_the_field_sweep_measures_each_erf_in_batches_that_fit_the_resolution(tm
     monkeypatch.setattr(
         metrics, "read_predictions", lambda path, ids: pd.DataFrame({"F": [0.9, 0.1]}, index=ids)
     )
-    monkeypatch.setattr(metrics, "labels_for", lambda index, ids: pd.DataFrame({"F": [1.0, 0.0]}, index=ids))
+    monkeypatch.setattr(
+        metrics, "labels_for", lambda index, ids, *findings: pd.DataFrame({"F": [1.0, 0.0]}, index=ids)
+    )
     monkeypatch.setattr(
         metrics, "bootstrap_auc_ci", lambda *args, **kw: dict(auc=1.0, ci_low=1.0, ci_high=1.0)
     )
@@ -140,6 +144,6 @@ def test_the_field_sweep_measures_each_erf_in_batches_that_fit_the_resolution(tm
 
     monkeypatch.setattr(receptive_field, "effective_receptive_field", erf)
     images = torch.zeros(2, 1, 2048, 2048, dtype=torch.uint8)
-    folders = {1: tmp_path / "tiles1", 4: tmp_path / "tiles4"}
+    folders = {"baseline": tmp_path / "baseline", "global-context": tmp_path / "global-context"}
     field_sweep.sweep_table(preset, folders, index, ids, images, torch.device("cpu"))
     assert batches == [(2048, 1), (2048, 1)]  # one 2048 px image per pass, not 8

@@ -99,3 +99,15 @@ def test_trained_models_are_the_finished_trainings_of_the_first_fold(tmp_path):
     (finished / "best_model.pt").write_bytes(b"")
     fold_dir(tmp_path, 32, 0).mkdir(parents=True)  # started, not finished
     assert trained_model_paths(preset) == {64: finished}
+
+
+@pytest.mark.slow
+def test_the_slider_source_is_the_cache_at_the_largest_resolution_not_a_resized_copy(smoke_run):
+    from cxrlib.study import example_images, load_data
+    from cxrlib.teaching import initial_erfs
+
+    initial = initial_erfs(smoke_run, sizes=(32, 128), images=2)
+    largest = max(smoke_run.resolutions)  # 64 px: a trained model's images, not resized up and down
+    ids = load_data(smoke_run)[0]["dicom_id"].iloc[:2].tolist()
+    assert torch.equal(initial.images[largest], example_images(smoke_run, ids, largest))
+    assert sorted(initial.results) == [32, 128] and initial.images[128].shape[-1] == 128
