@@ -25,7 +25,6 @@ import random
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_bytes_atomic(data: bytes, path: Path, before_rename: Callable[[Path], None] | None = None) -> None:
+def _write_bytes_atomic(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -83,8 +82,6 @@ def _write_bytes_atomic(data: bytes, path: Path, before_rename: Callable[[Path],
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if before_rename is not None:
-            before_rename(Path(tmp))
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -96,22 +93,13 @@ def _write_bytes_atomic(data: bytes, path: Path, before_rename: Callable[[Path],
     _fsync_dir(path.parent)
 
 
-def save_verified(
-    obj: Any,
-    path: str | os.PathLike,
-    metadata: dict | None = None,
-    before_rename: Callable[[Path], None] | None = None,
-) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically, then its sidecar (size, SHA-256, ``metadata``).
-
-    ``before_rename`` is called with the complete temporary file just before it is renamed
-    (the tests use it to kill the process at the worst moment).
-    """
+def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, then its sidecar (size, SHA-256, ``metadata``)."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    _write_bytes_atomic(data, path, before_rename)
+    _write_bytes_atomic(data, path)
     record = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     record.update(metadata or {})
     _write_bytes_atomic(json.dumps(record, indent=1).encode(), sidecar_path(path))
@@ -155,18 +143,12 @@ def safe_load_bytes(data: bytes, source: str, map_location: str | torch.device =
         ) from error
 
 
-def save_checkpoint(
-    state: dict,
-    run_dir: str | os.PathLike,
-    epoch: int,
-    keep: int = 2,
-    before_rename: Callable[[Path], None] | None = None,
-) -> Path:
+def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: int = 2) -> Path:
     """Write ``state`` as epoch ``epoch``'s checkpoint and keep only the newest ``keep`` checkpoints."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     path = checkpoint_path(run_dir, epoch)
-    save_verified(state, path, {"epoch": int(epoch)}, before_rename)
+    save_verified(state, path, {"epoch": int(epoch)})
     for old_epoch, old in list_checkpoints(run_dir)[keep:]:
         if old_epoch < epoch:
             with contextlib.suppress(FileNotFoundError):

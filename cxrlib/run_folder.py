@@ -42,7 +42,6 @@ from .checkpoint import (
     sidecar_path,
 )
 from .datasets import CXRDataset
-from .faults import checkpoint_fault
 from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_csv_atomic, write_text_atomic
 from .loaders import shard
 from .predict import logits_frame, predict_arrays
@@ -212,7 +211,7 @@ class RunFolder:
         barrier, so that nobody starts the next epoch before this one's checkpoint is complete."""
         if self.is_main:
             epoch = state["epoch"]
-            save_checkpoint(state, self.out, epoch, keep, before_rename=checkpoint_fault(epoch))
+            save_checkpoint(state, self.out, epoch, keep)
             if improved:
                 save_verified(
                     model.state_dict(), self.out / paths.BEST_MODEL, {"epoch": epoch, "val_loss": val_loss}
