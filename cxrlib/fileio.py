@@ -11,17 +11,43 @@ previous file intact and no half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
 import errno
 import hashlib
+import io
+import json
 import os
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pandas as pd
+import torch
+
+
+class DataError(ValueError):
+    """An input file that cannot be used; the message is one line naming the file (and the column
+    and CSV line where there is one)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A file an input names, or the input itself, is not there."""
+
+
+def location(source: object, column: str | None = None, line: int | None = None) -> str:
+    """``file, column 'c', line 7``: where a problem is, for the start of a message."""
+    parts = [str(source)]
+    if column is not None:
+        parts.append(f"column {column!r}")
+    if line is not None:
+        parts.append(f"line {line}")
+    return ", ".join(parts)
 
 
 @contextlib.contextmanager
@@ -82,6 +108,129 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_header(path: str | os.PathLike) -> list[str]:
+    """The column names of a CSV file (its first line), read without pandas; a one-line
+    :class:`~cxrlib.fileio.DataError` when it has none or two columns share a name."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(io.StringIO(handle.readline())), [])
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: line 1: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (csv.Error, OSError) as error:
+        raise DataError(f"{path}: line 1: cannot read the header: {error}") from None
+    if not header or not any(c.strip() for c in header):
+        raise DataError(f"{path}: line 1: the file is empty or has no header")
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}: line 1: column {name!r} appears twice in the header")
+        seen.add(name)
+    return header
+
+
+def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
+    """``pandas.read_csv`` whose failures (bad quoting, ragged rows, bytes that are not UTF-8) become
+    one :class:`~cxrlib.fileio.DataError` naming the file and, where pandas says, the line."""
+    path = Path(path)
+    try:
+        return pd.read_csv(path, **options)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, csv.Error, ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read it as CSV: {error}") from None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing its sidecar, damaged, or not a safe (weights-only) file."""
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON file next to ``path`` that records its size and SHA-256."""
+    return Path(f"{path}.json")
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder entry is on disk (not possible on every OS).
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_bytes_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        named = named_os_error(error, path)  # a full disk: say which file could not be written
+        if named is error:
+            raise
+        raise named from error
+    _fsync_dir(path.parent)
+
+
+def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, then its sidecar (size, SHA-256, ``metadata``)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    _write_bytes_atomic(data, path)
+    record = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    record.update(metadata or {})
+    _write_bytes_atomic(json.dumps(record, indent=1).encode(), sidecar_path(path))
+    return path
+
+
+def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a file written by :func:`save_verified` after checking its size and SHA-256.
+
+    Raises :class:`CheckpointError` naming the file when the sidecar is missing or does not
+    match, or when ``torch.load(weights_only=True)`` refuses the content (e.g. a pickle that
+    would run code). Nothing is unpickled before the checksum matches.
+    """
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: no sidecar {side.name} (the write did not finish)")
+    try:
+        record = json.loads(side.read_text())
+        expected_size, expected_sha = int(record["bytes"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{side}: unreadable sidecar ({error})") from error
+    data = path.read_bytes()
+    if len(data) != expected_size:
+        raise CheckpointError(f"{path}: {len(data)} bytes, the sidecar records {expected_size} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise CheckpointError(f"{path}: SHA-256 differs from the sidecar's (damaged file)")
+    return safe_load_bytes(data, source=str(path), map_location=map_location)
+
+
+def safe_load_bytes(data: bytes, source: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` on bytes; a refusal becomes a :class:`CheckpointError`."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{source}: refused by torch.load(weights_only=True); it is not a plain weights/checkpoint "
+            f"file and is not unpickled ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
 
 
 class FolderBusyError(RuntimeError):

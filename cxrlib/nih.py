@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
+from .fileio import DataError, DataFileNotFound
 from .index import validate_index
 from .labels import NIH_FINDINGS, NO_FINDING
 from .readers import (

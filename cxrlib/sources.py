@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
+from .fileio import DataError, DataFileNotFound
 from .index import describe_index, write_index
 from .labels import BLANK_OPTIONS, POLICIES
 from .nih import NIH_SUBSETS, find_nih_entry, index_from_nih
@@ -43,7 +43,7 @@ SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "csv")
 
 
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise :class:`~cxrlib.errors.DataFileNotFound` (a ``FileNotFoundError``) naming the first file
+    """Raise :class:`~cxrlib.fileio.DataFileNotFound` (a ``FileNotFoundError``) naming the first file
     that a ``mimic``, ``chexpert``, ``nih`` or ``csv`` data root lacks (``csv``: the label file,
     relative to ``root`` unless absolute).
 

@@ -40,9 +40,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import dist as cxrdist
-from .checkpoint import CheckpointError
 from .datasets import ImageReadError
-from .fileio import FolderBusyError
+from .fileio import CheckpointError, FolderBusyError
 from .index import index_findings
 from .labels import masked_bce_with_logits
 from .loaders import (

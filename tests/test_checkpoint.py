@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlib.checkpoint import (
-    CheckpointError,
+from cxrlib.fileio import CheckpointError, load_verified, save_verified, sidecar_path
+from cxrlib.predict import load_trained_model
+from cxrlib.run_folder import (
     capture_rng_state,
     checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
-    load_verified,
     remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
-    save_verified,
-    sidecar_path,
 )
-from cxrlib.predict import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

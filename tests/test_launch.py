@@ -11,8 +11,8 @@ from faults import fault_env
 from tiny_data import make_tiny_dataset
 
 from cxrlib import launch as launcher
-from cxrlib.checkpoint import load_verified
 from cxrlib.datasets import read_index
+from cxrlib.fileio import load_verified
 from cxrlib.labels import FINDINGS
 from cxrlib.splits import fold_ids, read_folds
 

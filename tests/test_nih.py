@@ -11,7 +11,7 @@ import pytest
 
 from cxrlib import plots
 from cxrlib.datasets import index_from_csv, index_from_nih, main
-from cxrlib.errors import DataError
+from cxrlib.fileio import DataError
 from cxrlib.index import index_findings, read_index
 from cxrlib.labels import NIH_FINDINGS
 from cxrlib.phantom import ensure_phantom

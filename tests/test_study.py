@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cxrlib import study
-from cxrlib.checkpoint import save_verified
+from cxrlib.fileio import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
 from cxrlib.presets import resolve

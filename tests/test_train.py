@@ -20,8 +20,9 @@ from torch import nn
 import cxrlib.train as train
 from cxrlib import dist, loaders, paths, recipe, runtime
 from cxrlib.cache import cached_image_path
-from cxrlib.checkpoint import checkpoint_path, list_checkpoints, load_verified
+from cxrlib.fileio import load_verified
 from cxrlib.labels import FINDINGS, masked_bce_with_logits, targets_and_mask
+from cxrlib.run_folder import checkpoint_path, list_checkpoints
 from cxrlib.splits import fold_ids, read_folds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
