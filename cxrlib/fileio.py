@@ -1,11 +1,9 @@
-"""Atomic file writes: a file is either the old complete version or the new complete one.
+"""Files a later step trusts: atomic writes, verified ``torch`` files, one-line data errors, a lock.
 
-Everything that a later step trusts (index, folds, manifests, checkpoints, tables)
-is written through these helpers: to a temporary file in the same folder, flushed
-and fsynced, then renamed over the target. A crash or a full disk leaves the
-previous file intact and no half-written file under the final name.
-
-:func:`exclusive_lock` keeps two processes from writing one run folder at once.
+A write goes to a temporary file in the same folder, fsynced, then renamed over the target: a crash
+or a full disk leaves the previous file. :func:`save_verified` adds a sidecar with the size and
+SHA-256 that :func:`load_verified` checks before ``torch.load(weights_only=True)``, so a damaged
+file is detected and a planted pickle never runs (docs/training.md, "Files in ``--out``").
 """
 
 from __future__ import annotations
@@ -29,8 +27,8 @@ import torch
 
 
 class DataError(ValueError):
-    """An input file that cannot be used; the message is one line naming the file (and the column
-    and CSV line where there is one)."""
+    """An input file that cannot be used, from every reader; the message is one line naming the file
+    (and the column and CSV line where there is one). Anything else escaping a reader is a bug."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
@@ -38,16 +36,6 @@ class DataError(ValueError):
 
 class DataFileNotFound(DataError, FileNotFoundError):
     """A file an input names, or the input itself, is not there."""
-
-
-def location(source: object, column: str | None = None, line: int | None = None) -> str:
-    """``file, column 'c', line 7``: where a problem is, for the start of a message."""
-    parts = [str(source)]
-    if column is not None:
-        parts.append(f"column {column!r}")
-    if line is not None:
-        parts.append(f"line {line}")
-    return ", ".join(parts)
 
 
 @contextlib.contextmanager
@@ -72,18 +60,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) 
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        named = named_os_error(error, path)
-        if named is error:
-            raise
-        raise named from error
-
-
-def named_os_error(error: BaseException, path: str | os.PathLike) -> BaseException:
-    """``error``, or for an OS error that names no file (a full disk fails ``write``), the same
-    error naming ``path``, so the message says which file could not be written."""
-    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
-        return OSError(error.errno, error.strerror or str(error), str(path))
-    return error
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike, **to_csv_kwargs) -> Path:
@@ -112,7 +91,7 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 def read_header(path: str | os.PathLike) -> list[str]:
     """The column names of a CSV file (its first line), read without pandas; a one-line
-    :class:`~cxrlib.fileio.DataError` when it has none or two columns share a name."""
+    :class:`DataError` when it has none or two columns share a name."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as handle:
@@ -133,7 +112,7 @@ def read_header(path: str | os.PathLike) -> list[str]:
 
 def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
     """``pandas.read_csv`` whose failures (bad quoting, ragged rows, bytes that are not UTF-8) become
-    one :class:`~cxrlib.fileio.DataError` naming the file and, where pandas says, the line."""
+    one :class:`DataError` naming the file and, where pandas says, the line."""
     path = Path(path)
     try:
         return pd.read_csv(path, **options)
@@ -155,7 +134,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder entry is on disk (not possible on every OS).
+    # A rename survives a power cut once the folder entry is on disk (not possible on every OS).
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -164,45 +143,23 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        named = named_os_error(error, path)  # a full disk: say which file could not be written
-        if named is error:
-            raise
-        raise named from error
-    _fsync_dir(path.parent)
-
-
 def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically, then its sidecar (size, SHA-256, ``metadata``)."""
-    path = Path(path)
-    buffer = io.BytesIO()
+    path, buffer = Path(path), io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    _write_bytes_atomic(data, path)
+    with atomic_write(path) as handle:
+        handle.write(data)
+    _fsync_dir(path.parent)  # the file is on disk before its sidecar
     record = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    record.update(metadata or {})
-    _write_bytes_atomic(json.dumps(record, indent=1).encode(), sidecar_path(path))
+    write_text_atomic(json.dumps(record | (metadata or {}), indent=1), sidecar_path(path))
+    _fsync_dir(path.parent)
     return path
 
 
 def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a file written by :func:`save_verified` after checking its size and SHA-256.
-
-    Raises :class:`CheckpointError` naming the file when the sidecar is missing or does not
-    match, or when ``torch.load(weights_only=True)`` refuses the content (e.g. a pickle that
-    would run code). Nothing is unpickled before the checksum matches.
-    """
+    """Load a file written by :func:`save_verified` once its size and SHA-256 match the sidecar, with
+    ``torch.load(weights_only=True)``; else a :class:`CheckpointError` naming the file."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.is_file():
@@ -219,16 +176,11 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
         raise CheckpointError(f"{path}: {len(data)} bytes, the sidecar records {expected_size} (truncated?)")
     if hashlib.sha256(data).hexdigest() != expected_sha:
         raise CheckpointError(f"{path}: SHA-256 differs from the sidecar's (damaged file)")
-    return safe_load_bytes(data, source=str(path), map_location=map_location)
-
-
-def safe_load_bytes(data: bytes, source: str, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` on bytes; a refusal becomes a :class:`CheckpointError`."""
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:
         raise CheckpointError(
-            f"{source}: refused by torch.load(weights_only=True); it is not a plain weights/checkpoint "
+            f"{path}: refused by torch.load(weights_only=True); it is not a plain weights/checkpoint "
             f"file and is not unpickled ({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from error
 

@@ -1,15 +1,9 @@
-"""A training's folder: lock, resume, one checkpoint + best model + history per epoch, predictions, done.
+"""A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done.
 
-:class:`RunFolder` is everything the trainer writes to or reads from ``--out``
-(``runs/<preset>/res<R>/fold<k>``, file names in :mod:`cxrlib.paths`), so the training loop only
-says *when*: ``prepare`` (start over or keep), ``finished`` (``done.json`` says there is nothing to
-do), ``resume`` (the newest verified checkpoint into every object), ``save_epoch`` (checkpoint,
-best model when improved, ``history.csv``), ``write_predictions`` (the best model's logits for
-the validation and test images) and ``write_done``. Only rank 0 writes; every process reads what
-rank 0 chose. Every write is atomic and verified (:mod:`cxrlib.fileio`).
-
-A run resumed with other essential settings (:data:`ESSENTIAL_KEYS`) is refused in one line,
-and :func:`run_folder_lock` refuses a second training on the same folder.
+:class:`RunFolder` is everything the trainer writes to or reads from it (names in :mod:`cxrlib.paths`),
+so the loop only says *when*; only rank 0 writes, every process reads what rank 0 chose. Checkpoints
+are verified files (:func:`cxrlib.fileio.save_verified`); a resume with other essential settings
+(:data:`ESSENTIAL_KEYS`) is refused in one line. docs/training.md, "Files in ``--out``", has the rest.
 """
 
 from __future__ import annotations
