@@ -39,19 +39,6 @@ from .readers import (
 )
 
 NIH_ENTRY_FILES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-NIH_COLUMNS: tuple[str, ...] = (
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
-    "OriginalImage[Width",
-    "Height]",
-    "OriginalImagePixelSpacing[x",
-    "y]",
-)
 NIH_REQUIRED: tuple[str, ...] = (
     "Image Index",
     "Finding Labels",

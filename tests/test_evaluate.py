@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from nih_layout import write_nih_layout
 
 from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
 from cxrlib.index import write_index
@@ -12,7 +13,6 @@ from cxrlib.labels import FINDINGS
 from cxrlib.models import build_model
 from cxrlib.nih import index_from_nih
 from cxrlib.phantom import ensure_phantom
-from cxrlib.phantom.nih_layout import write_nih_layout
 from cxrlib.readers import index_from_mimic
 
 RESOLUTIONS = (32, 64)

@@ -70,8 +70,6 @@ Modules: :mod:`~cxrlib.phantom.labels` (label rates and sampling), :mod:`~cxrlib
 """
 
 from .anatomy import PIXEL_SPACING_SHORT_SIDE_MM, sample_subject
-from .design import Design
-from .examples import finding_examples
 from .findings import CTR_THRESHOLD, MEDIASTINUM_THRESHOLD, REGISTRY, Finding, FindingPlan, plan_findings
 from .labels import (
     AIRSPACE_GROUP,
@@ -84,11 +82,12 @@ from .labels import (
     NO_FINDING_EXCLUDES,
     PATHOLOGIES,
     PREVALENCES,
+    Design,
     label_rates,
     rendered_presence,
     sample_labels,
 )
-from .views import plan_frontal, plan_lateral, render_frontal, render_lateral
+from .views import finding_examples, plan_frontal, plan_lateral, render_frontal, render_lateral
 from .writer import (
     JPEG_QUALITY,
     ensure_phantom,

@@ -31,9 +31,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .anatomy import lateral_border, lung_point, rib_centre, wall_curve
-from .design import Design
 from .draw import Canvas, add_blob, add_polyline, box
-from .labels import PATHOLOGIES
+from .labels import PATHOLOGIES, Design
 
 CTR_THRESHOLD = 0.5
 MEDIASTINUM_THRESHOLD = 0.30

@@ -27,8 +27,7 @@ from tqdm import tqdm
 from ..fileio import atomic_write, write_csv_atomic, write_text_atomic
 from ..labels import FINDINGS
 from .anatomy import sample_subject
-from .design import Design
-from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, rendered_presence, sample_labels
+from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, Design, rendered_presence, sample_labels
 from .views import output_size, plan_frontal, plan_lateral, render_frontal, render_lateral
 
 JPEG_QUALITY = 95
