@@ -1,10 +1,8 @@
-"""The phantom's labels: MIMIC-CXR-JPG's label rates, drawing a study's raw labels, and what gets drawn.
+"""The phantom's labels and design: MIMIC-CXR-JPG's label rates, a study's raw labels, what is drawn.
 
-Labels (per study, as in MIMIC): 1 positive, 0 negative, -1 uncertain, blank (not
-mentioned). Rendering: 1 -> present; -1 -> present with probability 0.5, faint or
-close to the decision threshold; 0 and blank -> absent. ``prevalence="mimic"`` uses
-MIMIC-CXR-JPG's label rates with co-occurrence (see ``MIMIC_LABEL_COUNTS``); ``"balanced"``
-draws every finding independently with 18% positives.
+``prevalence="mimic"`` uses MIMIC-CXR-JPG's rates with co-occurrence, ``"balanced"`` independent
+findings with 18% positives; 1 is drawn, -1 drawn faint half the time, 0 and blank not
+(docs/phantom.md, "Labels"). :class:`Design` holds every design option of the phantom.
 """
 
 from __future__ import annotations
@@ -68,13 +66,8 @@ def _normal_quantile(p: float) -> float:
 
 
 def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 1) -> pd.DataFrame:
-    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings.
-
-    ``mimic``: a Gaussian copula (shared and group factors) whose marginals are MIMIC's rates, so
-    findings co-occur; the highest latent values are positive, then uncertain, the rest negative or
-    blank. ``balanced``: independent findings. No Finding is 1 when no pathology other than Support
-    Devices is positive or uncertain, else blank (MIMIC never has No Finding = 0 or -1).
-    """
+    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings; ``mimic``
+    through a Gaussian copula with MIMIC's rates as marginals (docs/phantom.md, "Labels")."""
     rates = label_rates(prevalence)
     shared = rng.standard_normal(n)
     cardiac, airspace = rng.standard_normal(n), rng.standard_normal(n)

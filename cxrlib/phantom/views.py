@@ -223,15 +223,9 @@ def _example_patient(seed: int, design: Design) -> tuple[dict, dict]:
 def finding_examples(
     resolutions: Sequence[int] = (64, 512), seed: int = 0, size: int | None = None, **design_options
 ) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """For each finding, one patient rendered with and without it, Lanczos-resized to each resolution.
-
-    Returns ``{finding: {resolution: (with_finding, without_finding)}}`` of uint8 ``R x R`` arrays.
-    The image is rendered with its long side ``size`` (default: twice the largest resolution, at least
-    512) and resized like :func:`cxrlib.images.resize_to_square`. Fine findings are shown against their
-    decoy (the "without" image has the decoy where the finding was), so their difference vanishes
-    once they are smaller than a pixel. No Finding: "with" is the healthy patient, "without" the same
-    patient with a pleural effusion.
-    """
+    """``{finding: {resolution: (with_finding, without_finding)}}``: one patient rendered with its long
+    side ``size`` (default twice the largest resolution, at least 512), Lanczos-resized to ``R x R``
+    uint8. A fine finding's "without" has its decoy; No Finding's "without" has a pleural effusion."""
     design = Design(**design_options)
     size = size or max(512, 2 * max(resolutions))
     subject, base = _example_patient(seed, design)
