@@ -40,13 +40,9 @@ class DataFileNotFound(DataError, FileNotFoundError):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left untouched; an OS
-    error that names no file (``ENOSPC`` from a full disk) is re-raised naming ``path``.
-    ``fsync=False`` keeps the rename's atomicity but not durability across a power cut
-    (for many small files whose size a manifest records, like the image cache).
-    """
+    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``. On any
+    exception ``path`` is left untouched, and an OS error naming no file (a full disk) names ``path``.
+    ``fsync=False``: atomic but not durable across a power cut (the image cache's many small files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -102,11 +98,9 @@ def read_header(path: str | os.PathLike) -> list[str]:
         raise DataError(f"{path}: line 1: cannot read the header: {error}") from None
     if not header or not any(c.strip() for c in header):
         raise DataError(f"{path}: line 1: the file is empty or has no header")
-    seen = set()
-    for name in header:
-        if name in seen:
-            raise DataError(f"{path}: line 1: column {name!r} appears twice in the header")
-        seen.add(name)
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:
+        raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header")
     return header
 
 
@@ -191,12 +185,8 @@ class FolderBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` for the block, or raise :class:`FolderBusyError`.
-
-    An advisory ``flock``: the operating system releases it when the holder exits, even by
-    SIGKILL, so a crashed run never leaves a stale lock behind. The file records the holder
-    (pid, host, start time) for the message a second process gets.
-    """
+    """Hold an exclusive ``flock`` on ``lock_path`` for the block, or raise :class:`FolderBusyError`
+    naming the holder (pid, host, start time). The OS releases it when the holder dies, even by SIGKILL."""
     import fcntl
 
     lock_path = Path(lock_path)
