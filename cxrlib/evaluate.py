@@ -34,8 +34,7 @@ from . import metrics
 from .cache import CacheBuildError, build_cache
 from .datasets import CXRDataset
 from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_scales
-from .errors import DataError
-from .fileio import write_csv_atomic
+from .fileio import DataError, write_csv_atomic
 from .index import BASE_COLUMNS, index_findings, read_index
 from .labels import shared_findings
 from .paths import BEST_MODEL, INDEX, TABLES

@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from . import datasets, metrics, paths
-from .checkpoint import list_checkpoints, sidecar_path
-from .fileio import sha256_file, write_csv_atomic
+from .fileio import sha256_file, sidecar_path, write_csv_atomic
 from .presets import BASELINE_ARM, Preset
+from .run_folder import list_checkpoints
 
 SWEEP_COLUMNS = ("arm", "erf_fraction", "finding", "auc", "auc_low", "auc_high", "n_pos", "n_neg")
 OWN_KEYS = ("findings", "continue_from")  # arm settings that are not cxrlib.train options

@@ -1,38 +1,48 @@
-"""Atomic file writes: a file is either the old complete version or the new complete one.
+"""Files a later step trusts: atomic writes, verified ``torch`` files, one-line data errors, a lock.
 
-Everything that a later step trusts (index, folds, manifests, checkpoints, tables)
-is written through these helpers: to a temporary file in the same folder, flushed
-and fsynced, then renamed over the target. A crash or a full disk leaves the
-previous file intact and no half-written file under the final name.
-
-:func:`exclusive_lock` keeps two processes from writing one run folder at once.
+A write goes to a temporary file in the same folder, fsynced, then renamed over the target: a crash
+or a full disk leaves the previous file. :func:`save_verified` adds a sidecar with the size and
+SHA-256 that :func:`load_verified` checks before ``torch.load(weights_only=True)``, so a damaged
+file is detected and a planted pickle never runs (docs/training.md, "Files in ``--out``").
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
 import errno
 import hashlib
+import io
+import json
 import os
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pandas as pd
+import torch
+
+
+class DataError(ValueError):
+    """An input file that cannot be used, from every reader; the message is one line naming the file
+    (and the column and CSV line where there is one). Anything else escaping a reader is a bug."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A file an input names, or the input itself, is not there."""
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left untouched; an OS
-    error that names no file (``ENOSPC`` from a full disk) is re-raised naming ``path``.
-    ``fsync=False`` keeps the rename's atomicity but not durability across a power cut
-    (for many small files whose size a manifest records, like the image cache).
-    """
+    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``. On any
+    exception ``path`` is left untouched, and an OS error naming no file (a full disk) names ``path``.
+    ``fsync=False``: atomic but not durable across a power cut (the image cache's many small files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,18 +56,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) 
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        named = named_os_error(error, path)
-        if named is error:
-            raise
-        raise named from error
-
-
-def named_os_error(error: BaseException, path: str | os.PathLike) -> BaseException:
-    """``error``, or for an OS error that names no file (a full disk fails ``write``), the same
-    error naming ``path``, so the message says which file could not be written."""
-    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
-        return OSError(error.errno, error.strerror or str(error), str(path))
-    return error
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike, **to_csv_kwargs) -> Path:
@@ -84,18 +85,108 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_header(path: str | os.PathLike) -> list[str]:
+    """The column names of a CSV file (its first line), read without pandas; a one-line
+    :class:`DataError` when it has none or two columns share a name."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(io.StringIO(handle.readline())), [])
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: line 1: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (csv.Error, OSError) as error:
+        raise DataError(f"{path}: line 1: cannot read the header: {error}") from None
+    if not header or not any(c.strip() for c in header):
+        raise DataError(f"{path}: line 1: the file is empty or has no header")
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:
+        raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header")
+    return header
+
+
+def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
+    """``pandas.read_csv`` whose failures (bad quoting, ragged rows, bytes that are not UTF-8) become
+    one :class:`DataError` naming the file and, where pandas says, the line."""
+    path = Path(path)
+    try:
+        return pd.read_csv(path, **options)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, csv.Error, ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read it as CSV: {error}") from None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing its sidecar, damaged, or not a safe (weights-only) file."""
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON file next to ``path`` that records its size and SHA-256."""
+    return Path(f"{path}.json")
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A rename survives a power cut once the folder entry is on disk (not possible on every OS).
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, then its sidecar (size, SHA-256, ``metadata``)."""
+    path, buffer = Path(path), io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    with atomic_write(path) as handle:
+        handle.write(data)
+    _fsync_dir(path.parent)  # the file is on disk before its sidecar
+    record = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_text_atomic(json.dumps(record | (metadata or {}), indent=1), sidecar_path(path))
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a file written by :func:`save_verified` once its size and SHA-256 match the sidecar, with
+    ``torch.load(weights_only=True)``; else a :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: no sidecar {side.name} (the write did not finish)")
+    try:
+        record = json.loads(side.read_text())
+        expected_size, expected_sha = int(record["bytes"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{side}: unreadable sidecar ({error})") from error
+    data = path.read_bytes()
+    if len(data) != expected_size:
+        raise CheckpointError(f"{path}: {len(data)} bytes, the sidecar records {expected_size} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise CheckpointError(f"{path}: SHA-256 differs from the sidecar's (damaged file)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True); it is not a plain weights/checkpoint "
+            f"file and is not unpickled ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+
+
 class FolderBusyError(RuntimeError):
     """Another process holds the lock of a folder this one wants to write."""
 
 
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` for the block, or raise :class:`FolderBusyError`.
-
-    An advisory ``flock``: the operating system releases it when the holder exits, even by
-    SIGKILL, so a crashed run never leaves a stale lock behind. The file records the holder
-    (pid, host, start time) for the message a second process gets.
-    """
+    """Hold an exclusive ``flock`` on ``lock_path`` for the block, or raise :class:`FolderBusyError`
+    naming the holder (pid, host, start time). The OS releases it when the holder dies, even by SIGKILL."""
     import fcntl
 
     lock_path = Path(lock_path)

@@ -29,8 +29,6 @@ The builders of an index from a data source are in :mod:`cxrlib.readers`.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -39,8 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
-from .fileio import write_csv_atomic
+from .fileio import DataError, DataFileNotFound, read_csv_text, read_header, write_csv_atomic
 from .labels import FINDINGS
 
 ID_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id")
@@ -70,7 +67,7 @@ def select_findings(
     index: pd.DataFrame, findings: Sequence[str] | None, source: str = "index"
 ) -> pd.DataFrame:
     """The index with only ``findings`` (a subset of its label set, in that order) as its label set;
-    ``None`` keeps them all. A name the index lacks is a :class:`~cxrlib.errors.DataError`."""
+    ``None`` keeps them all. A name the index lacks is a :class:`~cxrlib.fileio.DataError`."""
     if findings is None:
         return index
     present = index_findings(index)
@@ -85,7 +82,7 @@ def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.D
     """The index without the findings its labels never give with both classes (every label unknown,
     or only positives, or only negatives): nothing can be learned or scored for them, so they are
     neither model outputs nor table rows. One warning names them; none left is a
-    :class:`~cxrlib.errors.DataError`."""
+    :class:`~cxrlib.fileio.DataError`."""
     summary = summarize_index(index)
     reasons = np.select(
         [
@@ -112,7 +109,7 @@ def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.D
 def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
     """Check an index against the schema; return it with ids as strings and labels as floats.
 
-    Raises :class:`~cxrlib.errors.DataError` (a ``ValueError``) naming ``source`` and the column or
+    Raises :class:`~cxrlib.fileio.DataError` (a ``ValueError``) naming ``source`` and the column or
     row on a missing column, no finding column, a duplicate ``dicom_id`` or a label outside {1, 0, NaN}.
     """
     missing = [c for c in BASE_COLUMNS if c not in index.columns]
@@ -184,41 +181,6 @@ def _label_column(index: pd.DataFrame, finding: str, source: str) -> pd.Series:
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value  # 2.0, not np.float64(2.0)
-
-
-def read_header(path: str | os.PathLike) -> list[str]:
-    """The column names of a CSV file (its first line), read without pandas; a one-line
-    :class:`~cxrlib.errors.DataError` when it has none or two columns share a name."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(io.StringIO(handle.readline())), [])
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: line 1: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except (csv.Error, OSError) as error:
-        raise DataError(f"{path}: line 1: cannot read the header: {error}") from None
-    if not header or not any(c.strip() for c in header):
-        raise DataError(f"{path}: line 1: the file is empty or has no header")
-    seen = set()
-    for name in header:
-        if name in seen:
-            raise DataError(f"{path}: line 1: column {name!r} appears twice in the header")
-        seen.add(name)
-    return header
-
-
-def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
-    """``pandas.read_csv`` whose failures (bad quoting, ragged rows, bytes that are not UTF-8) become
-    one :class:`~cxrlib.errors.DataError` naming the file and, where pandas says, the line."""
-    path = Path(path)
-    try:
-        return pd.read_csv(path, **options)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, csv.Error, ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot read it as CSV: {error}") from None
 
 
 def read_index(path: str | os.PathLike) -> pd.DataFrame:

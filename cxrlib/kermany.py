@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
+from .fileio import DataError, DataFileNotFound
 from .images import image_size
 from .index import validate_index
 from .readers import LABEL_MAPS, _filter_views, _ids_from_paths

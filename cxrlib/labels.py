@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from .fileio import DataError
 
 FINDINGS: tuple[str, ...] = (
     "Atelectasis",
@@ -109,7 +109,7 @@ def shared_findings(ours: Sequence[str], theirs: Sequence[str]) -> dict[str, str
 def validate_raw_labels(
     raw: pd.DataFrame, source: str = "labels", findings: Sequence[str] = FINDINGS
 ) -> None:
-    """Raise :class:`~cxrlib.errors.DataError` naming the file, column and row of the first value
+    """Raise :class:`~cxrlib.fileio.DataError` naming the file, column and row of the first value
     outside {1, 0, -1, blank}.
 
     ``raw`` must hold the ``findings`` columns (default CheXpert's 14); ``source`` names the file.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
+from .fileio import DataError, DataFileNotFound
 from .index import validate_index
 from .labels import NIH_FINDINGS, NO_FINDING
 from .readers import (
@@ -39,19 +39,6 @@ from .readers import (
 )
 
 NIH_ENTRY_FILES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-NIH_COLUMNS: tuple[str, ...] = (
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
-    "OriginalImage[Width",
-    "Height]",
-    "OriginalImagePixelSpacing[x",
-    "y]",
-)
 NIH_REQUIRED: tuple[str, ...] = (
     "Image Index",
     "Finding Labels",

@@ -26,7 +26,7 @@ TABLES = "tables"
 # A trained fold (runs/<preset>/res<R>/fold<k>/)
 HISTORY = "history.csv"  # one row per epoch
 DONE = "done.json"  # written last: the training is complete
-BEST_MODEL = "best_model.pt"  # (+ its .json sidecar, see cxrlib.checkpoint)
+BEST_MODEL = "best_model.pt"  # (+ its .json sidecar, see cxrlib.fileio)
 LOCK = ".lock"  # held by rank 0 while a training writes the folder
 TRAIN_LOG = "train.log"
 PREDICTIONS = {"val": "val_predictions.csv", "test": "test_predictions.csv"}

@@ -31,9 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import paths
-from .checkpoint import BEST_MODEL_NAME, CheckpointError, load_verified
 from .datasets import CXRDataset, collate_skip_none, read_index
-from .fileio import write_csv_atomic
+from .fileio import CheckpointError, load_verified, write_csv_atomic
 from .labels import FINDINGS
 from .loaders import IndexedDataset
 from .models import build_model, extract_state_dict, load_state_dict_file, load_weights_into
@@ -155,7 +154,7 @@ def load_trained_model(
     path loads with ``weights_only=True``; a file that would run code raises ``ValueError``.
     """
     source = Path(source)
-    path = source / BEST_MODEL_NAME if source.is_dir() else source
+    path = source / paths.BEST_MODEL if source.is_dir() else source
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (train it first, or give a weights file)")
     if Path(f"{path}.json").is_file():

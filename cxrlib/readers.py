@@ -16,7 +16,7 @@ Builders (each returns a validated index; errors name the file, column and CSV l
 * :func:`multi_label_targets`: a multi-label column (``"Mass|Nodule"``) as targets, for the
   CSV reader and :mod:`cxrlib.nih`.
 
-Every error of an input file is a one-line :class:`~cxrlib.errors.DataError` naming the file,
+Every error of an input file is a one-line :class:`~cxrlib.fileio.DataError` naming the file,
 column and line. The command line and the dispatch by source name are :mod:`cxrlib.sources`.
 """
 
@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .errors import DataError, DataFileNotFound
+from .fileio import DataError, DataFileNotFound, read_csv_text
 from .images import image_size
-from .index import ID_COLUMNS, read_csv_text, validate_index
+from .index import ID_COLUMNS, validate_index
 from .labels import BLANK_OPTIONS, FINDINGS, POLICIES, apply_policy, validate_raw_labels
 
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "PA RLD", "AP RLD")

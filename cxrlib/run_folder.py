@@ -1,15 +1,9 @@
-"""A training's folder: lock, resume, one checkpoint + best model + history per epoch, predictions, done.
+"""A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done.
 
-:class:`RunFolder` is everything the trainer writes to or reads from ``--out``
-(``runs/<preset>/res<R>/fold<k>``, file names in :mod:`cxrlib.paths`), so the training loop only
-says *when*: ``prepare`` (start over or keep), ``finished`` (``done.json`` says there is nothing to
-do), ``resume`` (the newest verified checkpoint into every object), ``save_epoch`` (checkpoint,
-best model when improved, ``history.csv``), ``write_predictions`` (the best model's logits for
-the validation and test images) and ``write_done``. Only rank 0 writes; every process reads what
-rank 0 chose. Every write is atomic and verified (:mod:`cxrlib.checkpoint`, :mod:`cxrlib.fileio`).
-
-A run resumed with other essential settings (:data:`ESSENTIAL_KEYS`) is refused in one line,
-and :func:`run_folder_lock` refuses a second training on the same folder.
+:class:`RunFolder` is everything the trainer writes to or reads from it (names in :mod:`cxrlib.paths`),
+so the loop only says *when*; only rank 0 writes, every process reads what rank 0 chose. Checkpoints
+are verified files (:func:`cxrlib.fileio.save_verified`); a resume with other essential settings
+(:data:`ESSENTIAL_KEYS`) is refused in one line. docs/training.md, "Files in ``--out``", has the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +12,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
+import random
+import re
 import time
 import warnings
 from pathlib import Path
@@ -29,28 +26,144 @@ from torch import nn
 
 from . import __version__, paths
 from . import dist as cxrdist
-from .checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    list_checkpoints,
-    load_latest_checkpoint,
-    load_verified,
-    remove_stale_temporaries,
-    restore_rng_state,
-    save_checkpoint,
-    save_verified,
-    sidecar_path,
-)
 from .datasets import CXRDataset
-from .faults import checkpoint_fault
-from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_csv_atomic, write_text_atomic
+from .fileio import (
+    CheckpointError,
+    FolderBusyError,
+    exclusive_lock,
+    load_verified,
+    save_verified,
+    sha256_file,
+    sidecar_path,
+    write_csv_atomic,
+    write_text_atomic,
+)
 from .loaders import shard
 from .predict import logits_frame, predict_arrays
 from .runtime import ConfigError
 
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
-# with the value a run made before the key had
-OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1, "global_context": False}
+OPTIONAL_KEYS = {
+    "max_train_images": None,
+    "tiles": 1,
+    "global_context": False,
+}  # with the value a run made before the key had
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """``<run_dir>/checkpoint_epoch<NNN>.pt``."""
+    return Path(run_dir) / f"checkpoint_epoch{int(epoch):03d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(epoch, path) of every checkpoint file in ``run_dir``, newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: int = 2) -> Path:
+    """Write ``state`` as epoch ``epoch``'s checkpoint and keep only the newest ``keep`` checkpoints."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    path = checkpoint_path(run_dir, epoch)
+    save_verified(state, path, {"epoch": int(epoch)})
+    for old_epoch, old in list_checkpoints(run_dir)[keep:]:
+        if old_epoch < epoch:
+            with contextlib.suppress(FileNotFoundError):
+                sidecar_path(old).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+    return path
+
+
+def load_latest_checkpoint(
+    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", max_epoch: int | None = None
+) -> tuple[dict, Path] | None:
+    """The newest checkpoint of ``run_dir`` that verifies, and its path; ``None`` when there is none.
+
+    A damaged, partial or refused newer file is skipped with a warning naming it. Raises
+    :class:`CheckpointError` when checkpoint files exist but none verifies, so a run is never
+    silently restarted from scratch over them (delete them or use ``--no-resume``).
+    ``max_epoch`` ignores newer files (to load the one another process chose).
+    """
+    problems = []
+    for epoch, path in list_checkpoints(run_dir):
+        if max_epoch is not None and epoch > max_epoch:
+            continue
+        try:
+            state = load_verified(path, map_location)
+        except CheckpointError as error:
+            problems.append(str(error))
+            warnings.warn(f"ignoring checkpoint: {error}; trying the previous one", stacklevel=2)
+            continue
+        if not isinstance(state, dict) or "epoch" not in state:
+            problems.append(f"{path}: not a training checkpoint")
+            continue
+        return state, path
+    if problems:
+        raise CheckpointError(
+            f"no usable checkpoint in {run_dir}: " + "; ".join(problems) + ". Remove the damaged files or "
+            "start over with --no-resume"
+        )
+    return None
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left by a write that was killed (``.<name>.*.tmp``)."""
+    run_dir = Path(run_dir)
+    removed = []
+    if run_dir.is_dir():
+        for tmp in run_dir.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def capture_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python ``random`` states as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo :func:`capture_rng_state` (CUDA states only where the same GPUs are present)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
 
 
 def log(message: str) -> None:
@@ -214,7 +327,7 @@ class RunFolder:
         barrier, so that nobody starts the next epoch before this one's checkpoint is complete."""
         if self.is_main:
             epoch = state["epoch"]
-            save_checkpoint(state, self.out, epoch, keep, before_rename=checkpoint_fault(epoch))
+            save_checkpoint(state, self.out, epoch, keep)
             if improved:
                 save_verified(
                     model.state_dict(), self.out / paths.BEST_MODEL, {"epoch": epoch, "val_loss": val_loss}

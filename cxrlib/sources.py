@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
+from .fileio import DataError, DataFileNotFound
 from .index import describe_index, drop_unlabelled_findings, write_index
 from .kermany import check_kermany_root, index_from_kermany
 from .labels import BLANK_OPTIONS, POLICIES
@@ -45,7 +45,7 @@ SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "kermany", "csv")
 
 
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise :class:`~cxrlib.errors.DataFileNotFound` (a ``FileNotFoundError``) naming the first file
+    """Raise :class:`~cxrlib.fileio.DataFileNotFound` (a ``FileNotFoundError``) naming the first file
     that a ``mimic``, ``chexpert``, ``nih``, ``kermany`` or ``csv`` data root lacks (``csv``: the
     label file, relative to ``root`` unless absolute).
 

@@ -33,16 +33,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, DataFileNotFound
-from .fileio import write_csv_atomic
-from .index import read_csv_text, read_header
+from .fileio import DataError, DataFileNotFound, read_csv_text, read_header, write_csv_atomic
 
 ROLES: tuple[str, ...] = ("train", "val", "test")
 
 
 class LeakageError(DataError):
     """A fold file mixes a subject across roles, or does not test every image exactly once (or is not
-    a fold file at all); one line, as every :class:`~cxrlib.errors.DataError`."""
+    a fold file at all); one line, as every :class:`~cxrlib.fileio.DataError`."""
 
 
 def role_columns(folds: pd.DataFrame) -> list[str]:

@@ -40,10 +40,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import dist as cxrdist
-from .checkpoint import CheckpointError
 from .datasets import ImageReadError
-from .faults import fault_point
-from .fileio import FolderBusyError
+from .fileio import CheckpointError, FolderBusyError
 from .index import index_findings
 from .labels import masked_bce_with_logits
 from .loaders import (
@@ -196,7 +194,6 @@ def train_one_epoch(
     progress = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", disable=not shown,
                     mininterval=interval, leave=False)  # fmt: skip
     for batch_number, batch in enumerate(loader, start=1):
-        fault_point("train-batch", epoch=epoch, batch=batch_number, rank=rt.info.rank)
         progress.update(1)
         if batch is None:  # every image of this micro-batch was unreadable (--skip-bad-images)
             if rt.info.world_size > 1:

@@ -1,5 +1,5 @@
 """Malformed input files for every reader, drawn by hypothesis, and the check that each one ends
-in a valid index or in one clear :class:`~cxrlib.errors.DataError`.
+in a valid index or in one clear :class:`~cxrlib.fileio.DataError`.
 
 Each reader has a small valid base (:data:`READERS`): the files of a data root as tables of
 strings. A case draws a few mutations of one file (a column dropped or renamed, cells replaced by
@@ -26,7 +26,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from cxrlib.errors import DataError
+from cxrlib.fileio import DataError
 from cxrlib.index import read_index, validate_index, write_index
 from cxrlib.labels import FINDINGS
 from cxrlib.nih import index_from_nih

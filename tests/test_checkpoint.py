@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlib.checkpoint import (
-    CheckpointError,
+from cxrlib.fileio import CheckpointError, load_verified, save_verified, sidecar_path
+from cxrlib.predict import load_trained_model
+from cxrlib.run_folder import (
     capture_rng_state,
     checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
-    load_verified,
     remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
-    save_verified,
-    sidecar_path,
 )
-from cxrlib.predict import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,15 +85,17 @@ def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
     assert load_latest_checkpoint(tmp_path / "empty") is None
 
 
-def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path):
+def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     save_checkpoint(state(1), tmp_path, 1)
 
-    def crash(tmp):
-        assert tmp.exists() and tmp.stat().st_size > 0  # the complete temporary file, not yet renamed
+    def crash(tmp, target):
+        assert os.path.getsize(tmp) > 0  # the complete temporary file, not yet renamed
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(state(2), tmp_path, 2, before_rename=crash)
+        save_checkpoint(state(2), tmp_path, 2)
+    monkeypatch.undo()
     assert not checkpoint_path(tmp_path, 2).exists()
     assert load_latest_checkpoint(tmp_path)[0]["epoch"] == 1
     (tmp_path / ".checkpoint_epoch002.pt.abc.tmp").write_bytes(b"left by a SIGKILL")

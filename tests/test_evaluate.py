@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from nih_layout import write_nih_layout
 from torch import nn
 
 from cxrlib import evaluate, predict
@@ -17,7 +18,6 @@ from cxrlib.labels import FINDINGS
 from cxrlib.models import build_model
 from cxrlib.nih import index_from_nih
 from cxrlib.phantom import ensure_phantom
-from cxrlib.phantom.nih_layout import write_nih_layout
 from cxrlib.readers import index_from_mimic
 
 RESOLUTIONS = (32, 64)

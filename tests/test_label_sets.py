@@ -8,7 +8,7 @@ import pytest
 
 from cxrlib import metrics, plots
 from cxrlib.datasets import CXRDataset
-from cxrlib.errors import DataError
+from cxrlib.fileio import DataError
 from cxrlib.index import drop_unlabelled_findings, index_findings, read_index, select_findings, write_index
 from cxrlib.labels import FINDINGS, NIH_FINDINGS, finding_order, shared_findings
 

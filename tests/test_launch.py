@@ -12,12 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from faults import fault_env
 from tiny_data import make_tiny_dataset
 
 from cxrlib import launch as launcher
 from cxrlib import paths
-from cxrlib.checkpoint import load_verified
 from cxrlib.datasets import read_index
+from cxrlib.fileio import load_verified
 from cxrlib.labels import FINDINGS
 from cxrlib.splits import fold_ids, read_folds
 
@@ -187,11 +188,7 @@ def test_two_processes_write_the_contract_and_match_one_process(tiny, two_proces
 @pytest.mark.slow
 def test_killed_worker_is_restarted_by_torchrun_and_resumes(tiny, two_process_run, tmp_path):
     marker = tmp_path / "fault_fired"
-    env = {
-        **ONE_THREAD,
-        "CXRLIB_FAULT": "train-batch:epoch=2:batch=1:rank=1",
-        "CXRLIB_FAULT_MARKER": str(marker),
-    }
+    env = {**ONE_THREAD, **fault_env("train-batch:epoch=2:batch=1:rank=1", marker)}
     out = start(tiny, tmp_path, gpus=2, max_restarts=1, env=env)
     assert marker.exists()  # rank 1 really was killed in epoch 2
     log = (out / "train.log").read_text()
@@ -240,7 +237,7 @@ def test_two_nodes_restart_together_after_a_kill_and_end_like_one_node_with_two_
     restart their workers, which resume from epoch 1's checkpoint, and the run ends exactly as the
     uninterrupted single-node run with two processes: same history, same weights."""
     marker = tmp_path / "fault_fired"
-    fault = {"CXRLIB_FAULT": "train-batch:epoch=2:batch=1:rank=1", "CXRLIB_FAULT_MARKER": str(marker)}
+    fault = fault_env("train-batch:epoch=2:batch=1:rank=1", marker)
     out = two_nodes(tiny, tmp_path, env_of_node=lambda node: {**ONE_THREAD, **fault}, max_restarts=1)
     assert marker.exists()  # a worker really was killed in epoch 2
     done = json.loads((out / "done.json").read_text())

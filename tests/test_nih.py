@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from nih_layout import write_nih_layout
 
 from cxrlib import plots
 from cxrlib.datasets import index_from_csv, index_from_nih, main
-from cxrlib.errors import DataError
+from cxrlib.fileio import DataError
 from cxrlib.index import index_findings, read_index
 from cxrlib.labels import NIH_FINDINGS
 from cxrlib.phantom import ensure_phantom
-from cxrlib.phantom.nih_layout import write_nih_layout
 
 
 @pytest.fixture(scope="module")

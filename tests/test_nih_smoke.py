@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 from matplotlib.text import Text
+from nih_layout import write_nih_layout
 
 from cxrlib import plots
 from cxrlib.datasets import read_index
@@ -15,7 +16,6 @@ from cxrlib.index import index_findings
 from cxrlib.labels import FINDINGS, NIH_FINDINGS
 from cxrlib.nih import index_from_nih
 from cxrlib.phantom import ensure_phantom
-from cxrlib.phantom.nih_layout import write_nih_layout
 from cxrlib.pipeline import run_pipeline
 from cxrlib.presets import PRESET_DIR
 

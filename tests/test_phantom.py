@@ -228,6 +228,13 @@ def test_cli_and_bad_arguments(tmp_path):
         == 0
     )
     assert (tmp_path / "c" / "mimic-cxr-2.0.0-split.csv.gz").is_file()
+    # every design option is a flag: the same images as make_phantom with it, not the default's
+    flags = ["--subjects", "2", "--max-size", "48", "--workers", "1", "--fine-contrast", "1.6"]
+    flags += ["--noise", "0.05"]
+    assert phantom.main(["--out", str(tmp_path / "e"), *flags]) == 0
+    phantom.make_phantom(tmp_path / "f", 2, max_size=48, workers=1, fine_contrast=1.6, noise=0.05)
+    images = {run: [p.read_bytes() for p in sorted((tmp_path / run).rglob("*.jpg"))] for run in "cef"}
+    assert images["e"] == images["f"] != images["c"]
     with pytest.raises(ValueError, match="prevalence"):
         phantom.make_phantom(tmp_path / "d", subjects=1, prevalence="nope")
     with pytest.raises(ValueError, match="subjects"):

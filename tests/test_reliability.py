@@ -27,22 +27,14 @@ from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
-from cxrlib import cache, dist, loaders, metrics, pipeline, predict, study
+from cxrlib import cache, dist, loaders, metrics, paths, pipeline, predict, study
 from cxrlib.cache import build_cache, cached_image_path, check_cache, read_manifest
-from cxrlib.checkpoint import (
-    BEST_MODEL_NAME,
-    checkpoint_path,
-    load_latest_checkpoint,
-    load_verified,
-    save_checkpoint,
-    save_verified,
-    sidecar_path,
-)
 from cxrlib.datasets import index_from_csv, index_from_mimic, read_index, write_index
-from cxrlib.fileio import write_csv_atomic, write_text_atomic
+from cxrlib.fileio import load_verified, save_verified, sidecar_path, write_csv_atomic, write_text_atomic
 from cxrlib.labels import FINDINGS, targets_and_mask
 from cxrlib.pipeline import run_lock
 from cxrlib.presets import resolve
+from cxrlib.run_folder import checkpoint_path, load_latest_checkpoint, save_checkpoint
 from cxrlib.splits import LeakageError, make_folds, read_folds, write_folds
 
 # ----------------------------------------------------------------------------- a disk that fills up
@@ -132,7 +124,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_checkpoint_and_best_mo
     tmp_path, monkeypatch, fails_in
 ):
     first = save_checkpoint(checkpoint_state(1), tmp_path, 1, keep=1)
-    best = save_verified({"w": torch.ones(3)}, tmp_path / BEST_MODEL_NAME, {"epoch": 1})
+    best = save_verified({"w": torch.ones(3)}, tmp_path / paths.BEST_MODEL, {"epoch": 1})
     best_bytes = best.read_bytes()
     buffer = io.BytesIO()
     torch.save(checkpoint_state(2), buffer)
@@ -536,6 +528,7 @@ HOLD_LOCK = """
 import sys
 from cxrlib.pipeline import run_lock
 from cxrlib.presets import resolve
+from cxrlib.run_folder import checkpoint_path, load_latest_checkpoint, save_checkpoint
 with run_lock(resolve("smoke", run_dir=sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()  # held until the test closes stdin

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxrlib import field_sweep, metrics, predict, receptive_field, runtime, study, throughput
-from cxrlib.checkpoint import save_verified
+from cxrlib.fileio import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
 from cxrlib.presets import resolve

@@ -14,15 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from faults import fault_env
 from PIL import Image
 from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
-from cxrlib import dist, faults, loaders, paths, recipe, runtime
+from cxrlib import dist, loaders, paths, recipe, runtime
 from cxrlib.cache import cached_image_path
-from cxrlib.checkpoint import checkpoint_path, list_checkpoints, load_verified
+from cxrlib.fileio import load_verified
 from cxrlib.labels import FINDINGS, masked_bce_with_logits, targets_and_mask
+from cxrlib.run_folder import checkpoint_path, list_checkpoints
 from cxrlib.splits import fold_ids, read_folds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -524,9 +526,7 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_writes_it(ti
 
 def run_trainer(data, out, fault=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop(faults.FAULT_ENV, None)
-    if fault:
-        env[faults.FAULT_ENV] = fault
+    env.update(fault_env(fault) if fault else {})
     command = [sys.executable, "-m", "cxrlib.train", *argv(data, out, "--deterministic", epochs=3)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 

@@ -1,9 +1,7 @@
 """Drawing on the phantom's canvas: coordinates in mm, area-conserving lines and discs, vessels, exposure.
 
-Geometry is in millimetres and rendered directly at the output size, so one patient looks
-the same at any size; thin structures are drawn area-conserving (their integrated density
-does not depend on the pixel size). Images are built as a density map (1 = soft tissue, air
-is subtracted, bone and findings are added) and exposed to 8 bits at the end.
+An image is a density map (1 = soft tissue; air subtracted, bone and findings added) drawn at the
+output size and exposed to 8 bits at the end; thin structures keep their integrated density.
 """
 
 from __future__ import annotations

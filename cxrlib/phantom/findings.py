@@ -1,26 +1,9 @@
 """The phantom's 13 pathologies, each defined once: how it is planned, drawn, and told apart from its decoy.
 
-A finding is a :class:`Finding` with a typed ``Plan`` (a frozen dataclass that holds the
-finding's state, ``strong``, ``faint`` or ``absent``, and everything needed to draw it and
-its decoys). :func:`plan_findings` gives every finding its own random generator, so turning
-one finding on or off leaves the rest of the image (anatomy, decoys, other findings)
-unchanged. Drawing an image (:func:`cxrlib.phantom.views.render_frontal`) calls each finding's
-hooks in the order of :data:`REGISTRY` at fixed points:
-
-1. :meth:`Finding.haze`: lung haze before the air is subtracted (Edema);
-2. :meth:`Finding.texture`: the lung texture (a pneumothorax removes it);
-3. :meth:`Finding.bend_rib`: a rib's course (a fracture breaks it);
-4. :meth:`Finding.render`: everything else; returns the finding's truth in pixels.
-
-A lateral view calls :meth:`Finding.lateral_lung` and :meth:`Finding.lateral`. The
-registry's order is the drawing order, which decides the float rounding of the image and so
-is part of the phantom's bytes. To add a finding: write its class here and add it to
-:data:`REGISTRY`.
-
-Fine findings (lesion, pneumothorax, fracture, devices) turn some of their decoys (soft
-bumps, lines, rib dips of the same integrated density) into the finding, so the number of
-marks in an image does not depend on the label: once a finding is smaller than a pixel it
-looks exactly like its decoy.
+Each :class:`Finding` has a typed ``Plan`` and its own random generator (:func:`plan_findings`), so
+turning one on or off leaves the rest of the image unchanged. Its hooks run in the order of
+:data:`REGISTRY`, which is part of the phantom's bytes. docs/phantom.md, "The code", lists the hooks
+and how to add a finding.
 """
 
 from __future__ import annotations
@@ -31,9 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .anatomy import lateral_border, lung_point, rib_centre, wall_curve
-from .design import Design
 from .draw import Canvas, add_blob, add_polyline, box
-from .labels import PATHOLOGIES
+from .labels import PATHOLOGIES, Design
 
 CTR_THRESHOLD = 0.5
 MEDIASTINUM_THRESHOLD = 0.30

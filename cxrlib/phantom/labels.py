@@ -1,15 +1,14 @@
-"""The phantom's labels: MIMIC-CXR-JPG's label rates, drawing a study's raw labels, and what gets drawn.
+"""The phantom's labels and design: MIMIC-CXR-JPG's label rates, a study's raw labels, what is drawn.
 
-Labels (per study, as in MIMIC): 1 positive, 0 negative, -1 uncertain, blank (not
-mentioned). Rendering: 1 -> present; -1 -> present with probability 0.5, faint or
-close to the decision threshold; 0 and blank -> absent. ``prevalence="mimic"`` uses
-MIMIC-CXR-JPG's label rates with co-occurrence (see ``MIMIC_LABEL_COUNTS``); ``"balanced"``
-draws every finding independently with 18% positives.
+``prevalence="mimic"`` uses MIMIC-CXR-JPG's rates with co-occurrence, ``"balanced"`` independent
+findings with 18% positives; 1 is drawn, -1 drawn faint half the time, 0 and blank not
+(docs/phantom.md, "Labels"). :class:`Design` holds every design option of the phantom.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -67,13 +66,8 @@ def _normal_quantile(p: float) -> float:
 
 
 def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 1) -> pd.DataFrame:
-    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings.
-
-    ``mimic``: a Gaussian copula (shared and group factors) whose marginals are MIMIC's rates, so
-    findings co-occur; the highest latent values are positive, then uncertain, the rest negative or
-    blank. ``balanced``: independent findings. No Finding is 1 when no pathology other than Support
-    Devices is positive or uncertain, else blank (MIMIC never has No Finding = 0 or -1).
-    """
+    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings; ``mimic``
+    through a Gaussian copula with MIMIC's rates as marginals (docs/phantom.md, "Labels")."""
     rates = label_rates(prevalence)
     shared = rng.standard_normal(n)
     cardiac, airspace = rng.standard_normal(n), rng.standard_normal(n)
@@ -118,3 +112,44 @@ def rendered_presence(labels: dict[str, float], rng: np.random.Generator) -> dic
         else:
             drawn[finding] = "absent"
     return drawn
+
+
+@dataclass(frozen=True)
+class Design:
+    """Design options of the phantom (passed as keyword arguments to :func:`make_phantom`).
+
+    prevalence: ``mimic`` (MIMIC-CXR-JPG rates and co-occurrence) or ``balanced`` (18% positives each,
+        independent). ctr_margin / ctr_spread: CTRs are drawn uniformly from
+        [0.5 + margin, 0.5 + spread] (present) and [0.5 - spread, 0.5 - margin] (absent); the same
+        margin and spread, scaled by 0.6, apply around the mediastinal threshold.
+    studies_per_subject: mean number of studies per subject (1 + geometric; MIMIC's is ~3.5).
+    lateral_fraction: share of studies that also get a simplified lateral view (MIMIC ~0.33;
+        0 gives a frontal-only phantom, the default, so a small demo stays learnable).
+    fine_contrast: multiplier on the density of every fine finding and of its decoy.
+    fine_size: multiplier on the size (radius, line width, gap, inset) of every fine finding and decoy.
+    fine_instances: how many decoys a positive study turns into its fine finding (nodules, rib
+        fractures, wires; a pneumothorax is one long line); more instances are learned in fewer steps.
+    noise: film noise standard deviation (density units, at 1 mm^2).
+    """
+
+    prevalence: str = "mimic"
+    ctr_margin: float = 0.005
+    ctr_spread: float = 0.08
+    studies_per_subject: float = 2.0
+    lateral_fraction: float = 0.0
+    fine_contrast: float = 1.0
+    fine_size: float = 1.0
+    fine_instances: int = 2
+    noise: float = 0.02
+
+    def __post_init__(self):
+        if self.prevalence not in PREVALENCES:
+            raise ValueError(f"prevalence={self.prevalence!r}: choose one of {PREVALENCES}")
+        if not 0 <= self.ctr_margin < self.ctr_spread < 0.4:
+            raise ValueError(
+                f"need 0 <= ctr_margin < ctr_spread < 0.4, got {self.ctr_margin}, {self.ctr_spread}"
+            )
+        if self.studies_per_subject < 1:
+            raise ValueError(f"studies_per_subject must be >= 1, got {self.studies_per_subject}")
+        if not 0 <= self.lateral_fraction <= 1:
+            raise ValueError(f"lateral_fraction must be in [0, 1], got {self.lateral_fraction}")

@@ -7,11 +7,14 @@ Rendering draws the plan at any size, so one patient looks the same at every res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from ..labels import FINDINGS
 from .anatomy import (
     PIXEL_SPACING_SHORT_SIDE_MM,
     body_density,
@@ -23,8 +26,8 @@ from .anatomy import (
     render_bumps,
     render_clavicles,
     render_ribs,
+    sample_subject,
 )
-from .design import Design
 from .draw import Canvas, expose, splat_vessels
 from .findings import (
     CARDIOMEGALY,
@@ -36,6 +39,7 @@ from .findings import (
     Scene,
     plan_findings,
 )
+from .labels import PATHOLOGIES, Design
 
 
 def output_size(native_w: int, native_h: int, max_size: int | None) -> tuple[int, int]:
@@ -207,3 +211,40 @@ def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     for finding, finding_plan in findings:
         finding.lateral(density, scene, finding_plan)
     return expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
+
+
+def _example_patient(seed: int, design: Design) -> tuple[dict, dict]:
+    rng = np.random.default_rng([int(seed), 99])
+    subject = sample_subject(rng)
+    subject["thorax_mm"] = 290.0
+    return subject, {f: "absent" for f in PATHOLOGIES}
+
+
+def finding_examples(
+    resolutions: Sequence[int] = (64, 512), seed: int = 0, size: int | None = None, **design_options
+) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """``{finding: {resolution: (with_finding, without_finding)}}``: one patient rendered with its long
+    side ``size`` (default twice the largest resolution, at least 512), Lanczos-resized to ``R x R``
+    uint8. A fine finding's "without" has its decoy; No Finding's "without" has a pleural effusion."""
+    design = Design(**design_options)
+    size = size or max(512, 2 * max(resolutions))
+    subject, base = _example_patient(seed, design)
+    out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for finding in FINDINGS:
+        if finding == "No Finding":
+            with_state, without_state = dict(base), dict(base, **{"Pleural Effusion": "strong"})
+        else:
+            with_state, without_state = dict(base, **{finding: "strong"}), dict(base)
+        images = []
+        for state in (with_state, without_state):
+            rng = np.random.default_rng([int(seed), 5])
+            plan = plan_frontal(rng, subject, state, design)
+            width, height = output_size(plan["native_width"], plan["native_height"], size)
+            images.append(render_frontal(plan, width, height)[0])
+        out[finding] = {}
+        for r in resolutions:
+            pair = tuple(
+                np.asarray(Image.fromarray(im, "L").resize((r, r), Image.Resampling.LANCZOS)) for im in images
+            )
+            out[finding][int(r)] = pair
+    return out

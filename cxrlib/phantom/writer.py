@@ -1,17 +1,14 @@
 """Synthetic chest X-ray phantom written in the MIMIC-CXR-JPG layout: the project's built-in data.
 
-This module plans every study of a phantom (ids, dates, labels, image plans), renders the
-images in worker processes and writes them with MIMIC-CXR-JPG's CSVs, the truth of what is
-drawn and a README; the same seed and options give the same bytes whatever the worker count.
-
-Usage::
-
-    python -m cxrlib.phantom --out data/phantom --subjects 200 --seed 0 --max-size 512
+Every study is planned (ids, dates, labels, image plans), rendered in worker processes and written
+with MIMIC-CXR-JPG's CSVs, the truth of what is drawn and a README; the same seed and options give
+the same bytes whatever the worker count. The design options are :class:`Design`'s (docs/phantom.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -27,8 +24,7 @@ from tqdm import tqdm
 from ..fileio import atomic_write, write_csv_atomic, write_text_atomic
 from ..labels import FINDINGS
 from .anatomy import sample_subject
-from .design import Design
-from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, rendered_presence, sample_labels
+from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, Design, rendered_presence, sample_labels
 from .views import output_size, plan_frontal, plan_lateral, render_frontal, render_lateral
 
 JPEG_QUALITY = 95
@@ -130,12 +126,10 @@ def make_phantom(
     workers: int | None = None,
     **design_options,
 ) -> Path:
-    """Write a phantom dataset in the MIMIC-CXR-JPG layout under ``out_dir``; return ``out_dir``.
+    """Write a phantom in the MIMIC-CXR-JPG layout to ``out_dir`` (files: docs/phantom.md); return it.
 
-    Files: ``files/pXX/pSUBJECT/sSTUDY/DICOM.jpg``, ``mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz``,
-    ``phantom_truth.csv`` (what is really drawn in each image) and ``README.txt``. ``max_size`` caps
-    the long side of the written images (None: native size). The output is byte-identical for the same
-    seed and options, whatever ``workers`` is. ``design_options`` are the fields of :class:`Design`.
+    ``max_size`` caps the long side (None: native); ``design_options`` are :class:`Design`'s fields.
+    The same seed and options give the same bytes, whatever ``workers`` is.
     """
     out_dir = Path(out_dir)
     entries, design = plan_dataset(subjects, seed, **design_options)
@@ -286,28 +280,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, default=None, help="rendering processes (default: CPU count, at most 8)"
     )
-    parser.add_argument(
-        "--prevalence", default="mimic", choices=PREVALENCES, help="label rates: MIMIC's or balanced"
-    )
-    parser.add_argument(
-        "--lateral-fraction", type=float, default=0.0, help="share of studies with a lateral view"
-    )
-    parser.add_argument("--studies-per-subject", type=float, default=2.0, help="mean studies per patient")
+    for option in dataclasses.fields(Design):  # every design option, with Design's default
+        kind, choices = type(option.default), PREVALENCES if option.name == "prevalence" else None
+        name = f"--{option.name.replace('_', '-')}"
+        help_ = f"design option (default {option.default}; see cxrlib.phantom.labels.Design)"
+        parser.add_argument(name, type=kind, default=option.default, choices=choices, help=help_)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    out = make_phantom(
-        args.out,
-        args.subjects,
-        args.seed,
-        args.max_size,
-        args.workers,
-        prevalence=args.prevalence,
-        lateral_fraction=args.lateral_fraction,
-        studies_per_subject=args.studies_per_subject,
-    )
+    design = {option.name: getattr(args, option.name) for option in dataclasses.fields(Design)}
+    out = make_phantom(args.out, args.subjects, args.seed, args.max_size, args.workers, **design)
     print(f"phantom written to {out}")
     return 0
 

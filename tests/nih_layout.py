@@ -19,10 +19,24 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..fileio import write_csv_atomic, write_text_atomic
-from ..labels import NO_FINDING
-from ..nih import NIH_COLUMNS, NIH_ENTRY_FILES
-from ..readers import index_from_mimic
+from cxrlib.fileio import write_csv_atomic, write_text_atomic
+from cxrlib.labels import NO_FINDING
+from cxrlib.nih import NIH_ENTRY_FILES
+from cxrlib.readers import index_from_mimic
+
+NIH_COLUMNS: tuple[str, ...] = (
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
+)
 
 PHANTOM_TO_NIH: dict[str, str] = {
     "Atelectasis": "Atelectasis",
