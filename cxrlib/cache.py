@@ -1,14 +1,14 @@
 """Multi-resolution image cache: each source image once per resolution, as a square 8-bit file.
 
-Layout (shared by the writer here and the reader :class:`cxrlib.datasets.CXRDataset`)::
+Layout (shared by the writer here and the reader :class:`CXRDataset`)::
 
     CACHE/manifest.csv             one row per cached (image, resolution), see MANIFEST_COLUMNS
     CACHE/errors.csv               sources the last build could not read (header only when none)
     CACHE/index.cleaned.csv        only with ``drop_bad``: the index without those images
     CACHE/<R>/<first two characters of dicom_id>/<dicom_id>.<png|jpg>
 
-Each cached file is what :func:`cxrlib.images.square_images` makes of its source (the same
-code :class:`cxrlib.datasets.CXRDataset` uses on the fly, so both give identical pixels), so
+Each cached file is what :func:`square_images` makes of its source (the same
+code :class:`CXRDataset` uses on the fly, so both give identical pixels), so
 it depends only on (source, R, mode, reduced_decode), never on which other resolutions were
 built with it. The builder reads each source once and decodes it once per distinct DCT scale.
 
@@ -37,24 +37,172 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import multiprocessing
 import os
+import re
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from .fileio import atomic_write, write_csv_atomic
-from .images import INTERPOLATION, RESIZE_MODES, square_images
+from .index import index_findings, read_index
+from .labels import targets_and_mask
 
-# Re-exported: callers import the image operations from here as well.
-from .images import SquareImages as SquareImages
-from .images import resize_to_square as resize_to_square
-from .images import to_grayscale_8bit as to_grayscale_8bit
-from .index import read_index
+RESIZE_MODES = ("squash", "pad")
+INTERPOLATION = "lanczos"
+
+_MARKER = re.compile(rb"\xff([^\x00\xff])")  # 0xFF 0x00 is a stuffed data byte, 0xFF 0xFF padding
+_AFTER_SCAN = frozenset((0xC4, 0xCC, 0xDA, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)))  # tables, next scan
+_FRAMES = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)))
+_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it."""
+    with Image.open(path) as image:
+        return image.size
+
+
+def to_grayscale_8bit(image: Image.Image) -> Image.Image:
+    """Convert any Pillow image (L, 1, RGB, RGBA, CMYK, YCbCr, palette, LA, 16-bit, I, F) to 8-bit ``L``.
+
+    16- and 32-bit integer images are divided by ``2**b - 1``, where ``b`` is the smallest
+    bit depth (at least 8) that holds the image's maximum: a 16-bit image keeps its range,
+    and a 12-bit radiograph stored in a 16-bit PNG keeps all its contrast instead of being
+    squeezed into 16 gray levels. Float images in [0, 1] are scaled by 255.
+    """
+    image.load()
+    if image.mode == "L":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = float(array.max(initial=0.0))
+        if image.mode == "F" and top <= 1.0:
+            scale = 1.0
+        else:
+            scale = float(2 ** max(8, int(math.ceil(top)).bit_length()) - 1)
+        return Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("1", "RGB", "YCbCr"):
+        return image.convert("L")
+    # CMYK, palette, alpha and anything else: through RGB, which Pillow converts from every mode.
+    return image.convert("RGB").convert("L")
+
+
+def jpeg_damage(data: bytes) -> str:
+    """Where a JPEG's markers break the format (a marker inside compressed data, restart markers
+    out of order, stray bytes, data after the end), or ``""`` when they are where the format puts
+    them: segments by their length, each scan's data up to its next marker, and after the last
+    scan of a sequential image only the end-of-image marker."""
+    pos, scan, restart, left = 2, False, 0, None  # left: components a sequential frame has not scanned
+    while match := _MARKER.search(data, pos):
+        code, start = match[1][0], match.start()
+        if not scan and data[pos:start].strip(b"\xff"):
+            return f"{start - pos} stray bytes before marker 0x{code:02X} at byte {start}"
+        pos = match.end()
+        if scan and 0xD0 <= code <= 0xD7:
+            if code != 0xD0 + restart % 8:
+                return f"restart marker 0x{code:02X} out of order at byte {start}"
+            restart += 1
+            continue
+        if code == 0xD9:
+            rest = len(data[pos:].strip(b"\x00\xff"))
+            return f"{rest} bytes after the end-of-image marker at byte {start}" if rest else ""
+        if scan and (code not in _AFTER_SCAN or left == 0):
+            return f"marker 0x{code:02X} inside the compressed data at byte {start}"
+        header = data[pos : pos + 8].ljust(8, b"\0")  # length, then the frame's or scan's fields
+        if code in _FRAMES:
+            left = None if code in _PROGRESSIVE else header[7]
+        elif code == 0xDA and left is not None:
+            left -= header[2]
+        scan, restart = code == 0xDA, 0
+        pos += int.from_bytes(header[:2], "big")
+    return "no end-of-image marker"
+
+
+def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, int]:
+    """The smallest decoded size that still gives a full-quality ``resolution`` px square."""
+    if mode == "squash":
+        return resolution, resolution
+    longest = max(size)  # pad: the long side becomes the square's side
+    return max(1, math.ceil(resolution * size[0] / longest)), max(
+        1, math.ceil(resolution * size[1] / longest)
+    )
+
+
+def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
+    if mode == "pad":
+        side = max(image.size)
+        canvas = Image.new("L", (side, side), 0)
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+@dataclass
+class SquareImages:
+    """The result of :func:`square_images`: one image per resolution and what the source was."""
+
+    images: dict[int, Image.Image]
+    source_size: tuple[int, int]
+    decode_scale: dict[int, int]
+
+
+def square_images(
+    source: str | os.PathLike | bytes,
+    resolutions: list[int] | tuple[int, ...],
+    mode: str = "squash",
+    reduced_decode: bool = True,
+) -> SquareImages:
+    """Decode a source (path or its bytes) and make an 8-bit ``R`` x ``R`` image for each resolution.
+
+    The source is read once and decoded once per distinct DCT scale; every image is what
+    :func:`resize_to_square` returns for its resolution alone.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    decoded: dict[tuple[int, int], Image.Image] = {}
+    images, scales = {}, {}
+    source_size = (0, 0)
+    for resolution in sorted({int(r) for r in resolutions}, reverse=True):
+        with Image.open(io.BytesIO(data)) as image:
+            source_size = image.size
+            if reduced_decode and image.format == "JPEG":
+                image.draft("L", _draft_request(image.size, resolution, mode))
+            if image.size not in decoded:
+                decoded[image.size] = to_grayscale_8bit(image)
+            gray = decoded[image.size]
+        images[resolution] = _to_square(gray, resolution, mode)
+        scales[resolution] = max(1, round(source_size[0] / gray.width))
+    if data[:2] == b"\xff\xd8" and (damage := jpeg_damage(data)):
+        raise ValueError(f"corrupt JPEG data: {damage}")
+    return SquareImages(images, source_size, scales)
+
+
+def resize_to_square(
+    source: str | os.PathLike, resolution: int, mode: str = "squash", reduced_decode: bool = True
+) -> Image.Image:
+    """Open an image and return it as an 8-bit grayscale ``resolution`` x ``resolution`` image.
+
+    ``squash`` is the paper's plain resize to a square; ``pad`` keeps the aspect ratio
+    and pads the short side with black. JPEGs are decoded at reduced size (``draft``)
+    when the target is at most half the source, then resized with a Lanczos filter.
+    The cache writer makes its files with the same code (:func:`square_images`).
+    """
+    return square_images(source, [resolution], mode, reduced_decode).images[int(resolution)]
+
 
 CACHE_FORMATS = ("png", "jpg")
 MANIFEST_NAME = "manifest.csv"
@@ -449,6 +597,112 @@ def _run(tasks: list, workers: int):
     chunksize = max(1, min(8, len(tasks) // (workers * 16)))
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield from pool.imap_unordered(_cache_image, tasks, chunksize=chunksize)
+
+
+# --------------------------------------------------------------------------- the Dataset
+
+
+class ImageReadError(RuntimeError):
+    """An image file could not be read or decoded; the message names the path."""
+
+
+class CXRDataset(Dataset):
+    """Images of an index at one resolution, from the cache or resized from the originals.
+
+    Args:
+        index: a validated index (see :func:`validate_index`); its row order is kept.
+        resolution: side of the square image in pixels.
+        cache_dir: the cache written by :mod:`cxrlib.cache`; ``None`` resizes originals on the fly.
+        transform: applied to the uint8 ``[1, R, R]`` image (e.g. :func:`cxrlib.transforms.train_transform`).
+        cache_format: file format of the cache (``png`` or ``jpg``); None: the cache manifest's
+            (``png`` without a manifest). A value that contradicts the manifest is an error.
+        resize_mode: ``squash`` or ``pad``; None: the cache manifest's, or ``squash`` on the fly.
+        reduced_decode: on the fly, decode JPEGs at reduced size as the cache does by default
+            (must match the cache's setting for identical pixels).
+        skip_bad_images: when True an unreadable image is reported (a warning naming its path)
+            and the item is ``None``, dropped by :func:`collate_skip_none`; when False (default)
+            it raises :class:`ImageReadError`. Images are never replaced by zeros.
+    """
+
+    def __init__(
+        self,
+        index: pd.DataFrame,
+        resolution: int,
+        cache_dir: str | os.PathLike | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache_format: str | None = None,
+        resize_mode: str | None = None,
+        skip_bad_images: bool = False,
+        reduced_decode: bool = True,
+    ):
+        self.resolution = int(resolution)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        built = cache_settings(self.cache_dir, self.resolution) if self.cache_dir is not None else None
+        for name, given in (("format", cache_format), ("mode", resize_mode)):
+            if built and built[name] and given is not None and given != built[name]:
+                raise ValueError(
+                    f"the cache {self.cache_dir} holds {self.resolution} px images with {name} "
+                    f"{built[name]!r}, but {given!r} was asked for"
+                )
+        self.cache_format = cache_format or (built or {}).get("format") or "png"
+        self.resize_mode = resize_mode or (built or {}).get("mode") or "squash"
+        self.transform, self.reduced_decode = transform, reduced_decode
+        self.skip_bad_images = skip_bad_images
+        self.dicom_ids = index["dicom_id"].astype(str).tolist()
+        self.paths = index["path"].astype(str).tolist()
+        self.findings = index_findings(index)  # the label set: the index's finding columns
+        self.targets, self.masks = targets_and_mask(index[self.findings].to_numpy(dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.dicom_ids)
+
+    def image_path(self, i: int) -> Path:
+        """File this item's image is read from."""
+        if self.cache_dir is None:
+            return Path(self.paths[i])
+        return cached_image_path(self.cache_dir, self.resolution, self.dicom_ids[i], self.cache_format)
+
+    def read_image(self, i: int) -> torch.Tensor:
+        """The uint8 ``[1, R, R]`` image of item ``i``; raises :class:`ImageReadError` naming the file."""
+        path = self.image_path(i)
+        try:
+            if self.cache_dir is None:
+                image = resize_to_square(path, self.resolution, self.resize_mode, self.reduced_decode)
+                array = np.asarray(image)
+            else:
+                with Image.open(path) as image:
+                    # the cache is 8-bit grayscale already; convert() would copy every pixel once more
+                    array = np.asarray(image if image.mode == "L" else image.convert("L"))
+        except Exception as error:  # any decoder failure becomes one error type naming the file
+            raise ImageReadError(
+                f"cannot read image {path} (dicom_id {self.dicom_ids[i]}): {error}"
+            ) from error
+        if array.shape != (self.resolution, self.resolution):
+            raise ImageReadError(
+                f"image {path} is {array.shape[1]}x{array.shape[0]}, "
+                f"expected {self.resolution}x{self.resolution}; rebuild the cache"
+            )
+        return torch.from_numpy(array.copy()).unsqueeze(0)
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.read_image(i)
+        except ImageReadError as error:
+            if not self.skip_bad_images:
+                raise
+            warnings.warn(f"skipping unreadable image: {error}", stacklevel=2)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[i], self.masks[i]
+
+
+def collate_skip_none(batch: list):
+    """``default_collate`` that drops items a dataset returned as ``None`` (skipped bad images)."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    return default_collate(kept)
 
 
 # --------------------------------------------------------------------------- command line

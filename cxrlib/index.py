@@ -24,7 +24,7 @@ reads exactly as before; NIH ChestX-ray14's reader writes NIH's 14 and No Findin
 the set it declares. Everything downstream (the model head, the loss, the tables, the figures)
 takes its findings from here.
 
-The builders of an index from a data source are in :mod:`cxrlib.readers`.
+The builders of an index from a data source are in :mod:`cxrlib.datasets`.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from .datasets import read_index
+    from .index import read_index
 
     try:
         if args.check is not None:
