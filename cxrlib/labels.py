@@ -2,7 +2,7 @@
 
 CheXpert's 14 findings (:data:`FINDINGS`) are the default label set (MIMIC-CXR-JPG, CheXpert, the
 phantom); NIH ChestX-ray14 has its own (:data:`NIH_FINDINGS`). Targets are 1.0, 0.0 or NaN (unknown,
-masked out of every loss and metric). The policy table: docs/data.md, "Labels".
+masked out of every loss and metric). The policy table: docs/data_files.md, "Labels".
 """
 
 from __future__ import annotations
