@@ -53,8 +53,6 @@ _AFTER_SCAN = frozenset((0xC4, 0xCC, 0xDA, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0))
 _FRAMES = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)))
 _PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
 
-# --------------------------------------------------------------------------- one image
-
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file from its header, without decoding it."""
@@ -117,9 +115,8 @@ def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[i
     if mode == "squash":
         return resolution, resolution
     longest = max(size)  # pad: the long side becomes the square's side
-    return max(1, math.ceil(resolution * size[0] / longest)), max(
-        1, math.ceil(resolution * size[1] / longest)
-    )
+    width, height = (max(1, math.ceil(resolution * side / longest)) for side in size)
+    return width, height
 
 
 def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
@@ -142,9 +139,7 @@ def square_images(
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    decoded: dict[tuple[int, int], Image.Image] = {}
-    images, scales = {}, {}
-    source_size = (0, 0)
+    decoded, images, scales, source_size = {}, {}, {}, (0, 0)
     for resolution in sorted({int(r) for r in resolutions}, reverse=True):
         with Image.open(io.BytesIO(data)) as image:
             source_size = image.size
@@ -165,9 +160,6 @@ def resize_to_square(
 ) -> Image.Image:
     """An image file as the 8-bit ``resolution`` px square the cache holds (:func:`square_images`)."""
     return square_images(source, [resolution], mode, reduced_decode)[0][int(resolution)]
-
-
-# --------------------------------------------------------------------------- the manifest
 
 
 def cached_image_path(cache_dir: str | os.PathLike, resolution: int, dicom_id: str, fmt: str = "png") -> Path:
@@ -213,11 +205,7 @@ def cache_settings(cache_dir: str | os.PathLike, resolution: int) -> dict[str, s
 
 
 def check_cache(
-    index: pd.DataFrame,
-    cache_dir: str | os.PathLike,
-    resolution: int,
-    fmt: str | None = None,
-    mode: str | None = None,
+    index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, fmt: str | None = None, mode=None
 ) -> list[str]:
     """The dicom_ids of ``index`` (in its order) that the cache lacks at ``resolution``: not in the manifest
     (with ``fmt`` and ``mode`` when given), or not a file of the recorded size. Sources are not looked at,
@@ -246,9 +234,6 @@ def _size(path: str | os.PathLike) -> int:
     return getattr(_stat(path), "st_size", -1)
 
 
-# --------------------------------------------------------------------------- building
-
-
 class CacheBuildError(RuntimeError):
     """Some sources could not be read; every other image was cached. ``report`` has the details."""
 
@@ -259,8 +244,7 @@ class CacheBuildError(RuntimeError):
 
 @dataclass
 class CacheReport:
-    """What a :func:`build_cache` run did: (image, resolution) files written and already cached, the
-    unreadable sources, and with ``drop_bad`` the ids left out of ``index.cleaned.csv``."""
+    """What a :func:`build_cache` run did (``dropped``: the ids left out of ``index.cleaned.csv``)."""
 
     cache_dir: Path
     resolutions: tuple[int, ...]
@@ -273,13 +257,12 @@ class CacheReport:
     seconds: float = 0.0
 
     @property
-    def ok(self) -> bool:
-        """True when every source image was read."""
+    def ok(self) -> bool:  # every source image was read
         return self.errors.empty
 
     def summary(self) -> str:
-        done = f"wrote {self.written} files, {self.skipped} already cached, {len(self.errors)} unreadable"
-        text = f"{self.cache_dir}: {self.images} images at {list(self.resolutions)} px: {done}"
+        done = f"{self.written} files, {self.skipped} already cached, {len(self.errors)} unreadable"
+        text = f"{self.cache_dir}: {self.images} images at {list(self.resolutions)} px: wrote {done}"
         text += f" ({self.seconds:.1f} s)"
         dropped = f"; dropped {len(self.dropped)}, cleaned index: {self.cleaned_index}"
         return text + (dropped if self.cleaned_index is not None else "")
@@ -364,27 +347,17 @@ def build_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     old = read_manifest(cache_dir).to_dict("records") if (cache_dir / MANIFEST_NAME).is_file() else []
     rows = {(row["dicom_id"], int(row["resolution"])): row for row in old}
-    settings = {
-        "mode": mode,
-        "format": fmt,
-        "interpolation": INTERPOLATION,
-        "reduced_decode": bool(reduced_decode),
-    }
+    settings = dict(mode=mode, format=fmt, interpolation=INTERPOLATION, reduced_decode=bool(reduced_decode))
     tasks, skipped = [], 0
-    pairs = tqdm(
-        zip(ids, index["path"].astype(str), strict=True),
-        total=len(index),
-        desc="checking cache",
-        leave=False,
-        disable=not progress,
-    )
-    for dicom_id, source in pairs:
-        known = [rows.get((dicom_id, r)) for r in resolutions]
-        source_stat = _stat(source) if any(known) else None
+    pairs = zip(ids, index["path"].astype(str), strict=True)
+    for dicom_id, source in tqdm(
+        pairs, total=len(ids), desc="checking cache", leave=False, disable=not progress
+    ):
+        source_stat = _stat(source) if any((dicom_id, r) in rows for r in resolutions) else None
         todo = tuple(
             r
-            for r, row in zip(resolutions, known, strict=True)
-            if not _is_current(row, source, source_stat, settings, cache_dir)
+            for r in resolutions
+            if not _is_current(rows.get((dicom_id, r)), source, source_stat, settings, cache_dir)
         )
         skipped += len(resolutions) - len(todo)
         if todo:
@@ -462,27 +435,18 @@ def _run(tasks: list, workers: int):
         yield from pool.imap_unordered(_cache_image, tasks, chunksize=chunksize)
 
 
-# --------------------------------------------------------------------------- the Dataset
-
-
 class ImageReadError(RuntimeError):
     """An image file could not be read or decoded; the message names the path."""
 
 
 class CXRDataset(Dataset):
-    """The images of an index (in its row order) at one resolution, with their labels.
+    """The images of an index (in its row order) at one resolution: item ``i`` is ``(image, target, mask)``,
+    a uint8 ``[1, R, R]`` image (or what ``transform`` makes of it), float targets over the index's label set
+    (``self.findings``) with unknown ones 0, and the mask, 1 where a label is known.
 
-    **Label contract** (as torchxrayvision's datasets keep it): item ``i`` is ``(image, target, mask)``;
-    ``image`` is a uint8 ``[1, R, R]`` tensor (or what ``transform`` makes of it), ``target`` float
-    ``[F]`` with unknown labels set to 0, ``mask`` float ``[F]``, 1 where the label is known. The ``F``
-    findings are the index's label set (``self.findings``, its finding columns; 1.0 / 0.0 / NaN in
-    ``index.csv``, raw labels mapped by the uncertainty policy of :mod:`cxrlib.labels`).
-
-    Images come from ``cache_dir`` (``cache_format`` and ``resize_mode`` default to the manifest's; one
-    that contradicts it is an error) or, without one, are resized from the originals exactly as the cache
-    does (``reduced_decode`` as the cache's). An unreadable image raises :class:`ImageReadError`, or with
-    ``skip_bad_images`` warns and gives ``None``, which :func:`collate_skip_none` drops; never zeros.
-    """
+    Images come from ``cache_dir`` (format and mode: the manifest's) or are resized from the originals as
+    the cache does. An unreadable image raises :class:`ImageReadError`, or with ``skip_bad_images`` warns
+    and gives ``None``, which :func:`collate_skip_none` drops; never zeros."""
 
     def __init__(
         self,
@@ -497,9 +461,7 @@ class CXRDataset(Dataset):
     ):
         self.resolution = int(resolution)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        built = (
-            cache_settings(self.cache_dir, self.resolution) if self.cache_dir is not None else None
-        ) or {}
+        built = (cache_dir is not None and cache_settings(self.cache_dir, self.resolution)) or {}
         for name, given in (("format", cache_format), ("mode", resize_mode)):
             if built.get(name) and given is not None and given != built[name]:
                 raise ValueError(
@@ -558,9 +520,6 @@ def collate_skip_none(batch: list):
     """``default_collate`` that drops items a dataset returned as ``None`` (skipped bad images)."""
     kept = [item for item in batch if item is not None]
     return default_collate(kept) if kept else None
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,6 @@
-"""Every data source as an image index, and the command line that writes one (``python -m cxrlib.datasets``).
-
-Sources: ``mimic`` (MIMIC-CXR-JPG, and a written ``phantom``, which has its layout), ``chexpert``,
-``nih`` (ChestX-ray14), ``kermany`` (the pediatric set's official layout) and ``csv`` (any CSV). Their
-layouts, label sets and command lines: docs/data.md. An error of an input file is one line
-(:class:`~cxrlib.fileio.DataError`) naming the file, column and line::
+"""Every data source (``mimic`` and the phantom, ``chexpert``, ``nih``, ``kermany``, ``csv``) as an index,
+and the command line that writes one; an input file's error is one line naming file, column and CSV line
+(:class:`~cxrlib.fileio.DataError`). Layouts, label sets, options: docs/data.md::
 
     python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
     python -m cxrlib.datasets --dataset csv --csv labels.csv --label-map kermany --out index.csv
@@ -37,14 +34,8 @@ MIMIC_LABELS = "mimic-cxr-2.0.0-chexpert.csv"
 MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
 MIMIC_SPLITS: tuple[str, ...] = ("train", "validate", "test")
 NIH_ENTRY_FILES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-NIH_REQUIRED = (
-    "Image Index",
-    "Finding Labels",
-    "Patient ID",
-    "View Position",
-    "OriginalImage[Width",
-    "Height]",
-)
+NIH_SIZE_COLUMNS = ("OriginalImage[Width", "Height]")  # the original size: the PNGs are resized
+NIH_REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position", *NIH_SIZE_COLUMNS)
 NIH_LISTS: dict[str, str] = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
 NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")
 # index_from_csv's built-in label maps (label column value -> {finding: raw label}) and the column each reads.
@@ -64,12 +55,9 @@ KERMANY_SOURCE = (
 _CHEXPERT_PATH = re.compile(r"patient(\d+)[/\\](study\d+)[/\\]([^/\\]+?)\.[^./\\]+$")
 _NO_FILES_HINT = "check --data-root, or pass check_files=False (--no-check-files)"
 
-# --------------------------------------------------------------------------- shared helpers
-
 
 def _read_table(path: Path, required: Iterable[str], flags: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """A CSV (plain or .gz) as strings, blanks as NaN, with each row's CSV line in ``_line``; refused
-    when a required column is missing (naming the option that names it: ``flags``, column -> option)."""
+    # strings, blanks as NaN, each row's CSV line in _line; flags: column -> the option that names it
     if not path.is_file():
         raise DataFileNotFound(f"file not found: {path}")
     frame = read_csv_text(path, dtype=str, keep_default_na=False, na_values=[""])
@@ -91,20 +79,14 @@ def _read_table(path: Path, required: Iterable[str], flags: Mapping[str, str] | 
 
 
 def _refuse(frame: pd.DataFrame, bad: pd.Series, column: str, source: Path, why: str) -> None:
-    """Raise a :class:`DataError` naming the file, column, CSV line and value of the first ``bad`` row."""
     if bad.any():
         row = frame[bad].iloc[0]
         raise DataError(f"{source}: column {column!r}, line {row['_line']}: {row[column]!r} {why}")
 
 
 def _refuse_blanks(frame: pd.DataFrame, column: str, source: Path) -> None:
-    _refuse(
-        frame,
-        frame[column].isna() | (frame[column].astype(str).str.strip() == ""),
-        column,
-        source,
-        "is blank",
-    )
+    blank = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+    _refuse(frame, blank, column, source, "is blank")
 
 
 def _refuse_duplicates(frame: pd.DataFrame, columns: list[str], source: Path) -> None:
@@ -119,7 +101,6 @@ def _refuse_duplicates(frame: pd.DataFrame, columns: list[str], source: Path) ->
 def _key_columns(
     frame: pd.DataFrame, columns: list[str], source: Path, unique: list[str] | None = None
 ) -> None:
-    """Refuse blanks in the id ``columns``, strip them, and refuse rows that repeat the ``unique`` ones."""
     for column in columns:
         _refuse_blanks(frame, column, source)
         frame[column] = frame[column].str.strip()
@@ -134,8 +115,7 @@ def _int_column(frame: pd.DataFrame, column: str, source: Path) -> pd.Series:
 
 
 def _filter_views(frame: pd.DataFrame, views, source: Path, frontal: pd.Series | None = None) -> pd.DataFrame:
-    """The rows whose view is wanted: None / ``"all"`` every row, ``"frontal"``, or names such as
-    ``"PA,AP"`` (any case). ``frontal`` marks rows a source itself calls frontal (CheXpert's LL / RL)."""
+    # views: None / "all", "frontal" or names such as "PA,AP"; frontal: rows the source calls frontal
     if views is None or (isinstance(views, str) and views.strip().lower() == "all"):
         return frame
     wanted = {str(v).strip().upper() for v in (views.split(",") if isinstance(views, str) else views)} - {""}
@@ -169,8 +149,6 @@ def _refuse_missing_files(frame: pd.DataFrame, source: Path, hint: str) -> None:
 
 
 def _image_sizes(frame: pd.DataFrame, source: Path, check_files: bool = True, hint: str = "") -> pd.DataFrame:
-    """``frame`` with ``width`` and ``height`` from the image headers (blank without ``check_files``),
-    after refusing images missing on disk when there is a ``hint``; errors name the CSV line."""
     if not check_files:
         return frame.assign(width=pd.NA, height=pd.NA)
     if hint:
@@ -192,15 +170,13 @@ def _image_sizes(frame: pd.DataFrame, source: Path, check_files: bool = True, hi
 def _finish(
     frame: pd.DataFrame, labels: pd.DataFrame, source: Path, extra: Sequence[str] = ()
 ) -> pd.DataFrame:
-    """The schema's columns in order (and ``extra`` ones), the labels of the rows kept, validated."""
     columns = ["dicom_id", "subject_id", "study_id", "path", "view", "width", "height", *extra]
     index = pd.concat([frame[columns], labels.loc[frame.index]], axis=1)
     return validate_index(index.reset_index(drop=True), source=str(source))
 
 
 def _resolve(paths: pd.Series, root: Path) -> pd.Series:
-    """Absolute paths: absolute ones kept, others under ``root``; a first component equal to ``root``'s
-    own name (CheXpert's ``CheXpert-v1.0/train/...`` with root ``CheXpert-v1.0``) is root itself."""
+    # a first component equal to root's name (CheXpert-v1.0/train/... under CheXpert-v1.0) is root itself
     inside = not (root / root.name).exists()
 
     def one(path: str) -> str:
@@ -215,7 +191,6 @@ def _resolve(paths: pd.Series, root: Path) -> pd.Series:
 
 
 def _ids_from_paths(paths: pd.Series, root: Path) -> pd.Series:
-    """File names without extension, or, when two files share a name, their path under root."""
     stems = paths.map(lambda p: Path(p).stem)
     if not stems.duplicated().any():
         return stems
@@ -256,9 +231,6 @@ def _multi_label_targets(
     return pd.DataFrame(values, index=table.index, columns=columns, dtype=float)
 
 
-# --------------------------------------------------------------------------- MIMIC-CXR-JPG, CheXpert
-
-
 def _mimic_file(root: Path, name: str) -> Path:
     for path in (root / f"{name}.gz", root / name):
         if path.is_file():
@@ -277,9 +249,8 @@ def index_from_mimic(
     split: str | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Index of MIMIC-CXR-JPG from its metadata, label and (with ``split``: keep that official split)
-    split CSVs; each study's labels go to all its images, a study without a label row gets blank labels
-    and a warning. ``views``: None / ``"all"``, ``"frontal"`` or names such as ``"PA,AP"``."""
+    """Index of MIMIC-CXR-JPG from its metadata, label and (``split``) split CSVs; a study's labels go to all
+    its images (blank, with a warning, without a label row); ``views``: ``all``, ``frontal``, ``PA,AP`` ..."""
     if split is not None and split not in MIMIC_SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {MIMIC_SPLITS}")
     root = Path(os.path.abspath(root))
@@ -336,10 +307,8 @@ def index_from_chexpert(
     views: str | Iterable[str] | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Index of CheXpert from its ``train.csv`` / ``valid.csv`` under ``root`` (the folder holding
-    ``CheXpert-v1.0/`` or that folder itself); ids from ``Path``
-    (``patient00001/study1/view1_frontal.jpg``: subject ``patient00001``, study ``patient00001/study1``,
-    image ``00001_study1_view1_frontal``), ``view`` from ``AP/PA`` or ``LATERAL``."""
+    """Index of CheXpert from its ``train.csv`` / ``valid.csv`` under ``root`` (holding ``CheXpert-v1.0/`` or
+    that folder itself): ids from ``Path`` (``patient00001/study1/view1_frontal.jpg``), view from AP/PA."""
     root = Path(os.path.abspath(root))
     csv_path = root / csv
     table = _read_table(csv_path, ("Path", "Frontal/Lateral", "AP/PA", *FINDINGS))
@@ -360,9 +329,6 @@ def index_from_chexpert(
     _refuse_duplicates(frame, ["dicom_id"], csv_path)
     frame = _filter_views(frame, views, csv_path, frontal=~lateral)
     return _finish(_image_sizes(frame, csv_path, check_files, _NO_FILES_HINT), labels, csv_path)
-
-
-# --------------------------------------------------------------------------- any CSV
 
 
 def index_from_csv(
@@ -444,8 +410,6 @@ def index_from_csv(
 def _csv_labels(
     table, csv_path: Path, label_column, label_map, finding_columns, policy, blank
 ) -> pd.DataFrame:
-    """Targets of CheXpert's 14 from a mapped label column or finding columns; the findings they do
-    not give are unknown (NaN), never 0."""
     raw = pd.DataFrame(np.nan, index=table.index, columns=list(FINDINGS), dtype=object)
     if label_column is not None:
         mapping = _parse_label_map(label_map)
@@ -453,13 +417,8 @@ def _csv_labels(
         unknown = ~values.isin(list(mapping))
         same = [key for key in mapping if unknown.any() and key.lower() == values[unknown].iloc[0].lower()]
         case = f": it differs from {same[0]!r} only in case" if same else ""
-        _refuse(
-            table,
-            unknown,
-            label_column,
-            csv_path,
-            f"is not in the label map (its values: {sorted(mapping)}){case}",
-        )
+        why = f"is not in the label map (its values: {sorted(mapping)}){case}"
+        _refuse(table, unknown, label_column, csv_path, why)
         for value, labels in mapping.items():
             for finding, label in labels.items():
                 raw.loc[values == value, finding] = label
@@ -488,7 +447,6 @@ def _csv_labels(
 
 
 def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
-    """A built-in name, a JSON string, a JSON file or a dict -> {value: {finding: raw label}}, checked."""
     if isinstance(label_map, str):
         text = label_map.strip()
         if text in LABEL_MAPS:
@@ -518,9 +476,6 @@ def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
     return checked
 
 
-# --------------------------------------------------------------------------- NIH ChestX-ray14
-
-
 def _nih_entry(root: Path) -> Path:
     for name in NIH_ENTRY_FILES:
         for path in (root / name, root / f"{name}.gz"):
@@ -533,7 +488,6 @@ def _nih_entry(root: Path) -> Path:
 
 
 def _nih_list(path: Path) -> set[str]:
-    """The image names of ``train_val_list.txt`` / ``test_list.txt`` (one per line, blanks skipped)."""
     if not path.is_file():
         raise DataFileNotFound(f"{path}: not found; NIH's official lists sit beside the metadata CSV")
     try:
@@ -589,9 +543,6 @@ def index_from_nih(
     return _finish(_image_sizes(frame, entry, check_files, hint), labels, entry, NATIVE_SIZE_COLUMNS)
 
 
-# --------------------------------------------------------------------------- Kermany's pediatric set
-
-
 def _kermany_root(root: str | os.PathLike) -> Path:
     root = Path(os.path.abspath(root))
     if not any((root / split).is_dir() for split in KERMANY_SPLITS):
@@ -634,13 +585,9 @@ def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.
     return _finish(_image_sizes(frame, root), labels[["Pneumonia", "No Finding"]], root, ("split", "subtype"))
 
 
-# --------------------------------------------------------------------------- every source, the command line
-
-
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise :class:`~cxrlib.fileio.DataFileNotFound` (a ``FileNotFoundError``) naming the first file a
-    data root lacks (``csv``: the label file, relative to ``root`` unless absolute): a cheap check before
-    any work; the readers check every row later."""
+    """Raise :class:`~cxrlib.fileio.DataFileNotFound` naming the first file a data root lacks (``csv``: the
+    label file): a cheap check before any work; the readers check every row later."""
     root = Path(os.path.abspath(root))
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose one of {SOURCES}")
@@ -669,10 +616,9 @@ def index_from_source(
     views: str | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """The index of a data source by name, for a preset and the command line alike: ``csv`` is the label
-    file of ``chexpert`` (default ``train.csv``) or ``csv`` (relative to ``root`` unless absolute);
-    ``csv_options`` are the reader's own (``csv``: :func:`index_from_csv`'s, ``nih``: ``subset``,
-    ``mimic``: ``split``). The label set is the findings labelled with both classes."""
+    """The index of a data source by name (presets and the command line): ``csv`` is the label file of
+    ``chexpert`` or ``csv``; ``csv_options`` the reader's own (``csv``'s, ``nih``: ``subset``, ``mimic``:
+    ``split``); the label set is the findings labelled with both classes."""
     common = {"views": views, "check_files": check_files}
     options = dict(csv_options or {})
     if source in ("phantom", "mimic"):
@@ -697,7 +643,7 @@ def _names(text: str) -> list[str] | None:
     return [name.strip() for name in text.split(",") if name.strip()] or None
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--dataset", choices=SOURCES, required=True, help="source format")
@@ -724,11 +670,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     csv("--labels-separator", default="|", help="between findings (default |)")
     csv("--no-finding-token", dest="no_finding", default="No Finding", help="the value meaning none")
     csv("--findings", type=_names, help="the label set, comma-separated (default: the values seen)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
     args = parser.parse_args(argv)
     source, root = args.dataset, args.data_root
     if args.split and source != "mimic":

@@ -1,10 +1,7 @@
-"""The image index (``index.csv``, one row per image): its schema, and reading, writing, checking and
-summarizing it.
+"""The image index (``index.csv``, one row per image): schema, reading, writing, checking, summarizing.
 
-The fixed columns are :data:`BASE_COLUMNS` (ids, path, view, size), optionally the native size and
-notes (``split``, ``subtype``); every other column is a finding, in order: **the index's label set**
-(1.0 / 0.0 / NaN for unknown), which the model head, the loss, the tables and the figures all take from
-here. The schema, column by column: docs/data_files.md, "The index".
+Every column that is not a fixed one is a finding, in order: **the index's label set** (1.0 / 0.0 / NaN
+for unknown), which the model, the tables and the figures take from here (docs/data_files.md, "The index").
 """
 
 from __future__ import annotations
@@ -161,17 +158,10 @@ def summarize_index(index: pd.DataFrame) -> pd.DataFrame:
     """Per finding of the label set: positives, negatives, unknown and prevalence (positives / known)."""
     labels = index[index_findings(index)].astype(float)
     positives, negatives = (labels == 1.0).sum(), (labels == 0.0).sum()
-    known = positives + negatives
-    summary = pd.DataFrame(
-        {
-            "positives": positives,
-            "negatives": negatives,
-            "unknown": labels.isna().sum(),
-            "prevalence": (positives / known.where(known > 0)).round(4),
-        }
-    )
-    summary.index.name = "finding"
-    return summary
+    prevalence = (positives / (positives + negatives).where(positives + negatives > 0)).round(4)
+    columns = ["positives", "negatives", "unknown", "prevalence"]
+    summary = pd.concat([positives, negatives, labels.isna().sum(), prevalence], axis=1, keys=columns)
+    return summary.rename_axis("finding")
 
 
 def describe_index(index: pd.DataFrame) -> str:

@@ -1,8 +1,6 @@
-"""Label sets, and the uncertainty policies that map raw labels (1 / 0 / -1 / blank) to targets.
-
-CheXpert's 14 findings (:data:`FINDINGS`) are the default label set (MIMIC-CXR-JPG, CheXpert, the
-phantom); NIH ChestX-ray14 has its own (:data:`NIH_FINDINGS`). Targets are 1.0, 0.0 or NaN (unknown,
-masked out of every loss and metric). The policy table: docs/data_files.md, "Labels".
+"""Label sets (CheXpert's 14 :data:`FINDINGS` by default, NIH's :data:`NIH_FINDINGS`), the uncertainty
+policies that map raw labels (1 / 0 / -1 / blank) to targets 1.0 / 0.0 / NaN (unknown, masked out of every
+loss and metric), and the masked loss. The policy table: docs/data_files.md, "Labels".
 """
 
 from __future__ import annotations

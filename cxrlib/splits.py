@@ -100,11 +100,8 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
             "are tested too",
             stacklevel=2,
         )
-    return _table(
-        index,
-        subjects,
-        {"role_0": _roles(np.random.default_rng(seed).permutation(rest), test_subjects, val_fraction)},
-    )
+    role_of = _roles(np.random.default_rng(seed).permutation(rest), test_subjects, val_fraction)
+    return _table(index, subjects, {"role_0": role_of})
 
 
 def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: str = "folds") -> None:
