@@ -131,11 +131,8 @@ def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
 def square_images(
     source: str | os.PathLike | bytes, resolutions, mode: str = "squash", reduced_decode: bool = True
 ) -> tuple[dict[int, Image.Image], tuple[int, int], dict[int, int]]:
-    """The 8-bit ``R`` x ``R`` image of a source (path or bytes) at each resolution, the source's size, and
-    the DCT scale each was decoded at. A JPEG is decoded once per scale, at the smallest that still
-    covers ``R`` (``Image.draft``, with ``reduced_decode``); then gray, ``squash`` (the paper's) or ``pad``
-    (black, aspect kept) to a square, and Lanczos: each image depends only on (source, R, mode,
-    reduced_decode). A JPEG with corrupt compressed data (:func:`jpeg_damage`) is a ``ValueError``."""
+    """The 8-bit ``R`` px squares of a source (path or bytes), its size, and the DCT scale of each: a JPEG is
+    decoded once per scale (``reduced_decode``), gray, squash or pad, Lanczos; a corrupt JPEG raises."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -207,9 +204,8 @@ def cache_settings(cache_dir: str | os.PathLike, resolution: int) -> dict[str, s
 def check_cache(
     index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, fmt: str | None = None, mode=None
 ) -> list[str]:
-    """The dicom_ids of ``index`` (in its order) that the cache lacks at ``resolution``: not in the manifest
-    (with ``fmt`` and ``mode`` when given), or not a file of the recorded size. Sources are not looked at,
-    so a cache copied to another machine checks out."""
+    """The dicom_ids of ``index`` the cache lacks at ``resolution`` (with ``fmt``, ``mode``): not in the
+    manifest, or not a file of the recorded size (sources are not looked at)."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     rows = manifest[manifest["resolution"] == int(resolution)]
@@ -327,11 +323,8 @@ def build_cache(
     drop_bad: bool = False,
     progress: bool = True,
 ) -> CacheReport:
-    """Write every image of ``index`` at each resolution into ``out_dir`` with ``workers`` processes
-    (default all cores), resuming a previous build: a pair is skipped when the manifest lists it with the
-    same settings, source path, size and mtime and its file has the recorded size. Unreadable sources go
-    to ``errors.csv``, then :class:`CacheBuildError` names them, or with ``drop_bad`` the build writes
-    ``index.cleaned.csv`` without them and returns their ids in ``dropped``."""
+    """Write every image of ``index`` at each resolution into ``out_dir`` with ``workers`` processes, resuming
+    a previous build; unreadable sources raise :class:`CacheBuildError`, or with ``drop_bad`` are left out."""
     started = time.monotonic()
     for name, value, choices in (("resize mode", mode, RESIZE_MODES), ("cache format", fmt, CACHE_FORMATS)):
         if value not in choices:
@@ -393,8 +386,7 @@ def _is_current(
 def _write_pending(
     tasks: list, workers: int, rows: dict, resolutions: tuple[int, ...], cache_dir: Path, progress: bool
 ) -> tuple[int, list[dict]]:
-    """Run the tasks, updating ``rows`` and saving the manifest as they finish (also after an interrupt,
-    so the next run resumes from there); (files written, errors)."""
+    """Run the tasks, saving the manifest as they finish and at the end; (files written, errors)."""
     written, errors, last_save = 0, [], time.monotonic()
     try:
         with tqdm(
@@ -440,13 +432,10 @@ class ImageReadError(RuntimeError):
 
 
 class CXRDataset(Dataset):
-    """The images of an index (in its row order) at one resolution: item ``i`` is ``(image, target, mask)``,
-    a uint8 ``[1, R, R]`` image (or what ``transform`` makes of it), float targets over the index's label set
-    (``self.findings``) with unknown ones 0, and the mask, 1 where a label is known.
-
-    Images come from ``cache_dir`` (format and mode: the manifest's) or are resized from the originals as
-    the cache does. An unreadable image raises :class:`ImageReadError`, or with ``skip_bad_images`` warns
-    and gives ``None``, which :func:`collate_skip_none` drops; never zeros."""
+    """The images of an index (in its row order) at one resolution, from ``cache_dir`` or resized on the fly
+    as the cache does: item ``i`` is ``(image, target, mask)``, a uint8 ``[1, R, R]`` image, targets over the
+    label set (unknown ones 0) and their mask; an unreadable image raises :class:`ImageReadError`, or with
+    ``skip_bad_images`` warns and is ``None`` (:func:`collate_skip_none` drops it), never zeros."""
 
     def __init__(
         self,

@@ -98,9 +98,7 @@ def _refuse_duplicates(frame: pd.DataFrame, columns: list[str], source: Path) ->
         raise DataError(f"{source}: {key} is listed more than once (lines {same['_line'].tolist()[:5]})")
 
 
-def _key_columns(
-    frame: pd.DataFrame, columns: list[str], source: Path, unique: list[str] | None = None
-) -> None:
+def _key_columns(frame: pd.DataFrame, columns: list[str], source: Path, unique: list | None = None) -> None:
     for column in columns:
         _refuse_blanks(frame, column, source)
         frame[column] = frame[column].str.strip()
@@ -140,9 +138,7 @@ def _refuse_missing_files(frame: pd.DataFrame, source: Path, hint: str) -> None:
     exists = np.array([os.path.isfile(p) for p in checking], dtype=bool)
     if not exists.all():
         missing = frame[~exists]
-        examples = "; ".join(
-            f"line {n}: {p}" for n, p in zip(missing["_line"][:3], missing["path"][:3], strict=True)
-        )
+        examples = "; ".join(f"line {n}: {p}" for n, p in missing[["_line", "path"]].head(3).to_numpy())
         raise DataFileNotFound(
             f"{source}: {len(missing)} of {len(frame)} listed images are missing on disk ({examples}); {hint}"
         )
@@ -167,9 +163,7 @@ def _image_sizes(frame: pd.DataFrame, source: Path, check_files: bool = True, hi
     return frame.assign(width=sizes["width"], height=sizes["height"])
 
 
-def _finish(
-    frame: pd.DataFrame, labels: pd.DataFrame, source: Path, extra: Sequence[str] = ()
-) -> pd.DataFrame:
+def _finish(frame: pd.DataFrame, labels: pd.DataFrame, source: Path, extra: Sequence = ()) -> pd.DataFrame:
     columns = ["dicom_id", "subject_id", "study_id", "path", "view", "width", "height", *extra]
     index = pd.concat([frame[columns], labels.loc[frame.index]], axis=1)
     return validate_index(index.reset_index(drop=True), source=str(source))
@@ -688,8 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}")
-    print(describe_index(index))
+    print(f"wrote {args.out}\n{describe_index(index)}")
     return 0
 
 

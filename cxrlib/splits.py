@@ -199,14 +199,13 @@ def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--index", type=Path, help="index.csv (from python -m cxrlib.datasets)")
-    parser.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of non-test subjects in val")
-    parser.add_argument("--out", type=Path, help="folds.csv to write")
-    parser.add_argument(
-        "--check", type=Path, metavar="FOLDS_CSV", help="only check a fold file (and --index)"
-    )
+    add = parser.add_argument
+    add("--index", type=Path, help="index.csv (from python -m cxrlib.datasets)")
+    add("--folds", type=int, default=5, help="number of folds K (default 5)")
+    add("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    add("--val-fraction", type=float, default=0.1, help="share of non-test subjects in val")
+    add("--out", type=Path, help="folds.csv to write")
+    add("--check", type=Path, metavar="FOLDS_CSV", help="only check a fold file (and --index)")
     args = parser.parse_args(argv)
     if args.check is None and (args.index is None or args.out is None):
         parser.error("give --index and --out to make folds, or --check FOLDS_CSV")
