@@ -369,9 +369,7 @@ def build_cache(
     return report
 
 
-def _is_current(
-    row: dict | None, source: str, stat: os.stat_result | None, settings: dict, root: Path
-) -> bool:
+def _is_current(row: dict | None, source: str, stat, settings: dict, root: Path) -> bool:
     return (
         row is not None
         and stat is not None
@@ -412,8 +410,7 @@ def _write_pending(
 
 def _write_manifest(rows: dict, cache_dir: Path) -> None:
     frame = pd.DataFrame(list(rows.values()), columns=list(MANIFEST_COLUMNS))
-    if len(frame):
-        frame = frame.sort_values(["resolution", "dicom_id"], kind="stable")
+    frame = frame.sort_values(["resolution", "dicom_id"], kind="stable")
     write_csv_atomic(frame, cache_dir / MANIFEST_NAME, lineterminator="\n")
 
 
@@ -529,14 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = read_index(args.index)
         if args.check:
-            incomplete = 0
-            for resolution in sorted(set(args.resolutions)):
-                missing = check_cache(index, args.out, resolution, args.format, args.mode)
-                incomplete += bool(missing)
+            incomplete = False
+            for r in sorted(set(args.resolutions)):
+                missing = check_cache(index, args.out, r, args.format, args.mode)
+                incomplete |= bool(missing)
                 example = f", e.g. {missing[:3]}" if missing else ""
-                print(
-                    f"{args.out}: {resolution} px: {len(index) - len(missing)}/{len(index)} cached{example}"
-                )
+                print(f"{args.out}: {r} px: {len(index) - len(missing)}/{len(index)} cached{example}")
             return 1 if incomplete else 0
         report = build_cache(
             index, args.out, args.resolutions, args.workers, args.mode, args.format, args.jpeg_quality,

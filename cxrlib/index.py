@@ -31,9 +31,7 @@ def index_findings(index: pd.DataFrame | Sequence[str]) -> list[str]:
     return [str(c) for c in columns if str(c) not in _NOT_FINDINGS]
 
 
-def select_findings(
-    index: pd.DataFrame, findings: Sequence[str] | None, source: str = "index"
-) -> pd.DataFrame:
+def select_findings(index: pd.DataFrame, findings: Sequence | None, source: str = "index") -> pd.DataFrame:
     """The index with only ``findings`` (a subset of its label set, in that order) as its label set;
     ``None`` keeps them all. A name the index lacks is a :class:`~cxrlib.fileio.DataError`."""
     if findings is None:

@@ -102,10 +102,8 @@ def masked_bce_with_logits(
 ) -> torch.Tensor:
     """Binary cross-entropy on logits that ignores unknown labels (``mask == 0``): ``mean`` over the
     known labels, or their ``sum`` (with ``mask.sum()``, callers average across batches or processes)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")
     losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     total = (losses * mask).sum()
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / mask.sum().clamp_min(1.0)
-    raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")
+    return total if reduction == "sum" else total / mask.sum().clamp_min(1.0)
