@@ -348,11 +348,9 @@ def index_from_csv(
     no_finding: str | None = "No Finding",
     findings: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Index of any CSV with an image path and a patient id per row, labelled by CheXpert-named finding
-    columns (``finding_columns``: names, or CSV column -> finding; default every column named like one),
-    by one ``label_column`` through a ``label_map`` (``{value: {finding: 1 / 0 / -1}}``, JSON, or a
-    built-in name such as ``"kermany"``), or by a multi-label ``labels_column`` whose values are the label
-    set (``findings``, default the values seen). docs/data.md has the details of each option."""
+    """Index of any CSV with an image path and a patient id per row, labelled by CheXpert-named
+    ``finding_columns``, by a ``label_column`` through a ``label_map`` (``{value: {finding: 1 / 0 / -1}}``,
+    JSON or a built-in name), or by a multi-label ``labels_column`` (docs/data.md has every option)."""
     csv_path = Path(os.path.abspath(csv))
     root = Path(os.path.abspath(root)) if root is not None else csv_path.parent
     if isinstance(label_map, str) and label_column is None:
@@ -497,9 +495,8 @@ def _nih_list(path: Path) -> set[str]:
 def index_from_nih(
     root: str | os.PathLike, subset: str = "all", views: str | None = None, check_files: bool = True
 ) -> pd.DataFrame:
-    """Index of NIH ChestX-ray14 from its release (``Data_Entry_2017_v2020.csv`` and the image folders):
-    NIH's 14 findings and No Finding; ``subset``: ``all`` images or those of NIH's ``train_val`` or
-    ``test`` list; ``native_width`` / ``native_height`` from the metadata (the PNGs are resized)."""
+    """Index of NIH ChestX-ray14 (``Data_Entry_2017_v2020.csv``, the image folders): NIH's 14 findings and No
+    Finding, the native size from the metadata; ``subset``: ``all`` or NIH's train_val or test list."""
     if subset not in NIH_SUBSETS:
         raise DataError(f"unknown NIH subset {subset!r}; choose one of {NIH_SUBSETS}")
     root = Path(os.path.abspath(root))
@@ -548,9 +545,8 @@ def _kermany_root(root: str | os.PathLike) -> Path:
 
 
 def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.DataFrame:
-    """Index of Kermany's chest X-rays from ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/``: Pneumonia
-    and No Finding from the folder, the patient from the file name (``IM-0115-0001``,
-    ``person1_bacteria_1``), and the ``split`` and ``subtype`` (normal / bacteria / virus) columns."""
+    """Index of Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/``: labels from the folder, the
+    patient from the file name, and the ``split`` and ``subtype`` (normal / bacteria / virus) columns."""
     root = _kermany_root(root)
     rows = []
     for split in KERMANY_SPLITS:

@@ -21,6 +21,7 @@ ID_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id")
 BASE_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "path", "view", "width", "height")
 NATIVE_SIZE_COLUMNS: tuple[str, ...] = ("native_width", "native_height")  # NIH's PNGs are resized
 NOTE_COLUMNS: tuple[str, ...] = ("split", "subtype")  # optional text, never findings
+SIZE_COLUMNS = ("width", "height", *NATIVE_SIZE_COLUMNS)
 INDEX_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *FINDINGS)  # an index with CheXpert's label set
 _NOT_FINDINGS = frozenset((*BASE_COLUMNS, *NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS, "_line"))
 
@@ -90,7 +91,7 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
         raise DataError(
             f"{source}: duplicate dicom_id {index['dicom_id'][duplicated].iloc[0]!r} (CSV lines {rows})"
         )
-    for column in ("width", "height", *(c for c in NATIVE_SIZE_COLUMNS if c in index.columns)):
+    for column in (c for c in SIZE_COLUMNS if c in index.columns):
         whole = _numbers(
             index, column, source, lambda v: (v >= 0) & (v == v.round()), "a whole number of pixels"
         )
@@ -127,13 +128,9 @@ def read_index(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise DataFileNotFound(f"index file not found: {path}")
     header = read_header(path)
-    findings = index_findings(header)
-    frame = read_csv_text(
-        path,
-        dtype={c: str for c in (*ID_COLUMNS, "path", "view", *NOTE_COLUMNS) if c in header},
-        keep_default_na=False,
-        na_values={c: [""] for c in [*findings, "width", "height", *NATIVE_SIZE_COLUMNS] if c in header},
-    )
+    text = {c: str for c in (*ID_COLUMNS, "path", "view", *NOTE_COLUMNS) if c in header}
+    numbers = {c: [""] for c in (*index_findings(header), *SIZE_COLUMNS) if c in header}
+    frame = read_csv_text(path, dtype=text, keep_default_na=False, na_values=numbers)
     return validate_index(frame, source=str(path))
 
 
