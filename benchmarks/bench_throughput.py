@@ -3,7 +3,7 @@
 One run on one device measures, and prints in one table with the goals of the performance issue:
 
 * ``pipeline`` (per resolution, the trainer's per-GPU batch): training img/s model-only (a
-  synthetic uint8 batch already on the device) and end-to-end (:class:`cxrlib.datasets.CXRDataset`
+  synthetic uint8 batch already on the device) and end-to-end (:class:`cxrlib.cache.CXRDataset`
   from the cache through the trainer's DataLoader: its workers, pinned memory, persistent workers
   and prefetch), both through the trainer's own :func:`cxrlib.train.train_one_epoch` (flip and
   rotation on the device, normalisation, autocast, channels_last, masked BCE, Adam); the ratio
@@ -813,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give --cache and --index together (or neither, for a phantom)")
     import torch
 
-    from cxrlib.datasets import CXRDataset, read_index
+    from cxrlib.cache import CXRDataset
+    from cxrlib.index import read_index
     from cxrlib.runtime import algorithm_settings, amp_dtype
     from cxrlib.throughput import device_name
 

@@ -106,7 +106,7 @@ def load_data(args) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
     if missing:
         stacks = {r: np.zeros((len(meta), r, r), np.uint8) for r in missing}
         for i, path in enumerate(tqdm(meta["path"], desc="resize", unit="img")):
-            for r, image in square_images(path, missing).images.items():
+            for r, image in square_images(path, missing)[0].items():
                 stacks[r][i] = np.asarray(image)
         for r in missing:
             np.save(root / f"arrays_{r}.npy", stacks[r])

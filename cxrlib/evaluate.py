@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from .cache import CacheBuildError, build_cache
-from .datasets import CXRDataset
+from .cache import CacheBuildError, CXRDataset, build_cache
 from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_scales
 from .fileio import DataError, write_csv_atomic
 from .index import BASE_COLUMNS, index_findings, read_index

@@ -27,8 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import datasets, metrics, paths
+from . import metrics, paths
 from .fileio import sha256_file, sidecar_path, write_csv_atomic
+from .index import read_index, select_findings, write_index
 from .presets import BASELINE_ARM, Preset
 from .run_folder import list_checkpoints
 
@@ -77,8 +78,8 @@ def arm_index(preset: Preset, arm: str, folder: Path) -> Path:
     if findings is None:
         return preset.index_path
     path = folder.parent / paths.INDEX
-    index = datasets.select_findings(datasets.read_index(preset.index_path), findings, f"arm {arm!r}")
-    datasets.write_index(index, path)
+    index = select_findings(read_index(preset.index_path), findings, f"arm {arm!r}")
+    write_index(index, path)
     return path
 
 

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .cache import MANIFEST_NAME, cached_image_path, check_cache
-from .datasets import CXRDataset, collate_skip_none, read_index
+from .cache import MANIFEST_NAME, CXRDataset, cached_image_path, check_cache, collate_skip_none
+from .index import read_index
 from .models import WEIGHT_CHOICES
 from .recipe import MIN_RESOLUTION
 from .runtime import ConfigError, amp_dtype, resolve_device
@@ -41,7 +41,7 @@ class IndexedDataset(Dataset):
     """Wraps a dataset so each item starts with its position: ``(i, image, target, mask)``.
 
     Items the wrapped dataset returns as ``None`` (skipped bad images) stay ``None``, so
-    :func:`cxrlib.datasets.collate_skip_none` drops them and the positions say which are left.
+    :func:`cxrlib.cache.collate_skip_none` drops them and the positions say which are left.
     """
 
     def __init__(self, dataset: Dataset):

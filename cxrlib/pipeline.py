@@ -270,7 +270,7 @@ def expected_times(preset: Preset, done: dict[str, float], names: list[str]) -> 
 
     An estimate is a convenience: whatever goes wrong here is reported in one line and the run goes on.
     """
-    from .datasets import read_index
+    from .index import read_index
     from .splits import read_folds
 
     try:

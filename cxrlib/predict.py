@@ -1,6 +1,6 @@
 """Logits of a trained model for any images at any resolution (val/test predictions, train x test matrix).
 
-:func:`predict_logits` scores a :class:`cxrlib.datasets.CXRDataset` (uint8 images; the ImageNet
+:func:`predict_logits` scores a :class:`cxrlib.cache.CXRDataset` (uint8 images; the ImageNet
 normalisation runs on the device in batches) and returns one row per image: ``dicom_id``, then
 one logit column per finding of the dataset's label set (``dataset.findings``: the index's finding
 columns; CheXpert's 14 by default), in the dataset's order.
@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import paths
-from .datasets import CXRDataset, collate_skip_none, read_index
+from .cache import CXRDataset, collate_skip_none
 from .fileio import CheckpointError, load_verified, write_csv_atomic
+from .index import read_index
 from .labels import FINDINGS
 from .loaders import IndexedDataset
 from .models import build_model, extract_state_dict, load_state_dict_file, load_weights_into

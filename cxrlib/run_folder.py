@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__, paths
 from . import dist as cxrdist
-from .datasets import CXRDataset
+from .cache import CXRDataset
 from .fileio import (
     CheckpointError,
     FolderBusyError,

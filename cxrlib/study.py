@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import datasets, paths, splits
+from . import paths, splits
+from .cache import CXRDataset
+from .index import index_findings, read_index, select_findings, write_index
 from .presets import Preset
 
 # ----------------------------------------------------------------------------- every notebook
@@ -45,7 +47,7 @@ def open_preset(step: str, preset: str, **overrides: Any) -> Preset:
 def build_index(preset: Preset) -> pd.DataFrame:
     """The image index of the preset's data source (labels mapped by the preset's policy); a
     phantom is written first unless the same one is already complete."""
-    from .sources import index_from_source
+    from .datasets import index_from_source
 
     data = preset.data
     if data.source == "phantom":
@@ -57,7 +59,7 @@ def build_index(preset: Preset) -> pd.DataFrame:
             data.source, preset.data_path, data.csv, data.csv_options, data.policy, data.blank,
             None if data.views == "all" else data.views,
         )  # fmt: skip
-        return datasets.select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
+        return select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
     except ValueError as error:
         if str(error).startswith(("unknown data source", "data.csv must")):
             raise ValueError(f"preset {preset.name!r}: {error}") from None
@@ -67,7 +69,7 @@ def build_index(preset: Preset) -> pd.DataFrame:
 def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build (or re-build) ``index.csv`` and ``folds.csv`` of the preset; returns both."""
     index = build_index(preset)
-    datasets.write_index(index, preset.index_path)
+    write_index(index, preset.index_path)
     seed, val_fraction = preset.folds.seed, preset.folds.val_fraction
     if preset.folds.split == "official":
         folds = splits.official_folds(index, seed, val_fraction)
@@ -85,7 +87,7 @@ def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
                 f"{path} does not exist yet: run notebook 00_data first "
                 f"(python -m cxrlib.pipeline --preset {preset.name})"
             )
-    index = datasets.read_index(preset.index_path)
+    index = read_index(preset.index_path)
     return index, splits.read_folds(preset.folds_path, index)
 
 
@@ -96,7 +98,7 @@ def prepare_cache(preset: Preset, index: pd.DataFrame | None = None, progress: b
     """Write every image at every resolution of the preset into its cache; raise on unreadable images."""
     from .cache import build_cache
 
-    index = datasets.read_index(preset.index_path) if index is None else index
+    index = read_index(preset.index_path) if index is None else index
     report = build_cache(
         index,
         preset.cache_path,
@@ -297,7 +299,7 @@ def cross_predictions(
     if not (path.is_file() and path.stat().st_mtime >= best.stat().st_mtime):
         device = analysis_device(preset)
         frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
-        dataset = datasets.CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
+        dataset = CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
         if (trained_at, fold) not in models:
             models.clear()  # one model on the device at a time
             models[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
@@ -314,9 +316,7 @@ def example_images(preset: Preset, dicom_ids: list[str], resolution: int) -> tor
     """uint8 ``[N, 1, R, R]`` cached images of ``dicom_ids`` at ``resolution``."""
     index, _ = load_data(preset)
     subset = index.set_index("dicom_id").loc[dicom_ids].reset_index()
-    dataset = datasets.CXRDataset(
-        subset, resolution, cache_dir=preset.cache_path, cache_format=preset.cache.format
-    )
+    dataset = CXRDataset(subset, resolution, cache_dir=preset.cache_path, cache_format=preset.cache.format)
     return torch.stack([dataset.read_image(i) for i in range(len(dataset))])
 
 
@@ -404,7 +404,7 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
     from .gradcam import example_for, gradcam
 
     index, folds = load_data(preset)
-    label_set = datasets.index_findings(index)
+    label_set = index_findings(index)
     findings = list(findings or preset.analysis.gradcam_findings)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, analysis_fold(preset), "test"))]
     grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)

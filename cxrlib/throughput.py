@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .datasets import CXRDataset
+from .cache import CXRDataset
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS
 from .loaders import default_workers, make_loader
@@ -264,7 +264,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from .datasets import read_index
+    from .index import read_index
 
     index = read_index(args.index) if args.index else None
     frame = measure_throughput(

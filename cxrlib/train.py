@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import dist as cxrdist
-from .datasets import ImageReadError
+from .cache import ImageReadError
 from .fileio import CheckpointError, FolderBusyError
 from .index import index_findings
 from .labels import masked_bce_with_logits
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     """Train one fold at one resolution (see module docs); returns the summary written to done.json.
 
     Raises :class:`ConfigError`, :class:`NonFiniteLossError`, :class:`CheckpointError`,
-    :class:`cxrlib.datasets.ImageReadError`, :class:`cxrlib.models.WeightsUnavailableError` or
+    :class:`cxrlib.cache.ImageReadError`, :class:`cxrlib.models.WeightsUnavailableError` or
     :class:`cxrlib.fileio.FolderBusyError` (another run is writing the same ``--out``).
     """
     validate_args(args)

@@ -12,13 +12,12 @@ from nih_layout import write_nih_layout
 from torch import nn
 
 from cxrlib import evaluate, predict
+from cxrlib.datasets import index_from_mimic, index_from_nih
 from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
 from cxrlib.index import read_index, write_index
 from cxrlib.labels import FINDINGS
 from cxrlib.models import build_model
-from cxrlib.nih import index_from_nih
 from cxrlib.phantom import ensure_phantom
-from cxrlib.readers import index_from_mimic
 
 RESOLUTIONS = (32, 64)
 

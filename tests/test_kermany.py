@@ -13,9 +13,8 @@ import pytest
 from kermany_layout import TINY_TREE, arrange_csv_copy, write_tiny_tree
 
 from cxrlib import pipeline, splits, study
-from cxrlib.datasets import check_data_root, index_from_csv, main, read_index, write_index
-from cxrlib.index import index_findings
-from cxrlib.kermany import index_from_kermany
+from cxrlib.datasets import check_data_root, index_from_csv, index_from_kermany, main
+from cxrlib.index import index_findings, read_index, write_index
 
 CSV_COPY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-pediatric-cxr"
 NO_REAL_IMAGES = (

@@ -17,8 +17,8 @@ from tiny_data import make_tiny_dataset
 
 from cxrlib import launch as launcher
 from cxrlib import paths
-from cxrlib.datasets import read_index
 from cxrlib.fileio import load_verified
+from cxrlib.index import read_index
 from cxrlib.labels import FINDINGS
 from cxrlib.splits import fold_ids, read_folds
 

@@ -17,7 +17,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from cxrlib import paths, phantom, pipeline, splits
+from cxrlib import paths, pipeline, splits
+from cxrlib.phantom.writer import plan_dataset
 from cxrlib.presets import PRESET_DIR, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -69,7 +70,7 @@ def test_the_carried_wheels_are_what_papermill_and_its_kernel_need_that_the_gpu_
 
 def phantom_split(preset) -> dict[str, int]:
     """Images per role of the trained fold, from the preset's phantom plan alone (nothing rendered)."""
-    entries, _ = phantom.plan_dataset(preset.data.subjects, preset.data.seed, **preset.data.phantom_options)
+    entries, _ = plan_dataset(preset.data.subjects, preset.data.seed, **preset.data.phantom_options)
     frame = pd.DataFrame(
         {"dicom_id": [e["dicom_id"] for e in entries], "subject_id": [e["subject_id"] for e in entries]}
     )

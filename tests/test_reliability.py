@@ -29,8 +29,9 @@ from torch import nn
 import cxrlib.train as train
 from cxrlib import cache, dist, loaders, metrics, paths, pipeline, predict, study
 from cxrlib.cache import build_cache, cached_image_path, check_cache, read_manifest
-from cxrlib.datasets import index_from_csv, index_from_mimic, read_index, write_index
+from cxrlib.datasets import index_from_csv, index_from_mimic
 from cxrlib.fileio import load_verified, save_verified, sidecar_path, write_csv_atomic, write_text_atomic
+from cxrlib.index import read_index, write_index
 from cxrlib.labels import FINDINGS, targets_and_mask
 from cxrlib.pipeline import run_lock
 from cxrlib.presets import resolve

@@ -95,7 +95,7 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
     monkeypatch.setattr(study, "load_data", lambda preset: (pd.DataFrame({"dicom_id": ids}), None))
     monkeypatch.setattr(study.splits, "fold_ids", lambda folds, fold, role: ids)
     monkeypatch.setattr(study, "analysis_device", lambda preset: torch.device("cuda"))
-    monkeypatch.setattr(study.datasets, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
+    monkeypatch.setattr(study, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
     monkeypatch.setattr(runtime, "amp_dtype", lambda device: torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
