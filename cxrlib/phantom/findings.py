@@ -1,10 +1,5 @@
-"""The phantom's 13 pathologies, each defined once: how it is planned, drawn, and told apart from its decoy.
-
-Each :class:`Finding` has a typed ``Plan`` and its own random generator (:func:`plan_findings`), so
-turning one on or off leaves the rest of the image unchanged. Its hooks run in the order of
-:data:`REGISTRY`, which is part of the phantom's bytes. docs/phantom.md, "The code", lists the hooks
-and how to add a finding.
-"""
+"""The phantom's 13 pathologies: each a :class:`Finding` with a typed plan and drawing hooks, run in the
+order of :data:`REGISTRY` (part of the phantom's bytes); docs/phantom.md, "The code"."""
 
 from __future__ import annotations
 
@@ -13,8 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .anatomy import lateral_border, lung_point, rib_centre, wall_curve
-from .draw import Canvas, add_blob, add_polyline, box
+from .anatomy import Canvas, add_blob, add_polyline, box, lateral_border, lung_point, rib_centre, wall_curve
 from .labels import PATHOLOGIES, Design
 
 CTR_THRESHOLD = 0.5
@@ -36,7 +30,6 @@ class Scene:
     right_lung: np.ndarray
 
     def lung(self, side: int) -> np.ndarray:
-        """The mask of the image-left (side -1) or image-right (+1) lung."""
         return self.left_lung if side < 0 else self.right_lung
 
 
@@ -70,8 +63,7 @@ class Finding:
     Plan: type[FindingPlan] = FindingPlan
 
     def plan(self, rng: np.random.Generator, image: dict, state: str, design: Design) -> FindingPlan:
-        """Draw the finding's parameters (and its decoys') for one image plan from the finding's own
-        generator ``rng`` (mm)."""
+        """Draw the finding's (and its decoys') parameters in mm from the finding's own generator."""
         return self.Plan(state)
 
     def haze(self, haze: np.ndarray, scene: Scene, plan: FindingPlan) -> None:
@@ -109,21 +101,12 @@ def _side(rng: np.random.Generator) -> int:
 
 
 def _scale(image: dict) -> float:
-    """Patient size relative to the 290 mm reference thorax."""
     return image["thorax"] / 290.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Global findings: a width ratio of the anatomy
 
 
 @dataclass(frozen=True)
 class RatioFinding(Finding):
-    """A width relative to the thorax above a threshold (the heart: CTR; the upper mediastinum).
-
-    The ratio is part of the anatomy (:func:`cxrlib.phantom.views.plan_frontal` draws it with
-    :meth:`draw_ratio`); ``margin_scale`` scales the design's CTR margin and spread to this ratio.
-    """
+    """A width ratio above a threshold (CTR, mediastinum), drawn with the anatomy by :meth:`draw_ratio`."""
 
     name: str = ""
     threshold: float = 0.5
@@ -142,10 +125,6 @@ class RatioFinding(Finding):
 
 CARDIOMEGALY = RatioFinding("Cardiomegaly", CTR_THRESHOLD)
 ENLARGED_CARDIOMEDIASTINUM = RatioFinding("Enlarged Cardiomediastinum", MEDIASTINUM_THRESHOLD, 0.6)
-
-
-# ----------------------------------------------------------------------------------------------
-# Coarse and medium findings
 
 
 class Edema(Finding):
@@ -314,11 +293,8 @@ class Pneumonia(Finding):
         for b in plan.blobs:
             add_blob(patch, canvas, b.x, b.y, b.a, "soft", r=2 * b.sigma, sigma=b.sigma)
         density += np.minimum(patch, 0.25) * scene.lungs
-        return {
-            "pneumonia": [
-                {"centre_px": canvas.to_px(b.x, b.y), "sigma_px": b.sigma / canvas.px} for b in plan.blobs
-            ]
-        }
+        blobs = [{"centre_px": canvas.to_px(b.x, b.y), "sigma_px": b.sigma / canvas.px} for b in plan.blobs]
+        return {"pneumonia": blobs}
 
 
 class Atelectasis(Finding):
@@ -346,12 +322,8 @@ class Atelectasis(Finding):
         band = np.zeros_like(density)
         add_polyline(band, canvas, plan.points, plan.a, "sharp", plan.width)
         density += band * scene.lungs
-        return {
-            "atelectasis": {
-                "ends_px": [canvas.to_px(*p) for p in plan.points],
-                "width_px": plan.width / canvas.px,
-            }
-        }
+        ends = [canvas.to_px(*p) for p in plan.points]
+        return {"atelectasis": {"ends_px": ends, "width_px": plan.width / canvas.px}}
 
 
 class LungOpacity(Finding):
@@ -379,9 +351,8 @@ class LungOpacity(Finding):
         patch = np.zeros_like(density)
         add_blob(patch, canvas, plan.x, plan.y, plan.a, "soft", r=2 * plan.sigma, sigma=plan.sigma)
         density += patch * scene.lungs
-        return {
-            "lung_opacity": {"centre_px": canvas.to_px(plan.x, plan.y), "sigma_px": plan.sigma / canvas.px}
-        }
+        centre = canvas.to_px(plan.x, plan.y)
+        return {"lung_opacity": {"centre_px": centre, "sigma_px": plan.sigma / canvas.px}}
 
 
 class PleuralOther(Finding):
@@ -418,17 +389,13 @@ class PleuralOther(Finding):
         return {"pleural_other": {"side": plan.side, "thickness_px": plan.thickness / canvas.px}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Fine findings: each turns some of its decoys (same place, same integrated density) into the finding
-
-
 def _fine(image: dict, design: Design) -> tuple[float, float]:
     """Density and size multipliers of the fine findings and their decoys (size also by patient)."""
     return design.fine_contrast, design.fine_size * _scale(image)
 
 
 class LungLesion(Finding):
-    """2 sharp-edged nodules (radius 3.2-5.2 mm); decoys: 3-6 soft blobs of the same integrated density."""
+    """Sharp-edged nodules (radius 3.2-5.2 mm); decoys: soft blobs of the same integrated density."""
 
     name = "Lung Lesion"
 
@@ -474,8 +441,7 @@ class LungLesion(Finding):
 
 
 class Pneumothorax(Finding):
-    """A thin visceral pleural line (1.6 mm) with no lung texture between it and the wall (10-32 mm);
-    decoys: 1-2 soft skin-fold lines (sigma 5.2 mm) of the same integrated density and course."""
+    """A 1.6 mm pleural line, no lung texture outside it; decoys: soft skin folds of equal density."""
 
     name = "Pneumothorax"
 
@@ -491,7 +457,6 @@ class Pneumothorax(Finding):
         real: bool = False
 
         def points(self, image: dict) -> list[Point]:
-            """The line's course (mm), parallel to the chest wall."""
             return wall_curve(image, self.side, self.t0, self.t1, self.inset)
 
     @dataclass(frozen=True)
@@ -545,8 +510,7 @@ class Pneumothorax(Finding):
 
 
 class Fracture(Finding):
-    """2 cortical breaks (3.3-5.2 mm) across ribs with a local 1.3-2.6 mm step;
-    decoys: 3-5 soft dips along ribs (sigma 7.8 mm) that remove the same density."""
+    """Cortical breaks across ribs with a local step; decoys: soft dips along ribs of equal density."""
 
     name = "Fracture"
 
@@ -607,7 +571,7 @@ class Fracture(Finding):
 
 
 class SupportDevices(Finding):
-    """2 thin bright wires (1.6 mm); decoys: 3-5 soft lines (sigma 5.2 mm) of the same integrated density."""
+    """Thin bright wires (1.6 mm); decoys: soft lines of the same integrated density."""
 
     name = "Support Devices"
 
@@ -663,9 +627,6 @@ class SupportDevices(Finding):
                 add_polyline(density, scene.canvas, points, w.a, "sharp", w.w)
 
 
-# ----------------------------------------------------------------------------------------------
-# The registry
-
 REGISTRY: tuple[Finding, ...] = (
     CARDIOMEGALY,
     ENLARGED_CARDIOMEDIASTINUM,
@@ -686,8 +647,6 @@ REGISTRY: tuple[Finding, ...] = (
 def plan_findings(
     rng: np.random.Generator, image: dict, drawn: dict[str, str], design: Design
 ) -> dict[str, FindingPlan]:
-    """Every finding's plan, by name, in drawing order. Each finding draws from its own generator
-    (seeded from ``rng`` in the order of ``PATHOLOGIES``), so turning one finding on or off leaves
-    the rest of the image (anatomy, decoys, other findings) unchanged."""
+    """Every finding's plan by name, in drawing order, each from its own generator seeded from ``rng``."""
     seeds = {name: np.random.default_rng(rng.integers(2**63)) for name in PATHOLOGIES}
     return {f.name: f.plan(seeds[f.name], image, drawn[f.name], design) for f in REGISTRY}

@@ -17,7 +17,9 @@ from PIL import Image
 from ..labels import FINDINGS
 from .anatomy import (
     PIXEL_SPACING_SHORT_SIDE_MM,
+    Canvas,
     body_density,
+    expose,
     lung_masks,
     native_size,
     plan_bumps,
@@ -27,8 +29,8 @@ from .anatomy import (
     render_clavicles,
     render_ribs,
     sample_subject,
+    splat_vessels,
 )
-from .draw import Canvas, expose, splat_vessels
 from .findings import (
     CARDIOMEGALY,
     ENLARGED_CARDIOMEDIASTINUM,

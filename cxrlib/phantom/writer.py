@@ -1,14 +1,11 @@
-"""Synthetic chest X-ray phantom written in the MIMIC-CXR-JPG layout: the project's built-in data.
-
-Every study is planned (ids, dates, labels, image plans), rendered in worker processes and written
-with MIMIC-CXR-JPG's CSVs, the truth of what is drawn and a README; the same seed and options give
-the same bytes whatever the worker count. The design options are :class:`Design`'s (docs/phantom.md).
-"""
+"""Write a synthetic chest X-ray phantom in the MIMIC-CXR-JPG layout: plan every study, render the images
+in worker processes, write MIMIC's CSVs and the truth; same seed and options, same bytes (docs/phantom.md)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -44,9 +41,7 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     subject_ids = 10_000_000 + id_rng.choice(9_999_999, size=subjects, replace=False)
     p_more = 1 - 1 / design.studies_per_subject
     studies = (
-        np.minimum(1 + id_rng.geometric(1 - p_more, size=subjects) - 1, 12)
-        if p_more > 0
-        else np.ones(subjects, int)
+        np.minimum(id_rng.geometric(1 - p_more, size=subjects), 12) if p_more > 0 else np.ones(subjects, int)
     )
     study_ids = 50_000_000 + id_rng.choice(9_999_999, size=int(studies.sum()), replace=False)
     label_rng = np.random.default_rng(root.spawn(2)[1])
@@ -57,9 +52,7 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
         subject_rng = np.random.default_rng([int(seed), 7, s])
         subject = sample_subject(subject_rng)
         split = (
-            "test"
-            if subject_rng.random() < 0.05
-            else ("validate" if subject_rng.random() < 0.05 else "train")
+            "test" if subject_rng.random() < 0.05 else "validate" if subject_rng.random() < 0.05 else "train"
         )
         day = int(subject_rng.integers(0, 365 * 60))
         for j in range(int(studies[s])):
@@ -126,11 +119,7 @@ def make_phantom(
     workers: int | None = None,
     **design_options,
 ) -> Path:
-    """Write a phantom in the MIMIC-CXR-JPG layout to ``out_dir`` (files: docs/phantom.md); return it.
-
-    ``max_size`` caps the long side (None: native); ``design_options`` are :class:`Design`'s fields.
-    The same seed and options give the same bytes, whatever ``workers`` is.
-    """
+    """Write a phantom to ``out_dir`` (long side capped at ``max_size``; options: :class:`Design`'s)."""
     out_dir = Path(out_dir)
     entries, design = plan_dataset(subjects, seed, **design_options)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
@@ -150,7 +139,6 @@ def make_phantom(
 
 
 def _metadata_row(entry: dict, info: dict) -> dict:
-    """One row of ``mimic-cxr-2.0.0-metadata.csv``."""
     view = entry["plan"]["view"]
     description, view_text, orientation = _VIEW_TEXT[view]
     return {
@@ -170,7 +158,6 @@ def _metadata_row(entry: dict, info: dict) -> dict:
 
 
 def _truth_row(entry: dict, info: dict) -> dict:
-    """One row of ``phantom_truth.csv``: what is really drawn in the image."""
     truth = {
         "dicom_id": entry["dicom_id"],
         "subject_id": entry["subject_id"],
@@ -217,8 +204,6 @@ def _write_all(out_dir: Path, entries, results, bar) -> list[dict]:
 
 def _gzip_csv(frame: pd.DataFrame, path: Path) -> None:
     # mtime=0 keeps the gzip header (and so the file) identical across runs.
-    import gzip
-
     text = frame.to_csv(index=False).encode()
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as handle:
@@ -242,15 +227,7 @@ def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, see
         labels[f] = labels[f].astype("Float64")
     _gzip_csv(labels, out_dir / "mimic-cxr-2.0.0-chexpert.csv.gz")
     split = pd.DataFrame(
-        [
-            {
-                "dicom_id": e["dicom_id"],
-                "study_id": e["study_id"],
-                "subject_id": e["subject_id"],
-                "split": e["split"],
-            }
-            for e in entries
-        ]
+        [{k: e[k] for k in ("dicom_id", "study_id", "subject_id", "split")} for e in entries]
     )
     _gzip_csv(split, out_dir / "mimic-cxr-2.0.0-split.csv.gz")
     write_csv_atomic(pd.DataFrame(truth_rows), out_dir / "phantom_truth.csv")
@@ -294,10 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = make_phantom(args.out, args.subjects, args.seed, args.max_size, args.workers, **design)
     print(f"phantom written to {out}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
