@@ -4,7 +4,7 @@ order of :data:`REGISTRY` (part of the phantom's bytes); docs/phantom.md, "The c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 
 import numpy as np
 
@@ -13,8 +13,6 @@ from .labels import PATHOLOGIES, Design
 
 CTR_THRESHOLD = 0.5
 MEDIASTINUM_THRESHOLD = 0.30
-
-Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -54,6 +52,15 @@ class FindingPlan:
     @property
     def present(self) -> bool:
         return self.state != "absent"
+
+
+def _record(name: str, fields: str, base: type | None = FindingPlan) -> type:
+    """A frozen dataclass ``name`` with these fields (a finding's typed plan or one of its parts);
+    a field ``real`` (a finding, else its decoy) defaults to False."""
+    specs = [("real", bool, field(default=False)) if f == "real" else f for f in fields.split()]
+    cls = make_dataclass(name, specs, bases=(base,) if base else (), frozen=True)
+    cls.__module__ = __name__  # so that plans pickle (the workers get them)
+    return cls
 
 
 class Finding:
@@ -132,10 +139,7 @@ class Edema(Finding):
 
     name = "Edema"
 
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        a: float
-        sigma: float
+    Plan = _record("Edema.Plan", "a sigma")
 
     def plan(self, rng, image, state, design):
         a = float(0.10 * rng.uniform(0.8, 1.2) * _strength(rng, state))
@@ -161,15 +165,8 @@ class PleuralEffusion(Finding):
 
     name = "Pleural Effusion"
 
-    @dataclass(frozen=True)
-    class Fluid:
-        side: int
-        height: float  # mm above the dome at the chest wall
-        meniscus: float
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        fluids: tuple[PleuralEffusion.Fluid, ...]
+    Fluid = _record("PleuralEffusion.Fluid", "side height meniscus", None)
+    Plan = _record("PleuralEffusion.Plan", "fluids")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
@@ -220,13 +217,7 @@ class Consolidation(Finding):
 
     name = "Consolidation"
 
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        x: float
-        y: float
-        r: float
-        a: float
-        bronchi: tuple[tuple[float, float, float], ...]  # centre x, y (mm) and angle of each bronchus
+    Plan = _record("Consolidation.Plan", "x y r a bronchi")
 
     def plan(self, rng, image, state, design):
         x, y = lung_point(rng, image, _side(rng), (0.35, 0.85), (0.3, 0.7))
@@ -258,16 +249,8 @@ class Pneumonia(Finding):
 
     name = "Pneumonia"
 
-    @dataclass(frozen=True)
-    class Blob:
-        x: float
-        y: float
-        sigma: float
-        a: float
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        blobs: tuple[Pneumonia.Blob, ...]
+    Blob = _record("Pneumonia.Blob", "x y sigma a", None)
+    Plan = _record("Pneumonia.Plan", "blobs")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
@@ -302,11 +285,7 @@ class Atelectasis(Finding):
 
     name = "Atelectasis"
 
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        points: tuple[Point, Point]
-        width: float
-        a: float
+    Plan = _record("Atelectasis.Plan", "points width a")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
@@ -331,12 +310,7 @@ class LungOpacity(Finding):
 
     name = "Lung Opacity"
 
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        x: float
-        y: float
-        sigma: float
-        a: float
+    Plan = _record("LungOpacity.Plan", "x y sigma a")
 
     def plan(self, rng, image, state, design):
         x, y = lung_point(rng, image, _side(rng), (0.2, 0.85), (0.25, 0.75))
@@ -360,13 +334,7 @@ class PleuralOther(Finding):
 
     name = "Pleural Other"
 
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        side: int
-        t0: float  # start and end as fractions of the lung height
-        t1: float
-        thickness: float
-        a: float
+    Plan = _record("PleuralOther.Plan", "side t0 t1 thickness a")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
@@ -399,18 +367,8 @@ class LungLesion(Finding):
 
     name = "Lung Lesion"
 
-    @dataclass(frozen=True)
-    class Spot:
-        x: float
-        y: float
-        r: float
-        a: float
-        sigma: float
-        real: bool = False  # a nodule (sharp disc of radius r), else a decoy (Gaussian of sigma)
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        spots: tuple[LungLesion.Spot, ...]
+    Spot = _record("LungLesion.Spot", "x y r a sigma real", None)
+    Plan = _record("LungLesion.Plan", "spots")
 
     def plan(self, rng, image, state, design):
         fc, fs = _fine(image, design)
@@ -445,23 +403,8 @@ class Pneumothorax(Finding):
 
     name = "Pneumothorax"
 
-    @dataclass(frozen=True)
-    class Line:
-        side: int
-        t0: float
-        t1: float
-        inset: float  # mm inside the chest wall
-        w: float
-        a: float
-        sigma: float
-        real: bool = False
-
-        def points(self, image: dict) -> list[Point]:
-            return wall_curve(image, self.side, self.t0, self.t1, self.inset)
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        lines: tuple[Pneumothorax.Line, ...]
+    Line = _record("Pneumothorax.Line", "side t0 t1 inset w a sigma real", None)
+    Plan = _record("Pneumothorax.Plan", "lines")
 
     def plan(self, rng, image, state, design):
         fc, fs = _fine(image, design)
@@ -496,7 +439,7 @@ class Pneumothorax(Finding):
         canvas = scene.canvas
         truth = {}
         for line in plan.lines:
-            pts = line.points(scene.image)
+            pts = wall_curve(scene.image, line.side, line.t0, line.t1, line.inset)
             if line.real:
                 add_polyline(density, canvas, pts, line.a, "sharp", line.w)
                 truth["pneumothorax"] = {
@@ -514,18 +457,8 @@ class Fracture(Finding):
 
     name = "Fracture"
 
-    @dataclass(frozen=True)
-    class Mark:
-        rib: int  # index into the plan's ribs
-        u: float  # position along the rib, as a fraction of half the thorax
-        gap: float
-        step: float
-        sigma: float
-        real: bool = False
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        marks: tuple[Fracture.Mark, ...]  # at most one per rib
+    Mark = _record("Fracture.Mark", "rib u gap step sigma real", None)
+    Plan = _record("Fracture.Plan", "marks")
 
     def plan(self, rng, image, state, design):
         _, fs = _fine(image, design)
@@ -575,17 +508,8 @@ class SupportDevices(Finding):
 
     name = "Support Devices"
 
-    @dataclass(frozen=True)
-    class Wire:
-        points: tuple[Point, ...]
-        w: float
-        a: float
-        sigma: float
-        real: bool = False
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        wires: tuple[SupportDevices.Wire, ...]
+    Wire = _record("SupportDevices.Wire", "points w a sigma real", None)
+    Plan = _record("SupportDevices.Plan", "wires")
 
     def plan(self, rng, image, state, design):
         fc, fs = _fine(image, design)

@@ -1,9 +1,5 @@
-"""One image of the phantom: plan and render a frontal view (anatomy, then findings) and a lateral view.
-
-A plan is a dict of the image's geometry and exposure (mm) drawn with the study's generator;
-its ``findings`` entry holds every finding's typed plan (:mod:`cxrlib.phantom.findings`).
-Rendering draws the plan at any size, so one patient looks the same at every resolution.
-"""
+"""One image of the phantom: plan (a dict of geometry and exposure in mm, with every finding's typed plan)
+and render, at any size, a frontal view (anatomy, then findings) or a simplified lateral view."""
 
 from __future__ import annotations
 
@@ -15,32 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..labels import FINDINGS
-from .anatomy import (
-    PIXEL_SPACING_SHORT_SIDE_MM,
-    Canvas,
-    body_density,
-    expose,
-    lung_masks,
-    native_size,
-    plan_bumps,
-    plan_ribs,
-    plan_vessels,
-    render_bumps,
-    render_clavicles,
-    render_ribs,
-    sample_subject,
-    splat_vessels,
-)
-from .findings import (
-    CARDIOMEGALY,
-    ENLARGED_CARDIOMEDIASTINUM,
-    REGISTRY,
-    Finding,
-    FindingPlan,
-    LateralScene,
-    Scene,
-    plan_findings,
-)
+from . import anatomy, findings
 from .labels import PATHOLOGIES, Design
 
 
@@ -54,8 +25,8 @@ def output_size(native_w: int, native_h: int, max_size: int | None) -> tuple[int
 
 def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str], design: Design) -> dict:
     """Draw the geometry, exposure, distractors and finding parameters of one frontal image (mm)."""
-    width, height = native_size(rng)
-    spacing = PIXEL_SPACING_SHORT_SIDE_MM / min(width, height)
+    width, height = anatomy.native_size(rng)
+    spacing = anatomy.PIXEL_SPACING_SHORT_SIDE_MM / min(width, height)
     fov_w, fov_h = width * spacing, height * spacing
     thorax = subject["thorax_mm"] * rng.uniform(0.97, 1.03)
     thorax = min(thorax, 0.92 * fov_w)
@@ -66,8 +37,8 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     y_apex = max(y_apex, -0.5 * fov_h + 0.08 * fov_h)
     y_cp = y_apex + lung_h
     dome = subject["dome_mm"] * scale
-    ctr = CARDIOMEGALY.draw_ratio(rng, drawn["Cardiomegaly"], design)
-    med = ENLARGED_CARDIOMEDIASTINUM.draw_ratio(rng, drawn["Enlarged Cardiomediastinum"], design)
+    ctr = findings.CARDIOMEGALY.draw_ratio(rng, drawn["Cardiomegaly"], design)
+    med = findings.ENLARGED_CARDIOMEDIASTINUM.draw_ratio(rng, drawn["Enlarged Cardiomediastinum"], design)
     heart_w = ctr * thorax
     left = subject["heart_left_frac"] + rng.uniform(-0.03, 0.03)
     heart_b = heart_w * subject["heart_shape"]
@@ -111,54 +82,50 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     }
     y_hilum = y_apex + rng.uniform(0.38, 0.46) * lung_h
     plan["hilum_y"] = y_hilum
-    plan["vessels"] = plan_vessels(rng, plan)
-    plan["ribs"] = plan_ribs(rng, plan)
-    plan["bumps"] = plan_bumps(rng, plan)
-    plan["findings"] = plan_findings(rng, plan, drawn, design)
+    plan["vessels"] = anatomy.plan_vessels(rng, plan)
+    plan["ribs"] = anatomy.plan_ribs(rng, plan)
+    plan["bumps"] = anatomy.plan_bumps(rng, plan)
+    plan["findings"] = findings.plan_findings(rng, plan, drawn, design)
     return plan
 
 
 def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
     """Render a frontal plan at width x height px; returns (uint8 image, pixel-space truth details)."""
-    canvas = Canvas(width, height, plan["fov_w"], plan["fov_h"])
+    canvas = anatomy.Canvas(width, height, plan["fov_w"], plan["fov_h"])
     x, y = canvas.x - plan["cx"], canvas.y
-    left_lung, right_lung = lung_masks(plan, canvas)
+    left_lung, right_lung = anatomy.lung_masks(plan, canvas)
     lungs = left_lung + right_lung
-    scene = Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
-    findings = _findings_of(plan)
-    density = body_density(plan, canvas, x, y)
+    scene = findings.Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
+    hooks = _findings_of(plan)
+    density = anatomy.body_density(plan, canvas, x, y)
     # Soft, one-sided bumps and the edema haze act on lung density before air is subtracted.
     haze = np.zeros((height, width), np.float32)
-    render_bumps(haze, canvas, plan)
-    for finding, finding_plan in findings:
+    anatomy.render_bumps(haze, canvas, plan)
+    for finding, finding_plan in hooks:
         finding.haze(haze, scene, finding_plan)
     # Lung texture: vessels, kept zero-mean where a pneumothorax removes them.
-    vessels = splat_vessels(canvas, plan["vessels"])
+    vessels = anatomy.splat_vessels(canvas, plan["vessels"])
     vessels *= lungs
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         vessels = finding.texture(vessels, scene, finding_plan)
     density += haze * lungs
     density -= 0.58 * lungs
     density += vessels
     density += 0.10 * canvas.soft(18 * plan["thorax"] / 290 - np.abs(x), 3.0) * (1 - lungs)  # spine
-    render_ribs(density, canvas, plan, lungs, partial(_bend_rib, findings, scene))
-    render_clavicles(density, canvas, plan)
+    anatomy.render_ribs(density, canvas, plan, lungs, partial(_bend_rib, hooks, scene))
+    anatomy.render_clavicles(density, canvas, plan)
     truth: dict[str, Any] = {}
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         truth.update(finding.render(density, scene, finding_plan))
-    return expose(density, canvas, plan), truth
+    return anatomy.expose(density, canvas, plan), truth
 
 
-def _findings_of(plan: dict) -> list[tuple[Finding, FindingPlan]]:
-    """Every finding with its plan, in drawing order."""
-    return [(finding, plan["findings"][finding.name]) for finding in REGISTRY]
+def _findings_of(plan: dict) -> list[tuple[findings.Finding, findings.FindingPlan]]:
+    return [(finding, plan["findings"][finding.name]) for finding in findings.REGISTRY]
 
 
-def _bend_rib(
-    findings: list[tuple[Finding, FindingPlan]], scene: Scene, rib: int, u, centre, mask
-) -> tuple[np.ndarray, np.ndarray]:
-    """A rib's centre line and extent after every finding's :meth:`Finding.bend_rib`."""
-    for finding, finding_plan in findings:
+def _bend_rib(hooks, scene, rib, u, centre, mask):  # a rib after every finding's Finding.bend_rib
+    for finding, finding_plan in hooks:
         centre, mask = finding.bend_rib(rib, u, centre, mask, scene, finding_plan)
     return centre, mask
 
@@ -171,7 +138,7 @@ def plan_lateral(rng: np.random.Generator, frontal: dict) -> dict:
     if rng.random() < 0.7:
         w, h = frontal["native_width"], frontal["native_height"]
     plan["native_width"], plan["native_height"] = w, h
-    spacing = PIXEL_SPACING_SHORT_SIDE_MM / min(w, h)
+    spacing = anatomy.PIXEL_SPACING_SHORT_SIDE_MM / min(w, h)
     plan["fov_w"], plan["fov_h"] = w * spacing, h * spacing
     plan["depth"] = frontal["thorax"] * rng.uniform(0.75, 0.9)
     plan["noise_seed"] = int(rng.integers(2**31))
@@ -179,13 +146,8 @@ def plan_lateral(rng: np.random.Generator, frontal: dict) -> dict:
 
 
 def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """A simplified lateral: one lung field with a rounded apex and a diaphragm that is deepest
-    posteriorly, the heart anterior (image left) sized by the CTR, the spine posterior, hilar vessels.
-
-    Only the heart size, effusion (posterior costophrenic fluid), devices and the exposure carry over
-    from the frontal plan; it is a teaching simplification, not a lateral radiograph.
-    """
-    canvas = Canvas(width, height, plan["fov_w"], plan["fov_h"])
+    """A cartoon lateral: one lung field, the heart anterior, the spine posterior (docs/phantom.md)."""
+    canvas = anatomy.Canvas(width, height, plan["fov_w"], plan["fov_h"])
     x, y = canvas.x - plan["cx"], canvas.y  # x: anterior (image left) to posterior (image right)
     depth = plan["depth"]
     body = canvas.soft(depth / 2 + plan["wall"] - np.abs(x), 6.0)
@@ -199,27 +161,20 @@ def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     hx, hy = -depth / 2 + 0.9 * heart_r, plan["y_apex"] + plan["lung_h"] - 0.6 * heart_r
     heart = canvas.soft(heart_r - np.hypot(x - hx, y - hy), 2.0)
     lung = lung * (1 - heart)
-    scene = LateralScene(canvas, plan, x, y, floor, half)
-    findings = _findings_of(plan)
-    for finding, finding_plan in findings:
+    scene = findings.LateralScene(canvas, plan, x, y, floor, half)
+    hooks = _findings_of(plan)
+    for finding, finding_plan in hooks:
         lung = finding.lateral_lung(lung, scene, finding_plan)
     vessels = [
         {**v, "points": [(plan["cx"] + 0.5 * (px - plan["cx"]), py) for px, py in v["points"]]}
         for v in plan["vessels"][::2]
     ]
     density -= 0.58 * lung
-    density += splat_vessels(canvas, vessels) * lung
+    density += anatomy.splat_vessels(canvas, vessels) * lung
     density += 0.12 * canvas.soft(22 - np.abs(x - depth / 2 + 35), 2.0) * body
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         finding.lateral(density, scene, finding_plan)
-    return expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
-
-
-def _example_patient(seed: int, design: Design) -> tuple[dict, dict]:
-    rng = np.random.default_rng([int(seed), 99])
-    subject = sample_subject(rng)
-    subject["thorax_mm"] = 290.0
-    return subject, {f: "absent" for f in PATHOLOGIES}
+    return anatomy.expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
 
 
 def finding_examples(
@@ -230,7 +185,8 @@ def finding_examples(
     uint8. A fine finding's "without" has its decoy; No Finding's "without" has a pleural effusion."""
     design = Design(**design_options)
     size = size or max(512, 2 * max(resolutions))
-    subject, base = _example_patient(seed, design)
+    subject = dict(anatomy.sample_subject(np.random.default_rng([int(seed), 99])), thorax_mm=290.0)
+    base = {f: "absent" for f in PATHOLOGIES}
     out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for finding in FINDINGS:
         if finding == "No Finding":
@@ -243,10 +199,9 @@ def finding_examples(
             plan = plan_frontal(rng, subject, state, design)
             width, height = output_size(plan["native_width"], plan["native_height"], size)
             images.append(render_frontal(plan, width, height)[0])
-        out[finding] = {}
-        for r in resolutions:
-            pair = tuple(
-                np.asarray(Image.fromarray(im, "L").resize((r, r), Image.Resampling.LANCZOS)) for im in images
-            )
-            out[finding][int(r)] = pair
+        resize = Image.Resampling.LANCZOS
+        out[finding] = {
+            int(r): tuple(np.asarray(Image.fromarray(im, "L").resize((r, r), resize)) for im in images)
+            for r in resolutions
+        }
     return out
