@@ -230,12 +230,8 @@ def plan_vessels(rng, plan) -> list[dict]:
                 for _ in range(3):
                     branch_angle += rng.normal(0, 0.2)
                     s = length / 8
-                    pts.append(
-                        (
-                            pts[-1][0] + side * s * math.cos(branch_angle),
-                            pts[-1][1] + s * math.sin(branch_angle),
-                        )
-                    )
+                    px, py = pts[-1]
+                    pts.append((px + side * s * math.cos(branch_angle), py + s * math.sin(branch_angle)))
                 vessels.append({"points": pts, "w0": 1.8, "w1": 0.7, "a0": 0.05, "a1": 0.025})
     return vessels
 
@@ -247,15 +243,10 @@ def plan_ribs(rng, plan) -> list[dict]:
     spacing = plan["lung_h"] / 9.5
     for side in (-1, 1):
         for k in range(10):
-            ribs.append(
-                {
-                    "side": side,
-                    "y0": plan["y_apex"] - 0.25 * spacing + k * spacing + rng.normal(0, 1.5),
-                    "slope": rng.uniform(-0.2, -0.1),
-                    "curve": rng.uniform(0.0022, 0.003) / scale,
-                    "width": rng.uniform(9, 12) * scale,
-                }
-            )
+            y0 = plan["y_apex"] - 0.25 * spacing + k * spacing + rng.normal(0, 1.5)
+            slope, curve = rng.uniform(-0.2, -0.1), rng.uniform(0.0022, 0.003) / scale
+            rib = {"side": side, "y0": y0, "slope": slope, "curve": curve}
+            ribs.append(dict(rib, width=rng.uniform(9, 12) * scale))
     return ribs
 
 
@@ -265,14 +256,8 @@ def plan_bumps(rng, plan) -> list[dict]:
     for side in (-1, 1):
         for _ in range(int(rng.integers(1, 3))):
             x, y = lung_point(rng, plan, side, (0.3, 0.8), (0.1, 0.7))
-            bumps.append(
-                {
-                    "x": x,
-                    "y": y,
-                    "sigma": rng.uniform(0.12, 0.2) * plan["thorax"],
-                    "a": rng.uniform(-0.05, 0.07),
-                }
-            )
+            sigma, a = rng.uniform(0.12, 0.2) * plan["thorax"], rng.uniform(-0.05, 0.07)
+            bumps.append({"x": x, "y": y, "sigma": sigma, "a": a})
     return bumps
 
 
@@ -374,17 +359,8 @@ def body_density(plan: dict, canvas: Canvas, x: np.ndarray, y: np.ndarray) -> np
 
 def render_bumps(haze: np.ndarray, canvas: Canvas, plan: dict) -> None:
     """Add the smooth one-sided lung bumps of :func:`plan_bumps` to the lung haze."""
-    for bump in plan["bumps"]:
-        add_blob(
-            haze,
-            canvas,
-            bump["x"],
-            bump["y"],
-            bump["a"],
-            kind="soft",
-            r=bump["sigma"] * 1.414,
-            sigma=bump["sigma"],
-        )
+    for b in plan["bumps"]:
+        add_blob(haze, canvas, b["x"], b["y"], b["a"], kind="soft", r=b["sigma"] * 1.414, sigma=b["sigma"])
 
 
 def render_clavicles(density: np.ndarray, canvas: Canvas, plan: dict) -> None:

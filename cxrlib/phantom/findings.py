@@ -138,7 +138,6 @@ class Edema(Finding):
     """Bilateral perihilar haze in both lungs at once; its decoys are the anatomy's one-sided bumps."""
 
     name = "Edema"
-
     Plan = _record("Edema.Plan", "a sigma")
 
     def plan(self, rng, image, state, design):
@@ -164,7 +163,6 @@ class PleuralEffusion(Finding):
     """A fluid level hiding a diaphragm dome (one side or both), its meniscus rising to the wall."""
 
     name = "Pleural Effusion"
-
     Fluid = _record("PleuralEffusion.Fluid", "side height meniscus", None)
     Plan = _record("PleuralEffusion.Plan", "fluids")
 
@@ -172,11 +170,7 @@ class PleuralEffusion(Finding):
         scale = _scale(image)
         sides = [_side(rng)] if rng.random() < 0.6 else [-1, 1]
         fluids = tuple(
-            self.Fluid(
-                side=s,
-                height=rng.uniform(10, 40) * scale * _strength(rng, state),
-                meniscus=rng.uniform(0.5, 0.8),
-            )
+            self.Fluid(s, rng.uniform(10, 40) * scale * _strength(rng, state), rng.uniform(0.5, 0.8))
             for s in sides
         )
         return self.Plan(state, fluids)
@@ -192,12 +186,8 @@ class PleuralEffusion(Finding):
             # A fluid level over the whole dome (the diaphragm is hidden) with a meniscus that rises
             # towards the chest wall: e.height above the dome at the wall, a fifth of it medially.
             q = np.clip(u / (image["thorax"] / 2), 0, 1) ** (1 / e.meniscus)
-            top = (
-                image["y_apex"]
-                + image["lung_h"]
-                - image["dome"][(side + 1) // 2]
-                - e.height * (0.2 + 0.8 * q)
-            )
+            dome = image["y_apex"] + image["lung_h"] - image["dome"][(side + 1) // 2]
+            top = dome - e.height * (0.2 + 0.8 * q)
             fluid = canvas.soft(scene.y - top, 2.0) * scene.lung(side)
             density += 0.5 * fluid
             effusions.append({"side": side, "height_px": e.height / canvas.px})
@@ -216,7 +206,6 @@ class Consolidation(Finding):
     """A dense homogeneous patch 35-60 mm across with dark air bronchograms."""
 
     name = "Consolidation"
-
     Plan = _record("Consolidation.Plan", "x y r a bronchi")
 
     def plan(self, rng, image, state, design):
@@ -237,9 +226,8 @@ class Consolidation(Finding):
         for bx, by, ang in plan.bronchi:
             dx, dy = 0.6 * plan.r * math.cos(ang), 0.6 * plan.r * math.sin(ang)
             width = 2.0 * _scale(scene.image)
-            add_polyline(
-                patch, canvas, [(bx - dx, by - dy), (bx + dx, by + dy)], -0.6 * plan.a, "sharp", width
-            )
+            ends = [(bx - dx, by - dy), (bx + dx, by + dy)]
+            add_polyline(patch, canvas, ends, -0.6 * plan.a, "sharp", width)
         density += np.clip(patch, 0, None) * scene.lungs
         return {"consolidation": {"centre_px": canvas.to_px(plan.x, plan.y), "radius_px": plan.r / canvas.px}}
 
@@ -248,22 +236,16 @@ class Pneumonia(Finding):
     """A cluster of 3-6 soft blobs (sigma 4-7.5 mm) over 30-60 mm."""
 
     name = "Pneumonia"
-
     Blob = _record("Pneumonia.Blob", "x y sigma a", None)
     Plan = _record("Pneumonia.Plan", "blobs")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
         x, y = lung_point(rng, image, _side(rng), (0.4, 0.85), (0.3, 0.7))
-        spread = rng.uniform(15, 30) * scale
+        half = rng.uniform(15, 30) * scale / 2  # half the cluster's spread
         a = 0.18 * _strength(rng, state)
         blobs = tuple(
-            self.Blob(
-                x=x + rng.normal(0, spread / 2),
-                y=y + rng.normal(0, spread / 2),
-                sigma=rng.uniform(4, 7.5) * scale,
-                a=a,
-            )
+            self.Blob(x + rng.normal(0, half), y + rng.normal(0, half), rng.uniform(4, 7.5) * scale, a)
             for _ in range(int(rng.integers(3, 7)))
         )
         return self.Plan(state, blobs)
@@ -284,7 +266,6 @@ class Atelectasis(Finding):
     """A plate-like band 50-90 mm long and 4-7 mm thick in a lower zone."""
 
     name = "Atelectasis"
-
     Plan = _record("Atelectasis.Plan", "points width a")
 
     def plan(self, rng, image, state, design):
@@ -309,7 +290,6 @@ class LungOpacity(Finding):
     """A faint ill-defined patch, sigma 10-20 mm."""
 
     name = "Lung Opacity"
-
     Plan = _record("LungOpacity.Plan", "x y sigma a")
 
     def plan(self, rng, image, state, design):
@@ -333,7 +313,6 @@ class PleuralOther(Finding):
     """Pleural thickening 2.5-4 mm thick and 50-90 mm long along the chest wall."""
 
     name = "Pleural Other"
-
     Plan = _record("PleuralOther.Plan", "side t0 t1 thickness a")
 
     def plan(self, rng, image, state, design):
@@ -366,7 +345,6 @@ class LungLesion(Finding):
     """Sharp-edged nodules (radius 3.2-5.2 mm); decoys: soft blobs of the same integrated density."""
 
     name = "Lung Lesion"
-
     Spot = _record("LungLesion.Spot", "x y r a sigma real", None)
     Plan = _record("LungLesion.Plan", "spots")
 
@@ -376,11 +354,8 @@ class LungLesion(Finding):
         spots = []
         for _ in range(int(rng.integers(k + 1, k + 5))):
             x, y = lung_point(rng, image, _side(rng), (0.15, 0.85), (0.15, 0.85))
-            spots.append(
-                self.Spot(
-                    x=x, y=y, r=rng.uniform(3.25, 5.2) * fs, a=0.60 * fc, sigma=rng.uniform(5.2, 6.5) * fs
-                )
-            )
+            r, sigma = rng.uniform(3.25, 5.2) * fs, rng.uniform(5.2, 6.5) * fs
+            spots.append(self.Spot(x, y, r, 0.60 * fc, sigma))
         if state != "absent":
             faint = 1.0 if state == "strong" else 0.7
             spots[:k] = [replace(spot, real=True, a=spot.a * faint) for spot in spots[:k]]
@@ -402,7 +377,6 @@ class Pneumothorax(Finding):
     """A 1.6 mm pleural line, no lung texture outside it; decoys: soft skin folds of equal density."""
 
     name = "Pneumothorax"
-
     Line = _record("Pneumothorax.Line", "side t0 t1 inset w a sigma real", None)
     Plan = _record("Pneumothorax.Plan", "lines")
 
@@ -442,11 +416,9 @@ class Pneumothorax(Finding):
             pts = wall_curve(scene.image, line.side, line.t0, line.t1, line.inset)
             if line.real:
                 add_polyline(density, canvas, pts, line.a, "sharp", line.w)
-                truth["pneumothorax"] = {
-                    "side": line.side,
-                    "line_px": [canvas.to_px(*p) for p in pts[:: max(len(pts) // 4, 1)]],
-                    "inset_px": line.inset / canvas.px,
-                }
+                points = [canvas.to_px(*p) for p in pts[:: max(len(pts) // 4, 1)]]
+                inset = line.inset / canvas.px
+                truth["pneumothorax"] = {"side": line.side, "line_px": points, "inset_px": inset}
             else:
                 add_polyline(density, canvas, pts, line.a, "soft", line.w, sigma=line.sigma)
         return truth
@@ -456,7 +428,6 @@ class Fracture(Finding):
     """Cortical breaks across ribs with a local step; decoys: soft dips along ribs of equal density."""
 
     name = "Fracture"
-
     Mark = _record("Fracture.Mark", "rib u gap step sigma real", None)
     Plan = _record("Fracture.Plan", "marks")
 
@@ -507,7 +478,6 @@ class SupportDevices(Finding):
     """Thin bright wires (1.6 mm); decoys: soft lines of the same integrated density."""
 
     name = "Support Devices"
-
     Wire = _record("SupportDevices.Wire", "points w a sigma real", None)
     Plan = _record("SupportDevices.Plan", "wires")
 
@@ -535,9 +505,8 @@ class SupportDevices(Finding):
         for w in plan.wires:
             if w.real:
                 add_polyline(density, canvas, w.points, w.a, "sharp", w.w)
-                devices.append(
-                    {"points_px": [canvas.to_px(*p) for p in w.points], "width_px": w.w / canvas.px}
-                )
+                points = [canvas.to_px(*p) for p in w.points]
+                devices.append({"points_px": points, "width_px": w.w / canvas.px})
             else:
                 add_polyline(density, canvas, w.points, w.a, "soft", w.w, sigma=w.sigma)
         return {"devices": devices} if devices else {}

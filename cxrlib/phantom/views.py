@@ -11,7 +11,32 @@ import numpy as np
 from PIL import Image
 
 from ..labels import FINDINGS
-from . import anatomy, findings
+from .anatomy import (
+    PIXEL_SPACING_SHORT_SIDE_MM,
+    Canvas,
+    body_density,
+    expose,
+    lung_masks,
+    native_size,
+    plan_bumps,
+    plan_ribs,
+    plan_vessels,
+    render_bumps,
+    render_clavicles,
+    render_ribs,
+    sample_subject,
+    splat_vessels,
+)
+from .findings import (
+    CARDIOMEGALY,
+    ENLARGED_CARDIOMEDIASTINUM,
+    REGISTRY,
+    Finding,
+    FindingPlan,
+    LateralScene,
+    Scene,
+    plan_findings,
+)
 from .labels import PATHOLOGIES, Design
 
 
@@ -25,8 +50,8 @@ def output_size(native_w: int, native_h: int, max_size: int | None) -> tuple[int
 
 def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str], design: Design) -> dict:
     """Draw the geometry, exposure, distractors and finding parameters of one frontal image (mm)."""
-    width, height = anatomy.native_size(rng)
-    spacing = anatomy.PIXEL_SPACING_SHORT_SIDE_MM / min(width, height)
+    width, height = native_size(rng)
+    spacing = PIXEL_SPACING_SHORT_SIDE_MM / min(width, height)
     fov_w, fov_h = width * spacing, height * spacing
     thorax = subject["thorax_mm"] * rng.uniform(0.97, 1.03)
     thorax = min(thorax, 0.92 * fov_w)
@@ -37,16 +62,22 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     y_apex = max(y_apex, -0.5 * fov_h + 0.08 * fov_h)
     y_cp = y_apex + lung_h
     dome = subject["dome_mm"] * scale
-    ctr = findings.CARDIOMEGALY.draw_ratio(rng, drawn["Cardiomegaly"], design)
-    med = findings.ENLARGED_CARDIOMEDIASTINUM.draw_ratio(rng, drawn["Enlarged Cardiomediastinum"], design)
+    ctr = CARDIOMEGALY.draw_ratio(rng, drawn["Cardiomegaly"], design)
+    med = ENLARGED_CARDIOMEDIASTINUM.draw_ratio(rng, drawn["Enlarged Cardiomediastinum"], design)
     heart_w = ctr * thorax
     left = subject["heart_left_frac"] + rng.uniform(-0.03, 0.03)
     heart_b = heart_w * subject["heart_shape"]
     y_heart = y_cp - dome - rng.uniform(0.1, 0.3) * heart_b
     med_w = med * thorax
     med_left = rng.uniform(0.45, 0.6)
+    view = "PA" if rng.random() < 0.6 else "AP"
+    domes = [dome * rng.uniform(1.0, 1.25), dome * rng.uniform(0.85, 1.0)]  # image left (patient R) higher
+    lo, hi, gamma = (float(rng.uniform(a, b)) for a, b in ((-0.15, 0.1), (1.15, 1.6), (0.75, 1.35)))
+    exposure = {"lo": lo, "hi": hi, "gamma": gamma, "tilt": [float(rng.normal(0, 0.05)) for _ in range(2)]}
+    heart = dict(right_mm=(1 - left) * heart_w, left_mm=left * heart_w)  # towards the image left, right
+    heart.update(y=y_heart, b=heart_b, power=subject["heart_power"])
     plan = {
-        "view": "PA" if rng.random() < 0.6 else "AP",
+        "view": view,
         "native_width": width,
         "native_height": height,
         "fov_w": fov_w,
@@ -57,54 +88,39 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
         "y_apex": y_apex,
         "lung_h": lung_h,
         "apex_x": subject["apex_frac"] * thorax,
-        "dome": [
-            dome * rng.uniform(1.0, 1.25),
-            dome * rng.uniform(0.85, 1.0),
-        ],  # image left (patient R) higher
+        "dome": domes,
         "ctr": ctr,
-        "heart": {
-            "right_mm": (1 - left) * heart_w,  # towards image left
-            "left_mm": left * heart_w,
-            "y": y_heart,
-            "b": heart_b,
-            "power": subject["heart_power"],
-        },
+        "heart": heart,
         "mediastinum_ratio": med,
         "mediastinum": [(1 - med_left) * med_w, med_left * med_w],
-        "exposure": {
-            "lo": float(rng.uniform(-0.15, 0.1)),
-            "hi": float(rng.uniform(1.15, 1.6)),
-            "gamma": float(rng.uniform(0.75, 1.35)),
-            "tilt": [float(rng.normal(0, 0.05)), float(rng.normal(0, 0.05))],
-        },
+        "exposure": exposure,
         "noise_seed": int(rng.integers(2**31)),
         "noise": design.noise,
+        "hilum_y": y_apex + rng.uniform(0.38, 0.46) * lung_h,
     }
-    y_hilum = y_apex + rng.uniform(0.38, 0.46) * lung_h
-    plan["hilum_y"] = y_hilum
-    plan["vessels"] = anatomy.plan_vessels(rng, plan)
-    plan["ribs"] = anatomy.plan_ribs(rng, plan)
-    plan["bumps"] = anatomy.plan_bumps(rng, plan)
-    plan["findings"] = findings.plan_findings(rng, plan, drawn, design)
+    plan["vessels"] = plan_vessels(rng, plan)
+    plan["ribs"] = plan_ribs(rng, plan)
+    plan["bumps"] = plan_bumps(rng, plan)
+    plan["findings"] = plan_findings(rng, plan, drawn, design)
     return plan
 
 
 def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
     """Render a frontal plan at width x height px; returns (uint8 image, pixel-space truth details)."""
-    canvas = anatomy.Canvas(width, height, plan["fov_w"], plan["fov_h"])
+    canvas = Canvas(width, height, plan["fov_w"], plan["fov_h"])
     x, y = canvas.x - plan["cx"], canvas.y
-    left_lung, right_lung = anatomy.lung_masks(plan, canvas)
+    left_lung, right_lung = lung_masks(plan, canvas)
     lungs = left_lung + right_lung
-    scene = findings.Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
+    scene = Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
     hooks = _findings_of(plan)
-    density = anatomy.body_density(plan, canvas, x, y)
+    density = body_density(plan, canvas, x, y)
     # Soft, one-sided bumps and the edema haze act on lung density before air is subtracted.
     haze = np.zeros((height, width), np.float32)
-    anatomy.render_bumps(haze, canvas, plan)
+    render_bumps(haze, canvas, plan)
     for finding, finding_plan in hooks:
         finding.haze(haze, scene, finding_plan)
     # Lung texture: vessels, kept zero-mean where a pneumothorax removes them.
-    vessels = anatomy.splat_vessels(canvas, plan["vessels"])
+    vessels = splat_vessels(canvas, plan["vessels"])
     vessels *= lungs
     for finding, finding_plan in hooks:
         vessels = finding.texture(vessels, scene, finding_plan)
@@ -112,16 +128,16 @@ def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     density -= 0.58 * lungs
     density += vessels
     density += 0.10 * canvas.soft(18 * plan["thorax"] / 290 - np.abs(x), 3.0) * (1 - lungs)  # spine
-    anatomy.render_ribs(density, canvas, plan, lungs, partial(_bend_rib, hooks, scene))
-    anatomy.render_clavicles(density, canvas, plan)
+    render_ribs(density, canvas, plan, lungs, partial(_bend_rib, hooks, scene))
+    render_clavicles(density, canvas, plan)
     truth: dict[str, Any] = {}
     for finding, finding_plan in hooks:
         truth.update(finding.render(density, scene, finding_plan))
-    return anatomy.expose(density, canvas, plan), truth
+    return expose(density, canvas, plan), truth
 
 
-def _findings_of(plan: dict) -> list[tuple[findings.Finding, findings.FindingPlan]]:
-    return [(finding, plan["findings"][finding.name]) for finding in findings.REGISTRY]
+def _findings_of(plan: dict) -> list[tuple[Finding, FindingPlan]]:
+    return [(finding, plan["findings"][finding.name]) for finding in REGISTRY]
 
 
 def _bend_rib(hooks, scene, rib, u, centre, mask):  # a rib after every finding's Finding.bend_rib
@@ -138,7 +154,7 @@ def plan_lateral(rng: np.random.Generator, frontal: dict) -> dict:
     if rng.random() < 0.7:
         w, h = frontal["native_width"], frontal["native_height"]
     plan["native_width"], plan["native_height"] = w, h
-    spacing = anatomy.PIXEL_SPACING_SHORT_SIDE_MM / min(w, h)
+    spacing = PIXEL_SPACING_SHORT_SIDE_MM / min(w, h)
     plan["fov_w"], plan["fov_h"] = w * spacing, h * spacing
     plan["depth"] = frontal["thorax"] * rng.uniform(0.75, 0.9)
     plan["noise_seed"] = int(rng.integers(2**31))
@@ -147,7 +163,7 @@ def plan_lateral(rng: np.random.Generator, frontal: dict) -> dict:
 
 def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
     """A cartoon lateral: one lung field, the heart anterior, the spine posterior (docs/phantom.md)."""
-    canvas = anatomy.Canvas(width, height, plan["fov_w"], plan["fov_h"])
+    canvas = Canvas(width, height, plan["fov_w"], plan["fov_h"])
     x, y = canvas.x - plan["cx"], canvas.y  # x: anterior (image left) to posterior (image right)
     depth = plan["depth"]
     body = canvas.soft(depth / 2 + plan["wall"] - np.abs(x), 6.0)
@@ -161,7 +177,7 @@ def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     hx, hy = -depth / 2 + 0.9 * heart_r, plan["y_apex"] + plan["lung_h"] - 0.6 * heart_r
     heart = canvas.soft(heart_r - np.hypot(x - hx, y - hy), 2.0)
     lung = lung * (1 - heart)
-    scene = findings.LateralScene(canvas, plan, x, y, floor, half)
+    scene = LateralScene(canvas, plan, x, y, floor, half)
     hooks = _findings_of(plan)
     for finding, finding_plan in hooks:
         lung = finding.lateral_lung(lung, scene, finding_plan)
@@ -170,11 +186,11 @@ def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
         for v in plan["vessels"][::2]
     ]
     density -= 0.58 * lung
-    density += anatomy.splat_vessels(canvas, vessels) * lung
+    density += splat_vessels(canvas, vessels) * lung
     density += 0.12 * canvas.soft(22 - np.abs(x - depth / 2 + 35), 2.0) * body
     for finding, finding_plan in hooks:
         finding.lateral(density, scene, finding_plan)
-    return anatomy.expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
+    return expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
 
 
 def finding_examples(
@@ -185,7 +201,7 @@ def finding_examples(
     uint8. A fine finding's "without" has its decoy; No Finding's "without" has a pleural effusion."""
     design = Design(**design_options)
     size = size or max(512, 2 * max(resolutions))
-    subject = dict(anatomy.sample_subject(np.random.default_rng([int(seed), 99])), thorax_mm=290.0)
+    subject = dict(sample_subject(np.random.default_rng([int(seed), 99])), thorax_mm=290.0)
     base = {f: "absent" for f in PATHOLOGIES}
     out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for finding in FINDINGS:

@@ -141,37 +141,21 @@ def make_phantom(
 def _metadata_row(entry: dict, info: dict) -> dict:
     view = entry["plan"]["view"]
     description, view_text, orientation = _VIEW_TEXT[view]
-    return {
-        "dicom_id": entry["dicom_id"],
-        "subject_id": entry["subject_id"],
-        "study_id": entry["study_id"],
-        "PerformedProcedureStepDescription": description,
-        "ViewPosition": view,
-        "Rows": info["height"],
-        "Columns": info["width"],
-        "StudyDate": entry["date"],
-        "StudyTime": entry["time"],
-        "ProcedureCodeSequence_CodeMeaning": description,
-        "ViewCodeSequence_CodeMeaning": view_text,
-        "PatientOrientationCodeSequence_CodeMeaning": orientation,
-    }
+    row = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
+    row |= {"PerformedProcedureStepDescription": description, "ViewPosition": view, "Rows": info["height"]}
+    row |= {"Columns": info["width"], "StudyDate": entry["date"], "StudyTime": entry["time"]}
+    row |= {"ProcedureCodeSequence_CodeMeaning": description, "ViewCodeSequence_CodeMeaning": view_text}
+    return row | {"PatientOrientationCodeSequence_CodeMeaning": orientation}
 
 
 def _truth_row(entry: dict, info: dict) -> dict:
-    truth = {
-        "dicom_id": entry["dicom_id"],
-        "subject_id": entry["subject_id"],
-        "study_id": entry["study_id"],
-        "view": entry["plan"]["view"],
-        "width": info["width"],
-        "height": info["height"],
-    }
+    truth = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
+    truth.update(view=entry["plan"]["view"], width=info["width"], height=info["height"])
     drawn = entry["drawn"]
     for finding in PATHOLOGIES:
         truth[f"present_{finding}"] = int(drawn[finding] != "absent")
-    truth["present_No Finding"] = int(
-        all(drawn[f] == "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
-    )
+    sick = any(drawn[f] != "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
+    truth["present_No Finding"] = int(not sick)
     plan = entry["plan"]
     truth["ctr"] = round(plan["ctr"], 4)
     truth["mediastinum_ratio"] = round(plan["mediastinum_ratio"], 4)
@@ -243,20 +227,12 @@ def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, see
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cxrlib.phantom",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="python -m cxrlib.phantom", description=__doc__)
     parser.add_argument("--out", required=True, help="output folder (MIMIC-CXR-JPG layout)")
     parser.add_argument("--subjects", type=int, default=60, help="number of patients")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
-    parser.add_argument(
-        "--max-size", type=int, default=None, help="cap on the long side in px (default: native)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="rendering processes (default: CPU count, at most 8)"
-    )
+    parser.add_argument("--max-size", type=int, default=None, help="long side cap (px; default: native)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, <= 8)")
     for option in dataclasses.fields(Design):  # every design option, with Design's default
         kind, choices = type(option.default), PREVALENCES if option.name == "prevalence" else None
         name = f"--{option.name.replace('_', '-')}"
