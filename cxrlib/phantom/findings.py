@@ -520,21 +520,10 @@ class SupportDevices(Finding):
                 add_polyline(density, scene.canvas, points, w.a, "sharp", w.w)
 
 
-REGISTRY: tuple[Finding, ...] = (
-    CARDIOMEGALY,
-    ENLARGED_CARDIOMEDIASTINUM,
-    PleuralEffusion(),
-    Consolidation(),
-    Pneumonia(),
-    Atelectasis(),
-    LungOpacity(),
-    PleuralOther(),
-    Edema(),
-    LungLesion(),
-    Pneumothorax(),
-    Fracture(),
-    SupportDevices(),
-)
+_LOCAL = (PleuralEffusion, Consolidation, Pneumonia, Atelectasis, LungOpacity, PleuralOther, Edema)
+_FINE = (LungLesion, Pneumothorax, Fracture, SupportDevices)
+# every finding in drawing order (part of the phantom's bytes)
+REGISTRY: tuple[Finding, ...] = (CARDIOMEGALY, ENLARGED_CARDIOMEDIASTINUM, *(c() for c in _LOCAL + _FINE))
 
 
 def plan_findings(

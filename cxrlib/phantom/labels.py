@@ -78,10 +78,8 @@ def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 
             latent = own
         top_pos, top_unc = _normal_quantile(1 - pos), _normal_quantile(1 - pos - unc)
         negative = rng.random(n) < neg / max(1 - pos - unc, 1e-9)
-        values = np.where(
-            latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, np.where(negative, 0.0, np.nan))
-        )
-        out[finding] = values
+        blank_or_negative = np.where(negative, 0.0, np.nan)
+        out[finding] = np.where(latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, blank_or_negative))
     frame = pd.DataFrame(out)
     counted = [f for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES]
     sick = frame[counted].isin([1.0, -1.0]).any(axis=1)
@@ -121,9 +119,7 @@ class Design:
         if self.prevalence not in PREVALENCES:
             raise ValueError(f"prevalence={self.prevalence!r}: choose one of {PREVALENCES}")
         if not 0 <= self.ctr_margin < self.ctr_spread < 0.4:
-            raise ValueError(
-                f"need 0 <= ctr_margin < ctr_spread < 0.4, got {self.ctr_margin}, {self.ctr_spread}"
-            )
+            raise ValueError(f"need 0 <= ctr_margin < ctr_spread < 0.4: {self.ctr_margin}, {self.ctr_spread}")
         if self.studies_per_subject < 1:
             raise ValueError(f"studies_per_subject must be >= 1, got {self.studies_per_subject}")
         if not 0 <= self.lateral_fraction <= 1:

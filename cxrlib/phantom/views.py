@@ -76,28 +76,13 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     exposure = {"lo": lo, "hi": hi, "gamma": gamma, "tilt": [float(rng.normal(0, 0.05)) for _ in range(2)]}
     heart = dict(right_mm=(1 - left) * heart_w, left_mm=left * heart_w)  # towards the image left, right
     heart.update(y=y_heart, b=heart_b, power=subject["heart_power"])
-    plan = {
-        "view": view,
-        "native_width": width,
-        "native_height": height,
-        "fov_w": fov_w,
-        "fov_h": fov_h,
-        "cx": cx,
-        "thorax": thorax,
-        "wall": subject["wall_mm"] * scale,
-        "y_apex": y_apex,
-        "lung_h": lung_h,
-        "apex_x": subject["apex_frac"] * thorax,
-        "dome": domes,
-        "ctr": ctr,
-        "heart": heart,
-        "mediastinum_ratio": med,
-        "mediastinum": [(1 - med_left) * med_w, med_left * med_w],
-        "exposure": exposure,
-        "noise_seed": int(rng.integers(2**31)),
-        "noise": design.noise,
-        "hilum_y": y_apex + rng.uniform(0.38, 0.46) * lung_h,
-    }
+    plan = {"view": view, "native_width": width, "native_height": height, "fov_w": fov_w, "fov_h": fov_h}
+    plan |= {"cx": cx, "thorax": thorax, "wall": subject["wall_mm"] * scale, "y_apex": y_apex}
+    plan |= {"lung_h": lung_h, "apex_x": subject["apex_frac"] * thorax, "dome": domes, "ctr": ctr}
+    plan["heart"] = heart
+    plan |= {"mediastinum_ratio": med, "mediastinum": [(1 - med_left) * med_w, med_left * med_w]}
+    plan |= {"exposure": exposure, "noise_seed": int(rng.integers(2**31)), "noise": design.noise}
+    plan["hilum_y"] = y_apex + rng.uniform(0.38, 0.46) * lung_h
     plan["vessels"] = plan_vessels(rng, plan)
     plan["ribs"] = plan_ribs(rng, plan)
     plan["bumps"] = plan_bumps(rng, plan)

@@ -40,9 +40,8 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     id_rng = np.random.default_rng(root.spawn(1)[0])
     subject_ids = 10_000_000 + id_rng.choice(9_999_999, size=subjects, replace=False)
     p_more = 1 - 1 / design.studies_per_subject
-    studies = (
-        np.minimum(id_rng.geometric(1 - p_more, size=subjects), 12) if p_more > 0 else np.ones(subjects, int)
-    )
+    more = id_rng.geometric(1 - p_more, size=subjects) if p_more > 0 else np.ones(subjects, int)
+    studies = np.minimum(more, 12)
     study_ids = 50_000_000 + id_rng.choice(9_999_999, size=int(studies.sum()), replace=False)
     label_rng = np.random.default_rng(root.spawn(2)[1])
     labels = sample_labels(label_rng, design.prevalence, int(studies.sum()))
@@ -51,34 +50,24 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     for s in range(subjects):
         subject_rng = np.random.default_rng([int(seed), 7, s])
         subject = sample_subject(subject_rng)
-        split = (
-            "test" if subject_rng.random() < 0.05 else "validate" if subject_rng.random() < 0.05 else "train"
-        )
+        draw = subject_rng.random
+        split = "test" if draw() < 0.05 else "validate" if draw() < 0.05 else "train"
         day = int(subject_rng.integers(0, 365 * 60))
         for j in range(int(studies[s])):
-            rng = np.random.default_rng([int(seed), 11, s, j])
+            rng, study_id = np.random.default_rng([int(seed), 11, s, j]), int(study_ids[k])
             row = {f: labels.at[k, f] for f in FINDINGS}
             drawn = rendered_presence(row, rng)
             day += int(rng.integers(1, 400))
-            date = pd.Timestamp("2110-01-01") + pd.Timedelta(days=day)
+            date = (pd.Timestamp("2110-01-01") + pd.Timedelta(days=day)).strftime("%Y%m%d")
             views = ["frontal"] + (["lateral"] if rng.random() < design.lateral_fraction else [])
             frontal_plan = plan_frontal(rng, subject, drawn, design)
             for view in views:
                 plan = frontal_plan if view == "frontal" else plan_lateral(rng, frontal_plan)
-                entries.append(
-                    {
-                        "dicom_id": _hex_id(rng),
-                        "subject_id": int(subject_ids[s]),
-                        "study_id": int(study_ids[k]),
-                        "split": split,
-                        "date": date.strftime("%Y%m%d"),
-                        "time": f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}"
-                        f"{int(rng.integers(0, 60)):02d}.{int(rng.integers(0, 1000)):03d}",
-                        "labels": row,
-                        "drawn": drawn,
-                        "plan": plan,
-                    }
-                )
+                ids = {"dicom_id": _hex_id(rng), "subject_id": int(subject_ids[s]), "study_id": study_id}
+                h, m, sec, ms = (int(rng.integers(0, top)) for top in (24, 60, 60, 1000))
+                time = f"{h:02d}{m:02d}{sec:02d}.{ms:03d}"
+                entries.append(ids | {"split": split, "date": date, "time": time, "labels": row})
+                entries[-1] |= {"drawn": drawn, "plan": plan}
             k += 1
     return entries, design
 
