@@ -102,12 +102,8 @@ def splat_vessels(canvas, vessels: list[dict]) -> np.ndarray:
         c, r, m = col[pick], row[pick], mass[pick]
         c0, r0 = np.floor(c).astype(int), np.floor(r).astype(int)
         fc, fr = c - c0, r - r0
-        for dc, dr, wgt in (
-            (0, 0, (1 - fc) * (1 - fr)),
-            (1, 0, fc * (1 - fr)),
-            (0, 1, (1 - fc) * fr),
-            (1, 1, fc * fr),
-        ):
+        corners = ((0, 0, (1 - fc) * (1 - fr)), (1, 0, fc * (1 - fr)), (0, 1, (1 - fc) * fr), (1, 1, fc * fr))
+        for dc, dr, wgt in corners:
             cc, rr = c0 + dc, r0 + dr
             ok = (cc >= 0) & (cc < canvas.width) & (rr >= 0) & (rr < canvas.height)
             layer += np.bincount(rr[ok] * canvas.width + cc[ok], weights=(m * wgt)[ok], minlength=layer.size)
@@ -157,8 +153,6 @@ def expose(density, canvas: Canvas, plan: dict) -> np.ndarray:
 
 
 PIXEL_SPACING_SHORT_SIDE_MM = 347.0  # every detector's short side covers ~35 cm
-# bend(rib index, u, centre, mask) -> (centre, mask): how a finding changes one rib (u: mm from the midline)
-RibBend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def native_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -193,18 +187,12 @@ def lung_point(rng, plan, side: int, t_range=(0.15, 0.9), lateral=(0.15, 0.85)) 
     for _ in range(50):
         t = rng.uniform(*t_range)
         y = plan["y_apex"] + t * plan["lung_h"]
-        inner, outer = _lung_span(plan, side, y)
+        yy = np.array([[y]], dtype=np.float64)  # the lung's borders at height y, mm from the midline
+        inner, outer = float(medial_border(plan, side, yy)[0, 0]), float(lateral_border(plan, yy)[0, 0])
         if outer - inner > 15:
             u = inner + rng.uniform(*lateral) * (outer - inner)
             return plan["cx"] + side * u, y
     return plan["cx"] + side * 0.3 * plan["thorax"], plan["y_apex"] + 0.5 * plan["lung_h"]
-
-
-def _lung_span(plan, side: int, y: float) -> tuple[float, float]:
-    """Distance from the midline of one lung's medial and lateral borders at height y (scalar)."""
-    inner = medial_border(plan, side, np.array([[y]], dtype=np.float64))[0, 0]
-    outer = lateral_border(plan, np.array([[y]], dtype=np.float64))[0, 0]
-    return float(inner), float(outer)
 
 
 def plan_vessels(rng, plan) -> list[dict]:
@@ -313,8 +301,8 @@ def rib_centre(plan, rib, u):
     return rib["y0"] + rib["slope"] * u + rib["curve"] * u * u
 
 
-def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: RibBend | None = None) -> None:
-    """Add the ribs to ``density``; ``bend`` may change a rib's centre line and extent (a fracture)."""
+def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | None = None) -> None:
+    """Add the ribs; ``bend(rib, u, centre, mask) -> (centre, mask)`` may change a rib (a fracture)."""
     cortex = 1.4
     reach = plan["thorax"] / 2 + plan["wall"]
     for i, rib in enumerate(plan["ribs"]):

@@ -55,8 +55,7 @@ class FindingPlan:
 
 
 def _record(name: str, fields: str, base: type | None = FindingPlan) -> type:
-    """A frozen dataclass ``name`` with these fields (a finding's typed plan or one of its parts);
-    a field ``real`` (a finding, else its decoy) defaults to False."""
+    """A frozen dataclass ``name`` (a typed plan or part of one); ``real`` (else a decoy) defaults False."""
     specs = [("real", bool, field(default=False)) if f == "real" else f for f in fields.split()]
     cls = make_dataclass(name, specs, bases=(base,) if base else (), frozen=True)
     cls.__module__ = __name__  # so that plans pickle (the workers get them)
@@ -337,7 +336,6 @@ class PleuralOther(Finding):
 
 
 def _fine(image: dict, design: Design) -> tuple[float, float]:
-    """Density and size multipliers of the fine findings and their decoys (size also by patient)."""
     return design.fine_contrast, design.fine_size * _scale(image)
 
 

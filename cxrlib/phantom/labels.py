@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -53,8 +54,6 @@ def label_rates(prevalence: str) -> dict[str, tuple[float, float, float]]:
 
 
 def _normal_quantile(p: float) -> float:
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(min(max(p, 1e-12), 1 - 1e-12))
 
 

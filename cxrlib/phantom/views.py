@@ -166,9 +166,9 @@ def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     hooks = _findings_of(plan)
     for finding, finding_plan in hooks:
         lung = finding.lateral_lung(lung, scene, finding_plan)
+    cx = plan["cx"]  # half the vessels, squeezed towards the hilum
     vessels = [
-        {**v, "points": [(plan["cx"] + 0.5 * (px - plan["cx"]), py) for px, py in v["points"]]}
-        for v in plan["vessels"][::2]
+        {**v, "points": [(cx + 0.5 * (px - cx), py) for px, py in v["points"]]} for v in plan["vessels"][::2]
     ]
     density -= 0.58 * lung
     density += splat_vessels(canvas, vessels) * lung

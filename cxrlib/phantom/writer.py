@@ -177,12 +177,8 @@ def _write_all(out_dir: Path, entries, results, bar) -> list[dict]:
 
 def _gzip_csv(frame: pd.DataFrame, path: Path) -> None:
     # mtime=0 keeps the gzip header (and so the file) identical across runs.
-    text = frame.to_csv(index=False).encode()
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as handle:
-        handle.write(text)
-    with atomic_write(path, "wb") as out:
-        out.write(buffer.getvalue())
+    with atomic_write(path, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
+        gz.write(frame.to_csv(index=False).encode())
 
 
 def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size) -> None:
