@@ -188,7 +188,7 @@ def lung_point(rng, plan, side: int, t_range=(0.15, 0.9), lateral=(0.15, 0.85)) 
         t = rng.uniform(*t_range)
         y = plan["y_apex"] + t * plan["lung_h"]
         yy = np.array([[y]], dtype=np.float64)  # the lung's borders at height y, mm from the midline
-        inner, outer = float(medial_border(plan, side, yy)[0, 0]), float(lateral_border(plan, yy)[0, 0])
+        inner, outer = float(_medial_border(plan, side, yy)[0, 0]), float(lateral_border(plan, yy)[0, 0])
         if outer - inner > 15:
             u = inner + rng.uniform(*lateral) * (outer - inner)
             return plan["cx"] + side * u, y
@@ -264,7 +264,7 @@ def _heart_half_width(plan, side, y):
     return a * np.clip(1 - v ** h["power"], 0, 1) ** (1 / h["power"])
 
 
-def medial_border(plan, side, y):
+def _medial_border(plan, side, y):
     """Distance from the midline to one lung's medial border (mediastinum or heart) at heights y."""
     t = (y - plan["y_apex"]) / plan["lung_h"]
     m = plan["mediastinum"][(side + 1) // 2]
@@ -288,7 +288,7 @@ def lung_masks(plan, canvas):
     for side in (-1, 1):
         u = side * x
         lateral = lateral_border(plan, y)
-        medial = medial_border(plan, side, y)
+        medial = _medial_border(plan, side, y)
         top = canvas.soft(y - plan["y_apex"], 3.0)
         mask = canvas.soft(u - medial, 1.5) * canvas.soft(lateral - u, 1.5) * top
         mask = mask * canvas.soft(_diaphragm(plan, side, np.clip(u, 0, None)) - y, 1.5)

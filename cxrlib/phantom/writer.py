@@ -24,7 +24,7 @@ from .anatomy import sample_subject
 from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, Design, rendered_presence, sample_labels
 from .views import output_size, plan_frontal, plan_lateral, render_frontal, render_lateral
 
-JPEG_QUALITY = 95
+_JPEG_QUALITY = 95
 
 
 def _hex_id(rng) -> str:
@@ -79,7 +79,7 @@ def _render_entry(args) -> tuple[bytes, dict]:
     render = render_lateral if plan["view"] == "LATERAL" else render_frontal
     image, details = render(plan, width, height)
     buffer = io.BytesIO()
-    Image.fromarray(image, "L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(image, "L").save(buffer, format="JPEG", quality=_JPEG_QUALITY)
     canvas_px = plan["fov_h"] / height
     details["thorax_px"] = plan["thorax"] / (plan["fov_w"] / width)
     details["heart_px"] = plan["ctr"] * plan["thorax"] / (plan["fov_w"] / width)
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
+_SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
 
 
 def ensure_phantom(
@@ -247,7 +247,7 @@ def ensure_phantom(
 ) -> Path:
     """Write a phantom to ``root`` unless the same one (same settings) is already complete there."""
     root = Path(root)
-    marker = root / SETTINGS_FILE
+    marker = root / _SETTINGS_FILE
     wanted = {"subjects": subjects, "seed": seed, "max_size": max_size, "options": design_options}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
