@@ -89,12 +89,8 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
 
 
 def _store_for_this_attempt(store: dist.Store) -> dist.Store:
-    """The workers' store, with a prefix per restart when torchrun shares its agent's store.
-
-    A shared store outlives worker restarts (``--max-restarts``): without a prefix per attempt,
-    restarted workers would read the dead workers' addresses. The restart count only agrees within a
-    node, so several nodes need ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store per round).
-    """
+    """The workers' store, with a prefix per restart (else restarted workers read the dead ones'
+    addresses) when torchrun shares its agent's store; several nodes need a fresh store per round."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return store
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))

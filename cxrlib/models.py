@@ -1,12 +1,6 @@
-"""DenseNet121 with one logit per finding, where and in which precision it runs, and its predictions.
-
-The network (ImageNet weights, a local file or random init; a float32 head under autocast; BatchNorm
-counted once under ``memory_efficient``), the device and precision choices shared by training and
-analysis, :func:`model_input` (gray image -> model input), and the logits of a trained model for any
-images at any resolution. docs/training.md, "The network", has the details. Command line::
-
-    python -m cxrlib.models --model runs/mimic/res512/fold0 --index index.csv --cache CACHE \\
-        --resolution 1024 --folds folds.csv --fold 0 --role test --out preds_512_on_1024.csv
+"""DenseNet121 with one logit per finding, where and in which precision it runs, and its predictions:
+the network, device and precision choices, :func:`model_input` (gray image -> model input), the
+loaders and the logits of a trained model at any resolution (docs/training.md, "The network").
 """
 
 from __future__ import annotations
@@ -55,9 +49,6 @@ _OLD_DENSELAYER_KEY = re.compile(
 
 class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the torch hub cache nor downloadable."""
-
-
-# ----------------------------------------------------------------------------- the network
 
 
 class TiledFeatures(nn.Sequential):
@@ -262,9 +253,6 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
         )
 
 
-# ----------------------------------------------------------------------------- device and precision
-
-
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; refuses ``cuda`` without a GPU."""
     if str(name) == "auto":
@@ -385,9 +373,6 @@ def describe_cpu(info: dict[str, object] | None = None) -> str:
     return f"{info['model']}, {info['cores']} cores, {extensions} (torch kernels: {info['torch_capability']})"
 
 
-# ----------------------------------------------------------------------------- input and inference
-
-
 @functools.cache
 def _imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # made once per device and dtype: a tensor made from a list is copied to a GPU synchronously
@@ -472,8 +457,8 @@ def predict_arrays(
     amp: torch.dtype | None = None,
     num_workers: int = 0,
     channels_last: bool | None = None,
-    progress: bool = False,
     positions: list[int] | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order;
     ``channels_last`` defaults to True on CUDA. ``model`` is put in eval mode on ``device``."""

@@ -90,12 +90,8 @@ class BatchPlan:
 def plan_batches(
     effective_batch: int, world_size: int, per_gpu_batch: int | None = None, max_per_gpu: int | None = None
 ) -> BatchPlan:
-    """Accumulation steps (and the per-process batch when ``per_gpu_batch`` is None) for ``effective_batch``.
-
-    A fixed ``per_gpu_batch`` takes round(effective / (batch x world)) steps, at least 1. Otherwise the
-    effective batch is met exactly whenever a per-process batch of at most ``max_per_gpu`` allows it,
-    with the fewest steps (42 on one GPU of at most 4 images is 3 x 14); else the closest split.
-    """
+    """Accumulation steps (and the per-process batch unless given) for ``effective_batch``: exact whenever
+    a per-process batch of at most ``max_per_gpu`` allows it, fewest steps first (docs/training.md)."""
     if effective_batch < 1 or world_size < 1:
         raise ConfigError(f"effective batch ({effective_batch}) and processes ({world_size}) must be >= 1")
     if per_gpu_batch is not None:

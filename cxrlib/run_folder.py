@@ -77,11 +77,8 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: i
 def load_latest_checkpoint(
     run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", max_epoch: int | None = None
 ) -> tuple[dict, Path] | None:
-    """The newest checkpoint (at most ``max_epoch``) that verifies and its path, or None when there is none.
-
-    A damaged newer file is skipped with a warning naming it; a :class:`CheckpointError` when files
-    exist but none verifies, so a run is never silently restarted over them.
-    """
+    """The newest checkpoint (at most ``max_epoch``) that verifies and its path, or None; a damaged newer
+    file is skipped with a warning, a :class:`CheckpointError` when files exist but none verifies."""
     problems = []
     for epoch, path in list_checkpoints(run_dir):
         if max_epoch is not None and epoch > max_epoch:
@@ -315,18 +312,12 @@ class RunFolder:
         options = {"cache_format": args.cache_format, "skip_bad_images": args.skip_bad_images}
         dataset = CXRDataset(frame, args.resolution, args.cache, **options)
         share = list(range(rt.info.rank, len(dataset), rt.info.world_size))
+        batch, device = 2 * rt.plan.per_gpu_batch, rt.device
         found, logits = predict_arrays(
-            model,
-            dataset,
-            2 * rt.plan.per_gpu_batch,
-            rt.device,
-            rt.amp,
-            workers,
-            rt.channels_last,
-            positions=share,
+            model, dataset, batch, device, rt.amp, workers, rt.channels_last, share
         )
-        positions = cxrdist.all_gather_tensors(torch.as_tensor(found, device=rt.device))
-        logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=rt.device))
+        positions = cxrdist.all_gather_tensors(torch.as_tensor(found, device=device))
+        logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=device))
         if self.is_main:
             positions, logits = torch.cat(positions).cpu().numpy(), torch.cat(logits).cpu().numpy()
             table = logits_frame(frame["dicom_id"].tolist(), positions, logits, dataset.findings)

@@ -1,20 +1,9 @@
 """Train DenseNet121 on one fold at one resolution with the paper's recipe; one process or torchrun DDP.
 
-Launch (``--out`` is the fold's run folder, by convention ``runs/<preset>/res<R>/fold<k>``)::
-
-    # one GPU, or the CPU
-    python -m cxrlib.train --index runs/mimic/index.csv --folds runs/mimic/folds.csv \\
-        --cache cache/mimic --resolution 512 --fold 0 --out runs/mimic/res512/fold0
-    # every GPU of this node
-    torchrun --standalone --nproc_per_node=gpu -m cxrlib.train --index ... --resolution 1024 ...
-    # two nodes of 8 GPUs: the same command on each node, --out on a shared filesystem
-    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh store per rendezvous round (restarts)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node01:29500 \\
-        --rdzv_id=res2048-fold0 --max-restarts=3 -m cxrlib.train --index ... --resolution 2048 ...
-
-This module is the loop and what feeds it (the fold's images, the sampler, the augmentation); the
-recipe is :mod:`cxrlib.recipe`, the files :mod:`cxrlib.run_folder`. docs/training.md has the recipe,
-SLURM, the files written to ``--out`` and how a run resumes.
+``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out runs/P/resR/foldK``
+(or ``torchrun --standalone --nproc_per_node=gpu -m cxrlib.train ...``). The loop and what feeds it;
+the recipe is :mod:`cxrlib.recipe`, the files :mod:`cxrlib.run_folder`. docs/training.md has the
+multi-node and SLURM commands, the recipe, the files written to ``--out`` and how a run resumes.
 """
 
 from __future__ import annotations
@@ -129,9 +118,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------- what feeds the loop
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """One-line :class:`ConfigError` for a wrong parameter or a missing input, before any work."""
     r, tiles = args.resolution, args.tiles
@@ -209,14 +195,9 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 
 
 class StepBlockSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch with ``set_epoch``) that deals each optimizer step's
-    images to the processes in contiguous blocks.
-
-    Step ``s`` takes the next ``per_gpu_batch x accumulation_steps x world`` images of the epoch's
-    permutation; process ``r`` gets the ``r``-th block. One process with ``world`` times the
-    accumulation therefore sees the same micro-batches in the same steps (BatchNorm normalises the
-    same groups). The last, partial step is split evenly, padded by repetition as DistributedSampler.
-    """
+    """DistributedSampler (shuffled per epoch) dealing each optimizer step's images to the processes in
+    contiguous blocks, so one process with ``world`` times the accumulation sees the same micro-batches
+    (docs/training.md); the last, partial step is split evenly, padded by repetition."""
 
     def __init__(
         self, dataset, num_replicas: int, rank: int, per_gpu_batch: int, accumulation_steps: int, seed: int
@@ -297,17 +278,10 @@ def augment_batch(
     return model_input(rotate_flip_batch(images.float().div_(255.0), angles, flips), channels_last)
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
-    """One optimizer step over ``group``'s micro-batches (gradients accumulated; DDP syncs on the last).
-
-    The loss is the mean over the known labels of the whole effective batch (all micro-batches and
-    processes; the scale undoes DDP's division by the world size). Adds the step's loss sum, known
-    labels and images to ``totals``; returns True when the step was skipped (``--skip-nonfinite-steps``),
-    and raises :class:`NonFiniteLossError` for a NaN/inf loss otherwise.
-    """
+    """One optimizer step over ``group``'s micro-batches: the loss is the mean over the known labels of
+    the whole effective batch; adds loss sum, known labels and images to ``totals``. True when skipped
+    (``--skip-nonfinite-steps``), else a NaN/inf loss is a :class:`NonFiniteLossError`."""
     device, (angles, flips) = rt.device, draws
     known = sum(batch[3].sum() for _, batch in group).to(device, torch.float64).reshape(1)
     known = cxrdist.all_reduce_sum(known).clamp_min(1.0)
