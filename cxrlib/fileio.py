@@ -96,8 +96,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def read_header(path: str | os.PathLike) -> list[str]:
-    """The column names of a CSV file (its first line); a :class:`DataError` when it has none or two
-    columns share a name."""
+    """A CSV file's column names; a :class:`DataError` when it has none or two share a name."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as handle:

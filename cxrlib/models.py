@@ -321,8 +321,7 @@ def algorithm_settings(deterministic: bool, benchmark: bool = True):
 
 @contextlib.contextmanager
 def full_float32():
-    """Convolutions and matrix products in float32, not TF32, inside (the ERF's and Grad-CAM's
-    gradients); the caller's settings afterwards."""
+    """Float32 convolutions and matrix products, not TF32, inside (the ERF and Grad-CAM)."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.allow_tf32, matmul.allow_tf32
     cudnn.allow_tf32 = matmul.allow_tf32 = False
@@ -349,8 +348,7 @@ def default_workers(device: torch.device, local_world_size: int | None = None) -
 
 
 def cpu_info() -> dict[str, object]:
-    """This CPU's model, usable cores, vector extensions and PyTorch's kernel level (results depend
-    on the floating-point kernels, so provenance records them)."""
+    """This CPU's model, usable cores, vector extensions and PyTorch's kernel level (for provenance)."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
         for line in lines:  # the first processor's lines are enough
@@ -443,8 +441,7 @@ def prefetch_batches(workers: int, batch_size: int, resolution: int) -> int:
 
 
 def inference_batch(resolution: int) -> int:
-    """Images per batch when scoring outside training: 64 up to 512 px, then the same number of
-    pixels (16 at 1024 px, 4 at 2048 px)."""
+    """Images per batch outside training: 64 up to 512 px, then as many pixels (4 at 2048 px)."""
     return max(1, min(64, INFERENCE_BATCH_PIXELS // int(resolution) ** 2))
 
 
@@ -516,8 +513,7 @@ def predict_logits(
     num_workers: int = 0,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Logits for every image of ``dataset``: ``dicom_id`` then one column per finding of its label
-    set (``dataset.findings``), dataset order."""
+    """``dicom_id`` and one logit column per finding of ``dataset.findings``, dataset order."""
     positions, logits = predict_arrays(
         model, dataset, batch_size, device, amp, num_workers, progress=progress
     )

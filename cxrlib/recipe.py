@@ -45,8 +45,7 @@ def default_effective_batch(resolution: int) -> int:
 
 
 def default_lr(resolution: int, effective_batch: int | None = None) -> float:
-    """Table 1's learning rate, or 5e-4 x effective batch / 512; scaled linearly to a non-default
-    ``effective_batch``."""
+    """Table 1's learning rate (else 5e-4 x batch / 512), scaled linearly to ``effective_batch``."""
     base_batch = default_effective_batch(resolution)
     base_lr = TABLE1[resolution][0] if resolution in TABLE1 else 5e-4 * base_batch / 512
     return base_lr if effective_batch is None else base_lr * effective_batch / base_batch
@@ -118,8 +117,7 @@ def plan_batches(
 def training_gib_per_image(
     resolution: int, amp: torch.dtype | None = torch.bfloat16, memory_efficient: bool = False
 ) -> float:
-    """Estimated GPU training memory per image (GiB): 0.083 x (R / 256)^2 with mixed precision,
-    x 2 in float32 (``amp`` None), x 0.5 with ``memory_efficient``."""
+    """GiB per image: 0.083 x (R / 256)^2, x 2 in float32 (``amp`` None), x 0.5 ``memory_efficient``."""
     per_image = GIB_PER_IMAGE_AT_256 * (resolution / 256) ** 2
     per_image *= FLOAT32_MEMORY_FACTOR if amp is None else 1.0
     return per_image * (MEMORY_EFFICIENT_FACTOR if memory_efficient else 1.0)

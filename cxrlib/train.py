@@ -333,8 +333,7 @@ def train_one_epoch(
     epoch: int,
     augmentation: tuple[torch.Tensor, torch.Tensor],
 ) -> dict:
-    """One pass over this process's share of the training images; returns the global train loss,
-    image count, skipped steps and bad-image count."""
+    """One pass over this process's training images: global loss, images, skipped steps, bad images."""
     model.train()
     # on the device once per epoch, so no batch waits on a host-to-device copy of its draws
     draws = tuple(d.to(rt.device) for d in augmentation)
