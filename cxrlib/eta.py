@@ -72,7 +72,7 @@ def machine_label() -> str:
     """The CPU (model, cores, extensions) and the GPUs, as one line."""
     import torch
 
-    from .runtime import describe_cpu
+    from .models import describe_cpu
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return describe_cpu() + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
@@ -82,8 +82,8 @@ def training_settings(preset: Preset) -> list[Setting]:
     """The per-resolution settings the preset's trainer will use on this machine."""
     import torch
 
+    from .models import use_channels_last
     from .recipe import default_per_gpu_batch
-    from .runtime import use_channels_last
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -108,7 +108,7 @@ def _measure(setting: Setting) -> tuple[float, float]:
     with the trainer's own optimizer step (:func:`cxrlib.throughput.measure_model`)."""
     import torch
 
-    from .runtime import amp_dtype
+    from .models import amp_dtype
     from .throughput import measure_model
 
     torch.set_num_threads(setting.threads)

@@ -36,9 +36,8 @@ from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_s
 from .fileio import DataError, write_csv_atomic
 from .index import BASE_COLUMNS, index_findings, read_index
 from .labels import shared_findings
+from .models import amp_dtype, load_trained_model, resolve_device
 from .paths import BEST_MODEL, INDEX, TABLES
-from .predict import load_trained_model
-from .runtime import amp_dtype, resolve_device
 
 FOLD_WEIGHTS = "ensemble_weights_by_fold.csv"  # written by 04_evaluate: finding, resolution, fold, weight
 MEAN_WEIGHTS = "ensemble_weights.csv"  # the fold means, for runs evaluated before the file above
@@ -120,9 +119,8 @@ def score_models(
     models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int | None
 ) -> dict[tuple[int, int], pd.DataFrame]:
     """Logits of every model on ``frame`` (the other set, with the run's finding columns); batches
-    of ``batch_size`` images (default :func:`cxrlib.predict.inference_batch` of the resolution)."""
-    from .loaders import default_workers
-    from .predict import inference_batch, predict_logits
+    of ``batch_size`` images (default :func:`cxrlib.models.inference_batch` of the resolution)."""
+    from .models import default_workers, inference_batch, predict_logits
 
     scores, workers = {}, default_workers(device, local_world_size=1)
     for (resolution, fold), folder in models.items():

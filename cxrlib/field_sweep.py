@@ -141,7 +141,7 @@ def sweep_table(
     ``images``, uint8 at the arms' resolution) and paired clustered DeLong tests of every arm against
     the baseline on the coarse and fine findings, corrected over that family; writes
     ``tables/field_sweep.csv`` and ``field_sweep_delong.csv``."""
-    from .predict import load_trained_model
+    from .models import load_trained_model
     from .receptive_field import default_erf_batch, effective_receptive_field
 
     subject = index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str)

@@ -33,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .labels import FINDINGS
-from .runtime import full_float32
-from .transforms import normalize
+from .models import full_float32, model_input
 
 
 @dataclass
@@ -61,16 +60,6 @@ def finding_index(
     if not 0 <= int(finding) < num_classes:
         raise ValueError(f"finding index {finding} outside 0 .. {num_classes - 1}")
     return int(finding)
-
-
-def model_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 grayscale ``[N, 1, H, W]`` / ``[N, H, W]`` -> normalised 3-channel floats; floats unchanged."""
-    images = torch.as_tensor(images)
-    if images.dim() == 3:
-        images = images[:, None]
-    if images.dim() != 4:
-        raise ValueError(f"images must be [N, C, H, W] or [N, H, W]; got shape {tuple(images.shape)}")
-    return normalize(images) if images.dtype == torch.uint8 else images.float()
 
 
 class GradCAM:

@@ -166,7 +166,7 @@ def devices() -> dict[str, Any]:
     """
     import torch
 
-    from .runtime import cpu_info
+    from .models import cpu_info
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {

@@ -87,9 +87,8 @@ from scipy.optimize import curve_fit
 from tqdm.auto import tqdm
 
 from .fileio import write_csv_atomic
+from .models import full_float32, model_input
 from .paths import tables_dir
-from .runtime import full_float32
-from .transforms import imagenet_mean_std
 
 # Layers that leave the spatial field unchanged.
 _IDENTITY_LAYERS = (
@@ -369,12 +368,6 @@ def translate_batch(
     return out
 
 
-def _grayscale_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, H, W]`` in [0, 1] -> ImageNet-normalised ``[B, 3, H, W]`` (differentiable)."""
-    mean, std = imagenet_mean_std(pixels.device, pixels.dtype)
-    return (pixels.expand(-1, 3, -1, -1) - mean) / std
-
-
 def _as_batch(images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, bool]:
     """Images as a float ``[N, C, H, W]`` tensor and whether they are grayscale pixels in [0, 1]."""
     images = torch.as_tensor(images)
@@ -463,7 +456,7 @@ def effective_receptive_field(
                 shifts = shifts_of_round[first : first + batch_size]
                 x = translate_batch(batch, shifts, shift_px, padding).to(device).requires_grad_(True)
                 with torch.enable_grad():
-                    fmap = features(_grayscale_to_model_input(x) if grayscale else x)
+                    fmap = features(model_input(x) if grayscale else x)
                     fmap = F.relu(fmap) if final_relu else fmap
                     n_channels, feature_size = fmap.shape[1], tuple(fmap.shape[-2:])
                     position = (feature_size[0] // 2, feature_size[1] // 2)

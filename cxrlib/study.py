@@ -287,9 +287,7 @@ def cross_predictions(
     is ``(trained_at, fold, tested_at)``; its own test predictions on the diagonal); predicted now
     when missing or older than the model, which ``models`` keeps for the next test resolution."""
     from .fileio import write_csv_atomic
-    from .loaders import default_workers
-    from .predict import inference_batch, predict_logits
-    from .runtime import amp_dtype
+    from .models import amp_dtype, default_workers, inference_batch, predict_logits
 
     trained_at, fold, tested_at = cell
     if trained_at == tested_at:
@@ -327,7 +325,8 @@ def analysis_fold(preset: Preset) -> int:
 
 def analysis_device(preset: Preset) -> torch.device:
     """Where ERF, Grad-CAM and prediction run: ``analysis.device`` (auto: the GPU when one is visible)."""
-    from .runtime import ConfigError, resolve_device
+    from .fileio import ConfigError
+    from .models import resolve_device
 
     try:
         return resolve_device(preset.analysis.device)
@@ -339,7 +338,7 @@ def trained_model(
     preset: Preset, resolution: int, fold: int | None = None, device: torch.device | str | None = None
 ) -> torch.nn.Module:
     """The best model of one (resolution, fold), in eval mode on ``device`` (default: the analysis device)."""
-    from .predict import load_trained_model
+    from .models import load_trained_model
 
     fold = analysis_fold(preset) if fold is None else fold
     device = analysis_device(preset) if device is None else torch.device(device)

@@ -83,7 +83,7 @@ class ERFExplorer:
 
     def trained_model(self, resolution: int) -> nn.Module:
         """The trained model at ``resolution`` (loaded from its run folder the first time)."""
-        from .predict import load_trained_model
+        from .models import load_trained_model
 
         model = self.trained[int(resolution)]
         if not isinstance(model, nn.Module):

@@ -2,7 +2,7 @@
 
 Each resolution is measured on the current device with the trainer's real settings and its own
 optimizer step (:func:`cxrlib.train.optimizer_step`): its per-process batch
-(:func:`cxrlib.recipe.default_per_gpu_batch`), mixed precision (:func:`cxrlib.runtime.amp_dtype`),
+(:func:`cxrlib.recipe.default_per_gpu_batch`), mixed precision (:func:`cxrlib.models.amp_dtype`),
 channels_last on GPUs, augmentation on the device, masked BCE and Adam. Inputs are synthetic uint8 batches
 already on the device, so ``train_img_s`` and ``infer_img_s`` are the model's ceiling;
 ``load_img_s`` is the trainer's DataLoader's rate from the cache alone (decode only: its workers,
@@ -35,10 +35,18 @@ import torch
 from .cache import CXRDataset
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS
-from .loaders import default_workers, make_loader
-from .models import build_model
+from .models import (
+    algorithm_settings,
+    amp_dtype,
+    autocast,
+    build_model,
+    default_workers,
+    make_loader,
+    model_input,
+    resolve_device,
+    use_channels_last,
+)
 from .recipe import BatchPlan, default_per_gpu_batch
-from .runtime import algorithm_settings, amp_dtype, autocast, model_input, resolve_device, use_channels_last
 
 COLUMNS = (
     "resolution",
@@ -151,7 +159,7 @@ def measure_loading(
     device: torch.device,
     images: int = 256,
 ) -> float:
-    """Images/s of the trainer's DataLoader (:func:`cxrlib.loaders.make_loader`: its ``workers``,
+    """Images/s of the trainer's DataLoader (:func:`cxrlib.models.make_loader`: its ``workers``,
     pinned memory on a GPU, persistent workers, prefetch) decoding the first ``images`` cached
     images of ``index``, repeated as needed: one untimed pass starts the workers, then a pass of
     4 batches per worker is timed."""

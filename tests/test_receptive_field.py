@@ -10,7 +10,7 @@ import torch.nn as nn
 import torchvision
 
 from cxrlib import receptive_field as rfm
-from cxrlib.transforms import IMAGENET_STD
+from cxrlib.models import IMAGENET_STD, model_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,7 +163,7 @@ def test_random_sign_estimator_agrees_with_exact_eq1_and_differs_from_the_square
     assert estimate.radius90_px == pytest.approx(exact.radius90_px, rel=0.05)
     # The square of the gradient of the channel sum is a different quantity: not eq. 1.
     x = torch.randint(0, 256, (1, 1, 24, 24), dtype=torch.uint8).float().div(255).requires_grad_(True)
-    fmap = model.features(rfm._grayscale_to_model_input(x))
+    fmap = model.features(model_input(x))
     (grad_of_sum,) = torch.autograd.grad(fmap[0, :, 6, 6].sum(), x)
     one = rfm.effective_receptive_field(
         model, (x.detach() * 255).round().to(torch.uint8), exact=True, max_shift=0

@@ -27,7 +27,7 @@ from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
-from cxrlib import cache, dist, loaders, metrics, paths, pipeline, predict, study
+from cxrlib import cache, dist, metrics, models, paths, pipeline, study
 from cxrlib.cache import build_cache, cached_image_path, check_cache, read_manifest
 from cxrlib.datasets import index_from_csv, index_from_mimic
 from cxrlib.fileio import load_verified, save_verified, sidecar_path, write_csv_atomic, write_text_atomic
@@ -458,11 +458,11 @@ def epoch_with_an_infinite_loss(skip_nonfinite: bool):
     runtime = train.Runtime(
         dist.DistInfo(0, 1, 0, torch.device("cpu"), None), None, False, plan, skip_nonfinite, False
     )
-    loader = loaders.make_loader(
-        dataset, 4, loaders.StepBlockSampler(dataset, 1, 0, 4, 1, seed=0), 0, torch.device("cpu"), 0
+    loader = models.make_loader(
+        dataset, 4, train.StepBlockSampler(dataset, 1, 0, 4, 1, seed=0), 0, torch.device("cpu"), 0
     )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    augmentation = loaders.epoch_augmentation(len(dataset), 0, 1)
+    augmentation = train.epoch_augmentation(len(dataset), 0, 1)
     return model, lambda: train.train_one_epoch(model, loader, optimizer, scaler, runtime, 3, augmentation)
 
 
@@ -515,7 +515,7 @@ def test_a_planted_leaked_subject_is_refused_by_every_other_reader_of_the_folds(
     out = tmp_path / "predictions.csv"
     argv = ["--model", str(tmp_path / "no-model"), "--index", str(data.index), "--cache", str(data.cache)]
     argv += ["--resolution", "32", "--folds", str(data.folds), "--fold", "0", "--out", str(out)]
-    assert predict.main(argv) == 2
+    assert models.main(argv) == 2
     assert f"subject {subject} is in roles" in capsys.readouterr().err and not out.exists()
     with pytest.raises(LeakageError, match=subject):
         study.load_data(resolve("smoke", run_dir=str(data.root)))  # what every notebook reads

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib import field_sweep, metrics, predict, receptive_field, runtime, study, throughput
+from cxrlib import field_sweep, metrics, models, receptive_field, study, throughput
 from cxrlib.fileio import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
@@ -96,7 +96,7 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
     monkeypatch.setattr(study.splits, "fold_ids", lambda folds, fold, role: ids)
     monkeypatch.setattr(study, "analysis_device", lambda preset: torch.device("cuda"))
     monkeypatch.setattr(study, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
-    monkeypatch.setattr(runtime, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(models, "amp_dtype", lambda device: torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     loaded, scored = [], []
@@ -104,7 +104,7 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
         study, "trained_model", lambda preset, resolution, fold, device: loaded.append(resolution)
     )
     monkeypatch.setattr(
-        predict,
+        models,
         "predict_logits",
         lambda *args: scored.append(args[1:3] + args[5:]) or pd.DataFrame({"x": ids}),
     )
@@ -135,7 +135,7 @@ def test_the_field_sweep_measures_each_erf_in_batches_that_fit_the_resolution(tm
         metrics, "bootstrap_auc_ci", lambda *args, **kw: dict(auc=1.0, ci_low=1.0, ci_high=1.0)
     )
     monkeypatch.setattr(metrics, "pairwise_delong", lambda *args: pd.DataFrame(columns=["resolution_a"]))
-    monkeypatch.setattr(predict, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
+    monkeypatch.setattr(models, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
     batches = []
 
     def erf(model, images, **options):
