@@ -81,22 +81,15 @@ class EnsembleFit:
 
 
 def fit_stacked_ensemble(
-    logits: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor,
-    epochs: int = 100,
-    lr: float = 0.1,
-    lr_decay: float = 0.96,
-    tol: float = 1e-3,
-    window: int = 10,
-) -> EnsembleFit:
+    logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, epochs: int = 100, lr: float = 0.1,
+    lr_decay: float = 0.96, tol: float = 1e-3, window: int = 10,
+) -> EnsembleFit:  # fmt: skip
     """Fit eq. 2-3 on validation ``logits [N, F, S]`` and ``labels [N, F]`` (1 / 0 / NaN)."""
     logits = torch.tensor(np.asarray(logits, dtype=float))  # a float64 copy
     labels = torch.tensor(np.asarray(labels, dtype=float))
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"logits must be [N, findings, scales] and labels [N, findings]; got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
+        shapes = f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        raise ValueError(f"logits must be [N, findings, scales] and labels [N, findings]; got {shapes}")
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or infinite values")
     with _single_thread():
@@ -233,11 +226,8 @@ def fit_fold_ensembles(
             (AVERAGE, average_logits(logits)),
         ):
             predictions[(name, fold)] = pd.DataFrame(values, index=ids, columns=findings)
-        weights += [
-            (f, r, fold, float(fit.weights[i, j]))
-            for i, f in enumerate(findings)
-            for j, r in enumerate(resolutions)
-        ]
+        weights += [(f, r, fold, float(fit.weights[i, j])) for i, f in enumerate(findings)
+                    for j, r in enumerate(resolutions)]  # fmt: skip
         fields = ("converged", "final_loss", "final_grad_max", "loss_gap", "weight_change_last",
                   "reference_distance", "n_images")  # fmt: skip
         reports.append({"fold": fold, **{name: getattr(fit, name) for name in fields}})
@@ -266,9 +256,8 @@ def versus_best_single(table3: pd.DataFrame, resolutions: list[int]) -> pd.DataF
     table = table3.set_index("finding")
     means = table[[f"{r}_mean" for r in resolutions if f"{r}_mean" in table]].dropna(how="all")
     best = means.max(axis=1)
-    out = pd.DataFrame(
-        {"best resolution": means.idxmax(axis=1).str.removesuffix("_mean").astype(int), "best AUC": best}
-    )
+    best_at = means.idxmax(axis=1).str.removesuffix("_mean").astype(int)
+    out = pd.DataFrame({"best resolution": best_at, "best AUC": best})
     for name in (STACKED, AVERAGE):
         if f"{name}_mean" in table:
             out[f"{name} AUC"] = table.loc[means.index, f"{name}_mean"]

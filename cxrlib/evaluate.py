@@ -164,12 +164,8 @@ def evaluate_external(
     auc = metrics.auc_table(predictions, labels)
     bootstrap = metrics.bootstrap_table(predictions, labels, n_boot=n_boot)
     result = External(out, auc, metrics.table3(auc), bootstrap, findings, report.errors)
-    for name, table in (
-        ("auc", auc),
-        ("table3", result.table3),
-        ("auc_bootstrap", bootstrap),
-        ("findings", findings),
-    ):
+    tables = {"auc": auc, "table3": result.table3, "auc_bootstrap": bootstrap, "findings": findings}
+    for name, table in tables.items():
         write_csv_atomic(table, out / f"{name}.csv")
     return result
 

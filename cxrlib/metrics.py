@@ -72,23 +72,19 @@ def read_predictions(
 
 
 def load_predictions(
-    run: str | os.PathLike,
-    resolutions: Sequence[int],
-    folds: Sequence[int] | None = None,
-    split: str = "test",
+    run: str | os.PathLike, resolutions: Sequence[int], folds: Sequence[int] | None = None, split="test"
 ) -> dict[tuple[int, int], pd.DataFrame]:
     """``{(resolution, fold): scores}``, checked against the run's folds and findings (None: all folds)."""
     run = Path(run)
     fold_table = read_folds(run / FOLDS)
     findings = read_index_findings(run / INDEX) if (run / INDEX).is_file() else None
-    out = {}
-    for resolution, fold in itertools.product(
-        resolutions, range(num_folds(fold_table)) if folds is None else folds
-    ):
-        ids = fold_ids(fold_table, int(fold), split)
-        path = predictions_path(run, resolution, fold, split)
-        out[(int(resolution), int(fold))] = read_predictions(path, ids, findings)
-    return out
+    folds = range(num_folds(fold_table)) if folds is None else folds
+    return {
+        (int(r), int(k)): read_predictions(
+            predictions_path(run, r, k, split), fold_ids(fold_table, int(k), split), findings
+        )
+        for r, k in itertools.product(resolutions, folds)
+    }
 
 
 def pool_folds(predictions: PredictionSet, label: str = "all") -> dict[tuple[int | str, str], pd.DataFrame]:
@@ -214,9 +210,8 @@ def table3(auc_long: pd.DataFrame) -> pd.DataFrame:
 def write_auc_tables(run: str | os.PathLike, auc_long: pd.DataFrame) -> tuple[Path, Path]:
     """Write ``tables/auc.csv`` (long) and ``tables/table3.csv`` atomically; return both paths."""
     folder = tables_dir(run)
-    return write_csv_atomic(auc_long, folder / "auc.csv"), write_csv_atomic(
-        table3(auc_long), folder / "table3.csv"
-    )
+    auc_path = write_csv_atomic(auc_long, folder / "auc.csv")
+    return auc_path, write_csv_atomic(table3(auc_long), folder / "table3.csv")
 
 
 def _weighted_auc_rows(sorted_pos: np.ndarray, sorted_neg: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -377,35 +372,23 @@ def delong_test(
     return dict(zip(DELONG_FIELDS, values, strict=True))
 
 
-def _adjusted(pvalues: Sequence[float], adjust: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _adjusted(pvalues: Sequence[float], step: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
     p = np.asarray(pvalues, dtype=float)
-    out, valid = np.full_like(p, np.nan), ~np.isnan(p)
-    if valid.any():
-        out[valid] = adjust(p[valid])
-    return out
-
-
-def _holm(p: np.ndarray) -> np.ndarray:
-    order, out = np.argsort(p, kind="mergesort"), np.empty_like(p)
-    out[order] = np.minimum(np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]), 1.0)
-    return out
-
-
-def _bh(p: np.ndarray) -> np.ndarray:
-    order, out = np.argsort(p, kind="mergesort"), np.empty_like(p)
-    scaled = p[order] * len(p) / np.arange(1, len(p) + 1)
-    out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    out, valid = np.full_like(p, np.nan), np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="mergesort")]  # the valid p-values, ascending
+    if len(order):
+        out[order] = np.minimum(step(p[order], len(order)), 1.0)
     return out
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (NaN stays NaN and is not counted)."""
-    return _adjusted(pvalues, _holm)
+    return _adjusted(pvalues, lambda p, m: np.maximum.accumulate((m - np.arange(m)) * p))
 
 
 def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (NaN stays NaN and is not counted)."""
-    return _adjusted(pvalues, _bh)
+    return _adjusted(pvalues, lambda p, m: np.minimum.accumulate((p * m / np.arange(1, m + 1))[::-1])[::-1])
 
 
 def correct_family(table: pd.DataFrame, family: str) -> pd.DataFrame:

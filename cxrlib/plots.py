@@ -16,12 +16,10 @@ from pathlib import Path
 
 import matplotlib
 
-if (
-    not os.environ.get("MPLBACKEND")
-    and "ipykernel" not in sys.modules
-    and sys.platform.startswith("linux")
-    and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-):
+_HEADLESS = sys.platform.startswith("linux") and not (
+    os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+)
+if _HEADLESS and not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
     matplotlib.use("Agg")
 
 import numpy as np
@@ -38,9 +36,9 @@ ENSEMBLE_STYLES: dict[str, dict] = {
     "ensemble": {"color": "black", "linestyle": "--", "label": "stacked ensemble"},
     "average": {"color": "0.45", "linestyle": ":", "label": "average ensemble"},
 }
-ERF_STATES = {"init": ("initialisation", "cyan"), "trained": ("after training", "orange")}
-NO_TICKS = {"xticks": [], "yticks": []}
-UNIT_FRAME = (0, 1, 1, 0)  # imshow extent: every image and map drawn in the image's [0, 1] frame
+_ERF_STATES = {"init": ("initialisation", "cyan"), "trained": ("after training", "orange")}
+_NO_TICKS = {"xticks": [], "yticks": []}
+_UNIT_FRAME = (0, 1, 1, 0)  # imshow extent: every image and map drawn in the image's [0, 1] frame
 
 
 def show_inline() -> None:
@@ -161,7 +159,7 @@ def fig1_erf(results: Mapping, normalise: bool = True, cmap: str = "magma") -> F
             ax.set_axis_off()
             continue
         erf = result.erf / result.erf.max() if normalise else result.erf
-        image = ax.imshow(erf, extent=UNIT_FRAME, cmap=cmap, vmin=0, interpolation="bilinear")
+        image = ax.imshow(erf, extent=_UNIT_FRAME, cmap=cmap, vmin=0, interpolation="bilinear")
         _draw_erf_discs(ax, result, "cyan")
         ax.set_title(_label(resolution) + (f" ({state})" if state else ""))
         _corner_text(
@@ -177,14 +175,14 @@ def erf_over_image(image: np.ndarray, results: Mapping, resolution: int) -> Figu
     """An image with the mass discs of each ERF (``{"init" | "trained": ERFResult}``), then each map."""
     fig = _figure(3.0 * (1 + len(results)), 3.4)
     axes = fig.subplots(1, 1 + len(results), squeeze=False)[0]
-    axes[0].imshow(image, cmap="gray", extent=UNIT_FRAME, vmin=0, vmax=255)
+    axes[0].imshow(image, cmap="gray", extent=_UNIT_FRAME, vmin=0, vmax=255)
     axes[0].set_title(f"phantom at {_label(resolution)}")
     for ax, (state, result) in zip(axes[1:], results.items(), strict=True):
-        ax.imshow(result.erf / result.erf.max(), cmap="magma", extent=UNIT_FRAME, vmin=0)
-        ax.set_title(f"ERF, {ERF_STATES[state][0]}")
+        ax.imshow(result.erf / result.erf.max(), cmap="magma", extent=_UNIT_FRAME, vmin=0)
+        ax.set_title(f"ERF, {_ERF_STATES[state][0]}")
         _corner_text(ax, f"90%: {100 * result.fraction90:.0f}% of side")
         for target in (axes[0], ax):
-            _draw_erf_discs(target, result, ERF_STATES[state][1])
+            _draw_erf_discs(target, result, _ERF_STATES[state][1])
     for ax in axes:
         ax.set(xlim=(0, 1), ylim=(1, 0), xticks=[0, 0.5, 1], yticks=[0, 0.5, 1])
         ax.grid(False)
@@ -228,15 +226,15 @@ def fig4_gradcam(
     axes = fig.subplots(len(findings), len(columns) + 1, squeeze=False)
     for row, finding in enumerate(findings):
         for ax in axes[row]:
-            ax.imshow(originals[finding], cmap="gray", extent=UNIT_FRAME)
-            ax.set(**NO_TICKS)
+            ax.imshow(originals[finding], cmap="gray", extent=_UNIT_FRAME)
+            ax.set(**_NO_TICKS)
             ax.grid(False)
         axes[row, 0].set(title="original" if row == 0 else "")
         axes[row, 0].set_ylabel(finding, fontweight="bold")
         _under(axes[row, 0], f"ground truth: {', '.join(ground_truth.get(finding, [])) or 'none'}")
         for ax, column in zip(axes[row, 1:], columns, strict=True):
             if column in maps[finding]:
-                ax.imshow(maps[finding][column], cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=UNIT_FRAME,
+                ax.imshow(maps[finding][column], cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=_UNIT_FRAME,
                           interpolation="bilinear")  # fmt: skip
                 _label_cam(ax, finding, column, probabilities[finding][column], threshold, names)
     fig.suptitle(title)
@@ -273,15 +271,8 @@ def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
         text_color = "white" if np.mean(color[:3]) < 0.5 else "black"
         for yi, start, value in zip(y, left, values, strict=True):
             if value >= 6:
-                ax.text(
-                    start + value / 2,
-                    yi,
-                    f"{value:.1f}%",
-                    ha="center",
-                    va="center",
-                    fontsize="x-small",
-                    color=text_color,
-                )
+                ax.text(start + value / 2, yi, f"{value:.1f}%", ha="center", va="center", fontsize="x-small",
+                        color=text_color)  # fmt: skip
         left += values
     ax.set_yticks(y, table.index)
     ax.invert_yaxis()
@@ -419,7 +410,7 @@ def phantom_examples(
     fig = _figure(2.0 * 2 * len(resolutions), 2.0 * len(findings) + 0.5)
     axes = fig.subplots(len(findings), 2 * len(resolutions), squeeze=False)
     for ax in axes.flat:
-        ax.set(**NO_TICKS)
+        ax.set(**_NO_TICKS)
         ax.grid(False)
     for row, finding in enumerate(findings):
         axes[row, 0].set_ylabel(finding, fontweight="bold", fontsize="small")

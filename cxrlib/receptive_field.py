@@ -375,13 +375,8 @@ def resize_images(images: torch.Tensor | np.ndarray, sizes: Sequence[int]) -> di
     """uint8 ``[N, 1, R, R]`` images resized (antialiased bilinear) to each side in ``sizes``."""
     batch = torch.as_tensor(images)
     batch = (batch[:, None] if batch.dim() == 3 else batch).float()
-    return {
-        int(size): F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        for size in sizes
-    }
+    resized = [F.interpolate(batch, size=(s, s), mode="bilinear", antialias=True) for s in sizes]
+    return {int(s): r.round().clamp(0, 255).to(torch.uint8) for s, r in zip(sizes, resized, strict=True)}
 
 
 def conv_stack(depth: int, channels: int = 4, seed: int = 0) -> nn.Sequential:

@@ -30,28 +30,16 @@ from .models import build_model
 from .recipe import BatchPlan, default_per_gpu_batch
 from .runtime import algorithm_settings, amp_dtype, autocast, model_input, resolve_device, use_channels_last
 
-COLUMNS = (
-    "resolution",
-    "device",
-    "batch",
-    "amp",
-    "train_img_s",
-    "infer_img_s",
-    "peak_mem_gib",
-    "load_img_s",
-    "note",
-)
+COLUMNS = ("resolution", "device", "batch", "amp", "train_img_s", "infer_img_s", "peak_mem_gib", "load_img_s",
+           "note")  # fmt: skip
 CPU_BATCH, CPU_STEPS, GPU_STEPS = 4, 2, 20
 LOADING_BATCHES_PER_WORKER = 4  # timed batches per DataLoader worker (at least 4 in all)
 
 
 def device_name(device: torch.device) -> str:
     """``"NVIDIA H100 80GB HBM3"`` for a GPU, ``"cpu (N threads)"`` for the CPU."""
-    return (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)"
-    )
+    on_gpu = device.type == "cuda"
+    return torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _timed(fn, steps: int, warmup: int, device: torch.device) -> float:
@@ -85,14 +73,8 @@ def measure_model(
     targets = (torch.rand(batch, NUM_FINDINGS, device=device, generator=generator) < 0.3).float()
     angles = (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15
     draws = (angles, torch.rand(batch, device=device, generator=generator) < 0.5)
-    rt = Runtime(
-        cxrdist.DistInfo(0, 1, 0, device, None),
-        amp,
-        channels_last,
-        BatchPlan(batch, 1, 1, batch),
-        False,
-        False,
-    )
+    info, plan = cxrdist.DistInfo(0, 1, 0, device, None), BatchPlan(batch, 1, 1, batch)
+    rt = Runtime(info, amp, channels_last, plan, False, False)
     group = [(1, (torch.arange(batch), images, targets, torch.ones_like(targets)))]
     totals = torch.zeros(3, dtype=torch.float64)
 
@@ -143,10 +125,8 @@ def measure_throughput(
     """Table 2 on ``device`` (None: the trainer's), one row per resolution, with the trainer's options."""
     device = resolve_device("auto" if device is None else str(device))
     on_gpu = device.type == "cuda"
-    steps, warmup = (
-        steps or (GPU_STEPS if on_gpu else CPU_STEPS),
-        warmup if warmup is not None else (3 if on_gpu else 1),
-    )
+    steps = steps or (GPU_STEPS if on_gpu else CPU_STEPS)
+    warmup = warmup if warmup is not None else (3 if on_gpu else 1)
     dtype, layout = amp_dtype(device, amp), use_channels_last(device, channels_last)
     if isinstance(batch_sizes, Sequence):
         batch_sizes = dict(zip(resolutions, batch_sizes, strict=True))
@@ -159,12 +139,7 @@ def measure_throughput(
             "" if on_gpu else f"CPU: batch {batch}, {steps} timed steps; indicative only, not Table 2's GPUs"
         )
         amp_name = str(dtype).removeprefix("torch.") if dtype else "off"
-        row = {
-            "resolution": int(resolution),
-            "device": device_name(device),
-            "batch": int(batch),
-            "amp": amp_name,
-        }
+        row = dict(resolution=int(resolution), device=device_name(device), batch=int(batch), amp=amp_name)
         try:
             with algorithm_settings(deterministic=False, benchmark=cudnn_benchmark):
                 row |= measure_model(
