@@ -92,15 +92,11 @@ def pool_folds(predictions: PredictionSet, label: str = "all") -> dict[tuple[int
     by_resolution: dict[int | str, list[pd.DataFrame]] = {}
     for (resolution, _), frame in predictions.items():
         by_resolution.setdefault(resolution, []).append(frame)
-    pooled = {}
-    for resolution, frames in by_resolution.items():
-        frame = pd.concat(frames)
+    pooled = {(resolution, label): pd.concat(frames) for resolution, frames in by_resolution.items()}
+    for (resolution, _), frame in pooled.items():
         if frame.index.duplicated().any():
-            raise ValueError(
-                f"resolution {resolution}: image {frame.index[frame.index.duplicated()][0]!r} "
-                "is in more than one fold's predictions"
-            )
-        pooled[(resolution, label)] = frame
+            where = f"resolution {resolution}: image {frame.index[frame.index.duplicated()][0]!r}"
+            raise ValueError(f"{where} is in more than one fold's predictions")
     return pooled
 
 

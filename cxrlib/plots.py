@@ -110,9 +110,8 @@ def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 
     for column in columns:
         if column not in index.columns:
             raise ValueError(f"the index has no {column!r} column (native image size)")
-    sizes = (
-        index[columns].apply(pd.to_numeric, errors="coerce").dropna().set_axis(["width", "height"], axis=1)
-    )
+    sizes = index[columns].apply(pd.to_numeric, errors="coerce").dropna()
+    sizes = sizes.set_axis(["width", "height"], axis=1)
     shown = sizes.sample(max_points, random_state=seed) if len(sizes) > max_points else sizes
     fig = _figure(6.5, 6.0)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
