@@ -356,7 +356,7 @@ def receptive_fields(
     analysis device (:func:`analysis_device`), in float32: the ERF is a squared gradient.
     """
     from .models import build_model
-    from .receptive_field import compute_erfs, erf_table, theoretical_receptive_field, write_erf_table
+    from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
 
     index, folds = load_data(preset)
     device = analysis_device(preset)
@@ -370,8 +370,7 @@ def receptive_fields(
         if "trained" in states:
             models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
     results = compute_erfs(models, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
-    rf = theoretical_receptive_field(next(iter(models.values())).features)
-    table = erf_table(results, theoretical_rf_px=rf)
+    table = erf_table(results, theoretical_rf_px=densenet121_field()[0])
     write_erf_table(preset.run_path, table)
     return results, table
 
