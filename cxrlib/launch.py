@@ -97,11 +97,6 @@ def build_command(
     return command + override_flags(options)
 
 
-def _end_with_parent() -> None:
-    """In the child (Linux): SIGTERM when the process that launched it ends, however it ends."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def relay(output: io.TextIOBase, log, echo: bool, keep: int = 60) -> list[str]:
     """Copy ``output`` (read with ``newline=""``) to the screen as it comes, a piece ending in ``"\\r"``
     overwriting the line as in a terminal, and its whole lines to ``log``; returns the last ``keep``."""
@@ -123,9 +118,10 @@ def run_logged(command: list[str], env: dict[str, str], log_path: Path, echo: bo
     to ``log_path``; returns the exit code and the log's last lines. An interrupt stops the whole group."""
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n")
+        linux = sys.platform == "linux"  # the child gets SIGTERM when this process ends (PR_SET_PDEATHSIG)
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=(lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)) if linux else None,
         )  # fmt: skip
         try:
             with io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline="") as output:

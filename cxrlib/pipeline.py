@@ -4,15 +4,11 @@ Usage::
 
     python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
     python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
-    python -m cxrlib.pipeline --preset kermany --resolutions 32 64 --kermany-split patients
     python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
     python -m cxrlib.pipeline --lab                              # JupyterLab on notebooks/ (`make lab`)
 
-Executed notebooks go to ``runs/<preset>/`` (``03_train`` once per resolution, as
-``03_train_res<R>.ipynb``), tables to its ``tables/``, figures to ``figures/<preset>/``. A step whose
-outputs are there and whose settings and notebook are unchanged is skipped, so a run resumes where it
-stopped; training resumes from its last checkpoint. Provenance goes to ``provenance.json`` and each
-executed notebook's metadata (docs/pipeline.md).
+Executed notebooks go to ``runs/<preset>/``, figures to ``figures/<preset>/``. A step whose outputs are
+there and whose settings and notebook are unchanged is skipped, so a run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -50,8 +46,7 @@ class PipelineError(RuntimeError):
 
 
 class Run(NamedTuple):
-    """A preset as the notebooks see it: its argument (a YAML path made absolute), the resolved preset,
-    and the overrides each notebook gets when its parameters cell declares them."""
+    """The preset's argument (a YAML path made absolute), the resolved preset, the notebooks' overrides."""
 
     arg: str
     preset: Preset
@@ -113,17 +108,12 @@ def states(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "state", "outputs", "seconds"])
 
 
-# ----------------------------------------------------------------------------- provenance
-
-
 def git_commit() -> dict[str, Any]:
     """The repository's commit and whether the working tree has uncommitted changes."""
 
     def git(*args: str) -> str:
-        command = ["git", *args]
-        return subprocess.run(
-            command, cwd=paths.PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+        options = {"cwd": paths.PROJECT_ROOT, "capture_output": True, "text": True, "timeout": 10}
+        return subprocess.run(["git", *args], check=True, **options).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
@@ -148,8 +138,7 @@ def data_hashes(preset: Preset) -> dict[str, str | None]:
 
 
 def new_provenance(run: Run) -> dict[str, Any]:
-    """What a run records before its first step: settings, command, git commit, packages, machine (the
-    CPU as carefully as the GPUs: results depend on its floating-point kernels)."""
+    """What a run records before its first step: settings, command, git commit, packages, machine."""
     import torch
 
     from .runtime import cpu_info
@@ -172,9 +161,6 @@ def _save(provenance: dict[str, Any], preset: Preset) -> None:
     write_text_atomic(json.dumps(provenance, indent=2, default=str), preset.run_path / paths.PROVENANCE)
 
 
-# ----------------------------------------------------------------------------- running
-
-
 @contextlib.contextmanager
 def run_lock(preset: Preset) -> Iterator[None]:
     """Hold an exclusive lock on the run folder; refuse clearly if another pipeline holds it."""
@@ -189,8 +175,7 @@ def run_lock(preset: Preset) -> Iterator[None]:
 
 
 def check_before_work(preset: Preset) -> None:
-    """Refuse, before anything is written, what a later step would fail on: more GPUs than this machine
-    has, or a data root without its label files (checked until ``index.csv`` exists)."""
+    """Refuse, before anything is written, more GPUs than there are, or a data root without labels."""
     from .launch import resolve_nproc
     from .sources import check_data_root
 
@@ -203,19 +188,15 @@ def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progr
     """Execute one notebook with papermill into ``output``."""
     import papermill
 
-    # Threads that sleep while waiting keep a loaded or small CPU usable (spinning OpenMP threads
-    # made small-image training 10-20x slower when other processes competed for the cores).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env_path = str(Path(sys.executable).parent)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting threads sleep: a shared CPU stays usable
+    env_path = str(Path(sys.executable).parent)  # torchrun, started by notebooks, from this environment
     if env_path not in os.environ.get("PATH", "").split(os.pathsep):
-        # Subprocesses started by notebooks (torchrun) must find this environment first.
         os.environ["PATH"] = env_path + os.pathsep + os.environ.get("PATH", "")
     try:
         papermill.execute_notebook(
             str(notebook), str(output), parameters=parameters, cwd=str(paths.NOTEBOOKS_DIR),
             kernel_name="python3", progress_bar=progress_bar, request_save_on_cell_execute=True,
-            # the kernel's own start-up warnings are noise here; cell errors are reported by papermill
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # the kernel's start-up warnings are noise
         )  # fmt: skip
     except papermill.PapermillExecutionError as error:
         raise PipelineError(
@@ -227,8 +208,7 @@ def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progr
 def run_step(
     run: Run, step: study.Step, resolution: int | None, progress_bar: bool, provenance: dict
 ) -> float:
-    """Execute one step, check that it wrote its outputs and record its provenance and fingerprint in the
-    executed notebook's metadata; returns its seconds."""
+    """Execute one step, check its outputs, record provenance and fingerprint in the executed notebook."""
     import nbformat
 
     notebook, parameters, fingerprint = step_settings(run, step, resolution)
@@ -340,9 +320,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     option = parser.add_argument
     option(
-        "--preset",
-        default="demo",
-        help="smoke, demo (default), phantom-gpu, kermany, mimic, nih, or a YAML file",
+        "--preset", default="demo", help="smoke, demo (default), phantom-gpu, kermany, mimic, nih, or YAML"
     )
     option("--data-root", help="folder of the data (MIMIC-CXR-JPG, CheXpert, NIH, Kermany, CSV images)")
     option("--resolutions", type=int, nargs="+", help="override the preset's resolutions")

@@ -174,35 +174,21 @@ def check_resolution(resolution: int, where: str = "resolution") -> int:
     return int(resolution)
 
 
-def resolve(
-    preset: str | os.PathLike | Preset = "demo",
-    *,
-    data_root: str | None = None,
-    resolutions: list[int] | None = None,
-    folds: list[int] | str | None = None,
-    gpus: int | str | None = None,
-    run_dir: str | None = None,
-    figures_dir: str | None = None,
-    device: str | None = None,
-    fold_split: str | None = None,
-) -> Preset:
-    """Load a preset and apply overrides (``None`` keeps the preset's value); ``device`` is
-    ``analysis.device``, ``fold_split`` the folds' ``split``; folders are made absolute."""
+def resolve(preset: str | os.PathLike | Preset = "demo", **overrides: Any) -> Preset:
+    """Load a preset and apply overrides (None: the preset's value): data_root, resolutions, folds, gpus,
+    run_dir, figures_dir, device (``analysis.device``), fold_split (``folds.split``)."""
     p = copy.deepcopy(preset) if isinstance(preset, Preset) else load_preset(preset)
-    if resolutions is not None:
-        p.resolutions = [int(r) for r in resolutions]
-    if folds is not None:
-        p.folds.train = folds if folds == "all" else [int(f) for f in folds]
-    folders = [(p.data, "root", data_root), (p, "run_dir", run_dir), (p, "figures_dir", figures_dir)]
-    for section, key, value in folders:
+    where = {"data_root": (p.data, "root"), "resolutions": (p, "resolutions"), "folds": (p.folds, "train"),
+             "gpus": (p.train, "gpus"), "run_dir": (p, "run_dir"), "figures_dir": (p, "figures_dir"),
+             "device": (p.analysis, "device"), "fold_split": (p.folds, "split")}  # fmt: skip
+    for key, value in overrides.items():
+        if key not in where:
+            raise TypeError(f"resolve() got an unknown override {key!r}; overrides are {list(where)}")
+        if key in ("data_root", "run_dir", "figures_dir") and value is not None:
+            value = str(Path(value).resolve())  # folders made absolute
+        elif key in ("resolutions", "folds") and value not in (None, "all"):
+            value = [int(v) for v in value]
         if value is not None:
-            setattr(section, key, str(Path(value).resolve()))
-    for section, key, value in [
-        (p.train, "gpus", gpus),
-        (p.analysis, "device", device),
-        (p.folds, "split", fold_split),
-    ]:
-        if value is not None:
-            setattr(section, key, value)
+            setattr(*where[key], value)
     validate(p)
     return p

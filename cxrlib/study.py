@@ -1,10 +1,6 @@
-"""The steps of the paper's study for one preset: what each numbered notebook runs, reads and writes.
-
-Each function takes a resolved preset, calls the modules that do the work and writes the artifacts, so a
-notebook cell is one call plus display, and a step runs (and is tested) without its notebook. A notebook
-starts with ``cfg = study.open_preset("<its step>", globals())``; :data:`STEPS` lists what each step
-reads and writes.
-"""
+"""The steps of the study for one preset: what each numbered notebook runs, reads (:data:`STEPS`) and
+writes. A notebook starts with ``cfg = study.open_preset("<its step>", globals())``; each cell is one call
+here plus display, so a step runs (and is tested) without its notebook."""
 
 from __future__ import annotations
 
@@ -86,15 +82,13 @@ OVERRIDES = ("data_root", "resolutions", "folds", "gpus", "run_dir", "figures_di
 
 
 class MissingInputError(FileNotFoundError):
-    """A notebook's input is missing: IPython (JupyterLab, papermill) shows the one-line message instead
-    of a traceback; "Run All" still stops at it and papermill fails the notebook."""
+    """A notebook's input is missing: IPython shows the one-line message, not a traceback."""
 
     def _render_traceback_(self) -> list[str]:
         return [str(self)]
 
 
-def shown_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the project when it is inside it (``runs/demo/index.csv``), else absolute."""
+def _shown(path: str | os.PathLike) -> str:
     path = Path(os.path.abspath(path))
     return str(path.relative_to(paths.PROJECT_ROOT) if path.is_relative_to(paths.PROJECT_ROOT) else path)
 
@@ -124,10 +118,10 @@ def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> 
             ) from None
     elif missing := missing_inputs(preset, step):
         command = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
-        command += f" --run-dir {shown_path(preset.run_dir)}" if preset.run_dir else ""
+        command += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
         path, writer = missing[0]
         raise MissingInputError(
-            f"{shown_path(path)} does not exist yet: run {command} (or notebook {writer} first)"
+            f"{_shown(path)} does not exist yet: run {command} (or notebook {writer} first)"
         )
 
 
@@ -144,9 +138,6 @@ def open_preset(step: str, parameters: dict[str, Any]) -> Preset:
     )
     print(f"artifacts in {cfg.run_path}, figures in {cfg.figures_path}")
     return cfg
-
-
-# ----------------------------------------------------------------------------- 00_data, 02_downscale
 
 
 def build_index(preset: Preset) -> pd.DataFrame:
@@ -191,21 +182,11 @@ def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
 def prepare_cache(preset: Preset, index: pd.DataFrame | None = None, progress: bool = True):
     """Write every image at every resolution of the preset into its cache; raise on unreadable images."""
     index, cache = read_index(preset.index_path) if index is None else index, preset.cache
-    report = build_cache(
-        index,
-        preset.cache_path,
-        preset.resolutions,
-        cache.workers,
-        cache.mode,
-        cache.format,
-        progress=progress,
-    )
+    options = (preset.cache_path, preset.resolutions, cache.workers, cache.mode, cache.format)
+    report = build_cache(index, *options, progress=progress)
     if not report.ok:
         raise RuntimeError(report.error_message())
     return report
-
-
-# ----------------------------------------------------------------------------- 03_train
 
 
 def training_processes(preset: Preset) -> int:
@@ -267,9 +248,6 @@ def train_resolution(
 def histories(preset: Preset, resolutions: list[int] | None = None) -> dict[tuple[int, int], pd.DataFrame]:
     """``history.csv`` of every trained (resolution, fold) that has one."""
     return read_histories(preset.run_path, resolutions or preset.resolutions, preset.trained_folds())
-
-
-# ----------------------------------------------------------------------------- 04_evaluate, 07_ensemble
 
 
 @dataclass
@@ -380,9 +358,6 @@ def cross_predictions(
     return path
 
 
-# ----------------------------------------------------------------------------- 05, 06: ERF and Grad-CAM
-
-
 def example_images(preset: Preset, dicom_ids: list[str], resolution: int) -> torch.Tensor:
     """uint8 ``[N, 1, R, R]`` cached images of ``dicom_ids`` at ``resolution``."""
     subset = load_data(preset)[0].set_index("dicom_id").loc[dicom_ids].reset_index()
@@ -479,9 +454,6 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
     return grid
 
 
-# ----------------------------------------------------------------------------- 08_throughput, 10_field_sweep
-
-
 def throughput(preset: Preset) -> pd.DataFrame:
     """Table 2 on the analysis device with the trainer's settings of each resolution (precision,
     memory_efficient, channels_last, cuDNN autotuning); writes ``tables/table2_throughput.csv``."""
@@ -493,11 +465,8 @@ def throughput(preset: Preset) -> pd.DataFrame:
             "channels_last": str(options.get("channels_last", "auto")), "index": index,
             "cudnn_benchmark": preset.train.cudnn_benchmark, "cache_dir": preset.cache_path,
         }  # fmt: skip
-        rows.append(
-            speeds.measure_throughput(
-                [resolution], device, steps=preset.analysis.throughput_steps, **settings
-            )
-        )
+        steps = preset.analysis.throughput_steps
+        rows.append(speeds.measure_throughput([resolution], device, steps=steps, **settings))
     frame = pd.concat(rows, ignore_index=True)
     speeds.write_table2(frame, preset.tables_path / "table2_throughput.csv")
     return frame
