@@ -1,11 +1,5 @@
-"""Expected time of each pipeline step on this machine, from a short calibration it keeps.
-
-:func:`calibrate` times a few training and inference steps of DenseNet121 at every resolution with
-the preset's own settings, in spawned children (on a CPU side by side, as torchrun's processes run),
-and keeps the rates in ``~/.cache/cxrlib/calibration.json`` (``CXR_CACHE_DIR``) per machine and
-setting. :func:`estimate` turns rates into seconds per step; :func:`forecast` prints the plan before
-the first training. How each step is modelled: docs/pipeline.md.
-"""
+"""Expected time of each pipeline step on this machine, from a short calibration it keeps in
+``~/.cache/cxrlib/calibration.json`` (``CXR_CACHE_DIR``); how each step is modelled: docs/pipeline.md."""
 
 from __future__ import annotations
 
@@ -216,10 +210,8 @@ def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[s
     left = sum(seconds for name, seconds in expected.items() if name not in done)
     ends = time.strftime("%H:%M", time.localtime(time.time() + left))
     total = clock(sum(done.get(name, seconds) for name, seconds in expected.items()))
-    print(
-        "\n".join(lines) + f"\n  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})",
-        flush=True,
-    )
+    lines.append(f"  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})")
+    print("\n".join(lines), flush=True)
     return expected
 
 

@@ -1,8 +1,4 @@
-"""Every artifact folder and file name of the project, in one place (docs/pipeline.md, "Artifacts").
-
-A run (``runs/<preset>/``) holds ``index.csv``, ``folds.csv``, ``tables/`` and one folder per
-trained (resolution, fold), ``res<R>/fold<k>/``, with :data:`FOLD_RESULTS` once its training is complete.
-"""
+"""Every artifact folder and file name of the project, in one place (docs/pipeline.md, "Artifacts")."""
 
 from __future__ import annotations
 

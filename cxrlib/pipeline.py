@@ -108,28 +108,6 @@ def states(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "state", "outputs", "seconds"])
 
 
-def git_commit() -> dict[str, Any]:
-    """The repository's commit and whether the working tree has uncommitted changes."""
-
-    def git(*args: str) -> str:
-        options = {"cwd": paths.PROJECT_ROOT, "capture_output": True, "text": True, "timeout": 10}
-        return subprocess.run(["git", *args], check=True, **options).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that decide the results."""
-    versions = {"python": platform.python_version(), "cxrlib": __version__}
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
-
-
 def data_hashes(preset: Preset) -> dict[str, str | None]:
     """SHA-256 of the index, the folds and the cache manifest (None where not written yet)."""
     files = {paths.INDEX: preset.index_path, paths.FOLDS: preset.folds_path}
@@ -143,12 +121,25 @@ def new_provenance(run: Run) -> dict[str, Any]:
 
     from .runtime import cpu_info
 
+    options = {"cwd": paths.PROJECT_ROOT, "capture_output": True, "text": True, "timeout": 10, "check": True}
+    try:
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], **options).stdout.strip())
+        git = {
+            "commit": subprocess.run(["git", "rev-parse", "HEAD"], **options).stdout.strip(),
+            "dirty": dirty,
+        }
+    except (OSError, subprocess.SubprocessError):
+        git = {"commit": None, "dirty": None}
+    versions = {"python": platform.python_version(), "cxrlib": __version__}
+    for name in PACKAGES:  # those that decide the results
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     machine = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
     return {
         "preset": run.arg, "settings": run.preset.to_dict(), "overrides": run.overrides, "started": _now(),
         "command": [Path(sys.executable).name, "-m", "cxrlib.pipeline", *sys.argv[1:]],
-        "git": git_commit(), "packages": package_versions(), "steps": {},
+        "git": git, "packages": versions, "steps": {},
         "machine": {**machine, "cpu": cpu_info(), "cuda_devices": gpus},
     }  # fmt: skip
 

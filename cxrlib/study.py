@@ -146,15 +146,9 @@ def build_index(preset: Preset) -> pd.DataFrame:
     if data.source == "phantom":
         ensure_phantom(preset.data_path, data.subjects, data.seed, data.max_size, **data.phantom_options)
     views = None if data.views == "all" else data.views
-    try:
-        index = index_from_source(
-            data.source, preset.data_path, data.csv, data.csv_options, data.policy, data.blank, views
-        )
-        return select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
-    except ValueError as error:
-        if str(error).startswith(("unknown data source", "data.csv must")):
-            raise ValueError(f"preset {preset.name!r}: {error}") from None
-        raise
+    options = (data.csv, data.csv_options, data.policy, data.blank, views)
+    index = index_from_source(data.source, preset.data_path, *options)
+    return select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
 
 
 def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -171,10 +165,7 @@ def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The preset's index and folds (the folds checked for leakage against the index)."""
-    for path in (preset.index_path, preset.folds_path):
-        if not path.is_file():
-            command = f"python -m cxrlib.pipeline --preset {preset.name}"
-            raise FileNotFoundError(f"{path} does not exist yet: run notebook 00_data first ({command})")
+    require_inputs(preset, "01_image_sizes")  # 00_data's index and folds
     index = read_index(preset.index_path)
     return index, splits.read_folds(preset.folds_path, index)
 

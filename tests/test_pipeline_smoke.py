@@ -159,7 +159,10 @@ def test_notebook_03_shows_the_recipe_the_trainer_used(smoke_run):
         history = pd.read_csv(paths.fold_dir(smoke_run.run_path, resolution, 0) / "history.csv")
         assert recipe["epochs (at most)"] == len(history) and recipe["training images (first fold)"] > 0
     executed = nbformat.read(smoke_run.run_path / "03_train_res32.ipynb", as_version=4)
-    shown = [o for c in executed.cells for o in c.outputs if "study.recipe(cfg, resolution)" in c.source]
+    cells = [
+        c for c in executed.cells if c.cell_type == "code" and "study.recipe(cfg, resolution)" in c.source
+    ]
+    shown = [output for cell in cells for output in cell.outputs]
     assert "learning rate (Table 1's rule)" in shown[0]["data"]["text/plain"]
 
 
