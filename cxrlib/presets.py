@@ -1,9 +1,6 @@
-"""Presets: named, complete settings of a study. A preset is data, never a code branch.
-
-``cxrlib/presets/defaults.yaml`` holds every setting with its default and meaning; a preset file
-(``cxrlib/presets/<name>.yaml``, or any YAML path) sets what differs, and :func:`resolve` applies
-command-line or papermill overrides. Sections read as attributes: ``preset.train.epochs``.
-"""
+"""Presets: named, complete settings of a study (data, never a code branch). ``presets/defaults.yaml``
+holds every setting with its default and meaning; a preset file sets what differs; :func:`resolve`
+applies overrides. Sections read as attributes: ``preset.train.epochs``."""
 
 from __future__ import annotations
 
