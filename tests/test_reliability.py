@@ -545,7 +545,7 @@ def test_a_second_pipeline_process_is_refused_while_the_first_holds_the_run_fold
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        lock = run / pipeline.STATE_DIR / "lock"
+        lock = run / pipeline.LOCK
         record = lock.read_text()
         assert record.startswith(f"pid {holder.pid} on ")
         assert (
@@ -555,7 +555,7 @@ def test_a_second_pipeline_process_is_refused_while_the_first_holds_the_run_fold
         error = capsys.readouterr().err
         assert error.startswith(f"error: another pipeline is running on {run} (pid {holder.pid} on ")
         assert lock.read_text() == record  # the refused run did not touch the holder's record ...
-        assert sorted(p.name for p in run.iterdir()) == [pipeline.STATE_DIR]  # ... nor wrote anything
+        assert sorted(p.name for p in run.iterdir()) == [pipeline.LOCK]  # ... nor wrote anything
         assert holder.poll() is None  # and the first one runs on
     finally:
         holder.stdin.close()
