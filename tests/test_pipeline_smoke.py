@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cxrlib import paths, study
-from cxrlib.datasets import read_index
+from cxrlib.index import read_index
 from cxrlib.labels import FINDINGS
 from cxrlib.pipeline import planned_steps, run_pipeline
 from cxrlib.presets import resolve
