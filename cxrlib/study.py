@@ -4,7 +4,6 @@ here plus display, so a step runs (and is tested) without its notebook."""
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -382,7 +381,6 @@ def trained_model(preset: Preset, resolution: int, fold: int | None = None, devi
     return load_trained_model(folder, map_location=device).to(device)
 
 
-@functools.cache
 def receptive_fields(preset: Preset, states=("init", "trained"), seed: int = 0, progress: bool = True):
     """ERF (eq. 1) per resolution on the same test images, at initialisation (``train.weights``) and after
     training, on the analysis device in float32; writes ``tables/erf.csv``."""

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib import field_sweep, metrics, paths, receptive_field, study, throughput
+from cxrlib import field_sweep, metrics, models, paths, receptive_field, study, throughput
 from cxrlib.fileio import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
@@ -219,7 +219,7 @@ def test_the_field_sweep_measures_each_erf_in_batches_that_fit_the_resolution(tm
         metrics, "bootstrap_auc_ci", lambda *args, **kw: dict(auc=1.0, ci_low=1.0, ci_high=1.0)
     )
     monkeypatch.setattr(metrics, "pairwise_delong", lambda *args: pd.DataFrame(columns=["resolution_a"]))
-    monkeypatch.setattr(study, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
+    monkeypatch.setattr(models, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
     batches = []
 
     def erf(model, images, **options):
