@@ -4,7 +4,7 @@ A checkpoint with one flipped weight bit; a full disk while writing the cache, a
 the index, the folds or a table; a damaged index and unreadable images met while indexing; a
 finding with one class in a test fold; wrong parameters given to ``python -m cxrlib.pipeline``;
 an infinite loss; a planted leaked subject met by every reader of ``folds.csv``; two pipelines
-on one run folder (two processes). The README's reliability table lists every scenario with its test.
+on one run folder (two processes). docs/reliability.md lists every scenario with its test.
 """
 
 import errno
