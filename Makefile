@@ -28,8 +28,8 @@ test: $(STAMP)  ## run the test suite (CPU)
 smoke: $(STAMP)  ## the whole pipeline on a tiny phantom, in about a minute
 	$(PY) -m cxrlib.pipeline --preset smoke
 
-lab: $(STAMP)  ## JupyterLab on notebooks/: prints the URL and what the notebooks read (LAB_ARGS: more flags)
-	$(PY) -m cxrlib.lab $(LAB_ARGS)
+lab: $(STAMP)  ## JupyterLab on notebooks/, after listing what the demo run has done (LAB_ARGS: more flags)
+	$(PY) -m cxrlib.pipeline --lab $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

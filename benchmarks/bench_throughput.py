@@ -3,7 +3,7 @@
 One run on one device measures, and prints in one table with the goals of the performance issue:
 
 * ``pipeline`` (per resolution, the trainer's per-GPU batch): training img/s model-only (a
-  synthetic uint8 batch already on the device) and end-to-end (:class:`cxrlib.datasets.CXRDataset`
+  synthetic uint8 batch already on the device) and end-to-end (:class:`cxrlib.cache.CXRDataset`
   from the cache through the trainer's DataLoader: its workers, pinned memory, persistent workers
   and prefetch), both through the trainer's own :func:`cxrlib.train.train_one_epoch` (flip and
   rotation on the device, normalisation, autocast, channels_last, masked BCE, Adam); the ratio
@@ -274,7 +274,7 @@ class Trainee:
 
 def synthetic_augmentation(batch: int):
     """Flip and angle draws for positions 0 .. batch-1, as the trainer draws them per epoch."""
-    from cxrlib.loaders import epoch_augmentation
+    from cxrlib.train import epoch_augmentation
 
     return epoch_augmentation(batch, 0, 1)
 
@@ -288,11 +288,11 @@ def trainer_batch(resolution: int, device, amp) -> int:
 
 
 def cache_loader(dataset, batch: int, batches: int, workers: int, device):
-    """The trainer's DataLoader (:func:`cxrlib.train.make_loader`) drawing ``batches`` full batches
+    """The trainer's DataLoader (:func:`cxrlib.models.make_loader`) drawing ``batches`` full batches
     at random, with replacement, from ``dataset``."""
     import torch
 
-    from cxrlib.loaders import make_loader
+    from cxrlib.models import make_loader
 
     sampler = torch.utils.data.RandomSampler(
         dataset, replacement=True, num_samples=batches * batch, generator=torch.Generator().manual_seed(0)
@@ -394,7 +394,7 @@ def measure_cache_build(index: pd.DataFrame, images: int, workers: int, work: Pa
 
 def measure_pipeline(resolution: int, dataset, device, amp, args, results: Results) -> None:
     """Model-only and end-to-end training and inference at one resolution (see module docs)."""
-    from cxrlib.loaders import PREFETCH_BATCHES, default_workers
+    from cxrlib.models import PREFETCH_BATCHES, default_workers
     from cxrlib.recipe import training_gib_per_image
 
     batch = args.batch_size or trainer_batch(resolution, device, amp)
@@ -422,7 +422,7 @@ def measure_pipeline(resolution: int, dataset, device, amp, args, results: Resul
         return {"img_s": rate, "peak_gib": peak, "reserved_gib": reserved, "estimate_gib": estimate}
 
     def train_end_to_end() -> dict:
-        from cxrlib.loaders import epoch_augmentation
+        from cxrlib.train import epoch_augmentation
 
         loader = cache_loader(dataset, batch, skip + train_steps, workers, device)
         rate = trainee.train(loader, batch, skip, train_steps, epoch_augmentation(len(dataset), 0, 1))
@@ -502,8 +502,7 @@ def saved_gib_per_image(resolution: int, batch: int, device, amp, memory_efficie
     """GiB per image of the tensors autograd saves for backward (distinct storages, counted once)."""
     import torch
 
-    from cxrlib.models import build_model
-    from cxrlib.runtime import autocast
+    from cxrlib.models import autocast, build_model
 
     model = build_model("none", memory_efficient=memory_efficient).to(device).train()
     storages: dict[int, int] = {}
@@ -813,8 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give --cache and --index together (or neither, for a phantom)")
     import torch
 
-    from cxrlib.datasets import CXRDataset, read_index
-    from cxrlib.runtime import algorithm_settings, amp_dtype
+    from cxrlib.cache import CXRDataset
+    from cxrlib.index import read_index
+    from cxrlib.models import algorithm_settings, amp_dtype
     from cxrlib.throughput import device_name
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -902,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compile_child(args: argparse.Namespace, device, amp, results: Results) -> int:
     """The child process of the ``compile`` part: compile and time each resolution, then exit."""
-    from cxrlib.runtime import algorithm_settings
+    from cxrlib.models import algorithm_settings
 
     with algorithm_settings(False):
         for resolution in args.resolutions:

@@ -49,9 +49,9 @@ import pandas as pd
 
 from cxrlib import metrics, study
 from cxrlib.fileio import write_csv_atomic
+from cxrlib.models import describe_cpu
 from cxrlib.phantom import COARSE_FINDINGS, FINE_FINDINGS
 from cxrlib.presets import Preset, resolve
-from cxrlib.runtime import describe_cpu
 
 LEARNED_AUC = 0.80  # a finding counts as learned at a resolution from this test AUC on
 LARGE_LOSS = -0.10  # a coarse finding "loses" when its interval reaches below this change

@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from cxrlib.cache import square_images
 from cxrlib.labels import FINDINGS, apply_policy, masked_bce_with_logits, targets_and_mask
+from cxrlib.models import model_input
 from cxrlib.phantom import COARSE_FINDINGS, FINE_FINDINGS, make_phantom
-from cxrlib.transforms import BatchTransform
+from cxrlib.train import MAX_ROTATION_DEGREES, rotate_flip_batch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,7 +107,7 @@ def load_data(args) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
     if missing:
         stacks = {r: np.zeros((len(meta), r, r), np.uint8) for r in missing}
         for i, path in enumerate(tqdm(meta["path"], desc="resize", unit="img")):
-            for r, image in square_images(path, missing).images.items():
+            for r, image in square_images(path, missing)[0].items():
                 stacks[r][i] = np.asarray(image)
         for r in missing:
             np.save(root / f"arrays_{r}.npy", stacks[r])
@@ -147,6 +148,15 @@ def fit_stacked_weights(val_probs: np.ndarray, val_labels: np.ndarray, epochs: i
     return torch.softmax(logits, dim=1).detach().numpy()
 
 
+def batch_transform(images, augment: bool = False, generator=None) -> torch.Tensor:
+    """uint8 batch -> normalised model input, flipped and rotated (draws from ``generator``) to augment."""
+    x = images.float().div_(255.0)
+    if augment:
+        angles = (torch.rand(len(x), generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
+        x = rotate_flip_batch(x, angles, torch.rand(len(x), generator=generator) < 0.5)
+    return model_input(x)
+
+
 def train_one(
     images, targets, masks, steps, batch, lr, seed, augment, probe=None
 ) -> tuple[torch.nn.Module, float]:
@@ -154,7 +164,6 @@ def train_one(
     torch.manual_seed(seed)
     model = torchvision.models.densenet121(weights=None, num_classes=len(FINDINGS))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    transform = BatchTransform(train=augment)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
     model.train()
@@ -165,7 +174,7 @@ def train_one(
             order, position = torch.randperm(len(images), generator=generator), 0
         idx = order[position : position + batch]
         position += batch
-        x = transform(images[idx], generator=generator)
+        x = batch_transform(images[idx], augment, generator)
         loss = masked_bce_with_logits(model(x), targets[idx], masks[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,8 +191,7 @@ def train_one(
 @torch.inference_mode()
 def predict(model, images, batch=32) -> np.ndarray:
     model.eval()
-    transform = BatchTransform(train=False)
-    out = [torch.sigmoid(model(transform(images[i : i + batch]))) for i in range(0, len(images), batch)]
+    out = [torch.sigmoid(model(batch_transform(images[i : i + batch]))) for i in range(0, len(images), batch)]
     return torch.cat(out).numpy()
 
 

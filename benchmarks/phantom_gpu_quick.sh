@@ -48,7 +48,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 import sys, warnings
 warnings.filterwarnings("ignore")
 from cxrlib import ensemble, metrics
-from cxrlib.datasets import read_index
+from cxrlib.index import read_index
 run, out, resolutions = sys.argv[1], sys.argv[2], [int(r) for r in sys.argv[3:]]
 index = read_index(f"{run}/index.csv")
 test = metrics.load_predictions(run, resolutions, [0], "test")

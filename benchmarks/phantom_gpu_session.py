@@ -120,17 +120,17 @@ def packed_files(preset) -> list[tuple[Path, str]]:
         files += [(p, f"figures/{p.relative_to(figures).as_posix()}") for p in sorted(figures.rglob("*.png"))]
     data = preset.data_path
     files += [(data / n, f"phantom/{n}") for n in ("phantom_truth.csv", "README.txt") if (data / n).is_file()]
-    return [(path, name) for path, name in files if path.name not in ("lock", ".lock")]
+    return [(path, name) for path, name in files if path.name not in (".pipeline.lock", ".lock")]
 
 
-def pack(run: tuple[str, Any, dict[str, Any]], out: Path, commit: str | None) -> Path:
+def pack(run, out: Path, commit: str | None) -> Path:
     """Write ``summary.md`` and ``phantom_gpu_session.tar.gz`` into ``out`` for ``run`` (the preset
     as the pipeline resolved it: :func:`cxrlib.pipeline.resolve_run`); the largest optional files are
     left out first if the archive would exceed 15 MiB. Returns the archive's path."""
-    preset = run[1]
+    preset = run.preset
     out.mkdir(parents=True, exist_ok=True)
     summary = out / "summary.md"
-    summary.write_text(summarize(*run, commit))
+    summary.write_text(summarize(run, commit))
     files = [*packed_files(preset), (summary, "summary.md")]
     optional = ("test_predictions_at", "phantom_truth.csv", "val_predictions", "test_predictions")
     archive = out / PACK_NAME
@@ -156,36 +156,31 @@ def _markdown(frame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def steps_table(preset_arg: str, preset, overrides: dict[str, Any]):
-    """Each planned step: its state (the pipeline's own test), its expected seconds (the latest
-    run's estimate, ``provenance.json``) and its measured seconds (the step's stamp)."""
+def steps_table(run):
+    """Each planned step: its state (the pipeline's own test), its expected seconds (the latest run's
+    estimate, ``provenance.json``) and its measured seconds (papermill's record in the executed notebook)."""
     import pandas as pd
 
     from cxrlib import paths, pipeline
 
-    def read(path: Path) -> dict:
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    expected = read(preset.run_path / paths.PROVENANCE).get("steps", {})
-    rows = []
-    for step, resolution in pipeline.planned_steps(preset):
-        name = step.name(resolution)
-        fingerprint = pipeline.step_settings(preset_arg, preset, overrides, step, resolution)[2]
-        state = pipeline.step_state(preset, step, resolution, fingerprint)
-        seconds = read(preset.run_path / pipeline.STATE_DIR / f"{name}.json").get("seconds")
-        planned = expected.get(name, {}).get("expected_seconds")
-        rows.append((name, state, *(f"{v:.0f}" if v is not None else "" for v in (planned, seconds))))
-    return pd.DataFrame(rows, columns=["step", "state", "expected s", "seconds"])
+    path = run.preset.run_path / paths.PROVENANCE
+    expected = json.loads(path.read_text()).get("steps", {}) if path.is_file() else {}
+    table = pipeline.states(run)
+    table["expected s"] = [expected.get(name, {}).get("expected_seconds") for name in table["step"]]
+    for column in ("expected s", "seconds"):
+        table[column] = [f"{v:.0f}" if pd.notna(v) else "" for v in table[column]]
+    return table[["step", "state", "expected s", "seconds"]]
 
 
-def summarize(preset_arg: str, preset, overrides: dict[str, Any], commit: str | None) -> str:
+def summarize(run, commit: str | None) -> str:
     """The run in short: each step's state and time, test AUC per finding and resolution with its
     interval, the paired lowest vs highest resolution tests, and the ERF after training."""
     import pandas as pd
 
+    preset = run.preset
     tables = preset.tables_path
     parts = [f"# {preset.name} session\n\ncommit {commit or '?'}; run folder {preset.run_path}\n"]
-    parts += ["\n## Steps\n", _markdown(steps_table(preset_arg, preset, overrides))]
+    parts += ["\n## Steps\n", _markdown(steps_table(run))]
     if (tables / "auc_bootstrap.csv").is_file():
         frame = pd.read_csv(tables / "auc_bootstrap.csv")
         frame["cell"] = [

@@ -1,13 +1,6 @@
-"""Distributed setup from the environment: torchrun's variables or SLURM's, nccl on GPUs, gloo on CPU.
-
-``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
-``srun`` without torchrun sets ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``; the
-job script must then export ``MASTER_ADDR`` (the first node) and ``MASTER_PORT``. With none of
-these, the process runs alone and no process group is created.
-
-The rank helpers work with or without a process group, so the same training code runs in
-one process and under torchrun. Nothing here changes global behaviour (no patched ``print``):
-callers guard their logging and file writes with :func:`is_main_process`.
+"""Distributed setup from torchrun's variables or SLURM's (nccl on GPUs, gloo on the CPU), and the
+collectives the trainer uses; alone (no process group) every helper is a no-op. docs/training.md
+has the launch commands (srun without torchrun: the job script exports MASTER_ADDR and MASTER_PORT).
 """
 
 from __future__ import annotations
@@ -20,9 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
-class DeviceError(RuntimeError):
-    """More processes on a node than it has GPUs."""
+from .fileio import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,32 +46,27 @@ def env_ranks(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group described by the environment and pick this process's device.
-
-    ``device``: ``None`` for ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; or an
-    explicit ``"cpu"``/``"cuda"``. A task started by srun without torchrun that sees one GPU
-    (``--gpus-per-task=1``) uses that GPU whatever its local rank. The backend is nccl for CUDA
-    and gloo for CPU. Raises :class:`DeviceError` when a process's local rank has no GPU of its own.
-    """
+    """Join the process group the environment describes, on ``cuda:LOCAL_RANK`` (``device`` None with
+    a GPU, or ``"cuda"``) or the CPU. A SLURM task that sees one GPU uses it whatever its local rank;
+    a local rank without a GPU of its own is a :class:`ConfigError`."""
     rank, world_size, local_rank = env_ranks()
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    slurm_task = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
+    torch_device = torch.device("cpu")
     if use_cuda:
         count = torch.cuda.device_count()
-        slurm_task = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
         index = 0 if slurm_task and count == 1 else local_rank
         if index >= count:
-            raise DeviceError(
+            raise ConfigError(
                 f"process with local rank {local_rank} needs GPU {local_rank}, but only {count} "
                 f"GPU(s) are visible: start at most {count} processes per node (--nproc_per_node)"
             )
         torch_device = torch.device("cuda", index)
         torch.cuda.set_device(torch_device)
-    else:
-        torch_device = torch.device("cpu")
     backend = None
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
-        if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        if slurm_task:
             os.environ.setdefault("RANK", str(rank))
             os.environ.setdefault("WORLD_SIZE", str(world_size))
             if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
@@ -103,16 +89,8 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
 
 
 def _store_for_this_attempt(store: dist.Store) -> dist.Store:
-    """The workers' store, with a prefix per restart when torchrun shares its agent's store.
-
-    A shared store (torchrun's default) outlives worker restarts (``--max-restarts``): without a
-    prefix per attempt, restarted workers would read the dead workers' addresses and never
-    connect. The restart count only agrees between the workers of one node, though: on several
-    nodes a node whose workers were restarted because another node failed counts no restart. So
-    several nodes need a fresh store per rendezvous round instead,
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (which :func:`cxrlib.launch.launch` sets), and then no
-    prefix is needed.
-    """
+    """The workers' store, with a prefix per restart (else restarted workers read the dead ones'
+    addresses) when torchrun shares its agent's store; several nodes need a fresh store per round."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return store
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
@@ -132,17 +110,9 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
 def is_main_process() -> bool:
     """Rank 0 (or the only process): the one that logs and writes files."""
-    return get_rank() == 0
+    return not is_dist() or dist.get_rank() == 0
 
 
 def barrier() -> None:
@@ -152,41 +122,29 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes in place and return it (unchanged when alone)."""
+    """Sum ``tensor`` over all processes in place and return it."""
     if is_dist():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_min(values: list[int]) -> list[int]:
-    """The element-wise minimum of ``values`` over all processes (``values`` when alone)."""
+    """The element-wise minimum of ``values`` over all processes."""
     if not is_dist():
         return list(values)
     nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    tensor = torch.tensor(
+        values, dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu"
+    )
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor.tolist()
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``tensor`` with rank ``src``'s value on every process (unchanged when alone)."""
+    """Overwrite ``tensor`` with rank ``src``'s value on every process."""
     if is_dist():
         dist.broadcast(tensor, src=src)
     return tensor
-
-
-def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``model`` wrapped in DistributedDataParallel on this process's device (keep ``model`` for saving)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Give every process rank 0's buffers (BatchNorm's running statistics, DDP's own rule)."""
-    for buffer in model.buffers():
-        broadcast_(buffer.data, src=0)
 
 
 def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -197,8 +155,7 @@ def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded = tensor.new_zeros((int(max(s.item() for s in sizes)), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)

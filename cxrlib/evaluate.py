@@ -1,21 +1,11 @@
 """External validation: a trained run scored on another data set, as papers report generalisation.
 
-``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` caches the other set at the
-run's resolutions, scores every trained model (each resolution and fold) and both scale ensembles
-of each fold with the weights 04_evaluate fitted on the run's own validation images (never fitted
-again on the other set), and writes, under ``runs/P/external/<name>/``:
-
-* ``auc.csv`` and ``table3.csv``: the same tables as the run's own, for the shared findings;
-* ``auc_bootstrap.csv``: patient-level bootstrap intervals of every (finding, model);
-* ``findings.csv``: each finding of the run's label set, its name in the other set, and whether it
-  was scored or left out (and why: not in the other set, one class only there, or never learned
-  because the run's own labels do not give both classes, as Kermany's 12 unknown findings).
-
-An image of the other set that cannot be read (truncated, corrupt, not an image) stops the command
-in one line naming it; with ``--drop-bad`` it is left out, named in one line, and the rest scored.
-
-Shared findings are those of both label sets under the same name, or the same finding under
-another name (NIH's Effusion is CheXpert's Pleural Effusion; :func:`cxrlib.labels.shared_findings`).
+``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` caches the other set at the run's
+resolutions, scores every trained model and both scale ensembles of each fold (with the weights
+04_evaluate fitted on the run's own validation images, never fitted again) and writes ``auc.csv``,
+``table3.csv``, ``auc_bootstrap.csv`` and ``findings.csv`` (each finding scored, or why not) under
+``runs/P/external/<name>/``. An unreadable image stops it in one line, or with ``--drop-bad`` is
+left out and named. Shared findings: docs/method.md, "External validation".
 """
 
 from __future__ import annotations
@@ -31,15 +21,13 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from .cache import CacheBuildError, build_cache
-from .datasets import CXRDataset
+from .cache import CacheBuildError, CXRDataset, build_cache
 from .ensemble import AVERAGE, STACKED, average_logits, ensemble_logits, stack_scales
 from .fileio import DataError, write_csv_atomic
 from .index import BASE_COLUMNS, index_findings, read_index
 from .labels import shared_findings
+from .models import amp_dtype, load_trained_model, resolve_device
 from .paths import BEST_MODEL, INDEX, TABLES
-from .predict import load_trained_model
-from .runtime import amp_dtype, resolve_device
 
 FOLD_WEIGHTS = "ensemble_weights_by_fold.csv"  # written by 04_evaluate: finding, resolution, fold, weight
 MEAN_WEIGHTS = "ensemble_weights.csv"  # the fold means, for runs evaluated before the file above
@@ -47,7 +35,7 @@ MEAN_WEIGHTS = "ensemble_weights.csv"  # the fold means, for runs evaluated befo
 
 @dataclass
 class External:
-    """What an external validation wrote (and returns): tables for the shared findings."""
+    """What an external validation wrote: tables for the shared findings."""
 
     out: Path
     auc: pd.DataFrame
@@ -58,12 +46,11 @@ class External:
 
     @property
     def left_out(self) -> list[str]:
-        """The run's findings the other set does not have."""
+        """The run's findings that are not scored."""
         return self.findings.loc[~self.findings["scored"], "finding"].tolist()
 
 
-def trained_models(run: Path) -> dict[tuple[int, int], Path]:
-    """``{(resolution, fold): folder}`` of every ``res<R>/fold<k>/best_model.pt`` of a run."""
+def _trained_models(run: Path) -> dict[tuple[int, int], Path]:
     found = {}
     for model in sorted(run.glob(f"res*/fold*/{BEST_MODEL}")):
         resolution, fold = model.parent.parent.name[3:], model.parent.name[4:]
@@ -91,52 +78,42 @@ def finding_table(run_index: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
             reason = "not in the other set's label set"
         elif other[name].isna().all():
             reason = "the other set never labels it (every image unknown)"
-        elif not _both_classes(other[name]):
-            reason = "the other set has only one class of it"
         else:
-            reason = ""
+            reason = "" if _both_classes(other[name]) else "the other set has only one class of it"
         rows.append((finding, name, reason == "", reason))
     return pd.DataFrame(rows, columns=["finding", "other_name", "scored", "reason"])
 
 
-def fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: int) -> np.ndarray | None:
-    """The fitted stacked-ensemble weights ``[findings, resolutions]`` of one fold (the fold means
-    for a run that kept only those; None when the run has no fitted ensemble)."""
+def _fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: int) -> np.ndarray | None:
     by_fold, mean = run / TABLES / FOLD_WEIGHTS, run / TABLES / MEAN_WEIGHTS
-    if by_fold.is_file():
-        table = pd.read_csv(by_fold)
-        table = table[table["fold"] == fold]
-    elif mean.is_file():
-        table = pd.read_csv(mean)
-    else:
+    if not (by_fold.is_file() or mean.is_file()):
         return None
+    table = pd.read_csv(by_fold).query("fold == @fold") if by_fold.is_file() else pd.read_csv(mean)
     grid = table.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
     try:
         return np.array(grid.loc[findings, resolutions], dtype=float)  # a writable copy
     except KeyError:
-        return None  # fitted for other resolutions or findings than the models here
+        return None
 
 
 def score_models(
     models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int | None
 ) -> dict[tuple[int, int], pd.DataFrame]:
     """Logits of every model on ``frame`` (the other set, with the run's finding columns); batches
-    of ``batch_size`` images (default :func:`cxrlib.predict.inference_batch` of the resolution)."""
-    from .loaders import default_workers
-    from .predict import inference_batch, predict_logits
+    of ``batch_size`` images (default :func:`cxrlib.models.inference_batch` of the resolution)."""
+    from .models import default_workers, inference_batch, predict_logits
 
     scores, workers = {}, default_workers(device, local_world_size=1)
     for (resolution, fold), folder in models.items():
         model = load_trained_model(folder, map_location=device).to(device)
-        dataset = CXRDataset(frame, resolution, cache)
         batch = batch_size or inference_batch(resolution)
+        dataset = CXRDataset(frame, resolution, cache)
         table = predict_logits(model, dataset, batch, device, amp_dtype(device), workers)
         scores[(resolution, fold)] = table.set_index("dicom_id")
     return scores
 
 
-def add_ensembles(run: Path, scores: dict, findings: list[str]) -> dict:
-    """Both scale ensembles of each fold from its models' logits, with the run's fitted weights."""
+def _add_ensembles(run: Path, scores: dict, findings: list[str]) -> dict:
     out = dict(scores)
     for fold in sorted({f for _, f in scores}):
         resolutions = sorted(r for r, f in scores if f == fold)
@@ -144,7 +121,7 @@ def add_ensembles(run: Path, scores: dict, findings: list[str]) -> dict:
             continue
         ids, logits = stack_scales({r: scores[(r, fold)] for r in resolutions}, resolutions)
         out[(AVERAGE, fold)] = pd.DataFrame(average_logits(logits), index=ids, columns=findings)
-        weights = fold_weights(run, findings, resolutions, fold)
+        weights = _fold_weights(run, findings, resolutions, fold)
         if weights is not None:
             out[(STACKED, fold)] = pd.DataFrame(ensemble_logits(logits, weights), index=ids, columns=findings)
     return out
@@ -161,16 +138,14 @@ def evaluate_external(
     workers: int | None = None,
     drop_bad: bool = False,
 ) -> External:
-    """Score the run's models and ensembles on the data set of ``index``; write the tables (see the
-    module docs) under ``out`` (default ``<run>/external/<the index's folder name>``). Unreadable
-    images raise :class:`~cxrlib.cache.CacheBuildError`, or with ``drop_bad`` are left out."""
+    """Score the run's models and ensembles on the data set of ``index`` and write the tables."""
     run, index = Path(run), Path(index)
     run_index, other = read_index(run / INDEX), read_index(index)
     ours = index_findings(run_index)
     out = Path(out) if out else run / "external" / index.resolve().parent.name
     if not finding_table(run_index, other)["scored"].any():
         raise DataError(f"{index}: shares no finding with both classes with the run {run} ({ours})")
-    models = trained_models(run)
+    models = _trained_models(run)
     cache = Path(cache) if cache else out / "cache"
     resolutions = sorted({r for r, _ in models})
     report = build_cache(other, cache, resolutions, workers=workers, drop_bad=drop_bad, progress=False)
@@ -178,41 +153,33 @@ def evaluate_external(
     findings = finding_table(run_index, other)
     scored = findings[findings["scored"]]
     frame = other[list(BASE_COLUMNS)].assign(**{f: np.nan for f in ours})
-    scores = score_models(models, frame, cache, resolve_device(device), batch_size)
-    scores = add_ensembles(run, scores, ours)
+    scores = _add_ensembles(run, score_models(models, frame, cache, resolve_device(device), batch_size), ours)
     keep = scored["finding"].tolist()
     labels = other[list(BASE_COLUMNS)].assign(
         **{f: other[n] for f, n in zip(keep, scored["other_name"], strict=True)}
     )
-    predictions = {key: frame_[keep] for key, frame_ in scores.items()}
+    predictions = {key: scores_[keep] for key, scores_ in scores.items()}
     auc = metrics.auc_table(predictions, labels)
     bootstrap = metrics.bootstrap_table(predictions, labels, n_boot=n_boot)
     result = External(out, auc, metrics.table3(auc), bootstrap, findings, report.errors)
-    for name, table in (("auc", auc), ("table3", result.table3), ("auc_bootstrap", bootstrap)):
+    tables = {"auc": auc, "table3": result.table3, "auc_bootstrap": bootstrap, "findings": findings}
+    for name, table in tables.items():
         write_csv_atomic(table, out / f"{name}.csv")
-    write_csv_atomic(findings, out / "findings.csv")
     return result
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--run", type=Path, required=True, help="a trained run folder (runs/<preset>)")
-    parser.add_argument("--index", type=Path, required=True, help="index.csv of the other data set")
-    parser.add_argument("--out", type=Path, help="tables folder (default <run>/external/<index folder>)")
-    parser.add_argument("--cache", type=Path, help="image cache of the other set (default <out>/cache)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, help="images per batch (default: 64 up to 512 px, fewer above)"
-    )
-    parser.add_argument("--workers", type=int, help="cache processes (default: every CPU)")
-    parser.add_argument(
-        "--drop-bad", action="store_true", help="leave unreadable images out (default: stop, naming them)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--run", type=Path, required=True, help="a trained run folder (runs/<preset>)")
+    add("--index", type=Path, required=True, help="index.csv of the other data set")
+    add("--out", type=Path, help="tables folder (default <run>/external/<index folder>)")
+    add("--cache", type=Path, help="image cache of the other set (default <out>/cache)")
+    add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add("--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)")
+    add("--batch-size", type=int, help="images per batch (default: 64 up to 512 px, fewer above)")
+    add("--workers", type=int, help="cache processes (default: every CPU)")
+    add("--drop-bad", action="store_true", help="leave unreadable images out (default: stop, naming them)")
     return parser
 
 
@@ -233,17 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.dropped.itertuples():
         print(f"left out: unreadable image {row.source_path}: {row.error}", file=sys.stderr)
     print(f"wrote {result.out}: auc.csv, table3.csv, auc_bootstrap.csv, findings.csv")
-    scored = result.findings[result.findings["scored"]]
-    print(
-        f"scored ({len(scored)}): "
-        + ", ".join(f"{a} ({b})" if a != b else a for a, b in scored[["finding", "other_name"]].values)
-    )
+    scored = result.findings[result.findings["scored"]][["finding", "other_name"]].values
+    print(f"scored ({len(scored)}): " + ", ".join(a if a == b else f"{a} ({b})" for a, b in scored))
     for row in result.findings[~result.findings["scored"]].itertuples():
         print(f"left out: {row.finding}: {row.reason}")
-    table = result.table3
-    shown = [c for c in table.columns if not c.endswith(("_mean", "_std", "_n_folds"))]
+    shown = [c for c in result.table3.columns if not c.endswith(("_mean", "_std", "_n_folds"))]
     print("test AUC in percent (mean ± std over folds):")
-    print(table[shown].to_string(index=False))
+    print(result.table3[shown].to_string(index=False))
     return 0
 
 

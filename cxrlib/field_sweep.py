@@ -1,20 +1,9 @@
-"""What makes coarse findings fail at a higher resolution? Arms that each change one thing.
+"""What makes coarse findings fail at a higher resolution? Arms that each change one thing (notebook 10).
 
-In a resolution sweep, coarse, relational findings (Cardiomegaly: heart width over chest width)
-can lose AUC at the top resolution while fine ones gain. Three explanations fit such a loss: the
-**field** (the paper's: the effective receptive field covers less of the chest), the **training
-budget** (the same optimizer steps go less far on 4x more pixels) and **competition** (the fine
-findings, learnable only there, take over the shared features). Here the resolution, the images,
-the fold and the recipe stay the top resolution's, and each arm changes one thing from the plain
-model (the ``baseline``): a wider field, more steps, or only the coarse findings to learn. An arm
-that brings the coarse findings back while the fine ones hold points at its explanation.
-
-An arm is a name and its trainer options (``field_sweep.arms`` of the preset:
-:class:`cxrlib.presets.FieldSweepConfig`). :func:`arm_folders` says where each arm's training lives
-(the baseline may be another preset's run: ``field_sweep.reuse``), :func:`train_arms` trains the
-missing ones, :func:`sweep_table` scores them (test AUC with a patient-bootstrap interval, the ERF
-after training, paired clustered DeLong tests of every arm against the baseline) and
-:func:`resolution_sweep` reads the matching numbers of a resolution sweep for the same figure.
+At the sweep's resolution, with its images, fold and recipe, each arm (``field_sweep.arms`` of the
+preset: a name and its trainer options) changes one thing from the plain model, the ``baseline``: a
+wider field, more steps, or only the coarse findings to learn. The question, the arms and their
+results: docs/coarse_findings.md.
 """
 
 from __future__ import annotations
@@ -27,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import datasets, metrics, paths
+from . import metrics, paths
 from .fileio import sha256_file, sidecar_path, write_csv_atomic
+from .index import read_index, select_findings, write_index
 from .presets import BASELINE_ARM, Preset
 from .run_folder import list_checkpoints
 
@@ -41,24 +31,19 @@ def sweep_resolution(preset: Preset) -> int:
     return int(preset.field_sweep.resolution or max(preset.resolutions))
 
 
-def reusable(folder: Path, preset: Preset) -> bool:
-    """A finished plain training in ``folder`` made from this preset's index and folds."""
-    done = folder / paths.DONE
-    if not done.is_file():
+def _reusable(folder: Path, preset: Preset) -> bool:
+    # a finished plain training made from this preset's index, folds and seed
+    if not (folder / paths.DONE).is_file() or not (folder / paths.BEST_MODEL).is_file():
         return False
-    record = json.loads(done.read_text())
-    fingerprint = record.get("fingerprint", {})
-    same_data = fingerprint.get("index_sha256") == sha256_file(preset.index_path) and fingerprint.get(
-        "folds_sha256"
-    ) == sha256_file(preset.folds_path)
-    plain = fingerprint.get("tiles", 1) == 1 and not fingerprint.get("global_context", False)
-    seed = fingerprint.get("seed", 0) == preset.train.options.get("seed", 0)
-    return same_data and plain and seed and (folder / paths.BEST_MODEL).is_file()
+    made = json.loads((folder / paths.DONE).read_text()).get("fingerprint", {})
+    same_data = made.get("index_sha256") == sha256_file(preset.index_path)
+    same_data = same_data and made.get("folds_sha256") == sha256_file(preset.folds_path)
+    plain = made.get("tiles", 1) == 1 and not made.get("global_context", False)
+    return same_data and plain and made.get("seed", 0) == preset.train.options.get("seed", 0)
 
 
 def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
-    """Each arm's training folder by name: the reused run's for the baseline when it is
-    :func:`reusable`, else this preset's own (``res<R>/fold<k>``, ``res<R>-<arm>/fold<k>``)."""
+    """Each arm's training folder (the baseline's may be another preset's finished run: ``reuse``)."""
     resolution = sweep_resolution(preset)
     folders = {
         arm: paths.variant_dir(preset.run_path, resolution, fold, arm) for arm in preset.field_sweep.arms
@@ -66,25 +51,22 @@ def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
     if preset.field_sweep.reuse:
         reused = paths.fold_dir(preset.field_sweep.reuse, resolution, fold)
         reused = reused if reused.is_absolute() else paths.PROJECT_ROOT / reused
-        if reusable(reused, preset):
+        if _reusable(reused, preset):
             folders[BASELINE_ARM] = reused
     return folders
 
 
-def arm_index(preset: Preset, arm: str, folder: Path) -> Path:
-    """The index an arm trains on: the preset's, or (``findings``) a copy with only those findings."""
+def _arm_index(preset: Preset, arm: str, folder: Path) -> Path:
+    # the preset's index, or (``findings``) a copy with only those findings
     findings = preset.field_sweep.arms[arm].get("findings")
     if findings is None:
         return preset.index_path
-    path = folder.parent / paths.INDEX
-    index = datasets.select_findings(datasets.read_index(preset.index_path), findings, f"arm {arm!r}")
-    datasets.write_index(index, path)
-    return path
+    index = select_findings(read_index(preset.index_path), findings, f"arm {arm!r}")
+    return write_index(index, folder.parent / paths.INDEX)
 
 
-def start_from(source: Path, folder: Path) -> None:
-    """Copy ``source``'s newest checkpoint and best model into an unstarted ``folder``: the trainer
-    then continues that training (same weights, optimizer, schedule and random state)."""
+def _start_from(source: Path, folder: Path) -> None:
+    # the newest checkpoint and best model into an unstarted folder: the trainer continues that training
     if list_checkpoints(folder) or (folder / paths.DONE).is_file():
         return
     checkpoints = list_checkpoints(source)
@@ -108,13 +90,15 @@ def train_arms(preset: Preset, fold: int, echo: bool = True) -> dict[str, Path]:
             continue  # another preset's finished run: read, never written
         settings = preset.field_sweep.arms[arm]
         if settings.get("continue_from"):
-            start_from(folders[settings["continue_from"]], folder)
-        options = {k: v for k, v in settings.items() if k not in OWN_KEYS}
+            _start_from(folders[settings["continue_from"]], folder)
+        options = {
+            **preset.train_options(resolution),
+            **{k: v for k, v in settings.items() if k not in OWN_KEYS},
+        }
         launch(
-            resolution, fold, run_dir=preset.run_path, index=arm_index(preset, arm, folder),
+            resolution, fold, run_dir=preset.run_path, index=_arm_index(preset, arm, folder),
             folds=preset.folds_path, cache=preset.cache_path, gpus=processes, nnodes=preset.train.nnodes,
-            echo=echo, cache_format=preset.cache.format, out=folder,
-            **{**preset.train_options(resolution), **options},
+            echo=echo, cache_format=preset.cache.format, out=folder, **options,
         )  # fmt: skip
     return folders
 
@@ -129,18 +113,11 @@ class Sweep:
 
 
 def sweep_table(
-    preset: Preset,
-    folders: dict[str, Path],
-    index: pd.DataFrame,
-    test_ids: list[str],
-    images: torch.Tensor,
+    preset: Preset, folders: dict[str, Path], index: pd.DataFrame, test_ids: list[str], images: torch.Tensor,
     device: torch.device,
-) -> Sweep:
-    """Test AUC (patient-bootstrap 95% interval) on ``test_ids``, the ERF after training (on
-    ``images``, uint8 at the arms' resolution) and paired clustered DeLong tests of every arm against
-    the baseline on the coarse and fine findings, corrected over that family; writes
-    ``tables/field_sweep.csv`` and ``field_sweep_delong.csv``."""
-    from .predict import load_trained_model
+) -> Sweep:  # fmt: skip
+    """Test AUC with intervals, the ERF and DeLong tests against the baseline per arm; writes the tables."""
+    from .models import load_trained_model
     from .receptive_field import default_erf_batch, effective_receptive_field
 
     subject = index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str)
@@ -148,12 +125,8 @@ def sweep_table(
     for arm, folder in folders.items():
         scores = scored[arm] = metrics.read_predictions(folder / paths.PREDICTIONS["test"], test_ids)
         model = load_trained_model(folder, map_location=device).to(device)
-        erfs[arm] = effective_receptive_field(
-            model,
-            images,
-            generator=torch.Generator().manual_seed(0),
-            batch_size=default_erf_batch(*images.shape[-2:]),
-        )
+        batch, generator = default_erf_batch(*images.shape[-2:]), torch.Generator().manual_seed(0)
+        erfs[arm] = effective_receptive_field(model, images, generator=generator, batch_size=batch)
         labels = metrics.labels_for(index, scores.index, scores.columns)
         groups = subject.loc[scores.index].to_numpy()
         for finding in scores.columns:
@@ -163,36 +136,31 @@ def sweep_table(
             rows.append(
                 (arm, erfs[arm].fraction90, finding, ci["auc"], ci["ci_low"], ci["ci_high"], n_pos, n_neg)
             )
-    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
-    delong = against_baseline(preset, scored, index)
+    table, delong = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS)), _against_baseline(preset, scored, index)
     write_csv_atomic(table, preset.tables_path / "field_sweep.csv")
     write_csv_atomic(delong, preset.tables_path / "field_sweep_delong.csv")
     return Sweep(table, delong, erfs)
 
 
-def against_baseline(preset: Preset, scored: dict[str, pd.DataFrame], index: pd.DataFrame) -> pd.DataFrame:
-    """Clustered DeLong test of each arm against the baseline (``diff`` = arm - baseline) per coarse
-    and fine finding the arm predicts; Holm and Benjamini-Hochberg over all of these tests."""
-    studied = [*preset.field_sweep.coarse, *preset.field_sweep.fine]
-    base, tables = scored[BASELINE_ARM], []
+def _against_baseline(preset: Preset, scored: dict[str, pd.DataFrame], index: pd.DataFrame) -> pd.DataFrame:
+    # each arm against the baseline (diff = arm - baseline) per coarse and fine finding, one family
+    studied, base, tables = [*preset.field_sweep.coarse, *preset.field_sweep.fine], scored[BASELINE_ARM], []
     for arm, scores in scored.items():
         shared = [f for f in studied if f in scores.columns and f in base.columns]
-        if arm == BASELINE_ARM or not shared:
-            continue
-        table = metrics.delong_findings(scores[shared], base.loc[scores.index, shared], index)
-        tables.append(table.assign(arm=arm).rename(columns={"auc_a": "auc_arm", "auc_b": "auc_baseline"}))
+        if arm != BASELINE_ARM and shared:
+            table = metrics.delong_findings(scores[shared], base.loc[scores.index, shared], index)
+            tables.append(table.rename(columns={"auc_a": "auc_arm", "auc_b": "auc_baseline"}).assign(arm=arm))
     if not tables:
         return pd.DataFrame()
     delong = pd.concat(tables, ignore_index=True)
-    delong = delong[["arm", *[c for c in delong.columns if c != "arm"]]]
+    delong = delong[["arm", *delong.columns[:-1]]]
     return metrics.correct_family(
         delong, f"{len(tables)} arms vs {BASELINE_ARM} x the coarse and fine findings"
     )
 
 
 def resolution_sweep(run: str | Path | None) -> pd.DataFrame | None:
-    """A resolution sweep's per-finding test AUC (mean over its folds) beside its ERF after training
-    (``tables/auc.csv`` and ``erf.csv`` of ``run``), or None when that run has not made them."""
+    """A resolution sweep's per-finding mean test AUC beside its trained ERF, None before it has them."""
     if run is None:
         return None
     tables = paths.tables_dir(run if Path(run).is_absolute() else paths.PROJECT_ROOT / run)
@@ -200,8 +168,9 @@ def resolution_sweep(run: str | Path | None) -> pd.DataFrame | None:
         return None
     auc = pd.read_csv(tables / "auc.csv")
     auc = auc[pd.to_numeric(auc["resolution"], errors="coerce").notna()].astype({"resolution": int})
-    erf = pd.read_csv(tables / "erf.csv")
-    erf = erf[erf["state"] == "trained"][["resolution", "erf_fraction_of_image"]]
     mean = auc.groupby(["resolution", "finding"], as_index=False)["auc"].mean()
-    merged = mean.merge(erf.rename(columns={"erf_fraction_of_image": "erf_fraction"}), on="resolution")
-    return merged[["resolution", "erf_fraction", "finding", "auc"]]
+    erf = pd.read_csv(tables / "erf.csv").query("state == 'trained'")
+    erf = erf[["resolution", "erf_fraction_of_image"]].rename(
+        columns={"erf_fraction_of_image": "erf_fraction"}
+    )
+    return mean.merge(erf, on="resolution")[["resolution", "erf_fraction", "finding", "auc"]]

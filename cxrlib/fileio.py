@@ -1,9 +1,8 @@
-"""Files a later step trusts: atomic writes, verified ``torch`` files, one-line data errors, a lock.
+"""Files a later step trusts: atomic writes, verified ``torch`` files, one-line errors, a folder lock.
 
 A write goes to a temporary file in the same folder, fsynced, then renamed over the target: a crash
 or a full disk leaves the previous file. :func:`save_verified` adds a sidecar with the size and
-SHA-256 that :func:`load_verified` checks before ``torch.load(weights_only=True)``, so a damaged
-file is detected and a planted pickle never runs (docs/training.md, "Files in ``--out``").
+SHA-256 that :func:`load_verified` checks before ``torch.load(weights_only=True)`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import torch
 
 
 class DataError(ValueError):
-    """An input file that cannot be used, from every reader; the message is one line naming the file
-    (and the column and CSV line where there is one). Anything else escaping a reader is a bug."""
+    """An input file that cannot be used; one line naming the file (and column and CSV line)."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
@@ -38,10 +36,22 @@ class DataFileNotFound(DataError, FileNotFoundError):
     """A file an input names, or the input itself, is not there."""
 
 
+class ConfigError(ValueError):
+    """A parameter or input file is wrong; raised before any work starts."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing its sidecar, damaged, or not a safe (weights-only) file."""
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of a folder this one wants to write."""
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``. On any
-    exception ``path`` is left untouched, and an OS error naming no file (a full disk) names ``path``.
+    """A temporary file next to ``path``, fsynced and renamed to ``path`` on success; on any exception
+    ``path`` is untouched, and an OS error naming no file (a full disk) names ``path``.
     ``fsync=False``: atomic but not durable across a power cut (the image cache's many small files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,18 +86,17 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
+        while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def read_header(path: str | os.PathLike) -> list[str]:
-    """The column names of a CSV file (its first line), read without pandas; a one-line
-    :class:`DataError` when it has none or two columns share a name."""
+    """A CSV file's column names; a :class:`DataError` when it has none or two share a name."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as handle:
@@ -105,8 +114,7 @@ def read_header(path: str | os.PathLike) -> list[str]:
 
 
 def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
-    """``pandas.read_csv`` whose failures (bad quoting, ragged rows, bytes that are not UTF-8) become
-    one :class:`DataError` naming the file and, where pandas says, the line."""
+    """``pandas.read_csv`` whose failures become one :class:`DataError` naming the file."""
     path = Path(path)
     try:
         return pd.read_csv(path, **options)
@@ -118,18 +126,13 @@ def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
         raise DataError(f"{path}: cannot read it as CSV: {error}") from None
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing its sidecar, damaged, or not a safe (weights-only) file."""
-
-
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON file next to ``path`` that records its size and SHA-256."""
     return Path(f"{path}.json")
 
 
 def _fsync_dir(folder: Path) -> None:
-    # A rename survives a power cut once the folder entry is on disk (not possible on every OS).
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # a rename survives a power cut once the folder is on disk
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -152,8 +155,8 @@ def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = Non
 
 
 def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a file written by :func:`save_verified` once its size and SHA-256 match the sidecar, with
-    ``torch.load(weights_only=True)``; else a :class:`CheckpointError` naming the file."""
+    """A :func:`save_verified` file, loaded with ``weights_only=True`` once its size and SHA-256 match
+    the sidecar; else a :class:`CheckpointError` naming the file."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.is_file():
@@ -179,14 +182,10 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
         ) from error
 
 
-class FolderBusyError(RuntimeError):
-    """Another process holds the lock of a folder this one wants to write."""
-
-
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` for the block, or raise :class:`FolderBusyError`
-    naming the holder (pid, host, start time). The OS releases it when the holder dies, even by SIGKILL."""
+    naming the holder (pid, host, start). The OS releases it when the holder dies, even by SIGKILL."""
     import fcntl
 
     lock_path = Path(lock_path)

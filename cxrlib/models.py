@@ -1,49 +1,46 @@
-"""DenseNet121 with one logit per finding: ImageNet weights, a local weights file, or random init.
-
-The paper trains torchvision's DenseNet121 (first from scratch, then better from ImageNet
-weights) with a 14-output classifier. :func:`build_model` gives that network:
-
-* ``weights="imagenet"``: torchvision's ``DenseNet121_Weights.IMAGENET1K_V1``. They download
-  into torch hub's cache when a network is there; without one, :class:`WeightsUnavailableError`
-  says which file to place where (or to pass ``--weights none`` or a local path).
-* ``weights="none"``: random initialisation (the CPU presets and the tests).
-* ``weights=PATH``: a local state dict, ours (``best_model.pt``, a training checkpoint) or
-  torchvision's file; loaded with ``torch.load(..., weights_only=True)``, so a file that
-  would run code when unpickled is refused. A classifier of another shape (ImageNet's 1000
-  classes) is replaced by a freshly initialised one.
-
-``memory_efficient=True`` is torchvision's gradient checkpointing inside the dense blocks:
-less activation memory at high resolution for some recomputation. The recomputation in the
-backward pass runs each layer's first BatchNorm again in training mode; here it leaves the
-running statistics as the forward pass left them (:class:`_DenseLayer`), so a model trained with
-the option has the statistics, and gives the predictions, of one trained without it.
-
-The head (ReLU, global average pooling, classifier) always computes in float32, also under
-bf16 or fp16 autocast (:class:`DenseNet121`): the features keep the speed of mixed precision,
-while the logits that validation, prediction files, metrics and the ensemble read keep float32
-precision. A bf16 logit has 3 significant digits (spacing 0.03 between 4 and 8), which would
-turn thousands of test images into artificial ties.
+"""DenseNet121 with one logit per finding, where and in which precision it runs, and its predictions:
+the network, device and precision choices, :func:`model_input` (gray image -> model input), the
+loaders and the logits of a trained model at any resolution (docs/training.md, "The network").
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import contextlib
+import functools
+import json
 import os
+import platform
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
 from torchvision.models import densenet
+from tqdm.auto import tqdm
 
-from .labels import NUM_FINDINGS
+from . import paths
+from .cache import CXRDataset, collate_skip_none
+from .fileio import CheckpointError, ConfigError, load_verified, write_csv_atomic
+from .index import read_index
+from .labels import FINDINGS, NUM_FINDINGS
+from .splits import fold_ids, read_folds
 
 WEIGHT_CHOICES = ("imagenet", "none")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INFERENCE_BATCH_PIXELS = 64 * 512 * 512
+PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead, at most
+LOADER_SHARED_BYTES = 2**30  # of shared memory one loader's prepared batches may hold, per process
 # torchvision's old DenseNet files name layers "norm.1"; the module is "norm1" today.
 _OLD_DENSELAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
@@ -54,21 +51,9 @@ class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the torch hub cache nor downloadable."""
 
 
-def imagenet_weights_file() -> Path:
-    """Where torch hub keeps torchvision's DenseNet121 ImageNet weights (``densenet121-a639ec97.pth``)."""
-    url = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
 class TiledFeatures(nn.Sequential):
-    """DenseNet's feature layers applied to each of ``tiles x tiles`` non-overlapping tiles of the
-    image on its own; the tiles' feature maps are put back side by side (a mosaic).
-
-    No feature can see beyond its tile, so the receptive field is limited to the tile while the
-    network, the resolution and the pixel size stay what they are: the field alone changes. The
-    layers and their state dict keys are the plain model's; the head pools the mosaic, i.e. over
-    all tiles. Grad-CAM and the ERF read the mosaic like any feature map.
-    """
+    """DenseNet's feature layers applied to each of ``tiles x tiles`` tiles of the image on its own,
+    the tiles' maps put back side by side: the receptive field ends at the tile, nothing else changes."""
 
     def __init__(self, features: nn.Sequential, tiles: int):
         super().__init__(collections.OrderedDict(features.named_children()))
@@ -115,12 +100,9 @@ class _DenseLayer(densenet._DenseLayer):
 
 
 class GlobalContext(nn.Module):
-    """A global context block (Cao et al. 2019, GCNet): every position's features are pooled into
-    one vector with softmax attention weights, the vector is transformed (1x1 conv to
-    ``channels / reduction``, LayerNorm, ReLU, 1x1 conv back) and added to every position. Each
-    feature after it depends on the whole image. The last conv starts at zero, so the block
-    starts as the identity and the network as the plain one.
-    """
+    """A global context block (Cao et al. 2019, GCNet): features pooled with softmax attention,
+    transformed (1x1 conv, LayerNorm, ReLU, 1x1 conv) and added to every position; the last conv
+    starts at zero, so the block starts as the identity."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -143,14 +125,9 @@ class GlobalContext(nn.Module):
 
 
 class DenseNet121(torchvision.models.DenseNet):
-    """torchvision's DenseNet121 (same layers, same state dict keys) with a float32 head.
-
-    ``forward`` is ``head(features(x))``; :meth:`head` runs outside autocast on float32
-    features, so the logits are float32 numbers, not rounded bf16 / fp16 ones. With ``tiles``
-    above 1 the features see ``tiles x tiles`` tiles of the image separately (:class:`TiledFeatures`);
-    with ``global_context`` a :class:`GlobalContext` block follows dense block 3
-    (``features.globalcontext``).
-    """
+    """torchvision's DenseNet121 (same layers and state dict keys) whose head runs in float32, also
+    under autocast; ``tiles`` > 1 tiles the features, ``global_context`` adds a
+    :class:`GlobalContext` block after dense block 3 (``features.globalcontext``)."""
 
     def __init__(
         self, num_classes: int, memory_efficient: bool = False, tiles: int = 1, global_context: bool = False
@@ -187,20 +164,8 @@ def build_model(
     tiles: int = 1,
     global_context: bool = False,
 ) -> nn.Module:
-    """DenseNet121 (:class:`DenseNet121`: torchvision's, float32 head) with ``num_classes`` outputs.
-
-    Args:
-        weights: ``"imagenet"``, ``"none"`` or the path of a local state dict (see module docs).
-        num_classes: number of outputs (one per finding of the label set; CheXpert's 14 by default).
-        memory_efficient: gradient checkpointing in the dense blocks (torchvision's option).
-        tiles: limit the receptive field to ``tiles x tiles`` tiles of the image (1: the plain model).
-        global_context: a :class:`GlobalContext` block after dense block 3, so that every later
-            feature sees the whole image (ImageNet weights load into the other layers).
-
-    Raises:
-        WeightsUnavailableError: ImageNet weights requested but not downloadable or cached.
-        FileNotFoundError: ``weights`` is neither a choice nor an existing file.
-    """
+    """:class:`DenseNet121` with ``num_classes`` outputs and ``weights`` ``"imagenet"``, ``"none"`` or a
+    local state dict; raises :class:`WeightsUnavailableError` or ``FileNotFoundError``."""
     if tiles < 1:
         raise ValueError(f"tiles must be at least 1, got {tiles}")
     model = DenseNet121(
@@ -209,9 +174,15 @@ def build_model(
     choice = str(weights)
     if choice == "none":
         return model
-    state = _imagenet_state_dict() if choice == "imagenet" else load_state_dict_file(weights)
+    state = _imagenet_state_dict() if choice == "imagenet" else _load_state_dict_file(weights)
     load_weights_into(model, state, source=choice)
     return model
+
+
+def imagenet_weights_file() -> Path:
+    """Where torch hub keeps torchvision's DenseNet121 ImageNet weights (``densenet121-a639ec97.pth``)."""
+    url = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -219,22 +190,15 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     try:
         return enum.get_state_dict(progress=False, check_hash=True)
     except Exception as error:  # no network, a proxy, a partial file: one clear message
-        target = imagenet_weights_file()
         raise WeightsUnavailableError(
             f"cannot load ImageNet weights for DenseNet121 ({type(error).__name__}: {error}). "
-            f"Without internet, download {enum.url} elsewhere and place it at {target} "
+            f"Without internet, download {enum.url} elsewhere and place it at {imagenet_weights_file()} "
             f"(torch hub cache; set TORCH_HOME to move it), or pass a local file with --weights PATH, "
             f"or train from scratch with --weights none"
         ) from error
 
 
-def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """A model state dict from a weights file, a ``best_model.pt`` or a training checkpoint.
-
-    Loading uses ``weights_only=True``: tensors and plain containers only, never code.
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is
-    not a safe state dict.
-    """
+def _load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -246,12 +210,11 @@ def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.devi
         raise ValueError(
             f"{path} is not a safe weights file (refused by torch.load(weights_only=True)): {error}"
         ) from error
-    return extract_state_dict(payload, source=str(path))
+    return _state_dict_in(payload, str(path))
 
 
-def extract_state_dict(payload: object, source: str = "weights") -> dict[str, torch.Tensor]:
-    """The model state dict inside a loaded payload (plain, ``{"model": ...}`` or ``{"state_dict": ...}``)."""
-    if isinstance(payload, Mapping):
+def _state_dict_in(payload: object, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(payload, Mapping):  # plain, {"model": ...} (a checkpoint) or {"state_dict": ...}
         for key in ("model", "state_dict"):
             if key in payload and isinstance(payload[key], Mapping):
                 payload = payload[key]
@@ -288,3 +251,338 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
         raise ValueError(
             f"{source}: weights do not fit DenseNet121: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; refuses ``cuda`` without a GPU."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name}: no CUDA GPU is visible (use auto or cpu)")
+    return device
+
+
+def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32.
+    ``auto``: bf16 on GPUs with native bf16, fp16 (with a GradScaler) on older ones, off on the CPU."""
+    device = torch.device(device)
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4 has no such argument
+            native = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float16
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU")
+    if mode == "fp16":
+        return torch.float16
+    raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
+
+
+def use_channels_last(device: str | torch.device, mode: str = "auto") -> bool:
+    """channels_last for the model and its input: ``auto`` on GPUs only (on the CPU it pays at small
+    sizes only, so CPU presets ask for it with ``on``), or ``on`` / ``off``."""
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"--channels-last {mode!r}: choose auto, on or off")
+    return torch.device(device).type == "cuda" if mode == "auto" else mode == "on"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def algorithm_settings(deterministic: bool, benchmark: bool = True):
+    """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (docs/performance.md), for the
+    block; the caller's settings afterwards."""
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    cudnn_before = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = benchmark and not deterministic, deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = cudnn_before
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Float32 convolutions and matrix products, not TF32, inside (the ERF and Grad-CAM)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device, local_world_size: int | None = None) -> int:
+    """DataLoader workers per process: none on the CPU; on a GPU the node's cores shared among its
+    processes (``local_world_size``, else torchrun's ``LOCAL_WORLD_SIZE``, else one per GPU) less one,
+    at least 2 where the share allows and at most 8."""
+    if device.type != "cuda":
+        return 0
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
+    share = max(1, _usable_cores() // max(1, local_world_size))
+    return max(min(2, share), min(8, share - 1))
+
+
+def cpu_info() -> dict[str, object]:
+    """This CPU's model, usable cores, vector extensions and PyTorch's kernel level (for provenance)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
+        for line in lines:  # the first processor's lines are enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    extensions = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "cores": _usable_cores(),
+        "extensions": [name for name in extensions if name in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def describe_cpu(info: dict[str, object] | None = None) -> str:
+    """One line: ``AMD EPYC 7B13, 2 cores, AVX2 (torch kernels: AVX2)``."""
+    info = cpu_info() if info is None else info
+    extensions = ", ".join(str(e).upper() for e in info["extensions"]) or "no AVX2"
+    return f"{info['model']}, {info['cores']} cores, {extensions} (torch kernels: {info['torch_capability']})"
+
+
+@functools.cache
+def _imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device and dtype: a tensor made from a list is copied to a GPU synchronously
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(3, 1, 1)
+
+
+def model_input(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> torch.Tensor:
+    """Gray images -> model input: uint8 ``[N, 1, H, W]`` (or ``[N, H, W]``) / 255, or floats in
+    [0, 1], as ImageNet-normalised float ``[N, 3, H, W]`` (differentiable); 3-channel floats are
+    taken as model input already."""
+    x = torch.as_tensor(images)
+    x = x[:, None] if x.dim() == 3 else x
+    if x.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W] or [N, H, W]; got shape {tuple(x.shape)}")
+    gray = x.dtype == torch.uint8 or x.shape[1] == 1
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if gray:
+        mean, std = _imagenet_mean_std(x.device, x.dtype)
+        x = (x.expand(-1, 3, -1, -1) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class _Positioned(Dataset):
+    """Each item of ``dataset`` preceded by its position (``None`` items, skipped images, stay None)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return None if item is None else (i, *item)
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    sampler,
+    workers: int,
+    device: torch.device,
+    seed: int | None,
+    persistent: bool = True,
+) -> DataLoader:
+    """The DataLoader of training and prediction: ``(positions, images, targets, masks)`` batches without
+    unreadable images; ``workers`` decode, prepare :func:`prefetch_batches` batches each ahead and stay
+    between epochs (``persistent``); pinned for a GPU; ``seed`` seeds its generator (None: the global)."""
+    return DataLoader(
+        _Positioned(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=prefetch_batches(workers, batch_size, dataset.resolution) if workers > 0 else None,
+        collate_fn=collate_skip_none,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
+    )
+
+
+def prefetch_batches(workers: int, batch_size: int, resolution: int) -> int:
+    """Batches each worker prepares ahead: 4, or fewer (at least 1) where the uint8 batches of all
+    ``workers`` would hold more than :data:`LOADER_SHARED_BYTES` of shared memory."""
+    batch_bytes = batch_size * int(resolution) ** 2
+    return max(1, min(PREFETCH_BATCHES, LOADER_SHARED_BYTES // max(1, workers * batch_bytes)))
+
+
+def inference_batch(resolution: int) -> int:
+    """Images per batch outside training: 64 up to 512 px, then as many pixels (4 at 2048 px)."""
+    return max(1, min(64, INFERENCE_BATCH_PIXELS // int(resolution) ** 2))
+
+
+@torch.no_grad()
+def predict_arrays(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
+    num_workers: int = 0,
+    channels_last: bool | None = None,
+    positions: list[int] | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order;
+    ``channels_last`` defaults to True on CUDA. ``model`` is put in eval mode on ``device``."""
+    device = torch.device(device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    order = range(len(dataset)) if positions is None else positions
+    loader = make_loader(dataset, batch_size, order, num_workers, device, None, persistent=False)
+    found, logits = [], []
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        with autocast(device, amp):
+            out = model(model_input(batch[1].to(device, non_blocking=True), channels_last))
+        found.append(batch[0].numpy())
+        logits.append(out.float().cpu().numpy())
+    if not found:
+        width = len(getattr(dataset, "findings", FINDINGS))
+        return np.zeros(0, dtype=np.int64), np.zeros((0, width), dtype=np.float32)
+    return np.concatenate(found), np.concatenate(logits)
+
+
+def logits_frame(
+    dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray, findings: list[str] | None = None
+) -> pd.DataFrame:
+    """The predictions table: ``dicom_id`` then one column per finding (default CheXpert's 14), rows in
+    position order; skipped images are left out with a warning, another label set is a ``ValueError``."""
+    findings = list(FINDINGS if findings is None else findings)
+    if logits.ndim != 2 or logits.shape[1] != len(findings):
+        raise ValueError(
+            f"the model has {logits.shape[-1]} outputs but the label set has {len(findings)} findings "
+            f"({findings[:3]}...): it was trained on another label set"
+        )
+    order = np.argsort(positions, kind="stable")
+    positions, logits = positions[order], logits[order]
+    frame = pd.DataFrame(logits.astype(np.float64), columns=findings)
+    frame.insert(0, "dicom_id", [dicom_ids[i] for i in positions])
+    missing = sorted(set(range(len(dicom_ids))) - set(positions.tolist()))
+    if missing:
+        names = [dicom_ids[i] for i in missing[:5]]
+        warnings.warn(
+            f"{len(missing)} image(s) could not be read and have no prediction (first: {names})", stacklevel=2
+        )
+    return frame
+
+
+def predict_logits(
+    model: nn.Module,
+    dataset: CXRDataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """``dicom_id`` and one logit column per finding of ``dataset.findings``, dataset order."""
+    positions, logits = predict_arrays(
+        model, dataset, batch_size, device, amp, num_workers, progress=progress
+    )
+    return logits_frame(list(dataset.dicom_ids), positions, logits, getattr(dataset, "findings", None))
+
+
+def load_trained_model(
+    source: str | os.PathLike, map_location: str | torch.device = "cpu", memory_efficient: bool = False
+) -> nn.Module:
+    """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar, the
+    ``--tiles`` of its ``done.json``), a file with a sidecar, or a plain weights file; always
+    ``weights_only=True`` (a file that would run code is a ``ValueError``)."""
+    source = Path(source)
+    path = source / paths.BEST_MODEL if source.is_dir() else source
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path} (train it first, or give a weights file)")
+    if Path(f"{path}.json").is_file():
+        try:
+            state = _state_dict_in(load_verified(path, map_location), str(path))
+        except CheckpointError as error:
+            raise ValueError(str(error)) from error
+    else:
+        state = _load_state_dict_file(path, map_location)
+    num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
+    global_context = any(key.startswith("features.globalcontext.") for key in state)
+    done = path.parent / paths.DONE
+    tiles = int(json.loads(done.read_text()).get("args", {}).get("tiles", 1)) if done.is_file() else 1
+    model = build_model("none", num_classes, memory_efficient, tiles=tiles, global_context=global_context)
+    load_weights_into(model, state, source=str(path))
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cxrlib.models``: a trained model's logits for a fold's role (or every image)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    arg = parser.add_argument
+    arg("--model", required=True, type=Path, help="run folder (best_model.pt) or weights file")
+    arg("--index", required=True, type=Path, help="index.csv")
+    arg("--cache", required=True, type=Path, help="image cache folder")
+    arg("--resolution", required=True, type=int, help="test resolution in pixels")
+    arg("--folds", type=Path, default=None, help="folds.csv (with --fold and --role)")
+    arg("--fold", type=int, default=None, help="fold number (default: every image)")
+    arg("--role", default="test", choices=("train", "val", "test"), help="role (default test)")
+    arg("--out", required=True, type=Path, help="predictions CSV to write")
+    arg("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    arg("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    arg("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    arg("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast")
+    arg("--cache-format", default="png", choices=("png", "jpg"), help="cache file format")
+    args = parser.parse_args(argv)
+    try:
+        index = read_index(args.index)
+        if args.fold is not None:
+            if args.folds is None:
+                raise ValueError("--fold needs --folds")
+            ids = set(fold_ids(read_folds(args.folds, index), args.fold, args.role))
+            index = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
+        device = resolve_device(args.device)
+        model = load_trained_model(args.model, map_location="cpu")
+        dataset = CXRDataset(index, args.resolution, args.cache, cache_format=args.cache_format)
+        amp = amp_dtype(device, args.amp)
+        frame = predict_logits(model, dataset, args.batch_size, device, amp, args.workers, progress=True)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    write_csv_atomic(frame, args.out)
+    print(f"wrote {args.out}: {len(frame)} images at {args.resolution} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

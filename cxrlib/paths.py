@@ -1,11 +1,4 @@
-"""Every artifact path and file name of the project, in one place (README, "Artifacts").
-
-Folders: ``data/``, ``runs/<preset>/``, ``figures/<preset>/`` and the notebooks. Inside a run:
-``index.csv``, ``folds.csv``, ``tables/`` and one folder per trained (resolution, fold),
-``res<R>/fold<k>/``, holding the trainer's files (:data:`FOLD_RESULTS` once a training is
-complete). Every module that reads or writes an artifact asks this module for its path, and the
-pipeline derives each step's expected outputs from it, so the layout is defined once.
-"""
+"""Every artifact folder and file name of the project, in one place (docs/pipeline.md, "Artifacts")."""
 
 from __future__ import annotations
 
@@ -18,11 +11,7 @@ RUNS_DIR = Path(os.environ.get("CXR_RUNS_DIR", PROJECT_ROOT / "runs"))
 FIGURES_DIR = Path(os.environ.get("CXR_FIGURES_DIR", PROJECT_ROOT / "figures"))
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 
-# A run folder (runs/<preset>/)
-INDEX = "index.csv"
-FOLDS = "folds.csv"
-PROVENANCE = "provenance.json"
-TABLES = "tables"
+INDEX, FOLDS, PROVENANCE, TABLES = "index.csv", "folds.csv", "provenance.json", "tables"
 # A trained fold (runs/<preset>/res<R>/fold<k>/)
 HISTORY = "history.csv"  # one row per epoch
 DONE = "done.json"  # written last: the training is complete
@@ -34,28 +23,27 @@ FOLD_RESULTS = (HISTORY, PREDICTIONS["val"], PREDICTIONS["test"], DONE)
 
 
 def run_dir(preset: str, runs_root: str | os.PathLike | None = None) -> Path:
-    """Folder of one preset's run: ``runs/<preset>/``."""
+    """``runs/<preset>/``."""
     return Path(runs_root or RUNS_DIR) / preset
 
 
 def figures_dir(preset: str, figures_root: str | os.PathLike | None = None) -> Path:
-    """Folder of one preset's figures: ``figures/<preset>/``."""
+    """``figures/<preset>/``."""
     return Path(figures_root or FIGURES_DIR) / preset
 
 
 def tables_dir(run: str | os.PathLike) -> Path:
-    """``<run>/tables/``: auc.csv, table3.csv, ensemble_weights.csv, erf.csv, table2_throughput.csv."""
+    """``<run>/tables/``."""
     return Path(run) / TABLES
 
 
 def fold_dir(run: str | os.PathLike, resolution: int, fold: int) -> Path:
-    """``<run>/res<R>/fold<k>/``: checkpoint, history.csv and prediction files of one training run."""
+    """``<run>/res<R>/fold<k>/``: checkpoints, history and predictions of one training."""
     return Path(run) / f"res{int(resolution)}" / f"fold{int(fold)}"
 
 
 def variant_dir(run: str | os.PathLike, resolution: int, fold: int, arm: str = "baseline") -> Path:
-    """``<run>/res<R>/fold<k>/`` for the plain model (the ``baseline`` arm), ``<run>/res<R>-<arm>/fold<k>/``
-    for another arm of notebook 10 (:mod:`cxrlib.field_sweep`)."""
+    """:func:`fold_dir` for notebook 10's ``baseline`` arm, ``<run>/res<R>-<arm>/fold<k>/`` for another."""
     if arm == "baseline":
         return fold_dir(run, resolution, fold)
     return Path(run) / f"res{int(resolution)}-{arm}" / f"fold{int(fold)}"
@@ -71,9 +59,3 @@ def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: 
 def cross_predictions_path(run: str | os.PathLike, resolution: int, fold: int, test_resolution: int) -> Path:
     """``<run>/res<R>/fold<k>/test_predictions_at<T>.csv``: the model trained at R scored at T px."""
     return fold_dir(run, resolution, fold) / f"test_predictions_at{int(test_resolution)}.csv"
-
-
-def fold_results(run: str | os.PathLike, resolution: int, fold: int) -> list[Path]:
-    """The files a complete training of (resolution, fold) leaves: :data:`FOLD_RESULTS`."""
-    folder = fold_dir(run, resolution, fold)
-    return [folder / name for name in FOLD_RESULTS]

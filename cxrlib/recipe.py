@@ -1,16 +1,5 @@
-"""The paper's training recipe as numbers: Table 1, the effective batch plan, automatic batch
-sizes and early stopping (docs/training.md has the whole recipe).
-
-* :data:`TABLE1`: initial learning rate and effective batch per resolution (paper, Table 1);
-  :func:`default_effective_batch` and :func:`default_lr` extend it to other resolutions.
-* :func:`plan_batches`: per-process batch x processes x accumulation steps that make up the
-  requested effective batch exactly whenever a split within the memory limit exists; otherwise
-  the closest, with :attr:`BatchPlan.lr_scale` for the linear learning-rate scaling.
-* :func:`default_per_gpu_batch`: the per-process batch limit from the free GPU memory (or the
-  CPU default), from a measured memory cost per image (:func:`training_gib_per_image`).
-* :class:`EarlyStopping`: epochs without improvement of the validation loss; :func:`optimization`:
-  Adam, ReduceLROnPlateau and early stopping as the paper uses them.
-* :func:`plan_training`: all of it for one run: the batch plan and the learning rate.
+"""The paper's training recipe as numbers: Table 1, the effective batch plan, automatic batch sizes,
+Adam with LR-on-plateau and early stopping. docs/training.md, "The recipe", explains each rule.
 """
 
 from __future__ import annotations
@@ -22,7 +11,8 @@ import math
 import torch
 
 from .dist import all_reduce_min
-from .runtime import ConfigError, amp_dtype
+from .fileio import ConfigError
+from .models import amp_dtype
 
 # Paper, Table 1: resolution -> (initial learning rate, effective batch size).
 TABLE1: dict[int, tuple[float, int]] = {
@@ -32,15 +22,11 @@ TABLE1: dict[int, tuple[float, int]] = {
     2048: (8.204e-5, 42),
 }
 MIN_RESOLUTION = 32  # DenseNet121 reduces the input 32x; smaller images have no feature map left
-# Automatic per-GPU batch (see default_per_gpu_batch). Training memory per image with bf16 +
-# channels_last, measured on an H200 (design.md): 10.6 GiB for 128 images at 256 px, 21 GiB for 4
-# at 2048 px -> about 0.083 GiB x (R / 256)^2.
-GIB_PER_IMAGE_AT_256 = 0.083
-# Tensors saved for the backward pass of DenseNet121, counted on the CPU (autograd's saved-tensor
-# hooks, 128 px): float32 keeps 1.97x the bytes of bf16 autocast, and memory_efficient (gradient
-# checkpointing of each dense layer's concatenation + BN + ReLU + 1x1 conv) 0.47x. Rounded up.
-FLOAT32_MEMORY_FACTOR = 2.0
-MEMORY_EFFICIENT_FACTOR = 0.5
+# Training memory per image with bf16 + channels_last, measured on an H200 (design.md): 10.6 GiB for
+# 128 images at 256 px, 21 GiB for 4 at 2048 px -> about 0.083 GiB x (R / 256)^2. Tensors saved for
+# the backward pass, counted on the CPU (128 px): float32 keeps 1.97x the bytes of bf16 autocast,
+# memory_efficient 0.47x (rounded up).
+GIB_PER_IMAGE_AT_256, FLOAT32_MEMORY_FACTOR, MEMORY_EFFICIENT_FACTOR = 0.083, 2.0, 0.5
 AUTO_BATCH_MEMORY_FRACTION = 0.8  # of the free memory; the rest absorbs allocator fragmentation
 AUTO_BATCH_RESERVED_GIB = 1.0  # weights, gradients, Adam's state, cuDNN workspace
 AUTO_BATCH_CAP = 256
@@ -50,27 +36,19 @@ CPU_BATCH_SMALL, CPU_BATCH_LARGE = 16, 8  # on the CPU speed, not memory, limits
 def default_effective_batch(resolution: int) -> int:
     """Table 1's effective batch, log-linearly interpolated in resolution between its entries."""
     resolutions = sorted(TABLE1)
-    if resolution in TABLE1:
-        return TABLE1[resolution][1]
-    if resolution <= resolutions[0]:
-        return TABLE1[resolutions[0]][1]
-    if resolution >= resolutions[-1]:
-        return TABLE1[resolutions[-1]][1]
+    if resolution in TABLE1 or not resolutions[0] < resolution < resolutions[-1]:
+        return TABLE1[min(max(resolution, resolutions[0]), resolutions[-1])][1]
     low = max(r for r in resolutions if r < resolution)
     high = min(r for r in resolutions if r > resolution)
     t = (math.log(resolution) - math.log(low)) / (math.log(high) - math.log(low))
-    log_batch = (1 - t) * math.log(TABLE1[low][1]) + t * math.log(TABLE1[high][1])
-    return int(round(math.exp(log_batch)))
+    return int(round(math.exp((1 - t) * math.log(TABLE1[low][1]) + t * math.log(TABLE1[high][1]))))
 
 
 def default_lr(resolution: int, effective_batch: int | None = None) -> float:
-    """Initial learning rate: Table 1's, or 5e-4 x effective batch / 512; scaled linearly to a
-    non-default ``effective_batch``."""
+    """Table 1's learning rate (else 5e-4 x batch / 512), scaled linearly to ``effective_batch``."""
     base_batch = default_effective_batch(resolution)
     base_lr = TABLE1[resolution][0] if resolution in TABLE1 else 5e-4 * base_batch / 512
-    if effective_batch is None:
-        return base_lr
-    return base_lr * effective_batch / base_batch
+    return base_lr if effective_batch is None else base_lr * effective_batch / base_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +89,8 @@ class BatchPlan:
 def plan_batches(
     effective_batch: int, world_size: int, per_gpu_batch: int | None = None, max_per_gpu: int | None = None
 ) -> BatchPlan:
-    """Choose accumulation steps (and, when ``per_gpu_batch`` is None, the per-process batch).
-
-    With a fixed ``per_gpu_batch``: accumulation = round(effective / (batch x world)), at least 1.
-    Otherwise the requested effective batch is met exactly whenever a per-process batch of at
-    most ``max_per_gpu`` allows it (with the fewest accumulation steps among the exact splits:
-    42 on one GPU of at most 4 images is 3 x 14). Only when no split is exact is the closest
-    taken (fewest steps among equally close ones); :attr:`BatchPlan.lr_scale` then says how
-    the learning rate follows it.
-    """
+    """Accumulation steps (and the per-process batch unless given) for ``effective_batch``: exact whenever
+    a per-process batch of at most ``max_per_gpu`` allows it, fewest steps first (docs/training.md)."""
     if effective_batch < 1 or world_size < 1:
         raise ConfigError(f"effective batch ({effective_batch}) and processes ({world_size}) must be >= 1")
     if per_gpu_batch is not None:
@@ -146,14 +117,10 @@ def plan_batches(
 def training_gib_per_image(
     resolution: int, amp: torch.dtype | None = torch.bfloat16, memory_efficient: bool = False
 ) -> float:
-    """Estimated GPU training memory per image (GiB) at ``resolution``: 0.083 x (R / 256)^2 with
-    mixed precision, x 2 in float32 (``amp`` None), x 0.5 with ``memory_efficient``."""
+    """GiB per image: 0.083 x (R / 256)^2, x 2 in float32 (``amp`` None), x 0.5 ``memory_efficient``."""
     per_image = GIB_PER_IMAGE_AT_256 * (resolution / 256) ** 2
-    if amp is None:
-        per_image *= FLOAT32_MEMORY_FACTOR
-    if memory_efficient:
-        per_image *= MEMORY_EFFICIENT_FACTOR
-    return per_image
+    per_image *= FLOAT32_MEMORY_FACTOR if amp is None else 1.0
+    return per_image * (MEMORY_EFFICIENT_FACTOR if memory_efficient else 1.0)
 
 
 def batch_for_memory(
@@ -163,15 +130,12 @@ def batch_for_memory(
     memory_efficient: bool = False,
     cap: int = AUTO_BATCH_CAP,
 ) -> int:
-    """Largest power of two (1 .. ``cap``) whose estimated training memory fits ``free_bytes``:
-    ``0.8 x free - 1 GiB`` divided by :func:`training_gib_per_image`."""
+    """Largest power of two (1 .. ``cap``) whose estimated training memory fits ``0.8 x free - 1 GiB``."""
     if free_bytes < 0 or cap < 1:
         raise ConfigError(f"free memory ({free_bytes} bytes) must be >= 0 and the cap ({cap}) >= 1")
     usable = AUTO_BATCH_MEMORY_FRACTION * free_bytes / 2**30 - AUTO_BATCH_RESERVED_GIB
     fits = int(usable / training_gib_per_image(resolution, amp, memory_efficient))
-    if fits < 1:
-        return 1
-    return min(cap, 2 ** int(math.log2(fits)))
+    return 1 if fits < 1 else min(cap, 2 ** int(math.log2(fits)))
 
 
 def default_per_gpu_batch(
@@ -181,38 +145,78 @@ def default_per_gpu_batch(
     amp: torch.dtype | None | str = "auto",
     free_bytes: int | None = None,
 ) -> int:
-    """The per-process batch limit when ``--batch-size`` is not given.
-
-    On a GPU: :func:`batch_for_memory` of the device's free memory (``torch.cuda.mem_get_info``, or
-    ``free_bytes``) with ``amp`` (a dtype, None for float32, or the ``--amp`` mode) and
-    ``memory_efficient``. On the CPU: 16 up to 128 px, else 8.
-    """
+    """The per-process batch limit without ``--batch-size``: on a GPU :func:`batch_for_memory` of its
+    free memory (or ``free_bytes``), ``amp`` a dtype, None or an ``--amp`` mode; on the CPU 16 up to
+    128 px, else 8."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_BATCH_SMALL if resolution <= 128 else CPU_BATCH_LARGE
-    if isinstance(amp, str):
-        amp = amp_dtype(device, amp)
+    amp = amp_dtype(device, amp) if isinstance(amp, str) else amp
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
     return batch_for_memory(resolution, free_bytes, amp, memory_efficient)
 
 
-def describe_auto_batch(
-    resolution: int, device: str | torch.device, amp: torch.dtype | None, memory_efficient: bool, batch: int
-) -> str:
-    """One log line saying how the automatic per-process batch limit ``batch`` was chosen."""
-    device = torch.device(device)
+def _auto_batch_reason(resolution: int, device: torch.device, amp, memory_efficient: bool, batch: int) -> str:
     if device.type != "cuda":
         return f"per-process batch limit {batch}: the CPU default at {resolution} px (--batch-size to change)"
     free, total = torch.cuda.mem_get_info(device)
     precision = str(amp).removeprefix("torch.") if amp is not None else "float32"
-    checkpointing = ", memory_efficient" if memory_efficient else ""
     return (
         f"per-process batch limit {batch}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
         f"x {AUTO_BATCH_MEMORY_FRACTION} - {AUTO_BATCH_RESERVED_GIB:g} GiB, over an estimated "
         f"{training_gib_per_image(resolution, amp, memory_efficient):.3f} GiB per image at {resolution} px "
-        f"({precision}{checkpointing}); a power of two, at most {AUTO_BATCH_CAP} (--batch-size to override)"
+        f"({precision}{', memory_efficient' if memory_efficient else ''}); a power of two, at most "
+        f"{AUTO_BATCH_CAP} (--batch-size to override)"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """A run's batch plan and its learning rate, as requested and as used (scaled to the plan)."""
+
+    batches: BatchPlan
+    requested_lr: float
+    batch_limit: int | None  # the automatic per-process limit; None when --batch-size was given
+    limit_reason: str = ""  # how the automatic limit was chosen
+
+    @property
+    def lr(self) -> float:
+        return self.requested_lr * self.batches.lr_scale  # linear scaling when the batch is not exact
+
+    def describe(self) -> list[str]:
+        """Log lines: how the per-process batch was chosen, the plan, and any learning-rate scaling."""
+        plan = self.batches
+        lines = [line for line in (self.limit_reason, plan.describe()) if line]
+        if not plan.exact:
+            used, asked = plan.effective_batch, plan.requested_effective_batch
+            scaled = f"lr {self.requested_lr:g} x {used}/{asked} = {self.lr:g}"
+            lines.append(f"using effective batch {used} instead of {asked}: {scaled}")
+        return lines
+
+
+def plan_training(
+    args: argparse.Namespace, world_size: int, device: torch.device, amp: torch.dtype | None
+) -> TrainingPlan:
+    """The effective batch (Table 1 or ``--effective-batch``), how processes, per-process batch and
+    accumulation make it up, and the learning rate (Table 1's rule or ``--lr``). Every process of a
+    group takes the smallest automatic limit (:class:`ConfigError` should the plans still differ)."""
+    effective = args.effective_batch or default_effective_batch(args.resolution)
+    requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
+    limit = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
+    if not args.batch_size:  # each GPU has its own free memory: every process takes the smallest limit
+        (limit,) = all_reduce_min([limit])
+    plan = plan_batches(effective, world_size, args.batch_size, max_per_gpu=limit)
+    mine = [plan.per_gpu_batch, plan.accumulation_steps]
+    if all_reduce_min(mine + [-v for v in mine]) != mine + [-v for v in mine]:
+        raise ConfigError(
+            f"the processes planned different batches (this one {plan.describe()}): give them all the same "
+            "--batch-size and --effective-batch"
+        )
+    if args.batch_size:
+        return TrainingPlan(plan, requested_lr, None)
+    reason = _auto_batch_reason(args.resolution, torch.device(device), amp, args.memory_efficient, limit)
+    return TrainingPlan(plan, requested_lr, limit, reason)
 
 
 class EarlyStopping:
@@ -242,58 +246,9 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainingPlan:
-    """The batch plan of a run and its learning rate, as requested and as used (scaled to the plan)."""
-
-    batches: BatchPlan
-    requested_lr: float
-    batch_limit: int | None  # the automatic per-process limit; None when --batch-size was given
-
-    @property
-    def lr(self) -> float:
-        return self.requested_lr * self.batches.lr_scale  # linear scaling when the batch is not exact
-
-    def describe(self, resolution: int, device, amp, memory_efficient: bool) -> list[str]:
-        """Log lines: how the per-process batch was chosen, the plan, and any learning-rate scaling."""
-        plan, lines = self.batches, []
-        used, asked = plan.effective_batch, plan.requested_effective_batch
-        if self.batch_limit is not None:
-            lines.append(describe_auto_batch(resolution, device, amp, memory_efficient, self.batch_limit))
-        lines.append(plan.describe())
-        if not plan.exact:
-            lines.append(
-                f"using effective batch {used} instead of {asked}: "
-                f"lr {self.requested_lr:g} x {used}/{asked} = {self.lr:g}"
-            )
-        return lines
-
-
-def plan_training(
-    args: argparse.Namespace, world_size: int, device: torch.device, amp: torch.dtype | None
-) -> TrainingPlan:
-    """The effective batch (Table 1 or ``--effective-batch``), how processes, per-process batch and
-    accumulation make it up, and the learning rate (Table 1's rule or ``--lr``). Under a process
-    group every process gets the same plan: the automatic batch limit is the smallest of all the
-    processes' (:class:`ConfigError` should the plans still differ)."""
-    effective = args.effective_batch or default_effective_batch(args.resolution)
-    requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
-    limit = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
-    if not args.batch_size:  # each GPU has its own free memory: every process takes the smallest limit
-        (limit,) = all_reduce_min([limit])
-    plan = plan_batches(effective, world_size, args.batch_size, max_per_gpu=limit)
-    mine = [plan.per_gpu_batch, plan.accumulation_steps]
-    if all_reduce_min(mine + [-v for v in mine]) != mine + [-v for v in mine]:
-        raise ConfigError(
-            f"the processes planned different batches (this one {plan.describe()}): give them all the same "
-            "--batch-size and --effective-batch"
-        )
-    return TrainingPlan(plan, requested_lr, None if args.batch_size else limit)
-
-
 def optimization(model: torch.nn.Module, lr: float, args: argparse.Namespace):
-    """Adam at ``lr``, the lr halved (``--lr-factor``) after ``--patience-lr`` epochs without a better
-    validation loss (PyTorch's ReduceLROnPlateau), and early stopping after ``--patience-stop``."""
+    """Adam at ``lr``, the lr times ``--lr-factor`` after ``--patience-lr`` epochs without a better
+    validation loss (ReduceLROnPlateau), and early stopping after ``--patience-stop``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=args.lr_factor, patience=args.patience_lr

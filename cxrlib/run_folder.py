@@ -1,9 +1,8 @@
 """A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done.
 
-:class:`RunFolder` is everything the trainer writes to or reads from it (names in :mod:`cxrlib.paths`),
-so the loop only says *when*; only rank 0 writes, every process reads what rank 0 chose. Checkpoints
-are verified files (:func:`cxrlib.fileio.save_verified`); a resume with other essential settings
-(:data:`ESSENTIAL_KEYS`) is refused in one line. docs/training.md, "Files in ``--out``", has the rest.
+:class:`RunFolder` is everything the trainer writes to or reads from it (names in :mod:`cxrlib.paths`);
+only rank 0 writes, every process reads what rank 0 chose. Checkpoints are verified files; a resume
+with other essential settings is refused in one line (docs/training.md, "Files in ``--out``").
 """
 
 from __future__ import annotations
@@ -26,9 +25,10 @@ from torch import nn
 
 from . import __version__, paths
 from . import dist as cxrdist
-from .datasets import CXRDataset
+from .cache import CXRDataset
 from .fileio import (
     CheckpointError,
+    ConfigError,
     FolderBusyError,
     exclusive_lock,
     load_verified,
@@ -38,16 +38,10 @@ from .fileio import (
     write_csv_atomic,
     write_text_atomic,
 )
-from .loaders import shard
-from .predict import logits_frame, predict_arrays
-from .runtime import ConfigError
+from .models import logits_frame, predict_arrays
 
 ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
-OPTIONAL_KEYS = {
-    "max_train_images": None,
-    "tiles": 1,
-    "global_context": False,
-}  # with the value a run made before the key had
+OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1, "global_context": False}  # value before the key
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
 
 
@@ -59,41 +53,32 @@ def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(epoch, path) of every checkpoint file in ``run_dir``, newest first."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for path in run_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
+    entries = run_dir.iterdir() if run_dir.is_dir() else []
+    found = [(int(m.group(1)), p) for p in entries if (m := CHECKPOINT_PATTERN.match(p.name))]
     return sorted(found, reverse=True)
 
 
+def _remove(path: Path) -> None:
+    sidecar_path(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: int = 2) -> Path:
-    """Write ``state`` as epoch ``epoch``'s checkpoint and keep only the newest ``keep`` checkpoints."""
+    """Write ``state`` as epoch ``epoch``'s checkpoint, then keep only the newest ``keep``."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    path = checkpoint_path(run_dir, epoch)
-    save_verified(state, path, {"epoch": int(epoch)})
+    path = save_verified(state, checkpoint_path(run_dir, epoch), {"epoch": int(epoch)})
     for old_epoch, old in list_checkpoints(run_dir)[keep:]:
         if old_epoch < epoch:
-            with contextlib.suppress(FileNotFoundError):
-                sidecar_path(old).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
+            _remove(old)
     return path
 
 
 def load_latest_checkpoint(
     run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", max_epoch: int | None = None
 ) -> tuple[dict, Path] | None:
-    """The newest checkpoint of ``run_dir`` that verifies, and its path; ``None`` when there is none.
-
-    A damaged, partial or refused newer file is skipped with a warning naming it. Raises
-    :class:`CheckpointError` when checkpoint files exist but none verifies, so a run is never
-    silently restarted from scratch over them (delete them or use ``--no-resume``).
-    ``max_epoch`` ignores newer files (to load the one another process chose).
-    """
+    """The newest checkpoint (at most ``max_epoch``) that verifies and its path, or None; a damaged newer
+    file is skipped with a warning, a :class:`CheckpointError` when files exist but none verifies."""
     problems = []
     for epoch, path in list_checkpoints(run_dir):
         if max_epoch is not None and epoch > max_epoch:
@@ -118,13 +103,9 @@ def load_latest_checkpoint(
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by a write that was killed (``.<name>.*.tmp``)."""
-    run_dir = Path(run_dir)
-    removed = []
-    if run_dir.is_dir():
-        for tmp in run_dir.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-                removed.append(tmp)
+    removed = sorted(Path(run_dir).glob(".*.tmp"))
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
     return removed
 
 
@@ -132,16 +113,11 @@ def capture_rng_state() -> dict:
     """torch (CPU and CUDA), numpy and Python ``random`` states as tensors and plain values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
+    numpy = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos)}
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
+        "numpy": numpy | {"has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": int(version), "state": list(internal), "gauss_next": gauss_next},
     }
 
@@ -149,18 +125,12 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     """Undo :func:`capture_rng_state` (CUDA states only where the same GPUs are present)."""
     torch.set_rng_state(state["torch"].cpu())
-    cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
-    numpy = state["numpy"]
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state["numpy"]
     np.random.set_state(
-        (
-            numpy["kind"],
-            numpy["keys"].numpy().astype(np.uint32),
-            numpy["pos"],
-            numpy["has_gauss"],
-            numpy["cached_gaussian"],
-        )
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
@@ -174,8 +144,8 @@ def log(message: str) -> None:
 
 @contextlib.contextmanager
 def run_folder_lock(out: Path, is_main: bool):
-    """Rank 0 holds `out`'s lock for the run, so a second run on the same folder is refused
-    instead of mixing its checkpoints with the first one's. Raises :class:`FolderBusyError`."""
+    """Rank 0 holds ``out``'s lock for the run, so a second run on the same folder is refused
+    (:class:`FolderBusyError`) instead of mixing its checkpoints with the first one's."""
     if not is_main:
         yield
         return
@@ -192,17 +162,11 @@ def run_folder_lock(out: Path, is_main: bool):
 def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
     """The arguments a resumed run must share with the checkpoint it continues."""
     return {
-        "resolution": args.resolution,
-        "fold": args.fold,
-        "index_sha256": sha256_file(args.index),
-        "folds_sha256": sha256_file(args.folds),
-        "seed": args.seed,
-        "effective_batch": effective_batch,
-        "weights": str(args.weights),
-        "max_train_images": args.max_train_images,
-        "tiles": getattr(args, "tiles", 1),
-        "global_context": getattr(args, "global_context", False),
-    }
+        "resolution": args.resolution, "fold": args.fold,
+        "index_sha256": sha256_file(args.index), "folds_sha256": sha256_file(args.folds),
+        "seed": args.seed, "effective_batch": effective_batch, "weights": str(args.weights),
+        "max_train_images": args.max_train_images, "tiles": args.tiles, "global_context": args.global_context,
+    }  # fmt: skip
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
@@ -225,15 +189,25 @@ def jsonable_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint: dict, plan) -> dict:
+    """Everything a resume needs after ``epoch``: model, optimizer, scheduler, scaler, early stopping
+    (``objects``, in that order), the history, the RNG states and the run's settings."""
+    model, optimizer, scheduler, scaler, stopper = objects
+    return {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
+        "args": jsonable_args(args), "fingerprint": fingerprint, "batch_plan": dataclasses.asdict(plan),
+        "version": __version__, "torch_version": str(torch.__version__),
+    }  # fmt: skip
+
+
 class RunFolder:
     """The files of one training in ``out``; rank 0 (``is_main``) writes them."""
 
     def __init__(self, out: Path, is_main: bool, fingerprint: dict):
         self.out, self.is_main, self.fingerprint = Path(out), is_main, fingerprint
-
-    @property
-    def done_file(self) -> Path:
-        return self.out / paths.DONE
+        self.done_file = self.out / paths.DONE
 
     def prepare(self, start_over: bool) -> None:
         """Create the folder; with ``start_over`` (``--no-resume``) delete the earlier run's files."""
@@ -241,18 +215,15 @@ class RunFolder:
             self.out.mkdir(parents=True, exist_ok=True)
             if start_over:
                 for _, path in list_checkpoints(self.out):
-                    sidecar_path(path).unlink(missing_ok=True)
-                    path.unlink(missing_ok=True)
+                    _remove(path)
                 for name in (*paths.FOLD_RESULTS, paths.BEST_MODEL, f"{paths.BEST_MODEL}.json"):
                     (self.out / name).unlink(missing_ok=True)
             remove_stale_temporaries(self.out)
         cxrdist.barrier()
 
     def finished(self, epochs: int) -> dict | None:
-        """``done.json`` of a complete run with these settings (nothing to do), else None.
-
-        A run that stopped at fewer epochs than asked for now continues: its marker is removed.
-        """
+        """``done.json`` of a complete run with these settings (nothing to do), else None; a run that
+        stopped at fewer epochs than asked for now continues (its marker is removed)."""
         if not self.done_file.is_file():
             return None
         done = json.loads(self.done_file.read_text())
@@ -269,12 +240,9 @@ class RunFolder:
     def resume(self, model, optimizer, scheduler, scaler, stopper, info) -> tuple[int, list[dict]]:
         """Load the newest good checkpoint (chosen by rank 0) into every object; (epoch, history)."""
         chosen = torch.zeros(1, dtype=torch.int64, device=info.device)
-        found = None
-        if info.is_main:
-            found = load_latest_checkpoint(self.out, map_location="cpu")
-            chosen[0] = found[0]["epoch"] if found else 0
-        cxrdist.broadcast_(chosen, src=0)
-        epoch = int(chosen.item())
+        found = load_latest_checkpoint(self.out, map_location="cpu") if info.is_main else None
+        chosen[0] = found[0]["epoch"] if found else 0
+        epoch = int(cxrdist.broadcast_(chosen, src=0).item())
         if epoch == 0:
             return 0, []
         if not info.is_main:
@@ -298,8 +266,7 @@ class RunFolder:
         if self.is_main:
             for newer_epoch, newer in list_checkpoints(self.out):
                 if newer_epoch > epoch:  # failed verification above: remove so it never shadows a good one
-                    sidecar_path(newer).unlink(missing_ok=True)
-                    newer.unlink(missing_ok=True)
+                    _remove(newer)
             self._repair_best_model(state, model)
             write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
         log(f"resumed from {path.name} (epoch {epoch}, best epoch {stopper.best_epoch})")
@@ -307,8 +274,7 @@ class RunFolder:
 
     def _repair_best_model(self, state: dict, model: nn.Module) -> None:
         """Rewrite best_model.pt from the checkpoint when a kill came between the two writes."""
-        best_epoch = state["early_stopping"]["best_epoch"]
-        best = self.out / paths.BEST_MODEL
+        best_epoch, best = state["early_stopping"]["best_epoch"], self.out / paths.BEST_MODEL
         side = sidecar_path(best)
         recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
         if recorded == best_epoch:
@@ -329,9 +295,8 @@ class RunFolder:
             epoch = state["epoch"]
             save_checkpoint(state, self.out, epoch, keep)
             if improved:
-                save_verified(
-                    model.state_dict(), self.out / paths.BEST_MODEL, {"epoch": epoch, "val_loss": val_loss}
-                )
+                metadata = {"epoch": epoch, "val_loss": val_loss}
+                save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
             write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
         cxrdist.barrier()
 
@@ -344,28 +309,18 @@ class RunFolder:
         self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt, workers: int
     ) -> None:
         """The model's logits for ``frame``'s images: each process scores its share, rank 0 writes."""
-        dataset = CXRDataset(
-            frame,
-            args.resolution,
-            args.cache,
-            cache_format=args.cache_format,
-            skip_bad_images=args.skip_bad_images,
+        options = {"cache_format": args.cache_format, "skip_bad_images": args.skip_bad_images}
+        dataset = CXRDataset(frame, args.resolution, args.cache, **options)
+        share = list(range(rt.info.rank, len(dataset), rt.info.world_size))
+        batch, device = 2 * rt.plan.per_gpu_batch, rt.device
+        found, logits = predict_arrays(
+            model, dataset, batch, device, rt.amp, workers, rt.channels_last, share
         )
-        positions = shard(len(dataset), rt.info.rank, rt.info.world_size)
-        local = torch.utils.data.Subset(dataset, positions)
-        local_pos, logits = predict_arrays(
-            model, local, 2 * rt.plan.per_gpu_batch, rt.device, rt.amp, workers, rt.channels_last
-        )
-        global_pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)[local_pos], device=rt.device)
-        gathered_pos = cxrdist.all_gather_tensors(global_pos)
-        gathered_logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=rt.device))
+        positions = cxrdist.all_gather_tensors(torch.as_tensor(found, device=device))
+        logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=device))
         if self.is_main:
-            table = logits_frame(
-                frame["dicom_id"].tolist(),
-                torch.cat(gathered_pos).cpu().numpy(),
-                torch.cat(gathered_logits).cpu().numpy(),
-                dataset.findings,
-            )
+            positions, logits = torch.cat(positions).cpu().numpy(), torch.cat(logits).cpu().numpy()
+            table = logits_frame(frame["dicom_id"].tolist(), positions, logits, dataset.findings)
             write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
 
     def write_done(self, summary: dict) -> None:
@@ -375,26 +330,9 @@ class RunFolder:
         cxrdist.barrier()
 
 
-def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint: dict, plan) -> dict:
-    """Everything a resume needs after ``epoch``: model, optimizer, scheduler, scaler, early stopping
-    (``objects``, in that order), the history, the RNG states and the run's settings."""
-    model, optimizer, scheduler, scaler, stopper = objects
-    return {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
-        "args": jsonable_args(args), "fingerprint": fingerprint, "batch_plan": dataclasses.asdict(plan),
-        "version": __version__, "torch_version": str(torch.__version__),
-    }  # fmt: skip
-
-
 def set_aside_stale_run(folder: Path, index_path: Path, folds_path: Path) -> Path | None:
-    """Move a finished training made from another index or fold file aside (never delete it).
-
-    When the data of a preset changes (a new phantom, another data root), the old run's results
-    no longer belong to it; its folder is renamed ``fold<k>.stale-<time>`` so that the new run
-    starts clean and nothing is lost. Returns the new name, or None.
-    """
+    """Rename a finished training made from another index or fold file to ``fold<k>.stale-<time>``
+    (never delete it), so that the new run starts clean; returns the new name, or None."""
     done = folder / paths.DONE
     if not done.is_file():
         return None
@@ -410,10 +348,5 @@ def set_aside_stale_run(folder: Path, index_path: Path, folds_path: Path) -> Pat
 
 def read_histories(run: Path, resolutions, folds) -> dict[tuple[int, int], pd.DataFrame]:
     """``history.csv`` of every (resolution, fold) of ``run`` that has one (missing runs are skipped)."""
-    out = {}
-    for resolution in resolutions:
-        for fold in folds:
-            path = paths.fold_dir(run, resolution, fold) / paths.HISTORY
-            if path.is_file():
-                out[(int(resolution), int(fold))] = pd.read_csv(path)
-    return out
+    found = {(int(r), int(f)): paths.fold_dir(run, r, f) / paths.HISTORY for r in resolutions for f in folds}
+    return {key: pd.read_csv(path) for key, path in found.items() if path.is_file()}

@@ -1,22 +1,8 @@
-"""Patient-level K-fold cross-validation with a nested train/val split, and its leakage check.
+"""Patient-level K-fold cross-validation with a nested train/val split (``folds.csv``), and its leakage check.
 
-Subjects (patients) are shuffled with a recorded seed and dealt into K groups of nearly
-equal size; group k is fold k's test set (about 1/K of the subjects, 20% for K = 5). The
-other subjects of fold k are shuffled again (seeded by ``seed`` and ``k``) and split
-90/10 into train and val. Every image of a subject gets the subject's role, so no patient
-is ever on two sides of a split. :func:`official_folds` makes one fold instead, whose test images
-are the data's official test split (the index's ``split`` column, as Kermany's reader writes it).
-
-``folds.csv`` has one row per image, in the index's order::
-
-    dicom_id, subject_id, role_0, ..., role_{K-1}      (roles: train / val / test)
-
-:func:`check_folds` runs whenever folds are made or read: it refuses a subject with two
-roles in one fold, an image that is not test in exactly one fold, duplicate images and
-unknown roles (a one-fold table tests what its split says). The same index and seed give the
-same file, byte for byte.
-
-Command line::
+``folds.csv`` has one row per image, in the index's order: ``dicom_id, subject_id, role_0 .. role_{K-1}``
+(roles ``train`` / ``val`` / ``test``). Every image of a subject has the subject's role, each image is
+tested in exactly one fold, the same index and seed give the same bytes (docs/data_files.md, "The folds")::
 
     python -m cxrlib.splits --index index.csv --folds 5 --seed 0 --out folds.csv
     python -m cxrlib.splits --check folds.csv [--index index.csv]
@@ -39,66 +25,62 @@ ROLES: tuple[str, ...] = ("train", "val", "test")
 
 
 class LeakageError(DataError):
-    """A fold file mixes a subject across roles, or does not test every image exactly once (or is not
-    a fold file at all); one line, as every :class:`~cxrlib.fileio.DataError`."""
+    """A fold file mixes a subject across roles, does not test every image exactly once, or is not a
+    fold file at all; one line, as every :class:`~cxrlib.fileio.DataError`."""
 
 
-def role_columns(folds: pd.DataFrame) -> list[str]:
-    """The ``role_<k>`` columns of a fold table, in fold order."""
-    columns = [c for c in folds.columns if c.startswith("role_")]
-    return sorted(columns, key=lambda c: int(c.split("_", 1)[1]))
+def _role_columns(folds: pd.DataFrame) -> list[str]:
+    return sorted((c for c in folds.columns if c.startswith("role_")), key=lambda c: int(c.split("_", 1)[1]))
 
 
-def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: float = 0.1) -> pd.DataFrame:
-    """Assign every image of ``index`` a role in each of ``k`` patient-grouped folds.
-
-    Needs ``dicom_id`` and ``subject_id`` columns. Raises ``ValueError`` when there are
-    fewer than ``k`` subjects (or too few to leave a train and a val subject per fold).
-    """
-    if k < 2:
-        raise ValueError(f"--folds must be at least 2, got {k}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    subjects = np.array(sorted(index["subject_id"].astype(str).unique()))
-    if len(subjects) < k + 2:
-        raise ValueError(
-            f"{len(subjects)} subjects cannot make {k} folds with train and val subjects; "
-            f"need at least {k + 2}"
-        )
-    shuffled = np.random.default_rng(seed).permutation(subjects)
-    test_groups = np.array_split(shuffled, k)
+def _table(index: pd.DataFrame, subjects: pd.Series, roles: dict[str, pd.Series]) -> pd.DataFrame:
     folds = pd.DataFrame(
-        {
-            "dicom_id": index["dicom_id"].astype(str).to_numpy(),
-            "subject_id": index["subject_id"].astype(str).to_numpy(),
-        }
+        {"dicom_id": index["dicom_id"].astype(str).to_numpy(), "subject_id": subjects.to_numpy()}
     )
-    for fold, test_subjects in enumerate(test_groups):
-        rest = np.setdiff1d(shuffled, test_subjects)  # sorted, then shuffled per fold below
-        role_of = _roles(np.random.default_rng([seed, fold]).permutation(rest), test_subjects, val_fraction)
-        folds[f"role_{fold}"] = folds["subject_id"].map(role_of)
+    for column, role_of in roles.items():
+        folds[column] = folds["subject_id"].map(role_of)
     check_folds(folds)
     return folds
 
 
-def _roles(rest: np.ndarray, test_subjects: list[str] | np.ndarray, val_fraction: float) -> dict[str, str]:
-    """``{subject: role}``: the first ``val_fraction`` of the shuffled ``rest`` val (at least one,
-    and one left to train), the others train, ``test_subjects`` test."""
+def _roles(rest: np.ndarray, test_subjects, val_fraction: float) -> dict[str, str]:
+    """``{subject: role}``: the first ``val_fraction`` of the shuffled ``rest`` val (at least one, and one
+    left to train), the others train, ``test_subjects`` test."""
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
-    role_of = dict.fromkeys(rest[n_val:], "train")
-    role_of.update(dict.fromkeys(rest[:n_val], "val"))
-    role_of.update(dict.fromkeys(test_subjects, "test"))
-    return role_of
+    return {
+        **dict.fromkeys(rest[n_val:], "train"),
+        **dict.fromkeys(rest[:n_val], "val"),
+        **dict.fromkeys(test_subjects, "test"),
+    }
+
+
+def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: float = 0.1) -> pd.DataFrame:
+    """Every image of ``index`` a role in each of ``k`` folds: the subjects, shuffled with ``seed``, dealt
+    into ``k`` test groups; the rest of fold k shuffled again (``[seed, k]``) and split into train and val."""
+    if k < 2:
+        raise ValueError(f"--folds must be at least 2, got {k}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    subjects = index["subject_id"].astype(str)
+    unique = np.array(sorted(subjects.unique()))
+    if len(unique) < k + 2:
+        raise ValueError(
+            f"{len(unique)} subjects cannot make {k} folds with train and val subjects; need at least {k + 2}"
+        )
+    shuffled = np.random.default_rng(seed).permutation(unique)
+    roles = {}
+    for fold, test_subjects in enumerate(np.array_split(shuffled, k)):
+        rest = np.setdiff1d(shuffled, test_subjects)  # sorted, then shuffled per fold
+        roles[f"role_{fold}"] = _roles(
+            np.random.default_rng([seed, fold]).permutation(rest), test_subjects, val_fraction
+        )
+    return _table(index, subjects, roles)
 
 
 def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1) -> pd.DataFrame:
-    """One fold (``role_0``) whose test images are the index's official test images (``split``
-    column ``test``); the other subjects, shuffled with ``seed``, split into train and val.
-
-    A subject with images in the official test split and outside it is tested with all its images
-    (a warning gives the count), so no patient is on two sides and no official test image is
-    trained on.
-    """
+    """One fold (``role_0``) whose test images are the index's official test images (``split`` column
+    ``test``, Kermany's); the other subjects, shuffled with ``seed``, are train and val. A subject with
+    images on both sides is tested with all of them (a warning gives the count)."""
     if "split" not in index.columns:
         raise DataError("the index has no 'split' column: the official split needs a source that keeps it")
     subjects = index["subject_id"].astype(str)
@@ -119,76 +101,60 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
             stacklevel=2,
         )
     role_of = _roles(np.random.default_rng(seed).permutation(rest), test_subjects, val_fraction)
-    folds = pd.DataFrame(
-        {"dicom_id": index["dicom_id"].astype(str).to_numpy(), "subject_id": subjects.to_numpy()}
-    )
-    folds["role_0"] = folds["subject_id"].map(role_of)
-    check_folds(folds)
-    return folds
+    return _table(index, subjects, {"role_0": role_of})
 
 
 def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: str = "folds") -> None:
-    """Raise :class:`LeakageError` (naming the subject or image) if ``folds`` leaks or is malformed.
-
-    With ``index``, also check that both list the same images with the same subjects.
-    """
-    for column in ("dicom_id", "subject_id"):
-        if column not in folds.columns:
-            raise LeakageError(f"{source}: missing column {column!r}")
-    roles = role_columns(folds)
-    if not roles:
-        raise LeakageError(f"{source}: needs role_0 .. role_(K-1) columns, found none")
-    expected = [f"role_{k}" for k in range(len(roles))]
-    if roles != expected:
-        raise LeakageError(f"{source}: fold columns {roles} are not {expected}")
+    """Raise :class:`LeakageError` naming the subject or image when ``folds`` leaks or is malformed
+    (with ``index``: when the two do not list the same images with the same subjects)."""
+    missing = [c for c in ("dicom_id", "subject_id") if c not in folds.columns]
+    if missing:
+        raise LeakageError(f"{source}: missing column {missing[0]!r}")
+    roles = _role_columns(folds)
+    if roles != [f"role_{k}" for k in range(len(roles))] or not roles:
+        raise LeakageError(f"{source}: fold columns {roles} are not role_0 .. role_(K-1)")
     duplicated = folds["dicom_id"].duplicated()
     if duplicated.any():
         raise LeakageError(f"{source}: image {folds['dicom_id'][duplicated].iloc[0]!r} is listed twice")
-    for column in roles:
-        bad = ~folds[column].isin(ROLES)
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise LeakageError(
-                f"{source}: {column}, line {row + 2}: role {folds[column].iloc[row]!r} is not one of {ROLES}"
-            )
-        roles_per_subject = folds.groupby("subject_id")[column].nunique()
-        mixed = roles_per_subject[roles_per_subject > 1]
-        if len(mixed):
-            subject = mixed.index[0]
-            seen = sorted(folds.loc[folds["subject_id"] == subject, column].unique())
-            raise LeakageError(
-                f"{source}: subject {subject} is in roles {seen} of fold {column[5:]}: patient-level leakage"
-            )
-    times_test = (folds[roles] == "test").sum(axis=1)
-    wrong = times_test != 1
-    if len(roles) > 1 and wrong.any():  # one fold (an official split) tests what the split says
-        row = int(np.flatnonzero(wrong.to_numpy())[0])
+    bad = ~folds[roles].isin(ROLES)
+    if bad.any().any():
+        column = bad.any().idxmax()
+        row = int(np.flatnonzero(bad[column].to_numpy())[0])
         raise LeakageError(
-            f"{source}: image {folds['dicom_id'].iloc[row]!r} (subject "
-            f"{folds['subject_id'].iloc[row]}) is test in {int(times_test.iloc[row])} folds, "
-            f"not exactly 1"
+            f"{source}: {column}, line {row + 2}: role {folds[column].iloc[row]!r} is not one of {ROLES}"
+        )
+    mixed = folds.groupby("subject_id")[roles].nunique() > 1
+    if mixed.any().any():
+        column = mixed.any().idxmax()
+        subject = mixed.index[mixed[column]][0]
+        seen = sorted(folds.loc[folds["subject_id"] == subject, column].unique())
+        raise LeakageError(
+            f"{source}: subject {subject} is in roles {seen} of fold {column[5:]}: patient-level leakage"
+        )
+    times_test = (folds[roles] == "test").sum(axis=1)
+    if len(roles) > 1 and (times_test != 1).any():  # one fold (an official split) tests what the split says
+        row = folds[times_test != 1].iloc[0]
+        raise LeakageError(
+            f"{source}: image {row['dicom_id']!r} (subject {row['subject_id']}) is test in "
+            f"{int(times_test[times_test != 1].iloc[0])} folds, not exactly 1"
         )
     if index is not None:
-        merged = folds[["dicom_id", "subject_id"]].merge(
-            index[["dicom_id", "subject_id"]].astype(str),
-            on="dicom_id",
-            how="outer",
-            suffixes=("_folds", "_index"),
-            indicator=True,
+        both = folds[["dicom_id", "subject_id"]].merge(
+            index[["dicom_id", "subject_id"]].astype(str), on="dicom_id", how="outer", indicator=True
         )
-        only = merged[merged["_merge"] != "both"]
+        only = both[both["_merge"] != "both"]
         if len(only):
-            row = only.iloc[0]
-            where = "the folds" if row["_merge"] == "left_only" else "the index"
+            where = "the folds" if only["_merge"].iloc[0] == "left_only" else "the index"
+            image = only["dicom_id"].iloc[0]
             raise LeakageError(
-                f"{source}: image {row['dicom_id']!r} is only in {where}; the folds do not match the index"
+                f"{source}: image {image!r} is only in {where}; the folds do not match the index"
             )
-        differ = merged[merged["subject_id_folds"] != merged["subject_id_index"]]
+        differ = both[both["subject_id_x"] != both["subject_id_y"]]
         if len(differ):
             row = differ.iloc[0]
             raise LeakageError(
-                f"{source}: image {row['dicom_id']!r} belongs to subject "
-                f"{row['subject_id_index']} in the index but {row['subject_id_folds']} here"
+                f"{source}: image {row['dicom_id']!r} belongs to subject {row['subject_id_y']} in the index "
+                f"but {row['subject_id_x']} here"
             )
 
 
@@ -211,82 +177,52 @@ def read_folds(path: str | os.PathLike, index: pd.DataFrame | None = None) -> pd
 
 def num_folds(folds: pd.DataFrame) -> int:
     """K, the number of folds in a fold table."""
-    return len(role_columns(folds))
+    return len(_role_columns(folds))
 
 
 def fold_ids(folds: pd.DataFrame, fold: int, role: str) -> list[str]:
     """dicom_ids with ``role`` (train / val / test) in ``fold``, in file order."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
-    k = num_folds(folds)
-    if not 0 <= fold < k:
-        raise ValueError(f"fold {fold} does not exist: the fold file has folds 0 .. {k - 1}")
+    if not 0 <= fold < num_folds(folds):
+        raise ValueError(f"fold {fold} does not exist: the fold file has folds 0 .. {num_folds(folds) - 1}")
     return folds.loc[folds[f"role_{fold}"] == role, "dicom_id"].tolist()
 
 
 def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
     """Images and subjects per role in each fold."""
-    rows = []
-    for k in range(num_folds(folds)):
-        role = folds[f"role_{k}"]
-        for name in ROLES:
-            member = role == name
-            images, subjects = int(member.sum()), int(folds.loc[member, "subject_id"].nunique())
-            rows.append({"fold": k, "role": name, "images": images, "subjects": subjects})
-    return pd.DataFrame(rows).pivot(index="fold", columns="role", values=["images", "subjects"])
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--index", type=Path, help="index.csv (from python -m cxrlib.datasets)")
-    parser.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of non-test subjects used for validation (default 0.1)",
-    )
-    parser.add_argument("--out", type=Path, help="folds.csv to write")
-    parser.add_argument(
-        "--check",
-        type=Path,
-        metavar="FOLDS_CSV",
-        help="only check an existing fold file for leakage (with --index: against it)",
-    )
-    return parser
+    long = folds.melt("subject_id", _role_columns(folds), var_name="fold", value_name="role")
+    long["fold"] = long["fold"].str[5:].astype(int)
+    counts = long.groupby(["fold", "role"])["subject_id"].agg(images="size", subjects="nunique")
+    return counts.unstack("role", fill_value=0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    from .datasets import read_index
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--index", type=Path, help="index.csv (from python -m cxrlib.datasets)")
+    add("--folds", type=int, default=5, help="number of folds K (default 5)")
+    add("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    add("--val-fraction", type=float, default=0.1, help="share of non-test subjects in val")
+    add("--out", type=Path, help="folds.csv to write")
+    add("--check", type=Path, metavar="FOLDS_CSV", help="only check a fold file (and --index)")
+    args = parser.parse_args(argv)
+    if args.check is None and (args.index is None or args.out is None):
+        parser.error("give --index and --out to make folds, or --check FOLDS_CSV")
+    from .index import read_index
 
     try:
+        index = read_index(args.index) if args.index else None
         if args.check is not None:
-            index = read_index(args.index) if args.index else None
             folds = read_folds(args.check, index)
-            print(
-                f"{args.check}: {len(folds)} images, {folds['subject_id'].nunique()} subjects, "
-                f"{num_folds(folds)} folds, no leakage"
-            )
-            return 0
-        if args.index is None or args.out is None:
-            get_args_parser().error("give --index and --out to make folds, or --check FOLDS_CSV")
-        folds = make_folds(read_index(args.index), args.folds, args.seed, args.val_fraction)
-        write_folds(folds, args.out)
-    except (LeakageError, ValueError, FileNotFoundError) as error:
+        else:
+            folds = make_folds(index, args.folds, args.seed, args.val_fraction)
+            write_folds(folds, args.out)
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    counts = {
-        k: (folds[f"role_{k}"].value_counts().reindex(list(ROLES), fill_value=0)).tolist()
-        for k in range(args.folds)
-    }
-    print(
-        f"wrote {args.out}: {len(folds)} images of {folds['subject_id'].nunique()} subjects; "
-        f"train/val/test images per fold: {counts}"
-    )
+    done = f"{args.check}: no leakage" if args.check else f"wrote {args.out}"
+    print(f"{done}: {len(folds)} images of {folds['subject_id'].nunique()} subjects\n{fold_summary(folds)}")
     return 0
 
 

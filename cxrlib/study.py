@@ -1,164 +1,251 @@
-"""The steps of the paper's study for one preset: what each numbered notebook runs.
-
-Composition only: each function takes a resolved :class:`cxrlib.presets.Preset`, calls the
-modules that do the work (readers, splits, cache, launch, metrics, ensemble, receptive_field,
-gradcam, throughput) and writes the artifacts of the contract, so a notebook cell is one call
-plus display, and the same step runs (and is tested) without a notebook. A notebook starts
-with :func:`open_preset`.
-"""
+"""The steps of the study for one preset: what each numbered notebook runs, reads (:data:`STEPS`) and
+writes. A notebook starts with ``cfg = study.open_preset("<its step>", globals())``; each cell is one call
+here plus display, so a step runs (and is tested) without its notebook."""
 
 from __future__ import annotations
 
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from . import datasets, paths, splits
-from .presets import Preset
+from . import ensemble, metrics, paths, plots, splits
+from . import field_sweep as arms
+from . import recipe as rules
+from . import throughput as speeds
+from .cache import MANIFEST_NAME, CXRDataset, build_cache
+from .datasets import check_data_root, index_from_source
+from .evaluate import evaluate_external
+from .fileio import ConfigError, write_csv_atomic
+from .gradcam import example_for, gradcam
+from .index import index_findings, read_index, select_findings, write_index
+from .launch import launch, override_flags, resolve_nproc
+from .models import (
+    amp_dtype,
+    build_model,
+    default_workers,
+    inference_batch,
+    load_trained_model,
+    predict_logits,
+    resolve_device,
+    use_channels_last,
+)
+from .phantom import ensure_phantom
+from .presets import Preset, resolve
+from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
+from .run_folder import read_histories, set_aside_stale_run
+from .train import get_args_parser
 
-# ----------------------------------------------------------------------------- every notebook
+
+@dataclass(frozen=True)
+class Step:
+    """A notebook, the steps whose outputs it reads, and the files it leaves: ``<folder>/<name>``, the
+    folder ``run``, ``cache``, ``tables``, ``figures`` or ``fold`` (each trained fold at its resolution)."""
+
+    notebook: str
+    needs: str = ""
+    files: str = ""
+    per_resolution: bool = False  # run once per resolution, as 03_train_res<R>
+    default: bool = True  # run by every preset that does not list its own steps
+    trains: bool = False  # the time estimate is printed before it starts
+    fixed: dict[str, Any] = field(default_factory=dict, compare=False)  # parameters always passed
+
+    def name(self, resolution: int | None = None) -> str:
+        return f"{self.notebook}_res{resolution}" if resolution is not None else self.notebook
+
+    def outputs(self, preset: Preset, resolution: int | None = None) -> list[Path]:
+        folders = {"run": [preset.run_path], "cache": [preset.cache_path], "tables": [preset.tables_path]}
+        folders["figures"] = [preset.figures_path]
+        if resolution is not None:
+            folders["fold"] = [paths.fold_dir(preset.run_path, resolution, f) for f in preset.trained_folds()]
+        files = [file.split("/") for file in self.files.split()]
+        return [folder / name for where, name in files for folder in folders[where]]
 
 
-def open_preset(step: str, preset: str, **overrides: Any) -> Preset:
-    """A notebook's setup in one call: resolve the preset with the notebook's parameters, stop in
-    one line when an earlier step's output is missing, show figures inline, print where things go."""
-    from . import plots, presets
-    from .prerequisites import require_step_inputs
+STEPS: tuple[Step, ...] = (
+    Step("00_data", "", "run/index.csv run/folds.csv"),
+    Step("01_image_sizes", "00_data", "figures/fig3_image_sizes.png"),
+    Step("02_downscale", "00_data", f"cache/{MANIFEST_NAME}"),
+    Step("03_train", "00_data 02_downscale", " ".join(f"fold/{name}" for name in paths.FOLD_RESULTS),
+         per_resolution=True, trains=True),
+    Step("04_evaluate", "00_data 03_train", "figures/auc_vs_resolution.png figures/cross_resolution.png "
+         "tables/auc.csv tables/table3.csv tables/delong.csv tables/cross_resolution_auc.csv"),
+    Step("05_receptive_field", "00_data 02_downscale 03_train", "figures/fig1_erf.png tables/erf.csv"),
+    Step("06_gradcam", "00_data 02_downscale 03_train", "figures/fig4_gradcam.png"),
+    Step("07_ensemble", "04_evaluate", "figures/fig5_ensemble_weights.png tables/ensemble_weights.csv"),
+    Step("08_throughput", "00_data 02_downscale", "tables/table2_throughput.csv"),
+    # Interactive widgets can leave a batch kernel's last reply undelivered (nbclient waits forever).
+    Step("09_receptive_field_explained", "00_data 02_downscale", fixed={"interactive": False}),
+    Step("10_field_sweep", "00_data 02_downscale", "figures/field_sweep_arms.png tables/field_sweep.csv "
+         "tables/field_sweep_delong.csv", default=False, trains=True),
+)  # fmt: skip
+OVERRIDES = ("data_root", "resolutions", "folds", "gpus", "run_dir", "figures_dir", "device", "fold_split")
 
-    cfg = presets.resolve(preset, **overrides)
-    require_step_inputs(cfg, step, preset)
+
+class MissingInputError(FileNotFoundError):
+    """A notebook's input is missing: IPython shows the one-line message, not a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+def _shown(path: str | os.PathLike) -> str:
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(paths.PROJECT_ROOT) if path.is_relative_to(paths.PROJECT_ROOT) else path)
+
+
+def missing_inputs(preset: Preset, step: str) -> list[tuple[Path, str]]:
+    """Every file ``step`` reads that is not there yet, with the notebook that writes it, in order."""
+    needs = {s.notebook: s.needs.split() for s in STEPS}
+    if step not in needs:
+        raise ValueError(f"unknown step {step!r}; steps are {list(needs)}")
+    missing = []
+    for earlier in (s for s in STEPS if s.notebook in needs[step]):
+        for resolution in preset.resolutions if earlier.per_resolution else [None]:
+            writer = earlier.notebook + (f" with resolution {resolution}" if resolution else "")
+            missing += [(p, writer) for p in earlier.outputs(preset, resolution) if not p.is_file()]
+    return missing
+
+
+def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> None:
+    """Raise :class:`MissingInputError` naming the first missing input of ``step`` and the command that
+    writes it (``preset_arg``: the preset as the notebook got it); for 00_data, a missing data root."""
+    if step == "00_data" and preset.data.source != "phantom":
+        try:
+            check_data_root(preset.data.source, preset.data_path, preset.data.csv)
+        except FileNotFoundError as error:
+            raise MissingInputError(
+                f"{error}: set the data_root parameter to the folder of the data (or data.root in the preset)"
+            ) from None
+    elif missing := missing_inputs(preset, step):
+        command = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
+        command += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
+        path, writer = missing[0]
+        raise MissingInputError(
+            f"{_shown(path)} does not exist yet: run {command} (or notebook {writer} first)"
+        )
+
+
+def open_preset(step: str, parameters: dict[str, Any]) -> Preset:
+    """A notebook's setup: ``cfg = study.open_preset("03_train", globals())`` resolves ``preset`` with the
+    overrides its parameters cell declares ("" or []: the preset's value), stops in one line when an
+    earlier step's output is missing, shows figures inline and prints where things go."""
+    overrides = {k: parameters[k] for k in OVERRIDES if parameters.get(k) not in (None, "", [])}
+    cfg = resolve(parameters["preset"], **overrides)
+    require_inputs(cfg, step, parameters["preset"])
     plots.show_inline()
-    folds = f"folds {cfg.trained_folds()} of {cfg.folds.count}"
-    print(f"preset {cfg.name}: resolutions {cfg.resolutions}, {folds}")
+    print(
+        f"preset {cfg.name}: resolutions {cfg.resolutions}, folds {cfg.trained_folds()} of {cfg.fold_count}"
+    )
     print(f"artifacts in {cfg.run_path}, figures in {cfg.figures_path}")
     return cfg
 
 
-# ----------------------------------------------------------------------------- 00_data
-
-
 def build_index(preset: Preset) -> pd.DataFrame:
-    """The image index of the preset's data source (labels mapped by the preset's policy); a
-    phantom is written first unless the same one is already complete."""
-    from .sources import index_from_source
-
+    """The image index of the preset's data source; a phantom is written first unless already complete."""
     data = preset.data
     if data.source == "phantom":
-        from .phantom import ensure_phantom
-
         ensure_phantom(preset.data_path, data.subjects, data.seed, data.max_size, **data.phantom_options)
-    try:
-        index = index_from_source(
-            data.source, preset.data_path, data.csv, data.csv_options, data.policy, data.blank,
-            None if data.views == "all" else data.views,
-        )  # fmt: skip
-        return datasets.select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
-    except ValueError as error:
-        if str(error).startswith(("unknown data source", "data.csv must")):
-            raise ValueError(f"preset {preset.name!r}: {error}") from None
-        raise
+    views = None if data.views == "all" else data.views
+    options = (data.csv, data.csv_options, data.policy, data.blank, views)
+    index = index_from_source(data.source, preset.data_path, *options)
+    return select_findings(index, data.findings, f"preset {preset.name!r}: data.findings")
 
 
 def prepare_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build (or re-build) ``index.csv`` and ``folds.csv`` of the preset; returns both."""
-    index = build_index(preset)
-    datasets.write_index(index, preset.index_path)
-    seed, val_fraction = preset.folds.seed, preset.folds.val_fraction
+    index, (seed, fraction) = build_index(preset), (preset.folds.seed, preset.folds.val_fraction)
+    write_index(index, preset.index_path)
     if preset.folds.split == "official":
-        folds = splits.official_folds(index, seed, val_fraction)
+        folds = splits.official_folds(index, seed, fraction)
     else:
-        folds = splits.make_folds(index, preset.folds.k, seed, val_fraction)
+        folds = splits.make_folds(index, preset.folds.k, seed, fraction)
     splits.write_folds(folds, preset.folds_path)
     return index, folds
 
 
 def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read the preset's index and folds (the folds are checked for leakage against the index)."""
-    for path in (preset.index_path, preset.folds_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist yet: run notebook 00_data first "
-                f"(python -m cxrlib.pipeline --preset {preset.name})"
-            )
-    index = datasets.read_index(preset.index_path)
+    """The preset's index and folds (the folds checked for leakage against the index)."""
+    require_inputs(preset, "01_image_sizes")  # 00_data's index and folds
+    index = read_index(preset.index_path)
     return index, splits.read_folds(preset.folds_path, index)
-
-
-# ----------------------------------------------------------------------------- 02_downscale
 
 
 def prepare_cache(preset: Preset, index: pd.DataFrame | None = None, progress: bool = True):
     """Write every image at every resolution of the preset into its cache; raise on unreadable images."""
-    from .cache import build_cache
-
-    index = datasets.read_index(preset.index_path) if index is None else index
-    report = build_cache(
-        index,
-        preset.cache_path,
-        preset.resolutions,
-        workers=preset.cache.workers,
-        mode=preset.cache.mode,
-        fmt=preset.cache.format,
-        progress=progress,
-    )
+    index, cache = read_index(preset.index_path) if index is None else index, preset.cache
+    options = (preset.cache_path, preset.resolutions, cache.workers, cache.mode, cache.format)
+    report = build_cache(index, *options, progress=progress)
     if not report.ok:
         raise RuntimeError(report.error_message())
     return report
 
 
-# ----------------------------------------------------------------------------- 03_train
+def training_processes(preset: Preset) -> int:
+    """Training processes per node: the preset's GPUs, or ``train.cpu_processes`` without a CUDA GPU."""
+    return resolve_nproc(preset.train.gpus if torch.cuda.is_available() else preset.train.cpu_processes)
+
+
+def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
+    """The recipe at ``resolution`` on this machine, planned by the trainer's own function
+    (:func:`cxrlib.recipe.plan_training`) from the flags :func:`train_resolution` passes."""
+    files = ["--index", "", "--folds", "", "--cache", "", "--fold", "0", "--out", ""]
+    flags = override_flags(preset.train_options(resolution))
+    args = get_args_parser().parse_args([*files, "--resolution", str(resolution), *flags])
+    device = resolve_device(args.device)
+    amp, processes = amp_dtype(device, args.amp), training_processes(preset)
+    plan = rules.plan_training(args, processes, device, amp)
+    images = len(splits.fold_ids(load_data(preset)[1], analysis_fold(preset), "train"))
+    images, batches = min(images, args.max_train_images or images), plan.batches
+    table1 = "Table 1" if resolution in rules.TABLE1 else "Table 1's rule"
+    rows = {
+        f"learning rate ({table1})": rules.default_lr(resolution),
+        f"effective batch ({table1})": rules.default_effective_batch(resolution),
+        "learning rate asked": args.lr or "Table 1",
+        "effective batch asked": args.effective_batch or "Table 1",
+        "per-process batch": batches.per_gpu_batch,
+        "processes": batches.world_size,
+        "accumulation steps": batches.accumulation_steps,
+        "effective batch": batches.effective_batch,
+        "learning rate": plan.lr,
+        "training images (first fold)": images,
+        "optimizer steps per epoch": -(-images // batches.effective_batch),  # a last, partial step too
+        "epochs (at most)": args.epochs,
+        "schedule": f"Adam; lr x {args.lr_factor} after {args.patience_lr} epochs without a better "
+        f"validation loss; stop after {args.patience_stop}",
+        "device, precision": f"{device.type}, {str(amp).removeprefix('torch.') if amp else 'float32'}",
+        "channels_last": use_channels_last(device, args.channels_last),
+        "weights": args.weights,
+    }
+    return pd.DataFrame({f"{resolution} px": rows})
 
 
 def train_resolution(
     preset: Preset, resolution: int, folds: list[int] | None = None, echo: bool = True
 ) -> list[Path]:
-    """Train every fold of the preset at one resolution with torchrun; returns the fold folders.
-
-    A finished fold is not trained again and an interrupted one resumes from its checkpoint
-    (the trainer's automatic resume); a finished fold made from other data is set aside first
-    (:func:`cxrlib.run_folder.set_aside_stale_run`).
-    """
-    from .launch import launch
-    from .run_folder import set_aside_stale_run
-
-    if int(resolution) not in preset.resolutions:
-        raise ValueError(f"resolution {resolution} is not one of the preset's {preset.resolutions}")
+    """Train every fold of the preset at one resolution with torchrun; returns the fold folders. A finished
+    fold is not trained again, an interrupted one resumes, one made from other data is set aside first."""
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
-    processes = preset.train.gpus if torch.cuda.is_available() else preset.train.cpu_processes
+    files = {"index": preset.index_path, "folds": preset.folds_path, "cache": preset.cache_path}
+    options = {"gpus": training_processes(preset), "echo": echo, "cache_format": preset.cache.format}
     runs = []
     for fold in folds if folds is not None else preset.trained_folds():
-        folder = paths.fold_dir(preset.run_path, resolution, fold)
-        set_aside_stale_run(folder, preset.index_path, preset.folds_path)
+        set_aside_stale_run(paths.fold_dir(preset.run_path, resolution, fold), files["index"], files["folds"])
         runs.append(
-            launch(
-                int(resolution),
-                int(fold),
-                run_dir=preset.run_path,
-                index=preset.index_path,
-                folds=preset.folds_path,
-                cache=preset.cache_path,
-                gpus=processes,
-                echo=echo,
-                cache_format=preset.cache.format,
-                **preset.train_options(resolution),
-            )
+            launch(resolution, fold, preset.run_path, **files, **options, **preset.train_options(resolution))
         )
     return runs
 
 
-def histories(preset: Preset) -> dict[tuple[int, int], pd.DataFrame]:
+def histories(preset: Preset, resolutions: list[int] | None = None) -> dict[tuple[int, int], pd.DataFrame]:
     """``history.csv`` of every trained (resolution, fold) that has one."""
-    from .run_folder import read_histories
-
-    return read_histories(preset.run_path, preset.resolutions, preset.trained_folds())
-
-
-# ----------------------------------------------------------------------------- 04_evaluate, 07_ensemble
+    return read_histories(preset.run_path, resolutions or preset.resolutions, preset.trained_folds())
 
 
 @dataclass
@@ -174,50 +261,36 @@ class Evaluation:
 
 
 def evaluate(preset: Preset) -> Evaluation:
-    """Per-finding test AUC per resolution and fold, the two ensembles, Table 3, CIs and DeLong tests.
-
-    Writes ``tables/auc.csv``, ``table3.csv``, ``ensemble_weights.csv`` (and
-    ``ensemble_weights_by_fold.csv``), ``auc_bootstrap.csv``, ``delong.csv`` and
-    ``ensemble_convergence.csv``.
-    """
-    from . import ensemble, metrics
-    from .fileio import write_csv_atomic
-
-    index, _ = load_data(preset)
+    """Test AUC per finding, resolution and fold, both ensembles, Table 3, intervals and DeLong tests; writes
+    auc, table3, ensemble_weights(_by_fold), ensemble_convergence, auc_bootstrap and delong.csv."""
+    index, tables = load_data(preset)[0], preset.tables_path
     run, resolutions, folds = preset.run_path, preset.resolutions, preset.trained_folds()
-    test = metrics.load_predictions(run, resolutions, folds, split="test")
-    scored: dict = dict(test)
+    scored = test = metrics.load_predictions(run, resolutions, folds, split="test")
     ensembles = weights = None
     if len(resolutions) >= 2:
         val = metrics.load_predictions(run, resolutions, folds, split="val")
         ensembles = ensemble.fit_fold_ensembles(val, test, index, resolutions, folds)
-        scored.update(ensembles.predictions)
+        scored = {**test, **ensembles.predictions}
         weights = ensemble.ensemble_weights_table(ensembles.weights)
         ensemble.write_ensemble_weights(run, ensembles.weights)
         # each fold's own weights, which an external validation applies (cxrlib.evaluate)
-        write_csv_atomic(ensembles.weights, preset.tables_path / "ensemble_weights_by_fold.csv")
-        write_csv_atomic(ensembles.convergence, preset.tables_path / "ensemble_convergence.csv")
-    auc_long = metrics.auc_table(scored, index)
+        write_csv_atomic(ensembles.weights, tables / "ensemble_weights_by_fold.csv")
+        write_csv_atomic(ensembles.convergence, tables / "ensemble_convergence.csv")
+    auc_long, pooled = metrics.auc_table(scored, index), metrics.pool_folds(scored)
     metrics.write_auc_tables(run, auc_long)
-    pooled = metrics.pool_folds(scored)
     bootstrap = metrics.bootstrap_table(pooled, index, n_boot=preset.analysis.bootstrap)
-    write_csv_atomic(bootstrap, preset.tables_path / "auc_bootstrap.csv")
+    write_csv_atomic(bootstrap, tables / "auc_bootstrap.csv")
     delong = metrics.pairwise_delong(pooled, index) if len(pooled) >= 2 else pd.DataFrame()
-    write_csv_atomic(delong, preset.tables_path / "delong.csv")
+    write_csv_atomic(delong, tables / "delong.csv")
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
 
 
 def external_validation(preset: Preset, index: str | Path, n_boot: int | None = None):
-    """The run's models and ensembles scored on another data set (see
-    :func:`cxrlib.evaluate.evaluate_external`): its tables under ``<run>/external/<the index's
-    folder>``, its images cached beside the run's."""
-    from .evaluate import evaluate_external
-
-    name = Path(index).resolve().parent.name
-    return evaluate_external(
-        preset.run_path, index, cache=Path(str(preset.cache_path)) / "external" / name,
-        device=str(preset.analysis.device), n_boot=n_boot or preset.analysis.bootstrap,
-    )  # fmt: skip
+    """The run's models and ensembles scored on another data set (:func:`cxrlib.evaluate.evaluate_external`),
+    its tables under ``<run>/external/<the index's folder>``, its images cached beside the run's."""
+    cache = preset.cache_path / "external" / Path(index).resolve().parent.name
+    device, n_boot = str(preset.analysis.device), n_boot or preset.analysis.bootstrap
+    return evaluate_external(preset.run_path, index, cache=cache, device=device, n_boot=n_boot)
 
 
 @dataclass
@@ -230,50 +303,30 @@ class EnsembleReport:
 
 
 def ensemble_report(preset: Preset) -> EnsembleReport:
-    """The fitted ensemble of 04_evaluate (its weights, convergence and Table 3), not fitted again."""
-    from .ensemble import versus_best_single
-
-    tables = preset.tables_path
+    """The ensemble 04_evaluate fitted: its weights, convergence, and against the best single resolution."""
     if len(preset.resolutions) < 2:
         raise ValueError("the ensemble needs at least two resolutions")
-    table3 = pd.read_csv(tables / "table3.csv")
-    return EnsembleReport(
-        pd.read_csv(tables / "ensemble_weights.csv"),
-        pd.read_csv(tables / "ensemble_convergence.csv"),
-        versus_best_single(table3, preset.resolutions),
-    )
-
-
-CROSS_RESOLUTION_COLUMNS = ("train_resolution", "test_resolution", "fold", "finding", "auc")
+    names = ("ensemble_weights", "ensemble_convergence", "table3")
+    weights, convergence, table3 = (pd.read_csv(preset.tables_path / f"{name}.csv") for name in names)
+    return EnsembleReport(weights, convergence, ensemble.versus_best_single(table3, preset.resolutions))
 
 
 def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
-    """Every trained model scored on its test fold at every resolution of the preset.
-
-    Writes ``tables/cross_resolution_auc.csv`` (train_resolution, test_resolution, fold,
-    finding, auc). The diagonal reads the trainer's own ``test_predictions.csv``, so it equals
-    ``auc.csv``; each other cell is predicted on the analysis device (bf16 features on a GPU,
-    float32 logits) and kept as ``res<R>/fold<k>/test_predictions_at<T>.csv``, which a re-run
-    reuses unless the model is newer.
-    """
-    from tqdm.auto import tqdm
-
-    from . import metrics
-    from .fileio import write_csv_atomic
-
-    index, folds = load_data(preset)
-    resolutions = preset.resolutions
+    """Every trained model scored on its test fold at every resolution; writes ``cross_resolution_auc.csv``
+    (the diagonal: the trainer's own predictions, as in ``auc.csv``)."""
+    (index, folds), resolutions = load_data(preset), preset.resolutions
     cells = [(f, r, t) for f in preset.trained_folds() for r in resolutions for t in resolutions]
     rows, models = [], {}  # each trained model is loaded once for all its test resolutions
     for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
         ids = splits.fold_ids(folds, fold, "test")
-        path = cross_predictions(preset, index, ids, (trained_at, fold, tested_at), models)
-        scores = metrics.read_predictions(path, ids)
+        scores = metrics.read_predictions(
+            cross_predictions(preset, index, ids, (trained_at, fold, tested_at), models), ids
+        )
         labels = metrics.labels_for(index, scores.index)
         for finding in scores.columns:
             auc = metrics.finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())[0]
             rows.append((trained_at, tested_at, fold, finding, auc))
-    table = pd.DataFrame(rows, columns=list(CROSS_RESOLUTION_COLUMNS))
+    table = pd.DataFrame(rows, columns=["train_resolution", "test_resolution", "fold", "finding", "auc"])
     write_csv_atomic(table, preset.tables_path / "cross_resolution_auc.csv")
     return table
 
@@ -281,14 +334,8 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
 def cross_predictions(
     preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple[int, int, int], models: dict
 ) -> Path:
-    """The prediction file of the model trained at ``trained_at`` scored at ``tested_at`` (``cell``
-    is ``(trained_at, fold, tested_at)``; its own test predictions on the diagonal); predicted now
-    when missing or older than the model, which ``models`` keeps for the next test resolution."""
-    from .fileio import write_csv_atomic
-    from .loaders import default_workers
-    from .predict import inference_batch, predict_logits
-    from .runtime import amp_dtype
-
+    """``test_predictions_at<T>.csv`` of the model trained at R (``cell``: R, fold, T; the diagonal: its
+    own predictions), predicted (bf16 features on a GPU) when missing or older than the model."""
     trained_at, fold, tested_at = cell
     if trained_at == tested_at:
         return paths.predictions_path(preset.run_path, trained_at, fold)
@@ -297,7 +344,7 @@ def cross_predictions(
     if not (path.is_file() and path.stat().st_mtime >= best.stat().st_mtime):
         device = analysis_device(preset)
         frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
-        dataset = datasets.CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
+        dataset = CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
         if (trained_at, fold) not in models:
             models.clear()  # one model on the device at a time
             models[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
@@ -307,16 +354,10 @@ def cross_predictions(
     return path
 
 
-# ----------------------------------------------------------------------------- 05, 06: ERF and Grad-CAM
-
-
 def example_images(preset: Preset, dicom_ids: list[str], resolution: int) -> torch.Tensor:
     """uint8 ``[N, 1, R, R]`` cached images of ``dicom_ids`` at ``resolution``."""
-    index, _ = load_data(preset)
-    subset = index.set_index("dicom_id").loc[dicom_ids].reset_index()
-    dataset = datasets.CXRDataset(
-        subset, resolution, cache_dir=preset.cache_path, cache_format=preset.cache.format
-    )
+    subset = load_data(preset)[0].set_index("dicom_id").loc[dicom_ids].reset_index()
+    dataset = CXRDataset(subset, resolution, preset.cache_path, cache_format=preset.cache.format)
     return torch.stack([dataset.read_image(i) for i in range(len(dataset))])
 
 
@@ -327,43 +368,25 @@ def analysis_fold(preset: Preset) -> int:
 
 def analysis_device(preset: Preset) -> torch.device:
     """Where ERF, Grad-CAM and prediction run: ``analysis.device`` (auto: the GPU when one is visible)."""
-    from .runtime import ConfigError, resolve_device
-
     try:
         return resolve_device(preset.analysis.device)
     except (ConfigError, RuntimeError) as error:
         raise ValueError(f"preset {preset.name!r}: analysis.device: {error}") from None
 
 
-def trained_model(
-    preset: Preset, resolution: int, fold: int | None = None, device: torch.device | str | None = None
-) -> torch.nn.Module:
+def trained_model(preset: Preset, resolution: int, fold: int | None = None, device=None) -> torch.nn.Module:
     """The best model of one (resolution, fold), in eval mode on ``device`` (default: the analysis device)."""
-    from .predict import load_trained_model
-
-    fold = analysis_fold(preset) if fold is None else fold
     device = analysis_device(preset) if device is None else torch.device(device)
-    folder = paths.fold_dir(preset.run_path, resolution, fold)
+    folder = paths.fold_dir(preset.run_path, resolution, analysis_fold(preset) if fold is None else fold)
     return load_trained_model(folder, map_location=device).to(device)
 
 
-def receptive_fields(
-    preset: Preset, states: tuple[str, ...] = ("init", "trained"), seed: int = 0, progress: bool = True
-):
-    """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``.
-
-    The same test images of the analysis fold are used at every resolution. The "init" model
-    has the weights training started from (``train.weights`` of the preset). Runs on the
-    analysis device (:func:`analysis_device`), in float32: the ERF is a squared gradient.
-    """
-    from .models import build_model
-    from .receptive_field import compute_erfs, erf_table, theoretical_receptive_field, write_erf_table
-
-    index, folds = load_data(preset)
-    device = analysis_device(preset)
+def receptive_fields(preset: Preset, states=("init", "trained"), seed: int = 0, progress: bool = True):
+    """ERF (eq. 1) per resolution on the same test images, at initialisation (``train.weights``) and after
+    training, on the analysis device in float32; writes ``tables/erf.csv``."""
+    device, folds = analysis_device(preset), load_data(preset)[1]
     test_ids = splits.fold_ids(folds, analysis_fold(preset), "test")[: preset.analysis.erf_images]
-    images = {r: example_images(preset, test_ids, r) for r in preset.resolutions}
-    models = {}
+    images, models = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
     for resolution in preset.resolutions:
         if "init" in states:
             torch.manual_seed(seed)
@@ -371,8 +394,7 @@ def receptive_fields(
         if "trained" in states:
             models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
     results = compute_erfs(models, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
-    rf = theoretical_receptive_field(next(iter(models.values())).features)
-    table = erf_table(results, theoretical_rf_px=rf)
+    table = erf_table(results, theoretical_rf_px=densenet121_field()[0])
     write_erf_table(preset.run_path, table)
     return results, table
 
@@ -394,95 +416,68 @@ class GradCAMGrid:
         for finding, by_res in self.probabilities.items():
             column = self.findings.index(finding)
             rows[finding] = {f"{r} px": round(float(p[column]), 3) for r, p in by_res.items()}
-        table = pd.DataFrame(rows).T
-        return table.assign(image=pd.Series(self.dicom_ids))
+        return pd.DataFrame(rows).T.assign(image=pd.Series(self.dicom_ids))
 
 
 def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGrid:
-    """Grad-CAM of each finding at every resolution on one test image of the analysis fold
-    (:func:`cxrlib.gradcam.example_for`: the first one positive for it, an unselected example)."""
-    from .gradcam import example_for, gradcam
-
-    index, folds = load_data(preset)
-    label_set = datasets.index_findings(index)
-    findings = list(findings or preset.analysis.gradcam_findings)
-    test = index[index["dicom_id"].isin(splits.fold_ids(folds, analysis_fold(preset), "test"))]
+    """Grad-CAM of each finding at every resolution on the first test image of the analysis fold positive
+    for it (:func:`cxrlib.gradcam.example_for`: an unselected example)."""
+    (index, folds), fold = load_data(preset), analysis_fold(preset)
+    label_set = index_findings(index)
+    test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
     grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)
     models = {r: trained_model(preset, r) for r in preset.resolutions}
-    for finding in findings:
+    for finding in list(findings or preset.analysis.gradcam_findings):
         row, positive = example_for(test, finding)
         if not positive:
-            warnings.warn(
-                f"no test image of fold {analysis_fold(preset)} is positive for {finding!r}; "
-                f"its row shows the first test image instead",
-                stacklevel=2,
-            )
-        grid.dicom_ids[finding] = row["dicom_id"]
+            message = f"no test image of fold {fold} is positive for {finding!r}; its row shows the first one"
+            warnings.warn(message, stacklevel=2)
+        image = row["dicom_id"]
+        grid.dicom_ids[finding], grid.maps[finding], grid.probabilities[finding] = image, {}, {}
         grid.ground_truth[finding] = [f for f in label_set if row[f] == 1.0]
-        grid.maps[finding], grid.probabilities[finding] = {}, {}
         for resolution, model in models.items():
-            images = example_images(preset, [row["dicom_id"]], resolution)
-            result = gradcam(model, images, finding, findings=label_set)
+            result = gradcam(model, example_images(preset, [image], resolution), finding, findings=label_set)
             grid.maps[finding][resolution] = result.maps[0]
             grid.probabilities[finding][resolution] = result.probabilities[0]
-        original = example_images(preset, [row["dicom_id"]], max(preset.resolutions))
-        grid.originals[finding] = original[0, 0].numpy()
+        grid.originals[finding] = example_images(preset, [image], max(preset.resolutions))[0, 0].numpy()
     return grid
-
-
-# ----------------------------------------------------------------------------- 08_throughput
 
 
 def throughput(preset: Preset) -> pd.DataFrame:
     """Table 2 on the analysis device with the trainer's settings of each resolution (precision,
     memory_efficient, channels_last, cuDNN autotuning); writes ``tables/table2_throughput.csv``."""
-    from .throughput import measure_throughput, write_table2
-
-    index, _ = load_data(preset)
-    rows = []
+    index, rows, device = load_data(preset)[0], [], analysis_device(preset)
     for resolution in preset.analysis.throughput_resolutions or preset.resolutions:
         options = preset.train_options(resolution)
-        rows.append(
-            measure_throughput(
-                [resolution],
-                analysis_device(preset),
-                steps=preset.analysis.throughput_steps,
-                cache_dir=preset.cache_path,
-                index=index,
-                amp=options.get("amp", "auto"),
-                memory_efficient=bool(options.get("memory_efficient")),
-                channels_last=str(options.get("channels_last", "auto")),
-                cudnn_benchmark=preset.train.cudnn_benchmark,
-            )  # fmt: skip
-        )
+        settings = {
+            "amp": options.get("amp", "auto"), "memory_efficient": bool(options.get("memory_efficient")),
+            "channels_last": str(options.get("channels_last", "auto")), "index": index,
+            "cudnn_benchmark": preset.train.cudnn_benchmark, "cache_dir": preset.cache_path,
+        }  # fmt: skip
+        steps = preset.analysis.throughput_steps
+        rows.append(speeds.measure_throughput([resolution], device, steps=steps, **settings))
     frame = pd.concat(rows, ignore_index=True)
-    write_table2(frame, preset.tables_path / "table2_throughput.csv")
+    speeds.write_table2(frame, preset.tables_path / "table2_throughput.csv")
     return frame
-
-
-# ----------------------------------------------------------------------------- 10_field_sweep
 
 
 @dataclass
 class FieldSweepResult:
-    """What 10_field_sweep shows: the arms (table, tests against the baseline, ERFs), the resolution
-    sweep beside them, and each arm's training history."""
+    """What 10_field_sweep shows: the arms (:class:`cxrlib.field_sweep.Sweep`), the resolution sweep
+    beside them and each arm's training history."""
 
-    sweep: Any  # cxrlib.field_sweep.Sweep
+    sweep: Any
     resolutions: pd.DataFrame | None
     histories: dict[str, pd.DataFrame]
 
 
 def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
-    """Train the arms (reusing a finished baseline), score them and measure their ERF after training;
-    writes the tables."""
-    from . import field_sweep as sweep
-
+    """Train the arms (reusing a finished baseline), score them and measure their ERF; writes the tables."""
     fold, device = analysis_fold(preset), analysis_device(preset)
-    folders = sweep.train_arms(preset, fold, echo=echo)
+    folders = arms.train_arms(preset, fold, echo=echo)
     index, folds = load_data(preset)
-    ids, resolution = splits.fold_ids(folds, fold, "test"), sweep.sweep_resolution(preset)
+    ids, resolution = splits.fold_ids(folds, fold, "test"), arms.sweep_resolution(preset)
     erf_images = example_images(preset, ids[: preset.analysis.erf_images], resolution)
-    result = sweep.sweep_table(preset, folders, index, ids, erf_images, device)
+    result = arms.sweep_table(preset, folders, index, ids, erf_images, device)
     histories = {arm: pd.read_csv(folder / paths.HISTORY) for arm, folder in folders.items()}
-    return FieldSweepResult(result, sweep.resolution_sweep(preset.field_sweep.compare), histories)
+    return FieldSweepResult(result, arms.resolution_sweep(preset.field_sweep.compare), histories)

@@ -1,19 +1,9 @@
 """Table 2: training and inference images/s, peak memory and cache loading rate per resolution.
 
-Each resolution is measured on the current device with the trainer's real settings and its own
-optimizer step (:func:`cxrlib.train.optimizer_step`): its per-process batch
-(:func:`cxrlib.recipe.default_per_gpu_batch`), mixed precision (:func:`cxrlib.runtime.amp_dtype`),
-channels_last on GPUs, augmentation on the device, masked BCE and Adam. Inputs are synthetic uint8 batches
-already on the device, so ``train_img_s`` and ``infer_img_s`` are the model's ceiling;
-``load_img_s`` is the trainer's DataLoader's rate from the cache alone (decode only: its workers,
-pinned memory, persistent workers, prefetch), measured when a cache and an index are given.
-``peak_mem_gib`` is the peak GPU memory allocated during training (the paper's "memory used");
-NaN on the CPU. cuDNN autotuning is on as in the trainer (``cudnn_benchmark``).
-
-On a CPU the measurement is small (batch 4, 2 timed steps by default) and the ``note``
-column says so: the numbers size CPU presets, they are not comparable to the paper's A100s.
-
-Command line::
+Each resolution is measured on the current device with the trainer's own optimizer step, batch,
+precision, layout and cuDNN autotuning, on synthetic uint8 batches already on the device (the model's
+ceiling); ``load_img_s`` is the trainer's DataLoader reading the cache. On a CPU the measurement is
+small and the ``note`` says so. Columns: docs/method.md, "Table 2".
 
     python -m cxrlib.throughput --resolutions 256 512 1024 2048 --out runs/mimic/tables/table2_throughput.csv
     python -m cxrlib.throughput --resolutions 64 128 --cache cache/demo --index runs/demo/index.csv
@@ -32,72 +22,51 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .datasets import CXRDataset
+from .cache import CXRDataset
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS
-from .loaders import default_workers, make_loader
-from .models import build_model
-from .recipe import BatchPlan, default_per_gpu_batch
-from .runtime import algorithm_settings, amp_dtype, autocast, model_input, resolve_device, use_channels_last
-
-COLUMNS = (
-    "resolution",
-    "device",
-    "batch",
-    "amp",
-    "train_img_s",
-    "infer_img_s",
-    "peak_mem_gib",
-    "load_img_s",
-    "note",
+from .models import (
+    algorithm_settings,
+    amp_dtype,
+    autocast,
+    build_model,
+    default_workers,
+    make_loader,
+    model_input,
+    resolve_device,
+    use_channels_last,
 )
-CPU_BATCH = 4
-CPU_STEPS = 2
-GPU_STEPS = 20
+from .recipe import BatchPlan, default_per_gpu_batch
+
+COLUMNS = ("resolution", "device", "batch", "amp", "train_img_s", "infer_img_s", "peak_mem_gib", "load_img_s",
+           "note")  # fmt: skip
+CPU_BATCH, CPU_STEPS, GPU_STEPS = 4, 2, 20
 LOADING_BATCHES_PER_WORKER = 4  # timed batches per DataLoader worker (at least 4 in all)
 
 
 def device_name(device: torch.device) -> str:
     """``"NVIDIA H100 80GB HBM3"`` for a GPU, ``"cpu (N threads)"`` for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: wait for them before reading the clock.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    on_gpu = device.type == "cuda"
+    return torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds for ``steps`` calls of ``fn`` after ``warmup`` untimed calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    _synchronize(device)
+    sync(device)
     return time.perf_counter() - start
 
 
 def measure_model(
-    resolution: int,
-    batch: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    steps: int,
-    warmup: int,
-    memory_efficient: bool = False,
-    channels_last: bool | None = None,
-) -> dict:
-    """Training and inference images/s and training peak memory for one resolution and batch.
-
-    A training step is the trainer's own (:func:`cxrlib.train.optimizer_step`: augmentation on the
-    device, autocast, masked BCE, Adam); inference is its validation forward pass. ``channels_last``
-    defaults to the trainer's choice (GPUs only).
-    """
+    resolution: int, batch: int, device: torch.device, amp: torch.dtype | None, steps: int, warmup: int,
+    memory_efficient: bool = False, channels_last: bool | None = None,
+) -> dict:  # fmt: skip
+    """Training and inference images/s and peak memory with the trainer's step and forward pass."""
     from . import dist as cxrdist
     from .train import Runtime, optimizer_step
 
@@ -110,17 +79,12 @@ def measure_model(
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (batch, 1, resolution, resolution), dtype=torch.uint8, device=device)
     targets = (torch.rand(batch, NUM_FINDINGS, device=device, generator=generator) < 0.3).float()
-    draws = (
-        (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15,
-        torch.rand(batch, device=device, generator=generator) < 0.5,
-    )
-    info = cxrdist.DistInfo(0, 1, 0, device, None)
-    rt = Runtime(info, amp, channels_last, BatchPlan(batch, 1, 1, batch), False, False)
+    angles = (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15
+    draws = (angles, torch.rand(batch, device=device, generator=generator) < 0.5)
+    info, plan = cxrdist.DistInfo(0, 1, 0, device, None), BatchPlan(batch, 1, 1, batch)
+    rt = Runtime(info, amp, channels_last, plan, False, False)
     group = [(1, (torch.arange(batch), images, targets, torch.ones_like(targets)))]
     totals = torch.zeros(3, dtype=torch.float64)
-
-    def train_step() -> None:
-        optimizer_step(model, group, optimizer, scaler, rt, 1, draws, totals)
 
     @torch.inference_mode()
     def infer_step() -> None:
@@ -131,7 +95,9 @@ def measure_model(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    train_seconds = _timed(train_step, steps, warmup, device)
+    train_seconds = _timed(
+        lambda: optimizer_step(model, group, optimizer, scaler, rt, 1, draws, totals), steps, warmup, device
+    )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
     model.eval()
     infer_seconds = _timed(infer_step, steps, warmup, device)
@@ -143,18 +109,10 @@ def measure_model(
 
 
 def measure_loading(
-    index: pd.DataFrame,
-    cache_dir: str | os.PathLike,
-    resolution: int,
-    batch: int,
-    workers: int,
-    device: torch.device,
-    images: int = 256,
-) -> float:
-    """Images/s of the trainer's DataLoader (:func:`cxrlib.loaders.make_loader`: its ``workers``,
-    pinned memory on a GPU, persistent workers, prefetch) decoding the first ``images`` cached
-    images of ``index``, repeated as needed: one untimed pass starts the workers, then a pass of
-    4 batches per worker is timed."""
+    index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, batch: int, workers: int,
+    device: torch.device, images: int = 256,
+) -> float:  # fmt: skip
+    """Images/s of the trainer's DataLoader decoding ``images`` cached images (warm, 4 batches per worker)."""
     dataset = CXRDataset(index.iloc[:images].reset_index(drop=True), resolution, cache_dir)
     order = [i % len(dataset) for i in range(LOADING_BATCHES_PER_WORKER * max(1, workers) * batch)]
     loader = make_loader(dataset, batch, order, workers, device, seed=0)
@@ -166,32 +124,13 @@ def measure_loading(
 
 
 def measure_throughput(
-    resolutions: Sequence[int],
-    device: str | torch.device | None = None,
-    batch_sizes: Sequence[int] | dict[int, int] | None = None,
-    steps: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    index: pd.DataFrame | None = None,
-    amp: str = "auto",
-    memory_efficient: bool = False,
-    warmup: int | None = None,
-    load_images: int = 256,
-    channels_last: str = "auto",
-    cudnn_benchmark: bool = True,
-) -> pd.DataFrame:
-    """Table 2 on this device: one row per resolution with the columns of :data:`COLUMNS`.
-
-    Args:
-        resolutions: image sides in pixels.
-        device: ``None`` for the trainer's choice (CUDA when available).
-        batch_sizes: per resolution (a list parallel to ``resolutions`` or a dict); default the
-            trainer's per-GPU batch on a GPU, 4 on the CPU.
-        steps: timed steps (default 20 on a GPU, 2 on the CPU), after ``warmup`` untimed ones.
-        cache_dir, index: when both are given, ``load_img_s`` is measured on up to
-            ``load_images`` images of ``index``; otherwise it is NaN.
-        amp, memory_efficient, channels_last: as the trainer's ``--amp``, ``--memory-efficient``
-            and ``--channels-last``; ``cudnn_benchmark``: cuDNN autotuning, as the trainer by default.
-    """
+    resolutions: Sequence[int], device: str | torch.device | None = None,
+    batch_sizes: Sequence[int] | dict[int, int] | None = None, steps: int | None = None,
+    cache_dir: str | os.PathLike | None = None, index: pd.DataFrame | None = None, amp: str = "auto",
+    memory_efficient: bool = False, warmup: int | None = None, load_images: int = 256,
+    channels_last: str = "auto", cudnn_benchmark: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Table 2 on ``device`` (None: the trainer's), one row per resolution, with the trainer's options."""
     device = resolve_device("auto" if device is None else str(device))
     on_gpu = device.type == "cuda"
     steps = steps or (GPU_STEPS if on_gpu else CPU_STEPS)
@@ -207,30 +146,26 @@ def measure_throughput(
         note = (
             "" if on_gpu else f"CPU: batch {batch}, {steps} timed steps; indicative only, not Table 2's GPUs"
         )
-        row = {
-            "resolution": int(resolution),
-            "device": device_name(device),
-            "batch": int(batch),
-            "amp": str(dtype).removeprefix("torch.") if dtype else "off",
-        }
-        settings = (resolution, batch, device, dtype, steps, warmup, memory_efficient, layout)
+        amp_name = str(dtype).removeprefix("torch.") if dtype else "off"
+        row = dict(resolution=int(resolution), device=device_name(device), batch=int(batch), amp=amp_name)
         try:
             with algorithm_settings(deterministic=False, benchmark=cudnn_benchmark):
-                row.update(measure_model(*settings))
+                row |= measure_model(
+                    resolution, batch, device, dtype, steps, warmup, memory_efficient, layout
+                )
         except torch.cuda.OutOfMemoryError:
-            row.update(train_img_s=math.nan, infer_img_s=math.nan, peak_mem_gib=math.nan)
+            row |= {"train_img_s": math.nan, "infer_img_s": math.nan, "peak_mem_gib": math.nan}
             note = f"out of GPU memory at batch {batch}"
         finally:
             if on_gpu:
                 torch.cuda.empty_cache()
-        workers = default_workers(device, 1)
-        row["load_img_s"] = (
-            measure_loading(index, cache_dir, resolution, batch, workers, device, load_images)
-            if cache_dir is not None and index is not None
-            else math.nan
-        )
-        row["note"] = note
-        rows.append(row)
+        row["load_img_s"] = math.nan
+        if cache_dir is not None and index is not None:
+            workers = default_workers(device, 1)
+            row["load_img_s"] = measure_loading(
+                index, cache_dir, resolution, batch, workers, device, load_images
+            )
+        rows.append(row | {"note": note})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -243,29 +178,24 @@ def write_table2(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024, 2048], help="pixels")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one per resolution")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 2 CPU)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
-    parser.add_argument(
-        "--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="as the trainer"
-    )
-    parser.add_argument("--memory-efficient", action="store_true", help="gradient checkpointing")
-    parser.add_argument("--cache", type=Path, default=None, help="cache folder, to measure loading")
-    parser.add_argument("--index", type=Path, default=None, help="index.csv, to measure loading")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="CSV to write (e.g. tables/table2_throughput.csv)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--resolutions", type=int, nargs="+", default=[256, 512, 1024, 2048], help="pixels")
+    add("--batch-sizes", type=int, nargs="+", default=None, help="one per resolution")
+    add("--steps", type=int, default=None, help="timed steps (default 20 GPU, 2 CPU)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
+    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="as the trainer")
+    add("--memory-efficient", action="store_true", help="gradient checkpointing")
+    add("--cache", type=Path, default=None, help="cache folder, to measure loading")
+    add("--index", type=Path, default=None, help="index.csv, to measure loading")
+    add("--out", type=Path, default=None, help="CSV to write (e.g. tables/table2_throughput.csv)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    from .datasets import read_index
+    from .index import read_index
 
+    args = get_args_parser().parse_args(argv)
     index = read_index(args.index) if args.index else None
     frame = measure_throughput(
         args.resolutions, args.device, args.batch_sizes, args.steps, args.cache, index, args.amp,

@@ -1,21 +1,9 @@
 """Train DenseNet121 on one fold at one resolution with the paper's recipe; one process or torchrun DDP.
 
-Launch (``--out`` is the fold's run folder, by convention ``runs/<preset>/res<R>/fold<k>``)::
-
-    # one GPU, or the CPU
-    python -m cxrlib.train --index runs/mimic/index.csv --folds runs/mimic/folds.csv \\
-        --cache cache/mimic --resolution 512 --fold 0 --out runs/mimic/res512/fold0
-    # every GPU of this node
-    torchrun --standalone --nproc_per_node=gpu -m cxrlib.train --index ... --resolution 1024 ...
-    # two nodes of 8 GPUs: the same command on each node, --out on a shared filesystem
-    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh store per rendezvous round (restarts)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node01:29500 \\
-        --rdzv_id=res2048-fold0 --max-restarts=3 -m cxrlib.train --index ... --resolution 2048 ...
-
-From a notebook, :func:`cxrlib.launch.launch` builds and runs the command. ``docs/training.md`` has
-the recipe (Table 1, the effective batch, schedule, augmentation, precision, BatchNorm under DDP),
-SLURM, the files written to ``--out`` and how a run resumes. This module is the loop; its parts are
-:mod:`cxrlib.recipe`, :mod:`cxrlib.loaders`, :mod:`cxrlib.run_folder` and :mod:`cxrlib.runtime`.
+``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out runs/P/resR/foldK``
+(or ``torchrun --standalone --nproc_per_node=gpu -m cxrlib.train ...``). The loop and what feeds it;
+the recipe is :mod:`cxrlib.recipe`, the files :mod:`cxrlib.run_folder`. docs/training.md has the
+multi-node and SLURM commands, the recipe, the files written to ``--out`` and how a run resumes.
 """
 
 from __future__ import annotations
@@ -33,31 +21,37 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import __version__
 from . import dist as cxrdist
-from .datasets import ImageReadError
-from .fileio import CheckpointError, FolderBusyError
-from .index import index_findings
+from .cache import MANIFEST_NAME, CXRDataset, ImageReadError, cached_image_path, check_cache
+from .fileio import CheckpointError, ConfigError, FolderBusyError
+from .index import index_findings, read_index
 from .labels import masked_bce_with_logits
-from .loaders import (
-    augment_batch,
+from .models import (
+    WEIGHT_CHOICES,
+    WeightsUnavailableError,
+    algorithm_settings,
+    amp_dtype,
+    autocast,
+    build_model,
     default_workers,
-    epoch_augmentation,
-    fold_frames,
-    training_loaders,
-    validate_args,
+    make_loader,
+    model_input,
+    resolve_device,
+    use_channels_last,
 )
-from .models import WeightsUnavailableError, build_model
-from .recipe import BatchPlan, optimization, plan_training
+from .recipe import MIN_RESOLUTION, BatchPlan, optimization, plan_training
 from .run_folder import RunFolder, checkpoint_state, jsonable_args, log, run_fingerprint, run_folder_lock
-from .runtime import ConfigError, algorithm_settings, amp_dtype, autocast, model_input, use_channels_last
+from .splits import fold_ids, num_folds, read_folds
 
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # one-line errors, no traceback
+MAX_ROTATION_DEGREES = 15.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -123,14 +117,170 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
-    """One optimizer step over ``group``'s micro-batches (gradients accumulated; DDP syncs on the last).
+def validate_args(args: argparse.Namespace) -> None:
+    """One-line :class:`ConfigError` for a wrong parameter or a missing input, before any work."""
+    r, tiles = args.resolution, args.tiles
+    if r < MIN_RESOLUTION or r % 32:
+        raise ConfigError(
+            f"--resolution {r}: must be a multiple of 32 and at least {MIN_RESOLUTION} (DenseNet121 reduces "
+            "the image 32x)"
+        )
+    if tiles < 1 or r % (32 * tiles):
+        raise ConfigError(
+            f"--tiles {tiles}: the {r} px image must split into tiles whose side is a multiple of 32 "
+            "(resolution divisible by 32 x tiles)"
+        )
+    for name in ("epochs", "batch_size", "effective_batch", "max_train_images", "keep_checkpoints"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {args.lr}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    if args.patience_lr < 0 or args.patience_stop < 1 or not 0 < args.lr_factor < 1:
+        raise ConfigError("--patience-lr >= 0, --patience-stop >= 1 and 0 < --lr-factor < 1 are required")
+    for flag, path in (("--index", args.index), ("--folds", args.folds)):
+        if not path.is_file():
+            raise ConfigError(f"{flag} {path}: file not found")
+    if not args.cache.is_dir():
+        raise ConfigError(f"--cache {args.cache}: folder not found; build it with {_cache_command(args)}")
+    if args.weights not in WEIGHT_CHOICES and not Path(args.weights).is_file():
+        raise ConfigError(f"--weights {args.weights}: not imagenet, none or an existing file")
+    device = resolve_device(args.device)
+    amp_dtype(device, args.amp)
+    if args.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
 
-    The loss is the mean over the known labels of the whole effective batch (all micro-batches and
-    processes; DDP divides gradients by the world size, which the scale undoes). Adds the step's
-    loss sum, known labels and images to ``totals``; returns True when the step was skipped
-    (``--skip-nonfinite-steps``), and raises :class:`NonFiniteLossError` for a NaN/inf loss otherwise.
-    """
+
+def _cache_command(args: argparse.Namespace) -> str:
+    return (
+        f"python -m cxrlib.cache --index {args.index} --resolutions {args.resolution} "
+        f"--format {args.cache_format} --out {args.cache}"
+    )
+
+
+def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
+    """The fold's train / val / test rows of the index (index order), each image checked in the cache
+    (with a manifest: listed with its recorded size; without one: its file exists)."""
+    try:
+        index = read_index(args.index)
+        folds = read_folds(args.folds, index)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+    k = num_folds(folds)
+    if not 0 <= args.fold < k:
+        raise ConfigError(f"--fold {args.fold}: {args.folds} has folds 0 .. {k - 1}")
+    frames = {}
+    for role in ("train", "val", "test"):
+        ids = set(fold_ids(folds, args.fold, role))
+        frames[role] = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
+        if frames[role].empty:
+            raise ConfigError(f"fold {args.fold} of {args.folds} has no {role} images")
+    if args.max_train_images is not None:
+        frames["train"] = frames["train"].iloc[: args.max_train_images].reset_index(drop=True)
+    needed, cache, fmt = pd.concat(list(frames.values()), ignore_index=True), args.cache, args.cache_format
+    if (cache / MANIFEST_NAME).is_file():
+        missing = check_cache(needed, cache, args.resolution, fmt)
+    else:
+        ids = needed["dicom_id"].astype(str)
+        missing = [d for d in ids if not cached_image_path(cache, args.resolution, d, fmt).is_file()]
+    if missing:
+        raise ConfigError(
+            f"cached image {cached_image_path(cache, args.resolution, missing[0], fmt)} (dicom_id "
+            f"{missing[0]}) is missing or incomplete ({len(missing)} of {len(needed)} needed images); "
+            f"build the cache with: {_cache_command(args)}"
+        )
+    return frames
+
+
+class StepBlockSampler(DistributedSampler):
+    """DistributedSampler (shuffled per epoch) dealing each optimizer step's images to the processes in
+    contiguous blocks, so one process with ``world`` times the accumulation sees the same micro-batches
+    (docs/training.md); the last, partial step is split evenly, padded by repetition."""
+
+    def __init__(
+        self, dataset, num_replicas: int, rank: int, per_gpu_batch: int, accumulation_steps: int, seed: int
+    ):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=False)
+        self.block = per_gpu_batch * accumulation_steps
+        full, rest = divmod(len(dataset), self.block * num_replicas)
+        self.num_samples = full * self.block + math.ceil(rest / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        step_size = self.block * self.num_replicas
+        mine: list[int] = []
+        for start in range(0, len(order), step_size):
+            step = order[start : start + step_size]
+            share = math.ceil(len(step) / self.num_replicas)
+            step += (step * share)[: share * self.num_replicas - len(step)]
+            mine += step[self.rank * share : (self.rank + 1) * share]
+        return iter(mine)
+
+
+def training_loaders(
+    frames: dict[str, pd.DataFrame], args: argparse.Namespace, info, plan, workers: int
+) -> tuple[DataLoader, DataLoader]:
+    """The training loader (a :class:`StepBlockSampler`) and this process's unpadded share of the
+    validation images (twice the batch: no gradients), whose workers end after each validation so
+    that the two loaders' batches never hold shared memory at once."""
+    common = {"resolution": args.resolution, "cache_dir": args.cache, "cache_format": args.cache_format}
+    train_set = CXRDataset(frames["train"], skip_bad_images=args.skip_bad_images, **common)
+    val_set = CXRDataset(frames["val"], skip_bad_images=args.skip_bad_images, **common)
+    batch, steps = plan.per_gpu_batch, plan.accumulation_steps
+    sampler = StepBlockSampler(train_set, info.world_size, info.rank, batch, steps, args.seed)
+    train_loader = make_loader(train_set, batch, sampler, workers, info.device, args.seed)
+    val_share = list(range(info.rank, len(val_set), info.world_size))
+    val_loader = make_loader(val_set, 2 * batch, val_share, workers, info.device, args.seed, persistent=False)
+    return train_loader, val_loader
+
+
+def epoch_augmentation(num_images: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each training image's (rotation angle in degrees, horizontal flip) for one epoch, drawn from
+    ``(seed, epoch)``: the same for any number of processes, batch size or resume."""
+    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(mixed)
+    angles = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
+    flips = torch.rand(num_images, generator=generator) < 0.5
+    return angles, flips
+
+
+def rotate_flip_batch(images: torch.Tensor, angles_deg: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Flip (where ``flips``) then rotate each float ``[B, C, H, W]`` image counter-clockwise by its angle,
+    black fill: torchvision's ``hflip`` then ``rotate(angle, BILINEAR, fill=0)``, batched on the device."""
+    batch, _, height, width = images.shape
+    angles = angles_deg.to(images.device, torch.float32) * (math.pi / 180.0)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    sign = torch.where(flips.to(images.device), -1.0, 1.0)
+    aspect = height / width
+    # Output pixel -> input pixel in normalised coordinates (x right, y down):
+    # inverse rotation, then the flip (x -> -x) applied before the rotation.
+    theta = torch.zeros(batch, 2, 3, device=images.device, dtype=torch.float32)
+    theta[:, 0, 0] = sign * cos
+    theta[:, 0, 1] = -sign * sin * aspect
+    theta[:, 1, 0] = sin / aspect
+    theta[:, 1, 1] = cos
+    grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
+    # A ones channel sampled alongside gives torchvision's border weighting for the black fill.
+    with_mask = torch.cat([images.float(), images.new_ones(batch, 1, height, width, dtype=torch.float32)], 1)
+    sampled = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled[:, :-1] * sampled[:, -1:]
+
+
+def augment_batch(
+    images: torch.Tensor, angles: torch.Tensor, flips: torch.Tensor, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 ``[B, 1, R, R]`` on the device -> flipped, rotated, normalised float ``[B, 3, R, R]``."""
+    return model_input(rotate_flip_batch(images.float().div_(255.0), angles, flips), channels_last)
+
+
+def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
+    """One optimizer step over ``group``'s micro-batches: the loss is the mean over the known labels of
+    the whole effective batch; adds loss sum, known labels and images to ``totals``. True when skipped
+    (``--skip-nonfinite-steps``), else a NaN/inf loss is a :class:`NonFiniteLossError`."""
     device, (angles, flips) = rt.device, draws
     known = sum(batch[3].sum() for _, batch in group).to(device, torch.float64).reshape(1)
     known = cxrdist.all_reduce_sum(known).clamp_min(1.0)
@@ -182,8 +332,7 @@ def train_one_epoch(
     epoch: int,
     augmentation: tuple[torch.Tensor, torch.Tensor],
 ) -> dict:
-    """One pass over this process's share of the training images; returns the global train loss,
-    image count, skipped steps and bad-image count."""
+    """One pass over this process's training images: global loss, images, skipped steps, bad images."""
     model.train()
     # on the device once per epoch, so no batch waits on a host-to-device copy of its draws
     draws = tuple(d.to(rt.device) for d in augmentation)
@@ -240,20 +389,14 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train one fold at one resolution (see module docs); returns the summary written to done.json.
-
-    Raises :class:`ConfigError`, :class:`NonFiniteLossError`, :class:`CheckpointError`,
-    :class:`cxrlib.datasets.ImageReadError`, :class:`cxrlib.models.WeightsUnavailableError` or
-    :class:`cxrlib.fileio.FolderBusyError` (another run is writing the same ``--out``).
-    """
+    """Train one fold at one resolution; returns the summary written to done.json. Raises
+    :class:`ConfigError`, :class:`NonFiniteLossError`, :class:`CheckpointError`, ``ImageReadError``,
+    ``WeightsUnavailableError`` or :class:`FolderBusyError` (another run is writing ``--out``)."""
     validate_args(args)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     frames = fold_frames(args)
-    try:
-        info = cxrdist.init_distributed(None if args.device == "auto" else args.device)
-    except cxrdist.DeviceError as error:
-        raise ConfigError(str(error)) from error
+    info = cxrdist.init_distributed(None if args.device == "auto" else args.device)
     try:
         settings = algorithm_settings(args.deterministic, benchmark=not args.no_cudnn_benchmark)
         with run_folder_lock(args.out, info.is_main), settings:
@@ -270,8 +413,9 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     workers = args.workers if args.workers is not None else default_workers(device)
     channels_last = use_channels_last(device, args.channels_last)
     rt = Runtime(info, amp, channels_last, schedule.batches, args.skip_nonfinite_steps, True, workers)
-    fingerprint = run_fingerprint(args, schedule.batches.requested_effective_batch)
-    folder = RunFolder(args.out, info.is_main, fingerprint)
+    folder = RunFolder(
+        args.out, info.is_main, run_fingerprint(args, schedule.batches.requested_effective_batch)
+    )
     folder.prepare(start_over=args.no_resume)
     if not args.no_resume and (done := folder.finished(args.epochs)) is not None:
         return done
@@ -280,7 +424,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
         f"{len(frames['val'])} val / {len(frames['test'])} test images; {info.world_size} process(es) on "
         f"{device.type} ({info.backend or 'no process group'}); amp {amp or 'off'}; lr {schedule.lr:g}"
     )
-    for line in schedule.describe(args.resolution, device, amp, args.memory_efficient):
+    for line in schedule.describe():
         log(line)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
@@ -317,14 +461,13 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
 
 
 def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int, history: list[dict]) -> int:
-    """The epochs after ``start_epoch``: train, validate, schedule, checkpoint; returns skipped steps.
-
-    ``objects`` are the model, optimizer, scheduler, scaler and early stopping; ``history`` grows by
-    one row per epoch. Stops at ``--epochs`` or when early stopping says so.
-    """
+    """The epochs after ``start_epoch`` (model, optimizer, scheduler, scaler and early stopping in
+    ``objects``): train, validate, schedule, checkpoint, until ``--epochs`` or early stopping; returns
+    the skipped steps. ``history`` grows by one row per epoch."""
     model, optimizer, scheduler, scaler, stopper = objects
     (train_loader, val_loader), info = loaders, rt.info
-    ddp_model = cxrdist.data_parallel(model, rt.device) if info.distributed else model
+    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if info.distributed else model
     skipped = 0
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if stopper.should_stop:
@@ -338,7 +481,8 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
         skipped += result["skipped_steps"]
         if result["bad_images"]:
             log(f"epoch {epoch}: {result['bad_images']} unreadable image(s) skipped (see the warnings)")
-        cxrdist.broadcast_buffers(model)  # rank 0's BatchNorm statistics, as DDP uses them
+        for buffer in model.buffers():  # rank 0's BatchNorm statistics, as DDP uses them
+            cxrdist.broadcast_(buffer.data, src=0)
         val_loss = evaluate_loss(model, val_loader, rt)
         if not math.isfinite(val_loss):
             raise NonFiniteLossError(
@@ -347,7 +491,8 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
             )
         scheduler.step(val_loss)
         improved = stopper.step(val_loss, epoch)
-        if improved and not all_finite(model):
+        weights = (p for p in model.state_dict().values() if p.is_floating_point())
+        if improved and not all(bool(torch.isfinite(p).all()) for p in weights):
             raise NonFiniteLossError(f"epoch {epoch}: the weights contain NaN/inf; not saved as best")
         history.append({
             "epoch": epoch, "train_loss": result["train_loss"], "val_loss": val_loss, "lr": lr_used,
@@ -368,10 +513,6 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
             best = stopper.best_epoch
             log(f"early stop: no improvement for {stopper.bad_epochs} epochs (best epoch {best})")
     return skipped
-
-
-def all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,11 +26,10 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
+from cxrlib.datasets import index_from_chexpert, index_from_csv, index_from_mimic, index_from_nih
 from cxrlib.fileio import DataError
 from cxrlib.index import read_index, validate_index, write_index
 from cxrlib.labels import FINDINGS
-from cxrlib.nih import index_from_nih
-from cxrlib.readers import index_from_chexpert, index_from_csv, index_from_mimic
 from cxrlib.splits import make_folds, read_folds
 
 Table = list[list[str]]  # header then rows, every cell a string

@@ -1,5 +1,5 @@
 """A copy of a written phantom in NIH ChestX-ray14's official layout, for tests and trials of
-:mod:`cxrlib.nih` without the real release.
+:func:`cxrlib.datasets.index_from_nih` without the real release.
 
 The copy has ``Data_Entry_2017_v2020.csv`` with NIH's columns (the split ``OriginalImage[Width`` /
 ``Height]`` header included), square PNGs of ``stored_size`` px in ``images_001/images/`` ..
@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxrlib.datasets import NIH_ENTRY_FILES, index_from_mimic
 from cxrlib.fileio import write_csv_atomic, write_text_atomic
 from cxrlib.labels import NO_FINDING
-from cxrlib.nih import NIH_ENTRY_FILES
-from cxrlib.readers import index_from_mimic
 
 NIH_COLUMNS: tuple[str, ...] = (
     "Image Index",

@@ -1,13 +1,15 @@
-"""The package's shape: no import cycles (imports inside functions count) and short functions.
+"""The package's shape: no import cycles (imports inside functions count), short functions, and
+notebooks that call the package instead of defining functions of their own.
 
-Both checks read the source with ``ast``, so they see imports that a test run would not
-execute. Every module of the package is held to them.
+The checks read the source with ``ast``, so they see imports that a test run would not
+execute. Every module of the package and every notebook is held to them.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -103,7 +105,7 @@ def test_the_graph_sees_every_kind_of_import_also_inside_functions():
     assert "cxrlib.e" in imported_modules("cxrlib.pkg.m", source, modules)
     graph = import_graph()
     assert "cxrlib.labels" in graph["cxrlib.index"]
-    assert reachable(graph, "cxrlib.datasets") >= {"cxrlib.cache", "cxrlib.index", "cxrlib.readers"}
+    assert reachable(graph, "cxrlib.datasets") >= {"cxrlib.index", "cxrlib.labels", "cxrlib.fileio"}
     assert cycle_through({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "a") == ["a", "b", "c", "a"]
     assert cycle_through({"a": {"b"}, "b": set()}, "a") == []
 
@@ -119,3 +121,13 @@ def test_no_import_cycle_passes_through(module):
 @pytest.mark.parametrize("module", sorted(module_files()))
 def test_no_function_is_longer_than_the_limit(module):
     assert long_functions(module_files()[module], MAX_FUNCTION_LINES) == []
+
+
+@pytest.mark.parametrize("notebook", sorted(PACKAGE.parent.glob("notebooks/*.ipynb")), ids=lambda p: p.stem)
+def test_a_notebook_defines_no_function_or_class_of_its_own(notebook):
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+    nodes = [node for cell in cells for node in ast.walk(ast.parse("".join(cell["source"])))]
+    defined = [
+        node.name for node in nodes if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    ]
+    assert defined == [], f"{notebook.name} defines {defined}: they belong in cxrlib"

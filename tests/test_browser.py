@@ -1,7 +1,7 @@
 """JupyterLab as its users open it: the notebooks run in Chromium, driven by Playwright.
 
 One JupyterLab server, started from this environment with the command ``make lab`` runs
-(:func:`cxrlib.lab.lab_command`) on 127.0.0.1 with a free port and a random token, serves
+(:func:`cxrlib.pipeline.lab_command`) on 127.0.0.1 with a free port and a random token, serves
 copies of the notebooks next to a copy of the session's finished ``smoke`` run.
 
 How the notebooks find that copy: the server's environment, which every kernel inherits,
@@ -31,6 +31,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ import nbformat
 import pytest
 
 from cxrlib import paths
-from cxrlib.lab import free_port, lab_command
+from cxrlib.pipeline import lab_command
 
 pytestmark = pytest.mark.browser
 
@@ -255,13 +256,20 @@ def start_lab(folder: Path, log) -> tuple[subprocess.Popen, str, str]:
         "IPYTHONDIR": str(folder / "ipython"),
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
     }
-    port, token = free_port(0), secrets.token_hex(16)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = secrets.token_hex(16)
     extra = [
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
         "--no-browser",
         f"--LabApp.user_settings_dir={folder / 'jupyter' / 'user-settings'}",
         f"--LabApp.workspaces_dir={folder / 'jupyter' / 'workspaces'}",
     ]
-    command = lab_command(port, token, "127.0.0.1", extra, root_dir=folder / "notebooks")
+    command = lab_command(*extra, root_dir=folder / "notebooks")
     process = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder
     )

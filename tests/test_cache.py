@@ -14,6 +14,7 @@ import cxrlib.cache as cache
 from cxrlib.cache import (
     MANIFEST_COLUMNS,
     CacheBuildError,
+    CXRDataset,
     build_cache,
     cached_image_path,
     check_cache,
@@ -21,7 +22,8 @@ from cxrlib.cache import (
     resize_to_square,
     to_grayscale_8bit,
 )
-from cxrlib.datasets import INDEX_COLUMNS, CXRDataset, index_from_mimic, read_index, write_index
+from cxrlib.datasets import index_from_mimic
+from cxrlib.index import INDEX_COLUMNS, read_index, write_index
 from cxrlib.labels import FINDINGS
 
 RESOLUTIONS = (16, 32)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cxrlib.fileio import CheckpointError, load_verified, save_verified, sidecar_path
-from cxrlib.predict import load_trained_model
+from cxrlib.models import load_trained_model
 from cxrlib.run_folder import (
     capture_rng_state,
     checkpoint_path,

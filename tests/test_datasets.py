@@ -12,19 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrlib.datasets import (
-    INDEX_COLUMNS,
-    CXRDataset,
-    ImageReadError,
-    collate_skip_none,
-    index_findings,
-    index_from_chexpert,
-    index_from_csv,
-    index_from_mimic,
-    main,
-    read_index,
-    summarize_index,
-)
+from cxrlib.cache import CXRDataset, ImageReadError, collate_skip_none
+from cxrlib.datasets import index_from_chexpert, index_from_csv, index_from_mimic, main
+from cxrlib.index import INDEX_COLUMNS, index_findings, read_index, summarize_index
 from cxrlib.labels import FINDINGS
 
 KERMANY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-pediatric-cxr"

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from cxrlib import ensemble, metrics
@@ -55,14 +56,14 @@ def test_ensemble_is_eq3_and_the_average_is_the_mean_probability():
 def test_logits_of_plus_minus_100_stay_finite_in_loss_gradient_and_output():
     logits = torch.tensor([[[100.0, -100.0, 100.0]], [[-100.0, -100.0, -100.0]], [[100.0, 100.0, 100.0]]])
     labels = torch.tensor([[0.0], [1.0], [np.nan]])
-    model = ensemble.StackedScaleEnsemble(1, 3)
-    log_p, log_q = model(logits)
+    v = torch.zeros(1, 3, requires_grad=True)  # eq. 2's parameter: uniform weights
+    log_p, log_q = ensemble.log_ensemble_probabilities(logits, F.log_softmax(v, dim=1))
     assert torch.isfinite(log_p).all() and torch.isfinite(log_q).all()
     assert log_p[1, 0].item() == pytest.approx(-100.0, abs=1e-4)  # p = sigmoid(-100), not 0
     assert log_q[2, 0].item() == pytest.approx(-100.0, abs=1e-4)  # 1 - p = sigmoid(-100), not 0
     loss = ensemble.ensemble_loss(log_p, log_q, labels)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(model.v.grad).all()
+    assert torch.isfinite(loss) and torch.isfinite(v.grad).all()
     out = ensemble.ensemble_logits(logits.numpy(), np.full((1, 3), 1 / 3))
     assert np.isfinite(out).all() and out[2, 0] == pytest.approx(100.0) and out[1, 0] == pytest.approx(-100.0)
     fit = ensemble.fit_stacked_ensemble(logits.numpy(), labels.numpy(), epochs=20)

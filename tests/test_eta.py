@@ -1,4 +1,4 @@
-"""The pipeline's time estimate: a kept calibration, a cost per step, recorded step times."""
+"""The pipeline's time estimate: a kept calibration, a cost per step, the plan printed before training."""
 
 import multiprocessing
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from tiny_data import make_tiny_dataset
 
-from cxrlib import eta
+from cxrlib import eta, study
 from cxrlib.presets import resolve
 from cxrlib.splits import make_folds
 
@@ -23,12 +23,12 @@ def test_calibration_measures_once_per_machine_and_setting(private_cache, monkey
 
     def fake_measure(setting, pool):
         calls.append(setting)
-        return 10.0 * 64 / setting.resolution, 40.0 * 64 / setting.resolution
+        return 10.0 * 64 / setting[0], 40.0 * 64 / setting[0]
 
     monkeypatch.setattr(eta, "_measure_side_by_side", fake_measure)
     rates = eta.calibrate(preset, progress=False)
     assert set(rates) == {32, 64} and rates[64] == {"train_img_s": 10.0, "infer_img_s": 40.0}
-    assert [s.resolution for s in calls] == [32, 64] and calls[0].batch == 16
+    assert [s[0] for s in calls] == [32, 64] and calls[0][1] == 16  # resolution, per-process batch
     assert eta.calibrate(preset, progress=False) == rates and len(calls) == 2  # kept, not measured again
     assert (private_cache / "calibration.json").is_file()
 
@@ -37,7 +37,7 @@ def test_calibration_on_a_gpu_measures_in_a_spawned_child_not_in_the_pipeline(pr
     # A measurement in the pipeline's own process would keep its GPU memory cached through training.
     monkeypatch.setattr(eta, "_measure", lambda setting: pytest.fail("measured in the caller's process"))
     monkeypatch.setattr(eta, "machine_label", lambda: "a GPU machine")
-    settings = [eta.Setting(r, 16, 4, 1, True, "cuda") for r in (256, 2048)]
+    settings = [(r, 16, 4, 1, True, "cuda") for r in (256, 2048)]  # 4 GPU processes
     monkeypatch.setattr(eta, "training_settings", lambda preset: settings)
     pools = []
 
@@ -66,7 +66,7 @@ def test_calibration_on_a_gpu_measures_in_a_spawned_child_not_in_the_pipeline(pr
 
 
 def test_a_real_measurement_gives_positive_rates(private_cache):
-    setting = eta.Setting(32, 2, 1, 1, True, "cpu")
+    setting = (32, 2, 1, 1, True, "cpu")
     train, infer = eta._measure(setting)
     assert 0 < train < infer  # a training step costs more than an inference step
 
@@ -88,10 +88,38 @@ def test_estimate_names_every_step_and_training_follows_the_rates(tmp_path, priv
     # two epochs of the training images at 1 img/s, against 10 img/s: 2 x train x (1 - 1/10) seconds saved
     saved = expected["03_train_res32"] - quicker["03_train_res32"]
     assert saved > 2 * train * 0.9
-    eta.record_step_time(preset, "03_train_res32", 123.0)
-    assert eta.estimate(preset, slow, data.frame, folds)["03_train_res32"] == 123.0  # a recorded time wins
-    plan = eta.format_plan(expected, {"00_data": 5.0}, "a CPU")
-    assert "a CPU" in plan and "(done)" in plan and "whole run" in plan
+
+
+def test_the_plan_printed_before_training_names_the_machine_each_step_and_the_whole_run(
+    tmp_path, monkeypatch, capsys
+):
+    data = make_tiny_dataset(tmp_path / "tiny")
+    preset = resolve("smoke")
+    folds = make_folds(data.frame, k=3, seed=0)
+    monkeypatch.setattr(eta, "machine_label", lambda: "a CPU")
+    monkeypatch.setattr(
+        eta, "calibrate", lambda preset: {r: {"train_img_s": 1.0, "infer_img_s": 10.0} for r in (32, 64)}
+    )
+    monkeypatch.setattr(study, "load_data", lambda preset: (data.frame, folds))
+    names = ["00_data", "03_train_res32", "03_train_res64"]
+    expected = eta.forecast(preset, {"00_data": 5.0}, names)
+    assert list(expected) == names and expected["03_train_res32"] > 2 * (folds["role_0"] == "train").sum()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "expected time on this machine (a CPU):" and lines[1].split() == [
+        "00_data",
+        "5s",
+        "(done)",
+    ]
+    left = eta.clock(expected["03_train_res32"] + expected["03_train_res64"])
+    assert lines[-1].split()[:4] == [
+        "whole",
+        "run",
+        eta.clock(5.0 + sum(expected.values()) - expected["00_data"]),
+        f"({left}",
+    ]
+    monkeypatch.setattr(study, "load_data", lambda preset: 1 / 0)
+    assert eta.forecast(preset, {}, names) is None  # a failed estimate is said in one line, not raised
+    assert capsys.readouterr().out == "(no time estimate: ZeroDivisionError: division by zero)\n"
 
 
 def test_the_field_sweep_estimate_counts_the_arms_still_to_train(tmp_path, private_cache):
@@ -105,7 +133,7 @@ def test_the_field_sweep_estimate_counts_the_arms_still_to_train(tmp_path, priva
     folds = make_folds(data.frame, k=3, seed=0)
     rates = {r: {"train_img_s": 1.0, "infer_img_s": 10.0} for r in (32, 64)}
     every = eta.estimate(preset, rates, data.frame, folds)["10_field_sweep"]
-    roles = [eta._roles(data.frame, folds, fold) for fold in preset.trained_folds()]
+    roles = [eta._roles(folds, fold) for fold in preset.trained_folds()]
     one = eta.training_seconds(preset, rates[64], roles[0], 64)
     assert every == pytest.approx(eta.KERNEL_SECONDS + (1 + 1 + 2) * one + eta.FIELD_SWEEP_ANALYSIS_S)
     done = tmp_path / "run" / "res64-global-context" / "fold0" / "done.json"
@@ -120,5 +148,5 @@ def test_clock_reads_like_a_clock():
 
 
 def test_the_comparison_lists_expected_and_actual_times_of_the_steps_that_ran():
-    text = eta.format_comparison({"00_data": 60.0, "03_train_res32": 600.0}, {"03_train_res32": 540.0})
+    text = eta.comparison({"00_data": 60.0, "03_train_res32": 600.0}, {"03_train_res32": 540.0})
     assert "03_train_res32" in text and "10m00s" in text and "9m00s" in text and "00_data" not in text

@@ -11,14 +11,14 @@ import torch
 from nih_layout import write_nih_layout
 from torch import nn
 
-from cxrlib import evaluate, predict
+from cxrlib import evaluate
+from cxrlib import models as cxrmodels
+from cxrlib.datasets import index_from_mimic, index_from_nih
 from cxrlib.evaluate import FOLD_WEIGHTS, evaluate_external, main
 from cxrlib.index import read_index, write_index
 from cxrlib.labels import FINDINGS
 from cxrlib.models import build_model
-from cxrlib.nih import index_from_nih
 from cxrlib.phantom import ensure_phantom
-from cxrlib.readers import index_from_mimic
 
 RESOLUTIONS = (32, 64)
 
@@ -137,7 +137,7 @@ def test_external_scoring_decodes_with_loader_workers_in_batches_that_fit_the_re
     monkeypatch.setattr(evaluate, "CXRDataset", lambda frame, resolution, cache: resolution)
     monkeypatch.setattr(evaluate, "amp_dtype", lambda device: torch.bfloat16)
     monkeypatch.setattr(
-        predict,
+        cxrmodels,
         "predict_logits",
         lambda *args: calls.append(args[1:3] + args[5:]) or pd.DataFrame({"dicom_id": []}),
     )

@@ -15,7 +15,7 @@ from fuzz_inputs import OUTCOMES, READERS, case, run_case, shared_images, to_byt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cxrlib.sources import main
+from cxrlib.datasets import main
 
 EXAMPLES = int(os.environ.get("CXRLIB_FUZZ_EXAMPLES", "40"))
 

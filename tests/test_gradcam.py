@@ -78,9 +78,9 @@ def test_densenet_map_is_computed_on_the_pre_relu_features_output():
     model = torchvision.models.densenet121(weights=None, num_classes=len(FINDINGS)).eval()
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
     result = gradcam(model, images, 1)
-    from cxrlib.transforms import normalize
+    from cxrlib.models import model_input
 
-    features = model.features(normalize(images)).detach().requires_grad_(True)
+    features = model.features(model_input(images)).detach().requires_grad_(True)
     logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(features), 1), 1))
     (grads,) = torch.autograd.grad(logits[:, 1].sum(), features)
     expected = F.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1)).detach().numpy()

@@ -13,9 +13,8 @@ import pytest
 from kermany_layout import TINY_TREE, arrange_csv_copy, write_tiny_tree
 
 from cxrlib import pipeline, splits, study
-from cxrlib.datasets import check_data_root, index_from_csv, main, read_index, write_index
-from cxrlib.index import index_findings
-from cxrlib.kermany import index_from_kermany
+from cxrlib.datasets import check_data_root, index_from_csv, index_from_kermany, main
+from cxrlib.index import index_findings, read_index, write_index
 
 CSV_COPY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-pediatric-cxr"
 NO_REAL_IMAGES = (
@@ -106,15 +105,15 @@ def test_the_kermany_preset_reads_the_layout_and_makes_the_chosen_folds(tiny_tre
         ["--preset", "kermany", "--data-root", str(tiny_tree), "--kermany-split", split]
     )
     preset = pipeline.resolve_run(
-        args.preset, args.data_root, run_dir=str(tmp_path / "run"), fold_split=args.kermany_split
-    )[1]
+        args.preset, data_root=args.data_root, run_dir=str(tmp_path / "run"), fold_split=args.fold_split
+    ).preset
     if split == "official":
         with pytest.warns(UserWarning, match="IM-0115"):
             index, folds = study.prepare_data(preset)
     else:
         index, folds = study.prepare_data(preset)
     assert index_findings(index) == ["Pneumonia", "No Finding"] and len(index) == len(TINY_TREE)
-    assert splits.num_folds(folds) == (1 if split == "official" else 5) == preset.folds.count
+    assert splits.num_folds(folds) == (1 if split == "official" else 5) == preset.fold_count
     study.load_data(preset)  # read back and checked against the index
 
 

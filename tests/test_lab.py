@@ -1,41 +1,40 @@
-"""`make lab` (python -m cxrlib.lab): what it prints before JupyterLab starts, and how it starts it."""
+"""`make lab` (python -m cxrlib.pipeline --lab): what it prints before JupyterLab starts, and how."""
 
-import re
+import ast
 
-from cxrlib import lab, paths, pipeline
+import pandas as pd
+import papermill
+import pytest
 
-
-def test_the_notebooks_default_to_the_demo_preset():
-    assert lab.default_preset() == "demo"
-
-
-def test_without_a_finished_run_it_names_the_command_that_makes_one(tmp_path):
-    lines = lab.status_lines("demo", run_dir=str(tmp_path / "demo"))
-    assert lines[0] == f'The notebooks\' parameters default to preset "demo": they read {tmp_path / "demo"}/'
-    assert lines[1] == (
-        f"{tmp_path / 'demo'} has no finished run (from 00_data on): "
-        "python -m cxrlib.pipeline --preset demo (or make demo) produces one."
-    )
+from cxrlib import paths, pipeline
 
 
-def test_a_complete_run_is_said_to_be_complete(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "step_state", lambda *args: "complete")
-    lines = lab.status_lines("smoke", run_dir=str(tmp_path))
-    assert lines[1] == f"{tmp_path} is complete: every notebook runs as it is."
+def test_the_pipeline_and_the_notebooks_default_to_the_same_preset():
+    notebook = papermill.inspect_notebook(str(paths.NOTEBOOKS_DIR / "00_data.ipynb"))
+    assert pipeline.get_args_parser().get_default("preset") == ast.literal_eval(notebook["preset"]["default"])
 
 
-def test_main_prints_the_url_with_its_token_then_starts_jupyter_lab_on_the_notebooks(
-    tmp_path, monkeypatch, capsys
-):
+@pytest.mark.parametrize("complete", [False, True])
+def test_lab_lists_the_run_then_becomes_jupyter_lab_on_the_notebooks(tmp_path, monkeypatch, capsys, complete):
     monkeypatch.setattr(paths, "RUNS_DIR", tmp_path)  # the default run folders, not this checkout's
+    if complete:
+        table = pd.DataFrame(
+            {"step": ["00_data"], "state": ["complete"], "outputs": ["2/2"], "seconds": [1.0]}
+        )
+        monkeypatch.setattr(pipeline, "states", lambda run: table)
     started = []
-    monkeypatch.setattr(lab.os, "execv", lambda program, argv: started.append(argv))
-    lab.main(["--port", "0", "--no-browser"])
-    out = capsys.readouterr().out
-    assert 'default to preset "demo"' in out and "python -m cxrlib.pipeline --preset demo" in out
-    url = re.search(r"Open http://127\.0\.0\.1:(\d+)/lab\?token=(\w+)", out)
-    assert url, out
-    argv = started[0]
-    assert argv[1:4] == ["-m", "jupyter", "lab"]
-    assert f"--ServerApp.port={url[1]}" in argv and f"--IdentityProvider.token={url[2]}" in argv
-    assert f"--ServerApp.root_dir={paths.NOTEBOOKS_DIR}" in argv and argv[-1] == "--no-browser"
+    monkeypatch.setattr(pipeline.os, "execv", lambda program, argv: started.append((program, argv)))
+    assert pipeline.main(["--lab", "--no-browser", "--ServerApp.port=8890"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["00_data", "complete" if complete else "not"]
+    assert out[-1] == ("every step is complete" if complete else "a run starts at 00_data")
+    ((program, argv),) = started
+    assert program == argv[0] and argv[1:4] == ["-m", "jupyter", "lab"]
+    assert f"--ServerApp.root_dir={paths.NOTEBOOKS_DIR}" in argv
+    assert argv[-2:] == ["--no-browser", "--ServerApp.port=8890"]
+
+
+def test_flags_the_pipeline_does_not_know_are_refused_without_lab(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--preset", "smoke", "--no-browser"])
+    assert "unrecognized arguments: --no-browser" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from cxrlib import metrics, plots
-from cxrlib.datasets import CXRDataset
+from cxrlib.cache import CXRDataset
 from cxrlib.fileio import DataError
 from cxrlib.index import drop_unlabelled_findings, index_findings, read_index, select_findings, write_index
 from cxrlib.labels import FINDINGS, NIH_FINDINGS, finding_order, shared_findings

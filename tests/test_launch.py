@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from tiny_data import make_tiny_dataset
 
 from cxrlib import launch as launcher
 from cxrlib import paths
-from cxrlib.datasets import read_index
 from cxrlib.fileio import load_verified
+from cxrlib.index import read_index
 from cxrlib.labels import FINDINGS
 from cxrlib.splits import fold_ids, read_folds
 
@@ -82,10 +83,9 @@ def test_process_count_is_checked_against_the_gpus(monkeypatch):
         launcher.resolve_nproc(2)
 
 
-def test_stream_shows_progress_updates_and_logs_only_whole_lines(capsys):
-    log = io.StringIO()
-    stream = launcher._Stream(log, echo=True)
-    for chunk in [
+def test_relay_shows_progress_updates_and_logs_only_whole_lines(capsys):
+    read, write = os.pipe()
+    chunks = [
         b"start\nepoch 1:  10%\r",
         b"epoch 1:  50%\r",
         b"epoch 1: 100%\r",
@@ -93,14 +93,25 @@ def test_stream_shows_progress_updates_and_logs_only_whole_lines(capsys):
         b"\r",
         b"\n",
         b"tail",
-    ]:
-        stream.feed(chunk)
-    stream.close()
+    ]
+
+    def child():  # the chunks as a child's output arrives: one at a time
+        for chunk in chunks:
+            os.write(write, chunk)
+            time.sleep(0.05)
+        os.close(write)
+
+    writer = threading.Thread(target=child)
+    writer.start()
+    log = io.StringIO()
+    with io.TextIOWrapper(os.fdopen(read, "rb"), encoding="utf-8", newline="") as output:
+        tail = launcher.relay(output, log, echo=True)
+    writer.join()
     # a bar's updates are echoed (each overwrites the last) but only its final state is logged;
     # "\r\n" split over two chunks is one line end
     assert log.getvalue() == "start\nepoch 1: 100%\ndone\ntail\n"
     assert "epoch 1:  10%\repoch 1:  50%\r" in capsys.readouterr().out
-    assert list(stream.tail) == ["start", "epoch 1: 100%", "done", "tail"]
+    assert tail == ["start", "epoch 1: 100%", "done", "tail"]
 
 
 def running(pid: int) -> bool:

@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxrlib import metrics
 from cxrlib.labels import FINDINGS
+from cxrlib.paths import predictions_path
 from cxrlib.splits import fold_ids, make_folds, write_folds
 
 
@@ -245,7 +246,7 @@ def make_run(tmp_path, resolutions=(32, 64), n_subjects=30, k=3, seed=0):
                 logits = (1.0 + r) * y + rng.normal(size=y.shape)
                 frame = pd.DataFrame(logits, columns=list(FINDINGS))
                 frame.insert(0, "dicom_id", ids)
-                path = metrics.predictions_path(tmp_path, resolution, fold, split)
+                path = predictions_path(tmp_path, resolution, fold, split)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 frame.to_csv(path, index=False)
     return index, folds
@@ -300,7 +301,7 @@ def test_load_predictions_checks_coverage_and_auc_table_and_table3(tmp_path):
 
 def test_load_predictions_refuses_a_file_missing_an_image(tmp_path):
     make_run(tmp_path)
-    path = metrics.predictions_path(tmp_path, 64, 1, "test")
+    path = predictions_path(tmp_path, 64, 1, "test")
     frame = pd.read_csv(path)
     frame.iloc[1:].to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"res64.fold1.test_predictions.csv.*1 missing"):

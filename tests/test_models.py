@@ -151,8 +151,7 @@ def test_tiled_features_see_only_their_tile_and_share_the_plain_layers(tiles):
 
 
 def test_the_global_context_block_starts_as_the_plain_network_and_lets_each_position_see_all(tmp_path):
-    from cxrlib.models import load_weights_into
-    from cxrlib.predict import load_trained_model
+    from cxrlib.models import load_trained_model, load_weights_into
 
     torch.manual_seed(0)
     plain = build_model("none").eval()

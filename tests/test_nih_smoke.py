@@ -11,10 +11,9 @@ from matplotlib.text import Text
 from nih_layout import write_nih_layout
 
 from cxrlib import plots
-from cxrlib.datasets import read_index
-from cxrlib.index import index_findings
+from cxrlib.datasets import index_from_nih
+from cxrlib.index import index_findings, read_index
 from cxrlib.labels import FINDINGS, NIH_FINDINGS
-from cxrlib.nih import index_from_nih
 from cxrlib.phantom import ensure_phantom
 from cxrlib.pipeline import run_pipeline
 from cxrlib.presets import PRESET_DIR

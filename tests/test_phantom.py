@@ -9,8 +9,21 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlib import phantom
 from cxrlib.labels import FINDINGS
+from cxrlib.phantom.anatomy import sample_subject
+from cxrlib.phantom.findings import CTR_THRESHOLD, MEDIASTINUM_THRESHOLD, REGISTRY, FindingPlan
+from cxrlib.phantom.labels import (
+    CARDIAC_GROUP,
+    MIMIC_LABEL_COUNTS,
+    MIMIC_STUDIES,
+    PATHOLOGIES,
+    PREVALENCES,
+    Design,
+    label_rates,
+    sample_labels,
+)
+from cxrlib.phantom.views import finding_examples, output_size, plan_frontal, render_frontal
+from cxrlib.phantom.writer import image_relpath, main, make_phantom
 
 METADATA_COLUMNS = [
     "dicom_id",
@@ -31,7 +44,7 @@ METADATA_COLUMNS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom") / "p"
-    phantom.make_phantom(out, subjects=8, seed=0, max_size=64, workers=1, lateral_fraction=0.3)
+    make_phantom(out, subjects=8, seed=0, max_size=64, workers=1, lateral_fraction=0.3)
     return out
 
 
@@ -56,7 +69,7 @@ def test_layout_and_schemas_are_mimics(tiny):
     jpgs = sorted(p.relative_to(tiny) for p in tiny.rglob("*.jpg"))
     assert len(jpgs) == len(meta)
     for row in meta.itertuples():
-        path = tiny / phantom.image_relpath(row.subject_id, row.study_id, row.dicom_id)
+        path = tiny / image_relpath(row.subject_id, row.study_id, row.dicom_id)
         assert path.relative_to(tiny).parts[1] == f"p{str(row.subject_id)[:2]}"
         with Image.open(path) as image:
             assert image.format == "JPEG" and image.mode == "L"
@@ -67,24 +80,24 @@ def test_layout_and_schemas_are_mimics(tiny):
 
 def test_same_seed_same_bytes_for_any_worker_count_other_seed_differs(tmp_path, tiny):
     other_workers = tmp_path / "w2"
-    phantom.make_phantom(other_workers, subjects=8, seed=0, max_size=64, workers=2, lateral_fraction=0.3)
+    make_phantom(other_workers, subjects=8, seed=0, max_size=64, workers=2, lateral_fraction=0.3)
     files = sorted(p.relative_to(tiny) for p in tiny.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(other_workers) for p in other_workers.rglob("*") if p.is_file())
     for name in files:
         assert (tiny / name).read_bytes() == (other_workers / name).read_bytes(), name
     other_seed = tmp_path / "s1"
-    phantom.make_phantom(other_seed, subjects=8, seed=1, max_size=64, workers=1, lateral_fraction=0.3)
+    make_phantom(other_seed, subjects=8, seed=1, max_size=64, workers=1, lateral_fraction=0.3)
     a = (tiny / "mimic-cxr-2.0.0-metadata.csv.gz").read_bytes()
     assert a != (other_seed / "mimic-cxr-2.0.0-metadata.csv.gz").read_bytes()
 
 
-@pytest.mark.parametrize("prevalence", phantom.PREVALENCES)
+@pytest.mark.parametrize("prevalence", PREVALENCES)
 def test_label_values_and_rates_match_the_documented_table(prevalence):
     n = 6000
-    labels = phantom.sample_labels(np.random.default_rng(3), prevalence, n)
+    labels = sample_labels(np.random.default_rng(3), prevalence, n)
     assert list(labels.columns) == list(FINDINGS)
     assert set(np.unique(labels.to_numpy()[~np.isnan(labels.to_numpy())])) <= {1.0, 0.0, -1.0}
-    rates = phantom.label_rates(prevalence)
+    rates = label_rates(prevalence)
     for finding, (pos, neg, unc) in rates.items():
         column = labels[finding]
         tolerance = 4 * np.sqrt(max(pos, 0.01) / n) + 0.005
@@ -93,15 +106,15 @@ def test_label_values_and_rates_match_the_documented_table(prevalence):
         assert abs((column == 0).mean() - neg) < 4 * np.sqrt(max(neg, 0.01) / n) + 0.005, finding
     no_finding = labels["No Finding"]
     assert set(no_finding.dropna()) == {1.0}
-    sick = labels[[f for f in phantom.PATHOLOGIES if f != "Support Devices"]].isin([1, -1]).any(axis=1)
+    sick = labels[[f for f in PATHOLOGIES if f != "Support Devices"]].isin([1, -1]).any(axis=1)
     assert (no_finding.isna() == sick).all()
     if prevalence == "mimic":
-        mimic_rate = phantom.MIMIC_LABEL_COUNTS["No Finding"][0] / phantom.MIMIC_STUDIES
+        mimic_rate = MIMIC_LABEL_COUNTS["No Finding"][0] / MIMIC_STUDIES
         assert abs((no_finding == 1).mean() - mimic_rate) < 0.03
-        positives = labels[list(phantom.CARDIAC_GROUP)].eq(1).astype(float)
+        positives = labels[list(CARDIAC_GROUP)].eq(1).astype(float)
         assert positives.corr().to_numpy()[np.triu_indices(4, 1)].min() > 0.1  # co-occurrence
     else:
-        positives = labels[list(phantom.PATHOLOGIES)].eq(1).astype(float)
+        positives = labels[list(PATHOLOGIES)].eq(1).astype(float)
         off_diagonal = positives.corr().to_numpy()[np.triu_indices(13, 1)]
         assert np.abs(off_diagonal).max() < 0.06  # independent findings
 
@@ -111,13 +124,13 @@ def test_truth_file_is_consistent_with_labels(tiny):
     labels = read_gz(tiny / "mimic-cxr-2.0.0-chexpert.csv.gz")
     merged = truth.merge(labels, on=["subject_id", "study_id"], validate="many_to_one")
     assert len(merged) == len(truth)
-    for finding in phantom.PATHOLOGIES:
+    for finding in PATHOLOGIES:
         present = merged[f"present_{finding}"]
         assert (present[merged[finding] == 1] == 1).all(), finding
         assert (present[merged[finding].isna() | (merged[finding] == 0)] == 0).all(), finding
-    assert ((merged["ctr"] > phantom.CTR_THRESHOLD) == (merged["present_Cardiomegaly"] == 1)).all()
+    assert ((merged["ctr"] > CTR_THRESHOLD) == (merged["present_Cardiomegaly"] == 1)).all()
     assert (
-        (merged["mediastinum_ratio"] > phantom.MEDIASTINUM_THRESHOLD)
+        (merged["mediastinum_ratio"] > MEDIASTINUM_THRESHOLD)
         == (merged["present_Enlarged Cardiomediastinum"] == 1)
     ).all()
     assert ((merged["No Finding"] == 1) <= (merged["present_No Finding"] == 1)).all()
@@ -128,22 +141,22 @@ def test_truth_file_is_consistent_with_labels(tiny):
 
 
 def test_every_pathology_is_one_registered_finding_with_a_typed_plan():
-    names = [finding.name for finding in phantom.REGISTRY]
-    assert sorted(names) == sorted(phantom.PATHOLOGIES) and len(set(names)) == len(names)
+    names = [finding.name for finding in REGISTRY]
+    assert sorted(names) == sorted(PATHOLOGIES) and len(set(names)) == len(names)
     plan = plan_pair("Pneumothorax")[0]
     assert list(plan["findings"]) == names  # drawing order
     for name, finding_plan in plan["findings"].items():
-        assert isinstance(finding_plan, phantom.FindingPlan) and dataclasses.is_dataclass(finding_plan), name
+        assert isinstance(finding_plan, FindingPlan) and dataclasses.is_dataclass(finding_plan), name
         assert finding_plan.state == ("strong" if name == "Pneumothorax" else "absent"), name
 
 
 def plan_pair(finding, seed=4):
     """The same patient planned with and without one finding (strong)."""
-    subject = phantom.sample_subject(np.random.default_rng(seed))
-    absent = {f: "absent" for f in phantom.PATHOLOGIES}
-    design = phantom.Design()
+    subject = sample_subject(np.random.default_rng(seed))
+    absent = {f: "absent" for f in PATHOLOGIES}
+    design = Design()
     plans = [
-        phantom.plan_frontal(np.random.default_rng([seed, 1]), subject, dict(absent, **state), design)
+        plan_frontal(np.random.default_rng([seed, 1]), subject, dict(absent, **state), design)
         for state in ({finding: "strong"}, {})
     ]
     return plans
@@ -152,9 +165,9 @@ def plan_pair(finding, seed=4):
 @pytest.mark.parametrize("finding", ["Lung Lesion", "Pneumothorax", "Fracture", "Support Devices"])
 def test_fine_findings_change_the_image_only_where_drawn_and_vanish_at_low_resolution(finding):
     with_plan, without_plan = plan_pair(finding)
-    width, height = phantom._output_size(with_plan["native_width"], with_plan["native_height"], 512)
-    with_image, truth = phantom.render_frontal(with_plan, width, height)
-    without_image, _ = phantom.render_frontal(without_plan, width, height)
+    width, height = output_size(with_plan["native_width"], with_plan["native_height"], 512)
+    with_image, truth = render_frontal(with_plan, width, height)
+    without_image, _ = render_frontal(without_plan, width, height)
     diff = with_image.astype(float) - without_image.astype(float)
     # Same noise, same anatomy: the difference is the finding (minus its decoy) and small in area
     # (at most two wires or rib breaks with their soft decoys' +-2 sigma bands: a few % of the image).
@@ -181,8 +194,8 @@ def test_fine_findings_change_the_image_only_where_drawn_and_vanish_at_low_resol
 
 def test_nodule_difference_is_concentrated_at_its_centre():
     with_plan, without_plan = plan_pair("Lung Lesion", seed=7)
-    with_image, truth = phantom.render_frontal(with_plan, 256, 307)
-    without_image, _ = phantom.render_frontal(without_plan, 256, 307)
+    with_image, truth = render_frontal(with_plan, 256, 307)
+    without_image, _ = render_frontal(without_plan, 256, 307)
     diff = np.abs(with_image.astype(float) - without_image.astype(float))
     rows, cols = np.mgrid[: diff.shape[0], : diff.shape[1]]
     near = np.zeros(diff.shape, bool)
@@ -194,7 +207,7 @@ def test_nodule_difference_is_concentrated_at_its_centre():
 
 @pytest.mark.parametrize("finding", ["Cardiomegaly", "Enlarged Cardiomediastinum", "Edema"])
 def test_coarse_findings_survive_downscaling(finding):
-    examples = phantom.finding_examples(resolutions=(32, 256), seed=1, size=384)
+    examples = finding_examples(resolutions=(32, 256), seed=1, size=384)
     with32, without32 = (a.astype(float) for a in examples[finding][32])
     with256, without256 = (a.astype(float) for a in examples[finding][256])
     # The mean absolute difference per pixel is about as large at 32 px as at 256 px.
@@ -204,7 +217,7 @@ def test_coarse_findings_survive_downscaling(finding):
 
 
 def test_finding_examples_shapes():
-    examples = phantom.finding_examples(resolutions=(16, 48), seed=0, size=96)
+    examples = finding_examples(resolutions=(16, 48), seed=0, size=96)
     assert list(examples) == list(FINDINGS)
     for per_resolution in examples.values():
         assert sorted(per_resolution) == [16, 48]
@@ -216,26 +229,23 @@ def test_finding_examples_shapes():
 def test_rendering_is_size_consistent():
     """The same plan rendered small or large looks the same once both are brought to one size."""
     plan = plan_pair("Cardiomegaly")[0]
-    small, _ = phantom.render_frontal(plan, 96, 116)
-    large, _ = phantom.render_frontal(plan, 384, 464)
+    small, _ = render_frontal(plan, 96, 116)
+    large, _ = render_frontal(plan, 384, 464)
     large_down = np.asarray(Image.fromarray(large).resize((96, 116), Image.Resampling.LANCZOS), float)
     assert np.abs(small.astype(float) - large_down).mean() < 6
 
 
 def test_cli_and_bad_arguments(tmp_path):
-    assert (
-        phantom.main(["--out", str(tmp_path / "c"), "--subjects", "2", "--max-size", "48", "--workers", "1"])
-        == 0
-    )
+    assert main(["--out", str(tmp_path / "c"), "--subjects", "2", "--max-size", "48", "--workers", "1"]) == 0
     assert (tmp_path / "c" / "mimic-cxr-2.0.0-split.csv.gz").is_file()
     # every design option is a flag: the same images as make_phantom with it, not the default's
     flags = ["--subjects", "2", "--max-size", "48", "--workers", "1", "--fine-contrast", "1.6"]
     flags += ["--noise", "0.05"]
-    assert phantom.main(["--out", str(tmp_path / "e"), *flags]) == 0
-    phantom.make_phantom(tmp_path / "f", 2, max_size=48, workers=1, fine_contrast=1.6, noise=0.05)
+    assert main(["--out", str(tmp_path / "e"), *flags]) == 0
+    make_phantom(tmp_path / "f", 2, max_size=48, workers=1, fine_contrast=1.6, noise=0.05)
     images = {run: [p.read_bytes() for p in sorted((tmp_path / run).rglob("*.jpg"))] for run in "cef"}
     assert images["e"] == images["f"] != images["c"]
     with pytest.raises(ValueError, match="prevalence"):
-        phantom.make_phantom(tmp_path / "d", subjects=1, prevalence="nope")
+        make_phantom(tmp_path / "d", subjects=1, prevalence="nope")
     with pytest.raises(ValueError, match="subjects"):
-        phantom.make_phantom(tmp_path / "d", subjects=0)
+        make_phantom(tmp_path / "d", subjects=0)

@@ -17,7 +17,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from cxrlib import paths, phantom, pipeline, splits
+from cxrlib import paths, pipeline, splits
+from cxrlib.phantom.writer import plan_dataset
 from cxrlib.presets import PRESET_DIR, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -69,7 +70,7 @@ def test_the_carried_wheels_are_what_papermill_and_its_kernel_need_that_the_gpu_
 
 def phantom_split(preset) -> dict[str, int]:
     """Images per role of the trained fold, from the preset's phantom plan alone (nothing rendered)."""
-    entries, _ = phantom.plan_dataset(preset.data.subjects, preset.data.seed, **preset.data.phantom_options)
+    entries, _ = plan_dataset(preset.data.subjects, preset.data.seed, **preset.data.phantom_options)
     frame = pd.DataFrame(
         {"dicom_id": [e["dicom_id"] for e in entries], "subject_id": [e["subject_id"] for e in entries]}
     )
@@ -139,18 +140,17 @@ def test_the_dry_run_runs_the_pipeline_stops_at_its_limit_with_its_results_packe
     assert "python -m cxrlib.pipeline --preset" in log and "all 11 steps complete" in log
     if session.WHEELS.is_dir():  # the carried wheels, not this environment's papermill
         assert f"papermill {metadata.version('papermill')} from {work / 'site'}" in log
-    preset_arg, preset, overrides = pipeline.resolve_run(
+    run = pipeline.resolve_run(
         str(work / "phantom-gpu-dry-run.yaml"), run_dir=str(work / "run"), figures_dir=str(work / "figures")
     )
     names, expected = (
         archive_names(second),
         {"summary.md", "run/provenance.json", "run/tables/auc_bootstrap.csv"},
     )
-    for step, resolution in pipeline.planned_steps(preset):
-        fingerprint = pipeline.step_settings(preset_arg, preset, overrides, step, resolution)[2]
-        assert pipeline.step_state(preset, step, resolution, fingerprint) == "complete", step.name(resolution)
+    assert set(pipeline.states(run)["state"]) == {"complete"}
+    for step, resolution in pipeline.planned_steps(run.preset):
         expected.add(f"run/{step.name(resolution)}.ipynb")
-        for path in step.outputs(preset, resolution):
+        for path in step.outputs(run.preset, resolution):
             if path.name != "manifest.csv":  # the cache stays on the machine
                 root, prefix = (
                     (work / "figures", "figures") if path.suffix == ".png" else (work / "run", "run")

@@ -1,13 +1,14 @@
-"""The pipeline runner on two tiny stand-in notebooks: resume, provenance, failure and lock."""
+"""The pipeline runner on two tiny stand-in notebooks: resume, provenance, parameters, failure and lock."""
 
 import json
 
 import nbformat
 import pytest
 
-from cxrlib import pipeline
-from cxrlib.pipeline import PipelineError, Step, run_lock, run_pipeline
+from cxrlib import pipeline, study
+from cxrlib.pipeline import PipelineError, run_lock, run_pipeline
 from cxrlib.presets import resolve
+from cxrlib.study import Step
 
 
 def write_notebook(path, body):
@@ -33,11 +34,8 @@ def fake_steps(tmp_path, monkeypatch):
         "text = (Path(run_dir) / 'first.txt').read_text()\n"
         "(Path(run_dir) / 'second.txt').write_text(text + '!')",
     )
-    steps = (
-        Step("00_first", lambda preset, _: [preset.run_path / "first.txt"]),
-        Step("01_second", lambda preset, _: [preset.run_path / "second.txt"]),
-    )
-    monkeypatch.setattr(pipeline, "STEPS", steps)
+    steps = (Step("00_first", files="run/first.txt"), Step("01_second", "00_first", "run/second.txt"))
+    monkeypatch.setattr(study, "STEPS", steps)
     monkeypatch.setattr(pipeline.paths, "NOTEBOOKS_DIR", notebooks)
     return tmp_path
 
@@ -45,20 +43,27 @@ def fake_steps(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_runs_in_order_then_skips_then_resumes_after_a_lost_output(fake_steps, capsys):
     run = fake_steps / "run"
+    # resolutions and gpus are overridden, but these notebooks do not declare them: they are not passed
     kwargs = {"run_dir": str(run), "figures_dir": str(fake_steps / "fig"), "progress_bar": False}
-    run_pipeline("smoke", **kwargs)
+    run_pipeline("smoke", resolutions=[64], gpus=1, **kwargs)
     assert (run / "second.txt").read_text() == "smoke!"
     executed = nbformat.read(run / "01_second.ipynb", as_version=4)
     provenance = executed.metadata["cxr_provenance"]
     assert provenance["step"] == "01_second" and "torch" in provenance["packages"]
+    assert executed.metadata["papermill"]["parameters"].keys() == {"preset", "run_dir", "figures_dir"}
+    assert provenance["parameters"] == {
+        "preset": "smoke",
+        "run_dir": str(run),
+        "figures_dir": str(fake_steps / "fig"),
+    }
     assert json.loads((run / "provenance.json").read_text())["steps"].keys() == {"00_first", "01_second"}
     capsys.readouterr()
 
-    run_pipeline("smoke", **kwargs)
+    run_pipeline("smoke", resolutions=[64], gpus=1, **kwargs)
     assert capsys.readouterr().out.count("skipped (complete)") == 2
 
     (run / "second.txt").unlink()
-    run_pipeline("smoke", **kwargs)
+    run_pipeline("smoke", resolutions=[64], gpus=1, **kwargs)
     out = capsys.readouterr().out
     assert "00_first" in out and out.count("skipped (complete)") == 1
     assert (run / "second.txt").read_text() == "smoke!"
@@ -82,6 +87,8 @@ def test_list_names_each_steps_state_and_where_a_run_starts(fake_steps, capsys):
     assert listed() == [["00_first", "complete"], ["01_second", "outputs"], "a run starts at 01_second"]
     write_notebook(pipeline.paths.NOTEBOOKS_DIR / "00_first.ipynb", "print('edited')")
     assert listed()[0] == ["00_first", "changed"] and listed()[-1] == "a run starts at 00_first"
+    pipeline.list_steps("smoke", resolutions=[64], **folders)  # other settings: every step has changed
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[:2]] == ["changed", "changed"]
 
 
 @pytest.mark.slow

@@ -10,14 +10,36 @@ import papermill
 import pytest
 from PIL import Image
 
-from cxrlib import paths
-from cxrlib.datasets import read_index
+from cxrlib import paths, study
+from cxrlib.index import read_index
 from cxrlib.labels import FINDINGS
-from cxrlib.pipeline import STEPS, planned_steps, run_pipeline
+from cxrlib.pipeline import planned_steps, run_pipeline
 from cxrlib.presets import resolve
 from cxrlib.splits import fold_ids, read_folds
+from cxrlib.study import STEPS
 
 NOTEBOOKS = sorted(paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+FOLDS = ["folds", "fold_split"]  # the split, so that the folds named exist whichever split made them
+USES = {  # each notebook's parameters besides preset and run_dir: what its step reads or changes
+    "00_data": ["data_root", "fold_split"],
+    "01_image_sizes": ["figures_dir"],
+    "02_downscale": ["resolutions"],
+    "03_train": [*FOLDS, "gpus", "resolution"],
+    "04_evaluate": ["figures_dir", "resolutions", *FOLDS, "device", "external_index"],
+    "05_receptive_field": ["figures_dir", "resolutions", *FOLDS, "device"],
+    "06_gradcam": ["figures_dir", "resolutions", *FOLDS, "device"],
+    "07_ensemble": ["figures_dir", "resolutions"],
+    "08_throughput": ["resolutions", "device"],
+    "09_receptive_field_explained": [
+        "figures_dir",
+        "data_root",
+        "resolutions",
+        *FOLDS,
+        "device",
+        "interactive",
+    ],
+    "10_field_sweep": ["figures_dir", "resolutions", *FOLDS, "gpus", "device"],
+}
 CONTRACT_FIGURES = [
     "fig1_erf.png",
     "fig3_image_sizes.png",
@@ -41,10 +63,7 @@ def test_committed_notebooks_have_no_outputs_and_a_papermill_parameters_cell(not
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and nb.cells.index(tagged[0]) <= 1, "one parameters cell, at the top"
     parameters = papermill.inspect_notebook(str(notebook))
-    required = {"preset", "run_dir", "figures_dir", "data_root", "resolutions", "folds", "gpus"}
-    if notebook.stem == "09_receptive_field_explained":  # only the parameters it uses: it trains nothing
-        required -= {"gpus"}
-    assert required <= set(parameters)
+    assert list(parameters) == ["preset", "run_dir", *USES[notebook.stem]]  # only what the notebook uses
     # the resolution study's notebooks read the demo; the field sweep reads its own preset
     expected = '"receptive-field"' if notebook.stem == "10_field_sweep" else '"demo"'
     assert parameters["preset"]["default"] == expected
@@ -125,6 +144,26 @@ def test_smoke_pipeline_writes_every_contract_file(smoke_run):
     for resolution in preset.resolutions:
         step = recorded["steps"][f"03_train_res{resolution}"]
         assert step["expected_seconds"] > 0 and step["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_notebook_03_shows_the_recipe_the_trainer_used(smoke_run):
+    for resolution in smoke_run.resolutions:
+        recipe = study.recipe(smoke_run, resolution)[f"{resolution} px"]
+        done = json.loads((paths.fold_dir(smoke_run.run_path, resolution, 0) / "done.json").read_text())
+        plan = done["batch_plan"]
+        assert (recipe["per-process batch"], recipe["processes"], recipe["accumulation steps"]) == (
+            plan["per_gpu_batch"], plan["world_size"], plan["accumulation_steps"]
+        )  # fmt: skip
+        assert recipe["effective batch"] == plan["effective_batch"] and recipe["learning rate"] == done["lr"]
+        history = pd.read_csv(paths.fold_dir(smoke_run.run_path, resolution, 0) / "history.csv")
+        assert recipe["epochs (at most)"] == len(history) and recipe["training images (first fold)"] > 0
+    executed = nbformat.read(smoke_run.run_path / "03_train_res32.ipynb", as_version=4)
+    cells = [
+        c for c in executed.cells if c.cell_type == "code" and "study.recipe(cfg, resolution)" in c.source
+    ]
+    shown = [output for cell in cells for output in cell.outputs]
+    assert "learning rate (Table 1's rule)" in shown[0]["data"]["text/plain"]
 
 
 @pytest.mark.slow

@@ -100,31 +100,7 @@ def test_auc_vs_resolution_with_std_and_with_bootstrap_ci(tmp_path):
     assert isinstance(plots.auc_vs_resolution(auc_long, ci=ci, findings=FINDINGS[:2]), Figure)
 
 
-def test_delong_heatmap_training_curves_and_phantom_examples(tmp_path):
-    pairwise = pd.DataFrame(
-        [
-            (a, b, "all", f, 0.7, 0.65, 0.05, 0.01, 2.0, 0.04, 0.2, 0.1, "")
-            for a, b in ((32, 64), (32, 128), (64, 128))
-            for f in FINDINGS[:4]
-        ],
-        columns=[
-            "resolution_a",
-            "resolution_b",
-            "fold",
-            "finding",
-            "auc_a",
-            "auc_b",
-            "diff",
-            "se",
-            "z",
-            "p",
-            "p_holm",
-            "p_bh",
-            "reason",
-        ],
-    )
-    check_png(plots.delong_heatmap(pairwise), tmp_path / "a", "delong.png")
-
+def test_training_curves_and_phantom_examples(tmp_path):
     histories = {
         (r, k): pd.DataFrame(
             {

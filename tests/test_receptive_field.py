@@ -10,7 +10,7 @@ import torch.nn as nn
 import torchvision
 
 from cxrlib import receptive_field as rfm
-from cxrlib.transforms import IMAGENET_STD
+from cxrlib.models import IMAGENET_STD, model_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,6 +23,9 @@ def test_densenet121_theoretical_receptive_field_is_2071():
     assert table["rf"].iloc[-1] == 2071 and table["jump"].iloc[-1] == 32
     assert table["size"].iloc[-1] == 8  # 256 px -> 8 x 8 feature map
     assert list(table["layer"][:2]) == ["conv0", "pool0"]
+    assert list(table.columns[:3]) == ["layer", "type", "kernel"]
+    once, layers = rfm.densenet121_field()  # the one the notebooks and the ERF table show
+    assert once == 2071 and layers.drop(columns="size", errors="ignore").equals(table.drop(columns="size"))
 
 
 def test_global_layers_are_refused_by_name():
@@ -110,15 +113,13 @@ def test_erf_of_one_3x3_convolution_is_the_mean_squared_kernel(size):
     np.testing.assert_allclose(result.erf, expected, rtol=1e-6, atol=1e-12)
 
 
-def test_erf_channel_modes_and_grayscale_pixels_on_a_linear_convolution():
+def test_erf_of_float_inputs_sums_the_channels_and_grayscale_pixels_go_through_the_normalisation():
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     w = conv.weight.detach()  # [K, C, 3, 3]
     images = torch.randn(2, 3, 9, 9)
-    summed = rfm.effective_receptive_field(conv, images, exact=True)
-    separate = rfm.effective_receptive_field(conv, images, exact=True, channel_mode="sum_of_squares")
+    summed = rfm.effective_receptive_field(conv, images, exact=True)  # adding one amount to every channel
     np.testing.assert_allclose(summed.erf[3:6, 3:6], w.sum(1).square().mean(0).numpy(), rtol=1e-5)
-    np.testing.assert_allclose(separate.erf[3:6, 3:6], w.square().sum(1).mean(0).numpy(), rtol=1e-5)
     # uint8 grayscale: derivative w.r.t. the pixel in [0, 1] through replication and ImageNet scaling.
     gray = torch.randint(0, 256, (2, 1, 9, 9), dtype=torch.uint8)
     pixel = rfm.effective_receptive_field(conv, gray, exact=True)
@@ -147,7 +148,7 @@ def test_random_sign_estimator_agrees_with_exact_eq1_and_differs_from_the_square
     torch.manual_seed(2)
     model = TinyNet()
     images = torch.randint(0, 256, (8, 1, 24, 24), dtype=torch.uint8)
-    kwargs = {"n_translations": 2, "padding": "reflect"}
+    kwargs = {"n_translations": 2}
     exact = rfm.effective_receptive_field(
         model, images, exact=True, generator=torch.Generator().manual_seed(0), **kwargs
     )
@@ -163,7 +164,7 @@ def test_random_sign_estimator_agrees_with_exact_eq1_and_differs_from_the_square
     assert estimate.radius90_px == pytest.approx(exact.radius90_px, rel=0.05)
     # The square of the gradient of the channel sum is a different quantity: not eq. 1.
     x = torch.randint(0, 256, (1, 1, 24, 24), dtype=torch.uint8).float().div(255).requires_grad_(True)
-    fmap = model.features(rfm._grayscale_to_model_input(x))
+    fmap = model.features(model_input(x))
     (grad_of_sum,) = torch.autograd.grad(fmap[0, :, 6, 6].sum(), x)
     one = rfm.effective_receptive_field(
         model, (x.detach() * 255).round().to(torch.uint8), exact=True, max_shift=0
@@ -208,13 +209,14 @@ def test_radius_summaries_on_a_known_gaussian(sigma):
     } <= set(table.columns)
 
 
-def test_translate_batch_moves_content_and_fills_by_the_chosen_padding():
+def test_translate_batch_moves_content_and_fills_the_border_by_reflection():
     image = torch.arange(25.0).view(1, 1, 5, 5)
-    shifted = rfm.translate_batch(image, torch.tensor([[1, -2]]), 2, "zeros")
-    assert shifted[0, 0, 1, 0] == image[0, 0, 0, 2]  # content moved down 1, left 2
-    assert (shifted[0, 0, 0] == 0).all() and (shifted[0, 0, :, 3:] == 0).all()
-    reflected = rfm.translate_batch(image, torch.tensor([[1, 0]]), 2, "reflect")
-    assert torch.equal(reflected[0, 0, 0], image[0, 0, 1])  # reflection of row 1 above row 0
+    shifted = rfm.translate_batch(image, torch.tensor([[1, -2]]), 2)
+    assert torch.equal(shifted[0, 0, 1:, :3], image[0, 0, :4, 2:])  # content moved down 1, left 2
+    assert torch.equal(shifted[0, 0, 0, :3], image[0, 0, 1, 2:])  # reflection of row 1 above row 0
+    assert torch.equal(shifted[0, 0, 1:, 3:], image[0, 0, :4, 2:4].flip(-1))  # columns 3, 2 reflected
+    with pytest.raises(ValueError, match="max_shift < image side"):
+        rfm.translate_batch(image, torch.tensor([[0, 0]]), 5)
 
 
 def test_the_erf_of_a_tiled_model_stays_inside_its_tile():

@@ -4,7 +4,7 @@ A checkpoint with one flipped weight bit; a full disk while writing the cache, a
 the index, the folds or a table; a damaged index and unreadable images met while indexing; a
 finding with one class in a test fold; wrong parameters given to ``python -m cxrlib.pipeline``;
 an infinite loss; a planted leaked subject met by every reader of ``folds.csv``; two pipelines
-on one run folder (two processes). The README's reliability table lists every scenario with its test.
+on one run folder (two processes). docs/reliability.md lists every scenario with its test.
 """
 
 import errno
@@ -27,10 +27,11 @@ from tiny_data import make_tiny_dataset
 from torch import nn
 
 import cxrlib.train as train
-from cxrlib import cache, dist, loaders, metrics, paths, pipeline, predict, study
+from cxrlib import cache, dist, metrics, models, paths, pipeline, study
 from cxrlib.cache import build_cache, cached_image_path, check_cache, read_manifest
-from cxrlib.datasets import index_from_csv, index_from_mimic, read_index, write_index
+from cxrlib.datasets import index_from_csv, index_from_mimic
 from cxrlib.fileio import load_verified, save_verified, sidecar_path, write_csv_atomic, write_text_atomic
+from cxrlib.index import read_index, write_index
 from cxrlib.labels import FINDINGS, targets_and_mask
 from cxrlib.pipeline import run_lock
 from cxrlib.presets import resolve
@@ -457,11 +458,11 @@ def epoch_with_an_infinite_loss(skip_nonfinite: bool):
     runtime = train.Runtime(
         dist.DistInfo(0, 1, 0, torch.device("cpu"), None), None, False, plan, skip_nonfinite, False
     )
-    loader = loaders.make_loader(
-        dataset, 4, loaders.StepBlockSampler(dataset, 1, 0, 4, 1, seed=0), 0, torch.device("cpu"), 0
+    loader = models.make_loader(
+        dataset, 4, train.StepBlockSampler(dataset, 1, 0, 4, 1, seed=0), 0, torch.device("cpu"), 0
     )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    augmentation = loaders.epoch_augmentation(len(dataset), 0, 1)
+    augmentation = train.epoch_augmentation(len(dataset), 0, 1)
     return model, lambda: train.train_one_epoch(model, loader, optimizer, scaler, runtime, 3, augmentation)
 
 
@@ -514,7 +515,7 @@ def test_a_planted_leaked_subject_is_refused_by_every_other_reader_of_the_folds(
     out = tmp_path / "predictions.csv"
     argv = ["--model", str(tmp_path / "no-model"), "--index", str(data.index), "--cache", str(data.cache)]
     argv += ["--resolution", "32", "--folds", str(data.folds), "--fold", "0", "--out", str(out)]
-    assert predict.main(argv) == 2
+    assert models.main(argv) == 2
     assert f"subject {subject} is in roles" in capsys.readouterr().err and not out.exists()
     with pytest.raises(LeakageError, match=subject):
         study.load_data(resolve("smoke", run_dir=str(data.root)))  # what every notebook reads
@@ -544,7 +545,7 @@ def test_a_second_pipeline_process_is_refused_while_the_first_holds_the_run_fold
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        lock = run / pipeline.STATE_DIR / "lock"
+        lock = run / pipeline.LOCK
         record = lock.read_text()
         assert record.startswith(f"pid {holder.pid} on ")
         assert (
@@ -554,7 +555,7 @@ def test_a_second_pipeline_process_is_refused_while_the_first_holds_the_run_fold
         error = capsys.readouterr().err
         assert error.startswith(f"error: another pipeline is running on {run} (pid {holder.pid} on ")
         assert lock.read_text() == record  # the refused run did not touch the holder's record ...
-        assert sorted(p.name for p in run.iterdir()) == [pipeline.STATE_DIR]  # ... nor wrote anything
+        assert sorted(p.name for p in run.iterdir()) == [pipeline.LOCK]  # ... nor wrote anything
         assert holder.poll() is None  # and the first one runs on
     finally:
         holder.stdin.close()

@@ -1,17 +1,99 @@
-"""The study steps' choices: the analysis device (ERF, Grad-CAM, prediction) and its one-line errors."""
+"""The study steps: what each notebook reads (checked in its first cell: one line naming the file and
+the command to run), the analysis device (ERF, Grad-CAM, prediction) and its one-line errors."""
 
+import json
 import os
 from types import SimpleNamespace
 
+import nbformat
 import pandas as pd
 import pytest
 import torch
 
-from cxrlib import field_sweep, metrics, predict, receptive_field, runtime, study, throughput
+from cxrlib import field_sweep, metrics, models, paths, receptive_field, study, throughput
 from cxrlib.fileio import save_verified
 from cxrlib.models import build_model
 from cxrlib.paths import fold_dir
+from cxrlib.pipeline import PipelineError, execute_step
 from cxrlib.presets import resolve
+from cxrlib.study import MissingInputError, missing_inputs, require_inputs
+
+NOTEBOOKS = sorted(paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def touch(*files):
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+
+
+def test_every_step_reads_only_earlier_steps():
+    names = [step.notebook for step in study.STEPS]
+    for position, step in enumerate(study.STEPS):
+        assert set(step.needs.split()) <= set(names[:position]), step.notebook
+
+
+def test_a_missing_index_names_the_file_the_command_and_the_notebook_in_one_line(tmp_path):
+    preset = resolve("smoke", run_dir=str(tmp_path / "run"))
+    with pytest.raises(MissingInputError) as caught:
+        require_inputs(preset, "04_evaluate")
+    message = str(caught.value)
+    assert message == (
+        f"{tmp_path / 'run' / 'index.csv'} does not exist yet: run python -m cxrlib.pipeline "
+        f"--preset smoke --run-dir {tmp_path / 'run'} (or notebook 00_data first)"
+    )
+    assert caught.value._render_traceback_() == [message]  # what IPython shows instead of a traceback
+    assert isinstance(caught.value, FileNotFoundError)
+
+
+def test_the_first_missing_input_is_named_in_pipeline_order(tmp_path):
+    preset = resolve("smoke", run_dir=str(tmp_path / "run"))
+    touch(preset.index_path, preset.folds_path)
+    assert missing_inputs(preset, "01_image_sizes") == []
+    require_inputs(preset, "02_downscale")  # index and folds are all it reads
+    missing = missing_inputs(preset, "06_gradcam")
+    assert missing[0] == (preset.cache_path / "manifest.csv", "02_downscale")
+    assert missing[1][1] == "03_train with resolution 32"
+    touch(preset.cache_path / "manifest.csv")
+    expected = r"res32/fold0/history.csv does not exist yet: .*or notebook 03_train with resolution 32 first"
+    with pytest.raises(MissingInputError, match=expected):
+        require_inputs(preset, "06_gradcam", preset_arg="smoke")
+
+
+def test_the_first_notebook_on_real_data_names_a_missing_data_root(tmp_path):
+    preset = resolve("kermany", data_root=str(tmp_path / "nowhere"), run_dir=str(tmp_path / "run"))
+    expected = r"not found: .*nowhere has no train/ or test/ folder; download .*set the data_root parameter"
+    with pytest.raises(MissingInputError, match=expected):
+        require_inputs(preset, "00_data")
+    require_inputs(resolve("smoke", run_dir=str(tmp_path / "run")), "00_data")  # the phantom: nothing
+
+
+def test_an_unknown_step_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown step '10_nothing'"):
+        missing_inputs(resolve("smoke", run_dir=str(tmp_path)), "10_nothing")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_each_notebook_opens_its_own_step_in_one_line_after_the_parameters(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    setup = nb.cells[[c.cell_type for c in nb.cells].index("code") + 1]
+    # study.open_preset resolves the preset and checks the step's inputs before anything else runs
+    assert f'\ncfg = study.open_preset("{notebook.stem}", globals())' in f"\n{setup.source}"
+    assert setup.source.count("cfg = ") == 1 and setup.source.rstrip().endswith("globals())")
+
+
+@pytest.mark.slow
+def test_papermill_fails_the_notebook_with_the_one_line_message(tmp_path):
+    output = tmp_path / "04_evaluate.ipynb"
+    parameters = {"preset": "smoke", "run_dir": str(tmp_path / "run"), "figures_dir": str(tmp_path / "fig")}
+    with pytest.raises(PipelineError) as caught:
+        execute_step(paths.NOTEBOOKS_DIR / "04_evaluate.ipynb", output, parameters, progress_bar=False)
+    assert "MissingInputError: " in str(caught.value)
+    assert "index.csv does not exist yet: run python -m cxrlib.pipeline --preset smoke" in str(caught.value)
+    outputs = [out for cell in json.loads(output.read_text())["cells"] for out in cell.get("outputs", [])]
+    errors = [out for out in outputs if out["output_type"] == "error"]
+    assert len(errors) == 1 and len(errors[0]["traceback"]) == 1
+    assert errors[0]["traceback"][0].endswith("(or notebook 00_data first)")
 
 
 def preset_with_a_trained_model(tmp_path, device=None):
@@ -50,15 +132,17 @@ def test_on_a_gpu_node_the_trained_model_is_loaded_onto_the_gpu(tmp_path):
 
 
 def test_a_notebook_opens_its_preset_in_one_call_and_stops_in_one_line_without_its_inputs(tmp_path, capsys):
-    from cxrlib.prerequisites import MissingInputError
-
-    cfg = study.open_preset("00_data", "smoke", run_dir=str(tmp_path / "run"), device="cpu")
-    assert cfg.name == "smoke" and cfg.analysis.device == "cpu"
-    assert "preset smoke: resolutions [32, 64]" in capsys.readouterr().out
+    # a parameters cell's names, as globals(): "" and [] keep the preset's value; other names are ignored
+    cell = {"preset": "smoke", "run_dir": str(tmp_path / "run"), "device": "cpu", "folds": [], "gpus": ""}
+    cfg = study.open_preset("00_data", {**cell, "resolution": 64, "In": []})
+    assert cfg.name == "smoke" and cfg.analysis.device == "cpu" and cfg.run_path == tmp_path / "run"
+    assert cfg.trained_folds() == [0] and cfg.train.gpus == 1
+    assert "preset smoke: resolutions [32, 64], folds [0] of 3" in capsys.readouterr().out
+    assert study.open_preset("00_data", {**cell, "folds": [2], "resolutions": [64]}).trained_folds() == [2]
     with pytest.raises(
         MissingInputError, match=r"index.csv does not exist yet: run python -m cxrlib.pipeline"
     ):
-        study.open_preset("04_evaluate", "smoke", run_dir=str(tmp_path / "run"))
+        study.open_preset("04_evaluate", cell)
 
 
 def test_table2_runs_on_the_analysis_device_with_the_trainers_settings_of_each_resolution(
@@ -95,8 +179,8 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
     monkeypatch.setattr(study, "load_data", lambda preset: (pd.DataFrame({"dicom_id": ids}), None))
     monkeypatch.setattr(study.splits, "fold_ids", lambda folds, fold, role: ids)
     monkeypatch.setattr(study, "analysis_device", lambda preset: torch.device("cuda"))
-    monkeypatch.setattr(study.datasets, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
-    monkeypatch.setattr(runtime, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(study, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
+    monkeypatch.setattr(study, "amp_dtype", lambda device: torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     loaded, scored = [], []
@@ -104,7 +188,7 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
         study, "trained_model", lambda preset, resolution, fold, device: loaded.append(resolution)
     )
     monkeypatch.setattr(
-        predict,
+        study,
         "predict_logits",
         lambda *args: scored.append(args[1:3] + args[5:]) or pd.DataFrame({"x": ids}),
     )
@@ -135,7 +219,7 @@ def test_the_field_sweep_measures_each_erf_in_batches_that_fit_the_resolution(tm
         metrics, "bootstrap_auc_ci", lambda *args, **kw: dict(auc=1.0, ci_low=1.0, ci_high=1.0)
     )
     monkeypatch.setattr(metrics, "pairwise_delong", lambda *args: pd.DataFrame(columns=["resolution_a"]))
-    monkeypatch.setattr(predict, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
+    monkeypatch.setattr(models, "load_trained_model", lambda folder, map_location: torch.nn.Identity())
     batches = []
 
     def erf(model, images, **options):

@@ -1,17 +1,19 @@
-"""Augmentation: the batched device path equals torchvision's per-image path."""
+"""Augmentation and model input: the batched device path equals torchvision's per-image path."""
 
 import pytest
 import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from cxrlib.transforms import (
-    IMAGENET_MEAN,
-    BatchTransform,
-    eval_transform,
-    normalize,
-    reference_rotate_flip,
-    rotate_flip_batch,
-    train_transform,
-)
+from cxrlib.models import IMAGENET_MEAN, IMAGENET_STD, model_input
+from cxrlib.train import rotate_flip_batch
+
+
+def reference_rotate_flip(image: torch.Tensor, angle_deg: float, flip: bool) -> torch.Tensor:
+    """torchvision's per-image equivalent of :func:`rotate_flip_batch`."""
+    if flip:
+        image = TF.horizontal_flip(image)
+    return TF.rotate(image, angle_deg, interpolation=v2.InterpolationMode.BILINEAR, fill=0)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (40, 56)])
@@ -26,40 +28,24 @@ def test_batch_rotation_and_flip_match_torchvision(size):
         assert torch.allclose(batched[i], reference, atol=1e-5)
 
 
-def test_normalize_makes_three_imagenet_channels():
-    image = torch.full((1, 8, 8), 255, dtype=torch.uint8)
-    out = normalize(image)
-    assert out.shape == (3, 8, 8)
-    assert torch.allclose(
-        out[:, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor([0.229, 0.224, 0.225])
-    )
+def test_model_input_makes_three_imagenet_channels_from_gray_pixels_of_either_kind():
+    image = torch.full((1, 1, 8, 8), 255, dtype=torch.uint8)
+    out = model_input(image)
+    assert out.shape == (1, 3, 8, 8)
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(out[0, :, 0, 0], expected)
+    assert torch.equal(model_input(image[:, 0]), out)  # [N, H, W] is read as [N, 1, H, W]
+    assert torch.equal(model_input(image.float() / 255.0), out)  # [0, 1] floats: the same input
+    ready = torch.randn(1, 3, 8, 8)
+    assert torch.equal(model_input(ready), ready)  # 3-channel floats are model input already
+    assert model_input(image, channels_last=True).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_normalisation_constants_are_made_once_per_device_not_copied_to_it_per_batch(monkeypatch):
-    from cxrlib.receptive_field import _grayscale_to_model_input
-
     made, real = [], torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *args, **kw: made.append(kw) or real(*args, **kw))
     images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8, device="meta")  # a device other than the CPU
     for _ in range(3):  # three batches
-        assert normalize(images).shape == (2, 3, 8, 8)
-        assert _grayscale_to_model_input(images.float()).shape == (2, 3, 8, 8)
+        assert model_input(images).shape == (2, 3, 8, 8)
+        assert model_input(images.float()).shape == (2, 3, 8, 8)
     assert len(made) <= 2  # mean and std once, not per batch
-
-
-def test_eval_transform_is_deterministic_and_train_transform_augments():
-    image = torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8)
-    assert torch.equal(eval_transform()(image), eval_transform()(image))
-    torch.manual_seed(0)
-    outs = [train_transform()(image) for _ in range(4)]
-    assert outs[0].shape == (3, 32, 32)
-    assert any(not torch.equal(outs[0], other) for other in outs[1:])
-
-
-def test_batch_transform_eval_equals_normalize_and_train_is_seeded():
-    batch = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
-    assert torch.equal(BatchTransform(train=False)(batch), normalize(batch))
-    first = BatchTransform(train=True)(batch, torch.Generator().manual_seed(1))
-    second = BatchTransform(train=True)(batch, torch.Generator().manual_seed(1))
-    assert torch.equal(first, second)
-    assert not torch.equal(first, normalize(batch))

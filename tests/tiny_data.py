@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from cxrlib.cache import cached_image_path
-from cxrlib.datasets import validate_index
+from cxrlib.index import validate_index
 from cxrlib.labels import FINDINGS
 from cxrlib.splits import make_folds, write_folds
 

@@ -1,9 +1,5 @@
-"""The phantom's anatomy: a patient's body, one image's lungs, vessels, ribs and bumps, and their geometry.
-
-Everything is in millimetres (origin at the image centre, x to the image right, y down);
-``plan`` is one image's plan (a dict drawn by :func:`cxrlib.phantom.views.plan_frontal`).
-The findings (:mod:`cxrlib.phantom.findings`) place themselves with the geometry here.
-"""
+"""The phantom's drawing primitives (a mm canvas, area-conserving lines and discs, exposure) and its
+anatomy (body, lungs, vessels, ribs, bumps); all in mm, origin at the image centre, x right, y down."""
 
 from __future__ import annotations
 
@@ -13,11 +9,150 @@ from typing import Any
 
 import numpy as np
 
-from .draw import Canvas, add_blob, add_polyline, box
+
+class Canvas:
+    """Pixel-centre coordinates (mm, origin at the image centre, x to the image right, y down)."""
+
+    def __init__(self, width: int, height: int, fov_w: float, fov_h: float):
+        self.width, self.height = width, height
+        self.px = fov_h / height
+        self.x = ((np.arange(width, dtype=np.float32) + 0.5) * (fov_w / width) - fov_w / 2)[None, :]
+        self.y = ((np.arange(height, dtype=np.float32) + 0.5) * self.px - fov_h / 2)[:, None]
+        self.x0, self.y0 = float(self.x[0, 0]), float(self.y[0, 0])
+        self.px_x = fov_w / width
+
+    def window(self, x_lo, x_hi, y_lo, y_hi):
+        """Slices and local coordinate grids of the pixels inside a box (mm); None when empty."""
+        c0 = max(int(math.floor((x_lo - self.x0) / self.px_x)), 0)
+        c1 = min(int(math.ceil((x_hi - self.x0) / self.px_x)) + 1, self.width)
+        r0 = max(int(math.floor((y_lo - self.y0) / self.px)), 0)
+        r1 = min(int(math.ceil((y_hi - self.y0) / self.px)) + 1, self.height)
+        if c0 >= c1 or r0 >= r1:
+            return None
+        return (slice(r0, r1), slice(c0, c1)), self.x[:, c0:c1], self.y[r0:r1, :]
+
+    def soft(self, d, edge_mm: float = 1.5):
+        """Anti-aliased step: 0 outside (d < 0), 1 inside, over max(edge, 1 px)."""
+        return np.clip(d / max(edge_mm, self.px) + 0.5, 0.0, 1.0)
+
+    def to_px(self, x_mm: float, y_mm: float) -> list[float]:
+        """Pixel coordinates (column, row; 0 at the first pixel's edge) of a point in mm, for the truth."""
+        return [round((x_mm - self.x0) / self.px_x, 2), round((y_mm - self.y0) / self.px, 2)]
+
+
+def add_polyline(img, canvas, points, amp, kind="sharp", width=1.0, sigma=1.0):
+    """Add a polyline: ``sharp`` an area-sampled box of ``width``, ``soft`` a Gaussian of equal integral."""
+    pts = np.asarray(points, dtype=np.float64)
+    sign = 1.0 if amp >= 0 else -1.0
+    reach = max(width, 3.5 * sigma if kind == "soft" else 0.0) + 2 * canvas.px
+    lo, hi = pts.min(axis=0) - reach, pts.max(axis=0) + reach
+    win = canvas.window(lo[0], hi[0], lo[1], hi[1])
+    if win is None:
+        return
+    (rows, cols), _, _ = win
+    layer = np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    soft_s = math.hypot(sigma, 0.45 * canvas.px)
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
+        (xa, xb), (ya, yb) = sorted((x0, x1)), sorted((y0, y1))
+        sub = canvas.window(xa - reach, xb + reach, ya - reach, yb + reach)
+        if sub is None:
+            continue
+        (r, c), x, y = sub
+        # distance to the segment; segments are combined by their maximum (joints not counted twice)
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((x - x0) * dx + (y - y0) * dy) / max(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
+        d = np.hypot(x - (x0 + t * dx), y - (y0 + t * dy))
+        if kind == "sharp":
+            profile = box(d, width, canvas.px)
+        else:
+            profile = width / (math.sqrt(2 * math.pi) * soft_s) * np.exp(-0.5 * (d / soft_s) ** 2)
+        local = np.s_[r.start - rows.start : r.stop - rows.start, c.start - cols.start : c.stop - cols.start]
+        np.maximum(layer[local], (sign * amp * profile).astype(np.float32), out=layer[local])
+    img[rows, cols] += sign * layer
+
+
+def splat_vessels(canvas, vessels: list[dict]) -> np.ndarray:
+    """Vessel texture: each line's density deposited as points along it, blurred per width class."""
+    from scipy.ndimage import gaussian_filter
+
+    step = min(0.5 * canvas.px, 1.0)
+    xs, ys, masses, widths = [], [], [], []
+    for v in vessels:
+        pts = np.asarray(v["points"], dtype=np.float64)
+        seg = np.diff(pts, axis=0)
+        lengths = np.hypot(seg[:, 0], seg[:, 1])
+        cum = np.concatenate([[0.0], np.cumsum(lengths)])
+        s = np.arange(0.5 * step, cum[-1], step)
+        frac = s / max(cum[-1], 1e-9)
+        xs.append(np.interp(s, cum, pts[:, 0]))
+        ys.append(np.interp(s, cum, pts[:, 1]))
+        w = v["w0"] + (v["w1"] - v["w0"]) * frac
+        masses.append((v["a0"] + (v["a1"] - v["a0"]) * frac) * w * step)
+        widths.append(w)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    mass, width = np.concatenate(masses), np.concatenate(widths)
+    out = np.zeros((canvas.height, canvas.width), np.float64)
+    col = (x - canvas.x0) / canvas.px_x
+    row = (y - canvas.y0) / canvas.px
+    for lo, hi in ((0.0, 1.3), (1.3, 2.3), (2.3, 99.0)):
+        pick = (width >= lo) & (width < hi)
+        if not pick.any():
+            continue
+        layer = np.zeros(canvas.height * canvas.width, np.float64)
+        c, r, m = col[pick], row[pick], mass[pick]
+        c0, r0 = np.floor(c).astype(int), np.floor(r).astype(int)
+        fc, fr = c - c0, r - r0
+        corners = ((0, 0, (1 - fc) * (1 - fr)), (1, 0, fc * (1 - fr)), (0, 1, (1 - fc) * fr), (1, 1, fc * fr))
+        for dc, dr, wgt in corners:
+            cc, rr = c0 + dc, r0 + dr
+            ok = (cc >= 0) & (cc < canvas.width) & (rr >= 0) & (rr < canvas.height)
+            layer += np.bincount(rr[ok] * canvas.width + cc[ok], weights=(m * wgt)[ok], minlength=layer.size)
+        sigma_mm = 0.4 * float(np.median(width[pick]))
+        sigma_px = math.sqrt(max((sigma_mm / canvas.px) ** 2 - 0.16, 0.0))
+        layer = layer.reshape(canvas.height, canvas.width) / (canvas.px * canvas.px_x)
+        out += gaussian_filter(layer, sigma_px, mode="constant") if sigma_px > 0.05 else layer
+    return out.astype(np.float32)
+
+
+def add_blob(img, canvas, x, y, amp, kind="sharp", r=3.0, sigma=4.0):
+    """A disc of radius r ('sharp') or a Gaussian ('soft') with the disc's integrated density."""
+    reach = max(r, 3.5 * sigma) + 2 * canvas.px
+    win = canvas.window(x - reach, x + reach, y - reach, y + reach)
+    if win is None:
+        return
+    sl, gx, gy = win
+    d = np.hypot(gx - x, gy - y)
+    if kind == "sharp":
+        r_eff = max(r, 0.6 * canvas.px)
+        profile = (r / r_eff) ** 2 * np.clip((r_eff - d) / canvas.px + 0.5, 0, 1)
+    else:
+        s = math.hypot(sigma, 0.45 * canvas.px)
+        profile = r * r / (2 * s * s) * np.exp(-0.5 * (d / s) ** 2)
+    img[sl] += (amp * profile).astype(np.float32)
+
+
+def box(d, width, px):
+    """Area-conserving box of ``width`` centred at d = 0, sampled with pixels of size px."""
+    half = 0.5 * width
+    lo, hi = np.maximum(d - px / 2, -half), np.minimum(d + px / 2, half)
+    return np.clip(hi - lo, 0, None) / px
+
+
+def expose(density, canvas: Canvas, plan: dict) -> np.ndarray:
+    """Density -> 8-bit brightness: exposure window, gamma, heel-effect tilt, film noise."""
+    e = plan["exposure"]
+    x = canvas.x / (canvas.width * canvas.px_x)
+    y = canvas.y / (canvas.height * canvas.px)
+    density = density + e["tilt"][0] * x + e["tilt"][1] * y
+    noise_rng = np.random.default_rng(plan["noise_seed"])
+    # Noise defined per mm^2: coarser pixels average more of it.
+    sigma = plan["noise"] / max(canvas.px, 1.0)
+    density += noise_rng.standard_normal(density.shape, dtype=np.float32) * np.float32(sigma)
+    value = np.clip((density - e["lo"]) / (e["hi"] - e["lo"]), 0, 1) ** e["gamma"]
+    return np.round(value * 255).astype(np.uint8)
+
 
 PIXEL_SPACING_SHORT_SIDE_MM = 347.0  # every detector's short side covers ~35 cm
-# bend(rib index, u, centre, mask) -> (centre, mask): how a finding changes one rib (u: mm from the midline)
-RibBend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def native_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -52,18 +187,12 @@ def lung_point(rng, plan, side: int, t_range=(0.15, 0.9), lateral=(0.15, 0.85)) 
     for _ in range(50):
         t = rng.uniform(*t_range)
         y = plan["y_apex"] + t * plan["lung_h"]
-        inner, outer = _lung_span(plan, side, y)
+        yy = np.array([[y]], dtype=np.float64)  # the lung's borders at height y, mm from the midline
+        inner, outer = float(_medial_border(plan, side, yy)[0, 0]), float(lateral_border(plan, yy)[0, 0])
         if outer - inner > 15:
             u = inner + rng.uniform(*lateral) * (outer - inner)
             return plan["cx"] + side * u, y
     return plan["cx"] + side * 0.3 * plan["thorax"], plan["y_apex"] + 0.5 * plan["lung_h"]
-
-
-def _lung_span(plan, side: int, y: float) -> tuple[float, float]:
-    """Distance from the midline of one lung's medial and lateral borders at height y (scalar)."""
-    inner = medial_border(plan, side, np.array([[y]], dtype=np.float64))[0, 0]
-    outer = lateral_border(plan, np.array([[y]], dtype=np.float64))[0, 0]
-    return float(inner), float(outer)
 
 
 def plan_vessels(rng, plan) -> list[dict]:
@@ -89,12 +218,8 @@ def plan_vessels(rng, plan) -> list[dict]:
                 for _ in range(3):
                     branch_angle += rng.normal(0, 0.2)
                     s = length / 8
-                    pts.append(
-                        (
-                            pts[-1][0] + side * s * math.cos(branch_angle),
-                            pts[-1][1] + s * math.sin(branch_angle),
-                        )
-                    )
+                    px, py = pts[-1]
+                    pts.append((px + side * s * math.cos(branch_angle), py + s * math.sin(branch_angle)))
                 vessels.append({"points": pts, "w0": 1.8, "w1": 0.7, "a0": 0.05, "a1": 0.025})
     return vessels
 
@@ -106,15 +231,10 @@ def plan_ribs(rng, plan) -> list[dict]:
     spacing = plan["lung_h"] / 9.5
     for side in (-1, 1):
         for k in range(10):
-            ribs.append(
-                {
-                    "side": side,
-                    "y0": plan["y_apex"] - 0.25 * spacing + k * spacing + rng.normal(0, 1.5),
-                    "slope": rng.uniform(-0.2, -0.1),
-                    "curve": rng.uniform(0.0022, 0.003) / scale,
-                    "width": rng.uniform(9, 12) * scale,
-                }
-            )
+            y0 = plan["y_apex"] - 0.25 * spacing + k * spacing + rng.normal(0, 1.5)
+            slope, curve = rng.uniform(-0.2, -0.1), rng.uniform(0.0022, 0.003) / scale
+            rib = {"side": side, "y0": y0, "slope": slope, "curve": curve}
+            ribs.append(dict(rib, width=rng.uniform(9, 12) * scale))
     return ribs
 
 
@@ -124,14 +244,8 @@ def plan_bumps(rng, plan) -> list[dict]:
     for side in (-1, 1):
         for _ in range(int(rng.integers(1, 3))):
             x, y = lung_point(rng, plan, side, (0.3, 0.8), (0.1, 0.7))
-            bumps.append(
-                {
-                    "x": x,
-                    "y": y,
-                    "sigma": rng.uniform(0.12, 0.2) * plan["thorax"],
-                    "a": rng.uniform(-0.05, 0.07),
-                }
-            )
+            sigma, a = rng.uniform(0.12, 0.2) * plan["thorax"], rng.uniform(-0.05, 0.07)
+            bumps.append({"x": x, "y": y, "sigma": sigma, "a": a})
     return bumps
 
 
@@ -150,7 +264,7 @@ def _heart_half_width(plan, side, y):
     return a * np.clip(1 - v ** h["power"], 0, 1) ** (1 / h["power"])
 
 
-def medial_border(plan, side, y):
+def _medial_border(plan, side, y):
     """Distance from the midline to one lung's medial border (mediastinum or heart) at heights y."""
     t = (y - plan["y_apex"]) / plan["lung_h"]
     m = plan["mediastinum"][(side + 1) // 2]
@@ -174,7 +288,7 @@ def lung_masks(plan, canvas):
     for side in (-1, 1):
         u = side * x
         lateral = lateral_border(plan, y)
-        medial = medial_border(plan, side, y)
+        medial = _medial_border(plan, side, y)
         top = canvas.soft(y - plan["y_apex"], 3.0)
         mask = canvas.soft(u - medial, 1.5) * canvas.soft(lateral - u, 1.5) * top
         mask = mask * canvas.soft(_diaphragm(plan, side, np.clip(u, 0, None)) - y, 1.5)
@@ -187,8 +301,8 @@ def rib_centre(plan, rib, u):
     return rib["y0"] + rib["slope"] * u + rib["curve"] * u * u
 
 
-def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: RibBend | None = None) -> None:
-    """Add the ribs to ``density``; ``bend`` may change a rib's centre line and extent (a fracture)."""
+def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | None = None) -> None:
+    """Add the ribs; ``bend(rib, u, centre, mask) -> (centre, mask)`` may change a rib (a fracture)."""
     cortex = 1.4
     reach = plan["thorax"] / 2 + plan["wall"]
     for i, rib in enumerate(plan["ribs"]):
@@ -214,8 +328,7 @@ def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: RibBend | None
 
 
 def wall_curve(plan: dict, side: int, t0: float, t1: float, inset: float) -> list[tuple[float, float]]:
-    """Points of a line that runs parallel to the chest wall of one side, ``inset`` mm inside it,
-    from ``t0`` to ``t1`` (fractions of the lung height)."""
+    """A line ``inset`` mm inside one side's chest wall from ``t0`` to ``t1`` (fractions of lung height)."""
     ts = np.linspace(t0, t1, 12)
     ys = plan["y_apex"] + ts * plan["lung_h"]
     us = lateral_border(plan, ys[:, None])[:, 0] - inset
@@ -234,17 +347,8 @@ def body_density(plan: dict, canvas: Canvas, x: np.ndarray, y: np.ndarray) -> np
 
 def render_bumps(haze: np.ndarray, canvas: Canvas, plan: dict) -> None:
     """Add the smooth one-sided lung bumps of :func:`plan_bumps` to the lung haze."""
-    for bump in plan["bumps"]:
-        add_blob(
-            haze,
-            canvas,
-            bump["x"],
-            bump["y"],
-            bump["a"],
-            kind="soft",
-            r=bump["sigma"] * 1.414,
-            sigma=bump["sigma"],
-        )
+    for b in plan["bumps"]:
+        add_blob(haze, canvas, b["x"], b["y"], b["a"], kind="soft", r=b["sigma"] * 1.414, sigma=b["sigma"])
 
 
 def render_clavicles(density: np.ndarray, canvas: Canvas, plan: dict) -> None:

@@ -1,26 +1,18 @@
-"""The phantom's 13 pathologies, each defined once: how it is planned, drawn, and told apart from its decoy.
-
-Each :class:`Finding` has a typed ``Plan`` and its own random generator (:func:`plan_findings`), so
-turning one on or off leaves the rest of the image unchanged. Its hooks run in the order of
-:data:`REGISTRY`, which is part of the phantom's bytes. docs/phantom.md, "The code", lists the hooks
-and how to add a finding.
-"""
+"""The phantom's 13 pathologies: each a :class:`Finding` with a typed plan and drawing hooks, run in the
+order of :data:`REGISTRY` (part of the phantom's bytes); docs/phantom.md, "The code"."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 
 import numpy as np
 
-from .anatomy import lateral_border, lung_point, rib_centre, wall_curve
-from .draw import Canvas, add_blob, add_polyline, box
+from .anatomy import Canvas, add_blob, add_polyline, box, lateral_border, lung_point, rib_centre, wall_curve
 from .labels import PATHOLOGIES, Design
 
 CTR_THRESHOLD = 0.5
 MEDIASTINUM_THRESHOLD = 0.30
-
-Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -36,7 +28,6 @@ class Scene:
     right_lung: np.ndarray
 
     def lung(self, side: int) -> np.ndarray:
-        """The mask of the image-left (side -1) or image-right (+1) lung."""
         return self.left_lung if side < 0 else self.right_lung
 
 
@@ -63,6 +54,14 @@ class FindingPlan:
         return self.state != "absent"
 
 
+def _record(name: str, fields: str, base: type | None = FindingPlan) -> type:
+    """A frozen dataclass ``name`` (a typed plan or part of one); ``real`` (else a decoy) defaults False."""
+    specs = [("real", bool, field(default=False)) if f == "real" else f for f in fields.split()]
+    cls = make_dataclass(name, specs, bases=(base,) if base else (), frozen=True)
+    cls.__module__ = __name__  # so that plans pickle (the workers get them)
+    return cls
+
+
 class Finding:
     """One pathology: its plan and its drawing hooks (each a no-op unless the finding needs it)."""
 
@@ -70,8 +69,7 @@ class Finding:
     Plan: type[FindingPlan] = FindingPlan
 
     def plan(self, rng: np.random.Generator, image: dict, state: str, design: Design) -> FindingPlan:
-        """Draw the finding's parameters (and its decoys') for one image plan from the finding's own
-        generator ``rng`` (mm)."""
+        """Draw the finding's (and its decoys') parameters in mm from the finding's own generator."""
         return self.Plan(state)
 
     def haze(self, haze: np.ndarray, scene: Scene, plan: FindingPlan) -> None:
@@ -109,21 +107,12 @@ def _side(rng: np.random.Generator) -> int:
 
 
 def _scale(image: dict) -> float:
-    """Patient size relative to the 290 mm reference thorax."""
     return image["thorax"] / 290.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Global findings: a width ratio of the anatomy
 
 
 @dataclass(frozen=True)
 class RatioFinding(Finding):
-    """A width relative to the thorax above a threshold (the heart: CTR; the upper mediastinum).
-
-    The ratio is part of the anatomy (:func:`cxrlib.phantom.views.plan_frontal` draws it with
-    :meth:`draw_ratio`); ``margin_scale`` scales the design's CTR margin and spread to this ratio.
-    """
+    """A width ratio above a threshold (CTR, mediastinum), drawn with the anatomy by :meth:`draw_ratio`."""
 
     name: str = ""
     threshold: float = 0.5
@@ -144,19 +133,11 @@ CARDIOMEGALY = RatioFinding("Cardiomegaly", CTR_THRESHOLD)
 ENLARGED_CARDIOMEDIASTINUM = RatioFinding("Enlarged Cardiomediastinum", MEDIASTINUM_THRESHOLD, 0.6)
 
 
-# ----------------------------------------------------------------------------------------------
-# Coarse and medium findings
-
-
 class Edema(Finding):
     """Bilateral perihilar haze in both lungs at once; its decoys are the anatomy's one-sided bumps."""
 
     name = "Edema"
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        a: float
-        sigma: float
+    Plan = _record("Edema.Plan", "a sigma")
 
     def plan(self, rng, image, state, design):
         a = float(0.10 * rng.uniform(0.8, 1.2) * _strength(rng, state))
@@ -181,26 +162,14 @@ class PleuralEffusion(Finding):
     """A fluid level hiding a diaphragm dome (one side or both), its meniscus rising to the wall."""
 
     name = "Pleural Effusion"
-
-    @dataclass(frozen=True)
-    class Fluid:
-        side: int
-        height: float  # mm above the dome at the chest wall
-        meniscus: float
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        fluids: tuple[PleuralEffusion.Fluid, ...]
+    Fluid = _record("PleuralEffusion.Fluid", "side height meniscus", None)
+    Plan = _record("PleuralEffusion.Plan", "fluids")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
         sides = [_side(rng)] if rng.random() < 0.6 else [-1, 1]
         fluids = tuple(
-            self.Fluid(
-                side=s,
-                height=rng.uniform(10, 40) * scale * _strength(rng, state),
-                meniscus=rng.uniform(0.5, 0.8),
-            )
+            self.Fluid(s, rng.uniform(10, 40) * scale * _strength(rng, state), rng.uniform(0.5, 0.8))
             for s in sides
         )
         return self.Plan(state, fluids)
@@ -216,12 +185,8 @@ class PleuralEffusion(Finding):
             # A fluid level over the whole dome (the diaphragm is hidden) with a meniscus that rises
             # towards the chest wall: e.height above the dome at the wall, a fifth of it medially.
             q = np.clip(u / (image["thorax"] / 2), 0, 1) ** (1 / e.meniscus)
-            top = (
-                image["y_apex"]
-                + image["lung_h"]
-                - image["dome"][(side + 1) // 2]
-                - e.height * (0.2 + 0.8 * q)
-            )
+            dome = image["y_apex"] + image["lung_h"] - image["dome"][(side + 1) // 2]
+            top = dome - e.height * (0.2 + 0.8 * q)
             fluid = canvas.soft(scene.y - top, 2.0) * scene.lung(side)
             density += 0.5 * fluid
             effusions.append({"side": side, "height_px": e.height / canvas.px})
@@ -240,14 +205,7 @@ class Consolidation(Finding):
     """A dense homogeneous patch 35-60 mm across with dark air bronchograms."""
 
     name = "Consolidation"
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        x: float
-        y: float
-        r: float
-        a: float
-        bronchi: tuple[tuple[float, float, float], ...]  # centre x, y (mm) and angle of each bronchus
+    Plan = _record("Consolidation.Plan", "x y r a bronchi")
 
     def plan(self, rng, image, state, design):
         x, y = lung_point(rng, image, _side(rng), (0.35, 0.85), (0.3, 0.7))
@@ -267,9 +225,8 @@ class Consolidation(Finding):
         for bx, by, ang in plan.bronchi:
             dx, dy = 0.6 * plan.r * math.cos(ang), 0.6 * plan.r * math.sin(ang)
             width = 2.0 * _scale(scene.image)
-            add_polyline(
-                patch, canvas, [(bx - dx, by - dy), (bx + dx, by + dy)], -0.6 * plan.a, "sharp", width
-            )
+            ends = [(bx - dx, by - dy), (bx + dx, by + dy)]
+            add_polyline(patch, canvas, ends, -0.6 * plan.a, "sharp", width)
         density += np.clip(patch, 0, None) * scene.lungs
         return {"consolidation": {"centre_px": canvas.to_px(plan.x, plan.y), "radius_px": plan.r / canvas.px}}
 
@@ -278,30 +235,16 @@ class Pneumonia(Finding):
     """A cluster of 3-6 soft blobs (sigma 4-7.5 mm) over 30-60 mm."""
 
     name = "Pneumonia"
-
-    @dataclass(frozen=True)
-    class Blob:
-        x: float
-        y: float
-        sigma: float
-        a: float
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        blobs: tuple[Pneumonia.Blob, ...]
+    Blob = _record("Pneumonia.Blob", "x y sigma a", None)
+    Plan = _record("Pneumonia.Plan", "blobs")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
         x, y = lung_point(rng, image, _side(rng), (0.4, 0.85), (0.3, 0.7))
-        spread = rng.uniform(15, 30) * scale
+        half = rng.uniform(15, 30) * scale / 2  # half the cluster's spread
         a = 0.18 * _strength(rng, state)
         blobs = tuple(
-            self.Blob(
-                x=x + rng.normal(0, spread / 2),
-                y=y + rng.normal(0, spread / 2),
-                sigma=rng.uniform(4, 7.5) * scale,
-                a=a,
-            )
+            self.Blob(x + rng.normal(0, half), y + rng.normal(0, half), rng.uniform(4, 7.5) * scale, a)
             for _ in range(int(rng.integers(3, 7)))
         )
         return self.Plan(state, blobs)
@@ -314,23 +257,15 @@ class Pneumonia(Finding):
         for b in plan.blobs:
             add_blob(patch, canvas, b.x, b.y, b.a, "soft", r=2 * b.sigma, sigma=b.sigma)
         density += np.minimum(patch, 0.25) * scene.lungs
-        return {
-            "pneumonia": [
-                {"centre_px": canvas.to_px(b.x, b.y), "sigma_px": b.sigma / canvas.px} for b in plan.blobs
-            ]
-        }
+        blobs = [{"centre_px": canvas.to_px(b.x, b.y), "sigma_px": b.sigma / canvas.px} for b in plan.blobs]
+        return {"pneumonia": blobs}
 
 
 class Atelectasis(Finding):
     """A plate-like band 50-90 mm long and 4-7 mm thick in a lower zone."""
 
     name = "Atelectasis"
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        points: tuple[Point, Point]
-        width: float
-        a: float
+    Plan = _record("Atelectasis.Plan", "points width a")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
@@ -346,25 +281,15 @@ class Atelectasis(Finding):
         band = np.zeros_like(density)
         add_polyline(band, canvas, plan.points, plan.a, "sharp", plan.width)
         density += band * scene.lungs
-        return {
-            "atelectasis": {
-                "ends_px": [canvas.to_px(*p) for p in plan.points],
-                "width_px": plan.width / canvas.px,
-            }
-        }
+        ends = [canvas.to_px(*p) for p in plan.points]
+        return {"atelectasis": {"ends_px": ends, "width_px": plan.width / canvas.px}}
 
 
 class LungOpacity(Finding):
     """A faint ill-defined patch, sigma 10-20 mm."""
 
     name = "Lung Opacity"
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        x: float
-        y: float
-        sigma: float
-        a: float
+    Plan = _record("LungOpacity.Plan", "x y sigma a")
 
     def plan(self, rng, image, state, design):
         x, y = lung_point(rng, image, _side(rng), (0.2, 0.85), (0.25, 0.75))
@@ -379,23 +304,15 @@ class LungOpacity(Finding):
         patch = np.zeros_like(density)
         add_blob(patch, canvas, plan.x, plan.y, plan.a, "soft", r=2 * plan.sigma, sigma=plan.sigma)
         density += patch * scene.lungs
-        return {
-            "lung_opacity": {"centre_px": canvas.to_px(plan.x, plan.y), "sigma_px": plan.sigma / canvas.px}
-        }
+        centre = canvas.to_px(plan.x, plan.y)
+        return {"lung_opacity": {"centre_px": centre, "sigma_px": plan.sigma / canvas.px}}
 
 
 class PleuralOther(Finding):
     """Pleural thickening 2.5-4 mm thick and 50-90 mm long along the chest wall."""
 
     name = "Pleural Other"
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        side: int
-        t0: float  # start and end as fractions of the lung height
-        t1: float
-        thickness: float
-        a: float
+    Plan = _record("PleuralOther.Plan", "side t0 t1 thickness a")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
@@ -418,32 +335,16 @@ class PleuralOther(Finding):
         return {"pleural_other": {"side": plan.side, "thickness_px": plan.thickness / canvas.px}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Fine findings: each turns some of its decoys (same place, same integrated density) into the finding
-
-
 def _fine(image: dict, design: Design) -> tuple[float, float]:
-    """Density and size multipliers of the fine findings and their decoys (size also by patient)."""
     return design.fine_contrast, design.fine_size * _scale(image)
 
 
 class LungLesion(Finding):
-    """2 sharp-edged nodules (radius 3.2-5.2 mm); decoys: 3-6 soft blobs of the same integrated density."""
+    """Sharp-edged nodules (radius 3.2-5.2 mm); decoys: soft blobs of the same integrated density."""
 
     name = "Lung Lesion"
-
-    @dataclass(frozen=True)
-    class Spot:
-        x: float
-        y: float
-        r: float
-        a: float
-        sigma: float
-        real: bool = False  # a nodule (sharp disc of radius r), else a decoy (Gaussian of sigma)
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        spots: tuple[LungLesion.Spot, ...]
+    Spot = _record("LungLesion.Spot", "x y r a sigma real", None)
+    Plan = _record("LungLesion.Plan", "spots")
 
     def plan(self, rng, image, state, design):
         fc, fs = _fine(image, design)
@@ -451,11 +352,8 @@ class LungLesion(Finding):
         spots = []
         for _ in range(int(rng.integers(k + 1, k + 5))):
             x, y = lung_point(rng, image, _side(rng), (0.15, 0.85), (0.15, 0.85))
-            spots.append(
-                self.Spot(
-                    x=x, y=y, r=rng.uniform(3.25, 5.2) * fs, a=0.60 * fc, sigma=rng.uniform(5.2, 6.5) * fs
-                )
-            )
+            r, sigma = rng.uniform(3.25, 5.2) * fs, rng.uniform(5.2, 6.5) * fs
+            spots.append(self.Spot(x, y, r, 0.60 * fc, sigma))
         if state != "absent":
             faint = 1.0 if state == "strong" else 0.7
             spots[:k] = [replace(spot, real=True, a=spot.a * faint) for spot in spots[:k]]
@@ -474,29 +372,11 @@ class LungLesion(Finding):
 
 
 class Pneumothorax(Finding):
-    """A thin visceral pleural line (1.6 mm) with no lung texture between it and the wall (10-32 mm);
-    decoys: 1-2 soft skin-fold lines (sigma 5.2 mm) of the same integrated density and course."""
+    """A 1.6 mm pleural line, no lung texture outside it; decoys: soft skin folds of equal density."""
 
     name = "Pneumothorax"
-
-    @dataclass(frozen=True)
-    class Line:
-        side: int
-        t0: float
-        t1: float
-        inset: float  # mm inside the chest wall
-        w: float
-        a: float
-        sigma: float
-        real: bool = False
-
-        def points(self, image: dict) -> list[Point]:
-            """The line's course (mm), parallel to the chest wall."""
-            return wall_curve(image, self.side, self.t0, self.t1, self.inset)
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        lines: tuple[Pneumothorax.Line, ...]
+    Line = _record("Pneumothorax.Line", "side t0 t1 inset w a sigma real", None)
+    Plan = _record("Pneumothorax.Plan", "lines")
 
     def plan(self, rng, image, state, design):
         fc, fs = _fine(image, design)
@@ -531,37 +411,23 @@ class Pneumothorax(Finding):
         canvas = scene.canvas
         truth = {}
         for line in plan.lines:
-            pts = line.points(scene.image)
+            pts = wall_curve(scene.image, line.side, line.t0, line.t1, line.inset)
             if line.real:
                 add_polyline(density, canvas, pts, line.a, "sharp", line.w)
-                truth["pneumothorax"] = {
-                    "side": line.side,
-                    "line_px": [canvas.to_px(*p) for p in pts[:: max(len(pts) // 4, 1)]],
-                    "inset_px": line.inset / canvas.px,
-                }
+                points = [canvas.to_px(*p) for p in pts[:: max(len(pts) // 4, 1)]]
+                inset = line.inset / canvas.px
+                truth["pneumothorax"] = {"side": line.side, "line_px": points, "inset_px": inset}
             else:
                 add_polyline(density, canvas, pts, line.a, "soft", line.w, sigma=line.sigma)
         return truth
 
 
 class Fracture(Finding):
-    """2 cortical breaks (3.3-5.2 mm) across ribs with a local 1.3-2.6 mm step;
-    decoys: 3-5 soft dips along ribs (sigma 7.8 mm) that remove the same density."""
+    """Cortical breaks across ribs with a local step; decoys: soft dips along ribs of equal density."""
 
     name = "Fracture"
-
-    @dataclass(frozen=True)
-    class Mark:
-        rib: int  # index into the plan's ribs
-        u: float  # position along the rib, as a fraction of half the thorax
-        gap: float
-        step: float
-        sigma: float
-        real: bool = False
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        marks: tuple[Fracture.Mark, ...]  # at most one per rib
+    Mark = _record("Fracture.Mark", "rib u gap step sigma real", None)
+    Plan = _record("Fracture.Plan", "marks")
 
     def plan(self, rng, image, state, design):
         _, fs = _fine(image, design)
@@ -607,21 +473,11 @@ class Fracture(Finding):
 
 
 class SupportDevices(Finding):
-    """2 thin bright wires (1.6 mm); decoys: 3-5 soft lines (sigma 5.2 mm) of the same integrated density."""
+    """Thin bright wires (1.6 mm); decoys: soft lines of the same integrated density."""
 
     name = "Support Devices"
-
-    @dataclass(frozen=True)
-    class Wire:
-        points: tuple[Point, ...]
-        w: float
-        a: float
-        sigma: float
-        real: bool = False
-
-    @dataclass(frozen=True)
-    class Plan(FindingPlan):
-        wires: tuple[SupportDevices.Wire, ...]
+    Wire = _record("SupportDevices.Wire", "points w a sigma real", None)
+    Plan = _record("SupportDevices.Plan", "wires")
 
     def plan(self, rng, image, state, design):
         fc, fs = _fine(image, design)
@@ -647,9 +503,8 @@ class SupportDevices(Finding):
         for w in plan.wires:
             if w.real:
                 add_polyline(density, canvas, w.points, w.a, "sharp", w.w)
-                devices.append(
-                    {"points_px": [canvas.to_px(*p) for p in w.points], "width_px": w.w / canvas.px}
-                )
+                points = [canvas.to_px(*p) for p in w.points]
+                devices.append({"points_px": points, "width_px": w.w / canvas.px})
             else:
                 add_polyline(density, canvas, w.points, w.a, "soft", w.w, sigma=w.sigma)
         return {"devices": devices} if devices else {}
@@ -663,31 +518,15 @@ class SupportDevices(Finding):
                 add_polyline(density, scene.canvas, points, w.a, "sharp", w.w)
 
 
-# ----------------------------------------------------------------------------------------------
-# The registry
-
-REGISTRY: tuple[Finding, ...] = (
-    CARDIOMEGALY,
-    ENLARGED_CARDIOMEDIASTINUM,
-    PleuralEffusion(),
-    Consolidation(),
-    Pneumonia(),
-    Atelectasis(),
-    LungOpacity(),
-    PleuralOther(),
-    Edema(),
-    LungLesion(),
-    Pneumothorax(),
-    Fracture(),
-    SupportDevices(),
-)
+_LOCAL = (PleuralEffusion, Consolidation, Pneumonia, Atelectasis, LungOpacity, PleuralOther, Edema)
+_FINE = (LungLesion, Pneumothorax, Fracture, SupportDevices)
+# every finding in drawing order (part of the phantom's bytes)
+REGISTRY: tuple[Finding, ...] = (CARDIOMEGALY, ENLARGED_CARDIOMEDIASTINUM, *(c() for c in _LOCAL + _FINE))
 
 
 def plan_findings(
     rng: np.random.Generator, image: dict, drawn: dict[str, str], design: Design
 ) -> dict[str, FindingPlan]:
-    """Every finding's plan, by name, in drawing order. Each finding draws from its own generator
-    (seeded from ``rng`` in the order of ``PATHOLOGIES``), so turning one finding on or off leaves
-    the rest of the image (anatomy, decoys, other findings) unchanged."""
+    """Every finding's plan by name, in drawing order, each from its own generator seeded from ``rng``."""
     seeds = {name: np.random.default_rng(rng.integers(2**63)) for name in PATHOLOGIES}
     return {f.name: f.plan(seeds[f.name], image, drawn[f.name], design) for f in REGISTRY}

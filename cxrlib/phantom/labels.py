@@ -1,14 +1,11 @@
-"""The phantom's labels and design: MIMIC-CXR-JPG's label rates, a study's raw labels, what is drawn.
-
-``prevalence="mimic"`` uses MIMIC-CXR-JPG's rates with co-occurrence, ``"balanced"`` independent
-findings with 18% positives; 1 is drawn, -1 drawn faint half the time, 0 and blank not
-(docs/phantom.md, "Labels"). :class:`Design` holds every design option of the phantom.
-"""
+"""The phantom's labels (MIMIC-CXR-JPG's rates or balanced ones), what is drawn for them, and its design
+options (:class:`Design`); docs/phantom.md, "Labels" and "Findings"."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -21,10 +18,8 @@ NO_FINDING_EXCLUDES = ("Support Devices",)
 FINE_FINDINGS = ("Lung Lesion", "Pneumothorax", "Fracture", "Support Devices")
 COARSE_FINDINGS = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema")
 
-# Label counts per study in MIMIC-CXR-JPG v2.0.0 (227,827 studies; positive, negative, uncertain;
-# the rest blank), as reported in the label statistics table of Johnson et al., "MIMIC-CXR-JPG, a large
-# publicly available database of labeled chest radiographs" (arXiv:1901.07042, 2019). Transcribed from
-# memory of that table without network access; the rates are right to about a percentage point.
+# Studies with a positive, negative, uncertain label in MIMIC-CXR-JPG v2.0.0 (Johnson et al. 2019,
+# arXiv:1901.07042; transcribed from memory, right to about a point: docs/phantom.md, "Labels").
 MIMIC_STUDIES = 227_827
 MIMIC_LABEL_COUNTS: dict[str, tuple[int, int, int]] = {
     "Atelectasis": (45_808, 1_531, 10_327),
@@ -42,8 +37,7 @@ MIMIC_LABEL_COUNTS: dict[str, tuple[int, int, int]] = {
     "Pneumothorax": (10_358, 42_356, 1_134),
     "Support Devices": (66_558, 3_486, 237),
 }
-# Co-occurrence in "mimic" mode: a Gaussian copula with one factor shared by all pathologies and
-# two group factors (cardiac: heart, mediastinum, edema, effusion; airspace: the opacities).
+# Co-occurrence in "mimic" mode: a Gaussian copula with a shared factor and these two group factors.
 CARDIAC_GROUP = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema", "Pleural Effusion")
 AIRSPACE_GROUP = ("Atelectasis", "Consolidation", "Edema", "Lung Opacity", "Pneumonia")
 PREVALENCES = ("mimic", "balanced")
@@ -60,14 +54,11 @@ def label_rates(prevalence: str) -> dict[str, tuple[float, float, float]]:
 
 
 def _normal_quantile(p: float) -> float:
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(min(max(p, 1e-12), 1 - 1e-12))
 
 
 def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 1) -> pd.DataFrame:
-    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings; ``mimic``
-    through a Gaussian copula with MIMIC's rates as marginals (docs/phantom.md, "Labels")."""
+    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings."""
     rates = label_rates(prevalence)
     shared = rng.standard_normal(n)
     cardiac, airspace = rng.standard_normal(n), rng.standard_normal(n)
@@ -86,10 +77,8 @@ def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 
             latent = own
         top_pos, top_unc = _normal_quantile(1 - pos), _normal_quantile(1 - pos - unc)
         negative = rng.random(n) < neg / max(1 - pos - unc, 1e-9)
-        values = np.where(
-            latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, np.where(negative, 0.0, np.nan))
-        )
-        out[finding] = values
+        blank_or_negative = np.where(negative, 0.0, np.nan)
+        out[finding] = np.where(latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, blank_or_negative))
     frame = pd.DataFrame(out)
     counted = [f for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES]
     sick = frame[counted].isin([1.0, -1.0]).any(axis=1)
@@ -98,10 +87,7 @@ def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 
 
 
 def rendered_presence(labels: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
-    """Turn one study's raw labels into what is drawn: ``strong``, ``faint`` or ``absent`` per pathology.
-
-    1 -> strong; -1 -> faint with probability 0.5, else absent; 0 and blank -> absent.
-    """
+    """What is drawn per pathology: 1 ``strong``, -1 ``faint`` half the time, else ``absent``."""
     drawn = {}
     for finding in PATHOLOGIES:
         value = labels[finding]
@@ -116,21 +102,7 @@ def rendered_presence(labels: dict[str, float], rng: np.random.Generator) -> dic
 
 @dataclass(frozen=True)
 class Design:
-    """Design options of the phantom (passed as keyword arguments to :func:`make_phantom`).
-
-    prevalence: ``mimic`` (MIMIC-CXR-JPG rates and co-occurrence) or ``balanced`` (18% positives each,
-        independent). ctr_margin / ctr_spread: CTRs are drawn uniformly from
-        [0.5 + margin, 0.5 + spread] (present) and [0.5 - spread, 0.5 - margin] (absent); the same
-        margin and spread, scaled by 0.6, apply around the mediastinal threshold.
-    studies_per_subject: mean number of studies per subject (1 + geometric; MIMIC's is ~3.5).
-    lateral_fraction: share of studies that also get a simplified lateral view (MIMIC ~0.33;
-        0 gives a frontal-only phantom, the default, so a small demo stays learnable).
-    fine_contrast: multiplier on the density of every fine finding and of its decoy.
-    fine_size: multiplier on the size (radius, line width, gap, inset) of every fine finding and decoy.
-    fine_instances: how many decoys a positive study turns into its fine finding (nodules, rib
-        fractures, wires; a pneumothorax is one long line); more instances are learned in fewer steps.
-    noise: film noise standard deviation (density units, at 1 mm^2).
-    """
+    """The phantom's design options (keyword arguments of :func:`make_phantom`; docs/phantom.md)."""
 
     prevalence: str = "mimic"
     ctr_margin: float = 0.005
@@ -146,9 +118,7 @@ class Design:
         if self.prevalence not in PREVALENCES:
             raise ValueError(f"prevalence={self.prevalence!r}: choose one of {PREVALENCES}")
         if not 0 <= self.ctr_margin < self.ctr_spread < 0.4:
-            raise ValueError(
-                f"need 0 <= ctr_margin < ctr_spread < 0.4, got {self.ctr_margin}, {self.ctr_spread}"
-            )
+            raise ValueError(f"need 0 <= ctr_margin < ctr_spread < 0.4: {self.ctr_margin}, {self.ctr_spread}")
         if self.studies_per_subject < 1:
             raise ValueError(f"studies_per_subject must be >= 1, got {self.studies_per_subject}")
         if not 0 <= self.lateral_fraction <= 1:

@@ -1,9 +1,5 @@
-"""One image of the phantom: plan and render a frontal view (anatomy, then findings) and a lateral view.
-
-A plan is a dict of the image's geometry and exposure (mm) drawn with the study's generator;
-its ``findings`` entry holds every finding's typed plan (:mod:`cxrlib.phantom.findings`).
-Rendering draws the plan at any size, so one patient looks the same at every resolution.
-"""
+"""One image of the phantom: plan (a dict of geometry and exposure in mm, with every finding's typed plan)
+and render, at any size, a frontal view (anatomy, then findings) or a simplified lateral view."""
 
 from __future__ import annotations
 
@@ -17,7 +13,9 @@ from PIL import Image
 from ..labels import FINDINGS
 from .anatomy import (
     PIXEL_SPACING_SHORT_SIDE_MM,
+    Canvas,
     body_density,
+    expose,
     lung_masks,
     native_size,
     plan_bumps,
@@ -27,8 +25,8 @@ from .anatomy import (
     render_clavicles,
     render_ribs,
     sample_subject,
+    splat_vessels,
 )
-from .draw import Canvas, expose, splat_vessels
 from .findings import (
     CARDIOMEGALY,
     ENLARGED_CARDIOMEDIASTINUM,
@@ -72,43 +70,19 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     y_heart = y_cp - dome - rng.uniform(0.1, 0.3) * heart_b
     med_w = med * thorax
     med_left = rng.uniform(0.45, 0.6)
-    plan = {
-        "view": "PA" if rng.random() < 0.6 else "AP",
-        "native_width": width,
-        "native_height": height,
-        "fov_w": fov_w,
-        "fov_h": fov_h,
-        "cx": cx,
-        "thorax": thorax,
-        "wall": subject["wall_mm"] * scale,
-        "y_apex": y_apex,
-        "lung_h": lung_h,
-        "apex_x": subject["apex_frac"] * thorax,
-        "dome": [
-            dome * rng.uniform(1.0, 1.25),
-            dome * rng.uniform(0.85, 1.0),
-        ],  # image left (patient R) higher
-        "ctr": ctr,
-        "heart": {
-            "right_mm": (1 - left) * heart_w,  # towards image left
-            "left_mm": left * heart_w,
-            "y": y_heart,
-            "b": heart_b,
-            "power": subject["heart_power"],
-        },
-        "mediastinum_ratio": med,
-        "mediastinum": [(1 - med_left) * med_w, med_left * med_w],
-        "exposure": {
-            "lo": float(rng.uniform(-0.15, 0.1)),
-            "hi": float(rng.uniform(1.15, 1.6)),
-            "gamma": float(rng.uniform(0.75, 1.35)),
-            "tilt": [float(rng.normal(0, 0.05)), float(rng.normal(0, 0.05))],
-        },
-        "noise_seed": int(rng.integers(2**31)),
-        "noise": design.noise,
-    }
-    y_hilum = y_apex + rng.uniform(0.38, 0.46) * lung_h
-    plan["hilum_y"] = y_hilum
+    view = "PA" if rng.random() < 0.6 else "AP"
+    domes = [dome * rng.uniform(1.0, 1.25), dome * rng.uniform(0.85, 1.0)]  # image left (patient R) higher
+    lo, hi, gamma = (float(rng.uniform(a, b)) for a, b in ((-0.15, 0.1), (1.15, 1.6), (0.75, 1.35)))
+    exposure = {"lo": lo, "hi": hi, "gamma": gamma, "tilt": [float(rng.normal(0, 0.05)) for _ in range(2)]}
+    heart = dict(right_mm=(1 - left) * heart_w, left_mm=left * heart_w)  # towards the image left, right
+    heart.update(y=y_heart, b=heart_b, power=subject["heart_power"])
+    plan = {"view": view, "native_width": width, "native_height": height, "fov_w": fov_w, "fov_h": fov_h}
+    plan |= {"cx": cx, "thorax": thorax, "wall": subject["wall_mm"] * scale, "y_apex": y_apex}
+    plan |= {"lung_h": lung_h, "apex_x": subject["apex_frac"] * thorax, "dome": domes, "ctr": ctr}
+    plan["heart"] = heart
+    plan |= {"mediastinum_ratio": med, "mediastinum": [(1 - med_left) * med_w, med_left * med_w]}
+    plan |= {"exposure": exposure, "noise_seed": int(rng.integers(2**31)), "noise": design.noise}
+    plan["hilum_y"] = y_apex + rng.uniform(0.38, 0.46) * lung_h
     plan["vessels"] = plan_vessels(rng, plan)
     plan["ribs"] = plan_ribs(rng, plan)
     plan["bumps"] = plan_bumps(rng, plan)
@@ -123,40 +97,36 @@ def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     left_lung, right_lung = lung_masks(plan, canvas)
     lungs = left_lung + right_lung
     scene = Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
-    findings = _findings_of(plan)
+    hooks = _findings_of(plan)
     density = body_density(plan, canvas, x, y)
     # Soft, one-sided bumps and the edema haze act on lung density before air is subtracted.
     haze = np.zeros((height, width), np.float32)
     render_bumps(haze, canvas, plan)
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         finding.haze(haze, scene, finding_plan)
     # Lung texture: vessels, kept zero-mean where a pneumothorax removes them.
     vessels = splat_vessels(canvas, plan["vessels"])
     vessels *= lungs
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         vessels = finding.texture(vessels, scene, finding_plan)
     density += haze * lungs
     density -= 0.58 * lungs
     density += vessels
     density += 0.10 * canvas.soft(18 * plan["thorax"] / 290 - np.abs(x), 3.0) * (1 - lungs)  # spine
-    render_ribs(density, canvas, plan, lungs, partial(_bend_rib, findings, scene))
+    render_ribs(density, canvas, plan, lungs, partial(_bend_rib, hooks, scene))
     render_clavicles(density, canvas, plan)
     truth: dict[str, Any] = {}
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         truth.update(finding.render(density, scene, finding_plan))
     return expose(density, canvas, plan), truth
 
 
 def _findings_of(plan: dict) -> list[tuple[Finding, FindingPlan]]:
-    """Every finding with its plan, in drawing order."""
     return [(finding, plan["findings"][finding.name]) for finding in REGISTRY]
 
 
-def _bend_rib(
-    findings: list[tuple[Finding, FindingPlan]], scene: Scene, rib: int, u, centre, mask
-) -> tuple[np.ndarray, np.ndarray]:
-    """A rib's centre line and extent after every finding's :meth:`Finding.bend_rib`."""
-    for finding, finding_plan in findings:
+def _bend_rib(hooks, scene, rib, u, centre, mask):  # a rib after every finding's Finding.bend_rib
+    for finding, finding_plan in hooks:
         centre, mask = finding.bend_rib(rib, u, centre, mask, scene, finding_plan)
     return centre, mask
 
@@ -177,12 +147,7 @@ def plan_lateral(rng: np.random.Generator, frontal: dict) -> dict:
 
 
 def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """A simplified lateral: one lung field with a rounded apex and a diaphragm that is deepest
-    posteriorly, the heart anterior (image left) sized by the CTR, the spine posterior, hilar vessels.
-
-    Only the heart size, effusion (posterior costophrenic fluid), devices and the exposure carry over
-    from the frontal plan; it is a teaching simplification, not a lateral radiograph.
-    """
+    """A cartoon lateral: one lung field, the heart anterior, the spine posterior (docs/phantom.md)."""
     canvas = Canvas(width, height, plan["fov_w"], plan["fov_h"])
     x, y = canvas.x - plan["cx"], canvas.y  # x: anterior (image left) to posterior (image right)
     depth = plan["depth"]
@@ -198,26 +163,19 @@ def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     heart = canvas.soft(heart_r - np.hypot(x - hx, y - hy), 2.0)
     lung = lung * (1 - heart)
     scene = LateralScene(canvas, plan, x, y, floor, half)
-    findings = _findings_of(plan)
-    for finding, finding_plan in findings:
+    hooks = _findings_of(plan)
+    for finding, finding_plan in hooks:
         lung = finding.lateral_lung(lung, scene, finding_plan)
+    cx = plan["cx"]  # half the vessels, squeezed towards the hilum
     vessels = [
-        {**v, "points": [(plan["cx"] + 0.5 * (px - plan["cx"]), py) for px, py in v["points"]]}
-        for v in plan["vessels"][::2]
+        {**v, "points": [(cx + 0.5 * (px - cx), py) for px, py in v["points"]]} for v in plan["vessels"][::2]
     ]
     density -= 0.58 * lung
     density += splat_vessels(canvas, vessels) * lung
     density += 0.12 * canvas.soft(22 - np.abs(x - depth / 2 + 35), 2.0) * body
-    for finding, finding_plan in findings:
+    for finding, finding_plan in hooks:
         finding.lateral(density, scene, finding_plan)
     return expose(density, canvas, plan), {"heart_radius_px": heart_r / canvas.px}
-
-
-def _example_patient(seed: int, design: Design) -> tuple[dict, dict]:
-    rng = np.random.default_rng([int(seed), 99])
-    subject = sample_subject(rng)
-    subject["thorax_mm"] = 290.0
-    return subject, {f: "absent" for f in PATHOLOGIES}
 
 
 def finding_examples(
@@ -228,7 +186,8 @@ def finding_examples(
     uint8. A fine finding's "without" has its decoy; No Finding's "without" has a pleural effusion."""
     design = Design(**design_options)
     size = size or max(512, 2 * max(resolutions))
-    subject, base = _example_patient(seed, design)
+    subject = dict(sample_subject(np.random.default_rng([int(seed), 99])), thorax_mm=290.0)
+    base = {f: "absent" for f in PATHOLOGIES}
     out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for finding in FINDINGS:
         if finding == "No Finding":
@@ -241,10 +200,9 @@ def finding_examples(
             plan = plan_frontal(rng, subject, state, design)
             width, height = output_size(plan["native_width"], plan["native_height"], size)
             images.append(render_frontal(plan, width, height)[0])
-        out[finding] = {}
-        for r in resolutions:
-            pair = tuple(
-                np.asarray(Image.fromarray(im, "L").resize((r, r), Image.Resampling.LANCZOS)) for im in images
-            )
-            out[finding][int(r)] = pair
+        resize = Image.Resampling.LANCZOS
+        out[finding] = {
+            int(r): tuple(np.asarray(Image.fromarray(im, "L").resize((r, r), resize)) for im in images)
+            for r in resolutions
+        }
     return out

@@ -1,14 +1,11 @@
-"""Synthetic chest X-ray phantom written in the MIMIC-CXR-JPG layout: the project's built-in data.
-
-Every study is planned (ids, dates, labels, image plans), rendered in worker processes and written
-with MIMIC-CXR-JPG's CSVs, the truth of what is drawn and a README; the same seed and options give
-the same bytes whatever the worker count. The design options are :class:`Design`'s (docs/phantom.md).
-"""
+"""Write a synthetic chest X-ray phantom in the MIMIC-CXR-JPG layout: plan every study, render the images
+in worker processes, write MIMIC's CSVs and the truth; same seed and options, same bytes (docs/phantom.md)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -27,7 +24,7 @@ from .anatomy import sample_subject
 from .labels import NO_FINDING_EXCLUDES, PATHOLOGIES, PREVALENCES, Design, rendered_presence, sample_labels
 from .views import output_size, plan_frontal, plan_lateral, render_frontal, render_lateral
 
-JPEG_QUALITY = 95
+_JPEG_QUALITY = 95
 
 
 def _hex_id(rng) -> str:
@@ -43,11 +40,8 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     id_rng = np.random.default_rng(root.spawn(1)[0])
     subject_ids = 10_000_000 + id_rng.choice(9_999_999, size=subjects, replace=False)
     p_more = 1 - 1 / design.studies_per_subject
-    studies = (
-        np.minimum(1 + id_rng.geometric(1 - p_more, size=subjects) - 1, 12)
-        if p_more > 0
-        else np.ones(subjects, int)
-    )
+    more = id_rng.geometric(1 - p_more, size=subjects) if p_more > 0 else np.ones(subjects, int)
+    studies = np.minimum(more, 12)
     study_ids = 50_000_000 + id_rng.choice(9_999_999, size=int(studies.sum()), replace=False)
     label_rng = np.random.default_rng(root.spawn(2)[1])
     labels = sample_labels(label_rng, design.prevalence, int(studies.sum()))
@@ -56,36 +50,24 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     for s in range(subjects):
         subject_rng = np.random.default_rng([int(seed), 7, s])
         subject = sample_subject(subject_rng)
-        split = (
-            "test"
-            if subject_rng.random() < 0.05
-            else ("validate" if subject_rng.random() < 0.05 else "train")
-        )
+        draw = subject_rng.random
+        split = "test" if draw() < 0.05 else "validate" if draw() < 0.05 else "train"
         day = int(subject_rng.integers(0, 365 * 60))
         for j in range(int(studies[s])):
-            rng = np.random.default_rng([int(seed), 11, s, j])
+            rng, study_id = np.random.default_rng([int(seed), 11, s, j]), int(study_ids[k])
             row = {f: labels.at[k, f] for f in FINDINGS}
             drawn = rendered_presence(row, rng)
             day += int(rng.integers(1, 400))
-            date = pd.Timestamp("2110-01-01") + pd.Timedelta(days=day)
+            date = (pd.Timestamp("2110-01-01") + pd.Timedelta(days=day)).strftime("%Y%m%d")
             views = ["frontal"] + (["lateral"] if rng.random() < design.lateral_fraction else [])
             frontal_plan = plan_frontal(rng, subject, drawn, design)
             for view in views:
                 plan = frontal_plan if view == "frontal" else plan_lateral(rng, frontal_plan)
-                entries.append(
-                    {
-                        "dicom_id": _hex_id(rng),
-                        "subject_id": int(subject_ids[s]),
-                        "study_id": int(study_ids[k]),
-                        "split": split,
-                        "date": date.strftime("%Y%m%d"),
-                        "time": f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}"
-                        f"{int(rng.integers(0, 60)):02d}.{int(rng.integers(0, 1000)):03d}",
-                        "labels": row,
-                        "drawn": drawn,
-                        "plan": plan,
-                    }
-                )
+                ids = {"dicom_id": _hex_id(rng), "subject_id": int(subject_ids[s]), "study_id": study_id}
+                h, m, sec, ms = (int(rng.integers(0, top)) for top in (24, 60, 60, 1000))
+                time = f"{h:02d}{m:02d}{sec:02d}.{ms:03d}"
+                entries.append(ids | {"split": split, "date": date, "time": time, "labels": row})
+                entries[-1] |= {"drawn": drawn, "plan": plan}
             k += 1
     return entries, design
 
@@ -97,7 +79,7 @@ def _render_entry(args) -> tuple[bytes, dict]:
     render = render_lateral if plan["view"] == "LATERAL" else render_frontal
     image, details = render(plan, width, height)
     buffer = io.BytesIO()
-    Image.fromarray(image, "L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(image, "L").save(buffer, format="JPEG", quality=_JPEG_QUALITY)
     canvas_px = plan["fov_h"] / height
     details["thorax_px"] = plan["thorax"] / (plan["fov_w"] / width)
     details["heart_px"] = plan["ctr"] * plan["thorax"] / (plan["fov_w"] / width)
@@ -126,11 +108,7 @@ def make_phantom(
     workers: int | None = None,
     **design_options,
 ) -> Path:
-    """Write a phantom in the MIMIC-CXR-JPG layout to ``out_dir`` (files: docs/phantom.md); return it.
-
-    ``max_size`` caps the long side (None: native); ``design_options`` are :class:`Design`'s fields.
-    The same seed and options give the same bytes, whatever ``workers`` is.
-    """
+    """Write a phantom to ``out_dir`` (long side capped at ``max_size``; options: :class:`Design`'s)."""
     out_dir = Path(out_dir)
     entries, design = plan_dataset(subjects, seed, **design_options)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
@@ -150,41 +128,23 @@ def make_phantom(
 
 
 def _metadata_row(entry: dict, info: dict) -> dict:
-    """One row of ``mimic-cxr-2.0.0-metadata.csv``."""
     view = entry["plan"]["view"]
     description, view_text, orientation = _VIEW_TEXT[view]
-    return {
-        "dicom_id": entry["dicom_id"],
-        "subject_id": entry["subject_id"],
-        "study_id": entry["study_id"],
-        "PerformedProcedureStepDescription": description,
-        "ViewPosition": view,
-        "Rows": info["height"],
-        "Columns": info["width"],
-        "StudyDate": entry["date"],
-        "StudyTime": entry["time"],
-        "ProcedureCodeSequence_CodeMeaning": description,
-        "ViewCodeSequence_CodeMeaning": view_text,
-        "PatientOrientationCodeSequence_CodeMeaning": orientation,
-    }
+    row = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
+    row |= {"PerformedProcedureStepDescription": description, "ViewPosition": view, "Rows": info["height"]}
+    row |= {"Columns": info["width"], "StudyDate": entry["date"], "StudyTime": entry["time"]}
+    row |= {"ProcedureCodeSequence_CodeMeaning": description, "ViewCodeSequence_CodeMeaning": view_text}
+    return row | {"PatientOrientationCodeSequence_CodeMeaning": orientation}
 
 
 def _truth_row(entry: dict, info: dict) -> dict:
-    """One row of ``phantom_truth.csv``: what is really drawn in the image."""
-    truth = {
-        "dicom_id": entry["dicom_id"],
-        "subject_id": entry["subject_id"],
-        "study_id": entry["study_id"],
-        "view": entry["plan"]["view"],
-        "width": info["width"],
-        "height": info["height"],
-    }
+    truth = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
+    truth.update(view=entry["plan"]["view"], width=info["width"], height=info["height"])
     drawn = entry["drawn"]
     for finding in PATHOLOGIES:
         truth[f"present_{finding}"] = int(drawn[finding] != "absent")
-    truth["present_No Finding"] = int(
-        all(drawn[f] == "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
-    )
+    sick = any(drawn[f] != "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
+    truth["present_No Finding"] = int(not sick)
     plan = entry["plan"]
     truth["ctr"] = round(plan["ctr"], 4)
     truth["mediastinum_ratio"] = round(plan["mediastinum_ratio"], 4)
@@ -217,14 +177,8 @@ def _write_all(out_dir: Path, entries, results, bar) -> list[dict]:
 
 def _gzip_csv(frame: pd.DataFrame, path: Path) -> None:
     # mtime=0 keeps the gzip header (and so the file) identical across runs.
-    import gzip
-
-    text = frame.to_csv(index=False).encode()
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as handle:
-        handle.write(text)
-    with atomic_write(path, "wb") as out:
-        out.write(buffer.getvalue())
+    with atomic_write(path, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
+        gz.write(frame.to_csv(index=False).encode())
 
 
 def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size) -> None:
@@ -242,15 +196,7 @@ def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, see
         labels[f] = labels[f].astype("Float64")
     _gzip_csv(labels, out_dir / "mimic-cxr-2.0.0-chexpert.csv.gz")
     split = pd.DataFrame(
-        [
-            {
-                "dicom_id": e["dicom_id"],
-                "study_id": e["study_id"],
-                "subject_id": e["subject_id"],
-                "split": e["split"],
-            }
-            for e in entries
-        ]
+        [{k: e[k] for k in ("dicom_id", "study_id", "subject_id", "split")} for e in entries]
     )
     _gzip_csv(split, out_dir / "mimic-cxr-2.0.0-split.csv.gz")
     write_csv_atomic(pd.DataFrame(truth_rows), out_dir / "phantom_truth.csv")
@@ -266,20 +212,12 @@ def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, see
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cxrlib.phantom",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="python -m cxrlib.phantom", description=__doc__)
     parser.add_argument("--out", required=True, help="output folder (MIMIC-CXR-JPG layout)")
     parser.add_argument("--subjects", type=int, default=60, help="number of patients")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
-    parser.add_argument(
-        "--max-size", type=int, default=None, help="cap on the long side in px (default: native)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="rendering processes (default: CPU count, at most 8)"
-    )
+    parser.add_argument("--max-size", type=int, default=None, help="long side cap (px; default: native)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, <= 8)")
     for option in dataclasses.fields(Design):  # every design option, with Design's default
         kind, choices = type(option.default), PREVALENCES if option.name == "prevalence" else None
         name = f"--{option.name.replace('_', '-')}"
@@ -296,11 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
+_SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
 
 
 def ensure_phantom(
@@ -313,7 +247,7 @@ def ensure_phantom(
 ) -> Path:
     """Write a phantom to ``root`` unless the same one (same settings) is already complete there."""
     root = Path(root)
-    marker = root / SETTINGS_FILE
+    marker = root / _SETTINGS_FILE
     wanted = {"subjects": subjects, "seed": seed, "max_size": max_size, "options": design_options}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
