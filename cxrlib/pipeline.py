@@ -167,8 +167,8 @@ def run_lock(preset: Preset) -> Iterator[None]:
 
 def check_before_work(preset: Preset) -> None:
     """Refuse, before anything is written, more GPUs than there are, or a data root without labels."""
+    from .datasets import check_data_root
     from .launch import resolve_nproc
-    from .sources import check_data_root
 
     resolve_nproc(preset.train.gpus, strict=True)
     if preset.data.source != "phantom" and not preset.index_path.is_file():
