@@ -1,15 +1,126 @@
-"""The phantom's 13 pathologies: each a :class:`Finding` with a typed plan and drawing hooks, run in the
-order of :data:`REGISTRY` (part of the phantom's bytes); docs/phantom.md, "The code"."""
+"""The phantom's labels (MIMIC-CXR-JPG's rates or balanced ones), its design options (:class:`Design`) and
+its 13 pathologies, each a :class:`Finding` with a typed plan, drawn in the order of :data:`REGISTRY` (part
+of the phantom's bytes); docs/phantom.md, "Findings", "Labels" and "The code"."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, make_dataclass, replace
+from statistics import NormalDist
 
 import numpy as np
+import pandas as pd
 
+from ..labels import FINDINGS
 from .anatomy import Canvas, add_blob, add_polyline, box, lateral_border, lung_point, rib_centre, wall_curve
-from .labels import PATHOLOGIES, Design
+
+PATHOLOGIES: tuple[str, ...] = tuple(f for f in FINDINGS if f != "No Finding")
+# No Finding is positive when none of these is positive or uncertain (CheXpert labeler rule).
+NO_FINDING_EXCLUDES = ("Support Devices",)
+FINE_FINDINGS = ("Lung Lesion", "Pneumothorax", "Fracture", "Support Devices")
+COARSE_FINDINGS = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema")
+
+# Studies with a positive, negative, uncertain label in MIMIC-CXR-JPG v2.0.0 (Johnson et al. 2019,
+# arXiv:1901.07042; transcribed from memory, right to about a point: docs/phantom.md, "Labels").
+MIMIC_STUDIES = 227_827
+MIMIC_LABEL_COUNTS: dict[str, tuple[int, int, int]] = {
+    "Atelectasis": (45_808, 1_531, 10_327),
+    "Cardiomegaly": (44_845, 15_911, 6_043),
+    "Consolidation": (10_778, 7_967, 4_331),
+    "Edema": (27_018, 25_641, 13_174),
+    "Enlarged Cardiomediastinum": (7_004, 5_283, 9_375),
+    "Fracture": (4_390, 870, 555),
+    "Lung Lesion": (6_284, 859, 1_141),
+    "Lung Opacity": (51_525, 3_069, 3_831),
+    "No Finding": (75_455, 0, 0),
+    "Pleural Effusion": (54_300, 27_158, 5_814),
+    "Pleural Other": (2_011, 126, 765),
+    "Pneumonia": (16_556, 24_338, 18_291),
+    "Pneumothorax": (10_358, 42_356, 1_134),
+    "Support Devices": (66_558, 3_486, 237),
+}
+# Co-occurrence in "mimic" mode: a Gaussian copula with a shared factor and these two group factors.
+CARDIAC_GROUP = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Edema", "Pleural Effusion")
+AIRSPACE_GROUP = ("Atelectasis", "Consolidation", "Edema", "Lung Opacity", "Pneumonia")
+PREVALENCES = ("mimic", "balanced")
+BALANCED_RATES = (0.18, 0.10, 0.02)  # positive, negative, uncertain; independent findings
+
+
+def label_rates(prevalence: str) -> dict[str, tuple[float, float, float]]:
+    """Per pathology: (positive, negative, uncertain) rates per study; blank is the rest."""
+    if prevalence == "mimic":
+        return {f: tuple(c / MIMIC_STUDIES for c in MIMIC_LABEL_COUNTS[f]) for f in PATHOLOGIES}
+    if prevalence == "balanced":
+        return {f: BALANCED_RATES for f in PATHOLOGIES}
+    raise ValueError(f"prevalence={prevalence!r}: choose one of {PREVALENCES}")
+
+
+def _normal_quantile(p: float) -> float:
+    return NormalDist().inv_cdf(min(max(p, 1e-12), 1 - 1e-12))
+
+
+def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 1) -> pd.DataFrame:
+    """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings."""
+    rates = label_rates(prevalence)
+    shared = rng.standard_normal(n)
+    cardiac, airspace = rng.standard_normal(n), rng.standard_normal(n)
+    out = {}
+    for finding in PATHOLOGIES:
+        pos, neg, unc = rates[finding]
+        own = rng.standard_normal(n)
+        if prevalence == "mimic":
+            g_cardiac = 0.45 if finding in CARDIAC_GROUP else 0.0
+            g_air = 0.45 if finding in AIRSPACE_GROUP else 0.0
+            w_shared = 0.45
+            own_w = math.sqrt(max(1.0 - w_shared**2 - g_cardiac**2 - g_air**2, 0.05))
+            latent = w_shared * shared + g_cardiac * cardiac + g_air * airspace + own_w * own
+            latent = latent / math.sqrt(w_shared**2 + g_cardiac**2 + g_air**2 + own_w**2)
+        else:
+            latent = own
+        top_pos, top_unc = _normal_quantile(1 - pos), _normal_quantile(1 - pos - unc)
+        negative = rng.random(n) < neg / max(1 - pos - unc, 1e-9)
+        blank_or_negative = np.where(negative, 0.0, np.nan)
+        out[finding] = np.where(latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, blank_or_negative))
+    frame = pd.DataFrame(out)
+    counted = [f for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES]
+    sick = frame[counted].isin([1.0, -1.0]).any(axis=1)
+    frame["No Finding"] = np.where(sick, np.nan, 1.0)
+    return frame[list(FINDINGS)]
+
+
+def rendered_presence(labels: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
+    """What is drawn per pathology: 1 ``strong``, -1 ``faint`` half the time, else ``absent``."""
+    drawn = {}
+    for finding in PATHOLOGIES:
+        faint = labels[finding] == -1.0 and rng.random() < 0.5
+        drawn[finding] = "strong" if labels[finding] == 1.0 else "faint" if faint else "absent"
+    return drawn
+
+
+@dataclass(frozen=True)
+class Design:
+    """The phantom's design options (keyword arguments of :func:`make_phantom`; docs/phantom.md)."""
+
+    prevalence: str = "mimic"
+    ctr_margin: float = 0.005
+    ctr_spread: float = 0.08
+    studies_per_subject: float = 2.0
+    lateral_fraction: float = 0.0
+    fine_contrast: float = 1.0
+    fine_size: float = 1.0
+    fine_instances: int = 2
+    noise: float = 0.02
+
+    def __post_init__(self):
+        if self.prevalence not in PREVALENCES:
+            raise ValueError(f"prevalence={self.prevalence!r}: choose one of {PREVALENCES}")
+        if not 0 <= self.ctr_margin < self.ctr_spread < 0.4:
+            raise ValueError(f"need 0 <= ctr_margin < ctr_spread < 0.4: {self.ctr_margin}, {self.ctr_spread}")
+        if self.studies_per_subject < 1:
+            raise ValueError(f"studies_per_subject must be >= 1, got {self.studies_per_subject}")
+        if not 0 <= self.lateral_fraction <= 1:
+            raise ValueError(f"lateral_fraction must be in [0, 1], got {self.lateral_fraction}")
+
 
 CTR_THRESHOLD = 0.5
 MEDIASTINUM_THRESHOLD = 0.30
@@ -32,18 +143,6 @@ class Scene:
 
 
 @dataclass(frozen=True)
-class LateralScene:
-    """What a lateral image's findings are drawn on (x: anterior, image left, to posterior)."""
-
-    canvas: Canvas
-    image: dict
-    x: np.ndarray
-    y: np.ndarray
-    floor: np.ndarray  # height of the diaphragm (mm, y down)
-    half: float  # half the lung's depth (mm)
-
-
-@dataclass(frozen=True)
 class FindingPlan:
     """The base of every finding's plan: how the finding is drawn (``strong``, ``faint``, ``absent``)."""
 
@@ -63,7 +162,7 @@ def _record(name: str, fields: str, base: type | None = FindingPlan) -> type:
 
 
 class Finding:
-    """One pathology: its plan and its drawing hooks (each a no-op unless the finding needs it)."""
+    """One pathology: its typed plan and how it is drawn (a few also have a hook called by the views)."""
 
     name: str = ""
     Plan: type[FindingPlan] = FindingPlan
@@ -72,29 +171,9 @@ class Finding:
         """Draw the finding's (and its decoys') parameters in mm from the finding's own generator."""
         return self.Plan(state)
 
-    def haze(self, haze: np.ndarray, scene: Scene, plan: FindingPlan) -> None:
-        """Add lung haze (applied before the air is subtracted)."""
-
-    def texture(self, vessels: np.ndarray, scene: Scene, plan: FindingPlan) -> np.ndarray:
-        """The lung texture (vessels) with this finding."""
-        return vessels
-
-    def bend_rib(
-        self, rib: int, u: np.ndarray, centre: np.ndarray, mask: np.ndarray, scene: Scene, plan: FindingPlan
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rib ``rib``'s centre line and extent (``u``: mm from the midline) with this finding."""
-        return centre, mask
-
     def render(self, density: np.ndarray, scene: Scene, plan: FindingPlan) -> dict:
-        """Draw the finding and its decoys into ``density``; return its truth in pixels (may be empty)."""
+        """Draw the finding (if present) and its decoys into ``density``; return its truth in pixels."""
         return {}
-
-    def lateral_lung(self, lung: np.ndarray, scene: LateralScene, plan: FindingPlan) -> np.ndarray:
-        """The lateral view's lung mask with this finding."""
-        return lung
-
-    def lateral(self, density: np.ndarray, scene: LateralScene, plan: FindingPlan) -> None:
-        """Draw the finding into a lateral view's ``density``."""
 
 
 def _strength(rng: np.random.Generator, state: str) -> float:
@@ -143,7 +222,9 @@ class Edema(Finding):
         a = float(0.10 * rng.uniform(0.8, 1.2) * _strength(rng, state))
         return self.Plan(state, a=a, sigma=0.2 * image["thorax"])
 
-    def haze(self, haze, scene, plan):
+    @staticmethod
+    def haze(haze: np.ndarray, scene: Scene, plan: FindingPlan) -> None:
+        """Add the perihilar haze to the lung haze (before the air is subtracted)."""
         if not plan.present:
             return
         image = scene.image
@@ -153,8 +234,6 @@ class Edema(Finding):
             add_blob(haze, scene.canvas, hx, image["hilum_y"], plan.a, kind="soft", r=s * 1.414, sigma=s)
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         return {"edema": {"amplitude": plan.a, "sigma_px": plan.sigma / scene.canvas.px}}
 
 
@@ -175,8 +254,6 @@ class PleuralEffusion(Finding):
         return self.Plan(state, fluids)
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         image, canvas = scene.image, scene.canvas
         effusions = []
         for e in plan.fluids:
@@ -191,14 +268,6 @@ class PleuralEffusion(Finding):
             density += 0.5 * fluid
             effusions.append({"side": side, "height_px": e.height / canvas.px})
         return {"effusions": effusions}
-
-    def lateral_lung(self, lung, scene, plan):
-        if not plan.present:
-            return lung
-        # Posterior costophrenic fluid, as high as the highest fluid level of the frontal view.
-        fluid_mm = max(e.height for e in plan.fluids)
-        top = scene.floor - fluid_mm * np.clip((scene.x + scene.half) / (2 * scene.half), 0, 1) ** 2
-        return lung * (1 - scene.canvas.soft(scene.y - top, 2.0))
 
 
 class Consolidation(Finding):
@@ -217,8 +286,6 @@ class Consolidation(Finding):
         return self.Plan(state, x, y, r, a, bronchi)
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         canvas = scene.canvas
         patch = np.zeros_like(density)
         add_blob(patch, canvas, plan.x, plan.y, plan.a, "sharp", r=plan.r)
@@ -250,8 +317,6 @@ class Pneumonia(Finding):
         return self.Plan(state, blobs)
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         canvas = scene.canvas
         patch = np.zeros_like(density)
         for b in plan.blobs:
@@ -275,8 +340,6 @@ class Atelectasis(Finding):
         return self.Plan(state, points, width=rng.uniform(4, 7) * scale, a=0.25 * _strength(rng, state))
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         canvas = scene.canvas
         band = np.zeros_like(density)
         add_polyline(band, canvas, plan.points, plan.a, "sharp", plan.width)
@@ -298,8 +361,6 @@ class LungOpacity(Finding):
         )
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         canvas = scene.canvas
         patch = np.zeros_like(density)
         add_blob(patch, canvas, plan.x, plan.y, plan.a, "soft", r=2 * plan.sigma, sigma=plan.sigma)
@@ -323,8 +384,6 @@ class PleuralOther(Finding):
         return self.Plan(state, side, t0, t1, thickness, a=0.35 * _strength(rng, state))
 
     def render(self, density, scene, plan):
-        if not plan.present:
-            return {}
         image, canvas, y = scene.image, scene.canvas, scene.y
         u = plan.side * scene.x
         t = (y - image["y_apex"]) / image["lung_h"]
@@ -392,8 +451,9 @@ class Pneumothorax(Finding):
             lines[0] = replace(first, real=True, inset=first.inset * 0.5 if state == "faint" else first.inset)
         return self.Plan(state, tuple(lines))
 
-    def texture(self, vessels, scene, plan):
-        # The lung's texture ends at the pleural line; its mean is kept so no coarse signal remains.
+    @staticmethod
+    def texture(vessels: np.ndarray, scene: Scene, plan: FindingPlan) -> np.ndarray:
+        """The lung texture ends at the pleural line; its mean is kept so no coarse signal remains."""
         image, canvas, x, y = scene.image, scene.canvas, scene.x, scene.y
         for line in plan.lines:
             if line.real:
@@ -444,7 +504,9 @@ class Fracture(Finding):
             marks[:k] = [replace(mark, real=True) for mark in marks[:k]]
         return self.Plan(state, tuple(marks))
 
-    def bend_rib(self, rib, u, centre, mask, scene, plan):
+    @staticmethod
+    def bend_rib(scene: Scene, plan: FindingPlan, rib: int, u, centre, mask) -> tuple[np.ndarray, np.ndarray]:
+        """Rib ``rib``'s centre line and extent (``u``: mm from the midline) with its break or dip."""
         mark = next((m for m in plan.marks if m.rib == rib), None)
         if mark is None:
             return centre, mask
@@ -509,14 +571,6 @@ class SupportDevices(Finding):
                 add_polyline(density, canvas, w.points, w.a, "soft", w.w, sigma=w.sigma)
         return {"devices": devices} if devices else {}
 
-    def lateral(self, density, scene, plan):
-        image = scene.image
-        depth, cx = image["depth"], image["cx"]
-        for w in plan.wires:
-            if w.real:  # the wire seen from the side: its course squeezed to the lateral's depth
-                points = [(cx + (p[0] - cx) * depth / image["thorax"], p[1]) for p in w.points]
-                add_polyline(density, scene.canvas, points, w.a, "sharp", w.w)
-
 
 _LOCAL = (PleuralEffusion, Consolidation, Pneumonia, Atelectasis, LungOpacity, PleuralOther, Edema)
 _FINE = (LungLesion, Pneumothorax, Fracture, SupportDevices)
@@ -530,3 +584,13 @@ def plan_findings(
     """Every finding's plan by name, in drawing order, each from its own generator seeded from ``rng``."""
     seeds = {name: np.random.default_rng(rng.integers(2**63)) for name in PATHOLOGIES}
     return {f.name: f.plan(seeds[f.name], image, drawn[f.name], design) for f in REGISTRY}
+
+
+def render_findings(density: np.ndarray, scene: Scene) -> dict:
+    """Draw every finding in drawing order (an absent one only its decoys); returns their truth in pixels."""
+    truth = {}
+    for finding in REGISTRY:
+        plan = scene.image["findings"][finding.name]
+        if plan.present or finding.name in FINE_FINDINGS:
+            truth.update(finding.render(density, scene, plan))
+    return truth
