@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
-import io
 import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -201,19 +201,15 @@ def finding_examples(
     base = {f: "absent" for f in PATHOLOGIES}
     out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for finding in FINDINGS:
-        if finding == "No Finding":
-            with_state, without_state = dict(base), dict(base, **{"Pleural Effusion": "strong"})
-        else:
-            with_state, without_state = dict(base, **{finding: "strong"}), dict(base)
+        shown = dict(base, **{"Pleural Effusion" if finding == "No Finding" else finding: "strong"})
         images = []
-        for state in (with_state, without_state):
-            rng = np.random.default_rng([int(seed), 5])
-            plan = plan_frontal(rng, subject, state, design)
+        for state in (base, shown) if finding == "No Finding" else (shown, base):
+            plan = plan_frontal(np.random.default_rng([int(seed), 5]), subject, state, design)
             width, height = output_size(plan["native_width"], plan["native_height"], size)
             images.append(render_frontal(plan, width, height)[0])
-        resize = Image.Resampling.LANCZOS
+        lanczos = Image.Resampling.LANCZOS
         out[finding] = {
-            int(r): tuple(np.asarray(Image.fromarray(im, "L").resize((r, r), resize)) for im in images)
+            int(r): tuple(np.asarray(Image.fromarray(im, "L").resize((r, r), lanczos)) for im in images)
             for r in resolutions
         }
     return out
@@ -260,19 +256,20 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     return entries, design
 
 
-def _render_entry(args) -> tuple[bytes, dict]:
-    entry, max_size = args
+def _render_entry(args) -> dict:
+    """Render and write one image; returns its size and truth details."""
+    entry, max_size, out_dir = args
     plan = entry["plan"]
     width, height = output_size(plan["native_width"], plan["native_height"], max_size)
     render = render_lateral if plan["view"] == "LATERAL" else render_frontal
     image, details = render(plan, width, height)
-    buffer = io.BytesIO()
-    Image.fromarray(image, "L").save(buffer, format="JPEG", quality=_JPEG_QUALITY)
-    canvas_px = plan["fov_h"] / height
+    path = out_dir / image_relpath(entry["subject_id"], entry["study_id"], entry["dicom_id"])
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(image, "L").save(handle, format="JPEG", quality=_JPEG_QUALITY)
     details["thorax_px"] = plan["thorax"] / (plan["fov_w"] / width)
     details["heart_px"] = plan["ctr"] * plan["thorax"] / (plan["fov_w"] / width)
-    details["mm_per_px"] = canvas_px
-    return buffer.getvalue(), {"width": width, "height": height, "details": details}
+    details["mm_per_px"] = plan["fov_h"] / height
+    return {"width": width, "height": height, "details": details}
 
 
 def image_relpath(subject_id: int, study_id: int, dicom_id: str) -> Path:
@@ -300,15 +297,10 @@ def make_phantom(
     out_dir = Path(out_dir)
     entries, design = plan_dataset(subjects, seed, **design_options)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    jobs = [(e, max_size) for e in entries]
-    bar = tqdm(total=len(jobs), desc="phantom", unit="img")
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_render_entry, jobs, chunksize=4)
-            outputs = _write_all(out_dir, entries, results, bar)
-    else:
-        outputs = _write_all(out_dir, entries, map(_render_entry, jobs), bar)
-    bar.close()
+    jobs = [(e, max_size, out_dir) for e in entries]
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+        results = pool.map(_render_entry, jobs, chunksize=4) if pool else map(_render_entry, jobs)
+        outputs = list(tqdm(results, total=len(jobs), desc="phantom", unit="img"))
     meta_rows = [_metadata_row(entry, info) for entry, info in zip(entries, outputs, strict=True)]
     truth_rows = [_truth_row(entry, info) for entry, info in zip(entries, outputs, strict=True)]
     _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size)
@@ -352,41 +344,19 @@ def _rounded(value):
     return value
 
 
-def _write_all(out_dir: Path, entries, results, bar) -> list[dict]:
-    outputs = []
-    for entry, (jpeg, info) in zip(entries, results, strict=True):
-        path = out_dir / image_relpath(entry["subject_id"], entry["study_id"], entry["dicom_id"])
-        with atomic_write(path, "wb") as handle:
-            handle.write(jpeg)
-        outputs.append(info)
-        bar.update(1)
-    return outputs
-
-
-def _gzip_csv(frame: pd.DataFrame, path: Path) -> None:
+def _gzip_csv(frame: pd.DataFrame, out_dir: Path, table: str) -> None:
     # mtime=0 keeps the gzip header (and so the file) identical across runs.
+    path = out_dir / f"mimic-cxr-2.0.0-{table}.csv.gz"
     with atomic_write(path, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
         gz.write(frame.to_csv(index=False).encode())
 
 
 def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size) -> None:
-    _gzip_csv(pd.DataFrame(meta_rows), out_dir / "mimic-cxr-2.0.0-metadata.csv.gz")
-    studies = {}
-    for entry in entries:
-        studies.setdefault(entry["study_id"], entry)
-    label_rows = []
-    for study_id, entry in studies.items():
-        row = {"subject_id": entry["subject_id"], "study_id": study_id}
-        row.update({f: entry["labels"][f] for f in FINDINGS})
-        label_rows.append(row)
-    labels = pd.DataFrame(label_rows).sort_values(["subject_id", "study_id"], kind="stable")
-    for f in FINDINGS:
-        labels[f] = labels[f].astype("Float64")
-    _gzip_csv(labels, out_dir / "mimic-cxr-2.0.0-chexpert.csv.gz")
-    split = pd.DataFrame(
-        [{k: e[k] for k in ("dicom_id", "study_id", "subject_id", "split")} for e in entries]
-    )
-    _gzip_csv(split, out_dir / "mimic-cxr-2.0.0-split.csv.gz")
+    _gzip_csv(pd.DataFrame(meta_rows), out_dir, "metadata")
+    labels = pd.DataFrame([{k: e[k] for k in ("subject_id", "study_id")} | e["labels"] for e in entries])
+    labels = labels.drop_duplicates("study_id").sort_values(["subject_id", "study_id"], kind="stable")
+    _gzip_csv(labels.astype(dict.fromkeys(FINDINGS, "Float64")), out_dir, "chexpert")
+    _gzip_csv(pd.DataFrame(entries)[["dicom_id", "study_id", "subject_id", "split"]], out_dir, "split")
     write_csv_atomic(pd.DataFrame(truth_rows), out_dir / "phantom_truth.csv")
     write_text_atomic(
         "Synthetic chest X-ray teaching phantom (cxrlib.phantom) - NOT real patients, NOT anatomy.\n"
@@ -426,12 +396,7 @@ _SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this fo
 
 
 def ensure_phantom(
-    root: str | os.PathLike,
-    subjects: int,
-    seed: int = 0,
-    max_size: int | None = None,
-    workers: int | None = None,
-    **design_options,
+    root: str | os.PathLike, subjects: int, seed: int = 0, max_size: int | None = None, **design_options
 ) -> Path:
     """Write a phantom to ``root`` unless the same one (same settings) is already complete there."""
     root = Path(root)
@@ -439,6 +404,6 @@ def ensure_phantom(
     wanted = {"subjects": subjects, "seed": seed, "max_size": max_size, "options": design_options}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
-    make_phantom(root, subjects, seed=seed, max_size=max_size, workers=workers, **design_options)
+    make_phantom(root, subjects, seed, max_size, **design_options)
     write_text_atomic(json.dumps(wanted, indent=2), marker)
     return root
