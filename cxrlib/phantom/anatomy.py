@@ -257,41 +257,32 @@ def lateral_border(plan, y):
     return c + (half - c) * rise
 
 
-def _heart_half_width(plan, side, y):
-    h = plan["heart"]
-    a = h["left_mm"] if side > 0 else h["right_mm"]
-    v = np.clip(np.abs((y - h["y"]) / h["b"]), 0, 1)
-    return a * np.clip(1 - v ** h["power"], 0, 1) ** (1 / h["power"])
-
-
 def _medial_border(plan, side, y):
     """Distance from the midline to one lung's medial border (mediastinum or heart) at heights y."""
     t = (y - plan["y_apex"]) / plan["lung_h"]
-    m = plan["mediastinum"][(side + 1) // 2]
-    inner = np.maximum(m, _heart_half_width(plan, side, y))
+    m, h = plan["mediastinum"][(side + 1) // 2], plan["heart"]
+    a = h["left_mm"] if side > 0 else h["right_mm"]  # the heart's half width
+    v = np.clip(np.abs((y - h["y"]) / h["b"]), 0, 1)
+    inner = np.maximum(m, a * np.clip(1 - v ** h["power"], 0, 1) ** (1 / h["power"]))
     c = plan["apex_x"]
     rise = np.sqrt(np.clip(1 - (1 - np.clip(t / 0.22, 0, 1)) ** 2, 0, 1))
     return c + (inner - c) * rise
-
-
-def _diaphragm(plan, side, u):
-    """Height (mm, y down) of one hemidiaphragm at distance u from the midline."""
-    q = plan["thorax"] / 4
-    dome = plan["dome"][(side + 1) // 2]
-    return plan["y_apex"] + plan["lung_h"] - dome * np.clip(1 - ((u - q) / (1.15 * q)) ** 2, 0, 1)
 
 
 def lung_masks(plan, canvas):
     """Soft masks of the image-left and image-right lungs."""
     x, y = canvas.x - plan["cx"], canvas.y
     masks = []
+    q, bottom = plan["thorax"] / 4, plan["y_apex"] + plan["lung_h"]
     for side in (-1, 1):
         u = side * x
         lateral = lateral_border(plan, y)
         medial = _medial_border(plan, side, y)
         top = canvas.soft(y - plan["y_apex"], 3.0)
         mask = canvas.soft(u - medial, 1.5) * canvas.soft(lateral - u, 1.5) * top
-        mask = mask * canvas.soft(_diaphragm(plan, side, np.clip(u, 0, None)) - y, 1.5)
+        dome = plan["dome"][(side + 1) // 2]  # the hemidiaphragm's height at u:
+        floor = bottom - dome * np.clip(1 - ((np.clip(u, 0, None) - q) / (1.15 * q)) ** 2, 0, 1)
+        mask = mask * canvas.soft(floor - y, 1.5)
         masks.append(mask.astype(np.float32))
     return masks
 
@@ -336,24 +327,28 @@ def wall_curve(plan: dict, side: int, t0: float, t1: float, inset: float) -> lis
     return [(plan["cx"] + side * float(u), float(v)) for u, v in zip(us, ys, strict=True)]
 
 
-def body_density(plan: dict, canvas: Canvas, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Soft tissue of a frontal view: 1 inside the body (wider above the shoulders), 0 outside."""
+def bump_haze(canvas: Canvas, plan: dict) -> np.ndarray:
+    """The lung haze of the smooth one-sided bumps of :func:`plan_bumps`."""
+    haze = np.zeros((canvas.height, canvas.width), np.float32)
+    for b in plan["bumps"]:
+        add_blob(haze, canvas, b["x"], b["y"], b["a"], kind="soft", r=b["sigma"] * 1.414, sigma=b["sigma"])
+    return haze
+
+
+def frontal_density(plan: dict, canvas: Canvas, lungs, haze, vessels, bend: Callable) -> np.ndarray:
+    """A frontal view's density: the body (wider above the shoulders), the lungs with their haze and vessel
+    texture, the spine, the ribs (``bend``: see :func:`render_ribs`) and both clavicles."""
+    x, y = canvas.x - plan["cx"], canvas.y
     half_body = plan["thorax"] / 2 + plan["wall"]
     shoulders = plan["y_apex"] + 0.12 * plan["lung_h"]
     body_half = half_body + np.clip(shoulders - y, 0, None) * 3.0
-    body = canvas.soft(body_half - np.abs(x), 6.0)
-    return np.ones((canvas.height, canvas.width), np.float32) * body
-
-
-def render_bumps(haze: np.ndarray, canvas: Canvas, plan: dict) -> None:
-    """Add the smooth one-sided lung bumps of :func:`plan_bumps` to the lung haze."""
-    for b in plan["bumps"]:
-        add_blob(haze, canvas, b["x"], b["y"], b["a"], kind="soft", r=b["sigma"] * 1.414, sigma=b["sigma"])
-
-
-def render_clavicles(density: np.ndarray, canvas: Canvas, plan: dict) -> None:
-    """Add both clavicles, rising from the midline to the shoulders."""
-    for side in (-1, 1):
+    density = np.ones((canvas.height, canvas.width), np.float32) * canvas.soft(body_half - np.abs(x), 6.0)
+    density += haze * lungs
+    density -= 0.58 * lungs
+    density += vessels
+    density += 0.10 * canvas.soft(18 * plan["thorax"] / 290 - np.abs(x), 3.0) * (1 - lungs)  # spine
+    render_ribs(density, canvas, plan, lungs, bend)
+    for side in (-1, 1):  # the clavicles, rising from the midline to the shoulders
         y0 = plan["y_apex"] + 0.1 * plan["lung_h"]
         pts = [
             (plan["cx"] + side * 20, y0),
@@ -361,3 +356,4 @@ def render_clavicles(density: np.ndarray, canvas: Canvas, plan: dict) -> None:
             (plan["cx"] + side * 0.55 * plan["thorax"], y0 - 0.12 * plan["lung_h"]),
         ]
         add_polyline(density, canvas, pts, 0.16, "sharp", 13 * plan["thorax"] / 290)
+    return density

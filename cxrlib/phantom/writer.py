@@ -27,16 +27,14 @@ from .anatomy import (
     PIXEL_SPACING_SHORT_SIDE_MM,
     Canvas,
     add_polyline,
-    body_density,
+    bump_haze,
     expose,
+    frontal_density,
     lung_masks,
     native_size,
     plan_bumps,
     plan_ribs,
     plan_vessels,
-    render_bumps,
-    render_clavicles,
-    render_ribs,
     sample_subject,
     splat_vessels,
 )
@@ -122,21 +120,13 @@ def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     lungs = left_lung + right_lung
     scene = Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
     plans = plan["findings"]
-    density = body_density(plan, canvas, x, y)
-    # Soft, one-sided bumps and the edema haze act on lung density before air is subtracted.
-    haze = np.zeros((height, width), np.float32)
-    render_bumps(haze, canvas, plan)
+    haze = bump_haze(canvas, plan)  # soft one-sided bumps and the edema haze, before air is subtracted
     Edema.haze(haze, scene, plans["Edema"])
-    # Lung texture: vessels, kept zero-mean where a pneumothorax removes them.
-    vessels = splat_vessels(canvas, plan["vessels"])
+    vessels = splat_vessels(canvas, plan["vessels"])  # lung texture, zero-mean where a pneumothorax is
     vessels *= lungs
     vessels = Pneumothorax.texture(vessels, scene, plans["Pneumothorax"])
-    density += haze * lungs
-    density -= 0.58 * lungs
-    density += vessels
-    density += 0.10 * canvas.soft(18 * plan["thorax"] / 290 - np.abs(x), 3.0) * (1 - lungs)  # spine
-    render_ribs(density, canvas, plan, lungs, partial(Fracture.bend_rib, scene, plans["Fracture"]))
-    render_clavicles(density, canvas, plan)
+    bend = partial(Fracture.bend_rib, scene, plans["Fracture"])
+    density = frontal_density(plan, canvas, lungs, haze, vessels, bend)
     truth = render_findings(density, scene)
     return expose(density, canvas, plan), truth
 
