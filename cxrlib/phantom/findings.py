@@ -356,9 +356,8 @@ class LungOpacity(Finding):
 
     def plan(self, rng, image, state, design):
         x, y = lung_point(rng, image, _side(rng), (0.2, 0.85), (0.25, 0.75))
-        return self.Plan(
-            state, x, y, sigma=rng.uniform(10, 20) * _scale(image), a=0.14 * _strength(rng, state)
-        )
+        sigma = rng.uniform(10, 20) * _scale(image)
+        return self.Plan(state, x, y, sigma, a=0.14 * _strength(rng, state))
 
     def render(self, density, scene, plan):
         canvas = scene.canvas
@@ -376,11 +375,8 @@ class PleuralOther(Finding):
     Plan = _record("PleuralOther.Plan", "side t0 t1 thickness a")
 
     def plan(self, rng, image, state, design):
-        scale = _scale(image)
-        t0 = rng.uniform(0.25, 0.6)
-        side = _side(rng)
-        t1 = t0 + rng.uniform(50, 90) * scale / image["lung_h"]
-        thickness = rng.uniform(2.5, 4.0) * scale
+        scale, t0, side = _scale(image), rng.uniform(0.25, 0.6), _side(rng)
+        t1, thickness = t0 + rng.uniform(50, 90) * scale / image["lung_h"], rng.uniform(2.5, 4.0) * scale
         return self.Plan(state, side, t0, t1, thickness, a=0.35 * _strength(rng, state))
 
     def render(self, density, scene, plan):
@@ -441,10 +437,8 @@ class Pneumothorax(Finding):
         fc, fs = _fine(image, design)
         lines = []
         for _ in range(int(rng.integers(1, 3))):
-            t0 = rng.uniform(0.02, 0.2)
-            side = _side(rng)
-            t1 = t0 + rng.uniform(0.45, 0.65)
-            inset = rng.uniform(10.4, 32.5) * fs
+            t0, side = rng.uniform(0.02, 0.2), _side(rng)
+            t1, inset = t0 + rng.uniform(0.45, 0.65), rng.uniform(10.4, 32.5) * fs
             lines.append(self.Line(side, t0, t1, inset, w=1.56 * fs, a=0.60 * fc, sigma=5.2 * fs))
         if state != "absent":
             first = lines[0]
@@ -457,13 +451,12 @@ class Pneumothorax(Finding):
         image, canvas, x, y = scene.image, scene.canvas, scene.x, scene.y
         for line in plan.lines:
             if line.real:
-                side = line.side
-                lateral = lateral_border(image, y)
+                side, lateral = line.side, lateral_border(image, y)
                 t = (y - image["y_apex"]) / image["lung_h"]
                 inside = canvas.soft(side * x - (lateral - line.inset), 0.5) * canvas.soft(t - line.t0, 1.0)
                 inside = inside * canvas.soft(line.t1 - t, 1.0) * scene.lung(side)
-                lungs = scene.lungs
-                mean_vessel = float(vessels[lungs > 0.5].mean()) if (lungs > 0.5).any() else 0.0
+                lung = scene.lungs > 0.5
+                mean_vessel = float(vessels[lung].mean()) if lung.any() else 0.0
                 vessels = vessels * (1 - inside) + mean_vessel * inside
         return vessels
 
@@ -495,8 +488,7 @@ class Fracture(Finding):
         marks = []
         for _ in range(int(rng.integers(k + 1, k + 4))):
             rib = int(rng.integers(2, 8)) + 10 * int(rng.integers(0, 2))
-            u = rng.uniform(0.45, 0.85)
-            gap = rng.uniform(3.25, 5.2) * fs
+            u, gap = rng.uniform(0.45, 0.85), rng.uniform(3.25, 5.2) * fs
             step = rng.uniform(1.3, 2.6) * fs * rng.choice([-1, 1])
             marks.append(self.Mark(rib, u, gap, step, sigma=7.8 * fs))
         marks = list({m.rib: m for m in marks}.values())  # at most one mark per rib

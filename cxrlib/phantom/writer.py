@@ -1,7 +1,5 @@
-"""Write a synthetic chest X-ray phantom in the MIMIC-CXR-JPG layout: plan every image (geometry and exposure
-in mm, every finding's typed plan), render them at any size in worker processes (a frontal view: anatomy, then
-findings; or a simplified lateral), write MIMIC's CSVs and the truth; same seed and options, same bytes
-(docs/phantom.md)."""
+"""Write a synthetic chest X-ray phantom in the MIMIC-CXR-JPG layout: plan every image (mm), render each in
+worker processes at any size, write MIMIC's CSVs and the truth; same options, same bytes (docs/phantom.md)."""
 
 from __future__ import annotations
 
@@ -75,21 +73,18 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     width, height = native_size(rng)
     spacing = PIXEL_SPACING_SHORT_SIDE_MM / min(width, height)
     fov_w, fov_h = width * spacing, height * spacing
-    thorax = subject["thorax_mm"] * rng.uniform(0.97, 1.03)
-    thorax = min(thorax, 0.92 * fov_w)
+    thorax = min(subject["thorax_mm"] * rng.uniform(0.97, 1.03), 0.92 * fov_w)
     lung_h = min(thorax * subject["height_ratio"], 0.80 * fov_h)
     scale = thorax / 290.0
     cx = float(rng.normal(0, 6))
-    y_apex = float(-0.5 * lung_h + rng.uniform(-0.06, 0.03) * fov_h)
-    y_apex = max(y_apex, -0.5 * fov_h + 0.08 * fov_h)
-    y_cp = y_apex + lung_h
+    y_apex = max(float(-0.5 * lung_h + rng.uniform(-0.06, 0.03) * fov_h), -0.5 * fov_h + 0.08 * fov_h)
     dome = subject["dome_mm"] * scale
     ctr = CARDIOMEGALY.draw_ratio(rng, drawn["Cardiomegaly"], design)
     med = ENLARGED_CARDIOMEDIASTINUM.draw_ratio(rng, drawn["Enlarged Cardiomediastinum"], design)
     heart_w = ctr * thorax
     left = subject["heart_left_frac"] + rng.uniform(-0.03, 0.03)
     heart_b = heart_w * subject["heart_shape"]
-    y_heart = y_cp - dome - rng.uniform(0.1, 0.3) * heart_b
+    y_heart = y_apex + lung_h - dome - rng.uniform(0.1, 0.3) * heart_b
     med_w = med * thorax
     med_left = rng.uniform(0.45, 0.6)
     view = "PA" if rng.random() < 0.6 else "AP"
@@ -133,17 +128,15 @@ def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
 
 def plan_lateral(rng: np.random.Generator, frontal: dict) -> dict:
     """A simplified lateral view of the same patient (see :func:`render_lateral`)."""
-    plan = dict(frontal)
-    plan["view"] = "LATERAL"
+    plan = dict(frontal, view="LATERAL")
     w, h = frontal["native_height"], frontal["native_width"]
     if rng.random() < 0.7:
         w, h = frontal["native_width"], frontal["native_height"]
     plan["native_width"], plan["native_height"] = w, h
     spacing = PIXEL_SPACING_SHORT_SIDE_MM / min(w, h)
     plan["fov_w"], plan["fov_h"] = w * spacing, h * spacing
-    plan["depth"] = frontal["thorax"] * rng.uniform(0.75, 0.9)
-    plan["noise_seed"] = int(rng.integers(2**31))
-    return plan
+    depth = frontal["thorax"] * rng.uniform(0.75, 0.9)
+    return plan | {"depth": depth, "noise_seed": int(rng.integers(2**31))}
 
 
 def render_lateral(plan: dict, width: int, height: int) -> tuple[np.ndarray, dict]:
@@ -311,13 +304,11 @@ def _truth_row(entry: dict, info: dict) -> dict:
     truth = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
     truth.update(view=entry["plan"]["view"], width=info["width"], height=info["height"])
     drawn = entry["drawn"]
-    for finding in PATHOLOGIES:
-        truth[f"present_{finding}"] = int(drawn[finding] != "absent")
+    truth |= {f"present_{finding}": int(drawn[finding] != "absent") for finding in PATHOLOGIES}
     sick = any(drawn[f] != "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
     truth["present_No Finding"] = int(not sick)
     plan = entry["plan"]
-    truth["ctr"] = round(plan["ctr"], 4)
-    truth["mediastinum_ratio"] = round(plan["mediastinum_ratio"], 4)
+    truth |= {"ctr": round(plan["ctr"], 4), "mediastinum_ratio": round(plan["mediastinum_ratio"], 4)}
     edema = plan["findings"]["Edema"].a if drawn["Edema"] != "absent" else 0.0
     truth["edema_amplitude"] = round(edema, 4)
     truth["details"] = json.dumps(_rounded(info["details"]), sort_keys=True)
@@ -359,7 +350,7 @@ def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, see
     )
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxrlib.phantom", description=__doc__)
     parser.add_argument("--out", required=True, help="output folder (MIMIC-CXR-JPG layout)")
     parser.add_argument("--subjects", type=int, default=60, help="number of patients")
@@ -371,11 +362,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         name = f"--{option.name.replace('_', '-')}"
         help_ = f"design option (default {option.default}; see cxrlib.phantom.findings.Design)"
         parser.add_argument(name, type=kind, default=option.default, choices=choices, help=help_)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     design = {option.name: getattr(args, option.name) for option in dataclasses.fields(Design)}
     out = make_phantom(args.out, args.subjects, args.seed, args.max_size, args.workers, **design)
     print(f"phantom written to {out}")
