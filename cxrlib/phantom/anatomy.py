@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -163,12 +162,11 @@ def native_size(rng: np.random.Generator) -> tuple[int, int]:
     if kind == 1:
         return int(rng.choice([3050, 3056])), int(rng.choice([2539, 2544, 2500]))
     if kind == 2:
-        side = int(rng.integers(1990, 2030))
-        return side, side
+        return (int(rng.integers(1990, 2030)),) * 2
     return int(rng.integers(1700, 3050)), int(rng.integers(1700, 3050))
 
 
-def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
+def sample_subject(rng: np.random.Generator) -> dict[str, float]:
     """A patient's body: thoracic width (mm) and the shape parameters that persist across studies."""
     return {
         "thorax_mm": float(rng.uniform(235, 325)),
@@ -213,8 +211,7 @@ def plan_vessels(rng, plan) -> list[dict]:
             for _ in range(2):  # side branches
                 k = int(rng.integers(2, 5))
                 branch_angle = angle + rng.choice([-1, 1]) * rng.uniform(0.4, 0.9)
-                bx, by = points[k]
-                pts = [(bx, by)]
+                pts = [points[k]]
                 for _ in range(3):
                     branch_angle += rng.normal(0, 0.2)
                     s = length / 8
@@ -226,9 +223,7 @@ def plan_vessels(rng, plan) -> list[dict]:
 
 def plan_ribs(rng, plan) -> list[dict]:
     """Ten ribs per side: height at the midline, slope, curvature and width."""
-    scale = plan["thorax"] / 290.0
-    ribs = []
-    spacing = plan["lung_h"] / 9.5
+    scale, spacing, ribs = plan["thorax"] / 290.0, plan["lung_h"] / 9.5, []
     for side in (-1, 1):
         for k in range(10):
             y0 = plan["y_apex"] - 0.25 * spacing + k * spacing + rng.normal(0, 1.5)
@@ -292,7 +287,7 @@ def rib_centre(plan, rib, u):
     return rib["y0"] + rib["slope"] * u + rib["curve"] * u * u
 
 
-def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | None = None) -> None:
+def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable) -> None:
     """Add the ribs; ``bend(rib, u, centre, mask) -> (centre, mask)`` may change a rib (a fracture)."""
     cortex = 1.4
     reach = plan["thorax"] / 2 + plan["wall"]
@@ -309,8 +304,7 @@ def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | Non
         centre = rib_centre(plan, rib, np.clip(u, 0, None))
         mask_u = canvas.soft(u - 12, 3.0) * canvas.soft(reach - u, 6.0)
         half = rib["width"] / 2
-        if bend is not None:
-            centre, mask_u = bend(i, u, centre, mask_u)
+        centre, mask_u = bend(i, u, centre, mask_u)
         d = np.abs(y - centre)
         body = canvas.soft(half - d, 1.0)
         rim = box(d - (half - cortex / 2), cortex, canvas.px)
@@ -320,10 +314,8 @@ def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | Non
 
 def wall_curve(plan: dict, side: int, t0: float, t1: float, inset: float) -> list[tuple[float, float]]:
     """A line ``inset`` mm inside one side's chest wall from ``t0`` to ``t1`` (fractions of lung height)."""
-    ts = np.linspace(t0, t1, 12)
-    ys = plan["y_apex"] + ts * plan["lung_h"]
-    us = lateral_border(plan, ys[:, None])[:, 0] - inset
-    us = np.maximum(us, plan["apex_x"] * 0.6)
+    ys = plan["y_apex"] + np.linspace(t0, t1, 12) * plan["lung_h"]
+    us = np.maximum(lateral_border(plan, ys[:, None])[:, 0] - inset, plan["apex_x"] * 0.6)
     return [(plan["cx"] + side * float(u), float(v)) for u, v in zip(us, ys, strict=True)]
 
 

@@ -82,8 +82,7 @@ def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 
         blank_or_negative = np.where(negative, 0.0, np.nan)
         out[finding] = np.where(latent > top_pos, 1.0, np.where(latent > top_unc, -1.0, blank_or_negative))
     frame = pd.DataFrame(out)
-    counted = [f for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES]
-    sick = frame[counted].isin([1.0, -1.0]).any(axis=1)
+    sick = frame.drop(columns=list(NO_FINDING_EXCLUDES)).isin([1.0, -1.0]).any(axis=1)
     frame["No Finding"] = np.where(sick, np.nan, 1.0)
     return frame[list(FINDINGS)]
 
@@ -135,11 +134,7 @@ class Scene:
     x: np.ndarray  # mm from the body's midline, towards the image right
     y: np.ndarray  # mm from the image centre, down
     lungs: np.ndarray
-    left_lung: np.ndarray
-    right_lung: np.ndarray
-
-    def lung(self, side: int) -> np.ndarray:
-        return self.left_lung if side < 0 else self.right_lung
+    sides: list[np.ndarray]  # the image-left and the image-right lung
 
 
 @dataclass(frozen=True)
@@ -264,7 +259,7 @@ class PleuralEffusion(Finding):
             q = np.clip(u / (image["thorax"] / 2), 0, 1) ** (1 / e.meniscus)
             dome = image["y_apex"] + image["lung_h"] - image["dome"][(side + 1) // 2]
             top = dome - e.height * (0.2 + 0.8 * q)
-            fluid = canvas.soft(scene.y - top, 2.0) * scene.lung(side)
+            fluid = canvas.soft(scene.y - top, 2.0) * scene.sides[(side + 1) // 2]
             density += 0.5 * fluid
             effusions.append({"side": side, "height_px": e.height / canvas.px})
         return {"effusions": effusions}
@@ -291,9 +286,8 @@ class Consolidation(Finding):
         add_blob(patch, canvas, plan.x, plan.y, plan.a, "sharp", r=plan.r)
         for bx, by, ang in plan.bronchi:
             dx, dy = 0.6 * plan.r * math.cos(ang), 0.6 * plan.r * math.sin(ang)
-            width = 2.0 * _scale(scene.image)
-            ends = [(bx - dx, by - dy), (bx + dx, by + dy)]
-            add_polyline(patch, canvas, ends, -0.6 * plan.a, "sharp", width)
+            w = 2.0 * _scale(scene.image)
+            add_polyline(patch, canvas, [(bx - dx, by - dy), (bx + dx, by + dy)], -0.6 * plan.a, "sharp", w)
         density += np.clip(patch, 0, None) * scene.lungs
         return {"consolidation": {"centre_px": canvas.to_px(plan.x, plan.y), "radius_px": plan.r / canvas.px}}
 
@@ -390,10 +384,6 @@ class PleuralOther(Finding):
         return {"pleural_other": {"side": plan.side, "thickness_px": plan.thickness / canvas.px}}
 
 
-def _fine(image: dict, design: Design) -> tuple[float, float]:
-    return design.fine_contrast, design.fine_size * _scale(image)
-
-
 class LungLesion(Finding):
     """Sharp-edged nodules (radius 3.2-5.2 mm); decoys: soft blobs of the same integrated density."""
 
@@ -402,7 +392,7 @@ class LungLesion(Finding):
     Plan = _record("LungLesion.Plan", "spots")
 
     def plan(self, rng, image, state, design):
-        fc, fs = _fine(image, design)
+        fc, fs = design.fine_contrast, design.fine_size * _scale(image)
         k = design.fine_instances
         spots = []
         for _ in range(int(rng.integers(k + 1, k + 5))):
@@ -434,7 +424,7 @@ class Pneumothorax(Finding):
     Plan = _record("Pneumothorax.Plan", "lines")
 
     def plan(self, rng, image, state, design):
-        fc, fs = _fine(image, design)
+        fc, fs = design.fine_contrast, design.fine_size * _scale(image)
         lines = []
         for _ in range(int(rng.integers(1, 3))):
             t0, side = rng.uniform(0.02, 0.2), _side(rng)
@@ -454,7 +444,7 @@ class Pneumothorax(Finding):
                 side, lateral = line.side, lateral_border(image, y)
                 t = (y - image["y_apex"]) / image["lung_h"]
                 inside = canvas.soft(side * x - (lateral - line.inset), 0.5) * canvas.soft(t - line.t0, 1.0)
-                inside = inside * canvas.soft(line.t1 - t, 1.0) * scene.lung(side)
+                inside = inside * canvas.soft(line.t1 - t, 1.0) * scene.sides[(side + 1) // 2]
                 lung = scene.lungs > 0.5
                 mean_vessel = float(vessels[lung].mean()) if lung.any() else 0.0
                 vessels = vessels * (1 - inside) + mean_vessel * inside
@@ -483,7 +473,7 @@ class Fracture(Finding):
     Plan = _record("Fracture.Plan", "marks")
 
     def plan(self, rng, image, state, design):
-        _, fs = _fine(image, design)
+        fs = design.fine_size * _scale(image)
         k = design.fine_instances
         marks = []
         for _ in range(int(rng.integers(k + 1, k + 4))):
@@ -534,7 +524,7 @@ class SupportDevices(Finding):
     Plan = _record("SupportDevices.Plan", "wires")
 
     def plan(self, rng, image, state, design):
-        fc, fs = _fine(image, design)
+        fc, fs = design.fine_contrast, design.fine_size * _scale(image)
         k = design.fine_instances
         wires = []
         for _ in range(int(rng.integers(k + 1, k + 4))):

@@ -53,8 +53,6 @@ from .findings import (
     sample_labels,
 )
 
-_JPEG_QUALITY = 95
-
 
 def _hex_id(rng) -> str:
     return "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5, dtype=np.uint64))
@@ -111,9 +109,9 @@ def render_frontal(plan: dict, width: int, height: int) -> tuple[np.ndarray, dic
     """Render a frontal plan at width x height px; returns (uint8 image, pixel-space truth details)."""
     canvas = Canvas(width, height, plan["fov_w"], plan["fov_h"])
     x, y = canvas.x - plan["cx"], canvas.y
-    left_lung, right_lung = lung_masks(plan, canvas)
-    lungs = left_lung + right_lung
-    scene = Scene(canvas, plan, x, y, lungs, left_lung, right_lung)
+    sides = lung_masks(plan, canvas)
+    lungs = sides[0] + sides[1]
+    scene = Scene(canvas, plan, x, y, lungs, sides)
     plans = plan["findings"]
     haze = bump_haze(canvas, plan)  # soft one-sided bumps and the edema haze, before air is subtracted
     Edema.haze(haze, scene, plans["Edema"])
@@ -212,8 +210,7 @@ def plan_dataset(subjects: int, seed: int = 0, **design_options) -> tuple[list[d
     study_ids = 50_000_000 + id_rng.choice(9_999_999, size=int(studies.sum()), replace=False)
     label_rng = np.random.default_rng(root.spawn(2)[1])
     labels = sample_labels(label_rng, design.prevalence, int(studies.sum()))
-    entries = []
-    k = 0
+    entries, k = [], 0
     for s in range(subjects):
         subject_rng = np.random.default_rng([int(seed), 7, s])
         subject = sample_subject(subject_rng)
@@ -248,7 +245,7 @@ def _render_entry(args) -> dict:
     image, details = render(plan, width, height)
     path = out_dir / image_relpath(entry["subject_id"], entry["study_id"], entry["dicom_id"])
     with atomic_write(path, "wb") as handle:
-        Image.fromarray(image, "L").save(handle, format="JPEG", quality=_JPEG_QUALITY)
+        Image.fromarray(image, "L").save(handle, format="JPEG", quality=95)
     details["thorax_px"] = plan["thorax"] / (plan["fov_w"] / width)
     details["heart_px"] = plan["ctr"] * plan["thorax"] / (plan["fov_w"] / width)
     details["mm_per_px"] = plan["fov_h"] / height
@@ -284,25 +281,20 @@ def make_phantom(
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
         results = pool.map(_render_entry, jobs, chunksize=4) if pool else map(_render_entry, jobs)
         outputs = list(tqdm(results, total=len(jobs), desc="phantom", unit="img"))
-    meta_rows = [_metadata_row(entry, info) for entry, info in zip(entries, outputs, strict=True)]
-    truth_rows = [_truth_row(entry, info) for entry, info in zip(entries, outputs, strict=True)]
-    _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size)
+    _write_tables(out_dir, entries, outputs, design, subjects, seed, max_size)
     return out_dir
 
 
-def _metadata_row(entry: dict, info: dict) -> dict:
-    view = entry["plan"]["view"]
+def _rows(entry: dict, info: dict) -> tuple[dict, dict]:
+    """An image's rows of MIMIC's metadata table and of phantom_truth.csv."""
+    ids, view = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}, entry["plan"]["view"]
     description, view_text, orientation = _VIEW_TEXT[view]
-    row = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
-    row |= {"PerformedProcedureStepDescription": description, "ViewPosition": view, "Rows": info["height"]}
-    row |= {"Columns": info["width"], "StudyDate": entry["date"], "StudyTime": entry["time"]}
-    row |= {"ProcedureCodeSequence_CodeMeaning": description, "ViewCodeSequence_CodeMeaning": view_text}
-    return row | {"PatientOrientationCodeSequence_CodeMeaning": orientation}
-
-
-def _truth_row(entry: dict, info: dict) -> dict:
-    truth = {k: entry[k] for k in ("dicom_id", "subject_id", "study_id")}
-    truth.update(view=entry["plan"]["view"], width=info["width"], height=info["height"])
+    row = ids | {"PerformedProcedureStepDescription": description, "ViewPosition": view}
+    row |= {"Rows": info["height"], "Columns": info["width"], "StudyDate": entry["date"]}
+    row |= {"StudyTime": entry["time"], "ProcedureCodeSequence_CodeMeaning": description}
+    row |= {"ViewCodeSequence_CodeMeaning": view_text}
+    row |= {"PatientOrientationCodeSequence_CodeMeaning": orientation}
+    truth = ids | {"view": view, "width": info["width"], "height": info["height"]}
     drawn = entry["drawn"]
     truth |= {f"present_{finding}": int(drawn[finding] != "absent") for finding in PATHOLOGIES}
     sick = any(drawn[f] != "absent" for f in PATHOLOGIES if f not in NO_FINDING_EXCLUDES)
@@ -312,7 +304,7 @@ def _truth_row(entry: dict, info: dict) -> dict:
     edema = plan["findings"]["Edema"].a if drawn["Edema"] != "absent" else 0.0
     truth["edema_amplitude"] = round(edema, 4)
     truth["details"] = json.dumps(_rounded(info["details"]), sort_keys=True)
-    return truth
+    return row, truth
 
 
 def _rounded(value):
@@ -332,13 +324,14 @@ def _gzip_csv(frame: pd.DataFrame, out_dir: Path, table: str) -> None:
         gz.write(frame.to_csv(index=False).encode())
 
 
-def _write_tables(out_dir, entries, meta_rows, truth_rows, design, subjects, seed, max_size) -> None:
-    _gzip_csv(pd.DataFrame(meta_rows), out_dir, "metadata")
+def _write_tables(out_dir, entries, outputs, design, subjects, seed, max_size) -> None:
+    meta_rows, truth_rows = zip(*map(_rows, entries, outputs), strict=True)
+    _gzip_csv(pd.DataFrame(list(meta_rows)), out_dir, "metadata")
     labels = pd.DataFrame([{k: e[k] for k in ("subject_id", "study_id")} | e["labels"] for e in entries])
     labels = labels.drop_duplicates("study_id").sort_values(["subject_id", "study_id"], kind="stable")
     _gzip_csv(labels.astype(dict.fromkeys(FINDINGS, "Float64")), out_dir, "chexpert")
     _gzip_csv(pd.DataFrame(entries)[["dicom_id", "study_id", "subject_id", "split"]], out_dir, "split")
-    write_csv_atomic(pd.DataFrame(truth_rows), out_dir / "phantom_truth.csv")
+    write_csv_atomic(pd.DataFrame(list(truth_rows)), out_dir / "phantom_truth.csv")
     write_text_atomic(
         "Synthetic chest X-ray teaching phantom (cxrlib.phantom) - NOT real patients, NOT anatomy.\n"
         "Layout and CSV schemas follow MIMIC-CXR-JPG v2.0.0 so the same code runs on real data.\n"
@@ -359,9 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, <= 8)")
     for option in dataclasses.fields(Design):  # every design option, with Design's default
         kind, choices = type(option.default), PREVALENCES if option.name == "prevalence" else None
-        name = f"--{option.name.replace('_', '-')}"
-        help_ = f"design option (default {option.default}; see cxrlib.phantom.findings.Design)"
-        parser.add_argument(name, type=kind, default=option.default, choices=choices, help=help_)
+        flag, help_ = f"--{option.name.replace('_', '-')}", "design option (default %(default)s)"
+        parser.add_argument(flag, type=kind, default=option.default, choices=choices, help=help_)
     args = parser.parse_args(argv)
     design = {option.name: getattr(args, option.name) for option in dataclasses.fields(Design)}
     out = make_phantom(args.out, args.subjects, args.seed, args.max_size, args.workers, **design)
@@ -369,15 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-_SETTINGS_FILE = "phantom_settings.json"  # written last: the phantom in this folder is complete
-
-
 def ensure_phantom(
     root: str | os.PathLike, subjects: int, seed: int = 0, max_size: int | None = None, **design_options
 ) -> Path:
     """Write a phantom to ``root`` unless the same one (same settings) is already complete there."""
     root = Path(root)
-    marker = root / _SETTINGS_FILE
+    marker = root / "phantom_settings.json"  # written last: the phantom in this folder is complete
     wanted = {"subjects": subjects, "seed": seed, "max_size": max_size, "options": design_options}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
