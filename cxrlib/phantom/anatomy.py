@@ -14,11 +14,10 @@ class Canvas:
 
     def __init__(self, width: int, height: int, fov_w: float, fov_h: float):
         self.width, self.height = width, height
-        self.px = fov_h / height
+        self.px, self.px_x = fov_h / height, fov_w / width
         self.x = ((np.arange(width, dtype=np.float32) + 0.5) * (fov_w / width) - fov_w / 2)[None, :]
         self.y = ((np.arange(height, dtype=np.float32) + 0.5) * self.px - fov_h / 2)[:, None]
         self.x0, self.y0 = float(self.x[0, 0]), float(self.y[0, 0])
-        self.px_x = fov_w / width
 
     def window(self, x_lo, x_hi, y_lo, y_hi):
         """Slices and local coordinate grids of the pixels inside a box (mm); None when empty."""
@@ -183,8 +182,7 @@ def sample_subject(rng: np.random.Generator) -> dict[str, float]:
 def lung_point(rng, plan, side: int, t_range=(0.15, 0.9), lateral=(0.15, 0.85)) -> tuple[float, float]:
     """A point inside one lung (side -1 image left, +1 image right), in mm."""
     for _ in range(50):
-        t = rng.uniform(*t_range)
-        y = plan["y_apex"] + t * plan["lung_h"]
+        y = plan["y_apex"] + rng.uniform(*t_range) * plan["lung_h"]
         yy = np.array([[y]], dtype=np.float64)  # the lung's borders at height y, mm from the midline
         inner, outer = float(_medial_border(plan, side, yy)[0, 0]), float(lateral_border(plan, yy)[0, 0])
         if outer - inner > 15:
@@ -328,8 +326,7 @@ def bump_haze(canvas: Canvas, plan: dict) -> np.ndarray:
 
 
 def frontal_density(plan: dict, canvas: Canvas, lungs, haze, vessels, bend: Callable) -> np.ndarray:
-    """A frontal view's density: the body (wider above the shoulders), the lungs with their haze and vessel
-    texture, the spine, the ribs (``bend``: see :func:`render_ribs`) and both clavicles."""
+    """A frontal view's density: body, lungs with their haze and vessels, spine, ribs and clavicles."""
     x, y = canvas.x - plan["cx"], canvas.y
     half_body = plan["thorax"] / 2 + plan["wall"]
     shoulders = plan["y_apex"] + 0.12 * plan["lung_h"]

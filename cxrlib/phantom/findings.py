@@ -5,6 +5,7 @@ of the phantom's bytes); docs/phantom.md, "Findings", "Labels" and "The code".""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, make_dataclass, replace
 from statistics import NormalDist
 
@@ -62,8 +63,7 @@ def _normal_quantile(p: float) -> float:
 def sample_labels(rng: np.random.Generator, prevalence: str = "mimic", n: int = 1) -> pd.DataFrame:
     """Draw ``n`` studies' raw labels (1 / 0 / -1 / NaN for blank) for the 14 findings."""
     rates = label_rates(prevalence)
-    shared = rng.standard_normal(n)
-    cardiac, airspace = rng.standard_normal(n), rng.standard_normal(n)
+    shared, cardiac, airspace = (rng.standard_normal(n) for _ in range(3))
     out = {}
     for finding in PATHOLOGIES:
         pos, neg, unc = rates[finding]
@@ -162,6 +162,9 @@ class Finding:
     name: str = ""
     Plan: type[FindingPlan] = FindingPlan
 
+    def __init_subclass__(cls):  # the finding's name from its class's: LungLesion is "Lung Lesion"
+        cls.name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", cls.__name__)
+
     def plan(self, rng: np.random.Generator, image: dict, state: str, design: Design) -> FindingPlan:
         """Draw the finding's (and its decoys') parameters in mm from the finding's own generator."""
         return self.Plan(state)
@@ -210,7 +213,6 @@ ENLARGED_CARDIOMEDIASTINUM = RatioFinding("Enlarged Cardiomediastinum", MEDIASTI
 class Edema(Finding):
     """Bilateral perihilar haze in both lungs at once; its decoys are the anatomy's one-sided bumps."""
 
-    name = "Edema"
     Plan = _record("Edema.Plan", "a sigma")
 
     def plan(self, rng, image, state, design):
@@ -235,7 +237,6 @@ class Edema(Finding):
 class PleuralEffusion(Finding):
     """A fluid level hiding a diaphragm dome (one side or both), its meniscus rising to the wall."""
 
-    name = "Pleural Effusion"
     Fluid = _record("PleuralEffusion.Fluid", "side height meniscus", None)
     Plan = _record("PleuralEffusion.Plan", "fluids")
 
@@ -268,13 +269,11 @@ class PleuralEffusion(Finding):
 class Consolidation(Finding):
     """A dense homogeneous patch 35-60 mm across with dark air bronchograms."""
 
-    name = "Consolidation"
     Plan = _record("Consolidation.Plan", "x y r a bronchi")
 
     def plan(self, rng, image, state, design):
         x, y = lung_point(rng, image, _side(rng), (0.35, 0.85), (0.3, 0.7))
-        r = rng.uniform(17, 30) * _scale(image)
-        a = 0.30 * _strength(rng, state)
+        r, a = rng.uniform(17, 30) * _scale(image), 0.30 * _strength(rng, state)
         bronchi = tuple(
             (x + rng.normal(0, 6), y + rng.normal(0, 6), rng.uniform(0, math.pi)) for _ in range(3)
         )
@@ -295,15 +294,13 @@ class Consolidation(Finding):
 class Pneumonia(Finding):
     """A cluster of 3-6 soft blobs (sigma 4-7.5 mm) over 30-60 mm."""
 
-    name = "Pneumonia"
     Blob = _record("Pneumonia.Blob", "x y sigma a", None)
     Plan = _record("Pneumonia.Plan", "blobs")
 
     def plan(self, rng, image, state, design):
         scale = _scale(image)
         x, y = lung_point(rng, image, _side(rng), (0.4, 0.85), (0.3, 0.7))
-        half = rng.uniform(15, 30) * scale / 2  # half the cluster's spread
-        a = 0.18 * _strength(rng, state)
+        half, a = rng.uniform(15, 30) * scale / 2, 0.18 * _strength(rng, state)  # half the cluster's spread
         blobs = tuple(
             self.Blob(x + rng.normal(0, half), y + rng.normal(0, half), rng.uniform(4, 7.5) * scale, a)
             for _ in range(int(rng.integers(3, 7)))
@@ -323,7 +320,6 @@ class Pneumonia(Finding):
 class Atelectasis(Finding):
     """A plate-like band 50-90 mm long and 4-7 mm thick in a lower zone."""
 
-    name = "Atelectasis"
     Plan = _record("Atelectasis.Plan", "points width a")
 
     def plan(self, rng, image, state, design):
@@ -345,7 +341,6 @@ class Atelectasis(Finding):
 class LungOpacity(Finding):
     """A faint ill-defined patch, sigma 10-20 mm."""
 
-    name = "Lung Opacity"
     Plan = _record("LungOpacity.Plan", "x y sigma a")
 
     def plan(self, rng, image, state, design):
@@ -365,7 +360,6 @@ class LungOpacity(Finding):
 class PleuralOther(Finding):
     """Pleural thickening 2.5-4 mm thick and 50-90 mm long along the chest wall."""
 
-    name = "Pleural Other"
     Plan = _record("PleuralOther.Plan", "side t0 t1 thickness a")
 
     def plan(self, rng, image, state, design):
@@ -387,7 +381,6 @@ class PleuralOther(Finding):
 class LungLesion(Finding):
     """Sharp-edged nodules (radius 3.2-5.2 mm); decoys: soft blobs of the same integrated density."""
 
-    name = "Lung Lesion"
     Spot = _record("LungLesion.Spot", "x y r a sigma real", None)
     Plan = _record("LungLesion.Plan", "spots")
 
@@ -419,7 +412,6 @@ class LungLesion(Finding):
 class Pneumothorax(Finding):
     """A 1.6 mm pleural line, no lung texture outside it; decoys: soft skin folds of equal density."""
 
-    name = "Pneumothorax"
     Line = _record("Pneumothorax.Line", "side t0 t1 inset w a sigma real", None)
     Plan = _record("Pneumothorax.Plan", "lines")
 
@@ -468,7 +460,6 @@ class Pneumothorax(Finding):
 class Fracture(Finding):
     """Cortical breaks across ribs with a local step; decoys: soft dips along ribs of equal density."""
 
-    name = "Fracture"
     Mark = _record("Fracture.Mark", "rib u gap step sigma real", None)
     Plan = _record("Fracture.Plan", "marks")
 
@@ -519,7 +510,6 @@ class Fracture(Finding):
 class SupportDevices(Finding):
     """Thin bright wires (1.6 mm); decoys: soft lines of the same integrated density."""
 
-    name = "Support Devices"
     Wire = _record("SupportDevices.Wire", "points w a sigma real", None)
     Plan = _record("SupportDevices.Plan", "wires")
 
@@ -530,8 +520,7 @@ class SupportDevices(Finding):
         for _ in range(int(rng.integers(k + 1, k + 4))):
             x0 = image["cx"] + rng.uniform(-0.45, 0.45) * image["thorax"]
             y0 = image["y_apex"] + rng.uniform(-0.1, 0.3) * image["lung_h"]
-            pts = [(x0, y0)]
-            angle = rng.uniform(0.3, 2.8)
+            pts, angle = [(x0, y0)], rng.uniform(0.3, 2.8)
             for _ in range(6):
                 angle += rng.normal(0, 0.25)
                 step = rng.uniform(0.06, 0.1) * image["lung_h"]

@@ -241,8 +241,7 @@ def _render_entry(args) -> dict:
     entry, max_size, out_dir = args
     plan = entry["plan"]
     width, height = output_size(plan["native_width"], plan["native_height"], max_size)
-    render = render_lateral if plan["view"] == "LATERAL" else render_frontal
-    image, details = render(plan, width, height)
+    image, details = (render_lateral if plan["view"] == "LATERAL" else render_frontal)(plan, width, height)
     path = out_dir / image_relpath(entry["subject_id"], entry["study_id"], entry["dicom_id"])
     with atomic_write(path, "wb") as handle:
         Image.fromarray(image, "L").save(handle, format="JPEG", quality=95)
