@@ -287,8 +287,7 @@ def rib_centre(plan, rib, u):
 
 def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable) -> None:
     """Add the ribs; ``bend(rib, u, centre, mask) -> (centre, mask)`` may change a rib (a fracture)."""
-    cortex = 1.4
-    reach = plan["thorax"] / 2 + plan["wall"]
+    cortex, reach = 1.4, plan["thorax"] / 2 + plan["wall"]
     for i, rib in enumerate(plan["ribs"]):
         side = rib["side"]
         ends = plan["cx"] + side * np.array([12.0, reach + 10])

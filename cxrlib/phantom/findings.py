@@ -224,10 +224,9 @@ class Edema(Finding):
         """Add the perihilar haze to the lung haze (before the air is subtracted)."""
         if not plan.present:
             return
-        image = scene.image
+        image, s = scene.image, plan.sigma
         for side in (-1, 1):
             hx = image["cx"] + side * (image["mediastinum"][(side + 1) // 2] + 0.12 * image["thorax"])
-            s = plan.sigma
             add_blob(haze, scene.canvas, hx, image["hilum_y"], plan.a, kind="soft", r=s * 1.414, sigma=s)
 
     def render(self, density, scene, plan):
@@ -500,8 +499,7 @@ class Fracture(Finding):
         fractures = []
         for mark in plan.marks:
             if mark.real:
-                rib = image["ribs"][mark.rib]
-                u = mark.u * image["thorax"] / 2
+                rib, u = image["ribs"][mark.rib], mark.u * image["thorax"] / 2
                 fx, fy = image["cx"] + rib["side"] * u, rib_centre(image, rib, u)
                 fractures.append({"centre_px": canvas.to_px(fx, fy), "gap_px": mark.gap / canvas.px})
         return {"fractures": fractures} if fractures else {}

@@ -79,12 +79,10 @@ def plan_frontal(rng: np.random.Generator, subject: dict, drawn: dict[str, str],
     dome = subject["dome_mm"] * scale
     ctr = CARDIOMEGALY.draw_ratio(rng, drawn["Cardiomegaly"], design)
     med = ENLARGED_CARDIOMEDIASTINUM.draw_ratio(rng, drawn["Enlarged Cardiomediastinum"], design)
-    heart_w = ctr * thorax
-    left = subject["heart_left_frac"] + rng.uniform(-0.03, 0.03)
+    heart_w, left = ctr * thorax, subject["heart_left_frac"] + rng.uniform(-0.03, 0.03)
     heart_b = heart_w * subject["heart_shape"]
     y_heart = y_apex + lung_h - dome - rng.uniform(0.1, 0.3) * heart_b
-    med_w = med * thorax
-    med_left = rng.uniform(0.45, 0.6)
+    med_w, med_left = med * thorax, rng.uniform(0.45, 0.6)
     view = "PA" if rng.random() < 0.6 else "AP"
     domes = [dome * rng.uniform(1.0, 1.25), dome * rng.uniform(0.85, 1.0)]  # image left (patient R) higher
     lo, hi, gamma = (float(rng.uniform(a, b)) for a, b in ((-0.15, 0.1), (1.15, 1.6), (0.75, 1.35)))
