@@ -161,7 +161,8 @@ def native_size(rng: np.random.Generator) -> tuple[int, int]:
     if kind == 1:
         return int(rng.choice([3050, 3056])), int(rng.choice([2539, 2544, 2500]))
     if kind == 2:
-        return (int(rng.integers(1990, 2030)),) * 2
+        side = int(rng.integers(1990, 2030))
+        return side, side
     return int(rng.integers(1700, 3050)), int(rng.integers(1700, 3050))
 
 

@@ -157,7 +157,7 @@ def _record(name: str, fields: str, base: type | None = FindingPlan) -> type:
 
 
 class Finding:
-    """One pathology: its typed plan and how it is drawn (a few also have a hook called by the views)."""
+    """One pathology: its typed plan and how it is drawn (three also change the anatomy; docs/phantom.md)."""
 
     name: str = ""
     Plan: type[FindingPlan] = FindingPlan
