@@ -11,19 +11,29 @@ from PIL import Image
 
 from cxrlib.labels import FINDINGS
 from cxrlib.phantom.anatomy import sample_subject
-from cxrlib.phantom.findings import CTR_THRESHOLD, MEDIASTINUM_THRESHOLD, REGISTRY, FindingPlan
-from cxrlib.phantom.labels import (
+from cxrlib.phantom.findings import (
     CARDIAC_GROUP,
+    CTR_THRESHOLD,
+    MEDIASTINUM_THRESHOLD,
     MIMIC_LABEL_COUNTS,
     MIMIC_STUDIES,
     PATHOLOGIES,
     PREVALENCES,
+    REGISTRY,
     Design,
+    FindingPlan,
     label_rates,
     sample_labels,
 )
-from cxrlib.phantom.views import finding_examples, output_size, plan_frontal, render_frontal
-from cxrlib.phantom.writer import image_relpath, main, make_phantom
+from cxrlib.phantom.writer import (
+    finding_examples,
+    image_relpath,
+    main,
+    make_phantom,
+    output_size,
+    plan_frontal,
+    render_frontal,
+)
 
 METADATA_COLUMNS = [
     "dicom_id",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -15,11 +14,10 @@ class Canvas:
 
     def __init__(self, width: int, height: int, fov_w: float, fov_h: float):
         self.width, self.height = width, height
-        self.px = fov_h / height
+        self.px, self.px_x = fov_h / height, fov_w / width
         self.x = ((np.arange(width, dtype=np.float32) + 0.5) * (fov_w / width) - fov_w / 2)[None, :]
         self.y = ((np.arange(height, dtype=np.float32) + 0.5) * self.px - fov_h / 2)[:, None]
         self.x0, self.y0 = float(self.x[0, 0]), float(self.y[0, 0])
-        self.px_x = fov_w / width
 
     def window(self, x_lo, x_hi, y_lo, y_hi):
         """Slices and local coordinate grids of the pixels inside a box (mm); None when empty."""
@@ -168,7 +166,7 @@ def native_size(rng: np.random.Generator) -> tuple[int, int]:
     return int(rng.integers(1700, 3050)), int(rng.integers(1700, 3050))
 
 
-def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
+def sample_subject(rng: np.random.Generator) -> dict[str, float]:
     """A patient's body: thoracic width (mm) and the shape parameters that persist across studies."""
     return {
         "thorax_mm": float(rng.uniform(235, 325)),
@@ -185,8 +183,7 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
 def lung_point(rng, plan, side: int, t_range=(0.15, 0.9), lateral=(0.15, 0.85)) -> tuple[float, float]:
     """A point inside one lung (side -1 image left, +1 image right), in mm."""
     for _ in range(50):
-        t = rng.uniform(*t_range)
-        y = plan["y_apex"] + t * plan["lung_h"]
+        y = plan["y_apex"] + rng.uniform(*t_range) * plan["lung_h"]
         yy = np.array([[y]], dtype=np.float64)  # the lung's borders at height y, mm from the midline
         inner, outer = float(_medial_border(plan, side, yy)[0, 0]), float(lateral_border(plan, yy)[0, 0])
         if outer - inner > 15:
@@ -213,8 +210,7 @@ def plan_vessels(rng, plan) -> list[dict]:
             for _ in range(2):  # side branches
                 k = int(rng.integers(2, 5))
                 branch_angle = angle + rng.choice([-1, 1]) * rng.uniform(0.4, 0.9)
-                bx, by = points[k]
-                pts = [(bx, by)]
+                pts = [points[k]]
                 for _ in range(3):
                     branch_angle += rng.normal(0, 0.2)
                     s = length / 8
@@ -226,9 +222,7 @@ def plan_vessels(rng, plan) -> list[dict]:
 
 def plan_ribs(rng, plan) -> list[dict]:
     """Ten ribs per side: height at the midline, slope, curvature and width."""
-    scale = plan["thorax"] / 290.0
-    ribs = []
-    spacing = plan["lung_h"] / 9.5
+    scale, spacing, ribs = plan["thorax"] / 290.0, plan["lung_h"] / 9.5, []
     for side in (-1, 1):
         for k in range(10):
             y0 = plan["y_apex"] - 0.25 * spacing + k * spacing + rng.normal(0, 1.5)
@@ -257,41 +251,32 @@ def lateral_border(plan, y):
     return c + (half - c) * rise
 
 
-def _heart_half_width(plan, side, y):
-    h = plan["heart"]
-    a = h["left_mm"] if side > 0 else h["right_mm"]
-    v = np.clip(np.abs((y - h["y"]) / h["b"]), 0, 1)
-    return a * np.clip(1 - v ** h["power"], 0, 1) ** (1 / h["power"])
-
-
 def _medial_border(plan, side, y):
     """Distance from the midline to one lung's medial border (mediastinum or heart) at heights y."""
     t = (y - plan["y_apex"]) / plan["lung_h"]
-    m = plan["mediastinum"][(side + 1) // 2]
-    inner = np.maximum(m, _heart_half_width(plan, side, y))
+    m, h = plan["mediastinum"][(side + 1) // 2], plan["heart"]
+    a = h["left_mm"] if side > 0 else h["right_mm"]  # the heart's half width
+    v = np.clip(np.abs((y - h["y"]) / h["b"]), 0, 1)
+    inner = np.maximum(m, a * np.clip(1 - v ** h["power"], 0, 1) ** (1 / h["power"]))
     c = plan["apex_x"]
     rise = np.sqrt(np.clip(1 - (1 - np.clip(t / 0.22, 0, 1)) ** 2, 0, 1))
     return c + (inner - c) * rise
-
-
-def _diaphragm(plan, side, u):
-    """Height (mm, y down) of one hemidiaphragm at distance u from the midline."""
-    q = plan["thorax"] / 4
-    dome = plan["dome"][(side + 1) // 2]
-    return plan["y_apex"] + plan["lung_h"] - dome * np.clip(1 - ((u - q) / (1.15 * q)) ** 2, 0, 1)
 
 
 def lung_masks(plan, canvas):
     """Soft masks of the image-left and image-right lungs."""
     x, y = canvas.x - plan["cx"], canvas.y
     masks = []
+    q, bottom = plan["thorax"] / 4, plan["y_apex"] + plan["lung_h"]
     for side in (-1, 1):
         u = side * x
         lateral = lateral_border(plan, y)
         medial = _medial_border(plan, side, y)
         top = canvas.soft(y - plan["y_apex"], 3.0)
         mask = canvas.soft(u - medial, 1.5) * canvas.soft(lateral - u, 1.5) * top
-        mask = mask * canvas.soft(_diaphragm(plan, side, np.clip(u, 0, None)) - y, 1.5)
+        dome = plan["dome"][(side + 1) // 2]  # the hemidiaphragm's height at u:
+        floor = bottom - dome * np.clip(1 - ((np.clip(u, 0, None) - q) / (1.15 * q)) ** 2, 0, 1)
+        mask = mask * canvas.soft(floor - y, 1.5)
         masks.append(mask.astype(np.float32))
     return masks
 
@@ -301,10 +286,9 @@ def rib_centre(plan, rib, u):
     return rib["y0"] + rib["slope"] * u + rib["curve"] * u * u
 
 
-def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | None = None) -> None:
+def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable) -> None:
     """Add the ribs; ``bend(rib, u, centre, mask) -> (centre, mask)`` may change a rib (a fracture)."""
-    cortex = 1.4
-    reach = plan["thorax"] / 2 + plan["wall"]
+    cortex, reach = 1.4, plan["thorax"] / 2 + plan["wall"]
     for i, rib in enumerate(plan["ribs"]):
         side = rib["side"]
         ends = plan["cx"] + side * np.array([12.0, reach + 10])
@@ -318,8 +302,7 @@ def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | Non
         centre = rib_centre(plan, rib, np.clip(u, 0, None))
         mask_u = canvas.soft(u - 12, 3.0) * canvas.soft(reach - u, 6.0)
         half = rib["width"] / 2
-        if bend is not None:
-            centre, mask_u = bend(i, u, centre, mask_u)
+        centre, mask_u = bend(i, u, centre, mask_u)
         d = np.abs(y - centre)
         body = canvas.soft(half - d, 1.0)
         rim = box(d - (half - cortex / 2), cortex, canvas.px)
@@ -329,31 +312,32 @@ def render_ribs(density, canvas: Canvas, plan: dict, lungs, bend: Callable | Non
 
 def wall_curve(plan: dict, side: int, t0: float, t1: float, inset: float) -> list[tuple[float, float]]:
     """A line ``inset`` mm inside one side's chest wall from ``t0`` to ``t1`` (fractions of lung height)."""
-    ts = np.linspace(t0, t1, 12)
-    ys = plan["y_apex"] + ts * plan["lung_h"]
-    us = lateral_border(plan, ys[:, None])[:, 0] - inset
-    us = np.maximum(us, plan["apex_x"] * 0.6)
+    ys = plan["y_apex"] + np.linspace(t0, t1, 12) * plan["lung_h"]
+    us = np.maximum(lateral_border(plan, ys[:, None])[:, 0] - inset, plan["apex_x"] * 0.6)
     return [(plan["cx"] + side * float(u), float(v)) for u, v in zip(us, ys, strict=True)]
 
 
-def body_density(plan: dict, canvas: Canvas, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Soft tissue of a frontal view: 1 inside the body (wider above the shoulders), 0 outside."""
+def bump_haze(canvas: Canvas, plan: dict) -> np.ndarray:
+    """The lung haze of the smooth one-sided bumps of :func:`plan_bumps`."""
+    haze = np.zeros((canvas.height, canvas.width), np.float32)
+    for b in plan["bumps"]:
+        add_blob(haze, canvas, b["x"], b["y"], b["a"], kind="soft", r=b["sigma"] * 1.414, sigma=b["sigma"])
+    return haze
+
+
+def frontal_density(plan: dict, canvas: Canvas, lungs, haze, vessels, bend: Callable) -> np.ndarray:
+    """A frontal view's density: body, lungs with their haze and vessels, spine, ribs and clavicles."""
+    x, y = canvas.x - plan["cx"], canvas.y
     half_body = plan["thorax"] / 2 + plan["wall"]
     shoulders = plan["y_apex"] + 0.12 * plan["lung_h"]
     body_half = half_body + np.clip(shoulders - y, 0, None) * 3.0
-    body = canvas.soft(body_half - np.abs(x), 6.0)
-    return np.ones((canvas.height, canvas.width), np.float32) * body
-
-
-def render_bumps(haze: np.ndarray, canvas: Canvas, plan: dict) -> None:
-    """Add the smooth one-sided lung bumps of :func:`plan_bumps` to the lung haze."""
-    for b in plan["bumps"]:
-        add_blob(haze, canvas, b["x"], b["y"], b["a"], kind="soft", r=b["sigma"] * 1.414, sigma=b["sigma"])
-
-
-def render_clavicles(density: np.ndarray, canvas: Canvas, plan: dict) -> None:
-    """Add both clavicles, rising from the midline to the shoulders."""
-    for side in (-1, 1):
+    density = np.ones((canvas.height, canvas.width), np.float32) * canvas.soft(body_half - np.abs(x), 6.0)
+    density += haze * lungs
+    density -= 0.58 * lungs
+    density += vessels
+    density += 0.10 * canvas.soft(18 * plan["thorax"] / 290 - np.abs(x), 3.0) * (1 - lungs)  # spine
+    render_ribs(density, canvas, plan, lungs, bend)
+    for side in (-1, 1):  # the clavicles, rising from the midline to the shoulders
         y0 = plan["y_apex"] + 0.1 * plan["lung_h"]
         pts = [
             (plan["cx"] + side * 20, y0),
@@ -361,3 +345,4 @@ def render_clavicles(density: np.ndarray, canvas: Canvas, plan: dict) -> None:
             (plan["cx"] + side * 0.55 * plan["thorax"], y0 - 0.12 * plan["lung_h"]),
         ]
         add_polyline(density, canvas, pts, 0.16, "sharp", 13 * plan["thorax"] / 290)
+    return density
