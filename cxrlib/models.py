@@ -5,15 +5,12 @@ loaders and the logits of a trained model at any resolution (docs/training.md, "
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
-import json
 import os
 import platform
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,10 +28,8 @@ from tqdm.auto import tqdm
 
 from . import paths
 from .cache import CXRDataset, collate_skip_none
-from .fileio import CheckpointError, ConfigError, load_verified, write_csv_atomic
-from .index import read_index
+from .fileio import CheckpointError, ConfigError, load_verified
 from .labels import FINDINGS, NUM_FINDINGS
-from .splits import fold_ids, read_folds
 
 WEIGHT_CHOICES = ("imagenet", "none")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -49,33 +44,6 @@ _OLD_DENSELAYER_KEY = re.compile(
 
 class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the torch hub cache nor downloadable."""
-
-
-class TiledFeatures(nn.Sequential):
-    """DenseNet's feature layers applied to each of ``tiles x tiles`` tiles of the image on its own,
-    the tiles' maps put back side by side: the receptive field ends at the tile, nothing else changes."""
-
-    def __init__(self, features: nn.Sequential, tiles: int):
-        super().__init__(collections.OrderedDict(features.named_children()))
-        self.tiles = int(tiles)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.tiles
-        if t == 1:
-            return super().forward(x)
-        n, c, h, w = x.shape
-        if h % t or w % t:
-            raise ValueError(f"a {h}x{w} image cannot be cut into {t}x{t} equal tiles")
-        tiles = (
-            x.reshape(n, c, t, h // t, t, w // t)
-            .permute(0, 2, 4, 1, 3, 5)
-            .reshape(n * t * t, c, h // t, w // t)
-        )
-        if x.is_contiguous(memory_format=torch.channels_last):
-            tiles = tiles.contiguous(memory_format=torch.channels_last)
-        maps = super().forward(tiles)
-        _, k, fh, fw = maps.shape
-        return maps.reshape(n, t, t, k, fh, fw).permute(0, 3, 1, 4, 2, 5).reshape(n, k, t * fh, t * fw)
 
 
 class _DenseLayer(densenet._DenseLayer):
@@ -126,12 +94,9 @@ class GlobalContext(nn.Module):
 
 class DenseNet121(torchvision.models.DenseNet):
     """torchvision's DenseNet121 (same layers and state dict keys) whose head runs in float32, also
-    under autocast; ``tiles`` > 1 tiles the features, ``global_context`` adds a
-    :class:`GlobalContext` block after dense block 3 (``features.globalcontext``)."""
+    under autocast; ``global_context`` adds a :class:`GlobalContext` after dense block 3."""
 
-    def __init__(
-        self, num_classes: int, memory_efficient: bool = False, tiles: int = 1, global_context: bool = False
-    ):
+    def __init__(self, num_classes: int, memory_efficient: bool = False, global_context: bool = False):
         super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
         for layer in self.modules():  # same layers and state dict keys, statistics counted once
             if isinstance(layer, densenet._DenseLayer):
@@ -143,9 +108,6 @@ class DenseNet121(torchvision.models.DenseNet):
                 if name == "denseblock3":
                     layers["globalcontext"] = GlobalContext(self.features.transition3.norm.num_features)
             self.features = nn.Sequential(layers)
-        self.tiles = int(tiles)
-        if self.tiles > 1:
-            self.features = TiledFeatures(self.features, self.tiles)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Feature maps ``[N, 1024, h, w]`` -> logits ``[N, num_classes]``, in float32."""
@@ -161,16 +123,11 @@ def build_model(
     weights: str | os.PathLike = "imagenet",
     num_classes: int = NUM_FINDINGS,
     memory_efficient: bool = False,
-    tiles: int = 1,
     global_context: bool = False,
 ) -> nn.Module:
     """:class:`DenseNet121` with ``num_classes`` outputs and ``weights`` ``"imagenet"``, ``"none"`` or a
     local state dict; raises :class:`WeightsUnavailableError` or ``FileNotFoundError``."""
-    if tiles < 1:
-        raise ValueError(f"tiles must be at least 1, got {tiles}")
-    model = DenseNet121(
-        num_classes, memory_efficient=memory_efficient, tiles=tiles, global_context=global_context
-    )
+    model = DenseNet121(num_classes, memory_efficient=memory_efficient, global_context=global_context)
     choice = str(weights)
     if choice == "none":
         return model
@@ -523,9 +480,8 @@ def predict_logits(
 def load_trained_model(
     source: str | os.PathLike, map_location: str | torch.device = "cpu", memory_efficient: bool = False
 ) -> nn.Module:
-    """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar, the
-    ``--tiles`` of its ``done.json``), a file with a sidecar, or a plain weights file; always
-    ``weights_only=True`` (a file that would run code is a ``ValueError``)."""
+    """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar), a
+    file with a sidecar, or a plain weights file; always ``weights_only=True`` (else ``ValueError``)."""
     source = Path(source)
     path = source / paths.BEST_MODEL if source.is_dir() else source
     if not path.is_file():
@@ -539,50 +495,6 @@ def load_trained_model(
         state = _load_state_dict_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
     global_context = any(key.startswith("features.globalcontext.") for key in state)
-    done = path.parent / paths.DONE
-    tiles = int(json.loads(done.read_text()).get("args", {}).get("tiles", 1)) if done.is_file() else 1
-    model = build_model("none", num_classes, memory_efficient, tiles=tiles, global_context=global_context)
+    model = build_model("none", num_classes, memory_efficient, global_context=global_context)
     load_weights_into(model, state, source=str(path))
     return model.eval()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cxrlib.models``: a trained model's logits for a fold's role (or every image)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    arg = parser.add_argument
-    arg("--model", required=True, type=Path, help="run folder (best_model.pt) or weights file")
-    arg("--index", required=True, type=Path, help="index.csv")
-    arg("--cache", required=True, type=Path, help="image cache folder")
-    arg("--resolution", required=True, type=int, help="test resolution in pixels")
-    arg("--folds", type=Path, default=None, help="folds.csv (with --fold and --role)")
-    arg("--fold", type=int, default=None, help="fold number (default: every image)")
-    arg("--role", default="test", choices=("train", "val", "test"), help="role (default test)")
-    arg("--out", required=True, type=Path, help="predictions CSV to write")
-    arg("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    arg("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    arg("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    arg("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast")
-    arg("--cache-format", default="png", choices=("png", "jpg"), help="cache file format")
-    args = parser.parse_args(argv)
-    try:
-        index = read_index(args.index)
-        if args.fold is not None:
-            if args.folds is None:
-                raise ValueError("--fold needs --folds")
-            ids = set(fold_ids(read_folds(args.folds, index), args.fold, args.role))
-            index = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
-        device = resolve_device(args.device)
-        model = load_trained_model(args.model, map_location="cpu")
-        dataset = CXRDataset(index, args.resolution, args.cache, cache_format=args.cache_format)
-        amp = amp_dtype(device, args.amp)
-        frame = predict_logits(model, dataset, args.batch_size, device, amp, args.workers, progress=True)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    write_csv_atomic(frame, args.out)
-    print(f"wrote {args.out}: {len(frame)} images at {args.resolution} px")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -165,7 +165,7 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
         "resolution": args.resolution, "fold": args.fold,
         "index_sha256": sha256_file(args.index), "folds_sha256": sha256_file(args.folds),
         "seed": args.seed, "effective_batch": effective_batch, "weights": str(args.weights),
-        "max_train_images": args.max_train_images, "tiles": args.tiles, "global_context": args.global_context,
+        "max_train_images": args.max_train_images, "global_context": args.global_context,
     }  # fmt: skip
 
 

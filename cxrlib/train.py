@@ -100,7 +100,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe("--lr-factor", type=float, default=0.5, help="lr reduction factor (default 0.5)")
     recipe("--patience-stop", type=int, default=10, help="stop after N epochs without improvement")
     recipe("--seed", type=int, default=0, help="seed for weights, order and augmentation")
-    recipe("--tiles", type=int, default=1, help="features see T x T tiles of the image apart (default 1)")
     recipe("--global-context", action="store_true", help="a global context block after dense block 3")
     system = parser.add_argument_group("system").add_argument
     system("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
@@ -119,16 +118,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """One-line :class:`ConfigError` for a wrong parameter or a missing input, before any work."""
-    r, tiles = args.resolution, args.tiles
+    r = args.resolution
     if r < MIN_RESOLUTION or r % 32:
         raise ConfigError(
             f"--resolution {r}: must be a multiple of 32 and at least {MIN_RESOLUTION} (DenseNet121 reduces "
             "the image 32x)"
-        )
-    if tiles < 1 or r % (32 * tiles):
-        raise ConfigError(
-            f"--tiles {tiles}: the {r} px image must split into tiles whose side is a multiple of 32 "
-            "(resolution divisible by 32 x tiles)"
         )
     for name in ("epochs", "batch_size", "effective_batch", "max_train_images", "keep_checkpoints"):
         if (value := getattr(args, name)) is not None and value < 1:
@@ -429,9 +423,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     num_classes = len(index_findings(frames["train"]))  # the head: one output per finding of the index
-    model = build_model(
-        args.weights, num_classes, args.memory_efficient, tiles=args.tiles, global_context=args.global_context
-    )
+    model = build_model(args.weights, num_classes, args.memory_efficient, global_context=args.global_context)
     if args.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

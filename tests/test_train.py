@@ -593,19 +593,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_and_ends_identical(tin
     assert_same_run(out, reference_run)
 
 
+def scored(tiny, model, resolution):
+    """Fold 0's test images scored by a trained model at ``resolution``, as the notebooks do."""
+    from cxrlib.cache import CXRDataset
+    from cxrlib.index import read_index
+
+    index = read_index(tiny.index)
+    ids = set(fold_ids(read_folds(tiny.folds, index), 0, "test"))
+    dataset = CXRDataset(index[index["dicom_id"].isin(ids)].reset_index(drop=True), resolution, tiny.cache)
+    return models.predict_logits(models.load_trained_model(model), dataset)
+
+
 @pytest.mark.slow
-def test_trained_model_scores_any_resolution_and_matches_the_trainer(tiny, reference_run, tmp_path):
-    same = tmp_path / "same.csv"
-    common = ["--model", str(reference_run), "--index", str(tiny.index), "--cache", str(tiny.cache)]
-    common += ["--folds", str(tiny.folds), "--fold", "0", "--role", "test", "--device", "cpu"]
-    assert models.main([*common, "--resolution", "32", "--out", str(same)]) == 0
-    ours = pd.read_csv(same, dtype={"dicom_id": str})
+def test_trained_model_scores_any_resolution_and_matches_the_trainer(tiny, reference_run):
+    ours = scored(tiny, reference_run, 32)
     trainer = pd.read_csv(reference_run / "test_predictions.csv", dtype={"dicom_id": str})
     assert ours["dicom_id"].tolist() == trainer["dicom_id"].tolist()
     assert ours[list(FINDINGS)].to_numpy() == pytest.approx(trainer[list(FINDINGS)].to_numpy(), abs=1e-5)
-    other = tmp_path / "at64.csv"  # trained at 32 px, tested at 64 px: the train x test matrix
-    assert models.main([*common, "--resolution", "64", "--out", str(other)]) == 0
-    at64 = pd.read_csv(other, dtype={"dicom_id": str})
+    at64 = scored(tiny, reference_run, 64)  # trained at 32 px, tested at 64 px: the train x test matrix
     assert at64["dicom_id"].tolist() == trainer["dicom_id"].tolist()
     assert not at64[list(FINDINGS)].equals(ours[list(FINDINGS)])
 
@@ -625,11 +630,7 @@ def test_bf16_autocast_trains_on_the_cpu_and_saves_float32_logits(tiny, tmp_path
     low_bits = logits.view(np.uint32) & 0xFFFF
     assert (low_bits != 0).mean() > 0.95
     # Scored again in float32: the same AUCs.
-    exact = tmp_path / "float32.csv"
-    common = ["--model", str(out), "--index", str(tiny.index), "--cache", str(tiny.cache), "--device", "cpu"]
-    common += ["--folds", str(tiny.folds), "--fold", "0", "--role", "test", "--resolution", "32"]
-    assert models.main([*common, "--amp", "off", "--out", str(exact)]) == 0
-    float32 = pd.read_csv(exact, dtype={"dicom_id": str}).set_index("dicom_id").loc[saved.index]
+    float32 = scored(tiny, out, 32).set_index("dicom_id").loc[saved.index]
     labels = tiny.frame.set_index("dicom_id").loc[saved.index]
     for finding in ("Cardiomegaly", "Pleural Effusion"):
         auc = metrics.finding_auc(labels[finding].to_numpy(), saved[finding].to_numpy())[0]
