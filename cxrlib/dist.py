@@ -110,11 +110,6 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or the only process): the one that logs and writes files."""
-    return not is_dist() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for every process (no-op when alone)."""
     if is_dist():
@@ -147,19 +142,13 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's ``tensor`` (first dimensions may differ), in rank order."""
+def all_gather_objects(value: object) -> list:
+    """Every process's ``value`` (picklable), in rank order."""
     if not is_dist():
-        return [tensor]
-    world = dist.get_world_size()
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    padded = tensor.new_zeros((int(max(s.item() for s in sizes)), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return [g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)]
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def cleanup() -> None:

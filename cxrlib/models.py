@@ -1,7 +1,5 @@
-"""DenseNet121 with one logit per finding, where and in which precision it runs, and its predictions:
-the network, device and precision choices, :func:`model_input` (gray image -> model input), the
-loaders and the logits of a trained model at any resolution (docs/training.md, "The network").
-"""
+"""DenseNet121 with one logit per finding, its device and precision, :func:`model_input`, the loaders
+and a trained model's logits at any resolution (docs/training.md, "The network")."""
 
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import densenet
-from tqdm.auto import tqdm
 
 from . import paths
 from .cache import CXRDataset, collate_skip_none
@@ -47,8 +44,7 @@ class WeightsUnavailableError(RuntimeError):
 
 
 class _DenseLayer(densenet._DenseLayer):
-    """torchvision's dense layer whose checkpointed bottleneck counts each batch once in BatchNorm's
-    running statistics: the backward pass's recomputation restores the statistics it updated."""
+    """A dense layer whose checkpointed bottleneck counts each batch once in BatchNorm's statistics."""
 
     def call_checkpoint_bottleneck(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         calls = []
@@ -68,9 +64,7 @@ class _DenseLayer(densenet._DenseLayer):
 
 
 class GlobalContext(nn.Module):
-    """A global context block (Cao et al. 2019, GCNet): features pooled with softmax attention,
-    transformed (1x1 conv, LayerNorm, ReLU, 1x1 conv) and added to every position; the last conv
-    starts at zero, so the block starts as the identity."""
+    """A global context block (GCNet, Cao et al. 2019) that starts as the identity (docs/training.md)."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -125,8 +119,7 @@ def build_model(
     memory_efficient: bool = False,
     global_context: bool = False,
 ) -> nn.Module:
-    """:class:`DenseNet121` with ``num_classes`` outputs and ``weights`` ``"imagenet"``, ``"none"`` or a
-    local state dict; raises :class:`WeightsUnavailableError` or ``FileNotFoundError``."""
+    """:class:`DenseNet121` with ``num_classes`` outputs and ``weights`` imagenet, none or a local file."""
     model = DenseNet121(num_classes, memory_efficient=memory_efficient, global_context=global_context)
     choice = str(weights)
     if choice == "none":
@@ -182,8 +175,7 @@ def _state_dict_in(payload: object, source: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
-    """Load ``state`` into ``model``: strips DDP's ``module.`` prefix, renames torchvision's old
-    DenseNet keys, and keeps the model's own classifier when the file's has another shape."""
+    """Load ``state`` into ``model`` (DDP's or torchvision's old keys; another classifier shape: fresh)."""
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("module.")
@@ -221,8 +213,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32.
-    ``auto``: bf16 on GPUs with native bf16, fp16 (with a GradScaler) on older ones, off on the CPU."""
+    """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32."""
     device = torch.device(device)
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
@@ -242,8 +233,7 @@ def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | N
 
 
 def use_channels_last(device: str | torch.device, mode: str = "auto") -> bool:
-    """channels_last for the model and its input: ``auto`` on GPUs only (on the CPU it pays at small
-    sizes only, so CPU presets ask for it with ``on``), or ``on`` / ``off``."""
+    """channels_last for the model and its input: ``auto`` (on GPUs only), ``on`` or ``off``."""
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"--channels-last {mode!r}: choose auto, on or off")
     return torch.device(device).type == "cuda" if mode == "auto" else mode == "on"
@@ -251,15 +241,12 @@ def use_channels_last(device: str | torch.device, mode: str = "auto") -> bool:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @contextlib.contextmanager
 def algorithm_settings(deterministic: bool, benchmark: bool = True):
-    """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (docs/performance.md), for the
-    block; the caller's settings afterwards."""
+    """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (docs/performance.md), inside."""
     cudnn = torch.backends.cudnn
     before = (
         torch.are_deterministic_algorithms_enabled(),
@@ -293,9 +280,8 @@ def _usable_cores() -> int:
 
 
 def default_workers(device: torch.device, local_world_size: int | None = None) -> int:
-    """DataLoader workers per process: none on the CPU; on a GPU the node's cores shared among its
-    processes (``local_world_size``, else torchrun's ``LOCAL_WORLD_SIZE``, else one per GPU) less one,
-    at least 2 where the share allows and at most 8."""
+    """DataLoader workers per process: none on the CPU, else the node's cores shared among its processes
+    less one, 2 .. 8 (docs/performance.md)."""
     if device.type != "cuda":
         return 0
     if local_world_size is None:
@@ -308,22 +294,20 @@ def cpu_info() -> dict[str, object]:
     """This CPU's model, usable cores, vector extensions and PyTorch's kernel level (for provenance)."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
-        for line in lines:  # the first processor's lines are enough
-            key, _, value = line.partition(":")
+        for key, _, value in (line.partition(":") for line in lines):  # the first processor's
             fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
     extensions = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     return {
-        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "model": fields.get("model name") or platform.machine(),
         "cores": _usable_cores(),
-        "extensions": [name for name in extensions if name in flags],
+        "extensions": [name for name in extensions if name in fields.get("flags", "").split()],
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
-def describe_cpu(info: dict[str, object] | None = None) -> str:
+def describe_cpu() -> str:
     """One line: ``AMD EPYC 7B13, 2 cores, AVX2 (torch kernels: AVX2)``."""
-    info = cpu_info() if info is None else info
+    info = cpu_info()
     extensions = ", ".join(str(e).upper() for e in info["extensions"]) or "no AVX2"
     return f"{info['model']}, {info['cores']} cores, {extensions} (torch kernels: {info['torch_capability']})"
 
@@ -336,9 +320,8 @@ def _imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.
 
 
 def model_input(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> torch.Tensor:
-    """Gray images -> model input: uint8 ``[N, 1, H, W]`` (or ``[N, H, W]``) / 255, or floats in
-    [0, 1], as ImageNet-normalised float ``[N, 3, H, W]`` (differentiable); 3-channel floats are
-    taken as model input already."""
+    """Gray uint8 (/ 255) or [0, 1] float ``[N, 1, H, W]`` or ``[N, H, W]`` -> ImageNet-normalised
+    float ``[N, 3, H, W]``; 3-channel floats are model input already."""
     x = torch.as_tensor(images)
     x = x[:, None] if x.dim() == 3 else x
     if x.dim() != 4:
@@ -375,8 +358,7 @@ def make_loader(
     persistent: bool = True,
 ) -> DataLoader:
     """The DataLoader of training and prediction: ``(positions, images, targets, masks)`` batches without
-    unreadable images; ``workers`` decode, prepare :func:`prefetch_batches` batches each ahead and stay
-    between epochs (``persistent``); pinned for a GPU; ``seed`` seeds its generator (None: the global)."""
+    unreadable images, :func:`prefetch_batches` ahead; ``seed`` seeds its generator (None: the global)."""
     return DataLoader(
         _Positioned(dataset),
         batch_size=batch_size,
@@ -391,8 +373,7 @@ def make_loader(
 
 
 def prefetch_batches(workers: int, batch_size: int, resolution: int) -> int:
-    """Batches each worker prepares ahead: 4, or fewer (at least 1) where the uint8 batches of all
-    ``workers`` would hold more than :data:`LOADER_SHARED_BYTES` of shared memory."""
+    """Batches each worker prepares ahead: 4, fewer (at least 1) above :data:`LOADER_SHARED_BYTES` in all."""
     batch_bytes = batch_size * int(resolution) ** 2
     return max(1, min(PREFETCH_BATCHES, LOADER_SHARED_BYTES // max(1, workers * batch_bytes)))
 
@@ -412,10 +393,8 @@ def predict_arrays(
     num_workers: int = 0,
     channels_last: bool | None = None,
     positions: list[int] | None = None,
-    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order;
-    ``channels_last`` defaults to True on CUDA. ``model`` is put in eval mode on ``device``."""
+    """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order."""
     device = torch.device(device)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     model = model.to(device).eval()
@@ -424,7 +403,7 @@ def predict_arrays(
     order = range(len(dataset)) if positions is None else positions
     loader = make_loader(dataset, batch_size, order, num_workers, device, None, persistent=False)
     found, logits = [], []
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+    for batch in loader:
         if batch is None:
             continue
         with autocast(device, amp):
@@ -440,8 +419,8 @@ def predict_arrays(
 def logits_frame(
     dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray, findings: list[str] | None = None
 ) -> pd.DataFrame:
-    """The predictions table: ``dicom_id`` then one column per finding (default CheXpert's 14), rows in
-    position order; skipped images are left out with a warning, another label set is a ``ValueError``."""
+    """The predictions table: ``dicom_id`` then one column per finding, rows in position order; skipped
+    images are left out with a warning."""
     findings = list(FINDINGS if findings is None else findings)
     if logits.ndim != 2 or logits.shape[1] != len(findings):
         raise ValueError(
@@ -468,18 +447,13 @@ def predict_logits(
     device: str | torch.device = "cpu",
     amp: torch.dtype | None = None,
     num_workers: int = 0,
-    progress: bool = False,
 ) -> pd.DataFrame:
     """``dicom_id`` and one logit column per finding of ``dataset.findings``, dataset order."""
-    positions, logits = predict_arrays(
-        model, dataset, batch_size, device, amp, num_workers, progress=progress
-    )
+    positions, logits = predict_arrays(model, dataset, batch_size, device, amp, num_workers)
     return logits_frame(list(dataset.dicom_ids), positions, logits, getattr(dataset, "findings", None))
 
 
-def load_trained_model(
-    source: str | os.PathLike, map_location: str | torch.device = "cpu", memory_efficient: bool = False
-) -> nn.Module:
+def load_trained_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar), a
     file with a sidecar, or a plain weights file; always ``weights_only=True`` (else ``ValueError``)."""
     source = Path(source)
@@ -495,6 +469,6 @@ def load_trained_model(
         state = _load_state_dict_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
     global_context = any(key.startswith("features.globalcontext.") for key in state)
-    model = build_model("none", num_classes, memory_efficient, global_context=global_context)
+    model = build_model("none", num_classes, global_context=global_context)
     load_weights_into(model, state, source=str(path))
     return model.eval()

@@ -22,10 +22,8 @@ TABLE1: dict[int, tuple[float, int]] = {
     2048: (8.204e-5, 42),
 }
 MIN_RESOLUTION = 32  # DenseNet121 reduces the input 32x; smaller images have no feature map left
-# Training memory per image with bf16 + channels_last, measured on an H200 (design.md): 10.6 GiB for
-# 128 images at 256 px, 21 GiB for 4 at 2048 px -> about 0.083 GiB x (R / 256)^2. Tensors saved for
-# the backward pass, counted on the CPU (128 px): float32 keeps 1.97x the bytes of bf16 autocast,
-# memory_efficient 0.47x (rounded up).
+# Training memory per image, bf16 + channels_last on an H200: about 0.083 GiB x (R / 256)^2; float32
+# keeps 1.97x the bytes saved for backward, memory_efficient 0.47x (rounded up; docs/performance.md).
 GIB_PER_IMAGE_AT_256, FLOAT32_MEMORY_FACTOR, MEMORY_EFFICIENT_FACTOR = 0.083, 2.0, 0.5
 AUTO_BATCH_MEMORY_FRACTION = 0.8  # of the free memory; the rest absorbs allocator fragmentation
 AUTO_BATCH_RESERVED_GIB = 1.0  # weights, gradients, Adam's state, cuDNN workspace
@@ -91,11 +89,7 @@ def plan_batches(
 ) -> BatchPlan:
     """Accumulation steps (and the per-process batch unless given) for ``effective_batch``: exact whenever
     a per-process batch of at most ``max_per_gpu`` allows it, fewest steps first (docs/training.md)."""
-    if effective_batch < 1 or world_size < 1:
-        raise ConfigError(f"effective batch ({effective_batch}) and processes ({world_size}) must be >= 1")
     if per_gpu_batch is not None:
-        if per_gpu_batch < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {per_gpu_batch}")
         steps = max(1, round(effective_batch / (per_gpu_batch * world_size)))
         return BatchPlan(per_gpu_batch, world_size, steps, effective_batch)
     limit = max(1, max_per_gpu or effective_batch)
@@ -145,9 +139,8 @@ def default_per_gpu_batch(
     amp: torch.dtype | None | str = "auto",
     free_bytes: int | None = None,
 ) -> int:
-    """The per-process batch limit without ``--batch-size``: on a GPU :func:`batch_for_memory` of its
-    free memory (or ``free_bytes``), ``amp`` a dtype, None or an ``--amp`` mode; on the CPU 16 up to
-    128 px, else 8."""
+    """Per-process batch limit: on a GPU :func:`batch_for_memory` of its free memory (or ``free_bytes``;
+    ``amp`` a dtype, None or an ``--amp`` mode), on the CPU 16 up to 128 px, else 8."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_BATCH_SMALL if resolution <= 128 else CPU_BATCH_LARGE
@@ -185,22 +178,16 @@ class TrainingPlan:
         return self.requested_lr * self.batches.lr_scale  # linear scaling when the batch is not exact
 
     def describe(self) -> list[str]:
-        """Log lines: how the per-process batch was chosen, the plan, and any learning-rate scaling."""
-        plan = self.batches
-        lines = [line for line in (self.limit_reason, plan.describe()) if line]
-        if not plan.exact:
-            used, asked = plan.effective_batch, plan.requested_effective_batch
-            scaled = f"lr {self.requested_lr:g} x {used}/{asked} = {self.lr:g}"
-            lines.append(f"using effective batch {used} instead of {asked}: {scaled}")
-        return lines
+        """Log lines: how the per-process batch was chosen, the plan and any learning-rate scaling."""
+        scaled = "" if self.batches.exact else f" ({self.requested_lr:g} -> {self.lr:g})"
+        return [line for line in (self.limit_reason, self.batches.describe() + scaled) if line]
 
 
 def plan_training(
     args: argparse.Namespace, world_size: int, device: torch.device, amp: torch.dtype | None
 ) -> TrainingPlan:
-    """The effective batch (Table 1 or ``--effective-batch``), how processes, per-process batch and
-    accumulation make it up, and the learning rate (Table 1's rule or ``--lr``). Every process of a
-    group takes the smallest automatic limit (:class:`ConfigError` should the plans still differ)."""
+    """The batch plan and learning rate of ``args`` (Table 1 unless given); every process takes the
+    smallest automatic limit (:class:`ConfigError` should the plans still differ)."""
     effective = args.effective_batch or default_effective_batch(args.resolution)
     requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
     limit = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)

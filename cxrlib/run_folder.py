@@ -1,9 +1,5 @@
-"""A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done.
-
-:class:`RunFolder` is everything the trainer writes to or reads from it (names in :mod:`cxrlib.paths`);
-only rank 0 writes, every process reads what rank 0 chose. Checkpoints are verified files; a resume
-with other essential settings is refused in one line (docs/training.md, "Files in ``--out``").
-"""
+"""A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done;
+only rank 0 writes, every process reads what rank 0 chose (docs/training.md, "Files in ``--out``")."""
 
 from __future__ import annotations
 
@@ -65,8 +61,6 @@ def _remove(path: Path) -> None:
 
 def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: int = 2) -> Path:
     """Write ``state`` as epoch ``epoch``'s checkpoint, then keep only the newest ``keep``."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
     path = save_verified(state, checkpoint_path(run_dir, epoch), {"epoch": int(epoch)})
     for old_epoch, old in list_checkpoints(run_dir)[keep:]:
         if old_epoch < epoch:
@@ -101,14 +95,6 @@ def load_latest_checkpoint(
     return None
 
 
-def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporary files left by a write that was killed (``.<name>.*.tmp``)."""
-    removed = sorted(Path(run_dir).glob(".*.tmp"))
-    for tmp in removed:
-        tmp.unlink(missing_ok=True)
-    return removed
-
-
 def capture_rng_state() -> dict:
     """torch (CPU and CUDA), numpy and Python ``random`` states as tensors and plain values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -138,7 +124,7 @@ def restore_rng_state(state: dict) -> None:
 
 def log(message: str) -> None:
     """Print on the main process only."""
-    if cxrdist.is_main_process():
+    if not cxrdist.is_dist() or torch.distributed.get_rank() == 0:
         print(f"[cxrlib.train] {message}", flush=True)
 
 
@@ -218,7 +204,8 @@ class RunFolder:
                     _remove(path)
                 for name in (*paths.FOLD_RESULTS, paths.BEST_MODEL, f"{paths.BEST_MODEL}.json"):
                     (self.out / name).unlink(missing_ok=True)
-            remove_stale_temporaries(self.out)
+            for tmp in self.out.glob(".*.tmp"):  # left by a write that was killed
+                tmp.unlink(missing_ok=True)
         cxrdist.barrier()
 
     def finished(self, epochs: int) -> dict | None:
@@ -312,14 +299,13 @@ class RunFolder:
         options = {"cache_format": args.cache_format, "skip_bad_images": args.skip_bad_images}
         dataset = CXRDataset(frame, args.resolution, args.cache, **options)
         share = list(range(rt.info.rank, len(dataset), rt.info.world_size))
-        batch, device = 2 * rt.plan.per_gpu_batch, rt.device
+        batch = 2 * rt.plan.per_gpu_batch
         found, logits = predict_arrays(
-            model, dataset, batch, device, rt.amp, workers, rt.channels_last, share
+            model, dataset, batch, rt.device, rt.amp, workers, rt.channels_last, share
         )
-        positions = cxrdist.all_gather_tensors(torch.as_tensor(found, device=device))
-        logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=device))
+        shares = cxrdist.all_gather_objects((found, logits))
         if self.is_main:
-            positions, logits = torch.cat(positions).cpu().numpy(), torch.cat(logits).cpu().numpy()
+            positions, logits = (np.concatenate([share[i] for share in shares]) for i in (0, 1))
             table = logits_frame(frame["dicom_id"].tolist(), positions, logits, dataset.findings)
             write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
 

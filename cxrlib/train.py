@@ -1,9 +1,7 @@
 """Train DenseNet121 on one fold at one resolution with the paper's recipe; one process or torchrun DDP.
 
 ``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out runs/P/resR/foldK``
-(or ``torchrun --standalone --nproc_per_node=gpu -m cxrlib.train ...``). The loop and what feeds it;
-the recipe is :mod:`cxrlib.recipe`, the files :mod:`cxrlib.run_folder`. docs/training.md has the
-multi-node and SLURM commands, the recipe, the files written to ``--out`` and how a run resumes.
+(or ``torchrun --standalone --nproc_per_node=gpu -m cxrlib.train ...``; docs/training.md).
 """
 
 from __future__ import annotations
@@ -76,9 +74,7 @@ class Runtime:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data").add_argument
     data("--index", required=True, type=Path, help="index.csv (python -m cxrlib.datasets)")
     data("--folds", required=True, type=Path, help="folds.csv (python -m cxrlib.splits)")
@@ -154,8 +150,7 @@ def _cache_command(args: argparse.Namespace) -> str:
 
 
 def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
-    """The fold's train / val / test rows of the index (index order), each image checked in the cache
-    (with a manifest: listed with its recorded size; without one: its file exists)."""
+    """The fold's train / val / test rows of the index (index order), each image checked in the cache."""
     try:
         index = read_index(args.index)
         folds = read_folds(args.folds, index)
@@ -188,9 +183,8 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 
 
 class StepBlockSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch) dealing each optimizer step's images to the processes in
-    contiguous blocks, so one process with ``world`` times the accumulation sees the same micro-batches
-    (docs/training.md); the last, partial step is split evenly, padded by repetition."""
+    """DistributedSampler dealing each optimizer step's images to the processes in contiguous blocks:
+    any number of processes sees the same micro-batches (docs/training.md)."""
 
     def __init__(
         self, dataset, num_replicas: int, rank: int, per_gpu_batch: int, accumulation_steps: int, seed: int
@@ -218,9 +212,8 @@ class StepBlockSampler(DistributedSampler):
 def training_loaders(
     frames: dict[str, pd.DataFrame], args: argparse.Namespace, info, plan, workers: int
 ) -> tuple[DataLoader, DataLoader]:
-    """The training loader (a :class:`StepBlockSampler`) and this process's unpadded share of the
-    validation images (twice the batch: no gradients), whose workers end after each validation so
-    that the two loaders' batches never hold shared memory at once."""
+    """The training loader and this process's share of the validation images (twice the batch; its
+    workers end after each validation, so the loaders never hold shared memory at once)."""
     common = {"resolution": args.resolution, "cache_dir": args.cache, "cache_format": args.cache_format}
     train_set = CXRDataset(frames["train"], skip_bad_images=args.skip_bad_images, **common)
     val_set = CXRDataset(frames["val"], skip_bad_images=args.skip_bad_images, **common)
@@ -233,8 +226,7 @@ def training_loaders(
 
 
 def epoch_augmentation(num_images: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each training image's (rotation angle in degrees, horizontal flip) for one epoch, drawn from
-    ``(seed, epoch)``: the same for any number of processes, batch size or resume."""
+    """Each training image's (rotation in degrees, horizontal flip) for an epoch, from (seed, epoch)."""
     mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(mixed)
     angles = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
@@ -243,8 +235,7 @@ def epoch_augmentation(num_images: int, seed: int, epoch: int) -> tuple[torch.Te
 
 
 def rotate_flip_batch(images: torch.Tensor, angles_deg: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Flip (where ``flips``) then rotate each float ``[B, C, H, W]`` image counter-clockwise by its angle,
-    black fill: torchvision's ``hflip`` then ``rotate(angle, BILINEAR, fill=0)``, batched on the device."""
+    """torchvision's ``hflip`` (where ``flips``) then ``rotate(angle, BILINEAR, fill=0)``, batched."""
     batch, _, height, width = images.shape
     angles = angles_deg.to(images.device, torch.float32) * (math.pi / 180.0)
     cos, sin = torch.cos(angles), torch.sin(angles)
@@ -272,9 +263,8 @@ def augment_batch(
 
 
 def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
-    """One optimizer step over ``group``'s micro-batches: the loss is the mean over the known labels of
-    the whole effective batch; adds loss sum, known labels and images to ``totals``. True when skipped
-    (``--skip-nonfinite-steps``), else a NaN/inf loss is a :class:`NonFiniteLossError`."""
+    """One optimizer step over ``group``'s micro-batches (the mean loss over the effective batch's known
+    labels), adding to ``totals``; True when skipped (``--skip-nonfinite-steps``)."""
     device, (angles, flips) = rt.device, draws
     known = sum(batch[3].sum() for _, batch in group).to(device, torch.float64).reshape(1)
     known = cxrdist.all_reduce_sum(known).clamp_min(1.0)
@@ -383,9 +373,7 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train one fold at one resolution; returns the summary written to done.json. Raises
-    :class:`ConfigError`, :class:`NonFiniteLossError`, :class:`CheckpointError`, ``ImageReadError``,
-    ``WeightsUnavailableError`` or :class:`FolderBusyError` (another run is writing ``--out``)."""
+    """Train one fold at one resolution; returns the summary written to done.json."""
     validate_args(args)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -453,9 +441,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
 
 
 def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int, history: list[dict]) -> int:
-    """The epochs after ``start_epoch`` (model, optimizer, scheduler, scaler and early stopping in
-    ``objects``): train, validate, schedule, checkpoint, until ``--epochs`` or early stopping; returns
-    the skipped steps. ``history`` grows by one row per epoch."""
+    """The epochs after ``start_epoch`` until ``--epochs`` or early stopping; returns the skipped steps."""
     model, optimizer, scheduler, scaler, stopper = objects
     (train_loader, val_loader), info = loaders, rt.info
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
