@@ -1,7 +1,5 @@
-"""Distributed setup from torchrun's variables or SLURM's (nccl on GPUs, gloo on the CPU), and the
-collectives the trainer uses; alone (no process group) every helper is a no-op. docs/training.md
-has the launch commands (srun without torchrun: the job script exports MASTER_ADDR and MASTER_PORT).
-"""
+"""Distributed setup from torchrun's or SLURM's variables (nccl on GPUs, gloo on the CPU) and the
+collectives the trainer uses, no-ops without a process group (docs/training.md: launch commands)."""
 
 from __future__ import annotations
 
@@ -46,9 +44,8 @@ def env_ranks(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group the environment describes, on ``cuda:LOCAL_RANK`` (``device`` None with
-    a GPU, or ``"cuda"``) or the CPU. A SLURM task that sees one GPU uses it whatever its local rank;
-    a local rank without a GPU of its own is a :class:`ConfigError`."""
+    """Join the process group the environment describes, on ``cuda:LOCAL_RANK`` (a SLURM task that sees
+    one GPU: that one) or the CPU."""
     rank, world_size, local_rank = env_ranks()
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     slurm_task = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
@@ -89,8 +86,8 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
 
 
 def _store_for_this_attempt(store: dist.Store) -> dist.Store:
-    """The workers' store, with a prefix per restart (else restarted workers read the dead ones'
-    addresses) when torchrun shares its agent's store; several nodes need a fresh store per round."""
+    """torchrun's shared agent store with a prefix per restart (else restarted workers read the dead
+    ones' addresses)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return store
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
@@ -125,14 +122,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_min(values: list[int]) -> list[int]:
     """The element-wise minimum of ``values`` over all processes."""
-    if not is_dist():
-        return list(values)
-    nccl = dist.get_backend() == "nccl"
-    tensor = torch.tensor(
-        values, dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu"
-    )
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor.tolist()
+    return [min(column) for column in zip(*all_gather_objects(list(values)), strict=True)]
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -1,9 +1,5 @@
-"""Files a later step trusts: atomic writes, verified ``torch`` files, one-line errors, a folder lock.
-
-A write goes to a temporary file in the same folder, fsynced, then renamed over the target: a crash
-or a full disk leaves the previous file. :func:`save_verified` adds a sidecar with the size and
-SHA-256 that :func:`load_verified` checks before ``torch.load(weights_only=True)`` (docs/training.md).
-"""
+"""Files a later step trusts: atomic writes (a crash leaves the previous file), verified ``torch`` files
+(size and SHA-256 in a sidecar, docs/training.md), one-line errors, a folder lock."""
 
 from __future__ import annotations
 
@@ -50,9 +46,8 @@ class FolderBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
-    """A temporary file next to ``path``, fsynced and renamed to ``path`` on success; on any exception
-    ``path`` is untouched, and an OS error naming no file (a full disk) names ``path``.
-    ``fsync=False``: atomic but not durable across a power cut (the image cache's many small files)."""
+    """A temporary file next to ``path``, fsynced (unless ``fsync=False``) and renamed to ``path`` on
+    success; on any exception ``path`` is untouched, and an OS error naming no file names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -155,8 +150,7 @@ def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = Non
 
 
 def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """A :func:`save_verified` file, loaded with ``weights_only=True`` once its size and SHA-256 match
-    the sidecar; else a :class:`CheckpointError` naming the file."""
+    """A :func:`save_verified` file, loaded ``weights_only`` once its size and SHA-256 match the sidecar."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.is_file():
@@ -185,7 +179,7 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` for the block, or raise :class:`FolderBusyError`
-    naming the holder (pid, host, start). The OS releases it when the holder dies, even by SIGKILL."""
+    naming the holder (pid, host, start); the OS releases it when the holder dies."""
     import fcntl
 
     lock_path = Path(lock_path)

@@ -25,7 +25,7 @@ from torchvision.models import densenet
 
 from . import paths
 from .cache import CXRDataset, collate_skip_none
-from .fileio import CheckpointError, ConfigError, load_verified
+from .fileio import CheckpointError, ConfigError, load_verified, sidecar_path
 from .labels import FINDINGS, NUM_FINDINGS
 
 WEIGHT_CHOICES = ("imagenet", "none")
@@ -124,7 +124,7 @@ def build_model(
     choice = str(weights)
     if choice == "none":
         return model
-    state = _imagenet_state_dict() if choice == "imagenet" else _load_state_dict_file(weights)
+    state = _imagenet_state_dict() if choice == "imagenet" else _weights_file(weights)
     load_weights_into(model, state, source=choice)
     return model
 
@@ -148,29 +148,26 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         ) from error
 
 
-def _load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def _weights_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    # a state dict, a checkpoint's "model" or a "state_dict"; verified against a sidecar if it has one
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"weights file not found: {path} (use --weights imagenet, --weights none or an existing file)"
-        )
+        raise FileNotFoundError(f"no trained model or weights file at {path} (or use --weights none)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if sidecar_path(path).is_file():
+            payload = load_verified(path, map_location)
+        else:
+            payload = torch.load(path, map_location, weights_only=True)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from error
     except Exception as error:
         raise ValueError(
-            f"{path} is not a safe weights file (refused by torch.load(weights_only=True)): {error}"
-        ) from error
-    return _state_dict_in(payload, str(path))
-
-
-def _state_dict_in(payload: object, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(payload, Mapping):  # plain, {"model": ...} (a checkpoint) or {"state_dict": ...}
-        for key in ("model", "state_dict"):
-            if key in payload and isinstance(payload[key], Mapping):
-                payload = payload[key]
-                break
+            f"{path}: not a safe weights file (refused by torch.load(weights_only=True)): {error}"
+        ) from None
+    wrapped = [payload[k] for k in ("model", "state_dict") if isinstance(payload, Mapping) and k in payload]
+    payload = wrapped[0] if wrapped else payload
     if not isinstance(payload, Mapping) or not all(torch.is_tensor(v) for v in payload.values()):
-        raise ValueError(f"{source}: not a model state dict (a mapping of names to tensors)")
+        raise ValueError(f"{path}: not a model state dict (a mapping of names to tensors)")
     return dict(payload)
 
 
@@ -456,17 +453,8 @@ def predict_logits(
 def load_trained_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar), a
     file with a sidecar, or a plain weights file; always ``weights_only=True`` (else ``ValueError``)."""
-    source = Path(source)
-    path = source / paths.BEST_MODEL if source.is_dir() else source
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained model at {path} (train it first, or give a weights file)")
-    if Path(f"{path}.json").is_file():
-        try:
-            state = _state_dict_in(load_verified(path, map_location), str(path))
-        except CheckpointError as error:
-            raise ValueError(str(error)) from error
-    else:
-        state = _load_state_dict_file(path, map_location)
+    path = Path(source) / paths.BEST_MODEL if Path(source).is_dir() else Path(source)
+    state = _weights_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
     global_context = any(key.startswith("features.globalcontext.") for key in state)
     model = build_model("none", num_classes, global_context=global_context)

@@ -154,13 +154,10 @@ def _auto_batch_reason(resolution: int, device: torch.device, amp, memory_effici
     if device.type != "cuda":
         return f"per-process batch limit {batch}: the CPU default at {resolution} px (--batch-size to change)"
     free, total = torch.cuda.mem_get_info(device)
-    precision = str(amp).removeprefix("torch.") if amp is not None else "float32"
+    per_image = training_gib_per_image(resolution, amp, memory_efficient)
     return (
-        f"per-process batch limit {batch}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
-        f"x {AUTO_BATCH_MEMORY_FRACTION} - {AUTO_BATCH_RESERVED_GIB:g} GiB, over an estimated "
-        f"{training_gib_per_image(resolution, amp, memory_efficient):.3f} GiB per image at {resolution} px "
-        f"({precision}{', memory_efficient' if memory_efficient else ''}); a power of two, at most "
-        f"{AUTO_BATCH_CAP} (--batch-size to override)"
+        f"per-process batch limit {batch}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, about "
+        f"{per_image:.3f} GiB per image at {resolution} px in {amp or 'float32'} (--batch-size to override)"
     )
 
 
@@ -179,8 +176,9 @@ class TrainingPlan:
 
     def describe(self) -> list[str]:
         """Log lines: how the per-process batch was chosen, the plan and any learning-rate scaling."""
-        scaled = "" if self.batches.exact else f" ({self.requested_lr:g} -> {self.lr:g})"
-        return [line for line in (self.limit_reason, self.batches.describe() + scaled) if line]
+        plan, used, asked = self.batches, self.batches.effective_batch, self.batches.requested_effective_batch
+        scaled = "" if plan.exact else f": lr {self.requested_lr:g} x {used}/{asked} = {self.lr:g}"
+        return [line for line in (self.limit_reason, plan.describe() + scaled) if line]
 
 
 def plan_training(

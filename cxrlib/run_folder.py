@@ -36,7 +36,6 @@ from .fileio import (
 )
 from .models import logits_frame, predict_arrays
 
-ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
 OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1, "global_context": False}  # value before the key
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
 
@@ -69,14 +68,12 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: i
 
 
 def load_latest_checkpoint(
-    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", max_epoch: int | None = None
+    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[dict, Path] | None:
-    """The newest checkpoint (at most ``max_epoch``) that verifies and its path, or None; a damaged newer
-    file is skipped with a warning, a :class:`CheckpointError` when files exist but none verifies."""
+    """The newest checkpoint that verifies and its path, or None; a damaged newer file is skipped with
+    a warning, a :class:`CheckpointError` when files exist but none verifies."""
     problems = []
-    for epoch, path in list_checkpoints(run_dir):
-        if max_epoch is not None and epoch > max_epoch:
-            continue
+    for _, path in list_checkpoints(run_dir):
         try:
             state = load_verified(path, map_location)
         except CheckpointError as error:
@@ -157,13 +154,10 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
     """One-line :class:`ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
-
-    def value(fingerprint: dict, key: str):
-        return fingerprint.get(key, OPTIONAL_KEYS.get(key))
-
-    differ = [k for k in (*ESSENTIAL_KEYS, *OPTIONAL_KEYS) if value(saved, k) != value(current, k)]
+    there, now = OPTIONAL_KEYS | saved, OPTIONAL_KEYS | current
+    differ = [k for k in now if there.get(k) != now[k]]
     if differ:
-        details = ", ".join(f"{k}: {value(saved, k)!r} there, {value(current, k)!r} now" for k in differ)
+        details = ", ".join(f"{k}: {there.get(k)!r} there, {now[k]!r} now" for k in differ)
         raise ConfigError(
             f"{where} belongs to a run with other settings ({details}); use another --out, "
             "or --no-resume to start this run over"
@@ -209,8 +203,8 @@ class RunFolder:
         cxrdist.barrier()
 
     def finished(self, epochs: int) -> dict | None:
-        """``done.json`` of a complete run with these settings (nothing to do), else None; a run that
-        stopped at fewer epochs than asked for now continues (its marker is removed)."""
+        """``done.json`` of a complete run with these settings (nothing to do), else None (a run that
+        stopped at fewer epochs than now asked for continues)."""
         if not self.done_file.is_file():
             return None
         done = json.loads(self.done_file.read_text())
@@ -226,21 +220,13 @@ class RunFolder:
 
     def resume(self, model, optimizer, scheduler, scaler, stopper, info) -> tuple[int, list[dict]]:
         """Load the newest good checkpoint (chosen by rank 0) into every object; (epoch, history)."""
-        chosen = torch.zeros(1, dtype=torch.int64, device=info.device)
-        found = load_latest_checkpoint(self.out, map_location="cpu") if info.is_main else None
-        chosen[0] = found[0]["epoch"] if found else 0
+        found = load_latest_checkpoint(self.out) if info.is_main else None
+        chosen = torch.tensor([found[0]["epoch"] if found else 0], device=info.device)
         epoch = int(cxrdist.broadcast_(chosen, src=0).item())
         if epoch == 0:
             return 0, []
-        if not info.is_main:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                found = load_latest_checkpoint(self.out, map_location="cpu", max_epoch=epoch)
-        state, path = found
-        if state["epoch"] != epoch:
-            raise CheckpointError(
-                f"rank {info.rank} read {path} (epoch {state['epoch']}), rank 0 chose epoch {epoch}"
-            )
+        path = checkpoint_path(self.out, epoch)
+        state = found[0] if found else load_verified(path)
         check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

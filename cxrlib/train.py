@@ -49,6 +49,7 @@ from .run_folder import RunFolder, checkpoint_state, jsonable_args, log, run_fin
 from .splits import fold_ids, num_folds, read_folds
 
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # one-line errors, no traceback
+KEPT = "; the checkpoints are kept: fix this (e.g. free disk space) and run the same command again to resume"
 MAX_ROTATION_DEGREES = 15.0
 
 
@@ -495,25 +496,15 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cxrlib.train``: train, and turn every expected failure into one line (exit 1 or 2)."""
-    args = get_args_parser().parse_args(argv)
     errors = (ConfigError, NonFiniteLossError, CheckpointError, ImageReadError, WeightsUnavailableError)
     try:
-        run(args)
-    except (*errors, FolderBusyError) as error:
-        if cxrdist.env_ranks()[0] == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2 if isinstance(error, ConfigError) else 1
-    except OSError as error:
-        if error.errno not in WRITE_FAILURES:
+        run(get_args_parser().parse_args(argv))
+    except (*errors, FolderBusyError, OSError) as error:
+        if isinstance(error, OSError) and error.errno not in WRITE_FAILURES:
             raise
         if cxrdist.env_ranks()[0] == 0:
-            print(
-                f"error: {error}; the checkpoints written before are kept: fix this (e.g. free disk "
-                "space) and run the same command again to resume",
-                file=sys.stderr,
-                flush=True,
-            )
-        return 1
+            print(f"error: {error}{KEPT if isinstance(error, OSError) else ''}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
     return 0
 
 
