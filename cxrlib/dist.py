@@ -28,10 +28,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def env_ranks(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else (0, 1, 0)."""

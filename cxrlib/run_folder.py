@@ -19,21 +19,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__, paths
+from . import __version__, fileio, paths
 from . import dist as cxrdist
 from .cache import CXRDataset
-from .fileio import (
-    CheckpointError,
-    ConfigError,
-    FolderBusyError,
-    exclusive_lock,
-    load_verified,
-    save_verified,
-    sha256_file,
-    sidecar_path,
-    write_csv_atomic,
-    write_text_atomic,
-)
 from .models import logits_frame, predict_arrays
 
 OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1, "global_context": False}  # value before the key
@@ -54,29 +42,27 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def _remove(path: Path) -> None:
-    sidecar_path(path).unlink(missing_ok=True)
+    fileio.sidecar_path(path).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: int = 2) -> Path:
     """Write ``state`` as epoch ``epoch``'s checkpoint, then keep only the newest ``keep``."""
-    path = save_verified(state, checkpoint_path(run_dir, epoch), {"epoch": int(epoch)})
+    path = fileio.save_verified(state, checkpoint_path(run_dir, epoch), {"epoch": int(epoch)})
     for old_epoch, old in list_checkpoints(run_dir)[keep:]:
         if old_epoch < epoch:
             _remove(old)
     return path
 
 
-def load_latest_checkpoint(
-    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[dict, Path] | None:
+def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Path] | None:
     """The newest checkpoint that verifies and its path, or None; a damaged newer file is skipped with
-    a warning, a :class:`CheckpointError` when files exist but none verifies."""
+    a warning, a :class:`fileio.CheckpointError` when files exist but none verifies."""
     problems = []
     for _, path in list_checkpoints(run_dir):
         try:
-            state = load_verified(path, map_location)
-        except CheckpointError as error:
+            state = fileio.load_verified(path)
+        except fileio.CheckpointError as error:
             problems.append(str(error))
             warnings.warn(f"ignoring checkpoint: {error}; trying the previous one", stacklevel=2)
             continue
@@ -85,7 +71,7 @@ def load_latest_checkpoint(
             continue
         return state, path
     if problems:
-        raise CheckpointError(
+        raise fileio.CheckpointError(
             f"no usable checkpoint in {run_dir}: " + "; ".join(problems) + ". Remove the damaged files or "
             "start over with --no-resume"
         )
@@ -128,15 +114,15 @@ def log(message: str) -> None:
 @contextlib.contextmanager
 def run_folder_lock(out: Path, is_main: bool):
     """Rank 0 holds ``out``'s lock for the run, so a second run on the same folder is refused
-    (:class:`FolderBusyError`) instead of mixing its checkpoints with the first one's."""
+    (:class:`fileio.FolderBusyError`) instead of mixing its checkpoints with the first one's."""
     if not is_main:
         yield
         return
     try:
-        with exclusive_lock(out / paths.LOCK):
+        with fileio.exclusive_lock(out / paths.LOCK):
             yield
-    except FolderBusyError as holder:
-        raise FolderBusyError(
+    except fileio.FolderBusyError as holder:
+        raise fileio.FolderBusyError(
             f"another training run is writing {out} ({holder}); wait for it to finish or stop it, "
             f"or give this one another --out"
         ) from None
@@ -146,19 +132,19 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
     """The arguments a resumed run must share with the checkpoint it continues."""
     return {
         "resolution": args.resolution, "fold": args.fold,
-        "index_sha256": sha256_file(args.index), "folds_sha256": sha256_file(args.folds),
+        "index_sha256": fileio.sha256_file(args.index), "folds_sha256": fileio.sha256_file(args.folds),
         "seed": args.seed, "effective_batch": effective_batch, "weights": str(args.weights),
         "max_train_images": args.max_train_images, "global_context": args.global_context,
     }  # fmt: skip
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    """One-line :class:`ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
+    """One-line :class:`fileio.ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
     there, now = OPTIONAL_KEYS | saved, OPTIONAL_KEYS | current
     differ = [k for k in now if there.get(k) != now[k]]
     if differ:
         details = ", ".join(f"{k}: {there.get(k)!r} there, {now[k]!r} now" for k in differ)
-        raise ConfigError(
+        raise fileio.ConfigError(
             f"{where} belongs to a run with other settings ({details}); use another --out, "
             "or --no-resume to start this run over"
         )
@@ -226,7 +212,7 @@ class RunFolder:
         if epoch == 0:
             return 0, []
         path = checkpoint_path(self.out, epoch)
-        state = found[0] if found else load_verified(path)
+        state = found[0] if found else fileio.load_verified(path)
         check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -241,19 +227,19 @@ class RunFolder:
                 if newer_epoch > epoch:  # failed verification above: remove so it never shadows a good one
                     _remove(newer)
             self._repair_best_model(state, model)
-            write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
+            fileio.write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
         log(f"resumed from {path.name} (epoch {epoch}, best epoch {stopper.best_epoch})")
         return epoch, list(state["history"])
 
     def _repair_best_model(self, state: dict, model: nn.Module) -> None:
         """Rewrite best_model.pt from the checkpoint when a kill came between the two writes."""
         best_epoch, best = state["early_stopping"]["best_epoch"], self.out / paths.BEST_MODEL
-        side = sidecar_path(best)
+        side = fileio.sidecar_path(best)
         recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
         if recorded == best_epoch:
             return
         if best_epoch == state["epoch"]:
-            save_verified(model.state_dict(), best, {"epoch": best_epoch})
+            fileio.save_verified(model.state_dict(), best, {"epoch": best_epoch})
         else:
             warnings.warn(
                 f"{best} is from epoch {recorded}, the checkpoint's best is epoch {best_epoch}", stacklevel=3
@@ -269,14 +255,14 @@ class RunFolder:
             save_checkpoint(state, self.out, epoch, keep)
             if improved:
                 metadata = {"epoch": epoch, "val_loss": val_loss}
-                save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
-            write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
+                fileio.save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
+            fileio.write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
         cxrdist.barrier()
 
     def load_best(self, model: nn.Module, device: torch.device) -> None:
         """The best epoch's weights (verified against their sidecar) into ``model``."""
         cxrdist.barrier()
-        model.load_state_dict(load_verified(self.out / paths.BEST_MODEL, map_location=device))
+        model.load_state_dict(fileio.load_verified(self.out / paths.BEST_MODEL, map_location=device))
 
     def write_predictions(
         self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt, workers: int
@@ -293,12 +279,12 @@ class RunFolder:
         if self.is_main:
             positions, logits = (np.concatenate([share[i] for share in shares]) for i in (0, 1))
             table = logits_frame(frame["dicom_id"].tolist(), positions, logits, dataset.findings)
-            write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
+            fileio.write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
 
     def write_done(self, summary: dict) -> None:
         """``done.json``, written last: the training is complete."""
         if self.is_main:
-            write_text_atomic(json.dumps(summary, indent=1), self.done_file)
+            fileio.write_text_atomic(json.dumps(summary, indent=1), self.done_file)
         cxrdist.barrier()
 
 
@@ -309,7 +295,7 @@ def set_aside_stale_run(folder: Path, index_path: Path, folds_path: Path) -> Pat
     if not done.is_file():
         return None
     saved = json.loads(done.read_text()).get("fingerprint", {})
-    current = {"index_sha256": sha256_file(index_path), "folds_sha256": sha256_file(folds_path)}
+    current = {"index_sha256": fileio.sha256_file(index_path), "folds_sha256": fileio.sha256_file(folds_path)}
     if all(saved.get(key) == value for key, value in current.items()):
         return None
     stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")

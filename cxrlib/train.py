@@ -25,25 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, models
 from . import dist as cxrdist
 from .cache import MANIFEST_NAME, CXRDataset, ImageReadError, cached_image_path, check_cache
 from .fileio import CheckpointError, ConfigError, FolderBusyError
 from .index import index_findings, read_index
 from .labels import masked_bce_with_logits
-from .models import (
-    WEIGHT_CHOICES,
-    WeightsUnavailableError,
-    algorithm_settings,
-    amp_dtype,
-    autocast,
-    build_model,
-    default_workers,
-    make_loader,
-    model_input,
-    resolve_device,
-    use_channels_last,
-)
 from .recipe import MIN_RESOLUTION, BatchPlan, optimization, plan_training
 from .run_folder import RunFolder, checkpoint_state, jsonable_args, log, run_fingerprint, run_folder_lock
 from .splits import fold_ids, num_folds, read_folds
@@ -135,10 +122,10 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {path}: file not found")
     if not args.cache.is_dir():
         raise ConfigError(f"--cache {args.cache}: folder not found; build it with {_cache_command(args)}")
-    if args.weights not in WEIGHT_CHOICES and not Path(args.weights).is_file():
+    if args.weights not in models.WEIGHT_CHOICES and not Path(args.weights).is_file():
         raise ConfigError(f"--weights {args.weights}: not imagenet, none or an existing file")
-    device = resolve_device(args.device)
-    amp_dtype(device, args.amp)
+    device = models.resolve_device(args.device)
+    models.amp_dtype(device, args.amp)
     if args.sync_bn and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
 
@@ -220,9 +207,11 @@ def training_loaders(
     val_set = CXRDataset(frames["val"], skip_bad_images=args.skip_bad_images, **common)
     batch, steps = plan.per_gpu_batch, plan.accumulation_steps
     sampler = StepBlockSampler(train_set, info.world_size, info.rank, batch, steps, args.seed)
-    train_loader = make_loader(train_set, batch, sampler, workers, info.device, args.seed)
+    train_loader = models.make_loader(train_set, batch, sampler, workers, info.device, args.seed)
     val_share = list(range(info.rank, len(val_set), info.world_size))
-    val_loader = make_loader(val_set, 2 * batch, val_share, workers, info.device, args.seed, persistent=False)
+    val_loader = models.make_loader(
+        val_set, 2 * batch, val_share, workers, info.device, args.seed, persistent=False
+    )
     return train_loader, val_loader
 
 
@@ -260,7 +249,7 @@ def augment_batch(
     images: torch.Tensor, angles: torch.Tensor, flips: torch.Tensor, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 ``[B, 1, R, R]`` on the device -> flipped, rotated, normalised float ``[B, 3, R, R]``."""
-    return model_input(rotate_flip_batch(images.float().div_(255.0), angles, flips), channels_last)
+    return models.model_input(rotate_flip_batch(images.float().div_(255.0), angles, flips), channels_last)
 
 
 def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
@@ -280,7 +269,7 @@ def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: in
             x = augment_batch(
                 images.to(device, non_blocking=True), angles[where], flips[where], rt.channels_last
             )
-            with autocast(device, rt.amp):
+            with models.autocast(device, rt.amp):
                 logits = model(x)
             targets, masks = targets.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             batch_loss = masked_bce_with_logits(logits, targets, masks, "sum")
@@ -363,8 +352,8 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
         if batch is None:
             continue
         _, images, targets, masks = batch
-        with autocast(rt.device, rt.amp):
-            logits = model(model_input(images.to(rt.device, non_blocking=True), rt.channels_last))
+        with models.autocast(rt.device, rt.amp):
+            logits = model(models.model_input(images.to(rt.device, non_blocking=True), rt.channels_last))
         masks = masks.to(rt.device, non_blocking=True)
         targets = targets.to(rt.device, non_blocking=True)
         totals[0] += masked_bce_with_logits(logits, targets, masks, "sum").double()
@@ -381,7 +370,7 @@ def run(args: argparse.Namespace) -> dict:
     frames = fold_frames(args)
     info = cxrdist.init_distributed(None if args.device == "auto" else args.device)
     try:
-        settings = algorithm_settings(args.deterministic, benchmark=not args.no_cudnn_benchmark)
+        settings = models.algorithm_settings(args.deterministic, benchmark=not args.no_cudnn_benchmark)
         with run_folder_lock(args.out, info.is_main), settings:
             return train(args, frames, info)
     finally:
@@ -391,10 +380,10 @@ def run(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdist.DistInfo) -> dict:
     """One fold at one resolution, from setup (or resume) through the epochs to done.json."""
     started, device = time.time(), info.device
-    amp = amp_dtype(device, args.amp)
+    amp = models.amp_dtype(device, args.amp)
     schedule = plan_training(args, info.world_size, device, amp)
-    workers = args.workers if args.workers is not None else default_workers(device)
-    channels_last = use_channels_last(device, args.channels_last)
+    workers = args.workers if args.workers is not None else models.default_workers(device)
+    channels_last = models.use_channels_last(device, args.channels_last)
     rt = Runtime(info, amp, channels_last, schedule.batches, args.skip_nonfinite_steps, True, workers)
     folder = RunFolder(
         args.out, info.is_main, run_fingerprint(args, schedule.batches.requested_effective_batch)
@@ -412,8 +401,10 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     num_classes = len(index_findings(frames["train"]))  # the head: one output per finding of the index
-    model = build_model(args.weights, num_classes, args.memory_efficient, global_context=args.global_context)
-    if args.sync_bn and info.distributed:
+    model = models.build_model(
+        args.weights, num_classes, args.memory_efficient, global_context=args.global_context
+    )
+    if args.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer, scheduler, stopper = optimization(model, schedule.lr, args)
@@ -446,7 +437,7 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
     model, optimizer, scheduler, scaler, stopper = objects
     (train_loader, val_loader), info = loaders, rt.info
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if info.distributed else model
+    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if info.world_size > 1 else model
     skipped = 0
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if stopper.should_stop:
@@ -496,10 +487,10 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cxrlib.train``: train, and turn every expected failure into one line (exit 1 or 2)."""
-    errors = (ConfigError, NonFiniteLossError, CheckpointError, ImageReadError, WeightsUnavailableError)
+    errors = (ConfigError, NonFiniteLossError, CheckpointError, ImageReadError, FolderBusyError)
     try:
         run(get_args_parser().parse_args(argv))
-    except (*errors, FolderBusyError, OSError) as error:
+    except (*errors, models.WeightsUnavailableError, OSError) as error:
         if isinstance(error, OSError) and error.errno not in WRITE_FAILURES:
             raise
         if cxrdist.env_ranks()[0] == 0:

@@ -440,9 +440,9 @@ class NaNOnCalls(nn.Module):
 
 @pytest.mark.slow
 def test_nan_loss_stops_naming_epoch_and_batch_and_best_stays_finite(tiny, tmp_path, monkeypatch, capsys):
-    build = train.build_model
+    build = models.build_model
     # 8 images in micro-batches of 4: training call 3 is epoch 2, batch 1
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: NaNOnCalls(build(*a, **k), calls=range(3, 99)))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: NaNOnCalls(build(*a, **k), calls=range(3, 99)))
     out = tmp_path / "run"
     assert train.main(argv(tiny, out, epochs=3)) == 1
     assert "non-finite training loss (NaN or inf) in epoch 2, batch 1" in capsys.readouterr().err
@@ -454,9 +454,9 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_best_stays_finite(tiny, tmp_p
 
 @pytest.mark.slow
 def test_skip_nonfinite_steps_skips_and_finishes(tiny, tmp_path, monkeypatch):
-    build = train.build_model
+    build = models.build_model
     # micro-batches of 4 with no accumulation: training call 3 is epoch 2's first optimizer step
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: NaNOnCalls(build(*a, **k), calls=[3]))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: NaNOnCalls(build(*a, **k), calls=[3]))
     out = tmp_path / "run"
     assert train.main(argv(tiny, out, "--skip-nonfinite-steps", "--effective-batch", "4", epochs=2)) == 0
     done = json.loads((out / "done.json").read_text())
