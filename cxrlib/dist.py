@@ -1,5 +1,4 @@
-"""Distributed setup from torchrun's or SLURM's variables (nccl on GPUs, gloo on the CPU) and the
-collectives the trainer uses, no-ops without a process group (docs/training.md: launch commands)."""
+"""Distributed setup from torchrun's or SLURM's variables and no-op-when-alone collectives."""
 
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ def env_ranks(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group the environment describes, on ``cuda:LOCAL_RANK`` (a SLURM task that sees
-    one GPU: that one) or the CPU."""
+    """Join the process group the environment describes, on this process's GPU or the CPU."""
     rank, world_size, local_rank = env_ranks()
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     slurm_task = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
@@ -82,8 +80,7 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
 
 
 def _store_for_this_attempt(store: dist.Store) -> dist.Store:
-    """torchrun's shared agent store with a prefix per restart (else restarted workers read the dead
-    ones' addresses)."""
+    """torchrun's shared agent store with a prefix per restart."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return store
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))

@@ -1,5 +1,4 @@
-"""Files a later step trusts: atomic writes (a crash leaves the previous file), verified ``torch`` files
-(size and SHA-256 in a sidecar, docs/training.md), one-line errors, a folder lock."""
+"""Atomic writes, verified ``torch`` files, one-line errors, a folder lock (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -46,8 +45,7 @@ class FolderBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
-    """A temporary file next to ``path``, fsynced (unless ``fsync=False``) and renamed to ``path`` on
-    success; on any exception ``path`` is untouched, and an OS error naming no file names ``path``."""
+    """A temporary file next to ``path``, renamed to it on success; on failure ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -178,8 +176,7 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
 
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` for the block, or raise :class:`FolderBusyError`
-    naming the holder (pid, host, start); the OS releases it when the holder dies."""
+    """Hold an exclusive ``flock`` on ``lock_path``, else a ``FolderBusyError`` naming the holder."""
     import fcntl
 
     lock_path = Path(lock_path)

@@ -1,5 +1,4 @@
-"""DenseNet121 with one logit per finding, its device and precision, :func:`model_input`, the loaders
-and a trained model's logits at any resolution (docs/training.md, "The network")."""
+"""DenseNet121, its device and precision, the loaders and a trained model's logits (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -87,21 +86,17 @@ class GlobalContext(nn.Module):
 
 
 class DenseNet121(torchvision.models.DenseNet):
-    """torchvision's DenseNet121 (same layers and state dict keys) whose head runs in float32, also
-    under autocast; ``global_context`` adds a :class:`GlobalContext` after dense block 3."""
+    """torchvision's DenseNet121 (same state dict keys) with a float32 head, optionally a GlobalContext."""
 
     def __init__(self, num_classes: int, memory_efficient: bool = False, global_context: bool = False):
         super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
         for layer in self.modules():  # same layers and state dict keys, statistics counted once
             if isinstance(layer, densenet._DenseLayer):
                 layer.__class__ = _DenseLayer
-        if global_context:
-            layers = collections.OrderedDict()
-            for name, layer in self.features.named_children():
-                layers[name] = layer
-                if name == "denseblock3":
-                    layers["globalcontext"] = GlobalContext(self.features.transition3.norm.num_features)
-            self.features = nn.Sequential(layers)
+        if global_context:  # after dense block 3, before transition 3
+            layers = list(self.features.named_children())
+            layers.insert(9, ("globalcontext", GlobalContext(self.features.transition3.norm.num_features)))
+            self.features = nn.Sequential(collections.OrderedDict(layers))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Feature maps ``[N, 1024, h, w]`` -> logits ``[N, num_classes]``, in float32."""
@@ -211,22 +206,18 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | None:
     """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32."""
-    device = torch.device(device)
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "auto":
+    cuda = torch.device(device).type == "cuda"
+    if mode == "auto" and cuda:  # bf16 where native, else fp16 with a GradScaler
         try:
             native = torch.cuda.is_bf16_supported(including_emulation=False)
         except TypeError:  # torch before 2.4 has no such argument
             native = torch.cuda.is_bf16_supported()
         return torch.bfloat16 if native else torch.float16
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp16" and device.type != "cuda":
+    if mode not in ("auto", "off", "bf16", "fp16"):
+        raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
+    if mode == "fp16" and not cuda:
         raise ConfigError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU")
-    if mode == "fp16":
-        return torch.float16
-    raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
 
 
 def use_channels_last(device: str | torch.device, mode: str = "auto") -> bool:
@@ -244,12 +235,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 @contextlib.contextmanager
 def algorithm_settings(deterministic: bool, benchmark: bool = True):
     """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (docs/performance.md), inside."""
-    cudnn = torch.backends.cudnn
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    cudnn_before = cudnn.benchmark, cudnn.deterministic
+    cudnn, warn_only = torch.backends.cudnn, torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), warn_only, cudnn.benchmark, cudnn.deterministic
     cudnn.benchmark, cudnn.deterministic = benchmark and not deterministic, deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
@@ -257,7 +244,7 @@ def algorithm_settings(deterministic: bool, benchmark: bool = True):
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        cudnn.benchmark, cudnn.deterministic = cudnn_before
+        cudnn.benchmark, cudnn.deterministic = before[2:]
 
 
 @contextlib.contextmanager
@@ -277,8 +264,7 @@ def _usable_cores() -> int:
 
 
 def default_workers(device: torch.device, local_world_size: int | None = None) -> int:
-    """DataLoader workers per process: none on the CPU, else the node's cores shared among its processes
-    less one, 2 .. 8 (docs/performance.md)."""
+    """DataLoader workers per process: none on the CPU, else a share of the node's cores, 2 .. 8."""
     if device.type != "cuda":
         return 0
     if local_world_size is None:
@@ -317,8 +303,7 @@ def _imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.
 
 
 def model_input(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> torch.Tensor:
-    """Gray uint8 (/ 255) or [0, 1] float ``[N, 1, H, W]`` or ``[N, H, W]`` -> ImageNet-normalised
-    float ``[N, 3, H, W]``; 3-channel floats are model input already."""
+    """Gray uint8 or [0, 1] float images -> ImageNet-normalised float ``[N, 3, H, W]``."""
     x = torch.as_tensor(images)
     x = x[:, None] if x.dim() == 3 else x
     if x.dim() != 4:
@@ -354,8 +339,7 @@ def make_loader(
     seed: int | None,
     persistent: bool = True,
 ) -> DataLoader:
-    """The DataLoader of training and prediction: ``(positions, images, targets, masks)`` batches without
-    unreadable images, :func:`prefetch_batches` ahead; ``seed`` seeds its generator (None: the global)."""
+    """The DataLoader of training and prediction: ``(positions, images, targets, masks)`` batches."""
     return DataLoader(
         _Positioned(dataset),
         batch_size=batch_size,
@@ -394,9 +378,8 @@ def predict_arrays(
     """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order."""
     device = torch.device(device)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    model = model.to(device, memory_format=layout).eval()
     order = range(len(dataset)) if positions is None else positions
     loader = make_loader(dataset, batch_size, order, num_workers, device, None, persistent=False)
     found, logits = [], []
@@ -416,8 +399,7 @@ def predict_arrays(
 def logits_frame(
     dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray, findings: list[str] | None = None
 ) -> pd.DataFrame:
-    """The predictions table: ``dicom_id`` then one column per finding, rows in position order; skipped
-    images are left out with a warning."""
+    """The predictions table (``dicom_id``, one column per finding); skipped images: a warning."""
     findings = list(FINDINGS if findings is None else findings)
     if logits.ndim != 2 or logits.shape[1] != len(findings):
         raise ValueError(
@@ -451,8 +433,7 @@ def predict_logits(
 
 
 def load_trained_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar), a
-    file with a sidecar, or a plain weights file; always ``weights_only=True`` (else ``ValueError``)."""
+    """DenseNet121 in eval mode from a run folder or a weights file, loaded ``weights_only``."""
     path = Path(source) / paths.BEST_MODEL if Path(source).is_dir() else Path(source)
     state = _weights_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)

@@ -1,6 +1,4 @@
-"""The paper's training recipe as numbers: Table 1, the effective batch plan, automatic batch sizes,
-Adam with LR-on-plateau and early stopping. docs/training.md, "The recipe", explains each rule.
-"""
+"""The paper's training recipe as numbers (docs/training.md, "The recipe")."""
 
 from __future__ import annotations
 
@@ -8,6 +6,7 @@ import argparse
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from .dist import all_reduce_min
@@ -34,12 +33,8 @@ CPU_BATCH_SMALL, CPU_BATCH_LARGE = 16, 8  # on the CPU speed, not memory, limits
 def default_effective_batch(resolution: int) -> int:
     """Table 1's effective batch, log-linearly interpolated in resolution between its entries."""
     resolutions = sorted(TABLE1)
-    if resolution in TABLE1 or not resolutions[0] < resolution < resolutions[-1]:
-        return TABLE1[min(max(resolution, resolutions[0]), resolutions[-1])][1]
-    low = max(r for r in resolutions if r < resolution)
-    high = min(r for r in resolutions if r > resolution)
-    t = (math.log(resolution) - math.log(low)) / (math.log(high) - math.log(low))
-    return int(round(math.exp((1 - t) * math.log(TABLE1[low][1]) + t * math.log(TABLE1[high][1]))))
+    batches = np.log([TABLE1[r][1] for r in resolutions])
+    return int(round(math.exp(np.interp(math.log(resolution), np.log(resolutions), batches))))
 
 
 def default_lr(resolution: int, effective_batch: int | None = None) -> float:
@@ -87,8 +82,7 @@ class BatchPlan:
 def plan_batches(
     effective_batch: int, world_size: int, per_gpu_batch: int | None = None, max_per_gpu: int | None = None
 ) -> BatchPlan:
-    """Accumulation steps (and the per-process batch unless given) for ``effective_batch``: exact whenever
-    a per-process batch of at most ``max_per_gpu`` allows it, fewest steps first (docs/training.md)."""
+    """Accumulation steps (and per-process batch unless given) making up ``effective_batch``."""
     if per_gpu_batch is not None:
         steps = max(1, round(effective_batch / (per_gpu_batch * world_size)))
         return BatchPlan(per_gpu_batch, world_size, steps, effective_batch)
@@ -139,8 +133,7 @@ def default_per_gpu_batch(
     amp: torch.dtype | None | str = "auto",
     free_bytes: int | None = None,
 ) -> int:
-    """Per-process batch limit: on a GPU :func:`batch_for_memory` of its free memory (or ``free_bytes``;
-    ``amp`` a dtype, None or an ``--amp`` mode), on the CPU 16 up to 128 px, else 8."""
+    """Per-process batch limit: from the GPU's free memory (or ``free_bytes``), 16 or 8 on the CPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_BATCH_SMALL if resolution <= 128 else CPU_BATCH_LARGE
@@ -184,8 +177,7 @@ class TrainingPlan:
 def plan_training(
     args: argparse.Namespace, world_size: int, device: torch.device, amp: torch.dtype | None
 ) -> TrainingPlan:
-    """The batch plan and learning rate of ``args`` (Table 1 unless given); every process takes the
-    smallest automatic limit (:class:`ConfigError` should the plans still differ)."""
+    """The batch plan and learning rate of ``args``, the same on every process."""
     effective = args.effective_batch or default_effective_batch(args.resolution)
     requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
     limit = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
@@ -232,8 +224,7 @@ class EarlyStopping:
 
 
 def optimization(model: torch.nn.Module, lr: float, args: argparse.Namespace):
-    """Adam at ``lr``, the lr times ``--lr-factor`` after ``--patience-lr`` epochs without a better
-    validation loss (ReduceLROnPlateau), and early stopping after ``--patience-stop``."""
+    """Adam, ReduceLROnPlateau and early stopping as ``args`` set them."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=args.lr_factor, patience=args.patience_lr

@@ -1,5 +1,4 @@
-"""A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done;
-only rank 0 writes, every process reads what rank 0 chose (docs/training.md, "Files in ``--out``")."""
+"""A training's folder (``--out``): lock, resume, checkpoints and results (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -56,8 +55,7 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: i
 
 
 def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Path] | None:
-    """The newest checkpoint that verifies and its path, or None; a damaged newer file is skipped with
-    a warning, a :class:`fileio.CheckpointError` when files exist but none verifies."""
+    """The newest checkpoint that verifies and its path, or None (none verifies: CheckpointError)."""
     problems = []
     for _, path in list_checkpoints(run_dir):
         try:
@@ -113,8 +111,7 @@ def log(message: str) -> None:
 
 @contextlib.contextmanager
 def run_folder_lock(out: Path, is_main: bool):
-    """Rank 0 holds ``out``'s lock for the run, so a second run on the same folder is refused
-    (:class:`fileio.FolderBusyError`) instead of mixing its checkpoints with the first one's."""
+    """Rank 0 holds ``out``'s lock for the run; a second run is a ``FolderBusyError``."""
     if not is_main:
         yield
         return
@@ -139,7 +136,7 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    """One-line :class:`fileio.ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
+    """A one-line ``ConfigError`` when ``saved`` (a checkpoint's, done.json's) is another run's."""
     there, now = OPTIONAL_KEYS | saved, OPTIONAL_KEYS | current
     differ = [k for k in now if there.get(k) != now[k]]
     if differ:
@@ -156,8 +153,7 @@ def jsonable_args(args: argparse.Namespace) -> dict:
 
 
 def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint: dict, plan) -> dict:
-    """Everything a resume needs after ``epoch``: model, optimizer, scheduler, scaler, early stopping
-    (``objects``, in that order), the history, the RNG states and the run's settings."""
+    """Everything a resume needs after ``epoch`` (``objects``: model ... early stopping)."""
     model, optimizer, scheduler, scaler, stopper = objects
     return {
         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -189,8 +185,7 @@ class RunFolder:
         cxrdist.barrier()
 
     def finished(self, epochs: int) -> dict | None:
-        """``done.json`` of a complete run with these settings (nothing to do), else None (a run that
-        stopped at fewer epochs than now asked for continues)."""
+        """``done.json`` of a complete run with these settings, else None."""
         if not self.done_file.is_file():
             return None
         done = json.loads(self.done_file.read_text())
@@ -245,17 +240,15 @@ class RunFolder:
                 f"{best} is from epoch {recorded}, the checkpoint's best is epoch {best_epoch}", stacklevel=3
             )
 
-    def save_epoch(
-        self, state: dict, keep: int, improved: bool, model: nn.Module, val_loss: float, history: list[dict]
-    ) -> None:
-        """After an epoch: its checkpoint, the best model when it improved, ``history.csv``; then a
-        barrier, so that nobody starts the next epoch before this one's checkpoint is complete."""
+    def save_epoch(self, objects, history: list[dict], args, plan, improved: bool) -> None:
+        """After an epoch: checkpoint, best model, ``history.csv``, then a barrier."""
         if self.is_main:
-            epoch = state["epoch"]
-            save_checkpoint(state, self.out, epoch, keep)
+            epoch, val_loss = history[-1]["epoch"], history[-1]["val_loss"]
+            state = checkpoint_state(epoch, objects, history, args, self.fingerprint, plan)
+            save_checkpoint(state, self.out, epoch, args.keep_checkpoints)
             if improved:
                 metadata = {"epoch": epoch, "val_loss": val_loss}
-                fileio.save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
+                fileio.save_verified(objects[0].state_dict(), self.out / paths.BEST_MODEL, metadata)
             fileio.write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
         cxrdist.barrier()
 
@@ -264,16 +257,14 @@ class RunFolder:
         cxrdist.barrier()
         model.load_state_dict(fileio.load_verified(self.out / paths.BEST_MODEL, map_location=device))
 
-    def write_predictions(
-        self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt, workers: int
-    ) -> None:
+    def write_predictions(self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt) -> None:
         """The model's logits for ``frame``'s images: each process scores its share, rank 0 writes."""
         options = {"cache_format": args.cache_format, "skip_bad_images": args.skip_bad_images}
         dataset = CXRDataset(frame, args.resolution, args.cache, **options)
         share = list(range(rt.info.rank, len(dataset), rt.info.world_size))
         batch = 2 * rt.plan.per_gpu_batch
         found, logits = predict_arrays(
-            model, dataset, batch, rt.device, rt.amp, workers, rt.channels_last, share
+            model, dataset, batch, rt.device, rt.amp, rt.workers, rt.channels_last, share
         )
         shares = cxrdist.all_gather_objects((found, logits))
         if self.is_main:
@@ -289,8 +280,7 @@ class RunFolder:
 
 
 def set_aside_stale_run(folder: Path, index_path: Path, folds_path: Path) -> Path | None:
-    """Rename a finished training made from another index or fold file to ``fold<k>.stale-<time>``
-    (never delete it), so that the new run starts clean; returns the new name, or None."""
+    """Rename a finished training from another index or fold file; the new name or None."""
     done = folder / paths.DONE
     if not done.is_file():
         return None

@@ -32,7 +32,7 @@ from .fileio import CheckpointError, ConfigError, FolderBusyError
 from .index import index_findings, read_index
 from .labels import masked_bce_with_logits
 from .recipe import MIN_RESOLUTION, BatchPlan, optimization, plan_training
-from .run_folder import RunFolder, checkpoint_state, jsonable_args, log, run_fingerprint, run_folder_lock
+from .run_folder import RunFolder, jsonable_args, log, run_fingerprint, run_folder_lock
 from .splits import fold_ids, num_folds, read_folds
 
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # one-line errors, no traceback
@@ -171,8 +171,7 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 
 
 class StepBlockSampler(DistributedSampler):
-    """DistributedSampler dealing each optimizer step's images to the processes in contiguous blocks:
-    any number of processes sees the same micro-batches (docs/training.md)."""
+    """DistributedSampler dealing each optimizer step's images in blocks (docs/training.md)."""
 
     def __init__(
         self, dataset, num_replicas: int, rank: int, per_gpu_batch: int, accumulation_steps: int, seed: int
@@ -200,8 +199,7 @@ class StepBlockSampler(DistributedSampler):
 def training_loaders(
     frames: dict[str, pd.DataFrame], args: argparse.Namespace, info, plan, workers: int
 ) -> tuple[DataLoader, DataLoader]:
-    """The training loader and this process's share of the validation images (twice the batch; its
-    workers end after each validation, so the loaders never hold shared memory at once)."""
+    """The training loader and this process's share of the validation images (twice the batch)."""
     common = {"resolution": args.resolution, "cache_dir": args.cache, "cache_format": args.cache_format}
     train_set = CXRDataset(frames["train"], skip_bad_images=args.skip_bad_images, **common)
     val_set = CXRDataset(frames["val"], skip_bad_images=args.skip_bad_images, **common)
@@ -253,8 +251,7 @@ def augment_batch(
 
 
 def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
-    """One optimizer step over ``group``'s micro-batches (the mean loss over the effective batch's known
-    labels), adding to ``totals``; True when skipped (``--skip-nonfinite-steps``)."""
+    """One optimizer step over ``group``'s micro-batches; True when skipped (non-finite loss)."""
     device, (angles, flips) = rt.device, draws
     known = sum(batch[3].sum() for _, batch in group).to(device, torch.float64).reshape(1)
     known = cxrdist.all_reduce_sum(known).clamp_min(1.0)
@@ -416,7 +413,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
 
     folder.load_best(model, device)
     for split in ("val", "test"):
-        folder.write_predictions(model, frames[split], split, args, rt, workers)
+        folder.write_predictions(model, frames[split], split, args, rt)
     plan, reason = rt.plan, "early_stop" if stopper.should_stop else "max_epochs"
     summary = {
         "complete": True, "reason": reason, "stopped_early": reason == "early_stop",
@@ -468,20 +465,14 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
             "epoch": epoch, "train_loss": result["train_loss"], "val_loss": val_loss, "lr": lr_used,
             "seconds": time.time() - epoch_start, "img_per_s": result["images"] / max(train_seconds, 1e-9),
         })  # fmt: skip
-        state = (
-            checkpoint_state(epoch, objects, history, args, folder.fingerprint, rt.plan)
-            if info.is_main
-            else {}
-        )
-        folder.save_epoch(state, args.keep_checkpoints, improved, model, val_loss, history)
+        folder.save_epoch(objects, history, args, rt.plan, improved)
         log(
             f"epoch {epoch}: train_loss {result['train_loss']:.4f} val_loss {val_loss:.4f} lr {lr_used:.3g} "
             f"{history[-1]['img_per_s']:.1f} img/s {history[-1]['seconds']:.1f} s"
             + (" (best)" if improved else f" ({stopper.bad_epochs} without improvement)")
         )
         if stopper.should_stop:
-            best = stopper.best_epoch
-            log(f"early stop: no improvement for {stopper.bad_epochs} epochs (best epoch {best})")
+            log(f"early stop: {stopper.bad_epochs} epochs without improvement (best {stopper.best_epoch})")
     return skipped
 
 
