@@ -118,13 +118,6 @@ def all_reduce_min(values: list[int]) -> list[int]:
     return [min(column) for column in zip(*all_gather_objects(list(values)), strict=True)]
 
 
-def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``tensor`` with rank ``src``'s value on every process."""
-    if is_dist():
-        dist.broadcast(tensor, src=src)
-    return tensor
-
-
 def all_gather_objects(value: object) -> list:
     """Every process's ``value`` (picklable), in rank order."""
     if not is_dist():
@@ -132,9 +125,3 @@ def all_gather_objects(value: object) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def cleanup() -> None:
-    """Leave the process group, if any."""
-    if is_dist():
-        dist.destroy_process_group()

@@ -177,7 +177,7 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path``, else a ``FolderBusyError`` naming the holder."""
-    import fcntl
+    import fcntl  # POSIX only: importing cxrlib stays possible elsewhere
 
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INFERENCE_BATCH_PIXELS = 64 * 512 * 512
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead, at most
 LOADER_SHARED_BYTES = 2**30  # of shared memory one loader's prepared batches may hold, per process
-# torchvision's old DenseNet files name layers "norm.1"; the module is "norm1" today.
-_OLD_DENSELAYER_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
+_OLD_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")  # torchvision's old "norm.1"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -168,21 +165,15 @@ def _weights_file(path: str | os.PathLike, map_location: str | torch.device = "c
 
 def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
     """Load ``state`` into ``model`` (DDP's or torchvision's old keys; another classifier shape: fresh)."""
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        match = _OLD_DENSELAYER_KEY.match(key)
-        cleaned[match.group(1) + match.group(2) if match else key] = value
-    own = model.state_dict()
-    for key in ("classifier.weight", "classifier.bias"):
-        if key in cleaned and key in own and cleaned[key].shape != own[key].shape:
-            warnings.warn(
-                f"{source}: classifier has shape {tuple(cleaned[key].shape)}, the model needs "
-                f"{tuple(own[key].shape)}; using a freshly initialised classifier",
-                stacklevel=3,
-            )
-            cleaned.pop("classifier.weight", None)
-            cleaned.pop("classifier.bias", None)
+    cleaned = {_OLD_KEY.sub(r"\1\2.", key.removeprefix("module.")): value for key, value in state.items()}
+    theirs, own = cleaned.get("classifier.weight"), model.state_dict()["classifier.weight"]
+    if theirs is not None and theirs.shape != own.shape:
+        warnings.warn(
+            f"{source}: classifier has shape {tuple(theirs.shape)}, the model needs {tuple(own.shape)}; "
+            "using a freshly initialised classifier",
+            stacklevel=3,
+        )
+        del cleaned["classifier.weight"], cleaned["classifier.bias"]
     missing, unexpected = model.load_state_dict(cleaned, strict=False)
     # torchvision's files predate num_batches_tracked; a missing classifier was replaced on purpose;
     # a global context block missing from a plain model's file starts as the identity

@@ -67,16 +67,11 @@ class BatchPlan:
         return self.effective_batch / self.requested_effective_batch
 
     def describe(self) -> str:
-        text = (
+        inexact = "" if self.exact else f"; {self.requested_effective_batch} asked cannot be matched exactly"
+        return (
             f"effective batch {self.effective_batch} = {self.per_gpu_batch} per process x "
-            f"{self.world_size} process(es) x {self.accumulation_steps} accumulation step(s)"
+            f"{self.world_size} process(es) x {self.accumulation_steps} accumulation step(s){inexact}"
         )
-        if not self.exact:
-            text += (
-                f"; {self.requested_effective_batch} requested cannot be matched exactly, so the "
-                f"learning rate is scaled by {self.effective_batch}/{self.requested_effective_batch}"
-            )
-        return text
 
 
 def plan_batches(
@@ -143,17 +138,6 @@ def default_per_gpu_batch(
     return batch_for_memory(resolution, free_bytes, amp, memory_efficient)
 
 
-def _auto_batch_reason(resolution: int, device: torch.device, amp, memory_efficient: bool, batch: int) -> str:
-    if device.type != "cuda":
-        return f"per-process batch limit {batch}: the CPU default at {resolution} px (--batch-size to change)"
-    free, total = torch.cuda.mem_get_info(device)
-    per_image = training_gib_per_image(resolution, amp, memory_efficient)
-    return (
-        f"per-process batch limit {batch}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, about "
-        f"{per_image:.3f} GiB per image at {resolution} px in {amp or 'float32'} (--batch-size to override)"
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainingPlan:
     """A run's batch plan and its learning rate, as requested and as used (scaled to the plan)."""
@@ -192,7 +176,14 @@ def plan_training(
         )
     if args.batch_size:
         return TrainingPlan(plan, requested_lr, None)
-    reason = _auto_batch_reason(args.resolution, torch.device(device), amp, args.memory_efficient, limit)
+    reason = f"per-process batch limit {limit}: the CPU default at {args.resolution} px (--batch-size)"
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        per_image = training_gib_per_image(args.resolution, amp, args.memory_efficient)
+        reason = (
+            f"per-process batch limit {limit}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, about "
+            f"{per_image:.3f} GiB per image at {args.resolution} px in {amp or 'float32'} (--batch-size)"
+        )
     return TrainingPlan(plan, requested_lr, limit, reason)
 
 

@@ -202,8 +202,7 @@ class RunFolder:
     def resume(self, model, optimizer, scheduler, scaler, stopper, info) -> tuple[int, list[dict]]:
         """Load the newest good checkpoint (chosen by rank 0) into every object; (epoch, history)."""
         found = load_latest_checkpoint(self.out) if info.is_main else None
-        chosen = torch.tensor([found[0]["epoch"] if found else 0], device=info.device)
-        epoch = int(cxrdist.broadcast_(chosen, src=0).item())
+        epoch = cxrdist.all_gather_objects(found[0]["epoch"] if found else 0)[0]
         if epoch == 0:
             return 0, []
         path = checkpoint_path(self.out, epoch)
@@ -221,24 +220,18 @@ class RunFolder:
             for newer_epoch, newer in list_checkpoints(self.out):
                 if newer_epoch > epoch:  # failed verification above: remove so it never shadows a good one
                     _remove(newer)
-            self._repair_best_model(state, model)
+            best_epoch, best = state["early_stopping"]["best_epoch"], self.out / paths.BEST_MODEL
+            side = fileio.sidecar_path(best)
+            recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
+            if recorded != best_epoch and best_epoch == epoch:  # a kill came between the two writes
+                fileio.save_verified(model.state_dict(), best, {"epoch": best_epoch})
+            elif recorded != best_epoch:
+                warnings.warn(
+                    f"{best} is from epoch {recorded}, the checkpoint's best is {best_epoch}", stacklevel=2
+                )
             fileio.write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
         log(f"resumed from {path.name} (epoch {epoch}, best epoch {stopper.best_epoch})")
         return epoch, list(state["history"])
-
-    def _repair_best_model(self, state: dict, model: nn.Module) -> None:
-        """Rewrite best_model.pt from the checkpoint when a kill came between the two writes."""
-        best_epoch, best = state["early_stopping"]["best_epoch"], self.out / paths.BEST_MODEL
-        side = fileio.sidecar_path(best)
-        recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
-        if recorded == best_epoch:
-            return
-        if best_epoch == state["epoch"]:
-            fileio.save_verified(model.state_dict(), best, {"epoch": best_epoch})
-        else:
-            warnings.warn(
-                f"{best} is from epoch {recorded}, the checkpoint's best is epoch {best_epoch}", stacklevel=3
-            )
 
     def save_epoch(self, objects, history: list[dict], args, plan, improved: bool) -> None:
         """After an epoch: checkpoint, best model, ``history.csv``, then a barrier."""

@@ -1,8 +1,5 @@
-"""Train DenseNet121 on one fold at one resolution with the paper's recipe; one process or torchrun DDP.
-
-``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out runs/P/resR/foldK``
-(or ``torchrun --standalone --nproc_per_node=gpu -m cxrlib.train ...``; docs/training.md).
-"""
+"""Train DenseNet121 on one fold at one resolution, the paper's recipe, one process or torchrun DDP:
+``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out D`` (docs/training.md)"""
 
 from __future__ import annotations
 
@@ -89,8 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     system("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
     system("--memory-efficient", action="store_true", help="gradient checkpointing in dense blocks")
-    layouts = ("auto", "on", "off")
-    system("--channels-last", default="auto", choices=layouts, help="channels_last (auto: on GPUs only)")
+    system("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto: on GPUs only")
     system("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
     system("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     system("--no-cudnn-benchmark", action="store_true", help="no cuDNN autotuning (saves its start-up)")
@@ -108,15 +104,12 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--resolution {r}: must be a multiple of 32 and at least {MIN_RESOLUTION} (DenseNet121 reduces "
             "the image 32x)"
         )
-    for name in ("epochs", "batch_size", "effective_batch", "max_train_images", "keep_checkpoints"):
-        if (value := getattr(args, name)) is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
-    if args.workers is not None and args.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
-    if args.patience_lr < 0 or args.patience_stop < 1 or not 0 < args.lr_factor < 1:
-        raise ConfigError("--patience-lr >= 0, --patience-stop >= 1 and 0 < --lr-factor < 1 are required")
+    least = {"epochs": 1, "batch_size": 1, "effective_batch": 1, "max_train_images": 1, "keep_checkpoints": 1}
+    for name, low in {**least, "patience_stop": 1, "patience_lr": 0, "workers": 0}.items():
+        if (value := getattr(args, name)) is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if (args.lr is not None and not args.lr > 0) or not 0 < args.lr_factor < 1:
+        raise ConfigError(f"--lr ({args.lr}) must be positive and --lr-factor ({args.lr_factor}) in (0, 1)")
     for flag, path in (("--index", args.index), ("--folds", args.folds)):
         if not path.is_file():
             raise ConfigError(f"{flag} {path}: file not found")
@@ -371,7 +364,8 @@ def run(args: argparse.Namespace) -> dict:
         with run_folder_lock(args.out, info.is_main), settings:
             return train(args, frames, info)
     finally:
-        cxrdist.cleanup()
+        if cxrdist.is_dist():
+            torch.distributed.destroy_process_group()
 
 
 def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdist.DistInfo) -> dict:
@@ -448,8 +442,9 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
         skipped += result["skipped_steps"]
         if result["bad_images"]:
             log(f"epoch {epoch}: {result['bad_images']} unreadable image(s) skipped (see the warnings)")
-        for buffer in model.buffers():  # rank 0's BatchNorm statistics, as DDP uses them
-            cxrdist.broadcast_(buffer.data, src=0)
+        if info.world_size > 1:  # rank 0's BatchNorm statistics, as DDP uses them
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
         val_loss = evaluate_loss(model, val_loader, rt)
         if not math.isfinite(val_loss):
             raise NonFiniteLossError(
