@@ -190,8 +190,7 @@ def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
                 raise
             handle.seek(0)
             raise FolderBusyError(handle.read().strip() or "unknown process") from None
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
         started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}")
         handle.flush()

@@ -82,11 +82,6 @@ def plan_batches(
         steps = max(1, round(effective_batch / (per_gpu_batch * world_size)))
         return BatchPlan(per_gpu_batch, world_size, steps, effective_batch)
     limit = max(1, max_per_gpu or effective_batch)
-    per_process, remainder = divmod(effective_batch, world_size)
-    if remainder == 0:
-        for steps in range(1, per_process + 1):
-            if per_process % steps == 0 and per_process // steps <= limit:
-                return BatchPlan(per_process // steps, world_size, steps, effective_batch)
     best = BatchPlan(1, world_size, 1, effective_batch)
     for steps in range(1, max(1, math.ceil(effective_batch / world_size)) + 1):
         share = effective_batch / (world_size * steps)

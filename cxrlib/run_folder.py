@@ -34,10 +34,8 @@ def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(epoch, path) of every checkpoint file in ``run_dir``, newest first."""
-    run_dir = Path(run_dir)
-    entries = run_dir.iterdir() if run_dir.is_dir() else []
-    found = [(int(m.group(1)), p) for p in entries if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return sorted(found, reverse=True)
+    matches = ((CHECKPOINT_PATTERN.match(p.name), p) for p in Path(run_dir).glob("checkpoint_epoch*.pt"))
+    return sorted(((int(m[1]), p) for m, p in matches if m), reverse=True)
 
 
 def _remove(path: Path) -> None:
@@ -152,18 +150,6 @@ def jsonable_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint: dict, plan) -> dict:
-    """Everything a resume needs after ``epoch`` (``objects``: model ... early stopping)."""
-    model, optimizer, scheduler, scaler, stopper = objects
-    return {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
-        "args": jsonable_args(args), "fingerprint": fingerprint, "batch_plan": dataclasses.asdict(plan),
-        "version": __version__, "torch_version": str(torch.__version__),
-    }  # fmt: skip
-
-
 class RunFolder:
     """The files of one training in ``out``; rank 0 (``is_main``) writes them."""
 
@@ -236,12 +222,19 @@ class RunFolder:
     def save_epoch(self, objects, history: list[dict], args, plan, improved: bool) -> None:
         """After an epoch: checkpoint, best model, ``history.csv``, then a barrier."""
         if self.is_main:
-            epoch, val_loss = history[-1]["epoch"], history[-1]["val_loss"]
-            state = checkpoint_state(epoch, objects, history, args, self.fingerprint, plan)
+            (model, optimizer, scheduler, scaler, stopper), epoch = objects, history[-1]["epoch"]
+            state = {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
+                "args": jsonable_args(args), "fingerprint": self.fingerprint,
+                "batch_plan": dataclasses.asdict(plan), "version": __version__,
+                "torch_version": str(torch.__version__),
+            }  # fmt: skip
             save_checkpoint(state, self.out, epoch, args.keep_checkpoints)
             if improved:
-                metadata = {"epoch": epoch, "val_loss": val_loss}
-                fileio.save_verified(objects[0].state_dict(), self.out / paths.BEST_MODEL, metadata)
+                metadata = {"epoch": epoch, "val_loss": history[-1]["val_loss"]}
+                fileio.save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
             fileio.write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
         cxrdist.barrier()
 

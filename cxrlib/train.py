@@ -146,8 +146,7 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
         frames[role] = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
         if frames[role].empty:
             raise ConfigError(f"fold {args.fold} of {args.folds} has no {role} images")
-    if args.max_train_images is not None:
-        frames["train"] = frames["train"].iloc[: args.max_train_images].reset_index(drop=True)
+    frames["train"] = frames["train"].iloc[: args.max_train_images].reset_index(drop=True)  # None: all
     needed, cache, fmt = pd.concat(list(frames.values()), ignore_index=True), args.cache, args.cache_format
     if (cache / MANIFEST_NAME).is_file():
         missing = check_cache(needed, cache, args.resolution, fmt)
