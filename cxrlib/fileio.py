@@ -90,7 +90,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def read_header(path: str | os.PathLike) -> list[str]:
     """A CSV file's column names; a :class:`DataError` when it has none or two share a name."""
-    path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             header = next(csv.reader(io.StringIO(handle.readline())), [])
@@ -108,7 +107,6 @@ def read_header(path: str | os.PathLike) -> list[str]:
 
 def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
     """``pandas.read_csv`` whose failures become one :class:`DataError` naming the file."""
-    path = Path(path)
     try:
         return pd.read_csv(path, **options)
     except UnicodeDecodeError as error:

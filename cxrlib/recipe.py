@@ -101,36 +101,26 @@ def training_gib_per_image(
     return per_image * (MEMORY_EFFICIENT_FACTOR if memory_efficient else 1.0)
 
 
-def batch_for_memory(
-    resolution: int,
-    free_bytes: int,
-    amp: torch.dtype | None = torch.bfloat16,
-    memory_efficient: bool = False,
-    cap: int = AUTO_BATCH_CAP,
-) -> int:
-    """Largest power of two (1 .. ``cap``) whose estimated training memory fits ``0.8 x free - 1 GiB``."""
-    if free_bytes < 0 or cap < 1:
-        raise ConfigError(f"free memory ({free_bytes} bytes) must be >= 0 and the cap ({cap}) >= 1")
-    usable = AUTO_BATCH_MEMORY_FRACTION * free_bytes / 2**30 - AUTO_BATCH_RESERVED_GIB
-    fits = int(usable / training_gib_per_image(resolution, amp, memory_efficient))
-    return 1 if fits < 1 else min(cap, 2 ** int(math.log2(fits)))
-
-
 def default_per_gpu_batch(
     resolution: int,
     device: str | torch.device,
     memory_efficient: bool = False,
     amp: torch.dtype | None | str = "auto",
     free_bytes: int | None = None,
+    cap: int = AUTO_BATCH_CAP,
 ) -> int:
-    """Per-process batch limit: from the GPU's free memory (or ``free_bytes``), 16 or 8 on the CPU."""
+    """Per-process batch limit: 16 or 8 on the CPU; on a GPU the largest power of two (1 .. ``cap``)
+    whose estimated training memory fits ``0.8 x free - 1 GiB`` of its free memory (or ``free_bytes``)."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_BATCH_SMALL if resolution <= 128 else CPU_BATCH_LARGE
     amp = amp_dtype(device, amp) if isinstance(amp, str) else amp
-    if free_bytes is None:
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-    return batch_for_memory(resolution, free_bytes, amp, memory_efficient)
+    free_bytes = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    if free_bytes < 0 or cap < 1:
+        raise ConfigError(f"free memory ({free_bytes} bytes) must be >= 0 and the cap ({cap}) >= 1")
+    usable = AUTO_BATCH_MEMORY_FRACTION * free_bytes / 2**30 - AUTO_BATCH_RESERVED_GIB
+    fits = int(usable / training_gib_per_image(resolution, amp, memory_efficient))
+    return 1 if fits < 1 else min(cap, 2 ** int(math.log2(fits)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -310,9 +310,8 @@ def train_one_epoch(
         if batch is None:  # every image of this micro-batch was unreadable (--skip-bad-images)
             if rt.info.world_size > 1:
                 raise ImageReadError(
-                    f"every image of batch {batch_number} (epoch {epoch}, rank {rt.info.rank}) is "
-                    "unreadable; with several processes such a batch cannot be skipped: fix or rebuild "
-                    "the cache"
+                    f"every image of batch {batch_number} (epoch {epoch}, rank {rt.info.rank}) is unreadable;"
+                    " with several processes such a batch cannot be skipped: fix or rebuild the cache"
                 )
             continue
         group.append((batch_number, batch))
@@ -343,8 +342,7 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
         _, images, targets, masks = batch
         with models.autocast(rt.device, rt.amp):
             logits = model(models.model_input(images.to(rt.device, non_blocking=True), rt.channels_last))
-        masks = masks.to(rt.device, non_blocking=True)
-        targets = targets.to(rt.device, non_blocking=True)
+        targets, masks = targets.to(rt.device, non_blocking=True), masks.to(rt.device, non_blocking=True)
         totals[0] += masked_bce_with_logits(logits, targets, masks, "sum").double()
         totals[1] += masks.sum().double()
     cxrdist.all_reduce_sum(totals)
@@ -375,9 +373,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     workers = args.workers if args.workers is not None else models.default_workers(device)
     channels_last = models.use_channels_last(device, args.channels_last)
     rt = Runtime(info, amp, channels_last, schedule.batches, args.skip_nonfinite_steps, True, workers)
-    folder = RunFolder(
-        args.out, info.is_main, run_fingerprint(args, schedule.batches.requested_effective_batch)
-    )
+    folder = RunFolder(args.out, info.is_main, run_fingerprint(args, rt.plan.requested_effective_batch))
     folder.prepare(start_over=args.no_resume)
     if not args.no_resume and (done := folder.finished(args.epochs)) is not None:
         return done
@@ -391,9 +387,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     num_classes = len(index_findings(frames["train"]))  # the head: one output per finding of the index
-    model = models.build_model(
-        args.weights, num_classes, args.memory_efficient, global_context=args.global_context
-    )
+    model = models.build_model(args.weights, num_classes, args.memory_efficient, args.global_context)
     if args.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -447,8 +441,7 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
         val_loss = evaluate_loss(model, val_loader, rt)
         if not math.isfinite(val_loss):
             raise NonFiniteLossError(
-                f"validation loss is {val_loss} after epoch {epoch}; the model is not saved as best "
-                "(lower --lr or try --amp off)"
+                f"validation loss {val_loss} after epoch {epoch}, not saved as best (lower --lr or --amp off)"
             )
         scheduler.step(val_loss)
         improved = stopper.step(val_loss, epoch)

@@ -147,7 +147,6 @@ def test_auto_precision_is_fp16_on_gpus_whose_bf16_is_only_emulated(monkeypatch)
 )
 def test_automatic_batch_from_free_gpu_memory(resolution, free_gib, amp, memory_efficient, expected):
     free = int(free_gib * 2**30)
-    assert recipe.batch_for_memory(resolution, free, amp, memory_efficient) == expected
     assert (
         recipe.default_per_gpu_batch(resolution, "cuda", memory_efficient, amp, free_bytes=free) == expected
     )
@@ -156,9 +155,9 @@ def test_automatic_batch_from_free_gpu_memory(resolution, free_gib, amp, memory_
 
 
 def test_automatic_batch_cap_cpu_default_and_the_2048_plan_on_one_h100():
-    assert recipe.batch_for_memory(256, 80 * 2**30, cap=64) == 64
+    assert recipe.default_per_gpu_batch(256, "cuda", amp=torch.bfloat16, free_bytes=80 * 2**30, cap=64) == 64
     with pytest.raises(train.ConfigError, match="free memory"):
-        recipe.batch_for_memory(256, -1)
+        recipe.default_per_gpu_batch(256, "cuda", amp=torch.bfloat16, free_bytes=-1)
     cpu = torch.device("cpu")
     assert recipe.default_per_gpu_batch(128, cpu) == 16 and recipe.default_per_gpu_batch(256, cpu) == 8
     auto = argparse.Namespace(
@@ -353,7 +352,8 @@ def test_processes_agree_on_the_smallest_automatic_batch_and_refuse_different_pl
 
     torch.multiprocessing.spawn(plan_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    limit = recipe.batch_for_memory(2048, 20 * 2**30)  # the smaller GPU's, 2 (rank 0 alone: 8)
+    # the smaller GPU's limit, 2 (rank 0 alone: 8)
+    limit = recipe.default_per_gpu_batch(2048, "cuda", amp=torch.bfloat16, free_bytes=20 * 2**30)
     expected = recipe.plan_batches(42, 2, max_per_gpu=limit)  # Table 1's 42 at 2048 px
     for automatic, different in ranks:
         assert automatic == [expected.per_gpu_batch, expected.accumulation_steps, limit]
