@@ -1,7 +1,4 @@
-"""Distributed setup from torchrun's variables or SLURM's (nccl on GPUs, gloo on the CPU), and the
-collectives the trainer uses; alone (no process group) every helper is a no-op. docs/training.md
-has the launch commands (srun without torchrun: the job script exports MASTER_ADDR and MASTER_PORT).
-"""
+"""Distributed setup from torchrun's or SLURM's variables and no-op-when-alone collectives."""
 
 from __future__ import annotations
 
@@ -30,10 +27,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def env_ranks(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else (0, 1, 0)."""
@@ -46,9 +39,7 @@ def env_ranks(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group the environment describes, on ``cuda:LOCAL_RANK`` (``device`` None with
-    a GPU, or ``"cuda"``) or the CPU. A SLURM task that sees one GPU uses it whatever its local rank;
-    a local rank without a GPU of its own is a :class:`ConfigError`."""
+    """Join the process group the environment describes, on this process's GPU or the CPU."""
     rank, world_size, local_rank = env_ranks()
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     slurm_task = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
@@ -89,8 +80,7 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 30.0) -
 
 
 def _store_for_this_attempt(store: dist.Store) -> dist.Store:
-    """The workers' store, with a prefix per restart (else restarted workers read the dead ones'
-    addresses) when torchrun shares its agent's store; several nodes need a fresh store per round."""
+    """torchrun's shared agent store with a prefix per restart."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return store
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
@@ -110,11 +100,6 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or the only process): the one that logs and writes files."""
-    return not is_dist() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for every process (no-op when alone)."""
     if is_dist():
@@ -130,39 +115,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_min(values: list[int]) -> list[int]:
     """The element-wise minimum of ``values`` over all processes."""
+    return [min(column) for column in zip(*all_gather_objects(list(values)), strict=True)]
+
+
+def all_gather_objects(value: object) -> list:
+    """Every process's ``value`` (picklable), in rank order."""
     if not is_dist():
-        return list(values)
-    nccl = dist.get_backend() == "nccl"
-    tensor = torch.tensor(
-        values, dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu"
-    )
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor.tolist()
-
-
-def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``tensor`` with rank ``src``'s value on every process."""
-    if is_dist():
-        dist.broadcast(tensor, src=src)
-    return tensor
-
-
-def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's ``tensor`` (first dimensions may differ), in rank order."""
-    if not is_dist():
-        return [tensor]
-    world = dist.get_world_size()
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    padded = tensor.new_zeros((int(max(s.item() for s in sizes)), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return [g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)]
-
-
-def cleanup() -> None:
-    """Leave the process group, if any."""
-    if is_dist():
-        dist.destroy_process_group()
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -1,9 +1,4 @@
-"""Files a later step trusts: atomic writes, verified ``torch`` files, one-line errors, a folder lock.
-
-A write goes to a temporary file in the same folder, fsynced, then renamed over the target: a crash
-or a full disk leaves the previous file. :func:`save_verified` adds a sidecar with the size and
-SHA-256 that :func:`load_verified` checks before ``torch.load(weights_only=True)`` (docs/training.md).
-"""
+"""Atomic writes, verified ``torch`` files, one-line errors, a folder lock (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -50,9 +45,7 @@ class FolderBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
-    """A temporary file next to ``path``, fsynced and renamed to ``path`` on success; on any exception
-    ``path`` is untouched, and an OS error naming no file (a full disk) names ``path``.
-    ``fsync=False``: atomic but not durable across a power cut (the image cache's many small files)."""
+    """A temporary file next to ``path``, renamed to it on success; on failure ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -97,7 +90,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def read_header(path: str | os.PathLike) -> list[str]:
     """A CSV file's column names; a :class:`DataError` when it has none or two share a name."""
-    path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             header = next(csv.reader(io.StringIO(handle.readline())), [])
@@ -115,7 +107,6 @@ def read_header(path: str | os.PathLike) -> list[str]:
 
 def read_csv_text(path: str | os.PathLike, **options) -> pd.DataFrame:
     """``pandas.read_csv`` whose failures become one :class:`DataError` naming the file."""
-    path = Path(path)
     try:
         return pd.read_csv(path, **options)
     except UnicodeDecodeError as error:
@@ -155,8 +146,7 @@ def save_verified(obj: Any, path: str | os.PathLike, metadata: dict | None = Non
 
 
 def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """A :func:`save_verified` file, loaded with ``weights_only=True`` once its size and SHA-256 match
-    the sidecar; else a :class:`CheckpointError` naming the file."""
+    """A :func:`save_verified` file, loaded ``weights_only`` once its size and SHA-256 match the sidecar."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.is_file():
@@ -184,9 +174,8 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
 
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` for the block, or raise :class:`FolderBusyError`
-    naming the holder (pid, host, start). The OS releases it when the holder dies, even by SIGKILL."""
-    import fcntl
+    """Hold an exclusive ``flock`` on ``lock_path``, else a ``FolderBusyError`` naming the holder."""
+    import fcntl  # POSIX only: importing cxrlib stays possible elsewhere
 
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,8 +188,7 @@ def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
                 raise
             handle.seek(0)
             raise FolderBusyError(handle.read().strip() or "unknown process") from None
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
         started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}")
         handle.flush()

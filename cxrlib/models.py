@@ -1,19 +1,13 @@
-"""DenseNet121 with one logit per finding, where and in which precision it runs, and its predictions:
-the network, device and precision choices, :func:`model_input` (gray image -> model input), the
-loaders and the logits of a trained model at any resolution (docs/training.md, "The network").
-"""
+"""DenseNet121, its device and precision, the loaders and a trained model's logits (docs/training.md)."""
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
-import json
 import os
 import platform
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,60 +21,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import densenet
-from tqdm.auto import tqdm
 
 from . import paths
 from .cache import CXRDataset, collate_skip_none
-from .fileio import CheckpointError, ConfigError, load_verified, write_csv_atomic
-from .index import read_index
+from .fileio import CheckpointError, ConfigError, load_verified, sidecar_path
 from .labels import FINDINGS, NUM_FINDINGS
-from .splits import fold_ids, read_folds
 
 WEIGHT_CHOICES = ("imagenet", "none")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INFERENCE_BATCH_PIXELS = 64 * 512 * 512
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead, at most
 LOADER_SHARED_BYTES = 2**30  # of shared memory one loader's prepared batches may hold, per process
-# torchvision's old DenseNet files name layers "norm.1"; the module is "norm1" today.
-_OLD_DENSELAYER_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
+_OLD_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")  # torchvision's old "norm.1"
 
 
 class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the torch hub cache nor downloadable."""
 
 
-class TiledFeatures(nn.Sequential):
-    """DenseNet's feature layers applied to each of ``tiles x tiles`` tiles of the image on its own,
-    the tiles' maps put back side by side: the receptive field ends at the tile, nothing else changes."""
-
-    def __init__(self, features: nn.Sequential, tiles: int):
-        super().__init__(collections.OrderedDict(features.named_children()))
-        self.tiles = int(tiles)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.tiles
-        if t == 1:
-            return super().forward(x)
-        n, c, h, w = x.shape
-        if h % t or w % t:
-            raise ValueError(f"a {h}x{w} image cannot be cut into {t}x{t} equal tiles")
-        tiles = (
-            x.reshape(n, c, t, h // t, t, w // t)
-            .permute(0, 2, 4, 1, 3, 5)
-            .reshape(n * t * t, c, h // t, w // t)
-        )
-        if x.is_contiguous(memory_format=torch.channels_last):
-            tiles = tiles.contiguous(memory_format=torch.channels_last)
-        maps = super().forward(tiles)
-        _, k, fh, fw = maps.shape
-        return maps.reshape(n, t, t, k, fh, fw).permute(0, 3, 1, 4, 2, 5).reshape(n, k, t * fh, t * fw)
-
-
 class _DenseLayer(densenet._DenseLayer):
-    """torchvision's dense layer whose checkpointed bottleneck counts each batch once in BatchNorm's
-    running statistics: the backward pass's recomputation restores the statistics it updated."""
+    """A dense layer whose checkpointed bottleneck counts each batch once in BatchNorm's statistics."""
 
     def call_checkpoint_bottleneck(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         calls = []
@@ -100,9 +60,7 @@ class _DenseLayer(densenet._DenseLayer):
 
 
 class GlobalContext(nn.Module):
-    """A global context block (Cao et al. 2019, GCNet): features pooled with softmax attention,
-    transformed (1x1 conv, LayerNorm, ReLU, 1x1 conv) and added to every position; the last conv
-    starts at zero, so the block starts as the identity."""
+    """A global context block (GCNet, Cao et al. 2019) that starts as the identity (docs/training.md)."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -125,27 +83,17 @@ class GlobalContext(nn.Module):
 
 
 class DenseNet121(torchvision.models.DenseNet):
-    """torchvision's DenseNet121 (same layers and state dict keys) whose head runs in float32, also
-    under autocast; ``tiles`` > 1 tiles the features, ``global_context`` adds a
-    :class:`GlobalContext` block after dense block 3 (``features.globalcontext``)."""
+    """torchvision's DenseNet121 (same state dict keys) with a float32 head, optionally a GlobalContext."""
 
-    def __init__(
-        self, num_classes: int, memory_efficient: bool = False, tiles: int = 1, global_context: bool = False
-    ):
+    def __init__(self, num_classes: int, memory_efficient: bool = False, global_context: bool = False):
         super().__init__(32, (6, 12, 24, 16), 64, num_classes=num_classes, memory_efficient=memory_efficient)
         for layer in self.modules():  # same layers and state dict keys, statistics counted once
             if isinstance(layer, densenet._DenseLayer):
                 layer.__class__ = _DenseLayer
-        if global_context:
-            layers = collections.OrderedDict()
-            for name, layer in self.features.named_children():
-                layers[name] = layer
-                if name == "denseblock3":
-                    layers["globalcontext"] = GlobalContext(self.features.transition3.norm.num_features)
-            self.features = nn.Sequential(layers)
-        self.tiles = int(tiles)
-        if self.tiles > 1:
-            self.features = TiledFeatures(self.features, self.tiles)
+        if global_context:  # after dense block 3, before transition 3
+            layers = list(self.features.named_children())
+            layers.insert(9, ("globalcontext", GlobalContext(self.features.transition3.norm.num_features)))
+            self.features = nn.Sequential(collections.OrderedDict(layers))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Feature maps ``[N, 1024, h, w]`` -> logits ``[N, num_classes]``, in float32."""
@@ -161,20 +109,14 @@ def build_model(
     weights: str | os.PathLike = "imagenet",
     num_classes: int = NUM_FINDINGS,
     memory_efficient: bool = False,
-    tiles: int = 1,
     global_context: bool = False,
 ) -> nn.Module:
-    """:class:`DenseNet121` with ``num_classes`` outputs and ``weights`` ``"imagenet"``, ``"none"`` or a
-    local state dict; raises :class:`WeightsUnavailableError` or ``FileNotFoundError``."""
-    if tiles < 1:
-        raise ValueError(f"tiles must be at least 1, got {tiles}")
-    model = DenseNet121(
-        num_classes, memory_efficient=memory_efficient, tiles=tiles, global_context=global_context
-    )
+    """:class:`DenseNet121` with ``num_classes`` outputs and ``weights`` imagenet, none or a local file."""
+    model = DenseNet121(num_classes, memory_efficient=memory_efficient, global_context=global_context)
     choice = str(weights)
     if choice == "none":
         return model
-    state = _imagenet_state_dict() if choice == "imagenet" else _load_state_dict_file(weights)
+    state = _imagenet_state_dict() if choice == "imagenet" else _weights_file(weights)
     load_weights_into(model, state, source=choice)
     return model
 
@@ -198,50 +140,40 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         ) from error
 
 
-def _load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def _weights_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    # a state dict, a checkpoint's "model" or a "state_dict"; verified against a sidecar if it has one
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"weights file not found: {path} (use --weights imagenet, --weights none or an existing file)"
-        )
+        raise FileNotFoundError(f"no trained model or weights file at {path} (or use --weights none)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if sidecar_path(path).is_file():
+            payload = load_verified(path, map_location)
+        else:
+            payload = torch.load(path, map_location, weights_only=True)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from error
     except Exception as error:
         raise ValueError(
-            f"{path} is not a safe weights file (refused by torch.load(weights_only=True)): {error}"
-        ) from error
-    return _state_dict_in(payload, str(path))
-
-
-def _state_dict_in(payload: object, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(payload, Mapping):  # plain, {"model": ...} (a checkpoint) or {"state_dict": ...}
-        for key in ("model", "state_dict"):
-            if key in payload and isinstance(payload[key], Mapping):
-                payload = payload[key]
-                break
+            f"{path}: not a safe weights file (refused by torch.load(weights_only=True)): {error}"
+        ) from None
+    wrapped = [payload[k] for k in ("model", "state_dict") if isinstance(payload, Mapping) and k in payload]
+    payload = wrapped[0] if wrapped else payload
     if not isinstance(payload, Mapping) or not all(torch.is_tensor(v) for v in payload.values()):
-        raise ValueError(f"{source}: not a model state dict (a mapping of names to tensors)")
+        raise ValueError(f"{path}: not a model state dict (a mapping of names to tensors)")
     return dict(payload)
 
 
 def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
-    """Load ``state`` into ``model``: strips DDP's ``module.`` prefix, renames torchvision's old
-    DenseNet keys, and keeps the model's own classifier when the file's has another shape."""
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        match = _OLD_DENSELAYER_KEY.match(key)
-        cleaned[match.group(1) + match.group(2) if match else key] = value
-    own = model.state_dict()
-    for key in ("classifier.weight", "classifier.bias"):
-        if key in cleaned and key in own and cleaned[key].shape != own[key].shape:
-            warnings.warn(
-                f"{source}: classifier has shape {tuple(cleaned[key].shape)}, the model needs "
-                f"{tuple(own[key].shape)}; using a freshly initialised classifier",
-                stacklevel=3,
-            )
-            cleaned.pop("classifier.weight", None)
-            cleaned.pop("classifier.bias", None)
+    """Load ``state`` into ``model`` (DDP's or torchvision's old keys; another classifier shape: fresh)."""
+    cleaned = {_OLD_KEY.sub(r"\1\2.", key.removeprefix("module.")): value for key, value in state.items()}
+    theirs, own = cleaned.get("classifier.weight"), model.state_dict()["classifier.weight"]
+    if theirs is not None and theirs.shape != own.shape:
+        warnings.warn(
+            f"{source}: classifier has shape {tuple(theirs.shape)}, the model needs {tuple(own.shape)}; "
+            "using a freshly initialised classifier",
+            stacklevel=3,
+        )
+        del cleaned["classifier.weight"], cleaned["classifier.bias"]
     missing, unexpected = model.load_state_dict(cleaned, strict=False)
     # torchvision's files predate num_batches_tracked; a missing classifier was replaced on purpose;
     # a global context block missing from a plain model's file starts as the identity
@@ -264,29 +196,23 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def amp_dtype(device: str | torch.device, mode: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32.
-    ``auto``: bf16 on GPUs with native bf16, fp16 (with a GradScaler) on older ones, off on the CPU."""
-    device = torch.device(device)
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "auto":
+    """Autocast dtype for ``mode`` (auto / bf16 / fp16 / off) on ``device``; None means float32."""
+    cuda = torch.device(device).type == "cuda"
+    if mode == "auto" and cuda:  # bf16 where native, else fp16 with a GradScaler
         try:
             native = torch.cuda.is_bf16_supported(including_emulation=False)
         except TypeError:  # torch before 2.4 has no such argument
             native = torch.cuda.is_bf16_supported()
         return torch.bfloat16 if native else torch.float16
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp16" and device.type != "cuda":
+    if mode not in ("auto", "off", "bf16", "fp16"):
+        raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
+    if mode == "fp16" and not cuda:
         raise ConfigError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU")
-    if mode == "fp16":
-        return torch.float16
-    raise ConfigError(f"--amp {mode!r}: choose auto, bf16, fp16 or off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
 
 
 def use_channels_last(device: str | torch.device, mode: str = "auto") -> bool:
-    """channels_last for the model and its input: ``auto`` on GPUs only (on the CPU it pays at small
-    sizes only, so CPU presets ask for it with ``on``), or ``on`` / ``off``."""
+    """channels_last for the model and its input: ``auto`` (on GPUs only), ``on`` or ``off``."""
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"--channels-last {mode!r}: choose auto, on or off")
     return torch.device(device).type == "cuda" if mode == "auto" else mode == "on"
@@ -294,21 +220,14 @@ def use_channels_last(device: str | torch.device, mode: str = "auto") -> bool:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @contextlib.contextmanager
 def algorithm_settings(deterministic: bool, benchmark: bool = True):
-    """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (docs/performance.md), for the
-    block; the caller's settings afterwards."""
-    cudnn = torch.backends.cudnn
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    cudnn_before = cudnn.benchmark, cudnn.deterministic
+    """Deterministic algorithms, or cuDNN autotuning when ``benchmark`` (docs/performance.md), inside."""
+    cudnn, warn_only = torch.backends.cudnn, torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), warn_only, cudnn.benchmark, cudnn.deterministic
     cudnn.benchmark, cudnn.deterministic = benchmark and not deterministic, deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no such variant
@@ -316,7 +235,7 @@ def algorithm_settings(deterministic: bool, benchmark: bool = True):
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        cudnn.benchmark, cudnn.deterministic = cudnn_before
+        cudnn.benchmark, cudnn.deterministic = before[2:]
 
 
 @contextlib.contextmanager
@@ -336,9 +255,7 @@ def _usable_cores() -> int:
 
 
 def default_workers(device: torch.device, local_world_size: int | None = None) -> int:
-    """DataLoader workers per process: none on the CPU; on a GPU the node's cores shared among its
-    processes (``local_world_size``, else torchrun's ``LOCAL_WORLD_SIZE``, else one per GPU) less one,
-    at least 2 where the share allows and at most 8."""
+    """DataLoader workers per process: none on the CPU, else a share of the node's cores, 2 .. 8."""
     if device.type != "cuda":
         return 0
     if local_world_size is None:
@@ -351,22 +268,20 @@ def cpu_info() -> dict[str, object]:
     """This CPU's model, usable cores, vector extensions and PyTorch's kernel level (for provenance)."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
-        for line in lines:  # the first processor's lines are enough
-            key, _, value = line.partition(":")
+        for key, _, value in (line.partition(":") for line in lines):  # the first processor's
             fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
     extensions = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     return {
-        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "model": fields.get("model name") or platform.machine(),
         "cores": _usable_cores(),
-        "extensions": [name for name in extensions if name in flags],
+        "extensions": [name for name in extensions if name in fields.get("flags", "").split()],
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
-def describe_cpu(info: dict[str, object] | None = None) -> str:
+def describe_cpu() -> str:
     """One line: ``AMD EPYC 7B13, 2 cores, AVX2 (torch kernels: AVX2)``."""
-    info = cpu_info() if info is None else info
+    info = cpu_info()
     extensions = ", ".join(str(e).upper() for e in info["extensions"]) or "no AVX2"
     return f"{info['model']}, {info['cores']} cores, {extensions} (torch kernels: {info['torch_capability']})"
 
@@ -379,9 +294,7 @@ def _imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.
 
 
 def model_input(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> torch.Tensor:
-    """Gray images -> model input: uint8 ``[N, 1, H, W]`` (or ``[N, H, W]``) / 255, or floats in
-    [0, 1], as ImageNet-normalised float ``[N, 3, H, W]`` (differentiable); 3-channel floats are
-    taken as model input already."""
+    """Gray uint8 or [0, 1] float images -> ImageNet-normalised float ``[N, 3, H, W]``."""
     x = torch.as_tensor(images)
     x = x[:, None] if x.dim() == 3 else x
     if x.dim() != 4:
@@ -417,9 +330,7 @@ def make_loader(
     seed: int | None,
     persistent: bool = True,
 ) -> DataLoader:
-    """The DataLoader of training and prediction: ``(positions, images, targets, masks)`` batches without
-    unreadable images; ``workers`` decode, prepare :func:`prefetch_batches` batches each ahead and stay
-    between epochs (``persistent``); pinned for a GPU; ``seed`` seeds its generator (None: the global)."""
+    """The DataLoader of training and prediction: ``(positions, images, targets, masks)`` batches."""
     return DataLoader(
         _Positioned(dataset),
         batch_size=batch_size,
@@ -434,8 +345,7 @@ def make_loader(
 
 
 def prefetch_batches(workers: int, batch_size: int, resolution: int) -> int:
-    """Batches each worker prepares ahead: 4, or fewer (at least 1) where the uint8 batches of all
-    ``workers`` would hold more than :data:`LOADER_SHARED_BYTES` of shared memory."""
+    """Batches each worker prepares ahead: 4, fewer (at least 1) above :data:`LOADER_SHARED_BYTES` in all."""
     batch_bytes = batch_size * int(resolution) ** 2
     return max(1, min(PREFETCH_BATCHES, LOADER_SHARED_BYTES // max(1, workers * batch_bytes)))
 
@@ -455,19 +365,16 @@ def predict_arrays(
     num_workers: int = 0,
     channels_last: bool | None = None,
     positions: list[int] | None = None,
-    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order;
-    ``channels_last`` defaults to True on CUDA. ``model`` is put in eval mode on ``device``."""
+    """(positions, logits) of the readable items of ``dataset`` (or of its ``positions``), in order."""
     device = torch.device(device)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    model = model.to(device, memory_format=layout).eval()
     order = range(len(dataset)) if positions is None else positions
     loader = make_loader(dataset, batch_size, order, num_workers, device, None, persistent=False)
     found, logits = [], []
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+    for batch in loader:
         if batch is None:
             continue
         with autocast(device, amp):
@@ -483,8 +390,7 @@ def predict_arrays(
 def logits_frame(
     dicom_ids: list[str], positions: np.ndarray, logits: np.ndarray, findings: list[str] | None = None
 ) -> pd.DataFrame:
-    """The predictions table: ``dicom_id`` then one column per finding (default CheXpert's 14), rows in
-    position order; skipped images are left out with a warning, another label set is a ``ValueError``."""
+    """The predictions table (``dicom_id``, one column per finding); skipped images: a warning."""
     findings = list(FINDINGS if findings is None else findings)
     if logits.ndim != 2 or logits.shape[1] != len(findings):
         raise ValueError(
@@ -511,78 +417,18 @@ def predict_logits(
     device: str | torch.device = "cpu",
     amp: torch.dtype | None = None,
     num_workers: int = 0,
-    progress: bool = False,
 ) -> pd.DataFrame:
     """``dicom_id`` and one logit column per finding of ``dataset.findings``, dataset order."""
-    positions, logits = predict_arrays(
-        model, dataset, batch_size, device, amp, num_workers, progress=progress
-    )
+    positions, logits = predict_arrays(model, dataset, batch_size, device, amp, num_workers)
     return logits_frame(list(dataset.dicom_ids), positions, logits, getattr(dataset, "findings", None))
 
 
-def load_trained_model(
-    source: str | os.PathLike, map_location: str | torch.device = "cpu", memory_efficient: bool = False
-) -> nn.Module:
-    """DenseNet121 in eval mode from a run folder (``best_model.pt`` verified against its sidecar, the
-    ``--tiles`` of its ``done.json``), a file with a sidecar, or a plain weights file; always
-    ``weights_only=True`` (a file that would run code is a ``ValueError``)."""
-    source = Path(source)
-    path = source / paths.BEST_MODEL if source.is_dir() else source
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained model at {path} (train it first, or give a weights file)")
-    if Path(f"{path}.json").is_file():
-        try:
-            state = _state_dict_in(load_verified(path, map_location), str(path))
-        except CheckpointError as error:
-            raise ValueError(str(error)) from error
-    else:
-        state = _load_state_dict_file(path, map_location)
+def load_trained_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """DenseNet121 in eval mode from a run folder or a weights file, loaded ``weights_only``."""
+    path = Path(source) / paths.BEST_MODEL if Path(source).is_dir() else Path(source)
+    state = _weights_file(path, map_location)
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else len(FINDINGS)
     global_context = any(key.startswith("features.globalcontext.") for key in state)
-    done = path.parent / paths.DONE
-    tiles = int(json.loads(done.read_text()).get("args", {}).get("tiles", 1)) if done.is_file() else 1
-    model = build_model("none", num_classes, memory_efficient, tiles=tiles, global_context=global_context)
+    model = build_model("none", num_classes, global_context=global_context)
     load_weights_into(model, state, source=str(path))
     return model.eval()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cxrlib.models``: a trained model's logits for a fold's role (or every image)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    arg = parser.add_argument
-    arg("--model", required=True, type=Path, help="run folder (best_model.pt) or weights file")
-    arg("--index", required=True, type=Path, help="index.csv")
-    arg("--cache", required=True, type=Path, help="image cache folder")
-    arg("--resolution", required=True, type=int, help="test resolution in pixels")
-    arg("--folds", type=Path, default=None, help="folds.csv (with --fold and --role)")
-    arg("--fold", type=int, default=None, help="fold number (default: every image)")
-    arg("--role", default="test", choices=("train", "val", "test"), help="role (default test)")
-    arg("--out", required=True, type=Path, help="predictions CSV to write")
-    arg("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    arg("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    arg("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    arg("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast")
-    arg("--cache-format", default="png", choices=("png", "jpg"), help="cache file format")
-    args = parser.parse_args(argv)
-    try:
-        index = read_index(args.index)
-        if args.fold is not None:
-            if args.folds is None:
-                raise ValueError("--fold needs --folds")
-            ids = set(fold_ids(read_folds(args.folds, index), args.fold, args.role))
-            index = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
-        device = resolve_device(args.device)
-        model = load_trained_model(args.model, map_location="cpu")
-        dataset = CXRDataset(index, args.resolution, args.cache, cache_format=args.cache_format)
-        amp = amp_dtype(device, args.amp)
-        frame = predict_logits(model, dataset, args.batch_size, device, amp, args.workers, progress=True)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    write_csv_atomic(frame, args.out)
-    print(f"wrote {args.out}: {len(frame)} images at {args.resolution} px")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,4 @@
-"""The paper's training recipe as numbers: Table 1, the effective batch plan, automatic batch sizes,
-Adam with LR-on-plateau and early stopping. docs/training.md, "The recipe", explains each rule.
-"""
+"""The paper's training recipe as numbers (docs/training.md, "The recipe")."""
 
 from __future__ import annotations
 
@@ -8,6 +6,7 @@ import argparse
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from .dist import all_reduce_min
@@ -22,10 +21,8 @@ TABLE1: dict[int, tuple[float, int]] = {
     2048: (8.204e-5, 42),
 }
 MIN_RESOLUTION = 32  # DenseNet121 reduces the input 32x; smaller images have no feature map left
-# Training memory per image with bf16 + channels_last, measured on an H200 (design.md): 10.6 GiB for
-# 128 images at 256 px, 21 GiB for 4 at 2048 px -> about 0.083 GiB x (R / 256)^2. Tensors saved for
-# the backward pass, counted on the CPU (128 px): float32 keeps 1.97x the bytes of bf16 autocast,
-# memory_efficient 0.47x (rounded up).
+# Training memory per image, bf16 + channels_last on an H200: about 0.083 GiB x (R / 256)^2; float32
+# keeps 1.97x the bytes saved for backward, memory_efficient 0.47x (rounded up; docs/performance.md).
 GIB_PER_IMAGE_AT_256, FLOAT32_MEMORY_FACTOR, MEMORY_EFFICIENT_FACTOR = 0.083, 2.0, 0.5
 AUTO_BATCH_MEMORY_FRACTION = 0.8  # of the free memory; the rest absorbs allocator fragmentation
 AUTO_BATCH_RESERVED_GIB = 1.0  # weights, gradients, Adam's state, cuDNN workspace
@@ -36,12 +33,8 @@ CPU_BATCH_SMALL, CPU_BATCH_LARGE = 16, 8  # on the CPU speed, not memory, limits
 def default_effective_batch(resolution: int) -> int:
     """Table 1's effective batch, log-linearly interpolated in resolution between its entries."""
     resolutions = sorted(TABLE1)
-    if resolution in TABLE1 or not resolutions[0] < resolution < resolutions[-1]:
-        return TABLE1[min(max(resolution, resolutions[0]), resolutions[-1])][1]
-    low = max(r for r in resolutions if r < resolution)
-    high = min(r for r in resolutions if r > resolution)
-    t = (math.log(resolution) - math.log(low)) / (math.log(high) - math.log(low))
-    return int(round(math.exp((1 - t) * math.log(TABLE1[low][1]) + t * math.log(TABLE1[high][1]))))
+    batches = np.log([TABLE1[r][1] for r in resolutions])
+    return int(round(math.exp(np.interp(math.log(resolution), np.log(resolutions), batches))))
 
 
 def default_lr(resolution: int, effective_batch: int | None = None) -> float:
@@ -74,36 +67,21 @@ class BatchPlan:
         return self.effective_batch / self.requested_effective_batch
 
     def describe(self) -> str:
-        text = (
+        inexact = "" if self.exact else f"; {self.requested_effective_batch} asked cannot be matched exactly"
+        return (
             f"effective batch {self.effective_batch} = {self.per_gpu_batch} per process x "
-            f"{self.world_size} process(es) x {self.accumulation_steps} accumulation step(s)"
+            f"{self.world_size} process(es) x {self.accumulation_steps} accumulation step(s){inexact}"
         )
-        if not self.exact:
-            text += (
-                f"; {self.requested_effective_batch} requested cannot be matched exactly, so the "
-                f"learning rate is scaled by {self.effective_batch}/{self.requested_effective_batch}"
-            )
-        return text
 
 
 def plan_batches(
     effective_batch: int, world_size: int, per_gpu_batch: int | None = None, max_per_gpu: int | None = None
 ) -> BatchPlan:
-    """Accumulation steps (and the per-process batch unless given) for ``effective_batch``: exact whenever
-    a per-process batch of at most ``max_per_gpu`` allows it, fewest steps first (docs/training.md)."""
-    if effective_batch < 1 or world_size < 1:
-        raise ConfigError(f"effective batch ({effective_batch}) and processes ({world_size}) must be >= 1")
+    """Accumulation steps (and per-process batch unless given) making up ``effective_batch``."""
     if per_gpu_batch is not None:
-        if per_gpu_batch < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {per_gpu_batch}")
         steps = max(1, round(effective_batch / (per_gpu_batch * world_size)))
         return BatchPlan(per_gpu_batch, world_size, steps, effective_batch)
     limit = max(1, max_per_gpu or effective_batch)
-    per_process, remainder = divmod(effective_batch, world_size)
-    if remainder == 0:
-        for steps in range(1, per_process + 1):
-            if per_process % steps == 0 and per_process // steps <= limit:
-                return BatchPlan(per_process // steps, world_size, steps, effective_batch)
     best = BatchPlan(1, world_size, 1, effective_batch)
     for steps in range(1, max(1, math.ceil(effective_batch / world_size)) + 1):
         share = effective_batch / (world_size * steps)
@@ -123,52 +101,26 @@ def training_gib_per_image(
     return per_image * (MEMORY_EFFICIENT_FACTOR if memory_efficient else 1.0)
 
 
-def batch_for_memory(
-    resolution: int,
-    free_bytes: int,
-    amp: torch.dtype | None = torch.bfloat16,
-    memory_efficient: bool = False,
-    cap: int = AUTO_BATCH_CAP,
-) -> int:
-    """Largest power of two (1 .. ``cap``) whose estimated training memory fits ``0.8 x free - 1 GiB``."""
-    if free_bytes < 0 or cap < 1:
-        raise ConfigError(f"free memory ({free_bytes} bytes) must be >= 0 and the cap ({cap}) >= 1")
-    usable = AUTO_BATCH_MEMORY_FRACTION * free_bytes / 2**30 - AUTO_BATCH_RESERVED_GIB
-    fits = int(usable / training_gib_per_image(resolution, amp, memory_efficient))
-    return 1 if fits < 1 else min(cap, 2 ** int(math.log2(fits)))
-
-
 def default_per_gpu_batch(
     resolution: int,
     device: str | torch.device,
     memory_efficient: bool = False,
     amp: torch.dtype | None | str = "auto",
     free_bytes: int | None = None,
+    cap: int = AUTO_BATCH_CAP,
 ) -> int:
-    """The per-process batch limit without ``--batch-size``: on a GPU :func:`batch_for_memory` of its
-    free memory (or ``free_bytes``), ``amp`` a dtype, None or an ``--amp`` mode; on the CPU 16 up to
-    128 px, else 8."""
+    """Per-process batch limit: 16 or 8 on the CPU; on a GPU the largest power of two (1 .. ``cap``)
+    whose estimated training memory fits ``0.8 x free - 1 GiB`` of its free memory (or ``free_bytes``)."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_BATCH_SMALL if resolution <= 128 else CPU_BATCH_LARGE
     amp = amp_dtype(device, amp) if isinstance(amp, str) else amp
-    if free_bytes is None:
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-    return batch_for_memory(resolution, free_bytes, amp, memory_efficient)
-
-
-def _auto_batch_reason(resolution: int, device: torch.device, amp, memory_efficient: bool, batch: int) -> str:
-    if device.type != "cuda":
-        return f"per-process batch limit {batch}: the CPU default at {resolution} px (--batch-size to change)"
-    free, total = torch.cuda.mem_get_info(device)
-    precision = str(amp).removeprefix("torch.") if amp is not None else "float32"
-    return (
-        f"per-process batch limit {batch}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
-        f"x {AUTO_BATCH_MEMORY_FRACTION} - {AUTO_BATCH_RESERVED_GIB:g} GiB, over an estimated "
-        f"{training_gib_per_image(resolution, amp, memory_efficient):.3f} GiB per image at {resolution} px "
-        f"({precision}{', memory_efficient' if memory_efficient else ''}); a power of two, at most "
-        f"{AUTO_BATCH_CAP} (--batch-size to override)"
-    )
+    free_bytes = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    if free_bytes < 0 or cap < 1:
+        raise ConfigError(f"free memory ({free_bytes} bytes) must be >= 0 and the cap ({cap}) >= 1")
+    usable = AUTO_BATCH_MEMORY_FRACTION * free_bytes / 2**30 - AUTO_BATCH_RESERVED_GIB
+    fits = int(usable / training_gib_per_image(resolution, amp, memory_efficient))
+    return 1 if fits < 1 else min(cap, 2 ** int(math.log2(fits)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,22 +137,16 @@ class TrainingPlan:
         return self.requested_lr * self.batches.lr_scale  # linear scaling when the batch is not exact
 
     def describe(self) -> list[str]:
-        """Log lines: how the per-process batch was chosen, the plan, and any learning-rate scaling."""
-        plan = self.batches
-        lines = [line for line in (self.limit_reason, plan.describe()) if line]
-        if not plan.exact:
-            used, asked = plan.effective_batch, plan.requested_effective_batch
-            scaled = f"lr {self.requested_lr:g} x {used}/{asked} = {self.lr:g}"
-            lines.append(f"using effective batch {used} instead of {asked}: {scaled}")
-        return lines
+        """Log lines: how the per-process batch was chosen, the plan and any learning-rate scaling."""
+        plan, used, asked = self.batches, self.batches.effective_batch, self.batches.requested_effective_batch
+        scaled = "" if plan.exact else f": lr {self.requested_lr:g} x {used}/{asked} = {self.lr:g}"
+        return [line for line in (self.limit_reason, plan.describe() + scaled) if line]
 
 
 def plan_training(
     args: argparse.Namespace, world_size: int, device: torch.device, amp: torch.dtype | None
 ) -> TrainingPlan:
-    """The effective batch (Table 1 or ``--effective-batch``), how processes, per-process batch and
-    accumulation make it up, and the learning rate (Table 1's rule or ``--lr``). Every process of a
-    group takes the smallest automatic limit (:class:`ConfigError` should the plans still differ)."""
+    """The batch plan and learning rate of ``args``, the same on every process."""
     effective = args.effective_batch or default_effective_batch(args.resolution)
     requested_lr = args.lr if args.lr is not None else default_lr(args.resolution, args.effective_batch)
     limit = args.batch_size or default_per_gpu_batch(args.resolution, device, args.memory_efficient, amp)
@@ -215,7 +161,14 @@ def plan_training(
         )
     if args.batch_size:
         return TrainingPlan(plan, requested_lr, None)
-    reason = _auto_batch_reason(args.resolution, torch.device(device), amp, args.memory_efficient, limit)
+    reason = f"per-process batch limit {limit}: the CPU default at {args.resolution} px (--batch-size)"
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        per_image = training_gib_per_image(args.resolution, amp, args.memory_efficient)
+        reason = (
+            f"per-process batch limit {limit}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, about "
+            f"{per_image:.3f} GiB per image at {args.resolution} px in {amp or 'float32'} (--batch-size)"
+        )
     return TrainingPlan(plan, requested_lr, limit, reason)
 
 
@@ -247,8 +200,7 @@ class EarlyStopping:
 
 
 def optimization(model: torch.nn.Module, lr: float, args: argparse.Namespace):
-    """Adam at ``lr``, the lr times ``--lr-factor`` after ``--patience-lr`` epochs without a better
-    validation loss (ReduceLROnPlateau), and early stopping after ``--patience-stop``."""
+    """Adam, ReduceLROnPlateau and early stopping as ``args`` set them."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=args.lr_factor, patience=args.patience_lr

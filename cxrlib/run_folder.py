@@ -1,9 +1,4 @@
-"""A training's folder (``--out``): lock, resume, checkpoints, best model, history, predictions, done.
-
-:class:`RunFolder` is everything the trainer writes to or reads from it (names in :mod:`cxrlib.paths`);
-only rank 0 writes, every process reads what rank 0 chose. Checkpoints are verified files; a resume
-with other essential settings is refused in one line (docs/training.md, "Files in ``--out``").
-"""
+"""A training's folder (``--out``): lock, resume, checkpoints and results (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -23,24 +18,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__, paths
+from . import __version__, fileio, paths
 from . import dist as cxrdist
 from .cache import CXRDataset
-from .fileio import (
-    CheckpointError,
-    ConfigError,
-    FolderBusyError,
-    exclusive_lock,
-    load_verified,
-    save_verified,
-    sha256_file,
-    sidecar_path,
-    write_csv_atomic,
-    write_text_atomic,
-)
 from .models import logits_frame, predict_arrays
 
-ESSENTIAL_KEYS = ("resolution", "fold", "index_sha256", "folds_sha256", "seed", "effective_batch", "weights")
 OPTIONAL_KEYS = {"max_train_images": None, "tiles": 1, "global_context": False}  # value before the key
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
 
@@ -52,40 +34,31 @@ def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(epoch, path) of every checkpoint file in ``run_dir``, newest first."""
-    run_dir = Path(run_dir)
-    entries = run_dir.iterdir() if run_dir.is_dir() else []
-    found = [(int(m.group(1)), p) for p in entries if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return sorted(found, reverse=True)
+    matches = ((CHECKPOINT_PATTERN.match(p.name), p) for p in Path(run_dir).glob("checkpoint_epoch*.pt"))
+    return sorted(((int(m[1]), p) for m, p in matches if m), reverse=True)
 
 
 def _remove(path: Path) -> None:
-    sidecar_path(path).unlink(missing_ok=True)
+    fileio.sidecar_path(path).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, keep: int = 2) -> Path:
     """Write ``state`` as epoch ``epoch``'s checkpoint, then keep only the newest ``keep``."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    path = save_verified(state, checkpoint_path(run_dir, epoch), {"epoch": int(epoch)})
+    path = fileio.save_verified(state, checkpoint_path(run_dir, epoch), {"epoch": int(epoch)})
     for old_epoch, old in list_checkpoints(run_dir)[keep:]:
         if old_epoch < epoch:
             _remove(old)
     return path
 
 
-def load_latest_checkpoint(
-    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", max_epoch: int | None = None
-) -> tuple[dict, Path] | None:
-    """The newest checkpoint (at most ``max_epoch``) that verifies and its path, or None; a damaged newer
-    file is skipped with a warning, a :class:`CheckpointError` when files exist but none verifies."""
+def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Path] | None:
+    """The newest checkpoint that verifies and its path, or None (none verifies: CheckpointError)."""
     problems = []
-    for epoch, path in list_checkpoints(run_dir):
-        if max_epoch is not None and epoch > max_epoch:
-            continue
+    for _, path in list_checkpoints(run_dir):
         try:
-            state = load_verified(path, map_location)
-        except CheckpointError as error:
+            state = fileio.load_verified(path)
+        except fileio.CheckpointError as error:
             problems.append(str(error))
             warnings.warn(f"ignoring checkpoint: {error}; trying the previous one", stacklevel=2)
             continue
@@ -94,19 +67,11 @@ def load_latest_checkpoint(
             continue
         return state, path
     if problems:
-        raise CheckpointError(
+        raise fileio.CheckpointError(
             f"no usable checkpoint in {run_dir}: " + "; ".join(problems) + ". Remove the damaged files or "
             "start over with --no-resume"
         )
     return None
-
-
-def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporary files left by a write that was killed (``.<name>.*.tmp``)."""
-    removed = sorted(Path(run_dir).glob(".*.tmp"))
-    for tmp in removed:
-        tmp.unlink(missing_ok=True)
-    return removed
 
 
 def capture_rng_state() -> dict:
@@ -138,22 +103,21 @@ def restore_rng_state(state: dict) -> None:
 
 def log(message: str) -> None:
     """Print on the main process only."""
-    if cxrdist.is_main_process():
+    if not cxrdist.is_dist() or torch.distributed.get_rank() == 0:
         print(f"[cxrlib.train] {message}", flush=True)
 
 
 @contextlib.contextmanager
 def run_folder_lock(out: Path, is_main: bool):
-    """Rank 0 holds ``out``'s lock for the run, so a second run on the same folder is refused
-    (:class:`FolderBusyError`) instead of mixing its checkpoints with the first one's."""
+    """Rank 0 holds ``out``'s lock for the run; a second run is a ``FolderBusyError``."""
     if not is_main:
         yield
         return
     try:
-        with exclusive_lock(out / paths.LOCK):
+        with fileio.exclusive_lock(out / paths.LOCK):
             yield
-    except FolderBusyError as holder:
-        raise FolderBusyError(
+    except fileio.FolderBusyError as holder:
+        raise fileio.FolderBusyError(
             f"another training run is writing {out} ({holder}); wait for it to finish or stop it, "
             f"or give this one another --out"
         ) from None
@@ -163,22 +127,19 @@ def run_fingerprint(args: argparse.Namespace, effective_batch: int) -> dict:
     """The arguments a resumed run must share with the checkpoint it continues."""
     return {
         "resolution": args.resolution, "fold": args.fold,
-        "index_sha256": sha256_file(args.index), "folds_sha256": sha256_file(args.folds),
+        "index_sha256": fileio.sha256_file(args.index), "folds_sha256": fileio.sha256_file(args.folds),
         "seed": args.seed, "effective_batch": effective_batch, "weights": str(args.weights),
-        "max_train_images": args.max_train_images, "tiles": args.tiles, "global_context": args.global_context,
+        "max_train_images": args.max_train_images, "global_context": args.global_context,
     }  # fmt: skip
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    """One-line :class:`ConfigError` when ``saved`` (a checkpoint's, done.json's) is another run's."""
-
-    def value(fingerprint: dict, key: str):
-        return fingerprint.get(key, OPTIONAL_KEYS.get(key))
-
-    differ = [k for k in (*ESSENTIAL_KEYS, *OPTIONAL_KEYS) if value(saved, k) != value(current, k)]
+    """A one-line ``ConfigError`` when ``saved`` (a checkpoint's, done.json's) is another run's."""
+    there, now = OPTIONAL_KEYS | saved, OPTIONAL_KEYS | current
+    differ = [k for k in now if there.get(k) != now[k]]
     if differ:
-        details = ", ".join(f"{k}: {value(saved, k)!r} there, {value(current, k)!r} now" for k in differ)
-        raise ConfigError(
+        details = ", ".join(f"{k}: {there.get(k)!r} there, {now[k]!r} now" for k in differ)
+        raise fileio.ConfigError(
             f"{where} belongs to a run with other settings ({details}); use another --out, "
             "or --no-resume to start this run over"
         )
@@ -187,19 +148,6 @@ def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
 def jsonable_args(args: argparse.Namespace) -> dict:
     """The command's arguments as JSON values (paths as strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def checkpoint_state(epoch: int, objects, history: list[dict], args, fingerprint: dict, plan) -> dict:
-    """Everything a resume needs after ``epoch``: model, optimizer, scheduler, scaler, early stopping
-    (``objects``, in that order), the history, the RNG states and the run's settings."""
-    model, optimizer, scheduler, scaler, stopper = objects
-    return {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
-        "args": jsonable_args(args), "fingerprint": fingerprint, "batch_plan": dataclasses.asdict(plan),
-        "version": __version__, "torch_version": str(torch.__version__),
-    }  # fmt: skip
 
 
 class RunFolder:
@@ -218,12 +166,12 @@ class RunFolder:
                     _remove(path)
                 for name in (*paths.FOLD_RESULTS, paths.BEST_MODEL, f"{paths.BEST_MODEL}.json"):
                     (self.out / name).unlink(missing_ok=True)
-            remove_stale_temporaries(self.out)
+            for tmp in self.out.glob(".*.tmp"):  # left by a write that was killed
+                tmp.unlink(missing_ok=True)
         cxrdist.barrier()
 
     def finished(self, epochs: int) -> dict | None:
-        """``done.json`` of a complete run with these settings (nothing to do), else None; a run that
-        stopped at fewer epochs than asked for now continues (its marker is removed)."""
+        """``done.json`` of a complete run with these settings, else None."""
         if not self.done_file.is_file():
             return None
         done = json.loads(self.done_file.read_text())
@@ -239,21 +187,12 @@ class RunFolder:
 
     def resume(self, model, optimizer, scheduler, scaler, stopper, info) -> tuple[int, list[dict]]:
         """Load the newest good checkpoint (chosen by rank 0) into every object; (epoch, history)."""
-        chosen = torch.zeros(1, dtype=torch.int64, device=info.device)
-        found = load_latest_checkpoint(self.out, map_location="cpu") if info.is_main else None
-        chosen[0] = found[0]["epoch"] if found else 0
-        epoch = int(cxrdist.broadcast_(chosen, src=0).item())
+        found = load_latest_checkpoint(self.out) if info.is_main else None
+        epoch = cxrdist.all_gather_objects(found[0]["epoch"] if found else 0)[0]
         if epoch == 0:
             return 0, []
-        if not info.is_main:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                found = load_latest_checkpoint(self.out, map_location="cpu", max_epoch=epoch)
-        state, path = found
-        if state["epoch"] != epoch:
-            raise CheckpointError(
-                f"rank {info.rank} read {path} (epoch {state['epoch']}), rank 0 chose epoch {epoch}"
-            )
+        path = checkpoint_path(self.out, epoch)
+        state = found[0] if found else fileio.load_verified(path)
         check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -267,77 +206,72 @@ class RunFolder:
             for newer_epoch, newer in list_checkpoints(self.out):
                 if newer_epoch > epoch:  # failed verification above: remove so it never shadows a good one
                     _remove(newer)
-            self._repair_best_model(state, model)
-            write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
+            best_epoch, best = state["early_stopping"]["best_epoch"], self.out / paths.BEST_MODEL
+            side = fileio.sidecar_path(best)
+            recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
+            if recorded != best_epoch and best_epoch == epoch:  # a kill came between the two writes
+                fileio.save_verified(model.state_dict(), best, {"epoch": best_epoch})
+            elif recorded != best_epoch:
+                warnings.warn(
+                    f"{best} is from epoch {recorded}, the checkpoint's best is {best_epoch}", stacklevel=2
+                )
+            fileio.write_csv_atomic(pd.DataFrame(state["history"]), self.out / paths.HISTORY)
         log(f"resumed from {path.name} (epoch {epoch}, best epoch {stopper.best_epoch})")
         return epoch, list(state["history"])
 
-    def _repair_best_model(self, state: dict, model: nn.Module) -> None:
-        """Rewrite best_model.pt from the checkpoint when a kill came between the two writes."""
-        best_epoch, best = state["early_stopping"]["best_epoch"], self.out / paths.BEST_MODEL
-        side = sidecar_path(best)
-        recorded = json.loads(side.read_text()).get("epoch") if side.is_file() else None
-        if recorded == best_epoch:
-            return
-        if best_epoch == state["epoch"]:
-            save_verified(model.state_dict(), best, {"epoch": best_epoch})
-        else:
-            warnings.warn(
-                f"{best} is from epoch {recorded}, the checkpoint's best is epoch {best_epoch}", stacklevel=3
-            )
-
-    def save_epoch(
-        self, state: dict, keep: int, improved: bool, model: nn.Module, val_loss: float, history: list[dict]
-    ) -> None:
-        """After an epoch: its checkpoint, the best model when it improved, ``history.csv``; then a
-        barrier, so that nobody starts the next epoch before this one's checkpoint is complete."""
+    def save_epoch(self, objects, history: list[dict], args, plan, improved: bool) -> None:
+        """After an epoch: checkpoint, best model, ``history.csv``, then a barrier."""
         if self.is_main:
-            epoch = state["epoch"]
-            save_checkpoint(state, self.out, epoch, keep)
+            (model, optimizer, scheduler, scaler, stopper), epoch = objects, history[-1]["epoch"]
+            state = {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "early_stopping": stopper.state_dict(), "history": history, "rng": capture_rng_state(),
+                "args": jsonable_args(args), "fingerprint": self.fingerprint,
+                "batch_plan": dataclasses.asdict(plan), "version": __version__,
+                "torch_version": str(torch.__version__),
+            }  # fmt: skip
+            save_checkpoint(state, self.out, epoch, args.keep_checkpoints)
             if improved:
-                metadata = {"epoch": epoch, "val_loss": val_loss}
-                save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
-            write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
+                metadata = {"epoch": epoch, "val_loss": history[-1]["val_loss"]}
+                fileio.save_verified(model.state_dict(), self.out / paths.BEST_MODEL, metadata)
+            fileio.write_csv_atomic(pd.DataFrame(history), self.out / paths.HISTORY)
         cxrdist.barrier()
 
     def load_best(self, model: nn.Module, device: torch.device) -> None:
         """The best epoch's weights (verified against their sidecar) into ``model``."""
         cxrdist.barrier()
-        model.load_state_dict(load_verified(self.out / paths.BEST_MODEL, map_location=device))
+        model.load_state_dict(fileio.load_verified(self.out / paths.BEST_MODEL, map_location=device))
 
-    def write_predictions(
-        self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt, workers: int
-    ) -> None:
+    def write_predictions(self, model: nn.Module, frame: pd.DataFrame, split: str, args, rt) -> None:
         """The model's logits for ``frame``'s images: each process scores its share, rank 0 writes."""
         options = {"cache_format": args.cache_format, "skip_bad_images": args.skip_bad_images}
         dataset = CXRDataset(frame, args.resolution, args.cache, **options)
         share = list(range(rt.info.rank, len(dataset), rt.info.world_size))
-        batch, device = 2 * rt.plan.per_gpu_batch, rt.device
+        batch = 2 * rt.plan.per_gpu_batch
         found, logits = predict_arrays(
-            model, dataset, batch, device, rt.amp, workers, rt.channels_last, share
+            model, dataset, batch, rt.device, rt.amp, rt.workers, rt.channels_last, share
         )
-        positions = cxrdist.all_gather_tensors(torch.as_tensor(found, device=device))
-        logits = cxrdist.all_gather_tensors(torch.as_tensor(logits, device=device))
+        shares = cxrdist.all_gather_objects((found, logits))
         if self.is_main:
-            positions, logits = torch.cat(positions).cpu().numpy(), torch.cat(logits).cpu().numpy()
+            positions, logits = (np.concatenate([share[i] for share in shares]) for i in (0, 1))
             table = logits_frame(frame["dicom_id"].tolist(), positions, logits, dataset.findings)
-            write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
+            fileio.write_csv_atomic(table, self.out / paths.PREDICTIONS[split])
 
     def write_done(self, summary: dict) -> None:
         """``done.json``, written last: the training is complete."""
         if self.is_main:
-            write_text_atomic(json.dumps(summary, indent=1), self.done_file)
+            fileio.write_text_atomic(json.dumps(summary, indent=1), self.done_file)
         cxrdist.barrier()
 
 
 def set_aside_stale_run(folder: Path, index_path: Path, folds_path: Path) -> Path | None:
-    """Rename a finished training made from another index or fold file to ``fold<k>.stale-<time>``
-    (never delete it), so that the new run starts clean; returns the new name, or None."""
+    """Rename a finished training from another index or fold file; the new name or None."""
     done = folder / paths.DONE
     if not done.is_file():
         return None
     saved = json.loads(done.read_text()).get("fingerprint", {})
-    current = {"index_sha256": sha256_file(index_path), "folds_sha256": sha256_file(folds_path)}
+    current = {"index_sha256": fileio.sha256_file(index_path), "folds_sha256": fileio.sha256_file(folds_path)}
     if all(saved.get(key) == value for key, value in current.items()):
         return None
     stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -1,10 +1,5 @@
-"""Train DenseNet121 on one fold at one resolution with the paper's recipe; one process or torchrun DDP.
-
-``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out runs/P/resR/foldK``
-(or ``torchrun --standalone --nproc_per_node=gpu -m cxrlib.train ...``). The loop and what feeds it;
-the recipe is :mod:`cxrlib.recipe`, the files :mod:`cxrlib.run_folder`. docs/training.md has the
-multi-node and SLURM commands, the recipe, the files written to ``--out`` and how a run resumes.
-"""
+"""Train DenseNet121 on one fold at one resolution, the paper's recipe, one process or torchrun DDP:
+``python -m cxrlib.train --index I --folds F --cache C --resolution R --fold K --out D`` (docs/training.md)"""
 
 from __future__ import annotations
 
@@ -27,30 +22,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, models
 from . import dist as cxrdist
 from .cache import MANIFEST_NAME, CXRDataset, ImageReadError, cached_image_path, check_cache
 from .fileio import CheckpointError, ConfigError, FolderBusyError
 from .index import index_findings, read_index
 from .labels import masked_bce_with_logits
-from .models import (
-    WEIGHT_CHOICES,
-    WeightsUnavailableError,
-    algorithm_settings,
-    amp_dtype,
-    autocast,
-    build_model,
-    default_workers,
-    make_loader,
-    model_input,
-    resolve_device,
-    use_channels_last,
-)
 from .recipe import MIN_RESOLUTION, BatchPlan, optimization, plan_training
-from .run_folder import RunFolder, checkpoint_state, jsonable_args, log, run_fingerprint, run_folder_lock
+from .run_folder import RunFolder, jsonable_args, log, run_fingerprint, run_folder_lock
 from .splits import fold_ids, num_folds, read_folds
 
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # one-line errors, no traceback
+KEPT = "; the checkpoints are kept: fix this (e.g. free disk space) and run the same command again to resume"
 MAX_ROTATION_DEGREES = 15.0
 
 
@@ -76,9 +59,7 @@ class Runtime:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data").add_argument
     data("--index", required=True, type=Path, help="index.csv (python -m cxrlib.datasets)")
     data("--folds", required=True, type=Path, help="folds.csv (python -m cxrlib.splits)")
@@ -100,14 +81,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe("--lr-factor", type=float, default=0.5, help="lr reduction factor (default 0.5)")
     recipe("--patience-stop", type=int, default=10, help="stop after N epochs without improvement")
     recipe("--seed", type=int, default=0, help="seed for weights, order and augmentation")
-    recipe("--tiles", type=int, default=1, help="features see T x T tiles of the image apart (default 1)")
     recipe("--global-context", action="store_true", help="a global context block after dense block 3")
     system = parser.add_argument_group("system").add_argument
     system("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     system("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
     system("--memory-efficient", action="store_true", help="gradient checkpointing in dense blocks")
-    layouts = ("auto", "on", "off")
-    system("--channels-last", default="auto", choices=layouts, help="channels_last (auto: on GPUs only)")
+    system("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto: on GPUs only")
     system("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
     system("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     system("--no-cudnn-benchmark", action="store_true", help="no cuDNN autotuning (saves its start-up)")
@@ -119,35 +98,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """One-line :class:`ConfigError` for a wrong parameter or a missing input, before any work."""
-    r, tiles = args.resolution, args.tiles
+    r = args.resolution
     if r < MIN_RESOLUTION or r % 32:
         raise ConfigError(
             f"--resolution {r}: must be a multiple of 32 and at least {MIN_RESOLUTION} (DenseNet121 reduces "
             "the image 32x)"
         )
-    if tiles < 1 or r % (32 * tiles):
-        raise ConfigError(
-            f"--tiles {tiles}: the {r} px image must split into tiles whose side is a multiple of 32 "
-            "(resolution divisible by 32 x tiles)"
-        )
-    for name in ("epochs", "batch_size", "effective_batch", "max_train_images", "keep_checkpoints"):
-        if (value := getattr(args, name)) is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
-    if args.workers is not None and args.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
-    if args.patience_lr < 0 or args.patience_stop < 1 or not 0 < args.lr_factor < 1:
-        raise ConfigError("--patience-lr >= 0, --patience-stop >= 1 and 0 < --lr-factor < 1 are required")
+    least = {"epochs": 1, "batch_size": 1, "effective_batch": 1, "max_train_images": 1, "keep_checkpoints": 1}
+    for name, low in {**least, "patience_stop": 1, "patience_lr": 0, "workers": 0}.items():
+        if (value := getattr(args, name)) is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if (args.lr is not None and not args.lr > 0) or not 0 < args.lr_factor < 1:
+        raise ConfigError(f"--lr ({args.lr}) must be positive and --lr-factor ({args.lr_factor}) in (0, 1)")
     for flag, path in (("--index", args.index), ("--folds", args.folds)):
         if not path.is_file():
             raise ConfigError(f"{flag} {path}: file not found")
     if not args.cache.is_dir():
         raise ConfigError(f"--cache {args.cache}: folder not found; build it with {_cache_command(args)}")
-    if args.weights not in WEIGHT_CHOICES and not Path(args.weights).is_file():
+    if args.weights not in models.WEIGHT_CHOICES and not Path(args.weights).is_file():
         raise ConfigError(f"--weights {args.weights}: not imagenet, none or an existing file")
-    device = resolve_device(args.device)
-    amp_dtype(device, args.amp)
+    device = models.resolve_device(args.device)
+    models.amp_dtype(device, args.amp)
     if args.sync_bn and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
 
@@ -160,8 +131,7 @@ def _cache_command(args: argparse.Namespace) -> str:
 
 
 def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
-    """The fold's train / val / test rows of the index (index order), each image checked in the cache
-    (with a manifest: listed with its recorded size; without one: its file exists)."""
+    """The fold's train / val / test rows of the index (index order), each image checked in the cache."""
     try:
         index = read_index(args.index)
         folds = read_folds(args.folds, index)
@@ -176,8 +146,7 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
         frames[role] = index[index["dicom_id"].isin(ids)].reset_index(drop=True)
         if frames[role].empty:
             raise ConfigError(f"fold {args.fold} of {args.folds} has no {role} images")
-    if args.max_train_images is not None:
-        frames["train"] = frames["train"].iloc[: args.max_train_images].reset_index(drop=True)
+    frames["train"] = frames["train"].iloc[: args.max_train_images].reset_index(drop=True)  # None: all
     needed, cache, fmt = pd.concat(list(frames.values()), ignore_index=True), args.cache, args.cache_format
     if (cache / MANIFEST_NAME).is_file():
         missing = check_cache(needed, cache, args.resolution, fmt)
@@ -194,9 +163,7 @@ def fold_frames(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 
 
 class StepBlockSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch) dealing each optimizer step's images to the processes in
-    contiguous blocks, so one process with ``world`` times the accumulation sees the same micro-batches
-    (docs/training.md); the last, partial step is split evenly, padded by repetition."""
+    """DistributedSampler dealing each optimizer step's images in blocks (docs/training.md)."""
 
     def __init__(
         self, dataset, num_replicas: int, rank: int, per_gpu_batch: int, accumulation_steps: int, seed: int
@@ -224,23 +191,22 @@ class StepBlockSampler(DistributedSampler):
 def training_loaders(
     frames: dict[str, pd.DataFrame], args: argparse.Namespace, info, plan, workers: int
 ) -> tuple[DataLoader, DataLoader]:
-    """The training loader (a :class:`StepBlockSampler`) and this process's unpadded share of the
-    validation images (twice the batch: no gradients), whose workers end after each validation so
-    that the two loaders' batches never hold shared memory at once."""
+    """The training loader and this process's share of the validation images (twice the batch)."""
     common = {"resolution": args.resolution, "cache_dir": args.cache, "cache_format": args.cache_format}
     train_set = CXRDataset(frames["train"], skip_bad_images=args.skip_bad_images, **common)
     val_set = CXRDataset(frames["val"], skip_bad_images=args.skip_bad_images, **common)
     batch, steps = plan.per_gpu_batch, plan.accumulation_steps
     sampler = StepBlockSampler(train_set, info.world_size, info.rank, batch, steps, args.seed)
-    train_loader = make_loader(train_set, batch, sampler, workers, info.device, args.seed)
+    train_loader = models.make_loader(train_set, batch, sampler, workers, info.device, args.seed)
     val_share = list(range(info.rank, len(val_set), info.world_size))
-    val_loader = make_loader(val_set, 2 * batch, val_share, workers, info.device, args.seed, persistent=False)
+    val_loader = models.make_loader(
+        val_set, 2 * batch, val_share, workers, info.device, args.seed, persistent=False
+    )
     return train_loader, val_loader
 
 
 def epoch_augmentation(num_images: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each training image's (rotation angle in degrees, horizontal flip) for one epoch, drawn from
-    ``(seed, epoch)``: the same for any number of processes, batch size or resume."""
+    """Each training image's (rotation in degrees, horizontal flip) for an epoch, from (seed, epoch)."""
     mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(mixed)
     angles = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
@@ -249,8 +215,7 @@ def epoch_augmentation(num_images: int, seed: int, epoch: int) -> tuple[torch.Te
 
 
 def rotate_flip_batch(images: torch.Tensor, angles_deg: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Flip (where ``flips``) then rotate each float ``[B, C, H, W]`` image counter-clockwise by its angle,
-    black fill: torchvision's ``hflip`` then ``rotate(angle, BILINEAR, fill=0)``, batched on the device."""
+    """torchvision's ``hflip`` (where ``flips``) then ``rotate(angle, BILINEAR, fill=0)``, batched."""
     batch, _, height, width = images.shape
     angles = angles_deg.to(images.device, torch.float32) * (math.pi / 180.0)
     cos, sin = torch.cos(angles), torch.sin(angles)
@@ -274,13 +239,11 @@ def augment_batch(
     images: torch.Tensor, angles: torch.Tensor, flips: torch.Tensor, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 ``[B, 1, R, R]`` on the device -> flipped, rotated, normalised float ``[B, 3, R, R]``."""
-    return model_input(rotate_flip_batch(images.float().div_(255.0), angles, flips), channels_last)
+    return models.model_input(rotate_flip_batch(images.float().div_(255.0), angles, flips), channels_last)
 
 
 def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: int, draws, totals) -> bool:
-    """One optimizer step over ``group``'s micro-batches: the loss is the mean over the known labels of
-    the whole effective batch; adds loss sum, known labels and images to ``totals``. True when skipped
-    (``--skip-nonfinite-steps``), else a NaN/inf loss is a :class:`NonFiniteLossError`."""
+    """One optimizer step over ``group``'s micro-batches; True when skipped (non-finite loss)."""
     device, (angles, flips) = rt.device, draws
     known = sum(batch[3].sum() for _, batch in group).to(device, torch.float64).reshape(1)
     known = cxrdist.all_reduce_sum(known).clamp_min(1.0)
@@ -295,7 +258,7 @@ def optimizer_step(model, group: list, optimizer, scaler, rt: Runtime, epoch: in
             x = augment_batch(
                 images.to(device, non_blocking=True), angles[where], flips[where], rt.channels_last
             )
-            with autocast(device, rt.amp):
+            with models.autocast(device, rt.amp):
                 logits = model(x)
             targets, masks = targets.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             batch_loss = masked_bce_with_logits(logits, targets, masks, "sum")
@@ -347,9 +310,8 @@ def train_one_epoch(
         if batch is None:  # every image of this micro-batch was unreadable (--skip-bad-images)
             if rt.info.world_size > 1:
                 raise ImageReadError(
-                    f"every image of batch {batch_number} (epoch {epoch}, rank {rt.info.rank}) is "
-                    "unreadable; with several processes such a batch cannot be skipped: fix or rebuild "
-                    "the cache"
+                    f"every image of batch {batch_number} (epoch {epoch}, rank {rt.info.rank}) is unreadable;"
+                    " with several processes such a batch cannot be skipped: fix or rebuild the cache"
                 )
             continue
         group.append((batch_number, batch))
@@ -378,10 +340,9 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
         if batch is None:
             continue
         _, images, targets, masks = batch
-        with autocast(rt.device, rt.amp):
-            logits = model(model_input(images.to(rt.device, non_blocking=True), rt.channels_last))
-        masks = masks.to(rt.device, non_blocking=True)
-        targets = targets.to(rt.device, non_blocking=True)
+        with models.autocast(rt.device, rt.amp):
+            logits = model(models.model_input(images.to(rt.device, non_blocking=True), rt.channels_last))
+        targets, masks = targets.to(rt.device, non_blocking=True), masks.to(rt.device, non_blocking=True)
         totals[0] += masked_bce_with_logits(logits, targets, masks, "sum").double()
         totals[1] += masks.sum().double()
     cxrdist.all_reduce_sum(totals)
@@ -389,33 +350,30 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, rt: Runtime) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train one fold at one resolution; returns the summary written to done.json. Raises
-    :class:`ConfigError`, :class:`NonFiniteLossError`, :class:`CheckpointError`, ``ImageReadError``,
-    ``WeightsUnavailableError`` or :class:`FolderBusyError` (another run is writing ``--out``)."""
+    """Train one fold at one resolution; returns the summary written to done.json."""
     validate_args(args)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     frames = fold_frames(args)
     info = cxrdist.init_distributed(None if args.device == "auto" else args.device)
     try:
-        settings = algorithm_settings(args.deterministic, benchmark=not args.no_cudnn_benchmark)
+        settings = models.algorithm_settings(args.deterministic, benchmark=not args.no_cudnn_benchmark)
         with run_folder_lock(args.out, info.is_main), settings:
             return train(args, frames, info)
     finally:
-        cxrdist.cleanup()
+        if cxrdist.is_dist():
+            torch.distributed.destroy_process_group()
 
 
 def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdist.DistInfo) -> dict:
     """One fold at one resolution, from setup (or resume) through the epochs to done.json."""
     started, device = time.time(), info.device
-    amp = amp_dtype(device, args.amp)
+    amp = models.amp_dtype(device, args.amp)
     schedule = plan_training(args, info.world_size, device, amp)
-    workers = args.workers if args.workers is not None else default_workers(device)
-    channels_last = use_channels_last(device, args.channels_last)
+    workers = args.workers if args.workers is not None else models.default_workers(device)
+    channels_last = models.use_channels_last(device, args.channels_last)
     rt = Runtime(info, amp, channels_last, schedule.batches, args.skip_nonfinite_steps, True, workers)
-    folder = RunFolder(
-        args.out, info.is_main, run_fingerprint(args, schedule.batches.requested_effective_batch)
-    )
+    folder = RunFolder(args.out, info.is_main, run_fingerprint(args, rt.plan.requested_effective_batch))
     folder.prepare(start_over=args.no_resume)
     if not args.no_resume and (done := folder.finished(args.epochs)) is not None:
         return done
@@ -429,10 +387,8 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     num_classes = len(index_findings(frames["train"]))  # the head: one output per finding of the index
-    model = build_model(
-        args.weights, num_classes, args.memory_efficient, tiles=args.tiles, global_context=args.global_context
-    )
-    if args.sync_bn and info.distributed:
+    model = models.build_model(args.weights, num_classes, args.memory_efficient, args.global_context)
+    if args.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer, scheduler, stopper = optimization(model, schedule.lr, args)
@@ -444,7 +400,7 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
 
     folder.load_best(model, device)
     for split in ("val", "test"):
-        folder.write_predictions(model, frames[split], split, args, rt, workers)
+        folder.write_predictions(model, frames[split], split, args, rt)
     plan, reason = rt.plan, "early_stop" if stopper.should_stop else "max_epochs"
     summary = {
         "complete": True, "reason": reason, "stopped_early": reason == "early_stop",
@@ -461,13 +417,11 @@ def train(args: argparse.Namespace, frames: dict[str, pd.DataFrame], info: cxrdi
 
 
 def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int, history: list[dict]) -> int:
-    """The epochs after ``start_epoch`` (model, optimizer, scheduler, scaler and early stopping in
-    ``objects``): train, validate, schedule, checkpoint, until ``--epochs`` or early stopping; returns
-    the skipped steps. ``history`` grows by one row per epoch."""
+    """The epochs after ``start_epoch`` until ``--epochs`` or early stopping; returns the skipped steps."""
     model, optimizer, scheduler, scaler, stopper = objects
     (train_loader, val_loader), info = loaders, rt.info
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if info.distributed else model
+    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if info.world_size > 1 else model
     skipped = 0
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if stopper.should_stop:
@@ -481,13 +435,13 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
         skipped += result["skipped_steps"]
         if result["bad_images"]:
             log(f"epoch {epoch}: {result['bad_images']} unreadable image(s) skipped (see the warnings)")
-        for buffer in model.buffers():  # rank 0's BatchNorm statistics, as DDP uses them
-            cxrdist.broadcast_(buffer.data, src=0)
+        if info.world_size > 1:  # rank 0's BatchNorm statistics, as DDP uses them
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
         val_loss = evaluate_loss(model, val_loader, rt)
         if not math.isfinite(val_loss):
             raise NonFiniteLossError(
-                f"validation loss is {val_loss} after epoch {epoch}; the model is not saved as best "
-                "(lower --lr or try --amp off)"
+                f"validation loss {val_loss} after epoch {epoch}, not saved as best (lower --lr or --amp off)"
             )
         scheduler.step(val_loss)
         improved = stopper.step(val_loss, epoch)
@@ -498,44 +452,28 @@ def fit(args, rt: Runtime, folder: RunFolder, objects, loaders, start_epoch: int
             "epoch": epoch, "train_loss": result["train_loss"], "val_loss": val_loss, "lr": lr_used,
             "seconds": time.time() - epoch_start, "img_per_s": result["images"] / max(train_seconds, 1e-9),
         })  # fmt: skip
-        state = (
-            checkpoint_state(epoch, objects, history, args, folder.fingerprint, rt.plan)
-            if info.is_main
-            else {}
-        )
-        folder.save_epoch(state, args.keep_checkpoints, improved, model, val_loss, history)
+        folder.save_epoch(objects, history, args, rt.plan, improved)
         log(
             f"epoch {epoch}: train_loss {result['train_loss']:.4f} val_loss {val_loss:.4f} lr {lr_used:.3g} "
             f"{history[-1]['img_per_s']:.1f} img/s {history[-1]['seconds']:.1f} s"
             + (" (best)" if improved else f" ({stopper.bad_epochs} without improvement)")
         )
         if stopper.should_stop:
-            best = stopper.best_epoch
-            log(f"early stop: no improvement for {stopper.bad_epochs} epochs (best epoch {best})")
+            log(f"early stop: {stopper.bad_epochs} epochs without improvement (best {stopper.best_epoch})")
     return skipped
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cxrlib.train``: train, and turn every expected failure into one line (exit 1 or 2)."""
-    args = get_args_parser().parse_args(argv)
-    errors = (ConfigError, NonFiniteLossError, CheckpointError, ImageReadError, WeightsUnavailableError)
+    errors = (ConfigError, NonFiniteLossError, CheckpointError, ImageReadError, FolderBusyError)
     try:
-        run(args)
-    except (*errors, FolderBusyError) as error:
-        if cxrdist.env_ranks()[0] == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2 if isinstance(error, ConfigError) else 1
-    except OSError as error:
-        if error.errno not in WRITE_FAILURES:
+        run(get_args_parser().parse_args(argv))
+    except (*errors, models.WeightsUnavailableError, OSError) as error:
+        if isinstance(error, OSError) and error.errno not in WRITE_FAILURES:
             raise
         if cxrdist.env_ranks()[0] == 0:
-            print(
-                f"error: {error}; the checkpoints written before are kept: fix this (e.g. free disk "
-                "space) and run the same command again to resume",
-                file=sys.stderr,
-                flush=True,
-            )
-        return 1
+            print(f"error: {error}{KEPT if isinstance(error, OSError) else ''}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
     return 0
 
 

@@ -12,11 +12,11 @@ import torch
 from cxrlib.fileio import CheckpointError, load_verified, save_verified, sidecar_path
 from cxrlib.models import load_trained_model
 from cxrlib.run_folder import (
+    RunFolder,
     capture_rng_state,
     checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
-    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -99,7 +99,8 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
     assert not checkpoint_path(tmp_path, 2).exists()
     assert load_latest_checkpoint(tmp_path)[0]["epoch"] == 1
     (tmp_path / ".checkpoint_epoch002.pt.abc.tmp").write_bytes(b"left by a SIGKILL")
-    assert len(remove_stale_temporaries(tmp_path)) == 1
+    RunFolder(tmp_path, True, {}).prepare(start_over=False)  # as a resumed training starts
+    assert not list(tmp_path.glob(".*.tmp")) and checkpoint_path(tmp_path, 1).is_file()
 
 
 def test_planted_code_running_pickle_is_refused_without_running(tmp_path):

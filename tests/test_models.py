@@ -128,28 +128,6 @@ def test_the_head_computes_in_float32_under_bf16_autocast(resolution):
         assert torch.allclose(model(x), plain(x), atol=1e-5)  # without autocast: the same function
 
 
-@pytest.mark.parametrize("tiles", [2, 4])
-def test_tiled_features_see_only_their_tile_and_share_the_plain_layers(tiles):
-    torch.manual_seed(0)
-    plain = build_model("none").eval()
-    tiled = build_model("none", tiles=tiles).eval()
-    assert list(tiled.state_dict()) == list(plain.state_dict())  # the same layers and keys
-    tiled.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 128, 128)
-    side, cells = 128 // tiles, 4 // tiles  # tile side in pixels, feature cells per tile side
-    with torch.no_grad():
-        mosaic = tiled.features(x)
-        assert mosaic.shape == (2, 1024, 4, 4)
-        for row in range(tiles):
-            for col in range(tiles):
-                tile = x[:, :, row * side : (row + 1) * side, col * side : (col + 1) * side]
-                cell = mosaic[:, :, row * cells : (row + 1) * cells, col * cells : (col + 1) * cells]
-                assert torch.allclose(cell, plain.features(tile), atol=1e-5)
-        assert tiled(x).shape == (2, 14)
-    with pytest.raises(ValueError, match="tiles must be at least 1"):
-        build_model("none", tiles=0)
-
-
 def test_the_global_context_block_starts_as_the_plain_network_and_lets_each_position_see_all(tmp_path):
     from cxrlib.models import load_trained_model, load_weights_into
 
