@@ -1,11 +1,7 @@
-"""Patient-level K-fold cross-validation with a nested train/val split (``folds.csv``), and its leakage check.
-
-``folds.csv`` has one row per image, in the index's order: ``dicom_id, subject_id, role_0 .. role_{K-1}``
-(roles ``train`` / ``val`` / ``test``). Every image of a subject has the subject's role, each image is
-tested in exactly one fold, the same index and seed give the same bytes (docs/data_files.md, "The folds")::
+"""Patient-level K-fold cross-validation with a nested train/val split (``folds.csv``: ``dicom_id,
+subject_id, role_0 .. role_{K-1}``), checked for leakage on every read (docs/data_files.md, "The folds")::
 
     python -m cxrlib.splits --index index.csv --folds 5 --seed 0 --out folds.csv
-    python -m cxrlib.splits --check folds.csv [--index index.csv]
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ ROLES: tuple[str, ...] = ("train", "val", "test")
 
 
 class LeakageError(DataError):
-    """A fold file mixes a subject across roles, does not test every image exactly once, or is not a
-    fold file at all; one line, as every :class:`~cxrlib.fileio.DataError`."""
+    """A fold file mixes a subject across roles, does not test every image once, or is malformed."""
 
 
 def _role_columns(folds: pd.DataFrame) -> list[str]:
@@ -44,8 +39,7 @@ def _table(index: pd.DataFrame, subjects: pd.Series, roles: dict[str, pd.Series]
 
 
 def _roles(rest: np.ndarray, test_subjects, val_fraction: float) -> dict[str, str]:
-    """``{subject: role}``: the first ``val_fraction`` of the shuffled ``rest`` val (at least one, and one
-    left to train), the others train, ``test_subjects`` test."""
+    # the first val_fraction of the shuffled rest val (at least one, and one left to train)
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
     return {
         **dict.fromkeys(rest[n_val:], "train"),
@@ -78,9 +72,8 @@ def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: flo
 
 
 def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1) -> pd.DataFrame:
-    """One fold (``role_0``) whose test images are the index's official test images (``split`` column
-    ``test``, Kermany's); the other subjects, shuffled with ``seed``, are train and val. A subject with
-    images on both sides is tested with all of them (a warning gives the count)."""
+    """One fold (``role_0``) testing the official test images (``split`` column, Kermany's) and the other
+    images of their subjects (with a warning); the other subjects, shuffled with ``seed``, train and val."""
     if "split" not in index.columns:
         raise DataError("the index has no 'split' column: the official split needs a source that keeps it")
     subjects = index["subject_id"].astype(str)
@@ -142,19 +135,14 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: 
         both = folds[["dicom_id", "subject_id"]].merge(
             index[["dicom_id", "subject_id"]].astype(str), on="dicom_id", how="outer", indicator=True
         )
-        only = both[both["_merge"] != "both"]
-        if len(only):
-            where = "the folds" if only["_merge"].iloc[0] == "left_only" else "the index"
-            image = only["dicom_id"].iloc[0]
-            raise LeakageError(
-                f"{source}: image {image!r} is only in {where}; the folds do not match the index"
-            )
-        differ = both[both["subject_id_x"] != both["subject_id_y"]]
+        differ = both[both["subject_id_x"] != both["subject_id_y"]]  # a missing subject too
         if len(differ):
             row = differ.iloc[0]
+            where = {"left_only": "the folds", "right_only": "the index"}.get(row["_merge"])
+            subjects = f"belongs to subject {row['subject_id_y']} in the index but {row['subject_id_x']} here"
             raise LeakageError(
-                f"{source}: image {row['dicom_id']!r} belongs to subject {row['subject_id_y']} in the index "
-                f"but {row['subject_id_x']} here"
+                f"{source}: image {row['dicom_id']!r} {f'is only in {where}' if where else subjects}; "
+                "the folds do not match the index"
             )
 
 
@@ -200,29 +188,22 @@ def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--index", type=Path, help="index.csv (from python -m cxrlib.datasets)")
+    add("--index", type=Path, required=True, help="index.csv (from python -m cxrlib.datasets)")
     add("--folds", type=int, default=5, help="number of folds K (default 5)")
     add("--seed", type=int, default=0, help="shuffling seed (default 0)")
     add("--val-fraction", type=float, default=0.1, help="share of non-test subjects in val")
-    add("--out", type=Path, help="folds.csv to write")
-    add("--check", type=Path, metavar="FOLDS_CSV", help="only check a fold file (and --index)")
+    add("--out", type=Path, required=True, help="folds.csv to write")
     args = parser.parse_args(argv)
-    if args.check is None and (args.index is None or args.out is None):
-        parser.error("give --index and --out to make folds, or --check FOLDS_CSV")
     from .index import read_index
 
     try:
-        index = read_index(args.index) if args.index else None
-        if args.check is not None:
-            folds = read_folds(args.check, index)
-        else:
-            folds = make_folds(index, args.folds, args.seed, args.val_fraction)
-            write_folds(folds, args.out)
+        folds = make_folds(read_index(args.index), args.folds, args.seed, args.val_fraction)
+        write_folds(folds, args.out)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    done = f"{args.check}: no leakage" if args.check else f"wrote {args.out}"
-    print(f"{done}: {len(folds)} images of {folds['subject_id'].nunique()} subjects\n{fold_summary(folds)}")
+    subjects = folds["subject_id"].nunique()
+    print(f"wrote {args.out}: {len(folds)} images of {subjects} subjects\n{fold_summary(folds)}")
     return 0
 
 
