@@ -3,7 +3,6 @@ that reads it or resizes originals on the fly, both from :func:`square_images`, 
 pixels. Layout, resuming and bad sources: docs/data_files.md, "The cache"::
 
     python -m cxrlib.cache --index index.csv --resolutions 256 512 1024 2048 --out CACHE [--workers 8]
-    python -m cxrlib.cache --index index.csv --resolutions 256 --out CACHE --check   # is it complete?
 """
 
 from __future__ import annotations
@@ -54,16 +53,9 @@ _FRAMES = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
 _PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding it."""
-    with Image.open(path) as image:
-        return image.size
-
-
 def to_grayscale_8bit(image: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit ``L``: 16- and 32-bit integers divided by ``2**b - 1`` with ``b`` the
-    smallest bit depth (at least 8) that holds the maximum (a 12-bit radiograph in a 16-bit PNG keeps its
-    contrast), floats in [0, 1] scaled by 255, colour and palette modes through RGB."""
+    """Any Pillow image as 8-bit ``L``: integers over the smallest bit depth (>= 8) holding the maximum (a
+    12-bit radiograph in a 16-bit PNG keeps its contrast), floats in [0, 1] times 255, colour through RGB."""
     image.load()
     if image.mode == "L":
         return image
@@ -81,9 +73,8 @@ def to_grayscale_8bit(image: Image.Image) -> Image.Image:
 
 
 def jpeg_damage(data: bytes) -> str:
-    """Where a JPEG's markers break the format (a marker inside compressed data, which libjpeg decodes
-    past with a warning Pillow silences; restarts out of order, stray bytes, data after the end), or
-    ``""``: segments by their length, each scan's data up to its next marker, then only the end marker."""
+    """Where a JPEG's markers break the format (a marker inside compressed data, which libjpeg decodes past
+    with a warning Pillow silences; restarts out of order, stray bytes, data after the end), or ``""``."""
     pos, scan, restart, left = 2, False, 0, None  # left: components a sequential frame has not scanned
     while match := _MARKER.search(data, pos):
         code, start = match[1][0], match.start()
@@ -110,13 +101,11 @@ def jpeg_damage(data: bytes) -> str:
     return "no end-of-image marker"
 
 
-def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, int]:
-    """The smallest decoded size that still gives a full-quality ``resolution`` px square."""
+def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, ...]:
+    # the smallest decoded size that still gives a full-quality square; pad: the long side is the square's
     if mode == "squash":
         return resolution, resolution
-    longest = max(size)  # pad: the long side becomes the square's side
-    width, height = (max(1, math.ceil(resolution * side / longest)) for side in size)
-    return width, height
+    return tuple(max(1, math.ceil(resolution * side / max(size))) for side in size)
 
 
 def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
@@ -152,13 +141,6 @@ def square_images(
     return images, source_size, scales
 
 
-def resize_to_square(
-    source: str | os.PathLike, resolution: int, mode: str = "squash", reduced_decode: bool = True
-) -> Image.Image:
-    """An image file as the 8-bit ``resolution`` px square the cache holds (:func:`square_images`)."""
-    return square_images(source, [resolution], mode, reduced_decode)[0][int(resolution)]
-
-
 def cached_image_path(cache_dir: str | os.PathLike, resolution: int, dicom_id: str, fmt: str = "png") -> Path:
     """Where the ``resolution`` px copy of image ``dicom_id`` lives in the cache."""
     dicom_id = str(dicom_id)
@@ -182,41 +164,17 @@ def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
     return manifest
 
 
-def cache_settings(cache_dir: str | os.PathLike, resolution: int) -> dict[str, str] | None:
-    """The ``format`` and ``mode`` of a cache at ``resolution``, from its manifest (None without one);
-    a ``ValueError`` when the manifest mixes formats or modes there."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    manifest = pd.read_csv(path, usecols=["resolution", "mode", "format"], dtype=str)
-    rows = manifest[manifest["resolution"] == str(int(resolution))]
-    settings = {}
-    for column in ("format", "mode"):
-        values = sorted(rows[column].unique())
-        if len(values) > 1:
-            raise ValueError(
-                f"{path}: {resolution} px images have several {column}s {values}; rebuild the cache"
-            )
-        settings[column] = values[0] if values else None
-    return settings
-
-
 def check_cache(
     index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, fmt: str | None = None, mode=None
 ) -> list[str]:
     """The dicom_ids of ``index`` the cache lacks at ``resolution`` (with ``fmt``, ``mode``): not in the
     manifest, or not a file of the recorded size (sources are not looked at)."""
-    cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     rows = manifest[manifest["resolution"] == int(resolution)]
     rows = rows[(rows["format"] == (fmt or rows["format"])) & (rows["mode"] == (mode or rows["mode"]))]
     size_of = dict(zip(rows["dicom_id"], zip(rows["path"], rows["bytes"], strict=True), strict=True))
-    missing = []
-    for dicom_id in index["dicom_id"].astype(str):
-        entry = size_of.get(dicom_id)
-        if entry is None or _size(cache_dir / entry[0]) != int(entry[1]):
-            missing.append(dicom_id)
-    return missing
+    ids = index["dicom_id"].astype(str)
+    return [d for d in ids if d not in size_of or _size(Path(cache_dir) / size_of[d][0]) != size_of[d][1]]
 
 
 def _stat(path: str | os.PathLike) -> os.stat_result | None:
@@ -259,9 +217,8 @@ class CacheReport:
     def summary(self) -> str:
         done = f"{self.written} files, {self.skipped} already cached, {len(self.errors)} unreadable"
         text = f"{self.cache_dir}: {self.images} images at {list(self.resolutions)} px: wrote {done}"
-        text += f" ({self.seconds:.1f} s)"
         dropped = f"; dropped {len(self.dropped)}, cleaned index: {self.cleaned_index}"
-        return text + (dropped if self.cleaned_index is not None else "")
+        return f"{text} ({self.seconds:.1f} s){dropped if self.cleaned_index else ''}"
 
     def error_message(self) -> str:
         shown = [f"{row.source_path} ({row.error})" for row in self.errors.head(5).itertuples()]
@@ -274,7 +231,7 @@ class CacheReport:
 
 
 def _cache_image(task: tuple) -> tuple[str, str, list[dict] | None, str]:
-    """Worker: decode one source, write it at each resolution; (dicom_id, source, manifest rows, error)."""
+    # decode one source, write it at each resolution; (dicom_id, source, manifest rows, error)
     dicom_id, source, resolutions, cache_dir, settings, jpeg_quality = task
     try:
         stat = os.stat(source)
@@ -384,7 +341,6 @@ def _is_current(row: dict | None, source: str, stat, settings: dict, root: Path)
 def _write_pending(
     tasks: list, workers: int, rows: dict, resolutions: tuple[int, ...], cache_dir: Path, progress: bool
 ) -> tuple[int, list[dict]]:
-    """Run the tasks, saving the manifest as they finish and at the end; (files written, errors)."""
     written, errors, last_save = 0, [], time.monotonic()
     try:
         with tqdm(
@@ -415,7 +371,6 @@ def _write_manifest(rows: dict, cache_dir: Path) -> None:
 
 
 def _run(tasks: list, workers: int):
-    """Yield worker results, in this process for one worker, else from a pool of processes."""
     if workers == 1:
         yield from map(_cache_image, tasks)
         return
@@ -447,15 +402,20 @@ class CXRDataset(Dataset):
     ):
         self.resolution = int(resolution)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        built = (cache_dir is not None and cache_settings(self.cache_dir, self.resolution)) or {}
-        for name, given in (("format", cache_format), ("mode", resize_mode)):
-            if built.get(name) and given is not None and given != built[name]:
+        rows = pd.DataFrame(columns=["resolution", "format", "mode"])  # the settings the cache was built with
+        manifest = self.cache_dir / MANIFEST_NAME if self.cache_dir else None
+        if manifest and manifest.is_file():
+            rows = pd.read_csv(manifest, usecols=["resolution", "mode", "format"], dtype=str)
+        rows, chosen = rows[rows["resolution"] == str(self.resolution)], {}
+        for name, given, default in (("format", cache_format, "png"), ("mode", resize_mode, "squash")):
+            built = sorted(rows[name].unique())
+            if len(built) > 1 or (built and given not in (None, built[0])):
                 raise ValueError(
                     f"the cache {self.cache_dir} holds {self.resolution} px images with {name} "
-                    f"{built[name]!r}, but {given!r} was asked for"
+                    f"{' and '.join(map(repr, built))}{f', but {given!r} was asked for' if given else ''}"
                 )
-        self.cache_format = cache_format or built.get("format") or "png"
-        self.resize_mode = resize_mode or built.get("mode") or "squash"
+            chosen[name] = given or (built or [default])[0]
+        self.cache_format, self.resize_mode = chosen["format"], chosen["mode"]
         self.transform, self.reduced_decode, self.skip_bad_images = transform, reduced_decode, skip_bad_images
         self.dicom_ids = index["dicom_id"].astype(str).tolist()
         self.paths = index["path"].astype(str).tolist()
@@ -472,9 +432,8 @@ class CXRDataset(Dataset):
             path = cached_image_path(self.cache_dir, self.resolution, self.dicom_ids[i], self.cache_format)
         try:
             if self.cache_dir is None:
-                array = np.asarray(
-                    resize_to_square(path, self.resolution, self.resize_mode, self.reduced_decode)
-                )
+                squares = square_images(path, [self.resolution], self.resize_mode, self.reduced_decode)[0]
+                array = np.asarray(squares[self.resolution])
             else:
                 with Image.open(path) as image:  # 8-bit gray already: convert() would copy every pixel again
                     array = np.asarray(image if image.mode == "L" else image.convert("L"))
@@ -520,22 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--jpeg-quality", type=int, default=95, help="quality for --format jpg")
     add("--no-reduced-decode", action="store_true", help="always decode JPEGs at full size (slower)")
     add("--drop-bad", action="store_true", help=f"leave unreadable images out, write {CLEANED_INDEX_NAME}")
-    add("--check", action="store_true", help="only report images the cache lacks")
     add("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        index = read_index(args.index)
-        if args.check:
-            incomplete = False
-            for r in sorted(set(args.resolutions)):
-                missing = check_cache(index, args.out, r, args.format, args.mode)
-                incomplete |= bool(missing)
-                example = f", e.g. {missing[:3]}" if missing else ""
-                print(f"{args.out}: {r} px: {len(index) - len(missing)}/{len(index)} cached{example}")
-            return 1 if incomplete else 0
         report = build_cache(
-            index, args.out, args.resolutions, args.workers, args.mode, args.format, args.jpeg_quality,
-            not args.no_reduced_decode, args.drop_bad, not args.no_progress,
+            read_index(args.index), args.out, args.resolutions, args.workers, args.mode, args.format,
+            args.jpeg_quality, not args.no_reduced_decode, args.drop_bad, not args.no_progress,
         )  # fmt: skip
     except CacheBuildError as error:
         print(f"{error.report.summary()}\nerror: {error}", file=sys.stderr)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
-from .cache import image_size
 from .fileio import DataError, DataFileNotFound, read_csv_text
 from .index import NATIVE_SIZE_COLUMNS, describe_index, drop_unlabelled_findings, validate_index, write_index
 from .labels import BLANK_OPTIONS, FINDINGS, NIH_FINDINGS, POLICIES, apply_policy, validate_raw_labels
@@ -155,7 +155,8 @@ def _image_sizes(frame: pd.DataFrame, source: Path, check_files: bool = True, hi
         rows, total=len(frame), desc="reading sizes", leave=False, disable=len(frame) < 5000
     ):
         try:
-            sizes.append(image_size(path))
+            with Image.open(path) as image:  # the header only
+                sizes.append(image.size)
         except Exception as error:  # name the row, whatever Pillow raised
             where = f"line {line}: " if line else ""
             raise DataError(f"{source}: {where}cannot read image {path}: {error}") from error
