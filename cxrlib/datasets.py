@@ -1,6 +1,5 @@
-"""Every data source (``mimic`` and the phantom, ``chexpert``, ``nih``, ``kermany``, ``csv``) as an index,
-and the command line that writes one; an input file's error is one line naming file, column and CSV line
-(:class:`~cxrlib.fileio.DataError`). Layouts, label sets, options: docs/data.md::
+"""Every data source (``mimic`` and the phantom, ``chexpert``, ``nih``, ``kermany``, ``csv``) as an index; an
+input file's error is one line naming file, column and CSV line. Layouts, label sets, options: docs/data.md::
 
     python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
     python -m cxrlib.datasets --dataset csv --csv labels.csv --label-map kermany --out index.csv
@@ -31,13 +30,9 @@ SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "kermany", "csv")
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "PA RLD", "AP RLD")
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 MIMIC_LABELS = "mimic-cxr-2.0.0-chexpert.csv"
-MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
 MIMIC_SPLITS: tuple[str, ...] = ("train", "validate", "test")
 NIH_ENTRY_FILES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-NIH_SIZE_COLUMNS = ("OriginalImage[Width", "Height]")  # the original size: the PNGs are resized
-NIH_REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position", *NIH_SIZE_COLUMNS)
-NIH_LISTS: dict[str, str] = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
-NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")
+NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")  # the lists: train_val_list.txt, test_list.txt
 # index_from_csv's built-in label maps (label column value -> {finding: raw label}) and the column each reads.
 LABEL_MAPS: dict[str, dict[str, dict[str, float]]] = {
     "kermany": {"PNEUMONIA": {"Pneumonia": 1, "No Finding": 0}, "NORMAL": {"Pneumonia": 0, "No Finding": 1}},
@@ -48,10 +43,7 @@ KERMANY_NAMES: dict[str, re.Pattern] = {  # class folder -> file name without ex
     "NORMAL": re.compile(r"(?P<patient>(?:NORMAL\d*-)?IM-\d+)(?:-\d+)+"),
     "PNEUMONIA": re.compile(r"(?P<patient>person\d+)_(?P<subtype>bacteria|virus)_\d+"),
 }
-KERMANY_SOURCE = (
-    "Kermany et al., Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images for "
-    "Classification, Mendeley Data v2, https://doi.org/10.17632/rscbjbr9sj.2, CC BY 4.0"
-)
+KERMANY_SOURCE = "Kermany et al., Mendeley Data v2, https://doi.org/10.17632/rscbjbr9sj.2, CC BY 4.0"
 _CHEXPERT_PATH = re.compile(r"patient(\d+)[/\\](study\d+)[/\\]([^/\\]+?)\.[^./\\]+$")
 _NO_FILES_HINT = "check --data-root, or pass check_files=False (--no-check-files)"
 
@@ -197,9 +189,8 @@ def _multi_label_targets(
     table: pd.DataFrame, column: str, label_set: Sequence[str] | None, separator: str, no_finding: str | None,
     source: Path, no_finding_column: bool | None = False,
 ) -> pd.DataFrame:  # fmt: skip
-    """Targets of a multi-label column (``"Mass|Nodule"``): a finding listed is 1.0, one not listed 0.0.
-    ``label_set`` None: the values seen, sorted. ``no_finding`` means none (never beside a finding);
-    ``no_finding_column`` adds it as the last finding (None: when a row gives it)."""
+    # a finding listed in a row ("Mass|Nodule") is 1.0, one not listed 0.0; label_set None: the values seen;
+    # no_finding means none (never beside a finding), no_finding_column adds it (None: when a row gives it)
     if not separator:
         raise DataError("labels separator: give a character such as '|' (--labels-separator)")
     _refuse_blanks(table, column, source)
@@ -283,7 +274,7 @@ def index_from_mimic(
 
 
 def _keep_split(frame: pd.DataFrame, root: Path, split: str, meta_path: Path) -> pd.DataFrame:
-    split_path = _mimic_file(root, MIMIC_SPLIT)
+    split_path = _mimic_file(root, "mimic-cxr-2.0.0-split.csv")
     table = _read_table(split_path, ("dicom_id", "split"))
     table["dicom_id"] = table["dicom_id"].str.strip()
     _refuse_duplicates(table, ["dicom_id"], split_path)
@@ -403,7 +394,6 @@ def index_from_csv(
 def _csv_labels(
     table, csv_path: Path, label_column, label_map, finding_columns, policy, blank
 ) -> pd.DataFrame:
-    raw = pd.DataFrame(np.nan, index=table.index, columns=list(FINDINGS), dtype=object)
     if label_column is not None:
         mapping = _parse_label_map(label_map)
         values = table[label_column].fillna("").str.strip()
@@ -412,9 +402,7 @@ def _csv_labels(
         case = f": it differs from {same[0]!r} only in case" if same else ""
         why = f"is not in the label map (its values: {sorted(mapping)}){case}"
         _refuse(table, unknown, label_column, csv_path, why)
-        for value, labels in mapping.items():
-            for finding, label in labels.items():
-                raw.loc[values == value, finding] = label
+        raw = pd.DataFrame([mapping[v] for v in values], index=table.index, columns=list(FINDINGS))
         given = {f for labels in mapping.values() for f in labels}
         blank = "unknown"  # a finding a value's map leaves out is not known for that value
     else:
@@ -432,7 +420,7 @@ def _csv_labels(
                 raise DataError(f"finding_columns: {finding!r} is not one of the 14 findings")
             if column not in table.columns:
                 raise DataError(f"{csv_path}: missing column {column!r} (finding {finding})")
-            raw[finding] = table[column]
+        raw = pd.DataFrame({f: table[c] for c, f in columns.items()}, columns=list(FINDINGS))
         given = set(columns.values())
     labels = apply_policy(raw, policy, blank, source=str(csv_path))
     labels[[f for f in FINDINGS if f not in given]] = np.nan
@@ -440,20 +428,15 @@ def _csv_labels(
 
 
 def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
-    if isinstance(label_map, str):
-        text = label_map.strip()
-        if text in LABEL_MAPS:
-            label_map = LABEL_MAPS[text]
-        elif text.startswith("{") or Path(text).is_file():
-            where = "" if text.startswith("{") else f" {text}"
-            try:
-                label_map = json.loads(Path(text).read_text() if where else text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"label map{where}: invalid JSON: {error}") from error
-        else:
-            raise DataError(
-                f"label map {text!r} is not a built-in map {sorted(LABEL_MAPS)}, a JSON object or a JSON file"
-            )
+    text = label_map.strip() if isinstance(label_map, str) else ""
+    if text in LABEL_MAPS:
+        label_map = LABEL_MAPS[text]
+    elif text:
+        try:
+            label_map = json.loads(text if text.startswith("{") else Path(text).read_text())
+        except (OSError, ValueError) as error:  # a JSONDecodeError is a ValueError
+            what = f"not a built-in map {sorted(LABEL_MAPS)}, a JSON object or a JSON file"
+            raise DataError(f"label map {text[:200]!r} is {what}: {error}") from None
     checked: dict[str, dict[str, float]] = {}
     for value, findings in dict(label_map).items():
         if not isinstance(findings, Mapping):
@@ -504,7 +487,8 @@ def index_from_nih(
     if not root.is_dir():
         raise DataFileNotFound(f"NIH ChestX-ray14 folder not found: {root}")
     entry = _nih_entry(root)
-    table = _read_table(entry, NIH_REQUIRED)
+    sizes = ("OriginalImage[Width", "Height]")  # the original size: the PNGs are resized
+    table = _read_table(entry, ("Image Index", "Finding Labels", "Patient ID", "View Position", *sizes))
     _refuse_blanks(table, "Patient ID", entry)
     _key_columns(table, ["Image Index"], entry)
     findings, no_finding = NIH_FINDINGS[:-1], NIH_FINDINGS[-1]
@@ -522,14 +506,14 @@ def index_from_nih(
         subject_id=table["Patient ID"].str.strip(),
         study_id=names.str[:-4],  # one image per visit (Follow-up #) in NIH's release
         view=table["View Position"].fillna("").str.strip().str.upper(),
-        native_width=_int_column(table, "OriginalImage[Width", entry),
-        native_height=_int_column(table, "Height]", entry),
+        native_width=_int_column(table, sizes[0], entry),
+        native_height=_int_column(table, sizes[1], entry),
         path=[found.get(name, str(root / "images" / name)) for name in names],
     )
     if subset != "all":
-        frame = frame[frame["Image Index"].isin(_nih_list(root / NIH_LISTS[subset]))]
+        frame = frame[frame["Image Index"].isin(_nih_list(listed := root / f"{subset}_list.txt"))]
         if frame.empty:
-            raise DataError(f"{root / NIH_LISTS[subset]}: names no image of {entry.name}")
+            raise DataError(f"{listed}: names no image of {entry.name}")
     frame = _filter_views(frame, views, entry)
     hint = "check --data-root (images_*/images/ or images/ under it)"
     return _finish(_image_sizes(frame, entry, check_files, hint), labels, entry, NATIVE_SIZE_COLUMNS)
@@ -607,9 +591,8 @@ def index_from_source(
     views: str | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """The index of a data source by name (presets and the command line): ``csv`` is the label file of
-    ``chexpert`` or ``csv``; ``csv_options`` the reader's own (``csv``'s, ``nih``: ``subset``, ``mimic``:
-    ``split``); the label set is the findings labelled with both classes."""
+    """The index of a data source by name, with the findings labelled with both classes: ``csv`` is the label
+    file of ``chexpert`` or ``csv``, ``csv_options`` the reader's own (``nih``: subset, ``mimic``: split)."""
     common = {"views": views, "check_files": check_files}
     options = dict(csv_options or {})
     if source in ("phantom", "mimic"):
