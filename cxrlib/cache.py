@@ -192,8 +192,14 @@ class CacheBuildError(RuntimeError):
     """Some sources could not be read; every other image was cached. ``report`` has the details."""
 
     def __init__(self, report: CacheReport):
-        self.report = report
-        super().__init__(report.error_message())
+        self.report, errors = report, report.errors
+        shown = [f"{row.source_path} ({row.error})" for row in errors.head(5).itertuples()]
+        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+        super().__init__(
+            f"{len(errors)} source image(s) could not be read: {'; '.join(shown)}{more}; "
+            f"all are listed in {report.cache_dir / ERRORS_NAME}. Replace or fix them and run again, "
+            f"or pass --drop-bad (drop_bad=True) to write {CLEANED_INDEX_NAME} without them"
+        )
 
 
 @dataclass
@@ -220,15 +226,6 @@ class CacheReport:
         dropped = f"; dropped {len(self.dropped)}, cleaned index: {self.cleaned_index}"
         return f"{text} ({self.seconds:.1f} s){dropped if self.cleaned_index else ''}"
 
-    def error_message(self) -> str:
-        shown = [f"{row.source_path} ({row.error})" for row in self.errors.head(5).itertuples()]
-        more = f" and {len(self.errors) - 5} more" if len(self.errors) > 5 else ""
-        return (
-            f"{len(self.errors)} source image(s) could not be read: {'; '.join(shown)}{more}; "
-            f"all are listed in {self.cache_dir / ERRORS_NAME}. Replace or fix them and run again, "
-            f"or pass --drop-bad (drop_bad=True) to write {CLEANED_INDEX_NAME} without them"
-        )
-
 
 def _cache_image(task: tuple) -> tuple[str, str, list[dict] | None, str]:
     # decode one source, write it at each resolution; (dicom_id, source, manifest rows, error)
@@ -250,21 +247,9 @@ def _cache_image(task: tuple) -> tuple[str, str, list[dict] | None, str]:
                 image.save(handle, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
             else:
                 image.save(handle, format="JPEG", quality=jpeg_quality)
-        rows.append(
-            {
-                "dicom_id": dicom_id,
-                "resolution": resolution,
-                "path": target.relative_to(cache_dir).as_posix(),
-                "bytes": target.stat().st_size,
-                "source_path": source,
-                "source_width": source_size[0],
-                "source_height": source_size[1],
-                "source_bytes": stat.st_size,
-                "source_mtime_ns": stat.st_mtime_ns,
-                **settings,
-                "decode_scale": scales[resolution],
-            }
-        )
+        cached = (dicom_id, resolution, target.relative_to(cache_dir).as_posix(), target.stat().st_size)
+        values = (*cached, source, *source_size, stat.st_size, stat.st_mtime_ns, *settings.values())
+        rows.append(dict(zip(MANIFEST_COLUMNS, (*values, scales[resolution]), strict=True)))
     return dicom_id, source, rows, ""
 
 
@@ -297,6 +282,7 @@ def build_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     old = read_manifest(cache_dir).to_dict("records") if (cache_dir / MANIFEST_NAME).is_file() else []
     rows = {(row["dicom_id"], int(row["resolution"])): row for row in old}
+    # in MANIFEST_COLUMNS' order
     settings = dict(mode=mode, format=fmt, interpolation=INTERPOLATION, reduced_decode=bool(reduced_decode))
     tasks, skipped = [], 0
     pairs = zip(ids, index["path"].astype(str), strict=True)
