@@ -30,7 +30,6 @@ SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "kermany", "csv")
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "PA RLD", "AP RLD")
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 MIMIC_LABELS = "mimic-cxr-2.0.0-chexpert.csv"
-MIMIC_SPLITS: tuple[str, ...] = ("train", "validate", "test")
 NIH_ENTRY_FILES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")  # the lists: train_val_list.txt, test_list.txt
 # index_from_csv's built-in label maps (label column value -> {finding: raw label}) and the column each reads.
@@ -232,13 +231,10 @@ def index_from_mimic(
     policy: str = "u-zeros",
     blank: str = "zero",
     views: str | Iterable[str] | None = None,
-    split: str | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Index of MIMIC-CXR-JPG from its metadata, label and (``split``) split CSVs; a study's labels go to all
-    its images (blank, with a warning, without a label row); ``views``: ``all``, ``frontal``, ``PA,AP`` ..."""
-    if split is not None and split not in MIMIC_SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of {MIMIC_SPLITS}")
+    """Index of MIMIC-CXR-JPG from its metadata and label CSVs; a study's labels go to all its images
+    (blank, with a warning, without a label row); ``views``: ``all``, ``frontal``, ``PA,AP`` ..."""
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataFileNotFound(f"MIMIC-CXR-JPG folder not found: {root}")
@@ -262,8 +258,6 @@ def index_from_mimic(
             f"({policy}, blank={blank})",
             stacklevel=2,
         )
-    if split is not None:
-        frame = _keep_split(frame, root, split, meta_path)
     frame = _filter_views(frame, views, meta_path)
     subject, sep = frame["subject_id"], os.sep
     folder = f"{root}{sep}files{sep}p" + subject.str[:2] + f"{sep}p" + subject + f"{sep}s" + frame["study_id"]
@@ -271,18 +265,6 @@ def index_from_mimic(
     if check_files:
         _refuse_missing_files(frame, meta_path, _NO_FILES_HINT)
     return _finish(frame, apply_policy(frame, policy, blank, source=str(labels_path)), meta_path)
-
-
-def _keep_split(frame: pd.DataFrame, root: Path, split: str, meta_path: Path) -> pd.DataFrame:
-    split_path = _mimic_file(root, "mimic-cxr-2.0.0-split.csv")
-    table = _read_table(split_path, ("dicom_id", "split"))
-    table["dicom_id"] = table["dicom_id"].str.strip()
-    _refuse_duplicates(table, ["dicom_id"], split_path)
-    _refuse(table, ~table["split"].isin(MIMIC_SPLITS), "split", split_path, f"is not one of {MIMIC_SPLITS}")
-    frame = frame[frame["dicom_id"].isin(table.loc[table["split"] == split, "dicom_id"])]
-    if frame.empty:
-        raise DataError(f"{split_path}: no image of {meta_path.name} is in split {split!r}")
-    return frame
 
 
 def index_from_chexpert(
@@ -329,8 +311,6 @@ def index_from_csv(
     finding_columns: Iterable[str] | Mapping[str, str] | None = None,
     view_column: str | None = None,
     view: str = "",
-    width_column: str = "width",
-    height_column: str = "height",
     policy: str = "u-zeros",
     blank: str = "zero",
     views: str | Iterable[str] | None = None,
@@ -383,9 +363,9 @@ def index_from_csv(
         _refuse_missing_files(
             frame, csv_path, "check the paths and --data-root (the CSV's folder by default)"
         )
-    if width_column in frame.columns and height_column in frame.columns:
-        frame["width"] = _int_column(frame, width_column, csv_path)
-        frame["height"] = _int_column(frame, height_column, csv_path)
+    if "width" in frame.columns and "height" in frame.columns:  # sizes given: no image is opened
+        frame["width"] = _int_column(frame, "width", csv_path)
+        frame["height"] = _int_column(frame, "height", csv_path)
     else:
         frame = _image_sizes(frame, csv_path, check_files)
     return _finish(frame, labels, csv_path)
@@ -592,7 +572,7 @@ def index_from_source(
     check_files: bool = True,
 ) -> pd.DataFrame:
     """The index of a data source by name, with the findings labelled with both classes: ``csv`` is the label
-    file of ``chexpert`` or ``csv``, ``csv_options`` the reader's own (``nih``: subset, ``mimic``: split)."""
+    file of ``chexpert`` or ``csv``, ``csv_options`` the reader's own (``csv``'s, ``nih``: subset)."""
     common = {"views": views, "check_files": check_files}
     options = dict(csv_options or {})
     if source in ("phantom", "mimic"):
@@ -626,7 +606,6 @@ def main(argv: list[str] | None = None) -> int:
     add("--policy", choices=POLICIES, default="u-zeros", help="uncertain (-1) labels (default u-zeros)")
     add("--blank", choices=BLANK_OPTIONS, default="zero", help="blank labels (default zero)")
     add("--views", default="all", help="all (default), frontal, or names such as PA,AP")
-    add("--split", choices=MIMIC_SPLITS, help="mimic: keep one official split")
     add("--nih-subset", choices=NIH_SUBSETS, default="all", help="nih: all, or one of NIH's official lists")
     add("--csv", help="chexpert: CSV in the data root (default train.csv); csv: the CSV file")
     add("--no-check-files", action="store_true", help="do not check that the images exist")
@@ -646,11 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     csv("--findings", type=_names, help="the label set, comma-separated (default: the values seen)")
     args = parser.parse_args(argv)
     source, root = args.dataset, args.data_root
-    if args.split and source != "mimic":
-        parser.error("--split is for --dataset mimic")
     if (args.csv if source == "csv" else root) is None:
         parser.error(f"--dataset {source} needs {'--csv FILE' if source == 'csv' else '--data-root'}")
-    options = {"mimic": {"split": args.split}, "nih": {"subset": args.nih_subset}}.get(source, {})
+    options = {"subset": args.nih_subset} if source == "nih" else {}
     if source == "csv":  # the CSV relative to here, not to the data root (chexpert's is in the data root)
         reader = inspect.signature(index_from_csv).parameters
         options = {name: value for name, value in vars(args).items() if name in reader and name != "csv"}
