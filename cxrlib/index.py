@@ -1,8 +1,5 @@
-"""The image index (``index.csv``, one row per image): schema, reading, writing, checking, summarizing.
-
-Every column that is not a fixed one is a finding, in order: **the index's label set** (1.0 / 0.0 / NaN
-for unknown), which the model, the tables and the figures take from here (docs/data_files.md, "The index").
-"""
+"""The image index (``index.csv``, one row per image): schema, reading, writing, checking, summary. Every
+column that is not a fixed one is a finding (1, 0, NaN): the label set, in order (docs/data_files.md)."""
 
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ def index_findings(index: pd.DataFrame | Sequence[str]) -> list[str]:
 
 
 def select_findings(index: pd.DataFrame, findings: Sequence | None, source: str = "index") -> pd.DataFrame:
-    """The index with only ``findings`` (a subset of its label set, in that order) as its label set;
-    ``None`` keeps them all. A name the index lacks is a :class:`~cxrlib.fileio.DataError`."""
+    """The index with only ``findings`` (of its label set, in that order) as its label set; ``None``: all."""
     if findings is None:
         return index
     present = index_findings(index)
@@ -45,14 +41,12 @@ def select_findings(index: pd.DataFrame, findings: Sequence | None, source: str 
 
 
 def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
-    """The index without the findings never labelled with both classes (nothing can be learned or scored
-    for them), with one warning naming them; none left is a :class:`~cxrlib.fileio.DataError`."""
+    """The index without the findings never labelled with both classes, with one warning naming them."""
     summary = summarize_index(index)
-    lacking = pd.Series("", index=summary.index)
-    lacking[summary["negatives"] == 0] = "only positive labels"
-    lacking[summary["positives"] == 0] = "only negative labels"
-    lacking[summary["positives"] + summary["negatives"] == 0] = "no known label"
-    lacking = lacking[lacking != ""]
+    positives, negatives = summary["positives"], summary["negatives"]
+    reasons = ["no known label", "only negative labels", "only positive labels"]
+    lacking = pd.Series(np.select([positives + negatives == 0, positives == 0, negatives == 0], reasons, ""))
+    lacking = lacking.set_axis(summary.index)[lambda reason: reason != ""]
     if lacking.empty:
         return index
     why = "; ".join(f"{', '.join(names.index)} ({reason})" for reason, names in lacking.groupby(lacking))
@@ -65,9 +59,8 @@ def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.D
 
 
 def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
-    """The index checked against the schema, with ids as strings, sizes as whole numbers and labels as
-    floats; a :class:`~cxrlib.fileio.DataError` names ``source`` and the column or CSV line of a missing
-    column, no finding, a blank id, a duplicate ``dicom_id`` or a value outside the schema."""
+    """The index checked against the schema, with ids as strings, sizes as whole numbers and labels as floats;
+    a :class:`~cxrlib.fileio.DataError` names ``source`` and the column or CSV line of what is wrong."""
     missing = [c for c in BASE_COLUMNS if c not in index.columns]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; an index needs {list(BASE_COLUMNS)}")
@@ -108,7 +101,6 @@ def _first(mask: pd.Series) -> int:
 
 
 def _numbers(index: pd.DataFrame, column: str, source: str, valid: Callable, what: str) -> pd.Series:
-    """A column as numbers, blank (NaN) allowed; the first other value that is not ``valid`` is an error."""
     given = index[column]
     values = pd.to_numeric(given, errors="coerce")
     blank = given.isna() | (given.astype(str).str.strip() == "")
@@ -134,14 +126,8 @@ def read_index(path: str | os.PathLike) -> pd.DataFrame:
     return validate_index(frame, source=str(path))
 
 
-def read_index_findings(path: str | os.PathLike) -> list[str]:
-    """The label set of an ``index.csv`` from its header alone (cheap for a large index)."""
-    return index_findings(read_header(path))
-
-
 def write_index(index: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validate an index and write it atomically as CSV (NaN labels as blanks): the fixed columns, the
-    native size and notes when it has them, then the findings."""
+    """Validate an index and write it atomically (NaN labels as blanks), the findings last."""
     index = validate_index(index)
     optional = [c for c in (*NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS) if c in index.columns]
     return write_csv_atomic(
@@ -161,14 +147,10 @@ def summarize_index(index: pd.DataFrame) -> pd.DataFrame:
 
 def describe_index(index: pd.DataFrame) -> str:
     """Images, subjects, studies, views and the label set in a few lines, then :func:`summarize_index`."""
-    views = index["view"].replace("", "(blank)").value_counts()
-    findings = index_findings(index)
+    views = ", ".join(f"{v} {n}" for v, n in index["view"].replace("", "(blank)").value_counts().items())
     subjects, studies = index["subject_id"].nunique(), index["study_id"].nunique()
-    return "\n".join(
-        [
-            f"{len(index)} images, {subjects} subjects, {studies} studies",
-            "views: " + ", ".join(f"{view} {count}" for view, count in views.items()),
-            f"findings ({len(findings)}): " + ", ".join(findings),
-            summarize_index(index).to_string(),
-        ]
+    findings = index_findings(index)
+    return (
+        f"{len(index)} images, {subjects} subjects, {studies} studies\nviews: {views}\n"
+        f"findings ({len(findings)}): {', '.join(findings)}\n{summarize_index(index).to_string()}"
     )

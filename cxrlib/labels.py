@@ -35,8 +35,7 @@ BLANK_OPTIONS: tuple[str, ...] = ("zero", "unknown")
 
 
 def finding_order(names: Iterable[str]) -> list[str]:
-    """The findings among ``names`` (duplicates dropped) in the order tables and figures show them:
-    CheXpert's order when every one is a CheXpert finding, else the order given."""
+    """The findings among ``names`` (once each) in CheXpert's order when all are CheXpert's, else as given."""
     unique = [str(n) for n in dict.fromkeys(names)]
     if set(unique) <= set(FINDINGS):
         return [f for f in FINDINGS if f in unique]
@@ -44,8 +43,7 @@ def finding_order(names: Iterable[str]) -> list[str]:
 
 
 def shared_findings(ours: Sequence[str], theirs: Sequence[str]) -> dict[str, str]:
-    """``{our name: their name}`` for the findings both label sets have, under the same name (any case,
-    ``_`` or ``-`` for spaces) or as the same finding under another name (:data:`SAME_FINDING`)."""
+    """``{our name: their name}`` of the findings both label sets have (any case, ``_`` or ``-`` as space)."""
 
     def key(name: str) -> str:
         normal = " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
@@ -102,8 +100,6 @@ def masked_bce_with_logits(
 ) -> torch.Tensor:
     """Binary cross-entropy on logits that ignores unknown labels (``mask == 0``): ``mean`` over the
     known labels, or their ``sum`` (with ``mask.sum()``, callers average across batches or processes)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")
     losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     total = (losses * mask).sum()
     return total if reduction == "sum" else total / mask.sum().clamp_min(1.0)
