@@ -1,6 +1,5 @@
-"""The multi-resolution image cache (each image once per resolution, square, 8-bit) and the ``Dataset``
-that reads it or resizes originals on the fly, both from :func:`square_images`, so both give identical
-pixels. Layout, resuming and bad sources: docs/data_files.md, "The cache"::
+"""The multi-resolution image cache (square 8-bit images) and the ``Dataset`` that reads it or resizes on the
+fly, both through :func:`square_images`: identical pixels. Layout, resuming, bad sources: docs/data_files.md::
 
     python -m cxrlib.cache --index index.csv --resolutions 256 512 1024 2048 --out CACHE [--workers 8]
 """
@@ -289,13 +288,10 @@ def build_cache(
     for dicom_id, source in tqdm(
         pairs, total=len(ids), desc="checking cache", leave=False, disable=not progress
     ):
-        source_stat = _stat(source) if any((dicom_id, r) in rows for r in resolutions) else None
-        todo = tuple(
-            r
-            for r in resolutions
-            if not _is_current(rows.get((dicom_id, r)), source, source_stat, settings, cache_dir)
-        )
-        skipped += len(resolutions) - len(todo)
+        stat = _stat(source) if any((dicom_id, r) in rows for r in resolutions) else None
+        fresh = [_is_current(rows.get((dicom_id, r)), source, stat, settings, cache_dir) for r in resolutions]
+        todo = tuple(r for r, ok in zip(resolutions, fresh, strict=True) if not ok)
+        skipped += sum(fresh)
         if todo:
             tasks.append((dicom_id, source, todo, cache_dir, settings, int(jpeg_quality)))
     report = CacheReport(cache_dir, resolutions, len(index), skipped=skipped)
@@ -370,10 +366,9 @@ class ImageReadError(RuntimeError):
 
 
 class CXRDataset(Dataset):
-    """The images of an index (in its row order) at one resolution, from ``cache_dir`` or resized on the fly
-    as the cache does: item ``i`` is ``(image, target, mask)``, a uint8 ``[1, R, R]`` image, targets over the
-    label set (unknown ones 0) and their mask; an unreadable image raises :class:`ImageReadError`, or with
-    ``skip_bad_images`` warns and is ``None`` (:func:`collate_skip_none` drops it), never zeros."""
+    """The images of an index at one resolution, from ``cache_dir`` or resized on the fly: item ``i`` is a
+    uint8 ``[1, R, R]`` image, its targets (unknown: 0) and mask; an unreadable image raises
+    :class:`ImageReadError`, or with ``skip_bad_images`` warns and is ``None``, never zeros."""
 
     def __init__(
         self,

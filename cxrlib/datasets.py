@@ -216,14 +216,15 @@ def _multi_label_targets(
     return pd.DataFrame(values, index=table.index, columns=columns, dtype=float)
 
 
-def _mimic_file(root: Path, name: str) -> Path:
-    for path in (root / f"{name}.gz", root / name):
+def _first_file(root: Path, names: Sequence[str], holding: str) -> Path:
+    for path in (root / name for name in names):
         if path.is_file():
             return path
-    raise DataFileNotFound(
-        f"{root}: neither {name}.gz nor {name} found; --data-root must be the MIMIC-CXR-JPG folder that "
-        "holds the CSVs and files/"
-    )
+    raise DataFileNotFound(f"{root}: neither {' nor '.join(names)} found; --data-root must be {holding}")
+
+
+def _mimic_file(root: Path, name: str) -> Path:
+    return _first_file(root, (f"{name}.gz", name), "the MIMIC-CXR-JPG folder that holds the CSVs and files/")
 
 
 def index_from_mimic(
@@ -433,14 +434,8 @@ def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
 
 
 def _nih_entry(root: Path) -> Path:
-    for name in NIH_ENTRY_FILES:
-        for path in (root / name, root / f"{name}.gz"):
-            if path.is_file():
-                return path
-    raise DataFileNotFound(
-        f"{root}: neither {' nor '.join(NIH_ENTRY_FILES)} (nor .gz) found; --data-root must be the NIH "
-        "ChestX-ray14 folder that holds them and images_001/ .. images_012/ (or images/)"
-    )
+    names = [n for name in NIH_ENTRY_FILES for n in (name, f"{name}.gz")]
+    return _first_file(root, names, "the NIH ChestX-ray14 folder with them and images_001/ .. (or images/)")
 
 
 def _nih_list(path: Path) -> set[str]:
