@@ -519,10 +519,7 @@ def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.
                 match = pattern.fullmatch(stem)
                 if match is None:
                     example = "IM-0115-0001.jpeg" if finding == "NORMAL" else "person1_bacteria_1.jpeg"
-                    raise DataError(
-                        f"{folder / name}: the file name names no patient (a {finding} image is named like "
-                        f"{example})"
-                    )
+                    raise DataError(f"{folder / name}: the file name names no patient (named like {example})")
                 subtype = match.groupdict().get("subtype") or "normal"
                 rows.append((str(folder / name), split, finding, match["patient"], subtype))
     if not rows:

@@ -109,13 +109,10 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: 
     duplicated = folds["dicom_id"].duplicated()
     if duplicated.any():
         raise LeakageError(f"{source}: image {folds['dicom_id'][duplicated].iloc[0]!r} is listed twice")
-    bad = ~folds[roles].isin(ROLES)
-    if bad.any().any():
-        column = bad.any().idxmax()
-        row = int(np.flatnonzero(bad[column].to_numpy())[0])
-        raise LeakageError(
-            f"{source}: {column}, line {row + 2}: role {folds[column].iloc[row]!r} is not one of {ROLES}"
-        )
+    rows, columns = np.nonzero(~folds[roles].isin(ROLES).to_numpy())
+    if len(rows):
+        where, role = f"{roles[columns[0]]}, line {rows[0] + 2}", folds[roles[columns[0]]].iloc[rows[0]]
+        raise LeakageError(f"{source}: {where}: role {role!r} is not one of {ROLES}")
     mixed = folds.groupby("subject_id")[roles].nunique() > 1
     if mixed.any().any():
         column = mixed.any().idxmax()
