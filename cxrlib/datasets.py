@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .fileio import DataError, DataFileNotFound, read_csv_text
 from .index import NATIVE_SIZE_COLUMNS, describe_index, drop_unlabelled_findings, validate_index, write_index
-from .labels import BLANK_OPTIONS, FINDINGS, NIH_FINDINGS, POLICIES, apply_policy, validate_raw_labels
+from .labels import BLANK_OPTIONS, FINDINGS, NIH_FINDINGS, POLICIES, apply_policy
 
 SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "kermany", "csv")
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "PA RLD", "AP RLD")
@@ -245,12 +245,13 @@ def index_from_mimic(
     meta["width"] = _int_column(meta, "Columns", meta_path)
     meta["height"] = _int_column(meta, "Rows", meta_path)
     meta["view"] = meta["ViewPosition"].fillna("").str.strip()
-    raw = _read_table(labels_path, ("subject_id", "study_id", *FINDINGS))
-    validate_raw_labels(raw, str(labels_path))
-    _key_columns(raw, ["subject_id", "study_id"], labels_path)
     keys = ["subject_id", "study_id"]
-    frame = meta.merge(raw[[*keys, *FINDINGS]], on=keys, how="left", indicator=True)
+    raw = _read_table(labels_path, (*keys, *FINDINGS))
+    targets = apply_policy(raw, policy, blank, source=str(labels_path))  # a bad value named by its CSV line
+    _key_columns(raw, keys, labels_path)
+    frame = meta.merge(pd.concat([raw[keys], targets], axis=1), on=keys, how="left", indicator=True)
     unlabeled = frame["_merge"] == "left_only"
+    frame.loc[unlabeled, list(FINDINGS)] = 0.0 if blank == "zero" else np.nan  # all blank
     if unlabeled.any():
         studies = frame.loc[unlabeled, keys].drop_duplicates()
         warnings.warn(
@@ -265,7 +266,7 @@ def index_from_mimic(
     frame = frame.assign(path=folder + sep + frame["dicom_id"] + ".jpg")
     if check_files:
         _refuse_missing_files(frame, meta_path, _NO_FILES_HINT)
-    return _finish(frame, apply_policy(frame, policy, blank, source=str(labels_path)), meta_path)
+    return _finish(frame, frame[list(FINDINGS)], meta_path)
 
 
 def index_from_chexpert(

@@ -53,35 +53,29 @@ def shared_findings(ours: Sequence[str], theirs: Sequence[str]) -> dict[str, str
     return {name: theirs_by_key[key(name)] for name in ours if key(name) in theirs_by_key}
 
 
-def validate_raw_labels(raw: pd.DataFrame, source: str = "labels") -> None:
-    """Raise :class:`~cxrlib.fileio.DataError` naming ``source``, the column and the row of a missing
-    finding column or the first value outside {1, 0, -1, blank}."""
-    missing = [f for f in FINDINGS if f not in raw.columns]
-    if missing:
-        raise DataError(f"{source}: missing finding column(s) {missing}")
-    for finding in FINDINGS:
-        values = pd.to_numeric(raw[finding], errors="coerce")
-        not_numeric = values.isna() & raw[finding].notna() & (raw[finding].astype(str).str.strip() != "")
-        bad = not_numeric | (values.notna() & ~values.isin((1.0, 0.0, -1.0)))
-        if bad.any():
-            row = bad.to_numpy().nonzero()[0][0]
-            raise DataError(
-                f"{source}: column {finding!r}, row {row + 2} (line in the CSV, header is line 1): "
-                f"value {raw[finding].iloc[row]!r} is not one of 1, 0, -1 or blank"
-            )
-
-
 def apply_policy(
     raw: pd.DataFrame, policy: str = "u-zeros", blank: str = "zero", source: str = "labels"
 ) -> pd.DataFrame:
     """Targets (1.0 / 0.0 / NaN) of the raw labels of the 14 findings, in order on ``raw``'s index: -1 is
-    0 (``u-zeros``), 1 (``u-ones``) or NaN (``u-ignore``); blank is 0 or NaN (``blank="unknown"``)."""
+    0 (``u-zeros``), 1 (``u-ones``) or NaN (``u-ignore``); blank is 0 or NaN (``blank="unknown"``). A missing
+    column or a value outside {1, 0, -1, blank} is a :class:`~cxrlib.fileio.DataError` naming its CSV line."""
     if policy not in POLICIES:
         raise DataError(f"unknown uncertainty policy {policy!r}; choose one of {POLICIES}")
     if blank not in BLANK_OPTIONS:
         raise DataError(f"unknown blank option {blank!r}; choose one of {BLANK_OPTIONS}")
-    validate_raw_labels(raw, source)
-    values = raw[list(FINDINGS)].apply(pd.to_numeric, errors="coerce").astype(float)
+    if missing := [f for f in FINDINGS if f not in raw.columns]:
+        raise DataError(f"{source}: missing finding column(s) {missing}")
+    given = raw[list(FINDINGS)]
+    values = given.apply(pd.to_numeric, errors="coerce").astype(float)
+    blank_text = given.astype(str).apply(lambda column: column.str.strip()) == ""
+    bad = ~values.isin((1.0, 0.0, -1.0)) & given.notna() & ~blank_text
+    if bad.any().any():
+        finding = bad.any().idxmax()
+        row = int(np.flatnonzero(bad[finding].to_numpy())[0])
+        raise DataError(
+            f"{source}: column {finding!r}, row {row + 2} (CSV line): value {given[finding].iloc[row]!r} is "
+            "not 1, 0, -1 or blank"
+        )
     out = values.copy()
     out[values == -1.0] = {"u-zeros": 0.0, "u-ones": 1.0, "u-ignore": np.nan}[policy]
     out[values.isna()] = 0.0 if blank == "zero" else np.nan
