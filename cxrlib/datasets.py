@@ -163,17 +163,10 @@ def _finish(frame: pd.DataFrame, labels: pd.DataFrame, source: Path, extra: Sequ
 
 def _resolve(paths: pd.Series, root: Path) -> pd.Series:
     # a first component equal to root's name (CheXpert-v1.0/train/... under CheXpert-v1.0) is root itself
-    inside = not (root / root.name).exists()
-
-    def one(path: str) -> str:
-        parts = Path(path).parts
-        if Path(path).is_absolute():
-            return os.path.normpath(path)
-        if inside and len(parts) > 1 and parts[0] == root.name:
-            parts = parts[1:]
-        return os.path.normpath(os.path.join(root, *parts))
-
-    return paths.astype(str).map(one)
+    paths = paths.astype(str)
+    if not (root / root.name).exists():
+        paths = paths.str.replace(rf"^(?:\.[/\\]+)*{re.escape(root.name)}[/\\]+(?=[^/\\])", "", regex=True)
+    return paths.map(lambda path: os.path.normpath(os.path.join(root, path)))  # an absolute path stays
 
 
 def _ids_from_paths(paths: pd.Series, root: Path) -> pd.Series:
@@ -331,10 +324,8 @@ def index_from_csv(
         label_column = LABEL_MAP_COLUMNS.get(label_map.strip())
     if (label_map is None) != (label_column is None):
         raise DataError("give both label_column (--label-column) and label_map (--label-map), or neither")
-    if labels_column is not None and (label_column is not None or finding_columns is not None):
-        raise DataError("give labels_column (--labels-column) alone, without a label map or finding columns")
-    if label_column is not None and finding_columns is not None:
-        raise DataError("give finding_columns or label_column with label_map, not both")
+    if sum(given is not None for given in (labels_column, label_column, finding_columns)) > 1:
+        raise DataError("give one of finding_columns, label_column with label_map, or labels_column")
     flags = {  # every column the CSV must have, and the option that names it
         path_column: "--path-column", patient_column: "--patient-column", study_column: "--study-column",
         id_column: "--id-column", view_column: "--view-column", labels_column: "--labels-column",
