@@ -61,10 +61,8 @@ def to_grayscale_8bit(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         top = float(array.max(initial=0.0))
-        if image.mode == "F" and top <= 1.0:
-            scale = 1.0
-        else:
-            scale = float(2 ** max(8, int(math.ceil(top)).bit_length()) - 1)
+        bits = 0 if image.mode == "F" and top <= 1.0 else max(8, int(math.ceil(top)).bit_length())
+        scale = float(2**bits - 1) if bits else 1.0
         return Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("1", "RGB", "YCbCr"):
         return image.convert("L")
@@ -166,8 +164,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
 def check_cache(
     index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, fmt: str | None = None, mode=None
 ) -> list[str]:
-    """The dicom_ids of ``index`` the cache lacks at ``resolution`` (with ``fmt``, ``mode``): not in the
-    manifest, or not a file of the recorded size (sources are not looked at)."""
+    """The dicom_ids of ``index`` with no file of the recorded size at ``resolution`` (``fmt``, ``mode``)."""
     manifest = read_manifest(cache_dir)
     rows = manifest[manifest["resolution"] == int(resolution)]
     rows = rows[(rows["format"] == (fmt or rows["format"])) & (rows["mode"] == (mode or rows["mode"]))]
@@ -467,15 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             read_index(args.index), args.out, args.resolutions, args.workers, args.mode, args.format,
             args.jpeg_quality, not args.no_reduced_decode, args.drop_bad, not args.no_progress,
         )  # fmt: skip
-    except CacheBuildError as error:
-        print(f"{error.report.summary()}\nerror: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # a full disk or a failing write: nothing finished before is lost
-        print(f"error: {error}; the images cached before are kept: fix this (e.g. free disk space) and run "
-              "the same command again to continue", file=sys.stderr)  # fmt: skip
+    except (CacheBuildError, ValueError, OSError) as error:  # OSError: a full disk, a failing write ...
+        done = f"{error.report.summary()}\n" if isinstance(error, CacheBuildError) else ""
+        written = isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
+        kept = "; images cached before are kept: fix this (free disk space) and run the same command again"
+        print(f"{done}error: {error}{kept if written else ''}", file=sys.stderr)
         return 1
     print(report.summary())
     if report.dropped:

@@ -270,8 +270,7 @@ def index_from_chexpert(
     views: str | Iterable[str] | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Index of CheXpert from its ``train.csv`` / ``valid.csv`` under ``root`` (holding ``CheXpert-v1.0/`` or
-    that folder itself): ids from ``Path`` (``patient00001/study1/view1_frontal.jpg``), view from AP/PA."""
+    """Index of CheXpert from its ``train.csv`` or ``valid.csv`` under ``root`` (``CheXpert-v1.0`` or up)."""
     root = Path(os.path.abspath(root))
     csv_path = root / csv
     table = _read_table(csv_path, ("Path", "Frontal/Lateral", "AP/PA", *FINDINGS))
@@ -497,8 +496,7 @@ def _kermany_root(root: str | os.PathLike) -> Path:
 
 
 def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.DataFrame:
-    """Index of Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/``: labels from the folder, the
-    patient from the file name, and the ``split`` and ``subtype`` (normal / bacteria / virus) columns."""
+    """Index of Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/`` with ``split``, ``subtype``."""
     root = _kermany_root(root)
     rows = []
     for split in KERMANY_SPLITS:
@@ -525,8 +523,7 @@ def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.
 
 
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise :class:`~cxrlib.fileio.DataFileNotFound` naming the first file a data root lacks (``csv``: the
-    label file): a cheap check before any work; the readers check every row later."""
+    """Raise :class:`~cxrlib.fileio.DataFileNotFound` naming the first file a data root lacks (cheap)."""
     root = Path(os.path.abspath(root))
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose one of {SOURCES}")

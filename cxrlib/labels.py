@@ -1,7 +1,5 @@
-"""Label sets (CheXpert's 14 :data:`FINDINGS` by default, NIH's :data:`NIH_FINDINGS`), the uncertainty
-policies that map raw labels (1 / 0 / -1 / blank) to targets 1.0 / 0.0 / NaN (unknown, masked out of every
-loss and metric), and the masked loss. The policy table: docs/data_files.md, "Labels".
-"""
+"""Label sets (CheXpert's 14 :data:`FINDINGS`, NIH's), the uncertainty policies (raw 1 / 0 / -1 / blank to
+1.0 / 0.0 / NaN, unknown: masked out of every loss and metric) and the masked loss (docs/data_files.md)."""
 
 from __future__ import annotations
 
