@@ -148,10 +148,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
     """Read ``CACHE/manifest.csv``; raises ``FileNotFoundError`` when the cache has none."""
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {cache_dir}: not a cache built by python -m cxrlib.cache "
-            "(or its build has not written anything yet)"
-        )
+        raise FileNotFoundError(f"{path} not found: not a cache built (yet) by python -m cxrlib.cache")
     text = ("dicom_id", "path", "source_path", "mode", "format", "interpolation")
     manifest = pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
@@ -281,10 +278,8 @@ def build_cache(
     # in MANIFEST_COLUMNS' order
     settings = dict(mode=mode, format=fmt, interpolation=INTERPOLATION, reduced_decode=bool(reduced_decode))
     tasks, skipped = [], 0
-    pairs = zip(ids, index["path"].astype(str), strict=True)
-    for dicom_id, source in tqdm(
-        pairs, total=len(ids), desc="checking cache", leave=False, disable=not progress
-    ):
+    sources = tqdm(index["path"].astype(str), desc="checking cache", leave=False, disable=not progress)
+    for dicom_id, source in zip(ids, sources, strict=True):
         stat = _stat(source) if any((dicom_id, r) in rows for r in resolutions) else None
         fresh = [_is_current(rows.get((dicom_id, r)), source, stat, settings, cache_dir) for r in resolutions]
         todo = tuple(r for r, ok in zip(resolutions, fresh, strict=True) if not ok)
@@ -321,22 +316,19 @@ def _write_pending(
     tasks: list, workers: int, rows: dict, resolutions: tuple[int, ...], cache_dir: Path, progress: bool
 ) -> tuple[int, list[dict]]:
     written, errors, last_save = 0, [], time.monotonic()
+    bar = dict(total=len(tasks), desc=f"caching {list(resolutions)} px", unit="img", disable=not progress)
     try:
-        with tqdm(
-            total=len(tasks), desc=f"caching {list(resolutions)} px", unit="img", disable=not progress
-        ) as bar:
-            for dicom_id, source, new_rows, error in _run(tasks, workers):
-                if new_rows is None:
-                    errors.append({"dicom_id": dicom_id, "source_path": source, "error": error})
-                    for resolution in resolutions:  # a source that went bad is no longer cached
-                        rows.pop((dicom_id, resolution), None)
-                else:
-                    rows.update({(dicom_id, row["resolution"]): row for row in new_rows})
-                    written += len(new_rows)
-                bar.update()
-                if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
-                    _write_manifest(rows, cache_dir)
-                    last_save = time.monotonic()
+        for dicom_id, source, new_rows, error in tqdm(_run(tasks, workers), **bar):
+            if new_rows is None:
+                errors.append({"dicom_id": dicom_id, "source_path": source, "error": error})
+                for resolution in resolutions:  # a source that went bad is no longer cached
+                    rows.pop((dicom_id, resolution), None)
+            else:
+                rows.update({(dicom_id, row["resolution"]): row for row in new_rows})
+                written += len(new_rows)
+            if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
+                _write_manifest(rows, cache_dir)
+                last_save = time.monotonic()
     finally:
         _write_manifest(rows, cache_dir)
         write_csv_atomic(pd.DataFrame(errors, columns=list(ERROR_COLUMNS)), cache_dir / ERRORS_NAME)
