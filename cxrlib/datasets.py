@@ -124,9 +124,8 @@ def _filter_views(frame: pd.DataFrame, views, source: Path, frontal: pd.Series |
 
 
 def _refuse_missing_files(frame: pd.DataFrame, source: Path, hint: str) -> None:
-    paths = frame["path"].tolist()
-    checking = tqdm(paths, desc="checking files", leave=False, disable=len(paths) < 5000)
-    exists = np.array([os.path.isfile(p) for p in checking], dtype=bool)
+    paths = tqdm(frame["path"], desc="checking files", leave=False, disable=len(frame) < 5000)
+    exists = np.array([os.path.isfile(p) for p in paths], dtype=bool)
     if not exists.all():
         missing = frame[~exists]
         examples = "; ".join(f"line {n}: {p}" for n, p in missing[["_line", "path"]].head(3).to_numpy())
@@ -140,11 +139,9 @@ def _image_sizes(frame: pd.DataFrame, source: Path, check_files: bool = True, hi
         return frame.assign(width=pd.NA, height=pd.NA)
     if hint:
         _refuse_missing_files(frame, source, hint)
-    sizes = []
-    rows = zip(frame["_line"] if "_line" in frame else [None] * len(frame), frame["path"], strict=True)
-    for line, path in tqdm(
-        rows, total=len(frame), desc="reading sizes", leave=False, disable=len(frame) < 5000
-    ):
+    sizes, lines = [], frame["_line"] if "_line" in frame else [None] * len(frame)
+    paths = tqdm(frame["path"], desc="reading sizes", leave=False, disable=len(frame) < 5000)
+    for line, path in zip(lines, paths, strict=True):
         try:
             with Image.open(path) as image:  # the header only
                 sizes.append(image.size)
@@ -248,9 +245,8 @@ def index_from_mimic(
     if unlabeled.any():
         studies = frame.loc[unlabeled, keys].drop_duplicates()
         warnings.warn(
-            f"{labels_path}: {len(studies)} studies ({int(unlabeled.sum())} images) of {meta_path.name} have "
-            f"no label row (e.g. study {studies['study_id'].iloc[0]}); their labels are taken as blank "
-            f"({policy}, blank={blank})",
+            f"{labels_path}: {len(studies)} studies ({int(unlabeled.sum())} images) have no label row (e.g. "
+            f"study {studies['study_id'].iloc[0]}); their labels are taken as blank (blank={blank})",
             stacklevel=2,
         )
     frame = _filter_views(frame, views, meta_path)

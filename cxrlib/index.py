@@ -85,9 +85,7 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
             f"{source}: duplicate dicom_id {index['dicom_id'][duplicated].iloc[0]!r} (CSV lines {rows})"
         )
     for column in (c for c in SIZE_COLUMNS if c in index.columns):
-        whole = _numbers(
-            index, column, source, lambda v: (v >= 0) & (v == v.round()), "a whole number of pixels"
-        )
+        whole = _numbers(index, column, source, lambda v: (v >= 0) & (v == v.round()), "a pixel count")
         index[column] = whole if whole.isna().any() else whole.astype("int64")
     for finding in findings:
         index[finding] = _numbers(index, finding, source, lambda v: v.isin([0.0, 1.0]), "1, 0").astype(float)
