@@ -98,22 +98,6 @@ def jpeg_damage(data: bytes) -> str:
     return "no end-of-image marker"
 
 
-def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, ...]:
-    # the smallest decoded size that still gives a full-quality square; pad: the long side is the square's
-    if mode == "squash":
-        return resolution, resolution
-    return tuple(max(1, math.ceil(resolution * side / max(size))) for side in size)
-
-
-def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
-    if mode == "pad":
-        side = max(image.size)
-        canvas = Image.new("L", (side, side), 0)
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-
-
 def square_images(
     source: str | os.PathLike | bytes, resolutions, mode: str = "squash", reduced_decode: bool = True
 ) -> tuple[dict[int, Image.Image], tuple[int, int], dict[int, int]]:
@@ -126,12 +110,17 @@ def square_images(
     for resolution in sorted({int(r) for r in resolutions}, reverse=True):
         with Image.open(io.BytesIO(data)) as image:
             source_size = image.size
-            if reduced_decode and image.format == "JPEG":
-                image.draft("L", _draft_request(image.size, resolution, mode))
+            if reduced_decode and image.format == "JPEG":  # the smallest size giving a full-quality square
+                longest = max(image.size) if mode == "pad" else 0  # pad: the long side is the square's
+                request = [math.ceil(resolution * s / longest) if longest else resolution for s in image.size]
+                image.draft("L", tuple(max(1, side) for side in request))
             if image.size not in decoded:
                 decoded[image.size] = to_grayscale_8bit(image)
-            gray = decoded[image.size]
-        images[resolution] = _to_square(gray, resolution, mode)
+            gray = square = decoded[image.size]
+        if mode == "pad":  # the long side becomes the square's side
+            square = Image.new("L", (max(gray.size),) * 2, 0)
+            square.paste(gray, ((square.width - gray.width) // 2, (square.height - gray.height) // 2))
+        images[resolution] = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
         scales[resolution] = max(1, round(source_size[0] / gray.width))
     if data[:2] == b"\xff\xd8" and (damage := jpeg_damage(data)):
         raise ValueError(f"corrupt JPEG data: {damage}")

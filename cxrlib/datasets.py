@@ -58,11 +58,9 @@ def _read_table(path: Path, required: Iterable[str], flags: Mapping[str, str] | 
         options = [flags[c] for c in missing if c in (flags or {})]
         named = f"; give the CSV's own column name with {', '.join(options)}" if options else ""
         raise DataError(f"{path}: missing column(s) {missing}; its columns are {list(frame.columns)}{named}")
-    duplicated = pd.Index(frame.columns).duplicated()  # " a" and "a" are one name once stripped
-    if duplicated.any():
-        raise DataError(
-            f"{path}: line 1: column {frame.columns[duplicated][0]!r} appears twice in the header"
-        )
+    twice = frame.columns[frame.columns.duplicated()]  # " a" and "a" are one name once stripped
+    if len(twice):
+        raise DataError(f"{path}: line 1: column {twice[0]!r} appears twice in the header")
     if frame.empty:
         raise DataError(f"{path}: the file has a header but no rows")
     frame["_line"] = np.arange(len(frame)) + 2

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .fileio import DataError, DataFileNotFound, read_csv_text, read_header, write_csv_atomic
+from .index import read_index
 
 ROLES: tuple[str, ...] = ("train", "val", "test")
 
@@ -191,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     add("--val-fraction", type=float, default=0.1, help="share of non-test subjects in val")
     add("--out", type=Path, required=True, help="folds.csv to write")
     args = parser.parse_args(argv)
-    from .index import read_index
-
     try:
         folds = make_folds(read_index(args.index), args.folds, args.seed, args.val_fraction)
         write_folds(folds, args.out)
