@@ -114,10 +114,8 @@ def _filter_views(frame: pd.DataFrame, views, source: Path, frontal: pd.Series |
     if frontal is not None and wanted >= set(FRONTAL_VIEWS):
         keep |= frontal
     if not keep.any():
-        present = frame["view"].replace("", "(blank)").value_counts().to_dict()
-        raise DataError(
-            f"{source}: no image has a view in {sorted(wanted)}; views present: {present or 'none'}"
-        )
+        present = frame["view"].replace("", "(blank)").value_counts().to_dict() or "none"
+        raise DataError(f"{source}: no image has a view in {sorted(wanted)}; views present: {present}")
     return frame[keep]
 
 
@@ -225,8 +223,6 @@ def index_from_mimic(
     """Index of MIMIC-CXR-JPG from its metadata and label CSVs; a study's labels go to all its images
     (blank, with a warning, without a label row); ``views``: ``all``, ``frontal``, ``PA,AP`` ..."""
     root = Path(os.path.abspath(root))
-    if not root.is_dir():
-        raise DataFileNotFound(f"MIMIC-CXR-JPG folder not found: {root}")
     meta_path, labels_path = _mimic_file(root, MIMIC_METADATA), _mimic_file(root, MIMIC_LABELS)
     meta = _read_table(meta_path, ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"))
     _key_columns(meta, ["dicom_id", "subject_id", "study_id"], meta_path, ["dicom_id"])
@@ -444,8 +440,6 @@ def index_from_nih(
     if subset not in NIH_SUBSETS:
         raise DataError(f"unknown NIH subset {subset!r}; choose one of {NIH_SUBSETS}")
     root = Path(os.path.abspath(root))
-    if not root.is_dir():
-        raise DataFileNotFound(f"NIH ChestX-ray14 folder not found: {root}")
     entry = _nih_entry(root)
     sizes = ("OriginalImage[Width", "Height]")  # the original size: the PNGs are resized
     table = _read_table(entry, ("Image Index", "Finding Labels", "Patient ID", "View Position", *sizes))

@@ -24,9 +24,8 @@ NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
     "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia", NO_FINDING,
 )  # fmt: skip
-# The same finding under two names (lower case, "_" and "-" as spaces). Only findings defined alike are
-# here: NIH's Pleural_Thickening is one kind of CheXpert's broader Pleural Other, its Mass and Nodule are
-# kinds of Lung Lesion, and Infiltration is not Lung Opacity; those stay apart.
+# The same finding under two names; NIH's Pleural_Thickening, Mass, Nodule and Infiltration are only
+# kinds of (or unlike) CheXpert's Pleural Other, Lung Lesion and Lung Opacity, so they stay apart.
 SAME_FINDING: dict[str, str] = {"effusion": "pleural effusion"}
 POLICIES: tuple[str, ...] = ("u-zeros", "u-ones", "u-ignore")
 BLANK_OPTIONS: tuple[str, ...] = ("zero", "unknown")

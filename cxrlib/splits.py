@@ -89,9 +89,8 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
     straddling = ~official & subjects.isin(test_subjects)
     if straddling.any():
         warnings.warn(
-            f"{subjects[straddling].nunique()} patients (e.g. {subjects[straddling].iloc[0]}) have images "
-            f"in the official test split and outside it; their {int(straddling.sum())} other images "
-            "are tested too",
+            f"{subjects[straddling].nunique()} patients (e.g. {subjects[straddling].iloc[0]}) have images in "
+            f"the official test split and outside it; their {int(straddling.sum())} other images are tested",
             stacklevel=2,
         )
     role_of = _roles(np.random.default_rng(seed).permutation(rest), test_subjects, val_fraction)
