@@ -59,8 +59,7 @@ def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.D
 
 
 def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
-    """The index checked against the schema, with ids as strings, sizes as whole numbers and labels as floats;
-    a :class:`~cxrlib.fileio.DataError` names ``source`` and the column or CSV line of what is wrong."""
+    """The index checked against the schema (an error names column and CSV line), ids as str, labels float."""
     missing = [c for c in BASE_COLUMNS if c not in index.columns]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; an index needs {list(BASE_COLUMNS)}")
@@ -80,10 +79,8 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
         index[column] = index[column].astype(str)
     duplicated = index["dicom_id"].duplicated(keep=False)
     if duplicated.any():
-        rows = (np.flatnonzero(duplicated.to_numpy()) + 2).tolist()[:5]
-        raise DataError(
-            f"{source}: duplicate dicom_id {index['dicom_id'][duplicated].iloc[0]!r} (CSV lines {rows})"
-        )
+        first, rows = index["dicom_id"][duplicated].iloc[0], (np.flatnonzero(duplicated) + 2).tolist()[:5]
+        raise DataError(f"{source}: duplicate dicom_id {first!r} (CSV lines {rows})")
     for column in (c for c in SIZE_COLUMNS if c in index.columns):
         whole = _numbers(index, column, source, lambda v: (v >= 0) & (v == v.round()), "a pixel count")
         index[column] = whole if whole.isna().any() else whole.astype("int64")

@@ -34,9 +34,7 @@ BLANK_OPTIONS: tuple[str, ...] = ("zero", "unknown")
 def finding_order(names: Iterable[str]) -> list[str]:
     """The findings among ``names`` (once each) in CheXpert's order when all are CheXpert's, else as given."""
     unique = [str(n) for n in dict.fromkeys(names)]
-    if set(unique) <= set(FINDINGS):
-        return [f for f in FINDINGS if f in unique]
-    return unique
+    return [f for f in FINDINGS if f in unique] if set(unique) <= set(FINDINGS) else unique
 
 
 def shared_findings(ours: Sequence[str], theirs: Sequence[str]) -> dict[str, str]:
@@ -82,15 +80,13 @@ def apply_policy(
 def targets_and_mask(labels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a label array with NaN for unknown into (targets with NaN set to 0, mask of known)."""
     labels = torch.as_tensor(labels, dtype=torch.float32)
-    mask = ~torch.isnan(labels)
-    return torch.nan_to_num(labels, nan=0.0), mask.to(torch.float32)
+    return torch.nan_to_num(labels, nan=0.0), (~torch.isnan(labels)).to(torch.float32)
 
 
 def masked_bce_with_logits(
     logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Binary cross-entropy on logits that ignores unknown labels (``mask == 0``): ``mean`` over the
-    known labels, or their ``sum`` (with ``mask.sum()``, callers average across batches or processes)."""
+    """Binary cross-entropy on logits over the known labels (``mask == 1``): their ``mean`` or ``sum``."""
     losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     total = (losses * mask).sum()
     return total if reduction == "sum" else total / mask.sum().clamp_min(1.0)

@@ -98,8 +98,7 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
 
 
 def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: str = "folds") -> None:
-    """Raise :class:`LeakageError` naming the subject or image when ``folds`` leaks or is malformed
-    (with ``index``: when the two do not list the same images with the same subjects)."""
+    """Raise :class:`LeakageError` naming image or subject where ``folds`` leak or differ from ``index``."""
     missing = [c for c in ("dicom_id", "subject_id") if c not in folds.columns]
     if missing:
         raise LeakageError(f"{source}: missing column {missing[0]!r}")
