@@ -215,7 +215,7 @@ def _cache_image(task: tuple) -> tuple[str, str, list[dict] | None, str]:
     try:
         stat = os.stat(source)
         images, source_size, scales = square_images(
-            Path(source).read_bytes(), resolutions, settings["mode"], settings["reduced_decode"]
+            source, resolutions, settings["mode"], settings["reduced_decode"]
         )
     except Exception as error:  # a bad source is reported, not fatal; writing errors below are
         return dicom_id, source, None, f"{type(error).__name__}: {error}"

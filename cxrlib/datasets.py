@@ -267,8 +267,7 @@ def index_from_chexpert(
     labels = apply_policy(table, policy, blank, source=str(csv_path))
     _refuse_blanks(table, "Path", csv_path)
     parts = table["Path"].str.extract(_CHEXPERT_PATH)
-    why = "does not end in patientNNNNN/studyN/<image>.jpg"
-    _refuse(table, parts.isna().any(axis=1), "Path", csv_path, why)
+    _refuse(table, parts.isna().any(axis=1), "Path", csv_path, "does not end in patientNNNNN/studyN/<image>")
     patient = "patient" + parts[0]
     lateral = table["Frontal/Lateral"].fillna("").str.strip().str.lower() == "lateral"
     frame = table.assign(
@@ -294,7 +293,6 @@ def index_from_csv(
     label_map: str | Mapping | None = None,
     finding_columns: Iterable[str] | Mapping[str, str] | None = None,
     view_column: str | None = None,
-    view: str = "",
     policy: str = "u-zeros",
     blank: str = "zero",
     views: str | Iterable[str] | None = None,
@@ -336,7 +334,7 @@ def index_from_csv(
         dicom_id=dicom_ids,
         subject_id=table[patient_column].str.strip(),
         study_id=table[study_column].str.strip() if study_column else dicom_ids,
-        view=table[view_column].fillna("").str.strip() if view_column else view,
+        view=table[view_column].fillna("").str.strip() if view_column else "",
         path=paths,
     )
     _refuse_duplicates(frame, ["dicom_id"], csv_path)
@@ -584,7 +582,6 @@ def main(argv: list[str] | None = None) -> int:
     csv("--study-column", help="study id column (default: one study per image)")
     csv("--id-column", help="image id column (default: the file name)")
     csv("--view-column", help="view column")
-    csv("--view", default="", help="view of every image when there is no view column")
     csv("--label-column", help="the column --label-map reads")
     csv("--label-map", help=f"{'|'.join(LABEL_MAPS)}, a JSON object or a JSON file")
     csv("--finding-columns", type=_names, help="comma-separated finding columns (default: all present)")

@@ -59,9 +59,7 @@ def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: flo
     subjects = index["subject_id"].astype(str)
     unique = np.array(sorted(subjects.unique()))
     if len(unique) < k + 2:
-        raise ValueError(
-            f"{len(unique)} subjects cannot make {k} folds with train and val subjects; need at least {k + 2}"
-        )
+        raise ValueError(f"{len(unique)} subjects cannot make {k} folds with train and val; need {k + 2}")
     shuffled = np.random.default_rng(seed).permutation(unique)
     roles = {}
     for fold, test_subjects in enumerate(np.array_split(shuffled, k)):
@@ -83,8 +81,7 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
     rest = sorted(set(subjects) - set(test_subjects))
     if not test_subjects or len(rest) < 2:
         raise DataError(
-            f"the official split has {len(test_subjects)} test and {len(rest)} other subjects; "
-            "it needs a test subject and two others (train and val)"
+            f"official split: {len(test_subjects)} test and {len(rest)} other subjects; it needs 1 and 2+"
         )
     straddling = ~official & subjects.isin(test_subjects)
     if straddling.any():
