@@ -362,8 +362,7 @@ class CXRDataset(Dataset):
         self.resolution = int(resolution)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         rows = pd.DataFrame(columns=["resolution", "format", "mode"])  # the settings the cache was built with
-        manifest = self.cache_dir / MANIFEST_NAME if self.cache_dir else None
-        if manifest and manifest.is_file():
+        if self.cache_dir and (manifest := self.cache_dir / MANIFEST_NAME).is_file():
             rows = pd.read_csv(manifest, usecols=["resolution", "mode", "format"], dtype=str)
         rows, chosen = rows[rows["resolution"] == str(self.resolution)], {}
         for name, given, default in (("format", cache_format, "png"), ("mode", resize_mode, "squash")):
@@ -435,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     add("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     add("--mode", choices=RESIZE_MODES, default="squash", help="squash (paper) or pad")
     add("--format", choices=CACHE_FORMATS, default="png", help="file format (default png)")
-    add("--jpeg-quality", type=int, default=95, help="quality for --format jpg")
     add("--no-reduced-decode", action="store_true", help="always decode JPEGs at full size (slower)")
     add("--drop-bad", action="store_true", help=f"leave unreadable images out, write {CLEANED_INDEX_NAME}")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -443,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_cache(
             read_index(args.index), args.out, args.resolutions, args.workers, args.mode, args.format,
-            args.jpeg_quality, not args.no_reduced_decode, args.drop_bad, not args.no_progress,
+            95, not args.no_reduced_decode, args.drop_bad, not args.no_progress,
         )  # fmt: skip
     except (CacheBuildError, ValueError, OSError) as error:  # OSError: a full disk, a failing write ...
         done = f"{error.report.summary()}\n" if isinstance(error, CacheBuildError) else ""

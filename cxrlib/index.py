@@ -12,14 +12,12 @@ import numpy as np
 import pandas as pd
 
 from .fileio import DataError, DataFileNotFound, read_csv_text, read_header, write_csv_atomic
-from .labels import FINDINGS
 
 ID_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id")
 BASE_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "path", "view", "width", "height")
 NATIVE_SIZE_COLUMNS: tuple[str, ...] = ("native_width", "native_height")  # NIH's PNGs are resized
 NOTE_COLUMNS: tuple[str, ...] = ("split", "subtype")  # optional text, never findings
 SIZE_COLUMNS = ("width", "height", *NATIVE_SIZE_COLUMNS)
-INDEX_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *FINDINGS)  # an index with CheXpert's label set
 _NOT_FINDINGS = frozenset((*BASE_COLUMNS, *NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS, "_line"))
 
 

@@ -23,7 +23,7 @@ from cxrlib.cache import (
     to_grayscale_8bit,
 )
 from cxrlib.datasets import index_from_mimic
-from cxrlib.index import INDEX_COLUMNS, read_index, write_index
+from cxrlib.index import BASE_COLUMNS, read_index, write_index
 from cxrlib.labels import FINDINGS
 
 RESOLUTIONS = (16, 32)
@@ -46,7 +46,7 @@ def index_of(paths: dict[str, Path]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     for finding in FINDINGS:
         frame[finding] = 0.0
-    return frame[list(INDEX_COLUMNS)]
+    return frame[[*BASE_COLUMNS, *FINDINGS]]
 
 
 def build(index, out, resolutions=RESOLUTIONS, **kwargs):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cxrlib.cache import CXRDataset, ImageReadError, collate_skip_none
 from cxrlib.datasets import index_from_chexpert, index_from_csv, index_from_mimic, main
-from cxrlib.index import INDEX_COLUMNS, index_findings, read_index, summarize_index
+from cxrlib.index import BASE_COLUMNS, index_findings, read_index, summarize_index
 from cxrlib.labels import FINDINGS
 
 KERMANY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-pediatric-cxr"
@@ -50,7 +50,7 @@ def rewrite_gz(path: Path, frame: pd.DataFrame) -> None:
 
 def test_mimic_index_gives_each_image_its_study_labels(fake_mimic):
     index = index_from_mimic(fake_mimic.root)
-    assert list(index.columns) == list(INDEX_COLUMNS)
+    assert list(index.columns) == [*BASE_COLUMNS, *FINDINGS]
     assert index["dicom_id"].tolist() == fake_mimic.metadata["dicom_id"].tolist()
     meta = fake_mimic.metadata.set_index("dicom_id")
     assert (index["width"].to_numpy() == meta.loc[index["dicom_id"], "Columns"].to_numpy()).all()
