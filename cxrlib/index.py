@@ -73,24 +73,20 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
     for column in (*ID_COLUMNS, "path"):
         blank = index[column].isna() | (index[column].astype(str).str.strip() == "")
         if blank.any():
-            raise DataError(f"{source}: column {column!r}, CSV line {_first(blank) + 2}: blank")
+            raise DataError(f"{source}: column {column!r}, CSV line {blank.to_numpy().argmax() + 2}: blank")
         index[column] = index[column].astype(str)
     duplicated = index["dicom_id"].duplicated(keep=False)
     if duplicated.any():
         first, rows = index["dicom_id"][duplicated].iloc[0], (np.flatnonzero(duplicated) + 2).tolist()[:5]
         raise DataError(f"{source}: duplicate dicom_id {first!r} (CSV lines {rows})")
     for column in (c for c in SIZE_COLUMNS if c in index.columns):
-        whole = _numbers(index, column, source, lambda v: (v >= 0) & (v == v.round()), "a pixel count")
+        whole = _numbers(index, column, source, lambda v: (v >= 0) & (v == v.round()), "pixels or blank")
         index[column] = whole if whole.isna().any() else whole.astype("int64")
     for finding in findings:
-        index[finding] = _numbers(index, finding, source, lambda v: v.isin([0.0, 1.0]), "1, 0").astype(float)
+        index[finding] = _numbers(index, finding, source, lambda v: v.isin([0.0, 1.0]), "1, 0 or blank")
     for column in ("view", *(c for c in NOTE_COLUMNS if c in index.columns)):
         index[column] = index[column].fillna("").astype(str)
     return index
-
-
-def _first(mask: pd.Series) -> int:
-    return int(np.flatnonzero(mask.to_numpy())[0])
 
 
 def _numbers(index: pd.DataFrame, column: str, source: str, valid: Callable, what: str) -> pd.Series:
@@ -99,12 +95,10 @@ def _numbers(index: pd.DataFrame, column: str, source: str, valid: Callable, wha
     blank = given.isna() | (given.astype(str).str.strip() == "")
     bad = (values.isna() & ~blank) | (values.notna() & ~valid(values))
     if bad.any():
-        value = given.iloc[_first(bad)]
-        value = value.item() if isinstance(value, np.generic) else value  # 2.0, not np.float64(2.0)
-        raise DataError(
-            f"{source}: column {column!r}, CSV line {_first(bad) + 2}: value {value!r} is not {what} or blank"
-        )
-    return values
+        row = int(bad.to_numpy().argmax())
+        value = given.iloc[row].item() if isinstance(given.iloc[row], np.generic) else given.iloc[row]  # 2.0
+        raise DataError(f"{source}: column {column!r}, CSV line {row + 2}: value {value!r} is not {what}")
+    return values.astype(float)
 
 
 def read_index(path: str | os.PathLike) -> pd.DataFrame:

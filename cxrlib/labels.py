@@ -24,8 +24,7 @@ NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
     "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia", NO_FINDING,
 )  # fmt: skip
-# The same finding under two names; NIH's Pleural_Thickening, Mass, Nodule and Infiltration are only
-# kinds of (or unlike) CheXpert's Pleural Other, Lung Lesion and Lung Opacity, so they stay apart.
+# One finding under two names (NIH's Pleural_Thickening, Mass, Nodule, Infiltration differ from CheXpert's)
 SAME_FINDING: dict[str, str] = {"effusion": "pleural effusion"}
 POLICIES: tuple[str, ...] = ("u-zeros", "u-ones", "u-ignore")
 BLANK_OPTIONS: tuple[str, ...] = ("zero", "unknown")
