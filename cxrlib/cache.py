@@ -247,8 +247,7 @@ def build_cache(
     drop_bad: bool = False,
     progress: bool = True,
 ) -> CacheReport:
-    """Write every image of ``index`` at each resolution into ``out_dir`` with ``workers`` processes, resuming
-    a previous build; unreadable sources raise :class:`CacheBuildError`, or with ``drop_bad`` are left out."""
+    """Write or resume each image of ``index`` at each resolution; unreadable ones raise (or are dropped)."""
     started = time.monotonic()
     for name, value, choices in (("resize mode", mode, RESIZE_MODES), ("cache format", fmt, CACHE_FORMATS)):
         if value not in choices:
@@ -344,9 +343,8 @@ class ImageReadError(RuntimeError):
 
 
 class CXRDataset(Dataset):
-    """The images of an index at one resolution, from ``cache_dir`` or resized on the fly: item ``i`` is a
-    uint8 ``[1, R, R]`` image, its targets (unknown: 0) and mask; an unreadable image raises
-    :class:`ImageReadError`, or with ``skip_bad_images`` warns and is ``None``, never zeros."""
+    """An index's (uint8 ``[1, R, R]`` image, targets, mask) from ``cache_dir`` or resized on the fly; an
+    unreadable image raises :class:`ImageReadError` (``skip_bad_images``: a warning and ``None``)."""
 
     def __init__(
         self,
