@@ -1,9 +1,7 @@
-"""The multi-resolution image cache (each image once per resolution, square, 8-bit) and the ``Dataset``
-that reads it or resizes originals on the fly, both from :func:`square_images`, so both give identical
-pixels. Layout, resuming and bad sources: docs/data_files.md, "The cache"::
+"""The multi-resolution image cache (square 8-bit images) and the ``Dataset`` that reads it or resizes on the
+fly, both through :func:`square_images`: identical pixels. Layout, resuming, bad sources: docs/data_files.md::
 
     python -m cxrlib.cache --index index.csv --resolutions 256 512 1024 2048 --out CACHE [--workers 8]
-    python -m cxrlib.cache --index index.csv --resolutions 256 --out CACHE --check   # is it complete?
 """
 
 from __future__ import annotations
@@ -54,26 +52,17 @@ _FRAMES = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
 _PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding it."""
-    with Image.open(path) as image:
-        return image.size
-
-
 def to_grayscale_8bit(image: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit ``L``: 16- and 32-bit integers divided by ``2**b - 1`` with ``b`` the
-    smallest bit depth (at least 8) that holds the maximum (a 12-bit radiograph in a 16-bit PNG keeps its
-    contrast), floats in [0, 1] scaled by 255, colour and palette modes through RGB."""
+    """Any Pillow image as 8-bit ``L``: integers over the smallest bit depth (>= 8) holding the maximum (a
+    12-bit radiograph in a 16-bit PNG keeps its contrast), floats in [0, 1] times 255, colour through RGB."""
     image.load()
     if image.mode == "L":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         top = float(array.max(initial=0.0))
-        if image.mode == "F" and top <= 1.0:
-            scale = 1.0
-        else:
-            scale = float(2 ** max(8, int(math.ceil(top)).bit_length()) - 1)
+        bits = 0 if image.mode == "F" and top <= 1.0 else max(8, int(math.ceil(top)).bit_length())
+        scale = float(2**bits - 1) if bits else 1.0
         return Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("1", "RGB", "YCbCr"):
         return image.convert("L")
@@ -81,9 +70,8 @@ def to_grayscale_8bit(image: Image.Image) -> Image.Image:
 
 
 def jpeg_damage(data: bytes) -> str:
-    """Where a JPEG's markers break the format (a marker inside compressed data, which libjpeg decodes
-    past with a warning Pillow silences; restarts out of order, stray bytes, data after the end), or
-    ``""``: segments by their length, each scan's data up to its next marker, then only the end marker."""
+    """Where a JPEG's markers break the format (a marker inside compressed data, which libjpeg decodes past
+    with a warning Pillow silences; restarts out of order, stray bytes, data after the end), or ``""``."""
     pos, scan, restart, left = 2, False, 0, None  # left: components a sequential frame has not scanned
     while match := _MARKER.search(data, pos):
         code, start = match[1][0], match.start()
@@ -110,24 +98,6 @@ def jpeg_damage(data: bytes) -> str:
     return "no end-of-image marker"
 
 
-def _draft_request(size: tuple[int, int], resolution: int, mode: str) -> tuple[int, int]:
-    """The smallest decoded size that still gives a full-quality ``resolution`` px square."""
-    if mode == "squash":
-        return resolution, resolution
-    longest = max(size)  # pad: the long side becomes the square's side
-    width, height = (max(1, math.ceil(resolution * side / longest)) for side in size)
-    return width, height
-
-
-def _to_square(image: Image.Image, resolution: int, mode: str) -> Image.Image:
-    if mode == "pad":
-        side = max(image.size)
-        canvas = Image.new("L", (side, side), 0)
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-
-
 def square_images(
     source: str | os.PathLike | bytes, resolutions, mode: str = "squash", reduced_decode: bool = True
 ) -> tuple[dict[int, Image.Image], tuple[int, int], dict[int, int]]:
@@ -140,23 +110,21 @@ def square_images(
     for resolution in sorted({int(r) for r in resolutions}, reverse=True):
         with Image.open(io.BytesIO(data)) as image:
             source_size = image.size
-            if reduced_decode and image.format == "JPEG":
-                image.draft("L", _draft_request(image.size, resolution, mode))
+            if reduced_decode and image.format == "JPEG":  # the smallest size giving a full-quality square
+                longest = max(image.size) if mode == "pad" else 0  # pad: the long side is the square's
+                request = [math.ceil(resolution * s / longest) if longest else resolution for s in image.size]
+                image.draft("L", tuple(max(1, side) for side in request))
             if image.size not in decoded:
                 decoded[image.size] = to_grayscale_8bit(image)
-            gray = decoded[image.size]
-        images[resolution] = _to_square(gray, resolution, mode)
+            gray = square = decoded[image.size]
+        if mode == "pad":  # the long side becomes the square's side
+            square = Image.new("L", (max(gray.size),) * 2, 0)
+            square.paste(gray, ((square.width - gray.width) // 2, (square.height - gray.height) // 2))
+        images[resolution] = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
         scales[resolution] = max(1, round(source_size[0] / gray.width))
     if data[:2] == b"\xff\xd8" and (damage := jpeg_damage(data)):
         raise ValueError(f"corrupt JPEG data: {damage}")
     return images, source_size, scales
-
-
-def resize_to_square(
-    source: str | os.PathLike, resolution: int, mode: str = "squash", reduced_decode: bool = True
-) -> Image.Image:
-    """An image file as the 8-bit ``resolution`` px square the cache holds (:func:`square_images`)."""
-    return square_images(source, [resolution], mode, reduced_decode)[0][int(resolution)]
 
 
 def cached_image_path(cache_dir: str | os.PathLike, resolution: int, dicom_id: str, fmt: str = "png") -> Path:
@@ -169,10 +137,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
     """Read ``CACHE/manifest.csv``; raises ``FileNotFoundError`` when the cache has none."""
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {cache_dir}: not a cache built by python -m cxrlib.cache "
-            "(or its build has not written anything yet)"
-        )
+        raise FileNotFoundError(f"{path} not found: not a cache built (yet) by python -m cxrlib.cache")
     text = ("dicom_id", "path", "source_path", "mode", "format", "interpolation")
     manifest = pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
@@ -182,41 +147,16 @@ def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
     return manifest
 
 
-def cache_settings(cache_dir: str | os.PathLike, resolution: int) -> dict[str, str] | None:
-    """The ``format`` and ``mode`` of a cache at ``resolution``, from its manifest (None without one);
-    a ``ValueError`` when the manifest mixes formats or modes there."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    manifest = pd.read_csv(path, usecols=["resolution", "mode", "format"], dtype=str)
-    rows = manifest[manifest["resolution"] == str(int(resolution))]
-    settings = {}
-    for column in ("format", "mode"):
-        values = sorted(rows[column].unique())
-        if len(values) > 1:
-            raise ValueError(
-                f"{path}: {resolution} px images have several {column}s {values}; rebuild the cache"
-            )
-        settings[column] = values[0] if values else None
-    return settings
-
-
 def check_cache(
     index: pd.DataFrame, cache_dir: str | os.PathLike, resolution: int, fmt: str | None = None, mode=None
 ) -> list[str]:
-    """The dicom_ids of ``index`` the cache lacks at ``resolution`` (with ``fmt``, ``mode``): not in the
-    manifest, or not a file of the recorded size (sources are not looked at)."""
-    cache_dir = Path(cache_dir)
+    """The dicom_ids of ``index`` with no file of the recorded size at ``resolution`` (``fmt``, ``mode``)."""
     manifest = read_manifest(cache_dir)
     rows = manifest[manifest["resolution"] == int(resolution)]
     rows = rows[(rows["format"] == (fmt or rows["format"])) & (rows["mode"] == (mode or rows["mode"]))]
     size_of = dict(zip(rows["dicom_id"], zip(rows["path"], rows["bytes"], strict=True), strict=True))
-    missing = []
-    for dicom_id in index["dicom_id"].astype(str):
-        entry = size_of.get(dicom_id)
-        if entry is None or _size(cache_dir / entry[0]) != int(entry[1]):
-            missing.append(dicom_id)
-    return missing
+    ids = index["dicom_id"].astype(str)
+    return [d for d in ids if d not in size_of or _size(Path(cache_dir) / size_of[d][0]) != size_of[d][1]]
 
 
 def _stat(path: str | os.PathLike) -> os.stat_result | None:
@@ -234,8 +174,14 @@ class CacheBuildError(RuntimeError):
     """Some sources could not be read; every other image was cached. ``report`` has the details."""
 
     def __init__(self, report: CacheReport):
-        self.report = report
-        super().__init__(report.error_message())
+        self.report, errors = report, report.errors
+        shown = [f"{row.source_path} ({row.error})" for row in errors.head(5).itertuples()]
+        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+        super().__init__(
+            f"{len(errors)} source image(s) could not be read: {'; '.join(shown)}{more}; "
+            f"all are listed in {report.cache_dir / ERRORS_NAME}. Replace or fix them and run again, "
+            f"or pass --drop-bad (drop_bad=True) to write {CLEANED_INDEX_NAME} without them"
+        )
 
 
 @dataclass
@@ -259,27 +205,17 @@ class CacheReport:
     def summary(self) -> str:
         done = f"{self.written} files, {self.skipped} already cached, {len(self.errors)} unreadable"
         text = f"{self.cache_dir}: {self.images} images at {list(self.resolutions)} px: wrote {done}"
-        text += f" ({self.seconds:.1f} s)"
         dropped = f"; dropped {len(self.dropped)}, cleaned index: {self.cleaned_index}"
-        return text + (dropped if self.cleaned_index is not None else "")
-
-    def error_message(self) -> str:
-        shown = [f"{row.source_path} ({row.error})" for row in self.errors.head(5).itertuples()]
-        more = f" and {len(self.errors) - 5} more" if len(self.errors) > 5 else ""
-        return (
-            f"{len(self.errors)} source image(s) could not be read: {'; '.join(shown)}{more}; "
-            f"all are listed in {self.cache_dir / ERRORS_NAME}. Replace or fix them and run again, "
-            f"or pass --drop-bad (drop_bad=True) to write {CLEANED_INDEX_NAME} without them"
-        )
+        return f"{text} ({self.seconds:.1f} s){dropped if self.cleaned_index else ''}"
 
 
 def _cache_image(task: tuple) -> tuple[str, str, list[dict] | None, str]:
-    """Worker: decode one source, write it at each resolution; (dicom_id, source, manifest rows, error)."""
+    # decode one source, write it at each resolution; (dicom_id, source, manifest rows, error)
     dicom_id, source, resolutions, cache_dir, settings, jpeg_quality = task
     try:
         stat = os.stat(source)
         images, source_size, scales = square_images(
-            Path(source).read_bytes(), resolutions, settings["mode"], settings["reduced_decode"]
+            source, resolutions, settings["mode"], settings["reduced_decode"]
         )
     except Exception as error:  # a bad source is reported, not fatal; writing errors below are
         return dicom_id, source, None, f"{type(error).__name__}: {error}"
@@ -293,21 +229,9 @@ def _cache_image(task: tuple) -> tuple[str, str, list[dict] | None, str]:
                 image.save(handle, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
             else:
                 image.save(handle, format="JPEG", quality=jpeg_quality)
-        rows.append(
-            {
-                "dicom_id": dicom_id,
-                "resolution": resolution,
-                "path": target.relative_to(cache_dir).as_posix(),
-                "bytes": target.stat().st_size,
-                "source_path": source,
-                "source_width": source_size[0],
-                "source_height": source_size[1],
-                "source_bytes": stat.st_size,
-                "source_mtime_ns": stat.st_mtime_ns,
-                **settings,
-                "decode_scale": scales[resolution],
-            }
-        )
+        cached = (dicom_id, resolution, target.relative_to(cache_dir).as_posix(), target.stat().st_size)
+        values = (*cached, source, *source_size, stat.st_size, stat.st_mtime_ns, *settings.values())
+        rows.append(dict(zip(MANIFEST_COLUMNS, (*values, scales[resolution]), strict=True)))
     return dicom_id, source, rows, ""
 
 
@@ -323,8 +247,7 @@ def build_cache(
     drop_bad: bool = False,
     progress: bool = True,
 ) -> CacheReport:
-    """Write every image of ``index`` at each resolution into ``out_dir`` with ``workers`` processes, resuming
-    a previous build; unreadable sources raise :class:`CacheBuildError`, or with ``drop_bad`` are left out."""
+    """Write or resume each image of ``index`` at each resolution; unreadable ones raise (or are dropped)."""
     started = time.monotonic()
     for name, value, choices in (("resize mode", mode, RESIZE_MODES), ("cache format", fmt, CACHE_FORMATS)):
         if value not in choices:
@@ -340,19 +263,15 @@ def build_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     old = read_manifest(cache_dir).to_dict("records") if (cache_dir / MANIFEST_NAME).is_file() else []
     rows = {(row["dicom_id"], int(row["resolution"])): row for row in old}
+    # in MANIFEST_COLUMNS' order
     settings = dict(mode=mode, format=fmt, interpolation=INTERPOLATION, reduced_decode=bool(reduced_decode))
     tasks, skipped = [], 0
-    pairs = zip(ids, index["path"].astype(str), strict=True)
-    for dicom_id, source in tqdm(
-        pairs, total=len(ids), desc="checking cache", leave=False, disable=not progress
-    ):
-        source_stat = _stat(source) if any((dicom_id, r) in rows for r in resolutions) else None
-        todo = tuple(
-            r
-            for r in resolutions
-            if not _is_current(rows.get((dicom_id, r)), source, source_stat, settings, cache_dir)
-        )
-        skipped += len(resolutions) - len(todo)
+    sources = tqdm(index["path"].astype(str), desc="checking cache", leave=False, disable=not progress)
+    for dicom_id, source in zip(ids, sources, strict=True):
+        stat = _stat(source) if any((dicom_id, r) in rows for r in resolutions) else None
+        fresh = [_is_current(rows.get((dicom_id, r)), source, stat, settings, cache_dir) for r in resolutions]
+        todo = tuple(r for r, ok in zip(resolutions, fresh, strict=True) if not ok)
+        skipped += sum(fresh)
         if todo:
             tasks.append((dicom_id, source, todo, cache_dir, settings, int(jpeg_quality)))
     report = CacheReport(cache_dir, resolutions, len(index), skipped=skipped)
@@ -384,24 +303,20 @@ def _is_current(row: dict | None, source: str, stat, settings: dict, root: Path)
 def _write_pending(
     tasks: list, workers: int, rows: dict, resolutions: tuple[int, ...], cache_dir: Path, progress: bool
 ) -> tuple[int, list[dict]]:
-    """Run the tasks, saving the manifest as they finish and at the end; (files written, errors)."""
     written, errors, last_save = 0, [], time.monotonic()
+    bar = dict(total=len(tasks), desc=f"caching {list(resolutions)} px", unit="img", disable=not progress)
     try:
-        with tqdm(
-            total=len(tasks), desc=f"caching {list(resolutions)} px", unit="img", disable=not progress
-        ) as bar:
-            for dicom_id, source, new_rows, error in _run(tasks, workers):
-                if new_rows is None:
-                    errors.append({"dicom_id": dicom_id, "source_path": source, "error": error})
-                    for resolution in resolutions:  # a source that went bad is no longer cached
-                        rows.pop((dicom_id, resolution), None)
-                else:
-                    rows.update({(dicom_id, row["resolution"]): row for row in new_rows})
-                    written += len(new_rows)
-                bar.update()
-                if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
-                    _write_manifest(rows, cache_dir)
-                    last_save = time.monotonic()
+        for dicom_id, source, new_rows, error in tqdm(_run(tasks, workers), **bar):
+            if new_rows is None:
+                errors.append({"dicom_id": dicom_id, "source_path": source, "error": error})
+                for resolution in resolutions:  # a source that went bad is no longer cached
+                    rows.pop((dicom_id, resolution), None)
+            else:
+                rows.update({(dicom_id, row["resolution"]): row for row in new_rows})
+                written += len(new_rows)
+            if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
+                _write_manifest(rows, cache_dir)
+                last_save = time.monotonic()
     finally:
         _write_manifest(rows, cache_dir)
         write_csv_atomic(pd.DataFrame(errors, columns=list(ERROR_COLUMNS)), cache_dir / ERRORS_NAME)
@@ -415,7 +330,6 @@ def _write_manifest(rows: dict, cache_dir: Path) -> None:
 
 
 def _run(tasks: list, workers: int):
-    """Yield worker results, in this process for one worker, else from a pool of processes."""
     if workers == 1:
         yield from map(_cache_image, tasks)
         return
@@ -429,10 +343,8 @@ class ImageReadError(RuntimeError):
 
 
 class CXRDataset(Dataset):
-    """The images of an index (in its row order) at one resolution, from ``cache_dir`` or resized on the fly
-    as the cache does: item ``i`` is ``(image, target, mask)``, a uint8 ``[1, R, R]`` image, targets over the
-    label set (unknown ones 0) and their mask; an unreadable image raises :class:`ImageReadError`, or with
-    ``skip_bad_images`` warns and is ``None`` (:func:`collate_skip_none` drops it), never zeros."""
+    """An index's (uint8 ``[1, R, R]`` image, targets, mask) from ``cache_dir`` or resized on the fly; an
+    unreadable image raises :class:`ImageReadError` (``skip_bad_images``: a warning and ``None``)."""
 
     def __init__(
         self,
@@ -447,15 +359,19 @@ class CXRDataset(Dataset):
     ):
         self.resolution = int(resolution)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        built = (cache_dir is not None and cache_settings(self.cache_dir, self.resolution)) or {}
-        for name, given in (("format", cache_format), ("mode", resize_mode)):
-            if built.get(name) and given is not None and given != built[name]:
+        rows = pd.DataFrame(columns=["resolution", "format", "mode"])  # the settings the cache was built with
+        if self.cache_dir and (manifest := self.cache_dir / MANIFEST_NAME).is_file():
+            rows = pd.read_csv(manifest, usecols=["resolution", "mode", "format"], dtype=str)
+        rows, chosen = rows[rows["resolution"] == str(self.resolution)], {}
+        for name, given, default in (("format", cache_format, "png"), ("mode", resize_mode, "squash")):
+            built = sorted(rows[name].unique())
+            if len(built) > 1 or (built and given not in (None, built[0])):
                 raise ValueError(
                     f"the cache {self.cache_dir} holds {self.resolution} px images with {name} "
-                    f"{built[name]!r}, but {given!r} was asked for"
+                    f"{' and '.join(map(repr, built))}{f', but {given!r} was asked for' if given else ''}"
                 )
-        self.cache_format = cache_format or built.get("format") or "png"
-        self.resize_mode = resize_mode or built.get("mode") or "squash"
+            chosen[name] = given or (built or [default])[0]
+        self.cache_format, self.resize_mode = chosen["format"], chosen["mode"]
         self.transform, self.reduced_decode, self.skip_bad_images = transform, reduced_decode, skip_bad_images
         self.dicom_ids = index["dicom_id"].astype(str).tolist()
         self.paths = index["path"].astype(str).tolist()
@@ -472,9 +388,8 @@ class CXRDataset(Dataset):
             path = cached_image_path(self.cache_dir, self.resolution, self.dicom_ids[i], self.cache_format)
         try:
             if self.cache_dir is None:
-                array = np.asarray(
-                    resize_to_square(path, self.resolution, self.resize_mode, self.reduced_decode)
-                )
+                squares = square_images(path, [self.resolution], self.resize_mode, self.reduced_decode)[0]
+                array = np.asarray(squares[self.resolution])
             else:
                 with Image.open(path) as image:  # 8-bit gray already: convert() would copy every pixel again
                     array = np.asarray(image if image.mode == "L" else image.convert("L"))
@@ -517,35 +432,20 @@ def main(argv: list[str] | None = None) -> int:
     add("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     add("--mode", choices=RESIZE_MODES, default="squash", help="squash (paper) or pad")
     add("--format", choices=CACHE_FORMATS, default="png", help="file format (default png)")
-    add("--jpeg-quality", type=int, default=95, help="quality for --format jpg")
     add("--no-reduced-decode", action="store_true", help="always decode JPEGs at full size (slower)")
     add("--drop-bad", action="store_true", help=f"leave unreadable images out, write {CLEANED_INDEX_NAME}")
-    add("--check", action="store_true", help="only report images the cache lacks")
     add("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        index = read_index(args.index)
-        if args.check:
-            incomplete = False
-            for r in sorted(set(args.resolutions)):
-                missing = check_cache(index, args.out, r, args.format, args.mode)
-                incomplete |= bool(missing)
-                example = f", e.g. {missing[:3]}" if missing else ""
-                print(f"{args.out}: {r} px: {len(index) - len(missing)}/{len(index)} cached{example}")
-            return 1 if incomplete else 0
         report = build_cache(
-            index, args.out, args.resolutions, args.workers, args.mode, args.format, args.jpeg_quality,
-            not args.no_reduced_decode, args.drop_bad, not args.no_progress,
+            read_index(args.index), args.out, args.resolutions, args.workers, args.mode, args.format,
+            95, not args.no_reduced_decode, args.drop_bad, not args.no_progress,
         )  # fmt: skip
-    except CacheBuildError as error:
-        print(f"{error.report.summary()}\nerror: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # a full disk or a failing write: nothing finished before is lost
-        print(f"error: {error}; the images cached before are kept: fix this (e.g. free disk space) and run "
-              "the same command again to continue", file=sys.stderr)  # fmt: skip
+    except (CacheBuildError, ValueError, OSError) as error:  # OSError: a full disk, a failing write ...
+        done = f"{error.report.summary()}\n" if isinstance(error, CacheBuildError) else ""
+        written = isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
+        kept = "; images cached before are kept: fix this (free disk space) and run the same command again"
+        print(f"{done}error: {error}{kept if written else ''}", file=sys.stderr)
         return 1
     print(report.summary())
     if report.dropped:

@@ -1,6 +1,5 @@
-"""Every data source (``mimic`` and the phantom, ``chexpert``, ``nih``, ``kermany``, ``csv``) as an index,
-and the command line that writes one; an input file's error is one line naming file, column and CSV line
-(:class:`~cxrlib.fileio.DataError`). Layouts, label sets, options: docs/data.md::
+"""Every data source (``mimic`` and the phantom, ``chexpert``, ``nih``, ``kermany``, ``csv``) as an index; an
+input file's error is one line naming file, column and CSV line. Layouts, label sets, options: docs/data.md::
 
     python -m cxrlib.datasets --dataset mimic --data-root MIMIC --out index.csv [--views frontal]
     python -m cxrlib.datasets --dataset csv --csv labels.csv --label-map kermany --out index.csv
@@ -20,24 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
-from .cache import image_size
 from .fileio import DataError, DataFileNotFound, read_csv_text
 from .index import NATIVE_SIZE_COLUMNS, describe_index, drop_unlabelled_findings, validate_index, write_index
-from .labels import BLANK_OPTIONS, FINDINGS, NIH_FINDINGS, POLICIES, apply_policy, validate_raw_labels
+from .labels import BLANK_OPTIONS, FINDINGS, NIH_FINDINGS, POLICIES, apply_policy
 
 SOURCES: tuple[str, ...] = ("mimic", "chexpert", "nih", "kermany", "csv")
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "PA RLD", "AP RLD")
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 MIMIC_LABELS = "mimic-cxr-2.0.0-chexpert.csv"
-MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
-MIMIC_SPLITS: tuple[str, ...] = ("train", "validate", "test")
 NIH_ENTRY_FILES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-NIH_SIZE_COLUMNS = ("OriginalImage[Width", "Height]")  # the original size: the PNGs are resized
-NIH_REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position", *NIH_SIZE_COLUMNS)
-NIH_LISTS: dict[str, str] = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
-NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")
+NIH_SUBSETS: tuple[str, ...] = ("all", "train_val", "test")  # the lists: train_val_list.txt, test_list.txt
 # index_from_csv's built-in label maps (label column value -> {finding: raw label}) and the column each reads.
 LABEL_MAPS: dict[str, dict[str, dict[str, float]]] = {
     "kermany": {"PNEUMONIA": {"Pneumonia": 1, "No Finding": 0}, "NORMAL": {"Pneumonia": 0, "No Finding": 1}},
@@ -48,10 +42,7 @@ KERMANY_NAMES: dict[str, re.Pattern] = {  # class folder -> file name without ex
     "NORMAL": re.compile(r"(?P<patient>(?:NORMAL\d*-)?IM-\d+)(?:-\d+)+"),
     "PNEUMONIA": re.compile(r"(?P<patient>person\d+)_(?P<subtype>bacteria|virus)_\d+"),
 }
-KERMANY_SOURCE = (
-    "Kermany et al., Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images for "
-    "Classification, Mendeley Data v2, https://doi.org/10.17632/rscbjbr9sj.2, CC BY 4.0"
-)
+KERMANY_SOURCE = "Kermany et al., Mendeley Data v2, https://doi.org/10.17632/rscbjbr9sj.2, CC BY 4.0"
 _CHEXPERT_PATH = re.compile(r"patient(\d+)[/\\](study\d+)[/\\]([^/\\]+?)\.[^./\\]+$")
 _NO_FILES_HINT = "check --data-root, or pass check_files=False (--no-check-files)"
 
@@ -67,11 +58,9 @@ def _read_table(path: Path, required: Iterable[str], flags: Mapping[str, str] | 
         options = [flags[c] for c in missing if c in (flags or {})]
         named = f"; give the CSV's own column name with {', '.join(options)}" if options else ""
         raise DataError(f"{path}: missing column(s) {missing}; its columns are {list(frame.columns)}{named}")
-    duplicated = pd.Index(frame.columns).duplicated()  # " a" and "a" are one name once stripped
-    if duplicated.any():
-        raise DataError(
-            f"{path}: line 1: column {frame.columns[duplicated][0]!r} appears twice in the header"
-        )
+    twice = frame.columns[frame.columns.duplicated()]  # " a" and "a" are one name once stripped
+    if len(twice):
+        raise DataError(f"{path}: line 1: column {twice[0]!r} appears twice in the header")
     if frame.empty:
         raise DataError(f"{path}: the file has a header but no rows")
     frame["_line"] = np.arange(len(frame)) + 2
@@ -125,17 +114,14 @@ def _filter_views(frame: pd.DataFrame, views, source: Path, frontal: pd.Series |
     if frontal is not None and wanted >= set(FRONTAL_VIEWS):
         keep |= frontal
     if not keep.any():
-        present = frame["view"].replace("", "(blank)").value_counts().to_dict()
-        raise DataError(
-            f"{source}: no image has a view in {sorted(wanted)}; views present: {present or 'none'}"
-        )
+        present = frame["view"].replace("", "(blank)").value_counts().to_dict() or "none"
+        raise DataError(f"{source}: no image has a view in {sorted(wanted)}; views present: {present}")
     return frame[keep]
 
 
 def _refuse_missing_files(frame: pd.DataFrame, source: Path, hint: str) -> None:
-    paths = frame["path"].tolist()
-    checking = tqdm(paths, desc="checking files", leave=False, disable=len(paths) < 5000)
-    exists = np.array([os.path.isfile(p) for p in checking], dtype=bool)
+    paths = tqdm(frame["path"], desc="checking files", leave=False, disable=len(frame) < 5000)
+    exists = np.array([os.path.isfile(p) for p in paths], dtype=bool)
     if not exists.all():
         missing = frame[~exists]
         examples = "; ".join(f"line {n}: {p}" for n, p in missing[["_line", "path"]].head(3).to_numpy())
@@ -149,13 +135,12 @@ def _image_sizes(frame: pd.DataFrame, source: Path, check_files: bool = True, hi
         return frame.assign(width=pd.NA, height=pd.NA)
     if hint:
         _refuse_missing_files(frame, source, hint)
-    sizes = []
-    rows = zip(frame["_line"] if "_line" in frame else [None] * len(frame), frame["path"], strict=True)
-    for line, path in tqdm(
-        rows, total=len(frame), desc="reading sizes", leave=False, disable=len(frame) < 5000
-    ):
+    sizes, lines = [], frame["_line"] if "_line" in frame else [None] * len(frame)
+    paths = tqdm(frame["path"], desc="reading sizes", leave=False, disable=len(frame) < 5000)
+    for line, path in zip(lines, paths, strict=True):
         try:
-            sizes.append(image_size(path))
+            with Image.open(path) as image:  # the header only
+                sizes.append(image.size)
         except Exception as error:  # name the row, whatever Pillow raised
             where = f"line {line}: " if line else ""
             raise DataError(f"{source}: {where}cannot read image {path}: {error}") from error
@@ -171,17 +156,10 @@ def _finish(frame: pd.DataFrame, labels: pd.DataFrame, source: Path, extra: Sequ
 
 def _resolve(paths: pd.Series, root: Path) -> pd.Series:
     # a first component equal to root's name (CheXpert-v1.0/train/... under CheXpert-v1.0) is root itself
-    inside = not (root / root.name).exists()
-
-    def one(path: str) -> str:
-        parts = Path(path).parts
-        if Path(path).is_absolute():
-            return os.path.normpath(path)
-        if inside and len(parts) > 1 and parts[0] == root.name:
-            parts = parts[1:]
-        return os.path.normpath(os.path.join(root, *parts))
-
-    return paths.astype(str).map(one)
+    paths = paths.astype(str)
+    if not (root / root.name).exists():
+        paths = paths.str.replace(rf"^(?:\.[/\\]+)*{re.escape(root.name)}[/\\]+(?=[^/\\])", "", regex=True)
+    return paths.map(lambda path: os.path.normpath(os.path.join(root, path)))  # an absolute path stays
 
 
 def _ids_from_paths(paths: pd.Series, root: Path) -> pd.Series:
@@ -196,9 +174,8 @@ def _multi_label_targets(
     table: pd.DataFrame, column: str, label_set: Sequence[str] | None, separator: str, no_finding: str | None,
     source: Path, no_finding_column: bool | None = False,
 ) -> pd.DataFrame:  # fmt: skip
-    """Targets of a multi-label column (``"Mass|Nodule"``): a finding listed is 1.0, one not listed 0.0.
-    ``label_set`` None: the values seen, sorted. ``no_finding`` means none (never beside a finding);
-    ``no_finding_column`` adds it as the last finding (None: when a row gives it)."""
+    # a finding listed in a row ("Mass|Nodule") is 1.0, one not listed 0.0; label_set None: the values seen;
+    # no_finding means none (never beside a finding), no_finding_column adds it (None: when a row gives it)
     if not separator:
         raise DataError("labels separator: give a character such as '|' (--labels-separator)")
     _refuse_blanks(table, column, source)
@@ -225,14 +202,15 @@ def _multi_label_targets(
     return pd.DataFrame(values, index=table.index, columns=columns, dtype=float)
 
 
-def _mimic_file(root: Path, name: str) -> Path:
-    for path in (root / f"{name}.gz", root / name):
+def _first_file(root: Path, names: Sequence[str], holding: str) -> Path:
+    for path in (root / name for name in names):
         if path.is_file():
             return path
-    raise DataFileNotFound(
-        f"{root}: neither {name}.gz nor {name} found; --data-root must be the MIMIC-CXR-JPG folder that "
-        "holds the CSVs and files/"
-    )
+    raise DataFileNotFound(f"{root}: neither {' nor '.join(names)} found; --data-root must be {holding}")
+
+
+def _mimic_file(root: Path, name: str) -> Path:
+    return _first_file(root, (f"{name}.gz", name), "the MIMIC-CXR-JPG folder that holds the CSVs and files/")
 
 
 def index_from_mimic(
@@ -240,57 +218,37 @@ def index_from_mimic(
     policy: str = "u-zeros",
     blank: str = "zero",
     views: str | Iterable[str] | None = None,
-    split: str | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Index of MIMIC-CXR-JPG from its metadata, label and (``split``) split CSVs; a study's labels go to all
-    its images (blank, with a warning, without a label row); ``views``: ``all``, ``frontal``, ``PA,AP`` ..."""
-    if split is not None and split not in MIMIC_SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of {MIMIC_SPLITS}")
+    """Index of MIMIC-CXR-JPG, a study's labels on each of its images; ``views``: all, frontal, PA,AP ..."""
     root = Path(os.path.abspath(root))
-    if not root.is_dir():
-        raise DataFileNotFound(f"MIMIC-CXR-JPG folder not found: {root}")
     meta_path, labels_path = _mimic_file(root, MIMIC_METADATA), _mimic_file(root, MIMIC_LABELS)
     meta = _read_table(meta_path, ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"))
     _key_columns(meta, ["dicom_id", "subject_id", "study_id"], meta_path, ["dicom_id"])
     meta["width"] = _int_column(meta, "Columns", meta_path)
     meta["height"] = _int_column(meta, "Rows", meta_path)
     meta["view"] = meta["ViewPosition"].fillna("").str.strip()
-    raw = _read_table(labels_path, ("subject_id", "study_id", *FINDINGS))
-    validate_raw_labels(raw, str(labels_path))
-    _key_columns(raw, ["subject_id", "study_id"], labels_path)
     keys = ["subject_id", "study_id"]
-    frame = meta.merge(raw[[*keys, *FINDINGS]], on=keys, how="left", indicator=True)
+    raw = _read_table(labels_path, (*keys, *FINDINGS))
+    targets = apply_policy(raw, policy, blank, source=str(labels_path))  # a bad value named by its CSV line
+    _key_columns(raw, keys, labels_path)
+    frame = meta.merge(pd.concat([raw[keys], targets], axis=1), on=keys, how="left", indicator=True)
     unlabeled = frame["_merge"] == "left_only"
+    frame.loc[unlabeled, list(FINDINGS)] = 0.0 if blank == "zero" else np.nan  # all blank
     if unlabeled.any():
         studies = frame.loc[unlabeled, keys].drop_duplicates()
         warnings.warn(
-            f"{labels_path}: {len(studies)} studies ({int(unlabeled.sum())} images) of {meta_path.name} have "
-            f"no label row (e.g. study {studies['study_id'].iloc[0]}); their labels are taken as blank "
-            f"({policy}, blank={blank})",
+            f"{labels_path}: {len(studies)} studies ({int(unlabeled.sum())} images) have no label row (e.g. "
+            f"study {studies['study_id'].iloc[0]}); their labels are taken as blank (blank={blank})",
             stacklevel=2,
         )
-    if split is not None:
-        frame = _keep_split(frame, root, split, meta_path)
     frame = _filter_views(frame, views, meta_path)
     subject, sep = frame["subject_id"], os.sep
     folder = f"{root}{sep}files{sep}p" + subject.str[:2] + f"{sep}p" + subject + f"{sep}s" + frame["study_id"]
     frame = frame.assign(path=folder + sep + frame["dicom_id"] + ".jpg")
     if check_files:
         _refuse_missing_files(frame, meta_path, _NO_FILES_HINT)
-    return _finish(frame, apply_policy(frame, policy, blank, source=str(labels_path)), meta_path)
-
-
-def _keep_split(frame: pd.DataFrame, root: Path, split: str, meta_path: Path) -> pd.DataFrame:
-    split_path = _mimic_file(root, MIMIC_SPLIT)
-    table = _read_table(split_path, ("dicom_id", "split"))
-    table["dicom_id"] = table["dicom_id"].str.strip()
-    _refuse_duplicates(table, ["dicom_id"], split_path)
-    _refuse(table, ~table["split"].isin(MIMIC_SPLITS), "split", split_path, f"is not one of {MIMIC_SPLITS}")
-    frame = frame[frame["dicom_id"].isin(table.loc[table["split"] == split, "dicom_id"])]
-    if frame.empty:
-        raise DataError(f"{split_path}: no image of {meta_path.name} is in split {split!r}")
-    return frame
+    return _finish(frame, frame[list(FINDINGS)], meta_path)
 
 
 def index_from_chexpert(
@@ -301,16 +259,14 @@ def index_from_chexpert(
     views: str | Iterable[str] | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Index of CheXpert from its ``train.csv`` / ``valid.csv`` under ``root`` (holding ``CheXpert-v1.0/`` or
-    that folder itself): ids from ``Path`` (``patient00001/study1/view1_frontal.jpg``), view from AP/PA."""
+    """Index of CheXpert from its ``train.csv`` or ``valid.csv`` under ``root`` (``CheXpert-v1.0`` or up)."""
     root = Path(os.path.abspath(root))
     csv_path = root / csv
     table = _read_table(csv_path, ("Path", "Frontal/Lateral", "AP/PA", *FINDINGS))
     labels = apply_policy(table, policy, blank, source=str(csv_path))
     _refuse_blanks(table, "Path", csv_path)
     parts = table["Path"].str.extract(_CHEXPERT_PATH)
-    why = "does not end in patientNNNNN/studyN/<image>.jpg"
-    _refuse(table, parts.isna().any(axis=1), "Path", csv_path, why)
+    _refuse(table, parts.isna().any(axis=1), "Path", csv_path, "does not end in patientNNNNN/studyN/<image>")
     patient = "patient" + parts[0]
     lateral = table["Frontal/Lateral"].fillna("").str.strip().str.lower() == "lateral"
     frame = table.assign(
@@ -336,9 +292,6 @@ def index_from_csv(
     label_map: str | Mapping | None = None,
     finding_columns: Iterable[str] | Mapping[str, str] | None = None,
     view_column: str | None = None,
-    view: str = "",
-    width_column: str = "width",
-    height_column: str = "height",
     policy: str = "u-zeros",
     blank: str = "zero",
     views: str | Iterable[str] | None = None,
@@ -357,10 +310,8 @@ def index_from_csv(
         label_column = LABEL_MAP_COLUMNS.get(label_map.strip())
     if (label_map is None) != (label_column is None):
         raise DataError("give both label_column (--label-column) and label_map (--label-map), or neither")
-    if labels_column is not None and (label_column is not None or finding_columns is not None):
-        raise DataError("give labels_column (--labels-column) alone, without a label map or finding columns")
-    if label_column is not None and finding_columns is not None:
-        raise DataError("give finding_columns or label_column with label_map, not both")
+    if sum(given is not None for given in (labels_column, label_column, finding_columns)) > 1:
+        raise DataError("give one of finding_columns, label_column with label_map, or labels_column")
     flags = {  # every column the CSV must have, and the option that names it
         path_column: "--path-column", patient_column: "--patient-column", study_column: "--study-column",
         id_column: "--id-column", view_column: "--view-column", labels_column: "--labels-column",
@@ -382,7 +333,7 @@ def index_from_csv(
         dicom_id=dicom_ids,
         subject_id=table[patient_column].str.strip(),
         study_id=table[study_column].str.strip() if study_column else dicom_ids,
-        view=table[view_column].fillna("").str.strip() if view_column else view,
+        view=table[view_column].fillna("").str.strip() if view_column else "",
         path=paths,
     )
     _refuse_duplicates(frame, ["dicom_id"], csv_path)
@@ -391,9 +342,9 @@ def index_from_csv(
         _refuse_missing_files(
             frame, csv_path, "check the paths and --data-root (the CSV's folder by default)"
         )
-    if width_column in frame.columns and height_column in frame.columns:
-        frame["width"] = _int_column(frame, width_column, csv_path)
-        frame["height"] = _int_column(frame, height_column, csv_path)
+    if "width" in frame.columns and "height" in frame.columns:  # sizes given: no image is opened
+        frame["width"] = _int_column(frame, "width", csv_path)
+        frame["height"] = _int_column(frame, "height", csv_path)
     else:
         frame = _image_sizes(frame, csv_path, check_files)
     return _finish(frame, labels, csv_path)
@@ -402,7 +353,6 @@ def index_from_csv(
 def _csv_labels(
     table, csv_path: Path, label_column, label_map, finding_columns, policy, blank
 ) -> pd.DataFrame:
-    raw = pd.DataFrame(np.nan, index=table.index, columns=list(FINDINGS), dtype=object)
     if label_column is not None:
         mapping = _parse_label_map(label_map)
         values = table[label_column].fillna("").str.strip()
@@ -411,9 +361,7 @@ def _csv_labels(
         case = f": it differs from {same[0]!r} only in case" if same else ""
         why = f"is not in the label map (its values: {sorted(mapping)}){case}"
         _refuse(table, unknown, label_column, csv_path, why)
-        for value, labels in mapping.items():
-            for finding, label in labels.items():
-                raw.loc[values == value, finding] = label
+        raw = pd.DataFrame([mapping[v] for v in values], index=table.index, columns=list(FINDINGS))
         given = {f for labels in mapping.values() for f in labels}
         blank = "unknown"  # a finding a value's map leaves out is not known for that value
     else:
@@ -431,7 +379,7 @@ def _csv_labels(
                 raise DataError(f"finding_columns: {finding!r} is not one of the 14 findings")
             if column not in table.columns:
                 raise DataError(f"{csv_path}: missing column {column!r} (finding {finding})")
-            raw[finding] = table[column]
+        raw = pd.DataFrame({f: table[c] for c, f in columns.items()}, columns=list(FINDINGS))
         given = set(columns.values())
     labels = apply_policy(raw, policy, blank, source=str(csv_path))
     labels[[f for f in FINDINGS if f not in given]] = np.nan
@@ -439,20 +387,15 @@ def _csv_labels(
 
 
 def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
-    if isinstance(label_map, str):
-        text = label_map.strip()
-        if text in LABEL_MAPS:
-            label_map = LABEL_MAPS[text]
-        elif text.startswith("{") or Path(text).is_file():
-            where = "" if text.startswith("{") else f" {text}"
-            try:
-                label_map = json.loads(Path(text).read_text() if where else text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"label map{where}: invalid JSON: {error}") from error
-        else:
-            raise DataError(
-                f"label map {text!r} is not a built-in map {sorted(LABEL_MAPS)}, a JSON object or a JSON file"
-            )
+    text = label_map.strip() if isinstance(label_map, str) else ""
+    if text in LABEL_MAPS:
+        label_map = LABEL_MAPS[text]
+    elif text:
+        try:
+            label_map = json.loads(text if text.startswith("{") else Path(text).read_text())
+        except (OSError, ValueError) as error:  # a JSONDecodeError is a ValueError
+            what = f"not a built-in map {sorted(LABEL_MAPS)}, a JSON object or a JSON file"
+            raise DataError(f"label map {text[:200]!r} is {what}: {error}") from None
     checked: dict[str, dict[str, float]] = {}
     for value, findings in dict(label_map).items():
         if not isinstance(findings, Mapping):
@@ -469,41 +412,29 @@ def _parse_label_map(label_map: str | Mapping) -> dict[str, dict[str, float]]:
 
 
 def _nih_entry(root: Path) -> Path:
-    for name in NIH_ENTRY_FILES:
-        for path in (root / name, root / f"{name}.gz"):
-            if path.is_file():
-                return path
-    raise DataFileNotFound(
-        f"{root}: neither {' nor '.join(NIH_ENTRY_FILES)} (nor .gz) found; --data-root must be the NIH "
-        "ChestX-ray14 folder that holds them and images_001/ .. images_012/ (or images/)"
-    )
+    names = [n for name in NIH_ENTRY_FILES for n in (name, f"{name}.gz")]
+    return _first_file(root, names, "the NIH ChestX-ray14 folder with them and images_001/ .. (or images/)")
 
 
 def _nih_list(path: Path) -> set[str]:
     if not path.is_file():
         raise DataFileNotFound(f"{path}: not found; NIH's official lists sit beside the metadata CSV")
     try:
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return {line.strip() for line in path.read_text(encoding="utf-8").splitlines()} - {""}
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    for number, name in enumerate(names, start=1):
-        if name and (os.sep in name or "/" in name or "," in name):
-            raise DataError(f"{path}: line {number}: {name!r} is not an image file name")
-    return {name for name in names if name}
 
 
 def index_from_nih(
     root: str | os.PathLike, subset: str = "all", views: str | None = None, check_files: bool = True
 ) -> pd.DataFrame:
-    """Index of NIH ChestX-ray14 (``Data_Entry_2017_v2020.csv``, the image folders): NIH's 14 findings and No
-    Finding, the native size from the metadata; ``subset``: ``all`` or NIH's train_val or test list."""
+    """Index of NIH ChestX-ray14 (14 findings, No Finding); ``subset``: all, NIH's train_val or test list."""
     if subset not in NIH_SUBSETS:
         raise DataError(f"unknown NIH subset {subset!r}; choose one of {NIH_SUBSETS}")
     root = Path(os.path.abspath(root))
-    if not root.is_dir():
-        raise DataFileNotFound(f"NIH ChestX-ray14 folder not found: {root}")
     entry = _nih_entry(root)
-    table = _read_table(entry, NIH_REQUIRED)
+    sizes = ("OriginalImage[Width", "Height]")  # the original size: the PNGs are resized
+    table = _read_table(entry, ("Image Index", "Finding Labels", "Patient ID", "View Position", *sizes))
     _refuse_blanks(table, "Patient ID", entry)
     _key_columns(table, ["Image Index"], entry)
     findings, no_finding = NIH_FINDINGS[:-1], NIH_FINDINGS[-1]
@@ -521,14 +452,14 @@ def index_from_nih(
         subject_id=table["Patient ID"].str.strip(),
         study_id=names.str[:-4],  # one image per visit (Follow-up #) in NIH's release
         view=table["View Position"].fillna("").str.strip().str.upper(),
-        native_width=_int_column(table, "OriginalImage[Width", entry),
-        native_height=_int_column(table, "Height]", entry),
+        native_width=_int_column(table, sizes[0], entry),
+        native_height=_int_column(table, sizes[1], entry),
         path=[found.get(name, str(root / "images" / name)) for name in names],
     )
     if subset != "all":
-        frame = frame[frame["Image Index"].isin(_nih_list(root / NIH_LISTS[subset]))]
+        frame = frame[frame["Image Index"].isin(_nih_list(listed := root / f"{subset}_list.txt"))]
         if frame.empty:
-            raise DataError(f"{root / NIH_LISTS[subset]}: names no image of {entry.name}")
+            raise DataError(f"{listed}: names no image of {entry.name}")
     frame = _filter_views(frame, views, entry)
     hint = "check --data-root (images_*/images/ or images/ under it)"
     return _finish(_image_sizes(frame, entry, check_files, hint), labels, entry, NATIVE_SIZE_COLUMNS)
@@ -545,8 +476,7 @@ def _kermany_root(root: str | os.PathLike) -> Path:
 
 
 def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.DataFrame:
-    """Index of Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/``: labels from the folder, the
-    patient from the file name, and the ``split`` and ``subtype`` (normal / bacteria / virus) columns."""
+    """Index of Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/`` with ``split``, ``subtype``."""
     root = _kermany_root(root)
     rows = []
     for split in KERMANY_SPLITS:
@@ -559,10 +489,7 @@ def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.
                 match = pattern.fullmatch(stem)
                 if match is None:
                     example = "IM-0115-0001.jpeg" if finding == "NORMAL" else "person1_bacteria_1.jpeg"
-                    raise DataError(
-                        f"{folder / name}: the file name names no patient (a {finding} image is named like "
-                        f"{example})"
-                    )
+                    raise DataError(f"{folder / name}: the file name names no patient (named like {example})")
                 subtype = match.groupdict().get("subtype") or "normal"
                 rows.append((str(folder / name), split, finding, match["patient"], subtype))
     if not rows:
@@ -576,8 +503,7 @@ def index_from_kermany(root: str | os.PathLike, views: str | None = None) -> pd.
 
 
 def check_data_root(source: str, root: str | os.PathLike, csv: str | os.PathLike | None = None) -> None:
-    """Raise :class:`~cxrlib.fileio.DataFileNotFound` naming the first file a data root lacks (``csv``: the
-    label file): a cheap check before any work; the readers check every row later."""
+    """Raise :class:`~cxrlib.fileio.DataFileNotFound` naming the first file a data root lacks (cheap)."""
     root = Path(os.path.abspath(root))
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose one of {SOURCES}")
@@ -606,9 +532,7 @@ def index_from_source(
     views: str | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """The index of a data source by name (presets and the command line): ``csv`` is the label file of
-    ``chexpert`` or ``csv``; ``csv_options`` the reader's own (``csv``'s, ``nih``: ``subset``, ``mimic``:
-    ``split``); the label set is the findings labelled with both classes."""
+    """The index of a data source by name (``csv``: the label file, ``csv_options``: the reader's own)."""
     common = {"views": views, "check_files": check_files}
     options = dict(csv_options or {})
     if source in ("phantom", "mimic"):
@@ -642,7 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     add("--policy", choices=POLICIES, default="u-zeros", help="uncertain (-1) labels (default u-zeros)")
     add("--blank", choices=BLANK_OPTIONS, default="zero", help="blank labels (default zero)")
     add("--views", default="all", help="all (default), frontal, or names such as PA,AP")
-    add("--split", choices=MIMIC_SPLITS, help="mimic: keep one official split")
     add("--nih-subset", choices=NIH_SUBSETS, default="all", help="nih: all, or one of NIH's official lists")
     add("--csv", help="chexpert: CSV in the data root (default train.csv); csv: the CSV file")
     add("--no-check-files", action="store_true", help="do not check that the images exist")
@@ -652,7 +575,6 @@ def main(argv: list[str] | None = None) -> int:
     csv("--study-column", help="study id column (default: one study per image)")
     csv("--id-column", help="image id column (default: the file name)")
     csv("--view-column", help="view column")
-    csv("--view", default="", help="view of every image when there is no view column")
     csv("--label-column", help="the column --label-map reads")
     csv("--label-map", help=f"{'|'.join(LABEL_MAPS)}, a JSON object or a JSON file")
     csv("--finding-columns", type=_names, help="comma-separated finding columns (default: all present)")
@@ -662,11 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     csv("--findings", type=_names, help="the label set, comma-separated (default: the values seen)")
     args = parser.parse_args(argv)
     source, root = args.dataset, args.data_root
-    if args.split and source != "mimic":
-        parser.error("--split is for --dataset mimic")
     if (args.csv if source == "csv" else root) is None:
         parser.error(f"--dataset {source} needs {'--csv FILE' if source == 'csv' else '--data-root'}")
-    options = {"mimic": {"split": args.split}, "nih": {"subset": args.nih_subset}}.get(source, {})
+    options = {"subset": args.nih_subset} if source == "nih" else {}
     if source == "csv":  # the CSV relative to here, not to the data root (chexpert's is in the data root)
         reader = inspect.signature(index_from_csv).parameters
         options = {name: value for name, value in vars(args).items() if name in reader and name != "csv"}

@@ -1,8 +1,5 @@
-"""The image index (``index.csv``, one row per image): schema, reading, writing, checking, summarizing.
-
-Every column that is not a fixed one is a finding, in order: **the index's label set** (1.0 / 0.0 / NaN
-for unknown), which the model, the tables and the figures take from here (docs/data_files.md, "The index").
-"""
+"""The image index (``index.csv``, one row per image): schema, reading, writing, checking, summary. Every
+column that is not a fixed one is a finding (1, 0, NaN): the label set, in order (docs/data_files.md)."""
 
 from __future__ import annotations
 
@@ -15,14 +12,12 @@ import numpy as np
 import pandas as pd
 
 from .fileio import DataError, DataFileNotFound, read_csv_text, read_header, write_csv_atomic
-from .labels import FINDINGS
 
 ID_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id")
 BASE_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "path", "view", "width", "height")
 NATIVE_SIZE_COLUMNS: tuple[str, ...] = ("native_width", "native_height")  # NIH's PNGs are resized
 NOTE_COLUMNS: tuple[str, ...] = ("split", "subtype")  # optional text, never findings
 SIZE_COLUMNS = ("width", "height", *NATIVE_SIZE_COLUMNS)
-INDEX_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *FINDINGS)  # an index with CheXpert's label set
 _NOT_FINDINGS = frozenset((*BASE_COLUMNS, *NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS, "_line"))
 
 
@@ -33,8 +28,7 @@ def index_findings(index: pd.DataFrame | Sequence[str]) -> list[str]:
 
 
 def select_findings(index: pd.DataFrame, findings: Sequence | None, source: str = "index") -> pd.DataFrame:
-    """The index with only ``findings`` (a subset of its label set, in that order) as its label set;
-    ``None`` keeps them all. A name the index lacks is a :class:`~cxrlib.fileio.DataError`."""
+    """The index with only ``findings`` (of its label set, in that order) as its label set; ``None``: all."""
     if findings is None:
         return index
     present = index_findings(index)
@@ -45,14 +39,12 @@ def select_findings(index: pd.DataFrame, findings: Sequence | None, source: str 
 
 
 def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
-    """The index without the findings never labelled with both classes (nothing can be learned or scored
-    for them), with one warning naming them; none left is a :class:`~cxrlib.fileio.DataError`."""
+    """The index without the findings never labelled with both classes, with one warning naming them."""
     summary = summarize_index(index)
-    lacking = pd.Series("", index=summary.index)
-    lacking[summary["negatives"] == 0] = "only positive labels"
-    lacking[summary["positives"] == 0] = "only negative labels"
-    lacking[summary["positives"] + summary["negatives"] == 0] = "no known label"
-    lacking = lacking[lacking != ""]
+    positives, negatives = summary["positives"], summary["negatives"]
+    reasons = ["no known label", "only negative labels", "only positive labels"]
+    lacking = pd.Series(np.select([positives + negatives == 0, positives == 0, negatives == 0], reasons, ""))
+    lacking = lacking.set_axis(summary.index)[lambda reason: reason != ""]
     if lacking.empty:
         return index
     why = "; ".join(f"{', '.join(names.index)} ({reason})" for reason, names in lacking.groupby(lacking))
@@ -65,9 +57,7 @@ def drop_unlabelled_findings(index: pd.DataFrame, source: str = "index") -> pd.D
 
 
 def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
-    """The index checked against the schema, with ids as strings, sizes as whole numbers and labels as
-    floats; a :class:`~cxrlib.fileio.DataError` names ``source`` and the column or CSV line of a missing
-    column, no finding, a blank id, a duplicate ``dicom_id`` or a value outside the schema."""
+    """The index checked against the schema (an error names column and CSV line), ids as str, labels float."""
     missing = [c for c in BASE_COLUMNS if c not in index.columns]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; an index needs {list(BASE_COLUMNS)}")
@@ -83,43 +73,32 @@ def validate_index(index: pd.DataFrame, source: str = "index") -> pd.DataFrame:
     for column in (*ID_COLUMNS, "path"):
         blank = index[column].isna() | (index[column].astype(str).str.strip() == "")
         if blank.any():
-            raise DataError(f"{source}: column {column!r}, CSV line {_first(blank) + 2}: blank")
+            raise DataError(f"{source}: column {column!r}, CSV line {blank.to_numpy().argmax() + 2}: blank")
         index[column] = index[column].astype(str)
     duplicated = index["dicom_id"].duplicated(keep=False)
     if duplicated.any():
-        rows = (np.flatnonzero(duplicated.to_numpy()) + 2).tolist()[:5]
-        raise DataError(
-            f"{source}: duplicate dicom_id {index['dicom_id'][duplicated].iloc[0]!r} (CSV lines {rows})"
-        )
+        first, rows = index["dicom_id"][duplicated].iloc[0], (np.flatnonzero(duplicated) + 2).tolist()[:5]
+        raise DataError(f"{source}: duplicate dicom_id {first!r} (CSV lines {rows})")
     for column in (c for c in SIZE_COLUMNS if c in index.columns):
-        whole = _numbers(
-            index, column, source, lambda v: (v >= 0) & (v == v.round()), "a whole number of pixels"
-        )
+        whole = _numbers(index, column, source, lambda v: (v >= 0) & (v == v.round()), "pixels or blank")
         index[column] = whole if whole.isna().any() else whole.astype("int64")
     for finding in findings:
-        index[finding] = _numbers(index, finding, source, lambda v: v.isin([0.0, 1.0]), "1, 0").astype(float)
+        index[finding] = _numbers(index, finding, source, lambda v: v.isin([0.0, 1.0]), "1, 0 or blank")
     for column in ("view", *(c for c in NOTE_COLUMNS if c in index.columns)):
         index[column] = index[column].fillna("").astype(str)
     return index
 
 
-def _first(mask: pd.Series) -> int:
-    return int(np.flatnonzero(mask.to_numpy())[0])
-
-
 def _numbers(index: pd.DataFrame, column: str, source: str, valid: Callable, what: str) -> pd.Series:
-    """A column as numbers, blank (NaN) allowed; the first other value that is not ``valid`` is an error."""
     given = index[column]
     values = pd.to_numeric(given, errors="coerce")
     blank = given.isna() | (given.astype(str).str.strip() == "")
     bad = (values.isna() & ~blank) | (values.notna() & ~valid(values))
     if bad.any():
-        value = given.iloc[_first(bad)]
-        value = value.item() if isinstance(value, np.generic) else value  # 2.0, not np.float64(2.0)
-        raise DataError(
-            f"{source}: column {column!r}, CSV line {_first(bad) + 2}: value {value!r} is not {what} or blank"
-        )
-    return values
+        row = int(bad.to_numpy().argmax())
+        value = given.iloc[row].item() if isinstance(given.iloc[row], np.generic) else given.iloc[row]  # 2.0
+        raise DataError(f"{source}: column {column!r}, CSV line {row + 2}: value {value!r} is not {what}")
+    return values.astype(float)
 
 
 def read_index(path: str | os.PathLike) -> pd.DataFrame:
@@ -134,14 +113,8 @@ def read_index(path: str | os.PathLike) -> pd.DataFrame:
     return validate_index(frame, source=str(path))
 
 
-def read_index_findings(path: str | os.PathLike) -> list[str]:
-    """The label set of an ``index.csv`` from its header alone (cheap for a large index)."""
-    return index_findings(read_header(path))
-
-
 def write_index(index: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validate an index and write it atomically as CSV (NaN labels as blanks): the fixed columns, the
-    native size and notes when it has them, then the findings."""
+    """Validate an index and write it atomically (NaN labels as blanks), the findings last."""
     index = validate_index(index)
     optional = [c for c in (*NATIVE_SIZE_COLUMNS, *NOTE_COLUMNS) if c in index.columns]
     return write_csv_atomic(
@@ -161,14 +134,10 @@ def summarize_index(index: pd.DataFrame) -> pd.DataFrame:
 
 def describe_index(index: pd.DataFrame) -> str:
     """Images, subjects, studies, views and the label set in a few lines, then :func:`summarize_index`."""
-    views = index["view"].replace("", "(blank)").value_counts()
-    findings = index_findings(index)
+    views = ", ".join(f"{v} {n}" for v, n in index["view"].replace("", "(blank)").value_counts().items())
     subjects, studies = index["subject_id"].nunique(), index["study_id"].nunique()
-    return "\n".join(
-        [
-            f"{len(index)} images, {subjects} subjects, {studies} studies",
-            "views: " + ", ".join(f"{view} {count}" for view, count in views.items()),
-            f"findings ({len(findings)}): " + ", ".join(findings),
-            summarize_index(index).to_string(),
-        ]
+    findings = index_findings(index)
+    return (
+        f"{len(index)} images, {subjects} subjects, {studies} studies\nviews: {views}\n"
+        f"findings ({len(findings)}): {', '.join(findings)}\n{summarize_index(index).to_string()}"
     )

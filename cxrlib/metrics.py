@@ -17,8 +17,8 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from .fileio import write_csv_atomic
-from .index import index_findings, read_index_findings
+from .fileio import read_header, write_csv_atomic
+from .index import index_findings
 from .labels import finding_order
 from .paths import FOLDS, INDEX, predictions_path, tables_dir
 from .splits import fold_ids, num_folds, read_folds
@@ -77,7 +77,7 @@ def load_predictions(
     """``{(resolution, fold): scores}``, checked against the run's folds and findings (None: all folds)."""
     run = Path(run)
     fold_table = read_folds(run / FOLDS)
-    findings = read_index_findings(run / INDEX) if (run / INDEX).is_file() else None
+    findings = index_findings(read_header(run / INDEX)) if (run / INDEX).is_file() else None
     folds = range(num_folds(fold_table)) if folds is None else folds
     return {
         (int(r), int(k)): read_predictions(

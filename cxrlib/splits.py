@@ -1,11 +1,7 @@
-"""Patient-level K-fold cross-validation with a nested train/val split (``folds.csv``), and its leakage check.
-
-``folds.csv`` has one row per image, in the index's order: ``dicom_id, subject_id, role_0 .. role_{K-1}``
-(roles ``train`` / ``val`` / ``test``). Every image of a subject has the subject's role, each image is
-tested in exactly one fold, the same index and seed give the same bytes (docs/data_files.md, "The folds")::
+"""Patient-level K-fold cross-validation with a nested train/val split (``folds.csv``: ``dicom_id,
+subject_id, role_0 .. role_{K-1}``), checked for leakage on every read (docs/data_files.md, "The folds")::
 
     python -m cxrlib.splits --index index.csv --folds 5 --seed 0 --out folds.csv
-    python -m cxrlib.splits --check folds.csv [--index index.csv]
 """
 
 from __future__ import annotations
@@ -20,13 +16,13 @@ import numpy as np
 import pandas as pd
 
 from .fileio import DataError, DataFileNotFound, read_csv_text, read_header, write_csv_atomic
+from .index import read_index
 
 ROLES: tuple[str, ...] = ("train", "val", "test")
 
 
 class LeakageError(DataError):
-    """A fold file mixes a subject across roles, does not test every image exactly once, or is not a
-    fold file at all; one line, as every :class:`~cxrlib.fileio.DataError`."""
+    """A fold file mixes a subject across roles, does not test every image once, or is malformed."""
 
 
 def _role_columns(folds: pd.DataFrame) -> list[str]:
@@ -44,8 +40,7 @@ def _table(index: pd.DataFrame, subjects: pd.Series, roles: dict[str, pd.Series]
 
 
 def _roles(rest: np.ndarray, test_subjects, val_fraction: float) -> dict[str, str]:
-    """``{subject: role}``: the first ``val_fraction`` of the shuffled ``rest`` val (at least one, and one
-    left to train), the others train, ``test_subjects`` test."""
+    # the first val_fraction of the shuffled rest val (at least one, and one left to train)
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
     return {
         **dict.fromkeys(rest[n_val:], "train"),
@@ -64,9 +59,7 @@ def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: flo
     subjects = index["subject_id"].astype(str)
     unique = np.array(sorted(subjects.unique()))
     if len(unique) < k + 2:
-        raise ValueError(
-            f"{len(unique)} subjects cannot make {k} folds with train and val subjects; need at least {k + 2}"
-        )
+        raise ValueError(f"{len(unique)} subjects cannot make {k} folds with train and val; need {k + 2}")
     shuffled = np.random.default_rng(seed).permutation(unique)
     roles = {}
     for fold, test_subjects in enumerate(np.array_split(shuffled, k)):
@@ -78,9 +71,8 @@ def make_folds(index: pd.DataFrame, k: int = 5, seed: int = 0, val_fraction: flo
 
 
 def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1) -> pd.DataFrame:
-    """One fold (``role_0``) whose test images are the index's official test images (``split`` column
-    ``test``, Kermany's); the other subjects, shuffled with ``seed``, are train and val. A subject with
-    images on both sides is tested with all of them (a warning gives the count)."""
+    """One fold (``role_0``) testing the official test images (``split`` column, Kermany's) and the other
+    images of their subjects (with a warning); the other subjects, shuffled with ``seed``, train and val."""
     if "split" not in index.columns:
         raise DataError("the index has no 'split' column: the official split needs a source that keeps it")
     subjects = index["subject_id"].astype(str)
@@ -89,15 +81,13 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
     rest = sorted(set(subjects) - set(test_subjects))
     if not test_subjects or len(rest) < 2:
         raise DataError(
-            f"the official split has {len(test_subjects)} test and {len(rest)} other subjects; "
-            "it needs a test subject and two others (train and val)"
+            f"official split: {len(test_subjects)} test and {len(rest)} other subjects; it needs 1 and 2+"
         )
     straddling = ~official & subjects.isin(test_subjects)
     if straddling.any():
         warnings.warn(
-            f"{subjects[straddling].nunique()} patients (e.g. {subjects[straddling].iloc[0]}) have images "
-            f"in the official test split and outside it; their {int(straddling.sum())} other images "
-            "are tested too",
+            f"{subjects[straddling].nunique()} patients (e.g. {subjects[straddling].iloc[0]}) have images in "
+            f"the official test split and outside it; their {int(straddling.sum())} other images are tested",
             stacklevel=2,
         )
     role_of = _roles(np.random.default_rng(seed).permutation(rest), test_subjects, val_fraction)
@@ -105,8 +95,7 @@ def official_folds(index: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1
 
 
 def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: str = "folds") -> None:
-    """Raise :class:`LeakageError` naming the subject or image when ``folds`` leaks or is malformed
-    (with ``index``: when the two do not list the same images with the same subjects)."""
+    """Raise :class:`LeakageError` naming image or subject where ``folds`` leak or differ from ``index``."""
     missing = [c for c in ("dicom_id", "subject_id") if c not in folds.columns]
     if missing:
         raise LeakageError(f"{source}: missing column {missing[0]!r}")
@@ -116,13 +105,10 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: 
     duplicated = folds["dicom_id"].duplicated()
     if duplicated.any():
         raise LeakageError(f"{source}: image {folds['dicom_id'][duplicated].iloc[0]!r} is listed twice")
-    bad = ~folds[roles].isin(ROLES)
-    if bad.any().any():
-        column = bad.any().idxmax()
-        row = int(np.flatnonzero(bad[column].to_numpy())[0])
-        raise LeakageError(
-            f"{source}: {column}, line {row + 2}: role {folds[column].iloc[row]!r} is not one of {ROLES}"
-        )
+    rows, columns = np.nonzero(~folds[roles].isin(ROLES).to_numpy())
+    if len(rows):
+        where, role = f"{roles[columns[0]]}, line {rows[0] + 2}", folds[roles[columns[0]]].iloc[rows[0]]
+        raise LeakageError(f"{source}: {where}: role {role!r} is not one of {ROLES}")
     mixed = folds.groupby("subject_id")[roles].nunique() > 1
     if mixed.any().any():
         column = mixed.any().idxmax()
@@ -142,19 +128,14 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame | None = None, source: 
         both = folds[["dicom_id", "subject_id"]].merge(
             index[["dicom_id", "subject_id"]].astype(str), on="dicom_id", how="outer", indicator=True
         )
-        only = both[both["_merge"] != "both"]
-        if len(only):
-            where = "the folds" if only["_merge"].iloc[0] == "left_only" else "the index"
-            image = only["dicom_id"].iloc[0]
-            raise LeakageError(
-                f"{source}: image {image!r} is only in {where}; the folds do not match the index"
-            )
-        differ = both[both["subject_id_x"] != both["subject_id_y"]]
+        differ = both[both["subject_id_x"] != both["subject_id_y"]]  # a missing subject too
         if len(differ):
             row = differ.iloc[0]
+            where = {"left_only": "the folds", "right_only": "the index"}.get(row["_merge"])
+            subjects = f"belongs to subject {row['subject_id_y']} in the index but {row['subject_id_x']} here"
             raise LeakageError(
-                f"{source}: image {row['dicom_id']!r} belongs to subject {row['subject_id_y']} in the index "
-                f"but {row['subject_id_x']} here"
+                f"{source}: image {row['dicom_id']!r} {f'is only in {where}' if where else subjects}; "
+                "the folds do not match the index"
             )
 
 
@@ -200,29 +181,20 @@ def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--index", type=Path, help="index.csv (from python -m cxrlib.datasets)")
+    add("--index", type=Path, required=True, help="index.csv (from python -m cxrlib.datasets)")
     add("--folds", type=int, default=5, help="number of folds K (default 5)")
     add("--seed", type=int, default=0, help="shuffling seed (default 0)")
     add("--val-fraction", type=float, default=0.1, help="share of non-test subjects in val")
-    add("--out", type=Path, help="folds.csv to write")
-    add("--check", type=Path, metavar="FOLDS_CSV", help="only check a fold file (and --index)")
+    add("--out", type=Path, required=True, help="folds.csv to write")
     args = parser.parse_args(argv)
-    if args.check is None and (args.index is None or args.out is None):
-        parser.error("give --index and --out to make folds, or --check FOLDS_CSV")
-    from .index import read_index
-
     try:
-        index = read_index(args.index) if args.index else None
-        if args.check is not None:
-            folds = read_folds(args.check, index)
-        else:
-            folds = make_folds(index, args.folds, args.seed, args.val_fraction)
-            write_folds(folds, args.out)
+        folds = make_folds(read_index(args.index), args.folds, args.seed, args.val_fraction)
+        write_folds(folds, args.out)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    done = f"{args.check}: no leakage" if args.check else f"wrote {args.out}"
-    print(f"{done}: {len(folds)} images of {folds['subject_id'].nunique()} subjects\n{fold_summary(folds)}")
+    subjects = folds["subject_id"].nunique()
+    print(f"wrote {args.out}: {len(folds)} images of {subjects} subjects\n{fold_summary(folds)}")
     return 0
 
 

@@ -19,11 +19,11 @@ from cxrlib.cache import (
     cached_image_path,
     check_cache,
     read_manifest,
-    resize_to_square,
+    square_images,
     to_grayscale_8bit,
 )
 from cxrlib.datasets import index_from_mimic
-from cxrlib.index import INDEX_COLUMNS, read_index, write_index
+from cxrlib.index import BASE_COLUMNS, read_index, write_index
 from cxrlib.labels import FINDINGS
 
 RESOLUTIONS = (16, 32)
@@ -46,7 +46,7 @@ def index_of(paths: dict[str, Path]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     for finding in FINDINGS:
         frame[finding] = 0.0
-    return frame[list(INDEX_COLUMNS)]
+    return frame[[*BASE_COLUMNS, *FINDINGS]]
 
 
 def build(index, out, resolutions=RESOLUTIONS, **kwargs):
@@ -298,6 +298,10 @@ def test_odd_sources_are_cached_as_8_bit_gray(tmp_path, resolution):
 # --------------------------------------------------------------------------- cached == on the fly
 
 
+def resize_to_square(path, resolution, mode, reduced_decode):
+    return square_images(path, [resolution], mode, reduced_decode)[0][resolution]
+
+
 @pytest.mark.parametrize("mode", ["squash", "pad"])
 @pytest.mark.parametrize("reduced_decode", [True, False])
 def test_cached_images_equal_on_the_fly_images(mimic_index, tmp_path, mode, reduced_decode):
@@ -333,6 +337,9 @@ def test_dataset_reads_the_cache_format_from_the_manifest(mimic_index, tmp_path)
     assert dataset[0][0].shape == (1, 16, 16)
     with pytest.raises(ValueError, match="format 'jpg', but 'png' was asked for"):
         CXRDataset(index, 16, cache_dir=tmp_path / "c", cache_format="png")
+    build(index.iloc[:1], tmp_path / "c", [16], fmt="png", mode="pad")  # one image rebuilt as PNG
+    with pytest.raises(ValueError, match="16 px images with format 'jpg' and 'png'$"):
+        CXRDataset(index, 16, cache_dir=tmp_path / "c")
 
 
 @pytest.mark.slow
@@ -356,9 +363,8 @@ def test_cli_round_trip(mimic_index, tmp_path, capsys):
     args = ["--index", str(index_csv), "--out", str(out), "--workers", "1", "--no-progress"]
     assert cache.main([*args, "--resolutions", "16", "32"]) == 0
     assert f"wrote {2 * len(mimic_index)} files" in capsys.readouterr().out
-    assert cache.main([*args, "--resolutions", "16", "32", "--check"]) == 0
-    assert cache.main([*args, "--resolutions", "64", "--check"]) == 1
-    assert "64 px: 0/18 cached" in capsys.readouterr().out
+    assert check_cache(mimic_index, out, 16) == [] and check_cache(mimic_index, out, 32) == []
+    assert len(check_cache(mimic_index, out, 64)) == len(mimic_index) == 18
 
 
 def test_cli_fails_on_bad_sources_unless_told_to_drop_them(tmp_path, capsys):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cxrlib.cache import CXRDataset, ImageReadError, collate_skip_none
 from cxrlib.datasets import index_from_chexpert, index_from_csv, index_from_mimic, main
-from cxrlib.index import INDEX_COLUMNS, index_findings, read_index, summarize_index
+from cxrlib.index import BASE_COLUMNS, index_findings, read_index, summarize_index
 from cxrlib.labels import FINDINGS
 
 KERMANY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-pediatric-cxr"
@@ -50,7 +50,7 @@ def rewrite_gz(path: Path, frame: pd.DataFrame) -> None:
 
 def test_mimic_index_gives_each_image_its_study_labels(fake_mimic):
     index = index_from_mimic(fake_mimic.root)
-    assert list(index.columns) == list(INDEX_COLUMNS)
+    assert list(index.columns) == [*BASE_COLUMNS, *FINDINGS]
     assert index["dicom_id"].tolist() == fake_mimic.metadata["dicom_id"].tolist()
     meta = fake_mimic.metadata.set_index("dicom_id")
     assert (index["width"].to_numpy() == meta.loc[index["dicom_id"], "Columns"].to_numpy()).all()
@@ -99,28 +99,20 @@ def test_mimic_view_filter(fake_mimic, views, expected):
     assert len(index) == fake_mimic.metadata["ViewPosition"].fillna("").isin(expected).sum()
 
 
-@pytest.mark.parametrize("split", ["train", "validate", "test"])
-def test_mimic_split_filter(fake_mimic, split):
-    index = index_from_mimic(fake_mimic.root, split=split)
-    wanted = fake_mimic.split.loc[fake_mimic.split["split"] == split, "dicom_id"]
-    assert sorted(index["dicom_id"]) == sorted(wanted)
-
-
-def test_mimic_split_filter_needs_the_split_file(fake_mimic_copy):
+def test_mimic_needs_no_split_file(fake_mimic_copy):
     (fake_mimic_copy.root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
-    assert len(index_from_mimic(fake_mimic_copy.root)) == len(fake_mimic_copy.metadata)  # optional otherwise
-    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-split.csv"):
-        index_from_mimic(fake_mimic_copy.root, split="test")
+    assert len(index_from_mimic(fake_mimic_copy.root)) == len(fake_mimic_copy.metadata)
 
 
 def test_plain_csv_files_are_read_like_gzipped_ones(fake_mimic_copy):
     root = fake_mimic_copy.root
-    for name in ("metadata", "chexpert", "split"):
+    for name in ("metadata", "chexpert"):
         gz = root / f"mimic-cxr-2.0.0-{name}.csv.gz"
         (root / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
         gz.unlink()
-    index = index_from_mimic(root, split="train")
-    assert len(index) == (fake_mimic_copy.split["split"] == "train").sum()
+    index = index_from_mimic(root)
+    assert len(index) == len(fake_mimic_copy.metadata)
+    assert index["dicom_id"].tolist() == fake_mimic_copy.metadata["dicom_id"].astype(str).tolist()
 
 
 @pytest.mark.parametrize("blank, value", [("zero", 0.0), ("unknown", math.nan)])
@@ -190,8 +182,6 @@ def test_duplicate_images_and_studies_are_refused(fake_mimic_copy):
 def test_nothing_left_after_filtering_is_an_error(fake_mimic, tmp_path):
     with pytest.raises(ValueError, match=r"no image has a view in \['XX'\]; views present: .*'PA'"):
         index_from_mimic(fake_mimic.root, views="XX")
-    with pytest.raises(ValueError, match="unknown split"):
-        index_from_mimic(fake_mimic.root, split="valid")
     with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv"):
         index_from_mimic(tmp_path)
 

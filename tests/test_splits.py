@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxrlib.index import validate_index, write_index
 from cxrlib.splits import LeakageError, check_folds, fold_ids, main, make_folds, read_folds, write_folds
 
 
@@ -55,7 +56,6 @@ def test_a_planted_leaked_subject_is_refused_by_name(tmp_path):
     folds.to_csv(path, index=False)
     with pytest.raises(LeakageError, match=subject):
         read_folds(path)
-    assert main(["--check", str(path)]) == 1
 
 
 def test_image_tested_twice_or_unknown_role_is_refused():
@@ -78,6 +78,34 @@ def test_folds_must_match_the_index():
     check_folds(folds, index)
     with pytest.raises(LeakageError, match="only in the index"):
         check_folds(folds.iloc[1:], index)
+    with pytest.raises(LeakageError, match="only in the folds"):
+        check_folds(folds, index.iloc[1:])
+    moved = index.assign(subject_id=index["subject_id"].where(index.index != 0, "99"))
+    with pytest.raises(LeakageError, match=r"belongs to subject 99 in the index but 10000000 here"):
+        check_folds(folds, moved)
+
+
+def test_cli_writes_the_folds_make_folds_makes(tmp_path, capsys):
+    index = small_index()
+    index = validate_index(
+        index.assign(study_id=index["dicom_id"], path="x.png", view="", width=1, height=1, Edema=1.0)
+    )
+    write_index(index, tmp_path / "index.csv")
+    out = [
+        "--index",
+        str(tmp_path / "index.csv"),
+        "--folds",
+        "3",
+        "--seed",
+        "2",
+        "--out",
+        str(tmp_path / "f.csv"),
+    ]
+    assert main(out) == 0 and "wrote" in capsys.readouterr().out
+    write_folds(make_folds(index, k=3, seed=2), tmp_path / "expected.csv")
+    assert (tmp_path / "f.csv").read_bytes() == (tmp_path / "expected.csv").read_bytes()
+    assert main([*out[:2], "--out", str(tmp_path / "g.csv")]) == 0
+    assert main(["--index", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "h.csv")]) == 1
 
 
 def test_fold_ids_and_errors():
