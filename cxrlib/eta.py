@@ -16,12 +16,10 @@ from .presets import Preset
 
 KERNEL_SECONDS = 6.0  # papermill: start a kernel, import torch and cxrlib, save the notebook
 TRAIN_START_SECONDS = 12.0  # torchrun, the processes' imports, the model, the first batches
-RENDER_SECONDS_AT_256 = 0.015  # phantom: one frontal image at a 256 px long side, one core
-CACHE_SECONDS_PER_IMAGE = 0.006  # decode + resize + PNG per source image and resolution, one core
-BACKWARD_FACTOR = 3.0  # a gradient with respect to the input costs about 3 forward passes
-ERF_PROBES = 8  # random-sign probes per image (receptive_field.effective_receptive_field)
+MINOR_STEP_SECONDS = 30.0  # a step after training that neither trains nor scores every test image
 FIELD_SWEEP_ANALYSIS_S = 60.0  # notebook 10 besides its trainings (4 arms, 128 px, 2-core AVX2 CPU)
 CALIBRATION_STEPS = 2  # timed steps per resolution, after one untimed warm-up step
+RATES = ("train_img_s", "infer_img_s")  # images per second of one training / inference step
 
 
 def machine_label() -> str:
@@ -56,8 +54,7 @@ def training_settings(preset: Preset) -> list[tuple]:
 
 
 def _measure(setting: tuple) -> tuple[float, float]:
-    """(training, inference) images per second of one process at ``setting`` (run in a child), with the
-    trainer's own optimizer step (:func:`cxrlib.throughput.measure_model`)."""
+    """(training, inference) images/s of one process at ``setting`` with the trainer's optimizer step."""
     import torch
 
     from .models import amp_dtype
@@ -102,15 +99,11 @@ def calibrate(preset: Preset, progress: bool = True) -> dict[int, dict[str, floa
             for setting in missing:
                 if progress:
                     print(f"  calibrating {setting[0]} px ...", flush=True)
-                train, infer = _measure_side_by_side(setting, pool)
-                kept[keys[setting]] = {
-                    "train_img_s": train,
-                    "infer_img_s": infer,
-                    "measured": time.strftime("%F"),
-                }
+                rates = dict(zip(RATES, _measure_side_by_side(setting, pool), strict=True))
+                kept[keys[setting]] = {**rates, "measured": time.strftime("%F")}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(kept, indent=1), path)
-    return {s[0]: {k: kept[keys[s]][k] for k in ("train_img_s", "infer_img_s")} for s in settings}
+    return {s[0]: {k: kept[keys[s]][k] for k in RATES} for s in settings}
 
 
 def _roles(folds: pd.DataFrame, fold: int) -> dict[str, int]:
@@ -129,33 +122,25 @@ def training_seconds(
     return TRAIN_START_SECONDS + int(options["epochs"]) * per_epoch + final
 
 
-def estimate(
-    preset: Preset, rates: dict[int, dict[str, float]], index: pd.DataFrame, folds: pd.DataFrame
-) -> dict[str, float]:
-    """Expected seconds of every step (``03_train_res<R>`` per resolution), in pipeline order."""
-    roles, analysis = [_roles(folds, f) for f in preset.trained_folds()], preset.analysis
-    resolutions, images, tests = preset.resolutions, len(index), sum(r["test"] for r in roles)
-    workers = preset.cache.workers or os.cpu_count() or 1
-    train, infer = ({r: rates[r][k] for r in resolutions} for k in ("train_img_s", "infer_img_s"))
-    grad = {r: infer[r] / BACKWARD_FACTOR for r in resolutions}
-    size = (preset.data.max_size or 3056) / 256
+def estimate(preset: Preset, rates: dict[int, dict[str, float]], folds: pd.DataFrame) -> dict[str, float]:
+    """Expected seconds of each step from the first training on (the earlier ones ran before), in order."""
+    roles, resolutions = [_roles(folds, f) for f in preset.trained_folds()], preset.resolutions
     expected = {
-        "00_data": 2
-        + (images * RENDER_SECONDS_AT_256 * size**2 / workers if preset.data.source == "phantom" else 0)
+        f"03_train_res{r}": sum(training_seconds(preset, rates[r], role, r) for role in roles)
+        for r in resolutions
     }
-    expected["01_image_sizes"] = 3
-    expected["02_downscale"] = images * len(resolutions) * CACHE_SECONDS_PER_IMAGE / workers
-    for r in resolutions:
-        expected[f"03_train_res{r}"] = sum(training_seconds(preset, rates[r], role, r) for role in roles)
-    expected["04_evaluate"] = 10 + sum(tests / infer[t] for r in resolutions for t in resolutions if t != r)
-    expected["05_receptive_field"] = 3 + sum(
-        2 * analysis.erf_images * ERF_PROBES / grad[r] for r in resolutions
+    tests = sum(role["test"] for role in roles)  # 04_evaluate scores each model's test images at the others
+    expected["04_evaluate"] = sum(
+        tests / rates[t]["infer_img_s"] for r in resolutions for t in resolutions if t != r
     )
-    expected["06_gradcam"] = 3 + sum(len(analysis.gradcam_findings) * 4 / grad[r] for r in resolutions)
-    expected["07_ensemble"] = 10
-    steps = analysis.throughput_steps * 16
-    expected["08_throughput"] = sum(steps * (2 / train[r] + 1 / infer[r]) for r in resolutions)
-    expected["09_receptive_field_explained"] = 40
+    minor = (
+        "05_receptive_field",
+        "06_gradcam",
+        "07_ensemble",
+        "08_throughput",
+        "09_receptive_field_explained",
+    )
+    expected |= dict.fromkeys(minor, MINOR_STEP_SECONDS)
     expected["10_field_sweep"] = field_sweep_seconds(preset, rates, roles)
     return {name: KERNEL_SECONDS + seconds for name, seconds in expected.items()}
 
@@ -196,9 +181,8 @@ def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[s
     from .study import load_data
 
     try:
-        index, folds = load_data(preset)
-        estimated = estimate(preset, calibrate(preset), index, folds)
-        expected = {name: estimated[name] for name in names if name in estimated}
+        known = done | estimate(preset, calibrate(preset), load_data(preset)[1])
+        expected = {name: known[name] for name in names if name in known}
         machine = machine_label()
     except Exception as error:  # noqa: BLE001 - a failed estimate must not stop the study
         print(f"(no time estimate: {type(error).__name__}: {error})", flush=True)
@@ -213,13 +197,3 @@ def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[s
     lines.append(f"  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})")
     print("\n".join(lines), flush=True)
     return expected
-
-
-def comparison(expected: dict[str, float], actual: dict[str, float]) -> str:
-    """Expected against actual seconds of the steps that ran, and of the whole run."""
-    ran = [name for name in expected if name in actual]
-    lines = [f"  {name:<32} {clock(expected[name]):>8} {clock(actual[name]):>8}" for name in ran]
-    total = [clock(sum(d[n] for n in ran)) for d in (expected, actual)]
-    return "\n".join(["time per step, as expected before training and as it was:",
-                      f"  {'step':<32} {'expected':>8} {'actual':>8}", *lines,
-                      f"  {'whole run':<32} {total[0]:>8} {total[1]:>8}"])  # fmt: skip

@@ -37,8 +37,7 @@ from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_text_ato
 from .presets import Preset, resolve
 
 LOCK = ".pipeline.lock"  # in the run folder, held while a pipeline runs there
-PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "scipy", "pillow", "matplotlib",
-            "seaborn", "papermill")  # fmt: skip
+GIT_COMMANDS = (["rev-parse", "HEAD"], ["status", "--porcelain"])
 
 
 class PipelineError(RuntimeError):
@@ -123,17 +122,12 @@ def new_provenance(run: Run) -> dict[str, Any]:
 
     options = {"cwd": paths.PROJECT_ROOT, "capture_output": True, "text": True, "timeout": 10, "check": True}
     try:
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], **options).stdout.strip())
-        git = {
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], **options).stdout.strip(),
-            "dirty": dirty,
-        }
+        commit, changes = (subprocess.run(["git", *a], **options).stdout.strip() for a in GIT_COMMANDS)
+        git = {"commit": commit, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         git = {"commit": None, "dirty": None}
     versions = {"python": platform.python_version(), "cxrlib": __version__}
-    for name in PACKAGES:  # those that decide the results
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
+    versions |= {d.metadata["Name"]: d.version for d in metadata.distributions()}  # every installed one
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     machine = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
     return {
@@ -219,18 +213,6 @@ def run_step(
     return seconds
 
 
-def first_forced_step(
-    steps: list[tuple[study.Step, int | None]], start_from: str | None, force: bool
-) -> int | None:
-    """Index of the first step to run again whatever its state (``--from`` / ``--force``), or None."""
-    if start_from is None:
-        return 0 if force else None
-    matches = [i for i, (step, res) in enumerate(steps) if start_from in (step.notebook, step.name(res))]
-    if not matches:
-        raise PipelineError(f"--from {start_from!r} is not a step; steps are {[s.name(r) for s, r in steps]}")
-    return matches[0]
-
-
 def run_pipeline(
     preset_arg: str, *, force: bool = False, start_from: str | None = None, progress_bar: bool | None = None,
     **overrides: Any,
@@ -240,11 +222,14 @@ def run_pipeline(
     run = resolve_run(preset_arg, **overrides)
     preset, steps = run.preset, planned_steps(run.preset)
     names = [step.name(resolution) for step, resolution in steps]
-    forced = first_forced_step(steps, start_from, force)
+    starts = [i for i, (step, _) in enumerate(steps) if start_from in (step.notebook, names[i])]
+    if start_from is not None and not starts:
+        raise PipelineError(f"--from {start_from!r} is not a step; steps are {names}")
+    forced = starts[:1] if start_from else [0] if force else []  # run again whatever its state
     check_before_work(preset)
     with run_lock(preset):
         table = states(run)
-        first = min(_pending(table) + [len(steps)] + ([] if forced is None else [forced]))
+        first = min(_pending(table) + [len(steps)] + forced)
         done = dict(zip(names[:first], table["seconds"][:first].fillna(0.0), strict=True))
         provenance, started, expected = new_provenance(run), time.time(), None
         progress = sys.stderr.isatty() if progress_bar is None else progress_bar
@@ -268,8 +253,6 @@ def run_pipeline(
             print(f"{prefix} done in {eta.clock(done[name])}{versus}", flush=True)
         provenance["finished"], provenance["data_hashes"] = _now(), data_hashes(preset)
         _save(provenance, preset)
-    if expected:
-        print("\n" + eta.comparison(expected, done), flush=True)
     folders = (
         f"figures:   {preset.figures_path}\n  tables:    {preset.tables_path}\n  notebooks: {preset.run_path}"
     )
@@ -298,12 +281,6 @@ def lab_command(*extra: str, root_dir: str | os.PathLike = paths.NOTEBOOKS_DIR) 
     return [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={root_dir}", *root, *extra]
 
 
-def _gpus(value: str) -> str | int:
-    if value != "all" and not (value.isdigit() and int(value) > 0):
-        raise argparse.ArgumentTypeError(f"must be 'all' or a positive number, got {value!r}")
-    return value if value == "all" else int(value)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -316,7 +293,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     option("--data-root", help="folder of the data (MIMIC-CXR-JPG, CheXpert, NIH, Kermany, CSV images)")
     option("--resolutions", type=int, nargs="+", help="override the preset's resolutions")
     option("--folds", type=int, nargs="+", help="folds to train and evaluate (default: preset's)")
-    option("--gpus", type=_gpus, help="'all' or a number of processes per node for training")
+    option("--gpus", help="'all' or a number of processes per node for training")
     option("--run-dir", help="where executed notebooks and tables go (default runs/<preset>)")
     option("--figures-dir", help="where figures go (default figures/<preset>)")
     split = "official: the data's test images are the one test fold, never trained on; patients: K folds"
