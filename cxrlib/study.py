@@ -1,11 +1,11 @@
-"""The steps of the study for one preset: what each numbered notebook runs, reads (:data:`STEPS`) and
-writes. A notebook starts with ``cfg = study.open_preset("<its step>", globals())``; each cell is one call
-here plus display, so a step runs (and is tested) without its notebook."""
+"""What each numbered notebook runs, reads and writes (:data:`STEPS`), one call per cell, so that a step
+runs (and is tested) without its notebook; a notebook starts with ``study.open_preset(step, globals())``."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +39,13 @@ from .models import (
 from .phantom import ensure_phantom
 from .presets import Preset, resolve
 from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
-from .run_folder import read_histories, set_aside_stale_run
+from .run_folder import set_aside_stale_run
 from .train import get_args_parser
 
 
 @dataclass(frozen=True)
 class Step:
-    """A notebook, the steps whose outputs it reads, and the files it leaves: ``<folder>/<name>``, the
-    folder ``run``, ``cache``, ``tables``, ``figures`` or ``fold`` (each trained fold at its resolution)."""
+    """A notebook, the steps it reads, its files ``<run|cache|tables|figures|fold>/<name>``."""
 
     notebook: str
     needs: str = ""
@@ -114,8 +113,7 @@ def missing_inputs(preset: Preset, step: str) -> list[tuple[Path, str]]:
 
 
 def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> None:
-    """Raise :class:`MissingInputError` naming the first missing input of ``step`` and the command that
-    writes it (``preset_arg``: the preset as the notebook got it); for 00_data, a missing data root."""
+    """Raise :class:`MissingInputError` naming the first missing input and its command."""
     if step == "00_data" and preset.data.source != "phantom":
         try:
             check_data_root(preset.data.source, preset.data_path, preset.data.csv)
@@ -133,9 +131,7 @@ def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> 
 
 
 def open_preset(step: str, parameters: dict[str, Any]) -> Preset:
-    """A notebook's setup: ``cfg = study.open_preset("03_train", globals())`` resolves ``preset`` with the
-    overrides its parameters cell declares ("" or []: the preset's value), stops in one line when an
-    earlier step's output is missing, shows figures inline and prints where things go."""
+    """A notebook's preset with its parameters' overrides ("" or []: none) and its inputs checked."""
     overrides = {k: parameters[k] for k in OVERRIDES if parameters.get(k) not in (None, "", [])}
     cfg = resolve(parameters["preset"], **overrides)
     require_inputs(cfg, step, parameters["preset"])
@@ -193,8 +189,7 @@ def training_processes(preset: Preset) -> int:
 
 
 def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
-    """The recipe at ``resolution`` on this machine, planned by the trainer's own function
-    (:func:`cxrlib.recipe.plan_training`) from the flags :func:`train_resolution` passes."""
+    """The recipe at ``resolution`` on this machine, as the trainer plans it from the preset's flags."""
     files = ["--index", "", "--folds", "", "--cache", "", "--fold", "0", "--out", ""]
     flags = override_flags(preset.train_options(resolution))
     args = get_args_parser().parse_args([*files, "--resolution", str(resolution), *flags])
@@ -229,8 +224,7 @@ def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
 def train_resolution(
     preset: Preset, resolution: int, folds: list[int] | None = None, echo: bool = True
 ) -> list[Path]:
-    """Train every fold of the preset at one resolution with torchrun; returns the fold folders. A finished
-    fold is not trained again, an interrupted one resumes, one made from other data is set aside first."""
+    """Train (resume; set aside if from other data) every fold at one resolution; returns the fold folders."""
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
     files = {"index": preset.index_path, "folds": preset.folds_path, "cache": preset.cache_path}
     options = {"gpus": training_processes(preset), "echo": echo, "cache_format": preset.cache.format}
@@ -243,26 +237,13 @@ def train_resolution(
     return runs
 
 
-def histories(preset: Preset, resolutions: list[int] | None = None) -> dict[tuple[int, int], pd.DataFrame]:
-    """``history.csv`` of every trained (resolution, fold) that has one."""
-    return read_histories(preset.run_path, resolutions or preset.resolutions, preset.trained_folds())
-
-
-@dataclass
-class Evaluation:
-    """Everything 04_evaluate shows; the tables are also written to ``tables/``."""
-
-    auc: pd.DataFrame  # long: finding, resolution, fold, auc, n_pos, n_neg, reason
-    table3: pd.DataFrame
-    bootstrap: pd.DataFrame  # pooled over folds: finding, resolution, auc, ci_low, ci_high, ...
-    delong: pd.DataFrame  # pooled over folds: every pair of resolutions / ensembles per finding
-    ensembles: Any  # cxrlib.ensemble.FoldEnsembles, or None with a single resolution
-    weights: pd.DataFrame | None  # ensemble_weights.csv
+# What 04_evaluate shows: auc (long: finding, resolution, fold), table3, bootstrap and delong (pooled over
+# folds), ensembles (cxrlib.ensemble.FoldEnsembles; None with one resolution), weights (ensemble_weights.csv)
+Evaluation = namedtuple("Evaluation", "auc table3 bootstrap delong ensembles weights")
 
 
 def evaluate(preset: Preset) -> Evaluation:
-    """Test AUC per finding, resolution and fold, both ensembles, Table 3, intervals and DeLong tests; writes
-    auc, table3, ensemble_weights(_by_fold), ensemble_convergence, auc_bootstrap and delong.csv."""
+    """Test AUCs, both ensembles, Table 3, intervals and DeLong tests, each written to ``tables/``."""
     index, tables = load_data(preset)[0], preset.tables_path
     run, resolutions, folds = preset.run_path, preset.resolutions, preset.trained_folds()
     scored = test = metrics.load_predictions(run, resolutions, folds, split="test")
@@ -286,20 +267,14 @@ def evaluate(preset: Preset) -> Evaluation:
 
 
 def external_validation(preset: Preset, index: str | Path, n_boot: int | None = None):
-    """The run's models and ensembles scored on another data set (:func:`cxrlib.evaluate.evaluate_external`),
-    its tables under ``<run>/external/<the index's folder>``, its images cached beside the run's."""
+    """The run's models and ensembles scored on another index (:func:`cxrlib.evaluate.evaluate_external`)."""
     cache = preset.cache_path / "external" / Path(index).resolve().parent.name
     device, n_boot = str(preset.analysis.device), n_boot or preset.analysis.bootstrap
     return evaluate_external(preset.run_path, index, cache=cache, device=device, n_boot=n_boot)
 
 
-@dataclass
-class EnsembleReport:
-    """What 07_ensemble shows, read from the tables 04_evaluate wrote."""
-
-    weights: pd.DataFrame  # ensemble_weights.csv
-    convergence: pd.DataFrame  # ensemble_convergence.csv
-    versus_best: pd.DataFrame  # per finding: the best single resolution against both ensembles
+# What 07_ensemble shows: two tables 04_evaluate wrote, and the best single resolution against both ensembles
+EnsembleReport = namedtuple("EnsembleReport", "weights convergence versus_best")
 
 
 def ensemble_report(preset: Preset) -> EnsembleReport:
@@ -312,8 +287,7 @@ def ensemble_report(preset: Preset) -> EnsembleReport:
 
 
 def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
-    """Every trained model scored on its test fold at every resolution; writes ``cross_resolution_auc.csv``
-    (the diagonal: the trainer's own predictions, as in ``auc.csv``)."""
+    """Every trained model scored on its test fold at every resolution (``cross_resolution_auc.csv``)."""
     (index, folds), resolutions = load_data(preset), preset.resolutions
     cells = [(f, r, t) for f in preset.trained_folds() for r in resolutions for t in resolutions]
     rows, models = [], {}  # each trained model is loaded once for all its test resolutions
@@ -334,8 +308,7 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
 def cross_predictions(
     preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple[int, int, int], models: dict
 ) -> Path:
-    """``test_predictions_at<T>.csv`` of the model trained at R (``cell``: R, fold, T; the diagonal: its
-    own predictions), predicted (bf16 features on a GPU) when missing or older than the model."""
+    """Predictions of the model trained at R on T px (``cell``: R, fold, T), made when missing or stale."""
     trained_at, fold, tested_at = cell
     if trained_at == tested_at:
         return paths.predictions_path(preset.run_path, trained_at, fold)
@@ -382,8 +355,7 @@ def trained_model(preset: Preset, resolution: int, fold: int | None = None, devi
 
 
 def receptive_fields(preset: Preset, states=("init", "trained"), seed: int = 0, progress: bool = True):
-    """ERF (eq. 1) per resolution on the same test images, at initialisation (``train.weights``) and after
-    training, on the analysis device in float32; writes ``tables/erf.csv``."""
+    """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``."""
     device, folds = analysis_device(preset), load_data(preset)[1]
     test_ids = splits.fold_ids(folds, analysis_fold(preset), "test")[: preset.analysis.erf_images]
     images, models = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
@@ -420,8 +392,7 @@ class GradCAMGrid:
 
 
 def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGrid:
-    """Grad-CAM of each finding at every resolution on the first test image of the analysis fold positive
-    for it (:func:`cxrlib.gradcam.example_for`: an unselected example)."""
+    """Grad-CAM of each finding at every resolution on the first test image positive for it."""
     (index, folds), fold = load_data(preset), analysis_fold(preset)
     label_set = index_findings(index)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
@@ -444,8 +415,7 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
 
 
 def throughput(preset: Preset) -> pd.DataFrame:
-    """Table 2 on the analysis device with the trainer's settings of each resolution (precision,
-    memory_efficient, channels_last, cuDNN autotuning); writes ``tables/table2_throughput.csv``."""
+    """Table 2 on the analysis device with the trainer's settings of each resolution; writes it to tables/."""
     index, rows, device = load_data(preset)[0], [], analysis_device(preset)
     for resolution in preset.analysis.throughput_resolutions or preset.resolutions:
         options = preset.train_options(resolution)
@@ -461,14 +431,8 @@ def throughput(preset: Preset) -> pd.DataFrame:
     return frame
 
 
-@dataclass
-class FieldSweepResult:
-    """What 10_field_sweep shows: the arms (:class:`cxrlib.field_sweep.Sweep`), the resolution sweep
-    beside them and each arm's training history."""
-
-    sweep: Any
-    resolutions: pd.DataFrame | None
-    histories: dict[str, pd.DataFrame]
+# What 10_field_sweep shows: the arms (cxrlib.field_sweep.Sweep), the resolution sweep, each arm's history
+FieldSweepResult = namedtuple("FieldSweepResult", "sweep resolutions histories")
 
 
 def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
