@@ -27,11 +27,11 @@ class Preset(SimpleNamespace):
 
     @property
     def run_path(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else paths.run_dir(self.name)
+        return Path(self.run_dir) if self.run_dir else paths.RUNS_DIR / self.name
 
     @property
     def figures_path(self) -> Path:
-        return Path(self.figures_dir) if self.figures_dir else paths.figures_dir(self.name)
+        return Path(self.figures_dir) if self.figures_dir else paths.FIGURES_DIR / self.name
 
     @property
     def cache_path(self) -> Path:
@@ -172,8 +172,8 @@ def check_resolution(resolution: int, where: str = "resolution") -> int:
 
 
 def resolve(preset: str | os.PathLike | Preset = "demo", **overrides: Any) -> Preset:
-    """Load a preset and apply overrides (None: the preset's value): data_root, resolutions, folds, gpus,
-    run_dir, figures_dir, device (``analysis.device``), fold_split (``folds.split``)."""
+    """Load a preset and apply overrides (None: the preset's value); device and fold_split are
+    ``analysis.device`` and ``folds.split``."""
     p = copy.deepcopy(preset) if isinstance(preset, Preset) else load_preset(preset)
     where = {"data_root": (p.data, "root"), "resolutions": (p, "resolutions"), "folds": (p.folds, "train"),
              "gpus": (p.train, "gpus"), "run_dir": (p, "run_dir"), "figures_dir": (p, "figures_dir"),
