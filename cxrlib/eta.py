@@ -33,8 +33,7 @@ def machine_label() -> str:
 
 
 def training_settings(preset: Preset) -> list[tuple]:
-    """Per resolution, what decides the training speed: (resolution, per-process batch, processes,
-    threads per process, channels_last, device), as the trainer will run on this machine."""
+    """Per resolution: (resolution, per-process batch, processes, threads, channels_last, device)."""
     import torch
 
     from .models import use_channels_last
@@ -71,8 +70,7 @@ def _measure(setting: tuple) -> tuple[float, float]:
 
 
 def _measure_side_by_side(setting: tuple, pool) -> tuple[float, float]:
-    """Total rates of the setting's processes measuring at once in ``pool`` (CPU: they share the memory
-    bandwidth as torchrun's do), or of one child's GPU times the GPUs."""
+    """Total rates of the processes measuring at once (sharing the memory bandwidth), or one GPU's x GPUs."""
     processes, device = setting[2], setting[5]
     copies = 1 if device == "cuda" else processes
     results = pool.map(_measure, [setting] * copies, chunksize=1)
@@ -80,9 +78,8 @@ def _measure_side_by_side(setting: tuple, pool) -> tuple[float, float]:
 
 
 def calibrate(preset: Preset, progress: bool = True) -> dict[int, dict[str, float]]:
-    """Training and inference images/s per resolution for this preset on this machine (kept). Every
-    measurement runs in a spawned child, never here: a GPU measurement leaves the memory it used cached
-    in its process (about 90 GiB after 2048 px on an H200), which the trainings would then miss."""
+    """Training and inference images/s per resolution on this machine (kept), measured in spawned children:
+    a GPU measurement leaves its memory cached in its process (90 GiB at 2048 px), lost to the trainings."""
     import torch
 
     path = Path(os.environ.get("CXR_CACHE_DIR", Path.home() / ".cache" / "cxrlib")) / "calibration.json"
@@ -148,8 +145,7 @@ def estimate(preset: Preset, rates: dict[int, dict[str, float]], folds: pd.DataF
 def field_sweep_seconds(
     preset: Preset, rates: dict[int, dict[str, float]], roles: list[dict[str, int]]
 ) -> float:
-    """Notebook 10 besides starting its kernel: each arm still to train (an arm costs what the plain model
-    does per epoch it runs; one that continues another runs only its extra epochs), and its analysis."""
+    """Notebook 10: each arm's epochs still to train (after the arm it continues), at the model's rate."""
     from . import field_sweep, paths
 
     resolution = field_sweep.sweep_resolution(preset)
@@ -175,9 +171,7 @@ def clock(seconds: float) -> str:
 
 
 def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[str, float] | None:
-    """Calibrate (or reuse the kept calibration) and print the expected time of each step in ``names``,
-    ``done`` ones with their actual time; returns the expected seconds, or None on any failure (said in
-    one line: an estimate must not stop the study)."""
+    """Print and return the expected seconds of each step in ``names``; None (said) on a failure."""
     from .study import load_data
 
     try:

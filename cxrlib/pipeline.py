@@ -1,39 +1,35 @@
-"""Run the numbered notebooks of a preset in order with papermill: ``python -m cxrlib.pipeline``.
+"""Run the numbered notebooks of a preset in order with papermill, skipping complete steps (docs/pipeline.md).
 
-Usage::
-
-    python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
-    python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
-    python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
-    python -m cxrlib.pipeline --lab                              # JupyterLab on notebooks/ (`make lab`)
-
-Executed notebooks go to ``runs/<preset>/``, figures to ``figures/<preset>/``. A step whose outputs are
-there and whose settings and notebook are unchanged is skipped, so a run resumes where it stopped.
+python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
+python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
+python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pandas as pd
 
 from . import __version__, eta, paths, study
 from .cache import MANIFEST_NAME
+from .datasets import check_data_root
 from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_text_atomic
+from .launch import resolve_nproc
 from .presets import Preset, resolve
 
 LOCK = ".pipeline.lock"  # in the run folder, held while a pipeline runs there
@@ -44,12 +40,8 @@ class PipelineError(RuntimeError):
     """A step failed; the message names the executed notebook that holds the error."""
 
 
-class Run(NamedTuple):
-    """The preset's argument (a YAML path made absolute), the resolved preset, the notebooks' overrides."""
-
-    arg: str
-    preset: Preset
-    overrides: dict[str, Any]
+# The preset's argument (a YAML path made absolute), the resolved preset, the notebooks' overrides
+Run = collections.namedtuple("Run", "arg preset overrides")
 
 
 def resolve_run(preset_arg: str, **overrides: Any) -> Run:
@@ -75,8 +67,7 @@ def planned_steps(preset: Preset) -> list[tuple[study.Step, int | None]]:
 
 
 def step_settings(run: Run, step: study.Step, resolution: int | None) -> tuple[Path, dict[str, Any], str]:
-    """A step's notebook, the parameters it gets (only those its parameters cell declares) and its
-    fingerprint (the preset's settings, the parameters and the notebook's cell sources)."""
+    """A step's notebook, the parameters its parameters cell declares, and its fingerprint."""
     import papermill
 
     notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
@@ -89,8 +80,7 @@ def step_settings(run: Run, step: study.Step, resolution: int | None) -> tuple[P
 
 
 def states(run: Run) -> pd.DataFrame:
-    """Each planned step's state (complete, changed, outputs missing, not run: the executed notebook's
-    recorded fingerprint against today's), its outputs there, and its seconds when it last ran here."""
+    """Each planned step's state (docs/pipeline.md), its outputs there, and its seconds when it last ran."""
     rows = []
     for step, resolution in planned_steps(run.preset):
         name, fingerprint = step.name(resolution), step_settings(run, step, resolution)[2]
@@ -129,7 +119,7 @@ def new_provenance(run: Run) -> dict[str, Any]:
     versions = {"python": platform.python_version(), "cxrlib": __version__}
     versions |= {d.metadata["Name"]: d.version for d in metadata.distributions()}  # every installed one
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    machine = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    machine = {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()}
     return {
         "preset": run.arg, "settings": run.preset.to_dict(), "overrides": run.overrides, "started": _now(),
         "command": [Path(sys.executable).name, "-m", "cxrlib.pipeline", *sys.argv[1:]],
@@ -157,16 +147,6 @@ def run_lock(preset: Preset) -> Iterator[None]:
             f"another pipeline is running on {preset.run_path} ({holder}); wait for it "
             f"to finish or stop it, then run again"
         ) from None
-
-
-def check_before_work(preset: Preset) -> None:
-    """Refuse, before anything is written, more GPUs than there are, or a data root without labels."""
-    from .datasets import check_data_root
-    from .launch import resolve_nproc
-
-    resolve_nproc(preset.train.gpus, strict=True)
-    if preset.data.source != "phantom" and not preset.index_path.is_file():
-        check_data_root(preset.data.source, preset.data_path, preset.data.csv)
 
 
 def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progress_bar: bool) -> None:
@@ -217,8 +197,7 @@ def run_pipeline(
     preset_arg: str, *, force: bool = False, start_from: str | None = None, progress_bar: bool | None = None,
     **overrides: Any,
 ) -> Preset:  # fmt: skip
-    """Run (or resume) a preset's steps from the first one not complete (or ``--from`` / ``--force``) on:
-    every later step runs too, since it reads what the earlier ones wrote. Returns the resolved preset."""
+    """Run the steps from the first one not complete (or ``--from``, ``--force``) on; returns the preset."""
     run = resolve_run(preset_arg, **overrides)
     preset, steps = run.preset, planned_steps(run.preset)
     names = [step.name(resolution) for step, resolution in steps]
@@ -226,7 +205,9 @@ def run_pipeline(
     if start_from is not None and not starts:
         raise PipelineError(f"--from {start_from!r} is not a step; steps are {names}")
     forced = starts[:1] if start_from else [0] if force else []  # run again whatever its state
-    check_before_work(preset)
+    resolve_nproc(preset.train.gpus, strict=True)  # refused before anything is written: too many GPUs,
+    if preset.data.source != "phantom" and not preset.index_path.is_file():  # or a data root without labels
+        check_data_root(preset.data.source, preset.data_path, preset.data.csv)
     with run_lock(preset):
         table = states(run)
         first = min(_pending(table) + [len(steps)] + forced)
@@ -253,10 +234,9 @@ def run_pipeline(
             print(f"{prefix} done in {eta.clock(done[name])}{versus}", flush=True)
         provenance["finished"], provenance["data_hashes"] = _now(), data_hashes(preset)
         _save(provenance, preset)
-    folders = (
-        f"figures:   {preset.figures_path}\n  tables:    {preset.tables_path}\n  notebooks: {preset.run_path}"
-    )
-    print(f"\nall {len(steps)} steps complete in {eta.clock(time.time() - started)}\n  {folders}", flush=True)
+    print(f"\nall {len(steps)} steps complete in {eta.clock(time.time() - started)}", flush=True)
+    print(f"  figures:   {preset.figures_path}\n  tables:    {preset.tables_path}", flush=True)
+    print(f"  notebooks: {preset.run_path}", flush=True)
     return preset
 
 
@@ -275,8 +255,7 @@ def _pending(table: pd.DataFrame) -> list[int]:
 
 
 def lab_command(*extra: str, root_dir: str | os.PathLike = paths.NOTEBOOKS_DIR) -> list[str]:
-    """``jupyter lab`` from this environment on ``notebooks/``, on 127.0.0.1 (``--allow-root`` as root,
-    which JupyterLab asks for); it prints its own URL with a fresh token."""
+    """``jupyter lab`` from this environment on ``notebooks/`` (``--allow-root`` as root: it asks for it)."""
     root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     return [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={root_dir}", *root, *extra]
 

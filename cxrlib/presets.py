@@ -25,17 +25,11 @@ BASELINE_ARM = "baseline"
 class Preset(SimpleNamespace):
     """A resolved preset: its settings, and the folders of the artifacts contract."""
 
-    @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else paths.RUNS_DIR / self.name
-
-    @property
-    def figures_path(self) -> Path:
-        return Path(self.figures_dir) if self.figures_dir else paths.FIGURES_DIR / self.name
-
-    @property
-    def cache_path(self) -> Path:
-        return _in_project(self.cache.dir) if self.cache.dir else self.run_path / "cache"
+    run_path = property(lambda self: Path(self.run_dir or paths.RUNS_DIR / self.name))
+    figures_path = property(lambda self: Path(self.figures_dir or paths.FIGURES_DIR / self.name))
+    cache_path = property(
+        lambda self: _in_project(self.cache.dir) if self.cache.dir else self.run_path / "cache"
+    )
 
     @property
     def data_path(self) -> Path:

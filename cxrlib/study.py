@@ -196,7 +196,7 @@ def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
     device = resolve_device(args.device)
     amp, processes = amp_dtype(device, args.amp), training_processes(preset)
     plan = rules.plan_training(args, processes, device, amp)
-    images = len(splits.fold_ids(load_data(preset)[1], analysis_fold(preset), "train"))
+    images = len(splits.fold_ids(load_data(preset)[1], preset.trained_folds()[0], "train"))
     images, batches = min(images, args.max_train_images or images), plan.batches
     table1 = "Table 1" if resolution in rules.TABLE1 else "Table 1's rule"
     rows = {
@@ -334,11 +334,6 @@ def example_images(preset: Preset, dicom_ids: list[str], resolution: int) -> tor
     return torch.stack([dataset.read_image(i) for i in range(len(dataset))])
 
 
-def analysis_fold(preset: Preset) -> int:
-    """The fold whose models and test images the figures use (the first trained fold)."""
-    return preset.trained_folds()[0]
-
-
 def analysis_device(preset: Preset) -> torch.device:
     """Where ERF, Grad-CAM and prediction run: ``analysis.device`` (auto: the GPU when one is visible)."""
     try:
@@ -348,16 +343,16 @@ def analysis_device(preset: Preset) -> torch.device:
 
 
 def trained_model(preset: Preset, resolution: int, fold: int | None = None, device=None) -> torch.nn.Module:
-    """The best model of one (resolution, fold), in eval mode on ``device`` (default: the analysis device)."""
+    """The best model at ``resolution`` of ``fold`` (default: the first trained), in eval mode."""
     device = analysis_device(preset) if device is None else torch.device(device)
-    folder = paths.fold_dir(preset.run_path, resolution, analysis_fold(preset) if fold is None else fold)
+    folder = paths.fold_dir(preset.run_path, resolution, preset.trained_folds()[0] if fold is None else fold)
     return load_trained_model(folder, map_location=device).to(device)
 
 
 def receptive_fields(preset: Preset, states=("init", "trained"), seed: int = 0, progress: bool = True):
     """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``."""
     device, folds = analysis_device(preset), load_data(preset)[1]
-    test_ids = splits.fold_ids(folds, analysis_fold(preset), "test")[: preset.analysis.erf_images]
+    test_ids = splits.fold_ids(folds, preset.trained_folds()[0], "test")[: preset.analysis.erf_images]
     images, models = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
     for resolution in preset.resolutions:
         if "init" in states:
@@ -393,7 +388,7 @@ class GradCAMGrid:
 
 def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGrid:
     """Grad-CAM of each finding at every resolution on the first test image positive for it."""
-    (index, folds), fold = load_data(preset), analysis_fold(preset)
+    (index, folds), fold = load_data(preset), preset.trained_folds()[0]
     label_set = index_findings(index)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
     grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)
@@ -437,7 +432,7 @@ FieldSweepResult = namedtuple("FieldSweepResult", "sweep resolutions histories")
 
 def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
     """Train the arms (reusing a finished baseline), score them and measure their ERF; writes the tables."""
-    fold, device = analysis_fold(preset), analysis_device(preset)
+    fold, device = preset.trained_folds()[0], analysis_device(preset)
     folders = arms.train_arms(preset, fold, echo=echo)
     index, folds = load_data(preset)
     ids, resolution = splits.fold_ids(folds, fold, "test"), arms.sweep_resolution(preset)
