@@ -121,23 +121,12 @@ def training_seconds(
 
 def estimate(preset: Preset, rates: dict[int, dict[str, float]], folds: pd.DataFrame) -> dict[str, float]:
     """Expected seconds of each step from the first training on (the earlier ones ran before), in order."""
-    roles, resolutions = [_roles(folds, f) for f in preset.trained_folds()], preset.resolutions
-    expected = {
-        f"03_train_res{r}": sum(training_seconds(preset, rates[r], role, r) for role in roles)
-        for r in resolutions
-    }
-    tests = sum(role["test"] for role in roles)  # 04_evaluate scores each model's test images at the others
-    expected["04_evaluate"] = sum(
-        tests / rates[t]["infer_img_s"] for r in resolutions for t in resolutions if t != r
-    )
-    minor = (
-        "05_receptive_field",
-        "06_gradcam",
-        "07_ensemble",
-        "08_throughput",
-        "09_receptive_field_explained",
-    )
-    expected |= dict.fromkeys(minor, MINOR_STEP_SECONDS)
+    roles, res = [_roles(folds, f) for f in preset.trained_folds()], preset.resolutions
+    expected = {f"03_train_res{r}": sum(training_seconds(preset, rates[r], x, r) for x in roles) for r in res}
+    tests = sum(x["test"] for x in roles)  # 04_evaluate scores each model's test images at the others
+    expected["04_evaluate"] = sum(tests / rates[t]["infer_img_s"] for r in res for t in res if t != r)
+    expected |= dict.fromkeys(("05_receptive_field", "06_gradcam", "07_ensemble"), MINOR_STEP_SECONDS)
+    expected |= dict.fromkeys(("08_throughput", "09_receptive_field_explained"), MINOR_STEP_SECONDS)
     expected["10_field_sweep"] = field_sweep_seconds(preset, rates, roles)
     return {name: KERNEL_SECONDS + seconds for name, seconds in expected.items()}
 
@@ -152,14 +141,13 @@ def field_sweep_seconds(
     if resolution not in rates:
         return FIELD_SWEEP_ANALYSIS_S
     arms, epochs = preset.field_sweep.arms, int(preset.train_options(resolution)["epochs"])
+    runs = {arm: int(settings.get("epochs", epochs)) for arm, settings in arms.items()}
     trainings = 0.0
     for fold, role in zip(preset.trained_folds(), roles, strict=True):
         one = training_seconds(preset, rates[resolution], role, resolution) / epochs
         for arm, folder in field_sweep.arm_folders(preset, fold).items():
-            source = arms[arm].get("continue_from")
-            before = int(arms[source].get("epochs", epochs)) if source else 0
-            if not (folder / paths.DONE).is_file():
-                trainings += one * (int(arms[arm].get("epochs", epochs)) - before)
+            if not (folder / paths.DONE).is_file():  # an arm continuing another runs its extra epochs
+                trainings += one * (runs[arm] - runs.get(arms[arm].get("continue_from"), 0))
     return trainings + FIELD_SWEEP_ANALYSIS_S
 
 

@@ -155,14 +155,13 @@ def _validate_arms(arms: dict[str, dict[str, Any]], where: str) -> None:
             raise ValueError(f"{where}: {arm}.continue_from {source!r} is not an earlier arm")
 
 
-def check_resolution(resolution: int, where: str = "resolution") -> int:
+def check_resolution(resolution: int, where: str = "resolution") -> None:
     """Resolutions are multiples of 32 and at least 32 (DenseNet121 downsamples by 32)."""
     if int(resolution) != resolution or resolution < 32 or int(resolution) % 32:
         raise ValueError(
             f"{where}: resolution {resolution} must be a multiple of 32 and at least 32 "
             f"(DenseNet121 reduces the image 32-fold)"
         )
-    return int(resolution)
 
 
 def resolve(preset: str | os.PathLike | Preset = "demo", **overrides: Any) -> Preset:

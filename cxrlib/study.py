@@ -173,9 +173,9 @@ def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     return index, splits.read_folds(preset.folds_path, index)
 
 
-def prepare_cache(preset: Preset, index: pd.DataFrame | None = None, progress: bool = True):
+def prepare_cache(preset: Preset, progress: bool = True):
     """Write every image at every resolution of the preset into its cache; raise on unreadable images."""
-    index, cache = read_index(preset.index_path) if index is None else index, preset.cache
+    index, cache = read_index(preset.index_path), preset.cache
     options = (preset.cache_path, preset.resolutions, cache.workers, cache.mode, cache.format)
     report = build_cache(index, *options, progress=progress)
     if not report.ok:
@@ -221,15 +221,13 @@ def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
     return pd.DataFrame({f"{resolution} px": rows})
 
 
-def train_resolution(
-    preset: Preset, resolution: int, folds: list[int] | None = None, echo: bool = True
-) -> list[Path]:
+def train_resolution(preset: Preset, resolution: int, echo: bool = True) -> list[Path]:
     """Train (resume; set aside if from other data) every fold at one resolution; returns the fold folders."""
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
     files = {"index": preset.index_path, "folds": preset.folds_path, "cache": preset.cache_path}
     options = {"gpus": training_processes(preset), "echo": echo, "cache_format": preset.cache.format}
     runs = []
-    for fold in folds if folds is not None else preset.trained_folds():
+    for fold in preset.trained_folds():
         set_aside_stale_run(paths.fold_dir(preset.run_path, resolution, fold), files["index"], files["folds"])
         runs.append(
             launch(resolution, fold, preset.run_path, **files, **options, **preset.train_options(resolution))
@@ -266,10 +264,10 @@ def evaluate(preset: Preset) -> Evaluation:
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
 
 
-def external_validation(preset: Preset, index: str | Path, n_boot: int | None = None):
+def external_validation(preset: Preset, index: str | Path):
     """The run's models and ensembles scored on another index (:func:`cxrlib.evaluate.evaluate_external`)."""
     cache = preset.cache_path / "external" / Path(index).resolve().parent.name
-    device, n_boot = str(preset.analysis.device), n_boot or preset.analysis.bootstrap
+    device, n_boot = str(preset.analysis.device), preset.analysis.bootstrap
     return evaluate_external(preset.run_path, index, cache=cache, device=device, n_boot=n_boot)
 
 
@@ -349,17 +347,15 @@ def trained_model(preset: Preset, resolution: int, fold: int | None = None, devi
     return load_trained_model(folder, map_location=device).to(device)
 
 
-def receptive_fields(preset: Preset, states=("init", "trained"), seed: int = 0, progress: bool = True):
+def receptive_fields(preset: Preset, seed: int = 0, progress: bool = True):
     """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``."""
     device, folds = analysis_device(preset), load_data(preset)[1]
     test_ids = splits.fold_ids(folds, preset.trained_folds()[0], "test")[: preset.analysis.erf_images]
     images, models = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
     for resolution in preset.resolutions:
-        if "init" in states:
-            torch.manual_seed(seed)
-            models[(resolution, "init")] = build_model(weights=preset.train.weights).eval().to(device)
-        if "trained" in states:
-            models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
+        torch.manual_seed(seed)
+        models[(resolution, "init")] = build_model(weights=preset.train.weights).eval().to(device)
+        models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
     results = compute_erfs(models, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
     table = erf_table(results, theoretical_rf_px=densenet121_field()[0])
     write_erf_table(preset.run_path, table)
@@ -386,14 +382,14 @@ class GradCAMGrid:
         return pd.DataFrame(rows).T.assign(image=pd.Series(self.dicom_ids))
 
 
-def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGrid:
+def gradcam_grid(preset: Preset) -> GradCAMGrid:
     """Grad-CAM of each finding at every resolution on the first test image positive for it."""
     (index, folds), fold = load_data(preset), preset.trained_folds()[0]
     label_set = index_findings(index)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
     grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)
     models = {r: trained_model(preset, r) for r in preset.resolutions}
-    for finding in list(findings or preset.analysis.gradcam_findings):
+    for finding in preset.analysis.gradcam_findings:
         row, positive = example_for(test, finding)
         if not positive:
             message = f"no test image of fold {fold} is positive for {finding!r}; its row shows the first one"
