@@ -108,9 +108,7 @@ def _roles(folds: pd.DataFrame, fold: int) -> dict[str, int]:
     return {role: int(counts.get(role, 0)) for role in ("train", "val", "test")}
 
 
-def training_seconds(
-    preset: Preset, rates: dict[str, float], roles: dict[str, int], resolution: int
-) -> float:
+def training_seconds(preset: Preset, rates: dict, roles: dict[str, int], resolution: int) -> float:
     """One fold at one resolution: its epochs (training + validation), final predictions, start-up."""
     options = preset.train_options(resolution)
     train = min(roles["train"], options.get("max_train_images") or roles["train"])
@@ -131,9 +129,7 @@ def estimate(preset: Preset, rates: dict[int, dict[str, float]], folds: pd.DataF
     return {name: KERNEL_SECONDS + seconds for name, seconds in expected.items()}
 
 
-def field_sweep_seconds(
-    preset: Preset, rates: dict[int, dict[str, float]], roles: list[dict[str, int]]
-) -> float:
+def field_sweep_seconds(preset: Preset, rates: dict[int, dict], roles: list[dict[str, int]]) -> float:
     """Notebook 10: each arm's epochs still to train (after the arm it continues), at the model's rate."""
     from . import field_sweep, paths
 

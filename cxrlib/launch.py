@@ -63,9 +63,7 @@ def resolve_nproc(gpus: str | int, strict: bool = False) -> int:
     if count and nproc > count:
         raise ValueError(f"gpus={nproc}: only {count} GPU(s) are visible on this node")
     if strict and nproc > 1 and not count:
-        raise ValueError(
-            f"gpus={gpus}: no CUDA GPU is visible on this machine; use 1 (or 'all') to train on the CPU"
-        )
+        raise ValueError(f"gpus={gpus}: no CUDA GPU is visible; use 1 (or 'all') to train on the CPU")
     return nproc
 
 

@@ -170,16 +170,14 @@ def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progr
         ) from None
 
 
-def run_step(
-    run: Run, step: study.Step, resolution: int | None, progress_bar: bool, provenance: dict
-) -> float:
+def run_step(run: Run, step: study.Step, resolution: int | None, progress: bool, provenance: dict) -> float:
     """Execute one step, check its outputs, record provenance and fingerprint in the executed notebook."""
     import nbformat
 
     notebook, parameters, fingerprint = step_settings(run, step, resolution)
     name = step.name(resolution)
     output, started = run.preset.run_path / f"{name}.ipynb", time.time()
-    execute_step(notebook, output, parameters, progress_bar)
+    execute_step(notebook, output, parameters, progress)
     seconds = time.time() - started
     missing = [str(p) for p in step.outputs(run.preset, resolution) if not p.is_file()]
     if missing:
@@ -266,9 +264,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     option = parser.add_argument
-    option(
-        "--preset", default="demo", help="smoke, demo (default), phantom-gpu, kermany, mimic, nih, or YAML"
-    )
+    option("--preset", default="demo", help="smoke, demo (default), phantom-gpu, kermany, mimic, nih, YAML")
     option("--data-root", help="folder of the data (MIMIC-CXR-JPG, CheXpert, NIH, Kermany, CSV images)")
     option("--resolutions", type=int, nargs="+", help="override the preset's resolutions")
     option("--folds", type=int, nargs="+", help="folds to train and evaluate (default: preset's)")

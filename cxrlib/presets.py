@@ -1,6 +1,5 @@
-"""Presets: named, complete settings of a study (data, never a code branch). ``presets/defaults.yaml``
-holds every setting with its default and meaning; a preset file sets what differs; :func:`resolve`
-applies overrides. Sections read as attributes: ``preset.train.epochs``."""
+"""Presets: named settings of a study; ``presets/defaults.yaml`` holds every setting with its default and
+meaning, a preset file sets what differs, :func:`resolve` applies overrides (``preset.train.epochs``)."""
 
 from __future__ import annotations
 

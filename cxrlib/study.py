@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import ensemble, metrics, paths, plots, splits
+from . import ensemble, metrics, models, paths, plots, splits
 from . import field_sweep as arms
 from . import recipe as rules
 from . import throughput as speeds
@@ -26,16 +26,6 @@ from .fileio import ConfigError, write_csv_atomic
 from .gradcam import example_for, gradcam
 from .index import index_findings, read_index, select_findings, write_index
 from .launch import launch, override_flags, resolve_nproc
-from .models import (
-    amp_dtype,
-    build_model,
-    default_workers,
-    inference_batch,
-    load_trained_model,
-    predict_logits,
-    resolve_device,
-    use_channels_last,
-)
 from .phantom import ensure_phantom
 from .presets import Preset, resolve
 from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
@@ -193,8 +183,8 @@ def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
     files = ["--index", "", "--folds", "", "--cache", "", "--fold", "0", "--out", ""]
     flags = override_flags(preset.train_options(resolution))
     args = get_args_parser().parse_args([*files, "--resolution", str(resolution), *flags])
-    device = resolve_device(args.device)
-    amp, processes = amp_dtype(device, args.amp), training_processes(preset)
+    device = models.resolve_device(args.device)
+    amp, processes = models.amp_dtype(device, args.amp), training_processes(preset)
     plan = rules.plan_training(args, processes, device, amp)
     images = len(splits.fold_ids(load_data(preset)[1], preset.trained_folds()[0], "train"))
     images, batches = min(images, args.max_train_images or images), plan.batches
@@ -215,7 +205,7 @@ def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
         "schedule": f"Adam; lr x {args.lr_factor} after {args.patience_lr} epochs without a better "
         f"validation loss; stop after {args.patience_stop}",
         "device, precision": f"{device.type}, {str(amp).removeprefix('torch.') if amp else 'float32'}",
-        "channels_last": use_channels_last(device, args.channels_last),
+        "channels_last": models.use_channels_last(device, args.channels_last),
         "weights": args.weights,
     }
     return pd.DataFrame({f"{resolution} px": rows})
@@ -288,11 +278,11 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     """Every trained model scored on its test fold at every resolution (``cross_resolution_auc.csv``)."""
     (index, folds), resolutions = load_data(preset), preset.resolutions
     cells = [(f, r, t) for f in preset.trained_folds() for r in resolutions for t in resolutions]
-    rows, models = [], {}  # each trained model is loaded once for all its test resolutions
+    rows, loaded = [], {}  # each trained model is loaded once for all its test resolutions
     for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
         ids = splits.fold_ids(folds, fold, "test")
         scores = metrics.read_predictions(
-            cross_predictions(preset, index, ids, (trained_at, fold, tested_at), models), ids
+            cross_predictions(preset, index, ids, (trained_at, fold, tested_at), loaded), ids
         )
         labels = metrics.labels_for(index, scores.index)
         for finding in scores.columns:
@@ -303,9 +293,7 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     return table
 
 
-def cross_predictions(
-    preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple[int, int, int], models: dict
-) -> Path:
+def cross_predictions(preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple, loaded: dict) -> Path:
     """Predictions of the model trained at R on T px (``cell``: R, fold, T), made when missing or stale."""
     trained_at, fold, tested_at = cell
     if trained_at == tested_at:
@@ -316,11 +304,12 @@ def cross_predictions(
         device = analysis_device(preset)
         frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
         dataset = CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
-        if (trained_at, fold) not in models:
-            models.clear()  # one model on the device at a time
-            models[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
-        batch, workers = inference_batch(tested_at), default_workers(device, local_world_size=1)
-        frame = predict_logits(models[(trained_at, fold)], dataset, batch, device, amp_dtype(device), workers)
+        if (trained_at, fold) not in loaded:
+            loaded.clear()  # one model on the device at a time
+            loaded[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
+        batch, workers = models.inference_batch(tested_at), models.default_workers(device, local_world_size=1)
+        model, amp = loaded[(trained_at, fold)], models.amp_dtype(device)
+        frame = models.predict_logits(model, dataset, batch, device, amp, workers)
         write_csv_atomic(frame, path)
     return path
 
@@ -335,7 +324,7 @@ def example_images(preset: Preset, dicom_ids: list[str], resolution: int) -> tor
 def analysis_device(preset: Preset) -> torch.device:
     """Where ERF, Grad-CAM and prediction run: ``analysis.device`` (auto: the GPU when one is visible)."""
     try:
-        return resolve_device(preset.analysis.device)
+        return models.resolve_device(preset.analysis.device)
     except (ConfigError, RuntimeError) as error:
         raise ValueError(f"preset {preset.name!r}: analysis.device: {error}") from None
 
@@ -344,19 +333,19 @@ def trained_model(preset: Preset, resolution: int, fold: int | None = None, devi
     """The best model at ``resolution`` of ``fold`` (default: the first trained), in eval mode."""
     device = analysis_device(preset) if device is None else torch.device(device)
     folder = paths.fold_dir(preset.run_path, resolution, preset.trained_folds()[0] if fold is None else fold)
-    return load_trained_model(folder, map_location=device).to(device)
+    return models.load_trained_model(folder, map_location=device).to(device)
 
 
 def receptive_fields(preset: Preset, seed: int = 0, progress: bool = True):
     """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``."""
     device, folds = analysis_device(preset), load_data(preset)[1]
     test_ids = splits.fold_ids(folds, preset.trained_folds()[0], "test")[: preset.analysis.erf_images]
-    images, models = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
+    images, nets = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
     for resolution in preset.resolutions:
         torch.manual_seed(seed)
-        models[(resolution, "init")] = build_model(weights=preset.train.weights).eval().to(device)
-        models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
-    results = compute_erfs(models, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
+        nets[(resolution, "init")] = models.build_model(weights=preset.train.weights).eval().to(device)
+        nets[(resolution, "trained")] = trained_model(preset, resolution, device=device)
+    results = compute_erfs(nets, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
     table = erf_table(results, theoretical_rf_px=densenet121_field()[0])
     write_erf_table(preset.run_path, table)
     return results, table
@@ -388,7 +377,7 @@ def gradcam_grid(preset: Preset) -> GradCAMGrid:
     label_set = index_findings(index)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
     grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)
-    models = {r: trained_model(preset, r) for r in preset.resolutions}
+    trained = {r: trained_model(preset, r) for r in preset.resolutions}
     for finding in preset.analysis.gradcam_findings:
         row, positive = example_for(test, finding)
         if not positive:
@@ -397,7 +386,7 @@ def gradcam_grid(preset: Preset) -> GradCAMGrid:
         image = row["dicom_id"]
         grid.dicom_ids[finding], grid.maps[finding], grid.probabilities[finding] = image, {}, {}
         grid.ground_truth[finding] = [f for f in label_set if row[f] == 1.0]
-        for resolution, model in models.items():
+        for resolution, model in trained.items():
             result = gradcam(model, example_images(preset, [image], resolution), finding, findings=label_set)
             grid.maps[finding][resolution] = result.maps[0]
             grid.probabilities[finding][resolution] = result.probabilities[0]
