@@ -208,7 +208,7 @@ def run_pipeline(
         check_data_root(preset.data.source, preset.data_path, preset.data.csv)
     with run_lock(preset):
         table = states(run)
-        first = min(_pending(table) + [len(steps)] + forced)
+        first = min([*table.index[table["state"] != "complete"], len(steps), *forced])
         done = dict(zip(names[:first], table["seconds"][:first].fillna(0.0), strict=True))
         provenance, started, expected = new_provenance(run), time.time(), None
         progress = sys.stderr.isatty() if progress_bar is None else progress_bar
@@ -243,13 +243,10 @@ def list_steps(preset_arg: str, **overrides: Any) -> str | None:
     table = states(resolve_run(preset_arg, **overrides))
     for name, state, outputs, _ in table.itertuples(index=False):
         print(f"{name:<34} {state:<16} outputs {outputs}")
-    first = table["step"][_pending(table)[0]] if _pending(table) else None
+    pending = table["step"][table["state"] != "complete"]
+    first = pending.iloc[0] if len(pending) else None
     print(f"a run starts at {first}" if first else "every step is complete", flush=True)
     return first
-
-
-def _pending(table: pd.DataFrame) -> list[int]:
-    return [i for i, state in enumerate(table["state"]) if state != "complete"]
 
 
 def lab_command(*extra: str, root_dir: str | os.PathLike = paths.NOTEBOOKS_DIR) -> list[str]:

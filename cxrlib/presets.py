@@ -80,8 +80,7 @@ def _preset_file(name_or_path: str | os.PathLike) -> Path:
         return candidate
     if str(name_or_path) not in available_presets():
         raise ValueError(
-            f"unknown preset {str(name_or_path)!r}; choose one of {available_presets()} "
-            f"or give the path of a YAML file"
+            f"unknown preset {str(name_or_path)!r}; choose one of {available_presets()} or a YAML file"
         )
     return PRESET_DIR / f"{name_or_path}.yaml"
 

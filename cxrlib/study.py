@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +24,7 @@ from .evaluate import evaluate_external
 from .fileio import ConfigError, write_csv_atomic
 from .gradcam import example_for, gradcam
 from .index import index_findings, read_index, select_findings, write_index
-from .launch import launch, override_flags, resolve_nproc
+from .launch import build_command, launch, resolve_nproc
 from .phantom import ensure_phantom
 from .presets import Preset, resolve
 from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
@@ -112,12 +111,10 @@ def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> 
                 f"{error}: set the data_root parameter to the folder of the data (or data.root in the preset)"
             ) from None
     elif missing := missing_inputs(preset, step):
-        command = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
-        command += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
+        cmd = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
+        cmd += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
         path, writer = missing[0]
-        raise MissingInputError(
-            f"{_shown(path)} does not exist yet: run {command} (or notebook {writer} first)"
-        )
+        raise MissingInputError(f"{_shown(path)} does not exist yet: run {cmd} (or notebook {writer} first)")
 
 
 def open_preset(step: str, parameters: dict[str, Any]) -> Preset:
@@ -180,9 +177,8 @@ def training_processes(preset: Preset) -> int:
 
 def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
     """The recipe at ``resolution`` on this machine, as the trainer plans it from the preset's flags."""
-    files = ["--index", "", "--folds", "", "--cache", "", "--fold", "0", "--out", ""]
-    flags = override_flags(preset.train_options(resolution))
-    args = get_args_parser().parse_args([*files, "--resolution", str(resolution), *flags])
+    command = build_command(resolution, 0, "", "", "", "", **preset.train_options(resolution))
+    args = get_args_parser().parse_args(command[command.index("cxrlib.train") + 1 :])
     device = models.resolve_device(args.device)
     amp, processes = models.amp_dtype(device, args.amp), training_processes(preset)
     plan = rules.plan_training(args, processes, device, amp)
@@ -216,12 +212,11 @@ def train_resolution(preset: Preset, resolution: int, echo: bool = True) -> list
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
     files = {"index": preset.index_path, "folds": preset.folds_path, "cache": preset.cache_path}
     options = {"gpus": training_processes(preset), "echo": echo, "cache_format": preset.cache.format}
+    options |= preset.train_options(resolution)
     runs = []
     for fold in preset.trained_folds():
         set_aside_stale_run(paths.fold_dir(preset.run_path, resolution, fold), files["index"], files["folds"])
-        runs.append(
-            launch(resolution, fold, preset.run_path, **files, **options, **preset.train_options(resolution))
-        )
+        runs.append(launch(resolution, fold, preset.run_path, **files, **options))
     return runs
 
 
@@ -281,9 +276,8 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     rows, loaded = [], {}  # each trained model is loaded once for all its test resolutions
     for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
         ids = splits.fold_ids(folds, fold, "test")
-        scores = metrics.read_predictions(
-            cross_predictions(preset, index, ids, (trained_at, fold, tested_at), loaded), ids
-        )
+        path = cross_predictions(preset, index, ids, (trained_at, fold, tested_at), loaded)
+        scores = metrics.read_predictions(path, ids)
         labels = metrics.labels_for(index, scores.index)
         for finding in scores.columns:
             auc = metrics.finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())[0]
@@ -351,24 +345,18 @@ def receptive_fields(preset: Preset, seed: int = 0, progress: bool = True):
     return results, table
 
 
-@dataclass
-class GradCAMGrid:
-    """Inputs of :func:`cxrlib.plots.fig4_gradcam`, plus which image each row shows."""
+# Inputs of cxrlib.plots.fig4_gradcam, each a dict by finding (maps and probabilities by resolution too), the
+# image each row shows, and the models' label set (findings, in output order)
+GradCAMGrid = namedtuple("GradCAMGrid", "originals maps probabilities ground_truth dicom_ids findings")
 
-    originals: dict[str, np.ndarray]
-    maps: dict[str, dict[int, np.ndarray]]
-    probabilities: dict[str, dict[int, np.ndarray]]
-    ground_truth: dict[str, list[str]]
-    dicom_ids: dict[str, str]
-    findings: list[str]  # the models' label set, in output order
 
-    def probability_table(self) -> pd.DataFrame:
-        """Per row's finding: the model's probability of it at each resolution, and the image shown."""
-        rows = {}
-        for finding, by_res in self.probabilities.items():
-            column = self.findings.index(finding)
-            rows[finding] = {f"{r} px": round(float(p[column]), 3) for r, p in by_res.items()}
-        return pd.DataFrame(rows).T.assign(image=pd.Series(self.dicom_ids))
+def probability_table(grid: GradCAMGrid) -> pd.DataFrame:
+    """Per row's finding: the model's probability of it at each resolution, and the image shown."""
+    rows = {}
+    for finding, by_res in grid.probabilities.items():
+        column = grid.findings.index(finding)
+        rows[finding] = {f"{r} px": round(float(p[column]), 3) for r, p in by_res.items()}
+    return pd.DataFrame(rows).T.assign(image=pd.Series(grid.dicom_ids))
 
 
 def gradcam_grid(preset: Preset) -> GradCAMGrid:
