@@ -10,9 +10,14 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from . import field_sweep, paths, study
 from .fileio import write_text_atomic
+from .models import amp_dtype, describe_cpu, use_channels_last
 from .presets import Preset
+from .recipe import default_per_gpu_batch
+from .throughput import measure_model
 
 KERNEL_SECONDS = 6.0  # papermill: start a kernel, import torch and cxrlib, save the notebook
 TRAIN_START_SECONDS = 12.0  # torchrun, the processes' imports, the model, the first batches
@@ -24,23 +29,13 @@ RATES = ("train_img_s", "infer_img_s")  # images per second of one training / in
 
 def machine_label() -> str:
     """The CPU (model, cores, extensions) and the GPUs, as one line."""
-    import torch
-
-    from .models import describe_cpu
-
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return describe_cpu() + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
 
 
 def training_settings(preset: Preset) -> list[tuple]:
     """Per resolution: (resolution, per-process batch, processes, threads, channels_last, device)."""
-    import torch
-
-    from .models import use_channels_last
-    from .recipe import default_per_gpu_batch
-    from .study import training_processes
-
-    processes, device = training_processes(preset), "cuda" if torch.cuda.is_available() else "cpu"
+    processes, device = study.training_processes(preset), "cuda" if torch.cuda.is_available() else "cpu"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = 1 if processes > 1 else cores  # torchrun gives each of several processes one thread
     settings = []
@@ -54,11 +49,6 @@ def training_settings(preset: Preset) -> list[tuple]:
 
 def _measure(setting: tuple) -> tuple[float, float]:
     """(training, inference) images/s of one process at ``setting`` with the trainer's optimizer step."""
-    import torch
-
-    from .models import amp_dtype
-    from .throughput import measure_model
-
     resolution, batch, _, threads, channels_last, device = setting
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -80,8 +70,6 @@ def _measure_side_by_side(setting: tuple, pool) -> tuple[float, float]:
 def calibrate(preset: Preset, progress: bool = True) -> dict[int, dict[str, float]]:
     """Training and inference images/s per resolution on this machine (kept), measured in spawned children:
     a GPU measurement leaves its memory cached in its process (90 GiB at 2048 px), lost to the trainings."""
-    import torch
-
     path = Path(os.environ.get("CXR_CACHE_DIR", Path.home() / ".cache" / "cxrlib")) / "calibration.json"
     try:
         kept = json.loads(path.read_text())
@@ -131,8 +119,6 @@ def estimate(preset: Preset, rates: dict[int, dict[str, float]], folds: pd.DataF
 
 def field_sweep_seconds(preset: Preset, rates: dict[int, dict], roles: list[dict[str, int]]) -> float:
     """Notebook 10: each arm's epochs still to train (after the arm it continues), at the model's rate."""
-    from . import field_sweep, paths
-
     resolution = field_sweep.sweep_resolution(preset)
     if resolution not in rates:
         return FIELD_SWEEP_ANALYSIS_S
@@ -156,10 +142,8 @@ def clock(seconds: float) -> str:
 
 def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[str, float] | None:
     """Print and return the expected seconds of each step in ``names``; None (said) on a failure."""
-    from .study import load_data
-
     try:
-        known = done | estimate(preset, calibrate(preset), load_data(preset)[1])
+        known = done | estimate(preset, calibrate(preset), study.load_data(preset)[1])
         expected = {name: known[name] for name in names if name in known}
         machine = machine_label()
     except Exception as error:  # noqa: BLE001 - a failed estimate must not stop the study

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .train import get_args_parser
 
 PathLike = str | os.PathLike
 TORCHRUN = {"nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29500, "max_restarts": 0,
@@ -30,8 +31,6 @@ class TrainingFailedError(RuntimeError):
 
 def override_flags(overrides: dict) -> list[str]:
     """Keyword overrides -> trainer flags (False / None: left out); ``ValueError`` for an unknown keyword."""
-    from .train import get_args_parser
-
     takes_value = {o: a.nargs != 0 for a in get_args_parser()._actions for o in a.option_strings}
     argv: list[str] = []
     for key, value in overrides.items():

@@ -23,13 +23,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pandas as pd
+import papermill
+import torch
 
 from . import __version__, eta, paths, study
 from .cache import MANIFEST_NAME
 from .datasets import check_data_root
 from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_text_atomic
 from .launch import resolve_nproc
+from .models import cpu_info
 from .presets import Preset, resolve
 
 LOCK = ".pipeline.lock"  # in the run folder, held while a pipeline runs there
@@ -68,8 +72,6 @@ def planned_steps(preset: Preset) -> list[tuple[study.Step, int | None]]:
 
 def step_settings(run: Run, step: study.Step, resolution: int | None) -> tuple[Path, dict[str, Any], str]:
     """A step's notebook, the parameters its parameters cell declares, and its fingerprint."""
-    import papermill
-
     notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
     declared = papermill.inspect_notebook(str(notebook))
     offered = {"preset": run.arg, **run.overrides, **step.fixed, "resolution": resolution}
@@ -106,10 +108,6 @@ def data_hashes(preset: Preset) -> dict[str, str | None]:
 
 def new_provenance(run: Run) -> dict[str, Any]:
     """What a run records before its first step: settings, command, git commit, packages, machine."""
-    import torch
-
-    from .models import cpu_info
-
     options = {"cwd": paths.PROJECT_ROOT, "capture_output": True, "text": True, "timeout": 10, "check": True}
     try:
         commit, changes = (subprocess.run(["git", *a], **options).stdout.strip() for a in GIT_COMMANDS)
@@ -151,8 +149,6 @@ def run_lock(preset: Preset) -> Iterator[None]:
 
 def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progress_bar: bool) -> None:
     """Execute one notebook with papermill into ``output``."""
-    import papermill
-
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting threads sleep: a shared CPU stays usable
     env_path = str(Path(sys.executable).parent)  # torchrun, started by notebooks, from this environment
     if env_path not in os.environ.get("PATH", "").split(os.pathsep):
@@ -172,8 +168,6 @@ def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progr
 
 def run_step(run: Run, step: study.Step, resolution: int | None, progress: bool, provenance: dict) -> float:
     """Execute one step, check its outputs, record provenance and fingerprint in the executed notebook."""
-    import nbformat
-
     notebook, parameters, fingerprint = step_settings(run, step, resolution)
     name = step.name(resolution)
     output, started = run.preset.run_path / f"{name}.ipynb", time.time()
