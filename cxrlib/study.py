@@ -120,14 +120,12 @@ def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> 
 def open_preset(step: str, parameters: dict[str, Any]) -> Preset:
     """A notebook's preset with its parameters' overrides ("" or []: none) and its inputs checked."""
     overrides = {k: parameters[k] for k in OVERRIDES if parameters.get(k) not in (None, "", [])}
-    cfg = resolve(parameters["preset"], **overrides)
-    require_inputs(cfg, step, parameters["preset"])
+    p = resolve(parameters["preset"], **overrides)
+    require_inputs(p, step, parameters["preset"])
     plots.show_inline()
-    print(
-        f"preset {cfg.name}: resolutions {cfg.resolutions}, folds {cfg.trained_folds()} of {cfg.fold_count}"
-    )
-    print(f"artifacts in {cfg.run_path}, figures in {cfg.figures_path}")
-    return cfg
+    print(f"preset {p.name}: resolutions {p.resolutions}, folds {p.trained_folds()} of {p.fold_count}")
+    print(f"artifacts in {p.run_path}, figures in {p.figures_path}")
+    return p
 
 
 def build_index(preset: Preset) -> pd.DataFrame:
@@ -384,16 +382,14 @@ def gradcam_grid(preset: Preset) -> GradCAMGrid:
 
 def throughput(preset: Preset) -> pd.DataFrame:
     """Table 2 on the analysis device with the trainer's settings of each resolution; writes it to tables/."""
-    index, rows, device = load_data(preset)[0], [], analysis_device(preset)
+    rows, device, steps = [], analysis_device(preset), preset.analysis.throughput_steps
+    common = {"index": load_data(preset)[0], "cache_dir": preset.cache_path, "steps": steps}
+    common["cudnn_benchmark"] = preset.train.cudnn_benchmark
     for resolution in preset.analysis.throughput_resolutions or preset.resolutions:
-        options = preset.train_options(resolution)
-        settings = {
-            "amp": options.get("amp", "auto"), "memory_efficient": bool(options.get("memory_efficient")),
-            "channels_last": str(options.get("channels_last", "auto")), "index": index,
-            "cudnn_benchmark": preset.train.cudnn_benchmark, "cache_dir": preset.cache_path,
-        }  # fmt: skip
-        steps = preset.analysis.throughput_steps
-        rows.append(speeds.measure_throughput([resolution], device, steps=steps, **settings))
+        flags = preset.train_options(resolution)
+        settings = {"amp": flags.get("amp", "auto"), "memory_efficient": bool(flags.get("memory_efficient"))}
+        settings["channels_last"] = str(flags.get("channels_last", "auto"))
+        rows.append(speeds.measure_throughput([resolution], device, **common, **settings))
     frame = pd.concat(rows, ignore_index=True)
     speeds.write_table2(frame, preset.tables_path / "table2_throughput.csv")
     return frame
