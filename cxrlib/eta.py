@@ -49,13 +49,12 @@ def training_settings(preset: Preset) -> list[tuple]:
 
 def _measure(setting: tuple) -> tuple[float, float]:
     """(training, inference) images/s of one process at ``setting`` with the trainer's optimizer step."""
-    resolution, batch, _, threads, channels_last, device = setting
+    resolution, batch, _, threads, layout, name = setting  # layout: channels_last
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = torch.device(device)
-    measured = measure_model(
-        resolution, batch, device, amp_dtype(device), CALIBRATION_STEPS, 1, channels_last=channels_last
-    )
+    device = torch.device(name)
+    amp = amp_dtype(device)
+    measured = measure_model(resolution, batch, device, amp, CALIBRATION_STEPS, 1, channels_last=layout)
     return measured["train_img_s"], measured["infer_img_s"]
 
 

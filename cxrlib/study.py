@@ -218,8 +218,7 @@ def train_resolution(preset: Preset, resolution: int, echo: bool = True) -> list
     return runs
 
 
-# What 04_evaluate shows: auc (long: finding, resolution, fold), table3, bootstrap and delong (pooled over
-# folds), ensembles (cxrlib.ensemble.FoldEnsembles; None with one resolution), weights (ensemble_weights.csv)
+# What 04_evaluate shows: its tables (bootstrap, delong: folds pooled), ensembles (None with one resolution)
 Evaluation = namedtuple("Evaluation", "auc table3 bootstrap delong ensembles weights")
 
 
@@ -343,8 +342,7 @@ def receptive_fields(preset: Preset, seed: int = 0, progress: bool = True):
     return results, table
 
 
-# Inputs of cxrlib.plots.fig4_gradcam, each a dict by finding (maps and probabilities by resolution too), the
-# image each row shows, and the models' label set (findings, in output order)
+# Inputs of cxrlib.plots.fig4_gradcam (dicts by finding), each row's image and the models' findings in order
 GradCAMGrid = namedtuple("GradCAMGrid", "originals maps probabilities ground_truth dicom_ids findings")
 
 
