@@ -148,13 +148,11 @@ def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[s
     except Exception as error:  # noqa: BLE001 - a failed estimate must not stop the study
         print(f"(no time estimate: {type(error).__name__}: {error})", flush=True)
         return None
-    lines = [f"expected time on this machine ({machine}):"]
-    lines += [
-        f"  {n:<32} {clock(done.get(n, s)):>8}{'  (done)' if n in done else ''}" for n, s in expected.items()
-    ]
-    left = sum(seconds for name, seconds in expected.items() if name not in done)
+    print(f"expected time on this machine ({machine}):")
+    for n, s in expected.items():
+        print(f"  {n:<32} {clock(done.get(n, s)):>8}{'  (done)' if n in done else ''}")
+    left = sum(s for n, s in expected.items() if n not in done)
     ends = time.strftime("%H:%M", time.localtime(time.time() + left))
-    total = clock(sum(done.get(name, seconds) for name, seconds in expected.items()))
-    lines.append(f"  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})")
-    print("\n".join(lines), flush=True)
+    total = clock(sum(done.get(n, s) for n, s in expected.items()))
+    print(f"  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})", flush=True)
     return expected

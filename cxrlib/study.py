@@ -107,9 +107,7 @@ def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> 
         try:
             check_data_root(preset.data.source, preset.data_path, preset.data.csv)
         except FileNotFoundError as error:
-            raise MissingInputError(
-                f"{error}: set the data_root parameter to the folder of the data (or data.root in the preset)"
-            ) from None
+            raise MissingInputError(f"{error}: set the data_root parameter (or data.root)") from None
     elif missing := missing_inputs(preset, step):
         cmd = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
         cmd += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
