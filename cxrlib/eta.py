@@ -10,40 +10,32 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from . import field_sweep, paths, study
 from .fileio import write_text_atomic
+from .models import amp_dtype, describe_cpu, use_channels_last
 from .presets import Preset
+from .recipe import default_per_gpu_batch
+from .throughput import measure_model
 
 KERNEL_SECONDS = 6.0  # papermill: start a kernel, import torch and cxrlib, save the notebook
 TRAIN_START_SECONDS = 12.0  # torchrun, the processes' imports, the model, the first batches
-RENDER_SECONDS_AT_256 = 0.015  # phantom: one frontal image at a 256 px long side, one core
-CACHE_SECONDS_PER_IMAGE = 0.006  # decode + resize + PNG per source image and resolution, one core
-BACKWARD_FACTOR = 3.0  # a gradient with respect to the input costs about 3 forward passes
-ERF_PROBES = 8  # random-sign probes per image (receptive_field.effective_receptive_field)
+MINOR_STEP_SECONDS = 30.0  # a step after training that neither trains nor scores every test image
 FIELD_SWEEP_ANALYSIS_S = 60.0  # notebook 10 besides its trainings (4 arms, 128 px, 2-core AVX2 CPU)
 CALIBRATION_STEPS = 2  # timed steps per resolution, after one untimed warm-up step
+RATES = ("train_img_s", "infer_img_s")  # images per second of one training / inference step
 
 
 def machine_label() -> str:
     """The CPU (model, cores, extensions) and the GPUs, as one line."""
-    import torch
-
-    from .models import describe_cpu
-
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return describe_cpu() + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
 
 
 def training_settings(preset: Preset) -> list[tuple]:
-    """Per resolution, what decides the training speed: (resolution, per-process batch, processes,
-    threads per process, channels_last, device), as the trainer will run on this machine."""
-    import torch
-
-    from .models import use_channels_last
-    from .recipe import default_per_gpu_batch
-    from .study import training_processes
-
-    processes, device = training_processes(preset), "cuda" if torch.cuda.is_available() else "cpu"
+    """Per resolution: (resolution, per-process batch, processes, threads, channels_last, device)."""
+    processes, device = study.training_processes(preset), "cuda" if torch.cuda.is_available() else "cpu"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = 1 if processes > 1 else cores  # torchrun gives each of several processes one thread
     settings = []
@@ -56,26 +48,18 @@ def training_settings(preset: Preset) -> list[tuple]:
 
 
 def _measure(setting: tuple) -> tuple[float, float]:
-    """(training, inference) images per second of one process at ``setting`` (run in a child), with the
-    trainer's own optimizer step (:func:`cxrlib.throughput.measure_model`)."""
-    import torch
-
-    from .models import amp_dtype
-    from .throughput import measure_model
-
-    resolution, batch, _, threads, channels_last, device = setting
+    """(training, inference) images/s of one process at ``setting`` with the trainer's optimizer step."""
+    resolution, batch, _, threads, layout, name = setting  # layout: channels_last
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = torch.device(device)
-    measured = measure_model(
-        resolution, batch, device, amp_dtype(device), CALIBRATION_STEPS, 1, channels_last=channels_last
-    )
+    device = torch.device(name)
+    amp = amp_dtype(device)
+    measured = measure_model(resolution, batch, device, amp, CALIBRATION_STEPS, 1, channels_last=layout)
     return measured["train_img_s"], measured["infer_img_s"]
 
 
 def _measure_side_by_side(setting: tuple, pool) -> tuple[float, float]:
-    """Total rates of the setting's processes measuring at once in ``pool`` (CPU: they share the memory
-    bandwidth as torchrun's do), or of one child's GPU times the GPUs."""
+    """Total rates of the processes measuring at once (sharing the memory bandwidth), or one GPU's x GPUs."""
     processes, device = setting[2], setting[5]
     copies = 1 if device == "cuda" else processes
     results = pool.map(_measure, [setting] * copies, chunksize=1)
@@ -83,11 +67,8 @@ def _measure_side_by_side(setting: tuple, pool) -> tuple[float, float]:
 
 
 def calibrate(preset: Preset, progress: bool = True) -> dict[int, dict[str, float]]:
-    """Training and inference images/s per resolution for this preset on this machine (kept). Every
-    measurement runs in a spawned child, never here: a GPU measurement leaves the memory it used cached
-    in its process (about 90 GiB after 2048 px on an H200), which the trainings would then miss."""
-    import torch
-
+    """Training and inference images/s per resolution on this machine (kept), measured in spawned children:
+    a GPU measurement leaves its memory cached in its process (90 GiB at 2048 px), lost to the trainings."""
     path = Path(os.environ.get("CXR_CACHE_DIR", Path.home() / ".cache" / "cxrlib")) / "calibration.json"
     try:
         kept = json.loads(path.read_text())
@@ -102,15 +83,11 @@ def calibrate(preset: Preset, progress: bool = True) -> dict[int, dict[str, floa
             for setting in missing:
                 if progress:
                     print(f"  calibrating {setting[0]} px ...", flush=True)
-                train, infer = _measure_side_by_side(setting, pool)
-                kept[keys[setting]] = {
-                    "train_img_s": train,
-                    "infer_img_s": infer,
-                    "measured": time.strftime("%F"),
-                }
+                rates = dict(zip(RATES, _measure_side_by_side(setting, pool), strict=True))
+                kept[keys[setting]] = {**rates, "measured": time.strftime("%F")}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(kept, indent=1), path)
-    return {s[0]: {k: kept[keys[s]][k] for k in ("train_img_s", "infer_img_s")} for s in settings}
+    return {s[0]: {k: kept[keys[s]][k] for k in RATES} for s in settings}
 
 
 def _roles(folds: pd.DataFrame, fold: int) -> dict[str, int]:
@@ -118,9 +95,7 @@ def _roles(folds: pd.DataFrame, fold: int) -> dict[str, int]:
     return {role: int(counts.get(role, 0)) for role in ("train", "val", "test")}
 
 
-def training_seconds(
-    preset: Preset, rates: dict[str, float], roles: dict[str, int], resolution: int
-) -> float:
+def training_seconds(preset: Preset, rates: dict, roles: dict[str, int], resolution: int) -> float:
     """One fold at one resolution: its epochs (training + validation), final predictions, start-up."""
     options = preset.train_options(resolution)
     train = min(roles["train"], options.get("max_train_images") or roles["train"])
@@ -129,56 +104,31 @@ def training_seconds(
     return TRAIN_START_SECONDS + int(options["epochs"]) * per_epoch + final
 
 
-def estimate(
-    preset: Preset, rates: dict[int, dict[str, float]], index: pd.DataFrame, folds: pd.DataFrame
-) -> dict[str, float]:
-    """Expected seconds of every step (``03_train_res<R>`` per resolution), in pipeline order."""
-    roles, analysis = [_roles(folds, f) for f in preset.trained_folds()], preset.analysis
-    resolutions, images, tests = preset.resolutions, len(index), sum(r["test"] for r in roles)
-    workers = preset.cache.workers or os.cpu_count() or 1
-    train, infer = ({r: rates[r][k] for r in resolutions} for k in ("train_img_s", "infer_img_s"))
-    grad = {r: infer[r] / BACKWARD_FACTOR for r in resolutions}
-    size = (preset.data.max_size or 3056) / 256
-    expected = {
-        "00_data": 2
-        + (images * RENDER_SECONDS_AT_256 * size**2 / workers if preset.data.source == "phantom" else 0)
-    }
-    expected["01_image_sizes"] = 3
-    expected["02_downscale"] = images * len(resolutions) * CACHE_SECONDS_PER_IMAGE / workers
-    for r in resolutions:
-        expected[f"03_train_res{r}"] = sum(training_seconds(preset, rates[r], role, r) for role in roles)
-    expected["04_evaluate"] = 10 + sum(tests / infer[t] for r in resolutions for t in resolutions if t != r)
-    expected["05_receptive_field"] = 3 + sum(
-        2 * analysis.erf_images * ERF_PROBES / grad[r] for r in resolutions
-    )
-    expected["06_gradcam"] = 3 + sum(len(analysis.gradcam_findings) * 4 / grad[r] for r in resolutions)
-    expected["07_ensemble"] = 10
-    steps = analysis.throughput_steps * 16
-    expected["08_throughput"] = sum(steps * (2 / train[r] + 1 / infer[r]) for r in resolutions)
-    expected["09_receptive_field_explained"] = 40
+def estimate(preset: Preset, rates: dict[int, dict[str, float]], folds: pd.DataFrame) -> dict[str, float]:
+    """Expected seconds of each step from the first training on (the earlier ones ran before), in order."""
+    roles, res = [_roles(folds, f) for f in preset.trained_folds()], preset.resolutions
+    expected = {f"03_train_res{r}": sum(training_seconds(preset, rates[r], x, r) for x in roles) for r in res}
+    tests = sum(x["test"] for x in roles)  # 04_evaluate scores each model's test images at the others
+    expected["04_evaluate"] = sum(tests / rates[t]["infer_img_s"] for r in res for t in res if t != r)
+    expected |= dict.fromkeys(("05_receptive_field", "06_gradcam", "07_ensemble"), MINOR_STEP_SECONDS)
+    expected |= dict.fromkeys(("08_throughput", "09_receptive_field_explained"), MINOR_STEP_SECONDS)
     expected["10_field_sweep"] = field_sweep_seconds(preset, rates, roles)
     return {name: KERNEL_SECONDS + seconds for name, seconds in expected.items()}
 
 
-def field_sweep_seconds(
-    preset: Preset, rates: dict[int, dict[str, float]], roles: list[dict[str, int]]
-) -> float:
-    """Notebook 10 besides starting its kernel: each arm still to train (an arm costs what the plain model
-    does per epoch it runs; one that continues another runs only its extra epochs), and its analysis."""
-    from . import field_sweep, paths
-
+def field_sweep_seconds(preset: Preset, rates: dict[int, dict], roles: list[dict[str, int]]) -> float:
+    """Notebook 10: each arm's epochs still to train (after the arm it continues), at the model's rate."""
     resolution = field_sweep.sweep_resolution(preset)
     if resolution not in rates:
         return FIELD_SWEEP_ANALYSIS_S
     arms, epochs = preset.field_sweep.arms, int(preset.train_options(resolution)["epochs"])
+    runs = {arm: int(settings.get("epochs", epochs)) for arm, settings in arms.items()}
     trainings = 0.0
     for fold, role in zip(preset.trained_folds(), roles, strict=True):
         one = training_seconds(preset, rates[resolution], role, resolution) / epochs
         for arm, folder in field_sweep.arm_folders(preset, fold).items():
-            source = arms[arm].get("continue_from")
-            before = int(arms[source].get("epochs", epochs)) if source else 0
-            if not (folder / paths.DONE).is_file():
-                trainings += one * (int(arms[arm].get("epochs", epochs)) - before)
+            if not (folder / paths.DONE).is_file():  # an arm continuing another runs its extra epochs
+                trainings += one * (runs[arm] - runs.get(arms[arm].get("continue_from"), 0))
     return trainings + FIELD_SWEEP_ANALYSIS_S
 
 
@@ -190,36 +140,19 @@ def clock(seconds: float) -> str:
 
 
 def forecast(preset: Preset, done: dict[str, float], names: list[str]) -> dict[str, float] | None:
-    """Calibrate (or reuse the kept calibration) and print the expected time of each step in ``names``,
-    ``done`` ones with their actual time; returns the expected seconds, or None on any failure (said in
-    one line: an estimate must not stop the study)."""
-    from .study import load_data
-
+    """Print and return the expected seconds of each step in ``names``; None (said) on a failure."""
     try:
-        index, folds = load_data(preset)
-        estimated = estimate(preset, calibrate(preset), index, folds)
-        expected = {name: estimated[name] for name in names if name in estimated}
+        known = done | estimate(preset, calibrate(preset), study.load_data(preset)[1])
+        expected = {name: known[name] for name in names if name in known}
         machine = machine_label()
     except Exception as error:  # noqa: BLE001 - a failed estimate must not stop the study
         print(f"(no time estimate: {type(error).__name__}: {error})", flush=True)
         return None
-    lines = [f"expected time on this machine ({machine}):"]
-    lines += [
-        f"  {n:<32} {clock(done.get(n, s)):>8}{'  (done)' if n in done else ''}" for n, s in expected.items()
-    ]
-    left = sum(seconds for name, seconds in expected.items() if name not in done)
+    print(f"expected time on this machine ({machine}):")
+    for n, s in expected.items():
+        print(f"  {n:<32} {clock(done.get(n, s)):>8}{'  (done)' if n in done else ''}")
+    left = sum(s for n, s in expected.items() if n not in done)
     ends = time.strftime("%H:%M", time.localtime(time.time() + left))
-    total = clock(sum(done.get(name, seconds) for name, seconds in expected.items()))
-    lines.append(f"  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})")
-    print("\n".join(lines), flush=True)
+    total = clock(sum(done.get(n, s) for n, s in expected.items()))
+    print(f"  {'whole run':<32} {total:>8}  ({clock(left)} left, ends about {ends})", flush=True)
     return expected
-
-
-def comparison(expected: dict[str, float], actual: dict[str, float]) -> str:
-    """Expected against actual seconds of the steps that ran, and of the whole run."""
-    ran = [name for name in expected if name in actual]
-    lines = [f"  {name:<32} {clock(expected[name]):>8} {clock(actual[name]):>8}" for name in ran]
-    total = [clock(sum(d[n] for n in ran)) for d in (expected, actual)]
-    return "\n".join(["time per step, as expected before training and as it was:",
-                      f"  {'step':<32} {'expected':>8} {'actual':>8}", *lines,
-                      f"  {'whole run':<32} {total[0]:>8} {total[1]:>8}"])  # fmt: skip

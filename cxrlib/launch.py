@@ -1,11 +1,6 @@
-"""Start the trainer under torchrun from a notebook or the pipeline, stream its output, return the run folder.
-
-``launch(512, 0, "runs/mimic", index, folds, cache, gpus="all", epochs=50)`` runs ``python -m
-torch.distributed.run ... -m cxrlib.train ...``, shows its output live, appends it to ``<fold dir>/train.log``
-and raises :class:`TrainingFailedError` with the log's tail when training fails. Keywords become the
-trainer's flags (``batch_size=8`` -> ``--batch-size 8``, ``deterministic=True`` -> ``--deterministic``),
-except the torchrun options of :data:`TORCHRUN` (several nodes: docs/training.md).
-"""
+"""Train one fold under torchrun from a notebook or the pipeline, its output shown live and appended to
+``<fold dir>/train.log``: ``launch(512, 0, "runs/mimic", index, folds, cache, epochs=50)``; keywords become
+the trainer's flags (``batch_size=8`` -> ``--batch-size 8``) or torchrun's (:data:`TORCHRUN`)."""
 
 from __future__ import annotations
 
@@ -23,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .train import get_args_parser
 
 PathLike = str | os.PathLike
 TORCHRUN = {"nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29500, "max_restarts": 0,
@@ -35,8 +31,6 @@ class TrainingFailedError(RuntimeError):
 
 def override_flags(overrides: dict) -> list[str]:
     """Keyword overrides -> trainer flags (False / None: left out); ``ValueError`` for an unknown keyword."""
-    from .train import get_args_parser
-
     takes_value = {o: a.nargs != 0 for a in get_args_parser()._actions for o in a.option_strings}
     argv: list[str] = []
     for key, value in overrides.items():
@@ -55,8 +49,7 @@ def override_flags(overrides: dict) -> list[str]:
 
 
 def resolve_nproc(gpus: str | int, strict: bool = False) -> int:
-    """Processes per node: ``"all"`` = every visible GPU (1 on a CPU); a number is checked against the GPUs
-    and, ``strict`` (a study's ``gpus``), refused above 1 without a CUDA GPU, where it is a mistake."""
+    """Processes per node: ``"all"`` (every GPU; 1 on a CPU) or a number, ``strict``: above 1 needs a GPU."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == "all":
         return max(1, count)
@@ -69,9 +62,7 @@ def resolve_nproc(gpus: str | int, strict: bool = False) -> int:
     if count and nproc > count:
         raise ValueError(f"gpus={nproc}: only {count} GPU(s) are visible on this node")
     if strict and nproc > 1 and not count:
-        raise ValueError(
-            f"gpus={gpus}: no CUDA GPU is visible on this machine; use 1 (or 'all') to train on the CPU"
-        )
+        raise ValueError(f"gpus={gpus}: no CUDA GPU is visible; use 1 (or 'all') to train on the CPU")
     return nproc
 
 
@@ -79,9 +70,7 @@ def build_command(
     resolution: int, fold: int, out: PathLike, index: PathLike, folds: PathLike, cache: PathLike,
     nproc: int = 1, **options,
 ) -> list[str]:  # fmt: skip
-    """The torchrun command that trains one fold at one resolution into ``out``: ``--standalone`` on one
-    node; on several a c10d rendezvous at ``master_addr:master_port`` (each node with its own ``node_rank``),
-    so that all restart together after a failure (``max_restarts``)."""
+    """The torchrun command that trains one fold into ``out`` (several nodes: a c10d rendezvous)."""
     run = {key: options.pop(key, default) for key, default in TORCHRUN.items()}
     command = [sys.executable, "-m", "torch.distributed.run"]
     if run["nnodes"] == 1:
@@ -98,8 +87,7 @@ def build_command(
 
 
 def relay(output: io.TextIOBase, log, echo: bool, keep: int = 60) -> list[str]:
-    """Copy ``output`` (read with ``newline=""``) to the screen as it comes, a piece ending in ``"\\r"``
-    overwriting the line as in a terminal, and its whole lines to ``log``; returns the last ``keep``."""
+    """Show ``output`` as it comes (``"\\r"`` overwrites the line), log whole lines; returns the last ones."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
     for piece in iter(output.readline, ""):
         line, update = piece.rstrip("\r\n"), piece.endswith("\r")
@@ -114,8 +102,7 @@ def relay(output: io.TextIOBase, log, echo: bool, keep: int = 60) -> list[str]:
 
 
 def run_logged(command: list[str], env: dict[str, str], log_path: Path, echo: bool) -> tuple[int, str]:
-    """Run ``command`` in its own process group, its output :func:`relay`-ed to the screen and appended
-    to ``log_path``; returns the exit code and the log's last lines. An interrupt stops the whole group."""
+    """Run ``command`` in its own process group (stopped on an interrupt); returns exit code and log tail."""
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n")
         linux = sys.platform == "linux"  # the child gets SIGTERM when this process ends (PR_SET_PDEATHSIG)
@@ -141,24 +128,17 @@ def launch(
     gpus: str | int = "all", echo: bool = True, env: dict | None = None, out: PathLike | None = None,
     **options,
 ) -> Path:  # fmt: skip
-    """Train ``fold`` at ``resolution`` into ``out`` (default ``run_dir/res<R>/fold<k>``) and return it.
-
-    ``gpus``: "all" (every visible GPU, or one CPU process) or processes per node (any number on a CPU,
-    with gloo); ``env``: more environment variables; ``options``: trainer and :data:`TORCHRUN` options
-    (node ``n`` > 0 logs to ``train_node<n>.log``). Raises ``ValueError`` before anything starts (wrong
-    ``gpus``, unknown option), :class:`TrainingFailedError` with the log's end when the run fails.
-    """
+    """Train ``fold`` at ``resolution`` into ``out`` (default ``run_dir/res<R>/fold<k>``) and return it;
+    :class:`TrainingFailedError` with the log's end when the run fails (node n > 0: ``train_node<n>.log``)."""
     out = Path(out) if out is not None else paths.fold_dir(run_dir, resolution, fold)
     command = build_command(resolution, fold, out, index, folds, cache, resolve_nproc(gpus), **options)
     out.mkdir(parents=True, exist_ok=True)
     node = options.get("node_rank", 0)
     log_path = out / (paths.TRAIN_LOG if node == 0 else f"train_node{node}.log")
-    # OMP_WAIT_POLICY=PASSIVE: waiting OpenMP threads sleep instead of spinning, so CPU processes
-    # sharing cores (several ranks, or other jobs) do not slow each other down many times over.
+    # waiting OpenMP threads sleep instead of spinning: CPU processes sharing cores do not slow each other
     child_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if options.get("nnodes", 1) > 1:
-        # A fresh store per rendezvous round: the agent's shared store keeps the previous round's keys,
-        # so after a restart one node's workers could try the dead workers' addresses.
+        # a fresh store per rendezvous round, so that restarted workers never see dead ones (docs/training.md)
         child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     returncode, tail = run_logged(command, child_env, log_path, echo)
     if returncode != 0:

@@ -22,16 +22,6 @@ PREDICTIONS = {"val": "val_predictions.csv", "test": "test_predictions.csv"}
 FOLD_RESULTS = (HISTORY, PREDICTIONS["val"], PREDICTIONS["test"], DONE)
 
 
-def run_dir(preset: str, runs_root: str | os.PathLike | None = None) -> Path:
-    """``runs/<preset>/``."""
-    return Path(runs_root or RUNS_DIR) / preset
-
-
-def figures_dir(preset: str, figures_root: str | os.PathLike | None = None) -> Path:
-    """``figures/<preset>/``."""
-    return Path(figures_root or FIGURES_DIR) / preset
-
-
 def tables_dir(run: str | os.PathLike) -> Path:
     """``<run>/tables/``."""
     return Path(run) / TABLES
@@ -51,8 +41,6 @@ def variant_dir(run: str | os.PathLike, resolution: int, fold: int, arm: str = "
 
 def predictions_path(run: str | os.PathLike, resolution: int, fold: int, split: str = "test") -> Path:
     """``<run>/res<R>/fold<k>/<split>_predictions.csv`` (split ``val`` or ``test``)."""
-    if split not in PREDICTIONS:
-        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     return fold_dir(run, resolution, fold) / PREDICTIONS[split]
 
 

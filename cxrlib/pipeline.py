@@ -1,56 +1,51 @@
-"""Run the numbered notebooks of a preset in order with papermill: ``python -m cxrlib.pipeline``.
+"""Run the numbered notebooks of a preset in order with papermill, skipping complete steps (docs/pipeline.md).
 
-Usage::
-
-    python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
-    python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
-    python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
-    python -m cxrlib.pipeline --lab                              # JupyterLab on notebooks/ (`make lab`)
-
-Executed notebooks go to ``runs/<preset>/``, figures to ``figures/<preset>/``. A step whose outputs are
-there and whose settings and notebook are unchanged is skipped, so a run resumes where it stopped.
+python -m cxrlib.pipeline --preset demo                      # what `make demo` runs
+python -m cxrlib.pipeline --preset mimic --data-root /data/mimic-cxr-jpg --gpus all
+python -m cxrlib.pipeline --preset demo --list               # what is done, what is left
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+import nbformat
 import pandas as pd
+import papermill
+import torch
 
 from . import __version__, eta, paths, study
 from .cache import MANIFEST_NAME
+from .datasets import check_data_root
 from .fileio import FolderBusyError, exclusive_lock, sha256_file, write_text_atomic
+from .launch import resolve_nproc
+from .models import cpu_info
 from .presets import Preset, resolve
 
 LOCK = ".pipeline.lock"  # in the run folder, held while a pipeline runs there
-PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "scipy", "pillow", "matplotlib",
-            "seaborn", "papermill")  # fmt: skip
+GIT_COMMANDS = (["rev-parse", "HEAD"], ["status", "--porcelain"])
 
 
 class PipelineError(RuntimeError):
     """A step failed; the message names the executed notebook that holds the error."""
 
 
-class Run(NamedTuple):
-    """The preset's argument (a YAML path made absolute), the resolved preset, the notebooks' overrides."""
-
-    arg: str
-    preset: Preset
-    overrides: dict[str, Any]
+# The preset's argument (a YAML path made absolute), the resolved preset, the notebooks' overrides
+Run = collections.namedtuple("Run", "arg preset overrides")
 
 
 def resolve_run(preset_arg: str, **overrides: Any) -> Run:
@@ -76,10 +71,7 @@ def planned_steps(preset: Preset) -> list[tuple[study.Step, int | None]]:
 
 
 def step_settings(run: Run, step: study.Step, resolution: int | None) -> tuple[Path, dict[str, Any], str]:
-    """A step's notebook, the parameters it gets (only those its parameters cell declares) and its
-    fingerprint (the preset's settings, the parameters and the notebook's cell sources)."""
-    import papermill
-
+    """A step's notebook, the parameters its parameters cell declares, and its fingerprint."""
     notebook = paths.NOTEBOOKS_DIR / f"{step.notebook}.ipynb"
     declared = papermill.inspect_notebook(str(notebook))
     offered = {"preset": run.arg, **run.overrides, **step.fixed, "resolution": resolution}
@@ -90,8 +82,7 @@ def step_settings(run: Run, step: study.Step, resolution: int | None) -> tuple[P
 
 
 def states(run: Run) -> pd.DataFrame:
-    """Each planned step's state (complete, changed, outputs missing, not run: the executed notebook's
-    recorded fingerprint against today's), its outputs there, and its seconds when it last ran here."""
+    """Each planned step's state (docs/pipeline.md), its outputs there, and its seconds when it last ran."""
     rows = []
     for step, resolution in planned_steps(run.preset):
         name, fingerprint = step.name(resolution), step_settings(run, step, resolution)[2]
@@ -117,25 +108,16 @@ def data_hashes(preset: Preset) -> dict[str, str | None]:
 
 def new_provenance(run: Run) -> dict[str, Any]:
     """What a run records before its first step: settings, command, git commit, packages, machine."""
-    import torch
-
-    from .models import cpu_info
-
     options = {"cwd": paths.PROJECT_ROOT, "capture_output": True, "text": True, "timeout": 10, "check": True}
     try:
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], **options).stdout.strip())
-        git = {
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], **options).stdout.strip(),
-            "dirty": dirty,
-        }
+        commit, changes = (subprocess.run(["git", *a], **options).stdout.strip() for a in GIT_COMMANDS)
+        git = {"commit": commit, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         git = {"commit": None, "dirty": None}
     versions = {"python": platform.python_version(), "cxrlib": __version__}
-    for name in PACKAGES:  # those that decide the results
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
+    versions |= {d.metadata["Name"]: d.version for d in metadata.distributions()}  # every installed one
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    machine = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    machine = {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()}
     return {
         "preset": run.arg, "settings": run.preset.to_dict(), "overrides": run.overrides, "started": _now(),
         "command": [Path(sys.executable).name, "-m", "cxrlib.pipeline", *sys.argv[1:]],
@@ -165,20 +147,8 @@ def run_lock(preset: Preset) -> Iterator[None]:
         ) from None
 
 
-def check_before_work(preset: Preset) -> None:
-    """Refuse, before anything is written, more GPUs than there are, or a data root without labels."""
-    from .datasets import check_data_root
-    from .launch import resolve_nproc
-
-    resolve_nproc(preset.train.gpus, strict=True)
-    if preset.data.source != "phantom" and not preset.index_path.is_file():
-        check_data_root(preset.data.source, preset.data_path, preset.data.csv)
-
-
 def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progress_bar: bool) -> None:
     """Execute one notebook with papermill into ``output``."""
-    import papermill
-
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting threads sleep: a shared CPU stays usable
     env_path = str(Path(sys.executable).parent)  # torchrun, started by notebooks, from this environment
     if env_path not in os.environ.get("PATH", "").split(os.pathsep):
@@ -196,16 +166,12 @@ def execute_step(notebook: Path, output: Path, parameters: dict[str, Any], progr
         ) from None
 
 
-def run_step(
-    run: Run, step: study.Step, resolution: int | None, progress_bar: bool, provenance: dict
-) -> float:
+def run_step(run: Run, step: study.Step, resolution: int | None, progress: bool, provenance: dict) -> float:
     """Execute one step, check its outputs, record provenance and fingerprint in the executed notebook."""
-    import nbformat
-
     notebook, parameters, fingerprint = step_settings(run, step, resolution)
     name = step.name(resolution)
     output, started = run.preset.run_path / f"{name}.ipynb", time.time()
-    execute_step(notebook, output, parameters, progress_bar)
+    execute_step(notebook, output, parameters, progress)
     seconds = time.time() - started
     missing = [str(p) for p in step.outputs(run.preset, resolution) if not p.is_file()]
     if missing:
@@ -219,32 +185,24 @@ def run_step(
     return seconds
 
 
-def first_forced_step(
-    steps: list[tuple[study.Step, int | None]], start_from: str | None, force: bool
-) -> int | None:
-    """Index of the first step to run again whatever its state (``--from`` / ``--force``), or None."""
-    if start_from is None:
-        return 0 if force else None
-    matches = [i for i, (step, res) in enumerate(steps) if start_from in (step.notebook, step.name(res))]
-    if not matches:
-        raise PipelineError(f"--from {start_from!r} is not a step; steps are {[s.name(r) for s, r in steps]}")
-    return matches[0]
-
-
 def run_pipeline(
     preset_arg: str, *, force: bool = False, start_from: str | None = None, progress_bar: bool | None = None,
     **overrides: Any,
 ) -> Preset:  # fmt: skip
-    """Run (or resume) a preset's steps from the first one not complete (or ``--from`` / ``--force``) on:
-    every later step runs too, since it reads what the earlier ones wrote. Returns the resolved preset."""
+    """Run the steps from the first one not complete (or ``--from``, ``--force``) on; returns the preset."""
     run = resolve_run(preset_arg, **overrides)
     preset, steps = run.preset, planned_steps(run.preset)
     names = [step.name(resolution) for step, resolution in steps]
-    forced = first_forced_step(steps, start_from, force)
-    check_before_work(preset)
+    starts = [i for i, (step, _) in enumerate(steps) if start_from in (step.notebook, names[i])]
+    if start_from is not None and not starts:
+        raise PipelineError(f"--from {start_from!r} is not a step; steps are {names}")
+    forced = starts[:1] if start_from else [0] if force else []  # run again whatever its state
+    resolve_nproc(preset.train.gpus, strict=True)  # refused before anything is written: too many GPUs,
+    if preset.data.source != "phantom" and not preset.index_path.is_file():  # or a data root without labels
+        check_data_root(preset.data.source, preset.data_path, preset.data.csv)
     with run_lock(preset):
         table = states(run)
-        first = min(_pending(table) + [len(steps)] + ([] if forced is None else [forced]))
+        first = min([*table.index[table["state"] != "complete"], len(steps), *forced])
         done = dict(zip(names[:first], table["seconds"][:first].fillna(0.0), strict=True))
         provenance, started, expected = new_provenance(run), time.time(), None
         progress = sys.stderr.isatty() if progress_bar is None else progress_bar
@@ -268,12 +226,9 @@ def run_pipeline(
             print(f"{prefix} done in {eta.clock(done[name])}{versus}", flush=True)
         provenance["finished"], provenance["data_hashes"] = _now(), data_hashes(preset)
         _save(provenance, preset)
-    if expected:
-        print("\n" + eta.comparison(expected, done), flush=True)
-    folders = (
-        f"figures:   {preset.figures_path}\n  tables:    {preset.tables_path}\n  notebooks: {preset.run_path}"
-    )
-    print(f"\nall {len(steps)} steps complete in {eta.clock(time.time() - started)}\n  {folders}", flush=True)
+    print(f"\nall {len(steps)} steps complete in {eta.clock(time.time() - started)}", flush=True)
+    print(f"  figures:   {preset.figures_path}\n  tables:    {preset.tables_path}", flush=True)
+    print(f"  notebooks: {preset.run_path}", flush=True)
     return preset
 
 
@@ -282,26 +237,16 @@ def list_steps(preset_arg: str, **overrides: Any) -> str | None:
     table = states(resolve_run(preset_arg, **overrides))
     for name, state, outputs, _ in table.itertuples(index=False):
         print(f"{name:<34} {state:<16} outputs {outputs}")
-    first = table["step"][_pending(table)[0]] if _pending(table) else None
+    pending = table["step"][table["state"] != "complete"]
+    first = pending.iloc[0] if len(pending) else None
     print(f"a run starts at {first}" if first else "every step is complete", flush=True)
     return first
 
 
-def _pending(table: pd.DataFrame) -> list[int]:
-    return [i for i, state in enumerate(table["state"]) if state != "complete"]
-
-
 def lab_command(*extra: str, root_dir: str | os.PathLike = paths.NOTEBOOKS_DIR) -> list[str]:
-    """``jupyter lab`` from this environment on ``notebooks/``, on 127.0.0.1 (``--allow-root`` as root,
-    which JupyterLab asks for); it prints its own URL with a fresh token."""
+    """``jupyter lab`` from this environment on ``notebooks/`` (``--allow-root`` as root: it asks for it)."""
     root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     return [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={root_dir}", *root, *extra]
-
-
-def _gpus(value: str) -> str | int:
-    if value != "all" and not (value.isdigit() and int(value) > 0):
-        raise argparse.ArgumentTypeError(f"must be 'all' or a positive number, got {value!r}")
-    return value if value == "all" else int(value)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -310,13 +255,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     option = parser.add_argument
-    option(
-        "--preset", default="demo", help="smoke, demo (default), phantom-gpu, kermany, mimic, nih, or YAML"
-    )
+    option("--preset", default="demo", help="smoke, demo (default), phantom-gpu, kermany, mimic, nih, YAML")
     option("--data-root", help="folder of the data (MIMIC-CXR-JPG, CheXpert, NIH, Kermany, CSV images)")
     option("--resolutions", type=int, nargs="+", help="override the preset's resolutions")
     option("--folds", type=int, nargs="+", help="folds to train and evaluate (default: preset's)")
-    option("--gpus", type=_gpus, help="'all' or a number of processes per node for training")
+    option("--gpus", help="'all' or a number of processes per node for training")
     option("--run-dir", help="where executed notebooks and tables go (default runs/<preset>)")
     option("--figures-dir", help="where figures go (default figures/<preset>)")
     split = "official: the data's test images are the one test fold, never trained on; patients: K folds"

@@ -1,6 +1,5 @@
-"""Presets: named, complete settings of a study (data, never a code branch). ``presets/defaults.yaml``
-holds every setting with its default and meaning; a preset file sets what differs; :func:`resolve`
-applies overrides. Sections read as attributes: ``preset.train.epochs``."""
+"""Presets: named settings of a study; ``presets/defaults.yaml`` holds every setting with its default and
+meaning, a preset file sets what differs, :func:`resolve` applies overrides (``preset.train.epochs``)."""
 
 from __future__ import annotations
 
@@ -25,17 +24,11 @@ BASELINE_ARM = "baseline"
 class Preset(SimpleNamespace):
     """A resolved preset: its settings, and the folders of the artifacts contract."""
 
-    @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else paths.run_dir(self.name)
-
-    @property
-    def figures_path(self) -> Path:
-        return Path(self.figures_dir) if self.figures_dir else paths.figures_dir(self.name)
-
-    @property
-    def cache_path(self) -> Path:
-        return _in_project(self.cache.dir) if self.cache.dir else self.run_path / "cache"
+    run_path = property(lambda self: Path(self.run_dir or paths.RUNS_DIR / self.name))
+    figures_path = property(lambda self: Path(self.figures_dir or paths.FIGURES_DIR / self.name))
+    cache_path = property(
+        lambda self: _in_project(self.cache.dir) if self.cache.dir else self.run_path / "cache"
+    )
 
     @property
     def data_path(self) -> Path:
@@ -87,8 +80,7 @@ def _preset_file(name_or_path: str | os.PathLike) -> Path:
         return candidate
     if str(name_or_path) not in available_presets():
         raise ValueError(
-            f"unknown preset {str(name_or_path)!r}; choose one of {available_presets()} "
-            f"or give the path of a YAML file"
+            f"unknown preset {str(name_or_path)!r}; choose one of {available_presets()} or a YAML file"
         )
     return PRESET_DIR / f"{name_or_path}.yaml"
 
@@ -161,19 +153,18 @@ def _validate_arms(arms: dict[str, dict[str, Any]], where: str) -> None:
             raise ValueError(f"{where}: {arm}.continue_from {source!r} is not an earlier arm")
 
 
-def check_resolution(resolution: int, where: str = "resolution") -> int:
+def check_resolution(resolution: int, where: str = "resolution") -> None:
     """Resolutions are multiples of 32 and at least 32 (DenseNet121 downsamples by 32)."""
     if int(resolution) != resolution or resolution < 32 or int(resolution) % 32:
         raise ValueError(
             f"{where}: resolution {resolution} must be a multiple of 32 and at least 32 "
             f"(DenseNet121 reduces the image 32-fold)"
         )
-    return int(resolution)
 
 
 def resolve(preset: str | os.PathLike | Preset = "demo", **overrides: Any) -> Preset:
-    """Load a preset and apply overrides (None: the preset's value): data_root, resolutions, folds, gpus,
-    run_dir, figures_dir, device (``analysis.device``), fold_split (``folds.split``)."""
+    """Load a preset and apply overrides (None: the preset's value); device and fold_split are
+    ``analysis.device`` and ``folds.split``."""
     p = copy.deepcopy(preset) if isinstance(preset, Preset) else load_preset(preset)
     where = {"data_root": (p.data, "root"), "resolutions": (p, "resolutions"), "folds": (p.folds, "train"),
              "gpus": (p.train, "gpus"), "run_dir": (p, "run_dir"), "figures_dir": (p, "figures_dir"),

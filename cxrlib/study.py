@@ -1,21 +1,20 @@
-"""The steps of the study for one preset: what each numbered notebook runs, reads (:data:`STEPS`) and
-writes. A notebook starts with ``cfg = study.open_preset("<its step>", globals())``; each cell is one call
-here plus display, so a step runs (and is tested) without its notebook."""
+"""What each numbered notebook runs, reads and writes (:data:`STEPS`), one call per cell, so that a step
+runs (and is tested) without its notebook; a notebook starts with ``study.open_preset(step, globals())``."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import ensemble, metrics, paths, plots, splits
+from . import ensemble, metrics, models, paths, plots, splits
 from . import field_sweep as arms
 from . import recipe as rules
 from . import throughput as speeds
@@ -25,28 +24,17 @@ from .evaluate import evaluate_external
 from .fileio import ConfigError, write_csv_atomic
 from .gradcam import example_for, gradcam
 from .index import index_findings, read_index, select_findings, write_index
-from .launch import launch, override_flags, resolve_nproc
-from .models import (
-    amp_dtype,
-    build_model,
-    default_workers,
-    inference_batch,
-    load_trained_model,
-    predict_logits,
-    resolve_device,
-    use_channels_last,
-)
+from .launch import build_command, launch, resolve_nproc
 from .phantom import ensure_phantom
 from .presets import Preset, resolve
 from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
-from .run_folder import read_histories, set_aside_stale_run
+from .run_folder import set_aside_stale_run
 from .train import get_args_parser
 
 
 @dataclass(frozen=True)
 class Step:
-    """A notebook, the steps whose outputs it reads, and the files it leaves: ``<folder>/<name>``, the
-    folder ``run``, ``cache``, ``tables``, ``figures`` or ``fold`` (each trained fold at its resolution)."""
+    """A notebook, the steps it reads, its files ``<run|cache|tables|figures|fold>/<name>``."""
 
     notebook: str
     needs: str = ""
@@ -114,37 +102,28 @@ def missing_inputs(preset: Preset, step: str) -> list[tuple[Path, str]]:
 
 
 def require_inputs(preset: Preset, step: str, preset_arg: str | None = None) -> None:
-    """Raise :class:`MissingInputError` naming the first missing input of ``step`` and the command that
-    writes it (``preset_arg``: the preset as the notebook got it); for 00_data, a missing data root."""
+    """Raise :class:`MissingInputError` naming the first missing input and its command."""
     if step == "00_data" and preset.data.source != "phantom":
         try:
             check_data_root(preset.data.source, preset.data_path, preset.data.csv)
         except FileNotFoundError as error:
-            raise MissingInputError(
-                f"{error}: set the data_root parameter to the folder of the data (or data.root in the preset)"
-            ) from None
+            raise MissingInputError(f"{error}: set the data_root parameter (or data.root)") from None
     elif missing := missing_inputs(preset, step):
-        command = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
-        command += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
+        cmd = f"python -m cxrlib.pipeline --preset {preset_arg or preset.name}"
+        cmd += f" --run-dir {_shown(preset.run_dir)}" if preset.run_dir else ""
         path, writer = missing[0]
-        raise MissingInputError(
-            f"{_shown(path)} does not exist yet: run {command} (or notebook {writer} first)"
-        )
+        raise MissingInputError(f"{_shown(path)} does not exist yet: run {cmd} (or notebook {writer} first)")
 
 
 def open_preset(step: str, parameters: dict[str, Any]) -> Preset:
-    """A notebook's setup: ``cfg = study.open_preset("03_train", globals())`` resolves ``preset`` with the
-    overrides its parameters cell declares ("" or []: the preset's value), stops in one line when an
-    earlier step's output is missing, shows figures inline and prints where things go."""
+    """A notebook's preset with its parameters' overrides ("" or []: none) and its inputs checked."""
     overrides = {k: parameters[k] for k in OVERRIDES if parameters.get(k) not in (None, "", [])}
-    cfg = resolve(parameters["preset"], **overrides)
-    require_inputs(cfg, step, parameters["preset"])
+    p = resolve(parameters["preset"], **overrides)
+    require_inputs(p, step, parameters["preset"])
     plots.show_inline()
-    print(
-        f"preset {cfg.name}: resolutions {cfg.resolutions}, folds {cfg.trained_folds()} of {cfg.fold_count}"
-    )
-    print(f"artifacts in {cfg.run_path}, figures in {cfg.figures_path}")
-    return cfg
+    print(f"preset {p.name}: resolutions {p.resolutions}, folds {p.trained_folds()} of {p.fold_count}")
+    print(f"artifacts in {p.run_path}, figures in {p.figures_path}")
+    return p
 
 
 def build_index(preset: Preset) -> pd.DataFrame:
@@ -177,9 +156,9 @@ def load_data(preset: Preset) -> tuple[pd.DataFrame, pd.DataFrame]:
     return index, splits.read_folds(preset.folds_path, index)
 
 
-def prepare_cache(preset: Preset, index: pd.DataFrame | None = None, progress: bool = True):
+def prepare_cache(preset: Preset, progress: bool = True):
     """Write every image at every resolution of the preset into its cache; raise on unreadable images."""
-    index, cache = read_index(preset.index_path) if index is None else index, preset.cache
+    index, cache = read_index(preset.index_path), preset.cache
     options = (preset.cache_path, preset.resolutions, cache.workers, cache.mode, cache.format)
     report = build_cache(index, *options, progress=progress)
     if not report.ok:
@@ -193,15 +172,13 @@ def training_processes(preset: Preset) -> int:
 
 
 def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
-    """The recipe at ``resolution`` on this machine, planned by the trainer's own function
-    (:func:`cxrlib.recipe.plan_training`) from the flags :func:`train_resolution` passes."""
-    files = ["--index", "", "--folds", "", "--cache", "", "--fold", "0", "--out", ""]
-    flags = override_flags(preset.train_options(resolution))
-    args = get_args_parser().parse_args([*files, "--resolution", str(resolution), *flags])
-    device = resolve_device(args.device)
-    amp, processes = amp_dtype(device, args.amp), training_processes(preset)
+    """The recipe at ``resolution`` on this machine, as the trainer plans it from the preset's flags."""
+    command = build_command(resolution, 0, "", "", "", "", **preset.train_options(resolution))
+    args = get_args_parser().parse_args(command[command.index("cxrlib.train") + 1 :])
+    device = models.resolve_device(args.device)
+    amp, processes = models.amp_dtype(device, args.amp), training_processes(preset)
     plan = rules.plan_training(args, processes, device, amp)
-    images = len(splits.fold_ids(load_data(preset)[1], analysis_fold(preset), "train"))
+    images = len(splits.fold_ids(load_data(preset)[1], preset.trained_folds()[0], "train"))
     images, batches = min(images, args.max_train_images or images), plan.batches
     table1 = "Table 1" if resolution in rules.TABLE1 else "Table 1's rule"
     rows = {
@@ -220,49 +197,31 @@ def recipe(preset: Preset, resolution: int) -> pd.DataFrame:
         "schedule": f"Adam; lr x {args.lr_factor} after {args.patience_lr} epochs without a better "
         f"validation loss; stop after {args.patience_stop}",
         "device, precision": f"{device.type}, {str(amp).removeprefix('torch.') if amp else 'float32'}",
-        "channels_last": use_channels_last(device, args.channels_last),
+        "channels_last": models.use_channels_last(device, args.channels_last),
         "weights": args.weights,
     }
     return pd.DataFrame({f"{resolution} px": rows})
 
 
-def train_resolution(
-    preset: Preset, resolution: int, folds: list[int] | None = None, echo: bool = True
-) -> list[Path]:
-    """Train every fold of the preset at one resolution with torchrun; returns the fold folders. A finished
-    fold is not trained again, an interrupted one resumes, one made from other data is set aside first."""
+def train_resolution(preset: Preset, resolution: int, echo: bool = True) -> list[Path]:
+    """Train (resume; set aside if from other data) every fold at one resolution; returns the fold folders."""
     load_data(preset)  # fails early, with the step to run, when data or folds are missing
     files = {"index": preset.index_path, "folds": preset.folds_path, "cache": preset.cache_path}
     options = {"gpus": training_processes(preset), "echo": echo, "cache_format": preset.cache.format}
+    options |= preset.train_options(resolution)
     runs = []
-    for fold in folds if folds is not None else preset.trained_folds():
+    for fold in preset.trained_folds():
         set_aside_stale_run(paths.fold_dir(preset.run_path, resolution, fold), files["index"], files["folds"])
-        runs.append(
-            launch(resolution, fold, preset.run_path, **files, **options, **preset.train_options(resolution))
-        )
+        runs.append(launch(resolution, fold, preset.run_path, **files, **options))
     return runs
 
 
-def histories(preset: Preset, resolutions: list[int] | None = None) -> dict[tuple[int, int], pd.DataFrame]:
-    """``history.csv`` of every trained (resolution, fold) that has one."""
-    return read_histories(preset.run_path, resolutions or preset.resolutions, preset.trained_folds())
-
-
-@dataclass
-class Evaluation:
-    """Everything 04_evaluate shows; the tables are also written to ``tables/``."""
-
-    auc: pd.DataFrame  # long: finding, resolution, fold, auc, n_pos, n_neg, reason
-    table3: pd.DataFrame
-    bootstrap: pd.DataFrame  # pooled over folds: finding, resolution, auc, ci_low, ci_high, ...
-    delong: pd.DataFrame  # pooled over folds: every pair of resolutions / ensembles per finding
-    ensembles: Any  # cxrlib.ensemble.FoldEnsembles, or None with a single resolution
-    weights: pd.DataFrame | None  # ensemble_weights.csv
+# What 04_evaluate shows: its tables (bootstrap, delong: folds pooled), ensembles (None with one resolution)
+Evaluation = namedtuple("Evaluation", "auc table3 bootstrap delong ensembles weights")
 
 
 def evaluate(preset: Preset) -> Evaluation:
-    """Test AUC per finding, resolution and fold, both ensembles, Table 3, intervals and DeLong tests; writes
-    auc, table3, ensemble_weights(_by_fold), ensemble_convergence, auc_bootstrap and delong.csv."""
+    """Test AUCs, both ensembles, Table 3, intervals and DeLong tests, each written to ``tables/``."""
     index, tables = load_data(preset)[0], preset.tables_path
     run, resolutions, folds = preset.run_path, preset.resolutions, preset.trained_folds()
     scored = test = metrics.load_predictions(run, resolutions, folds, split="test")
@@ -285,21 +244,15 @@ def evaluate(preset: Preset) -> Evaluation:
     return Evaluation(auc_long, metrics.table3(auc_long), bootstrap, delong, ensembles, weights)
 
 
-def external_validation(preset: Preset, index: str | Path, n_boot: int | None = None):
-    """The run's models and ensembles scored on another data set (:func:`cxrlib.evaluate.evaluate_external`),
-    its tables under ``<run>/external/<the index's folder>``, its images cached beside the run's."""
+def external_validation(preset: Preset, index: str | Path):
+    """The run's models and ensembles scored on another index (:func:`cxrlib.evaluate.evaluate_external`)."""
     cache = preset.cache_path / "external" / Path(index).resolve().parent.name
-    device, n_boot = str(preset.analysis.device), n_boot or preset.analysis.bootstrap
+    device, n_boot = str(preset.analysis.device), preset.analysis.bootstrap
     return evaluate_external(preset.run_path, index, cache=cache, device=device, n_boot=n_boot)
 
 
-@dataclass
-class EnsembleReport:
-    """What 07_ensemble shows, read from the tables 04_evaluate wrote."""
-
-    weights: pd.DataFrame  # ensemble_weights.csv
-    convergence: pd.DataFrame  # ensemble_convergence.csv
-    versus_best: pd.DataFrame  # per finding: the best single resolution against both ensembles
+# What 07_ensemble shows: two tables 04_evaluate wrote, and the best single resolution against both ensembles
+EnsembleReport = namedtuple("EnsembleReport", "weights convergence versus_best")
 
 
 def ensemble_report(preset: Preset) -> EnsembleReport:
@@ -312,16 +265,14 @@ def ensemble_report(preset: Preset) -> EnsembleReport:
 
 
 def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
-    """Every trained model scored on its test fold at every resolution; writes ``cross_resolution_auc.csv``
-    (the diagonal: the trainer's own predictions, as in ``auc.csv``)."""
+    """Every trained model scored on its test fold at every resolution (``cross_resolution_auc.csv``)."""
     (index, folds), resolutions = load_data(preset), preset.resolutions
     cells = [(f, r, t) for f in preset.trained_folds() for r in resolutions for t in resolutions]
-    rows, models = [], {}  # each trained model is loaded once for all its test resolutions
+    rows, loaded = [], {}  # each trained model is loaded once for all its test resolutions
     for fold, trained_at, tested_at in tqdm(cells, desc="train x test resolution", disable=not progress):
         ids = splits.fold_ids(folds, fold, "test")
-        scores = metrics.read_predictions(
-            cross_predictions(preset, index, ids, (trained_at, fold, tested_at), models), ids
-        )
+        path = cross_predictions(preset, index, ids, (trained_at, fold, tested_at), loaded)
+        scores = metrics.read_predictions(path, ids)
         labels = metrics.labels_for(index, scores.index)
         for finding in scores.columns:
             auc = metrics.finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())[0]
@@ -331,11 +282,8 @@ def cross_resolution(preset: Preset, progress: bool = True) -> pd.DataFrame:
     return table
 
 
-def cross_predictions(
-    preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple[int, int, int], models: dict
-) -> Path:
-    """``test_predictions_at<T>.csv`` of the model trained at R (``cell``: R, fold, T; the diagonal: its
-    own predictions), predicted (bf16 features on a GPU) when missing or older than the model."""
+def cross_predictions(preset: Preset, index: pd.DataFrame, ids: list[str], cell: tuple, loaded: dict) -> Path:
+    """Predictions of the model trained at R on T px (``cell``: R, fold, T), made when missing or stale."""
     trained_at, fold, tested_at = cell
     if trained_at == tested_at:
         return paths.predictions_path(preset.run_path, trained_at, fold)
@@ -345,11 +293,12 @@ def cross_predictions(
         device = analysis_device(preset)
         frame = index[index["dicom_id"].isin(set(ids))].reset_index(drop=True)
         dataset = CXRDataset(frame, tested_at, preset.cache_path, cache_format=preset.cache.format)
-        if (trained_at, fold) not in models:
-            models.clear()  # one model on the device at a time
-            models[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
-        batch, workers = inference_batch(tested_at), default_workers(device, local_world_size=1)
-        frame = predict_logits(models[(trained_at, fold)], dataset, batch, device, amp_dtype(device), workers)
+        if (trained_at, fold) not in loaded:
+            loaded.clear()  # one model on the device at a time
+            loaded[(trained_at, fold)] = trained_model(preset, trained_at, fold, device)
+        batch, workers = models.inference_batch(tested_at), models.default_workers(device, local_world_size=1)
+        model, amp = loaded[(trained_at, fold)], models.amp_dtype(device)
+        frame = models.predict_logits(model, dataset, batch, device, amp, workers)
         write_csv_atomic(frame, path)
     return path
 
@@ -361,73 +310,57 @@ def example_images(preset: Preset, dicom_ids: list[str], resolution: int) -> tor
     return torch.stack([dataset.read_image(i) for i in range(len(dataset))])
 
 
-def analysis_fold(preset: Preset) -> int:
-    """The fold whose models and test images the figures use (the first trained fold)."""
-    return preset.trained_folds()[0]
-
-
 def analysis_device(preset: Preset) -> torch.device:
     """Where ERF, Grad-CAM and prediction run: ``analysis.device`` (auto: the GPU when one is visible)."""
     try:
-        return resolve_device(preset.analysis.device)
+        return models.resolve_device(preset.analysis.device)
     except (ConfigError, RuntimeError) as error:
         raise ValueError(f"preset {preset.name!r}: analysis.device: {error}") from None
 
 
 def trained_model(preset: Preset, resolution: int, fold: int | None = None, device=None) -> torch.nn.Module:
-    """The best model of one (resolution, fold), in eval mode on ``device`` (default: the analysis device)."""
+    """The best model at ``resolution`` of ``fold`` (default: the first trained), in eval mode."""
     device = analysis_device(preset) if device is None else torch.device(device)
-    folder = paths.fold_dir(preset.run_path, resolution, analysis_fold(preset) if fold is None else fold)
-    return load_trained_model(folder, map_location=device).to(device)
+    folder = paths.fold_dir(preset.run_path, resolution, preset.trained_folds()[0] if fold is None else fold)
+    return models.load_trained_model(folder, map_location=device).to(device)
 
 
-def receptive_fields(preset: Preset, states=("init", "trained"), seed: int = 0, progress: bool = True):
-    """ERF (eq. 1) per resolution on the same test images, at initialisation (``train.weights``) and after
-    training, on the analysis device in float32; writes ``tables/erf.csv``."""
+def receptive_fields(preset: Preset, seed: int = 0, progress: bool = True):
+    """ERF (eq. 1) per resolution at initialisation and after training; writes ``tables/erf.csv``."""
     device, folds = analysis_device(preset), load_data(preset)[1]
-    test_ids = splits.fold_ids(folds, analysis_fold(preset), "test")[: preset.analysis.erf_images]
-    images, models = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
+    test_ids = splits.fold_ids(folds, preset.trained_folds()[0], "test")[: preset.analysis.erf_images]
+    images, nets = {r: example_images(preset, test_ids, r) for r in preset.resolutions}, {}
     for resolution in preset.resolutions:
-        if "init" in states:
-            torch.manual_seed(seed)
-            models[(resolution, "init")] = build_model(weights=preset.train.weights).eval().to(device)
-        if "trained" in states:
-            models[(resolution, "trained")] = trained_model(preset, resolution, device=device)
-    results = compute_erfs(models, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
+        torch.manual_seed(seed)
+        nets[(resolution, "init")] = models.build_model(weights=preset.train.weights).eval().to(device)
+        nets[(resolution, "trained")] = trained_model(preset, resolution, device=device)
+    results = compute_erfs(nets, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
     table = erf_table(results, theoretical_rf_px=densenet121_field()[0])
     write_erf_table(preset.run_path, table)
     return results, table
 
 
-@dataclass
-class GradCAMGrid:
-    """Inputs of :func:`cxrlib.plots.fig4_gradcam`, plus which image each row shows."""
-
-    originals: dict[str, np.ndarray]
-    maps: dict[str, dict[int, np.ndarray]]
-    probabilities: dict[str, dict[int, np.ndarray]]
-    ground_truth: dict[str, list[str]]
-    dicom_ids: dict[str, str]
-    findings: list[str]  # the models' label set, in output order
-
-    def probability_table(self) -> pd.DataFrame:
-        """Per row's finding: the model's probability of it at each resolution, and the image shown."""
-        rows = {}
-        for finding, by_res in self.probabilities.items():
-            column = self.findings.index(finding)
-            rows[finding] = {f"{r} px": round(float(p[column]), 3) for r, p in by_res.items()}
-        return pd.DataFrame(rows).T.assign(image=pd.Series(self.dicom_ids))
+# Inputs of cxrlib.plots.fig4_gradcam (dicts by finding), each row's image and the models' findings in order
+GradCAMGrid = namedtuple("GradCAMGrid", "originals maps probabilities ground_truth dicom_ids findings")
 
 
-def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGrid:
-    """Grad-CAM of each finding at every resolution on the first test image of the analysis fold positive
-    for it (:func:`cxrlib.gradcam.example_for`: an unselected example)."""
-    (index, folds), fold = load_data(preset), analysis_fold(preset)
+def probability_table(grid: GradCAMGrid) -> pd.DataFrame:
+    """Per row's finding: the model's probability of it at each resolution, and the image shown."""
+    rows = {}
+    for finding, by_res in grid.probabilities.items():
+        column = grid.findings.index(finding)
+        rows[finding] = {f"{r} px": round(float(p[column]), 3) for r, p in by_res.items()}
+    return pd.DataFrame(rows).T.assign(image=pd.Series(grid.dicom_ids))
+
+
+def gradcam_grid(preset: Preset) -> GradCAMGrid:
+    """Grad-CAM of each finding at every resolution on the first test image positive for it."""
+    (index, folds), fold = load_data(preset), preset.trained_folds()[0]
     label_set = index_findings(index)
     test = index[index["dicom_id"].isin(splits.fold_ids(folds, fold, "test"))]
     grid = GradCAMGrid({}, {}, {}, {}, {}, label_set)
-    models = {r: trained_model(preset, r) for r in preset.resolutions}
-    for finding in list(findings or preset.analysis.gradcam_findings):
+    trained = {r: trained_model(preset, r) for r in preset.resolutions}
+    for finding in preset.analysis.gradcam_findings:
         row, positive = example_for(test, finding)
         if not positive:
             message = f"no test image of fold {fold} is positive for {finding!r}; its row shows the first one"
@@ -435,7 +368,7 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
         image = row["dicom_id"]
         grid.dicom_ids[finding], grid.maps[finding], grid.probabilities[finding] = image, {}, {}
         grid.ground_truth[finding] = [f for f in label_set if row[f] == 1.0]
-        for resolution, model in models.items():
+        for resolution, model in trained.items():
             result = gradcam(model, example_images(preset, [image], resolution), finding, findings=label_set)
             grid.maps[finding][resolution] = result.maps[0]
             grid.probabilities[finding][resolution] = result.probabilities[0]
@@ -444,36 +377,27 @@ def gradcam_grid(preset: Preset, findings: list[str] | None = None) -> GradCAMGr
 
 
 def throughput(preset: Preset) -> pd.DataFrame:
-    """Table 2 on the analysis device with the trainer's settings of each resolution (precision,
-    memory_efficient, channels_last, cuDNN autotuning); writes ``tables/table2_throughput.csv``."""
-    index, rows, device = load_data(preset)[0], [], analysis_device(preset)
+    """Table 2 on the analysis device with the trainer's settings of each resolution; writes it to tables/."""
+    rows, device, steps = [], analysis_device(preset), preset.analysis.throughput_steps
+    common = {"index": load_data(preset)[0], "cache_dir": preset.cache_path, "steps": steps}
+    common["cudnn_benchmark"] = preset.train.cudnn_benchmark
     for resolution in preset.analysis.throughput_resolutions or preset.resolutions:
-        options = preset.train_options(resolution)
-        settings = {
-            "amp": options.get("amp", "auto"), "memory_efficient": bool(options.get("memory_efficient")),
-            "channels_last": str(options.get("channels_last", "auto")), "index": index,
-            "cudnn_benchmark": preset.train.cudnn_benchmark, "cache_dir": preset.cache_path,
-        }  # fmt: skip
-        steps = preset.analysis.throughput_steps
-        rows.append(speeds.measure_throughput([resolution], device, steps=steps, **settings))
+        flags = preset.train_options(resolution)
+        settings = {"amp": flags.get("amp", "auto"), "memory_efficient": bool(flags.get("memory_efficient"))}
+        settings["channels_last"] = str(flags.get("channels_last", "auto"))
+        rows.append(speeds.measure_throughput([resolution], device, **common, **settings))
     frame = pd.concat(rows, ignore_index=True)
     speeds.write_table2(frame, preset.tables_path / "table2_throughput.csv")
     return frame
 
 
-@dataclass
-class FieldSweepResult:
-    """What 10_field_sweep shows: the arms (:class:`cxrlib.field_sweep.Sweep`), the resolution sweep
-    beside them and each arm's training history."""
-
-    sweep: Any
-    resolutions: pd.DataFrame | None
-    histories: dict[str, pd.DataFrame]
+# What 10_field_sweep shows: the arms (cxrlib.field_sweep.Sweep), the resolution sweep, each arm's history
+FieldSweepResult = namedtuple("FieldSweepResult", "sweep resolutions histories")
 
 
 def field_sweep(preset: Preset, echo: bool = True) -> FieldSweepResult:
     """Train the arms (reusing a finished baseline), score them and measure their ERF; writes the tables."""
-    fold, device = analysis_fold(preset), analysis_device(preset)
+    fold, device = preset.trained_folds()[0], analysis_device(preset)
     folders = arms.train_arms(preset, fold, echo=echo)
     index, folds = load_data(preset)
     ids, resolution = splits.fold_ids(folds, fold, "test"), arms.sweep_resolution(preset)

@@ -180,7 +180,7 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
     monkeypatch.setattr(study.splits, "fold_ids", lambda folds, fold, role: ids)
     monkeypatch.setattr(study, "analysis_device", lambda preset: torch.device("cuda"))
     monkeypatch.setattr(study, "CXRDataset", lambda frame, resolution, *args, **kw: resolution)
-    monkeypatch.setattr(study, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(models, "amp_dtype", lambda device: torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # one process scores, on one of 8 GPUs
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     loaded, scored = [], []
@@ -188,7 +188,7 @@ def test_the_resolution_matrix_loads_each_model_once_and_sizes_batches_and_worke
         study, "trained_model", lambda preset, resolution, fold, device: loaded.append(resolution)
     )
     monkeypatch.setattr(
-        study,
+        models,
         "predict_logits",
         lambda *args: scored.append(args[1:3] + args[5:]) or pd.DataFrame({"x": ids}),
     )
