@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -73,10 +73,8 @@ def _apply_layer(state: _Field, name: str, layer: nn.Module, rows: list[dict]) -
     out = _Field(state.rf + (kernel - 1) * dilation * state.jump, state.jump * stride, start, size)
     values = {"kernel": kernel, "stride": stride, "dilation": dilation, "padding": padding, "jump": out.jump,
               "rf": out.rf, "start": out.start, "size": size}  # fmt: skip
-    rows.append(
-        {"layer": name, "type": type(layer).__name__}
-        | {k: _show(v) for k, v in values.items() if v is not None}
-    )
+    shown = {k: _show(v) for k, v in values.items() if v is not None}
+    rows.append({"layer": name, "type": type(layer).__name__} | shown)
     return out
 
 
@@ -91,24 +89,14 @@ def _walk(module: nn.Module, name: str, state: _Field, rows: list[dict]) -> _Fie
             "becomes the whole input; pass only the convolutional part (e.g. model.features)"
         )
     children = list(module.named_children())
-    if type(module).__name__ == "_DenseBlock":
-        # Each layer sees the block input and every earlier output, concatenated: the field of a
-        # concatenation is the largest of its parts (all share jump and start).
-        branches = [state]
-        for child_name, child in children:
-            branches.append(
-                _walk(child, f"{name}.{child_name}", max(branches, key=lambda s: s.rf.max()), rows)
-            )
-        jumps = {tuple(b.jump) for b in branches}
-        if len(jumps) != 1:
-            raise ValueError(f"dense block {name!r} concatenates maps of different strides {jumps}")
-        return max(branches, key=lambda s: s.rf.max())
     if not children:
         raise ValueError(
             f"layer {name!r} ({type(module).__name__}) is not supported by the receptive field walk; "
             "supported: Conv2d, MaxPool2d, AvgPool2d, norms, activations, dropout, containers"
         )
-    for child_name, child in children:  # any other container: a chain of its children
+    # any container is a chain of its children; so is a dense block: each layer sees the block input and
+    # every earlier output concatenated, and the largest of their fields is the last layer's
+    for child_name, child in children:
         state = _walk(child, f"{name}.{child_name}" if name else child_name, state, rows)
     return state
 
@@ -230,22 +218,6 @@ def translate_batch(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) 
     return out
 
 
-def _as_batch(images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, bool]:
-    """Images as a float ``[N, C, H, W]`` tensor and whether they are grayscale pixels in [0, 1]."""
-    images = torch.as_tensor(images)
-    if images.dim() == 2:
-        images = images[None, None]
-    elif images.dim() == 3:
-        images = images[:, None]
-    if images.dim() != 4:
-        raise ValueError(f"images must be [N, C, H, W], [N, H, W] or [H, W]; got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        if images.shape[1] != 1:
-            raise ValueError(f"uint8 images must be grayscale [N, 1, H, W]; got shape {tuple(images.shape)}")
-        return images.float() / 255.0, True
-    return images.float(), False
-
-
 @full_float32()  # float32 as documented: TF32 convolutions (a GPU default) would round the gradients
 def effective_receptive_field(
     model: nn.Module, images: torch.Tensor | np.ndarray, *, n_translations: int = 1, max_shift: float = 0.25,
@@ -255,11 +227,11 @@ def effective_receptive_field(
     """Eq. 1 of ``model.features`` over randomly shifted uint8 grayscale images (or float model inputs)."""
     if min(n_translations, n_probes, chunk, batch_size) < 1:
         raise ValueError("n_translations, n_probes, chunk and batch_size must be at least 1")
-    if not 0.0 <= max_shift < 1.0:
-        raise ValueError(f"max_shift is a fraction of the image side in [0, 1), got {max_shift}")
     features = getattr(model, "features", model)
     device = next(model.parameters(), torch.empty(0)).device
-    pixels, grayscale = _as_batch(images)
+    pixels = torch.as_tensor(images)
+    grayscale = pixels.dtype == torch.uint8  # gray pixels [N, 1, H, W], through the model's input scaling
+    pixels = pixels.float() / 255.0 if grayscale else pixels.float()
     n_images, _, height, width = pixels.shape
     shift_px = int(round(max_shift * min(height, width)))
     generator = generator or torch.Generator().manual_seed(0)
@@ -313,11 +285,9 @@ def _squared_gradient_sum(target, x, exact, n_probes, chunk, generator) -> torch
 
 
 def erf_table(
-    results: Iterable[tuple[str, ERFResult]] | Mapping[tuple[int, str], ERFResult],
-    theoretical_rf_px: int | None = None,
+    results: Mapping[tuple[int, str], ERFResult], theoretical_rf_px: int | None = None
 ) -> pd.DataFrame:
-    """``erf.csv`` rows from ``(state, result)`` pairs or ``{(resolution, state): result}``, init first."""
-    pairs = [(key[1], value) for key, value in results.items()] if isinstance(results, Mapping) else results
+    """``erf.csv`` rows of ``{(resolution, state): result}``, init first."""
     rows = [
         {"resolution": r.resolution, "state": state, "erf_radius50_px": r.radius50_px,
          "erf_radius90_px": r.radius90_px, "erf_radius_px": r.radius90_px,
@@ -325,7 +295,7 @@ def erf_table(
          "gaussian_sigma_px": r.sigma_px, "n_images": r.n_images, "n_samples": r.n_samples,
          "method": r.method, "n_probes": r.n_probes, "max_shift_px": r.max_shift_px, "padding": r.padding,
          "theoretical_rf_px": theoretical_rf_px, "definition": ERF_DEFINITION}
-        for state, r in pairs
+        for (_, state), r in results.items()
     ]  # fmt: skip
     order = {"init": 0, "trained": 1}
     table = pd.DataFrame(rows).sort_values(
@@ -334,12 +304,9 @@ def erf_table(
     return table.reset_index(drop=True)
 
 
-ERF_BATCH_PIXELS = 8 * 256 * 256  # pixels of one ERF batch in compute_erfs (8 images of 256 px)
-
-
 def default_erf_batch(height: int, width: int) -> int:
     """Samples per ERF forward pass: 8 images of 256 px or fewer, one from 1024 px on (memory)."""
-    return max(1, min(8, ERF_BATCH_PIXELS // max(1, int(height) * int(width))))
+    return max(1, min(8, 8 * 256 * 256 // max(1, int(height) * int(width))))
 
 
 def compute_erfs(
@@ -349,8 +316,6 @@ def compute_erfs(
     seed, batch_size = kwargs.pop("seed", 0), kwargs.pop("batch_size", None)
     results = {}
     for (resolution, state), model in models.items():
-        if resolution not in images:
-            raise ValueError(f"no images given for resolution {resolution}")
         batch = batch_size or default_erf_batch(*tuple(images[resolution].shape[-2:]))
         generator = torch.Generator().manual_seed(seed)
         results[(resolution, state)] = effective_receptive_field(
@@ -366,8 +331,7 @@ def write_erf_table(run: str | os.PathLike, table: pd.DataFrame) -> Path:
 
 def resize_images(images: torch.Tensor | np.ndarray, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
     """uint8 ``[N, 1, R, R]`` images resized (antialiased bilinear) to each side in ``sizes``."""
-    batch = torch.as_tensor(images)
-    batch = (batch[:, None] if batch.dim() == 3 else batch).float()
+    batch = torch.as_tensor(images).float()
     resized = [F.interpolate(batch, size=(s, s), mode="bilinear", antialias=True) for s in sizes]
     return {int(s): r.round().clamp(0, 255).to(torch.uint8) for s, r in zip(sizes, resized, strict=True)}
 
