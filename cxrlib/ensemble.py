@@ -1,9 +1,7 @@
-"""Stacked scale ensemble (the paper's eq. 2-3) and the plain average-probability ensemble.
+"""Stacked scale ensemble (the paper's eq. 2-3, in log space) and the plain average-probability ensemble.
 
-Per finding ``f``: ``p_f = sum_s softmax_s(v_f) sigmoid(l_fs)`` over the scales' logits, in log space
-so that logits of +-100 stay finite; its logit ``log p - log(1 - p)`` is what the ensemble's frames
-hold, scored like a resolution. The fit (Adam, full batch, decayed learning rate), its reference
-optimum (SLSQP) and when it counts as converged: docs/method.md, "Scale ensemble".
+The ensemble's frames hold its logit ``log p - log(1 - p)``, scored like a resolution. The fit, its
+reference optimum and when it counts as converged: docs/method.md, "Scale ensemble".
 """
 
 from __future__ import annotations
@@ -32,13 +30,9 @@ def log_ensemble_probabilities(
     logits: torch.Tensor, log_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p, log(1 - p))`` of ``p = sum_s w_s sigmoid(l_s)``: logits ``[N, F, S]``, weights ``[F, S]``."""
-    return _pool(log_weights, F.logsigmoid(logits), F.logsigmoid(-logits))
-
-
-def _pool(log_weights, log_sig_pos, log_sig_neg) -> tuple[torch.Tensor, torch.Tensor]:
     return (
-        torch.logsumexp(log_weights + log_sig_pos, dim=-1),
-        torch.logsumexp(log_weights + log_sig_neg, dim=-1),
+        torch.logsumexp(log_weights + F.logsigmoid(logits), dim=-1),
+        torch.logsumexp(log_weights + F.logsigmoid(-logits), dim=-1),
     )
 
 
@@ -100,12 +94,10 @@ def _fit(logits, labels, epochs, lr, lr_decay, tol, window) -> EnsembleFit:
     v = torch.zeros(logits.shape[1:], dtype=torch.float64, requires_grad=True)  # uniform weights
     optimizer = torch.optim.Adam([v], lr=lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
-    log_sig_pos, log_sig_neg = F.logsigmoid(logits), F.logsigmoid(-logits)  # fixed inputs: once
-
     rows, seen = [], [torch.softmax(v, dim=1).detach()]
     for epoch in range(1, epochs + 1):
         optimizer.zero_grad()
-        value = ensemble_loss(*_pool(F.log_softmax(v, dim=1), log_sig_pos, log_sig_neg), labels)
+        value = ensemble_loss(*log_ensemble_probabilities(logits, F.log_softmax(v, dim=1)), labels)
         value.backward()
         current_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -114,7 +106,7 @@ def _fit(logits, labels, epochs, lr, lr_decay, tol, window) -> EnsembleFit:
         change = float((seen[-1] - seen[-2]).abs().max())
         rows.append((epoch, value.item(), current_lr, float(v.grad.abs().max()), change))
     v.grad = None
-    per_finding = ensemble_loss(*_pool(F.log_softmax(v, dim=1), log_sig_pos, log_sig_neg), labels, True)
+    per_finding = ensemble_loss(*log_ensemble_probabilities(logits, F.log_softmax(v, dim=1)), labels, True)
     final = per_finding.sum()
     final.backward()
     reference, reference_losses = optimal_weights(logits.numpy(), labels.numpy())
@@ -178,15 +170,9 @@ def stack_scales(
     ids, findings = frames[resolutions[0]].index, list(frames[resolutions[0]].columns)
     for resolution in resolutions:
         frame = frames[resolution]
-        if len(frame) != len(ids) or set(frame.index) != set(ids):
+        if sorted(frame.index) != sorted(ids) or sorted(frame.columns) != sorted(findings):
             raise ValueError(
-                f"resolution {resolution} has predictions for other images than resolution "
-                f"{resolutions[0]}; the ensemble needs the same images at every scale"
-            )
-        if sorted(frame.columns) != sorted(findings):
-            raise ValueError(
-                f"resolution {resolution} predicts other findings than resolution {resolutions[0]}; "
-                "the ensemble needs the same label set at every scale"
+                f"resolution {resolution} predicts other images or findings than {resolutions[0]}"
             )
     return ids, np.stack([frames[r].loc[ids, findings].to_numpy(dtype=float) for r in resolutions], axis=-1)
 
@@ -228,9 +214,8 @@ def fit_fold_ensembles(
             predictions[(name, fold)] = pd.DataFrame(values, index=ids, columns=findings)
         weights += [(f, r, fold, float(fit.weights[i, j])) for i, f in enumerate(findings)
                     for j, r in enumerate(resolutions)]  # fmt: skip
-        fields = ("converged", "final_loss", "final_grad_max", "loss_gap", "weight_change_last",
-                  "reference_distance", "n_images")  # fmt: skip
-        reports.append({"fold": fold, **{name: getattr(fit, name) for name in fields}})
+        report = {k: v for k, v in vars(fit).items() if k not in ("weights", "history", "reference_weights")}
+        reports.append({"fold": fold, **report})
     weights = pd.DataFrame(weights, columns=["finding", "resolution", "fold", "weight"])
     return FoldEnsembles(predictions, weights, pd.DataFrame(reports))
 

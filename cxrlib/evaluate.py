@@ -1,11 +1,7 @@
-"""External validation: a trained run scored on another data set, as papers report generalisation.
+"""External validation: a trained run's models and ensembles scored on another data set's shared findings.
 
-``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` caches the other set at the run's
-resolutions, scores every trained model and both scale ensembles of each fold (with the weights
-04_evaluate fitted on the run's own validation images, never fitted again) and writes ``auc.csv``,
-``table3.csv``, ``auc_bootstrap.csv`` and ``findings.csv`` (each finding scored, or why not) under
-``runs/P/external/<name>/``. An unreadable image stops it in one line, or with ``--drop-bad`` is
-left out and named. Shared findings: docs/method.md, "External validation".
+``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` writes ``auc.csv``, ``table3.csv``,
+``auc_bootstrap.csv`` and ``findings.csv`` under ``runs/P/external/<name>/``: docs/data.md, docs/method.md.
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ from .models import amp_dtype, load_trained_model, resolve_device
 from .paths import BEST_MODEL, INDEX, TABLES
 
 FOLD_WEIGHTS = "ensemble_weights_by_fold.csv"  # written by 04_evaluate: finding, resolution, fold, weight
-MEAN_WEIGHTS = "ensemble_weights.csv"  # the fold means, for runs evaluated before the file above
 
 
 @dataclass
@@ -85,10 +80,9 @@ def finding_table(run_index: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: int) -> np.ndarray | None:
-    by_fold, mean = run / TABLES / FOLD_WEIGHTS, run / TABLES / MEAN_WEIGHTS
-    if not (by_fold.is_file() or mean.is_file()):
+    if not (run / TABLES / FOLD_WEIGHTS).is_file():
         return None
-    table = pd.read_csv(by_fold).query("fold == @fold") if by_fold.is_file() else pd.read_csv(mean)
+    table = pd.read_csv(run / TABLES / FOLD_WEIGHTS).query("fold == @fold")
     grid = table.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
     try:
         return np.array(grid.loc[findings, resolutions], dtype=float)  # a writable copy
@@ -99,8 +93,7 @@ def _fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: 
 def score_models(
     models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int | None
 ) -> dict[tuple[int, int], pd.DataFrame]:
-    """Logits of every model on ``frame`` (the other set, with the run's finding columns); batches
-    of ``batch_size`` images (default :func:`cxrlib.models.inference_batch` of the resolution)."""
+    """Logits of every model on ``frame`` (the other set, with the run's finding columns)."""
     from .models import default_workers, inference_batch, predict_logits
 
     scores, workers = {}, default_workers(device, local_world_size=1)
@@ -176,7 +169,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", type=Path, help="tables folder (default <run>/external/<index folder>)")
     add("--cache", type=Path, help="image cache of the other set (default <out>/cache)")
     add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    add("--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)")
+    add("--bootstrap", dest="n_boot", type=int, default=1000, help="patient bootstrap resamples")
     add("--batch-size", type=int, help="images per batch (default: 64 up to 512 px, fewer above)")
     add("--workers", type=int, help="cache processes (default: every CPU)")
     add("--drop-bad", action="store_true", help="leave unreadable images out (default: stop, naming them)")
@@ -188,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = evaluate_external(
-                args.run, args.index, args.out, args.cache, args.device, args.bootstrap,
-                args.batch_size, args.workers, args.drop_bad,
-            )  # fmt: skip
+            result = evaluate_external(**vars(args))
     except (ValueError, FileNotFoundError, CacheBuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,8 +1,7 @@
 """Every figure as a function from data to a ``matplotlib.figure.Figure``, in one style.
 
 Figures are built without pyplot, so a loop that makes many does not accumulate open windows and a
-notebook shows each returned figure once; without a display the Agg backend is selected on import.
-:func:`save_figure` writes a PNG atomically. Which notebook makes which figure: docs/method.md.
+notebook shows each returned figure once. Which notebook makes which figure: docs/method.md.
 """
 
 from __future__ import annotations
@@ -10,18 +9,10 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
-
-_HEADLESS = sys.platform.startswith("linux") and not (
-    os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-)
-if _HEADLESS and not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
-
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -107,9 +98,8 @@ def native_size_columns(index: pd.DataFrame) -> list[str]:
 def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 0) -> Figure:
     """Native width x height of the index's images, a scatter with marginal histograms (paper Fig. 3)."""
     columns = native_size_columns(index)
-    for column in columns:
-        if column not in index.columns:
-            raise ValueError(f"the index has no {column!r} column (native image size)")
+    if missing := [c for c in columns if c not in index.columns]:
+        raise ValueError(f"the index has no {missing[0]!r} column (native image size)")
     sizes = index[columns].apply(pd.to_numeric, errors="coerce").dropna()
     sizes = sizes.set_axis(["width", "height"], axis=1)
     shown = sizes.sample(max_points, random_state=seed) if len(sizes) > max_points else sizes
@@ -251,20 +241,16 @@ def _label_cam(ax, finding: str, column, probabilities: Sequence[float], thresho
 
 def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
     """Stacked bars of each finding's ensemble weights over the resolutions, in percent (paper Fig. 5)."""
-    missing = {"finding", "resolution", "weight"} - set(weights.columns)
-    if missing:
-        raise ValueError(
-            f"ensemble weights need columns finding, resolution, weight; missing {sorted(missing)}"
-        )
+    if missing := {"finding", "resolution", "weight"} - set(weights.columns):
+        raise ValueError(f"ensemble weights lack column(s) {sorted(missing)}")
     table = weights.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
     table = table.reindex(finding_order(weights["finding"]))
     table = table[sorted(table.columns, key=int)] * 100
     fig = _figure(8.5, 0.42 * len(table) + 1.6)
     ax = fig.add_subplot()
     left, y = np.zeros(len(table)), np.arange(len(table))
-    for color, resolution in zip(
-        sns.color_palette("viridis", len(table.columns)), table.columns, strict=True
-    ):
+    palette = sns.color_palette("viridis", len(table.columns))
+    for color, resolution in zip(palette, table.columns, strict=True):
         values = table[resolution].to_numpy()
         ax.barh(y, values, left=left, color=color, label=_label(resolution), edgecolor="white")
         text_color = "white" if np.mean(color[:3]) < 0.5 else "black"
@@ -302,10 +288,7 @@ def auc_vs_resolution(
     if ci is not None:
         ci = ci.assign(resolution=ci["resolution"].astype(str))
         if ci.duplicated(["finding", "resolution"]).any():
-            raise ValueError(
-                "ci must have one row per finding and resolution; for several folds pool them "
-                "first (metrics.pool_folds) or pass one fold's rows"
-            )
+            raise ValueError("ci must have one row per finding and resolution (pool the folds first)")
     ncols = min(ncols, len(findings))
     fig = _figure(3.0 * ncols, 2.5 * int(np.ceil(len(findings) / ncols)) + 0.6)
     axes = fig.subplots(int(np.ceil(len(findings) / ncols)), ncols, squeeze=False, sharex=True)
@@ -385,12 +368,9 @@ def training_curves(histories: Mapping[tuple[int, int], pd.DataFrame]) -> Figure
     for (resolution, fold), history in sorted(histories.items()):
         color = colors[int(resolution)]
         label = _label(resolution) if fold == min(f for r, f in histories if r == resolution) else None
-        if "train_loss" in history:
-            loss_ax.plot(history["epoch"], history["train_loss"], color=color, linestyle="--", alpha=0.8)
-        if "val_loss" in history:
-            loss_ax.plot(history["epoch"], history["val_loss"], color=color, label=label)
-        if "lr" in history:
-            lr_ax.plot(history["epoch"], history["lr"], color=color, label=label)
+        loss_ax.plot(history["epoch"], history["train_loss"], color=color, linestyle="--", alpha=0.8)
+        loss_ax.plot(history["epoch"], history["val_loss"], color=color, label=label)
+        lr_ax.plot(history["epoch"], history["lr"], color=color, label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss (dashed: train, solid: validation)")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", yscale="log")
     loss_ax.legend(title="resolution")

@@ -1,13 +1,9 @@
-"""The "try it yourself" part of the teaching notebook (09): the ERF at a resolution chosen on a slider.
-
-:class:`ERFExplorer` measures eq. 1 of a randomly initialised DenseNet121 on the same phantom images
-at any resolution and, where the preset's run has a trained model there, of that model too; the
-slider of :func:`show_erf_explorer` redraws :meth:`ERFExplorer.show`, the output an executed notebook
-(``interactive = False``) shows.
-"""
+"""The teaching notebook's (09) helpers: the ERF of an initial DenseNet121 at several sizes, and the ERF
+at a resolution chosen on a slider, at initialisation and (where the run has a model there) trained."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,10 +70,8 @@ class ERFExplorer:
             model = self.init_model if state == "init" else self.trained[resolution]
             if not isinstance(model, nn.Module):
                 model = self.trained[resolution] = load_trained_model(model, map_location=self.device)
-            generator, batch = (
-                torch.Generator().manual_seed(self.seed),
-                default_erf_batch(resolution, resolution),
-            )
+            generator = torch.Generator().manual_seed(self.seed)
+            batch = default_erf_batch(resolution, resolution)
             self._results[(resolution, state)] = effective_receptive_field(
                 model.to(self.device), self.image(resolution), generator=generator, batch_size=batch
             )
@@ -117,11 +111,7 @@ def erf_slider(explorer: ERFExplorer, value: int | None = None):
 
 def show_erf_explorer(explorer: ERFExplorer, interactive: bool = True) -> None:
     """Display the slider (``interactive`` and ipywidgets installed), else what it shows at its start."""
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        interactive = False
-    if interactive:
+    if interactive and importlib.util.find_spec("ipywidgets"):
         from IPython.display import display
 
         display(erf_slider(explorer))
