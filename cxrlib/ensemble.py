@@ -4,8 +4,6 @@ The ensemble's frames hold its logit ``log p - log(1 - p)``, scored like a resol
 reference optimum and when it counts as converged: docs/method.md, "Scale ensemble".
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 from collections.abc import Mapping, Sequence

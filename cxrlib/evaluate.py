@@ -4,8 +4,6 @@
 ``auc_bootstrap.csv`` and ``findings.csv`` under ``runs/P/external/<name>/``: docs/data.md, docs/method.md.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys

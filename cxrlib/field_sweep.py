@@ -6,8 +6,6 @@ wider field, more steps, or only the coarse findings to learn. The question, the
 results: docs/coarse_findings.md.
 """
 
-from __future__ import annotations
-
 import json
 import shutil
 from dataclasses import dataclass

@@ -5,8 +5,6 @@ the finding's logit, on ``model.features`` before the final ReLU (the ERF's tens
 divided by its maximum. Details: docs/method.md, "Grad-CAM".
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 

@@ -4,8 +4,6 @@ Definitions (unknown labels, Table 3's Average, the bootstrap's caution, Obuchow
 the correction family): docs/method.md, "Metrics".
 """
 
-from __future__ import annotations
-
 import itertools
 import os
 import warnings
@@ -39,9 +37,6 @@ def read_predictions(
     path: str | os.PathLike, expected_ids: Iterable[str] | None = None, findings: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """One prediction file as logits by ``dicom_id`` (exactly ``expected_ids``); one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prediction file not found: {path}")
     frame = pd.read_csv(path, dtype={"dicom_id": str})
     if "dicom_id" not in frame.columns:
         raise ValueError(f"{path}: no 'dicom_id' column")
@@ -53,12 +48,10 @@ def read_predictions(
     if frame.index.duplicated().any():
         raise ValueError(f"{path}: dicom_id {frame.index[frame.index.duplicated()][0]!r} appears twice")
     scores = frame[findings].apply(pd.to_numeric, errors="coerce").astype(float)
-    bad = np.argwhere(~np.isfinite(scores.to_numpy().T))
-    if len(bad):
-        column, row = bad[0]
-        value = frame[findings[column]].iloc[row]
+    if len(bad := np.argwhere(~np.isfinite(scores.to_numpy().T))):
+        value = frame[findings[bad[0, 0]]].iloc[bad[0, 1]]
         raise ValueError(
-            f"{path}: column {findings[column]!r}, CSV line {row + 2}: {value!r} is not a finite number"
+            f"{path}: column {findings[bad[0, 0]]!r}, CSV line {bad[0, 1] + 2}: {value!r} is not finite"
         )
     if expected_ids is not None:
         expected, have = set(map(str, expected_ids)), set(scores.index)
@@ -87,16 +80,14 @@ def load_predictions(
     }
 
 
-def pool_folds(predictions: PredictionSet, label: str = "all") -> dict[tuple[int | str, str], pd.DataFrame]:
-    """``{(resolution, label): scores}``: the folds of each resolution concatenated."""
-    by_resolution: dict[int | str, list[pd.DataFrame]] = {}
-    for (resolution, _), frame in predictions.items():
-        by_resolution.setdefault(resolution, []).append(frame)
-    pooled = {(resolution, label): pd.concat(frames) for resolution, frames in by_resolution.items()}
-    for (resolution, _), frame in pooled.items():
-        if frame.index.duplicated().any():
-            where = f"resolution {resolution}: image {frame.index[frame.index.duplicated()][0]!r}"
-            raise ValueError(f"{where} is in more than one fold's predictions")
+def pool_folds(predictions: PredictionSet) -> dict[tuple[int | str, str], pd.DataFrame]:
+    """``{(resolution, "all"): scores}``: the folds of each resolution concatenated."""
+    pooled = {}
+    for resolution in dict.fromkeys(r for r, _ in predictions):
+        frame = pd.concat([f for (r, _), f in predictions.items() if r == resolution])
+        if len(twice := frame.index[frame.index.duplicated()]):
+            raise ValueError(f"resolution {resolution}: image {twice[0]!r} is in more than one fold")
+        pooled[(resolution, "all")] = frame
     return pooled
 
 
@@ -105,8 +96,7 @@ def labels_for(
 ) -> pd.DataFrame:
     """The index's labels (1 / 0 / NaN) of ``findings`` (None: all) for ``ids``, in order."""
     findings = index_findings(index) if findings is None else list(findings)
-    lacking = [f for f in findings if f not in index.columns]
-    if lacking:
+    if lacking := [f for f in findings if f not in index.columns]:
         raise ValueError(
             f"the index has no label column for {lacking}; its findings: {index_findings(index)}"
         )
@@ -118,8 +108,8 @@ def labels_for(
     return labels.loc[ids].astype(float)
 
 
-def _subjects(index: pd.DataFrame, ids: pd.Index, column: str) -> np.ndarray:
-    return index.set_index(index["dicom_id"].astype(str))[column].astype(str).loc[ids].to_numpy()
+def _subjects(index: pd.DataFrame, ids: pd.Index) -> np.ndarray:
+    return index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str).loc[ids].to_numpy()
 
 
 def finding_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int, str]:
@@ -148,11 +138,10 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=list(AUC_COLUMNS))
     undefined = table[table["reason"] != ""]
     if len(undefined):
-        parts = []
-        for reason, group in undefined.groupby("reason", sort=True):
-            first = group.iloc[0]
-            where = f"{first['finding']}, resolution {first['resolution']}, fold {first['fold']}"
-            parts.append(f"{reason}: {len(group)} (e.g. {where})")
+        parts = [
+            f"{reason}: {len(g)} (e.g. {g['finding'].iat[0]} at {g['resolution'].iat[0]})"
+            for reason, g in undefined.groupby("reason", sort=True)
+        ]
         warnings.warn(
             f"AUC is NaN for {len(undefined)} of {len(table)} (finding, resolution, fold) cells, where the "
             f"test images do not have both classes; {'; '.join(parts)}. They are left out of fold means and "
@@ -265,22 +254,18 @@ def bootstrap_auc_ci(
     return {"auc": auc, "ci_low": float(low), "ci_high": float(high), "se": se, "n_boot_valid": len(valid)}
 
 
-def bootstrap_table(
-    predictions: PredictionSet, index: pd.DataFrame, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-    group_column: str = "subject_id"
-) -> pd.DataFrame:  # fmt: skip
+def bootstrap_table(predictions: PredictionSet, index: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Patient-bootstrap intervals per (finding, resolution, fold), with a ``caution`` column."""
     rows = []
     for (resolution, fold), scores in predictions.items():
         labels = labels_for(index, scores.index, scores.columns)
-        groups = _subjects(index, scores.index, group_column)
+        groups = _subjects(index, scores.index)
         for finding in scores.columns:
             y = labels[finding].to_numpy()
-            ci = bootstrap_auc_ci(y, scores[finding].to_numpy(), groups, n_boot, alpha, seed)
+            ci = bootstrap_auc_ci(y, scores[finding].to_numpy(), groups, n_boot)
             caution = _bootstrap_caution(y, groups, ci["n_boot_valid"], n_boot)
-            n_groups = int(pd.unique(groups).size)
             key = {"finding": finding, "resolution": resolution, "fold": fold}
-            rows.append({**key, **ci, "n_groups": n_groups, "caution": caution})
+            rows.append({**key, **ci, "n_groups": int(pd.unique(groups).size), "caution": caution})
     table = pd.DataFrame(rows)
     flagged = table[table["caution"] != ""] if len(table) else table
     if len(flagged):
@@ -397,19 +382,11 @@ def correct_family(table: pd.DataFrame, family: str) -> pd.DataFrame:
     return table
 
 
-def delong_findings(
-    scores_a: pd.DataFrame,
-    scores_b: pd.DataFrame,
-    index: pd.DataFrame,
-    group_column: str | None = "subject_id",
-) -> pd.DataFrame:
-    """Clustered DeLong test per finding of two score frames of the same images, corrected over them."""
-    if set(scores_a.index) != set(scores_b.index):
-        raise ValueError("the two prediction frames do not hold the same images; a paired test needs them")
+def delong_findings(scores_a: pd.DataFrame, scores_b: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """Patient-clustered DeLong test per finding of two score frames of the same images, corrected."""
     scores_b = scores_b.loc[scores_a.index]
     labels = labels_for(index, scores_a.index, scores_a.columns)
-    clusters = None if group_column is None else _subjects(index, scores_a.index, group_column)
-    rows = []
+    clusters, rows = _subjects(index, scores_a.index), []
     for finding in scores_a.columns:
         try:
             result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding], clusters)
@@ -420,9 +397,7 @@ def delong_findings(
     return correct_family(pd.DataFrame(rows), "the findings of this pair")
 
 
-def pairwise_delong(
-    predictions: PredictionSet, index: pd.DataFrame, group_column: str | None = "subject_id"
-) -> pd.DataFrame:
+def pairwise_delong(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
     """Clustered DeLong tests of every pair of resolutions / ensembles, corrected per fold."""
     labels_in = column_order(resolution for resolution, _ in predictions)
     tables = []
@@ -430,7 +405,7 @@ def pairwise_delong(
         present = [r for r in labels_in if (r, fold) in predictions]
         pairs = list(itertools.combinations(present, 2))
         per_fold = [
-            delong_findings(predictions[(a, fold)], predictions[(b, fold)], index, group_column).assign(
+            delong_findings(predictions[(a, fold)], predictions[(b, fold)], index).assign(
                 resolution_a=a, resolution_b=b, fold=fold
             )
             for a, b in pairs

@@ -4,8 +4,6 @@ Figures are built without pyplot, so a loop that makes many does not accumulate 
 notebook shows each returned figure once. Which notebook makes which figure: docs/method.md.
 """
 
-from __future__ import annotations
-
 import io
 import itertools
 import os
@@ -55,10 +53,10 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (parent folders created); returns the path."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
     return Path(path)
@@ -95,14 +93,16 @@ def native_size_columns(index: pd.DataFrame) -> list[str]:
     return ["width", "height"]
 
 
-def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 0) -> Figure:
+def fig3_image_sizes(index: pd.DataFrame) -> Figure:
     """Native width x height of the index's images, a scatter with marginal histograms (paper Fig. 3)."""
     columns = native_size_columns(index)
     if missing := [c for c in columns if c not in index.columns]:
         raise ValueError(f"the index has no {missing[0]!r} column (native image size)")
     sizes = index[columns].apply(pd.to_numeric, errors="coerce").dropna()
     sizes = sizes.set_axis(["width", "height"], axis=1)
-    shown = sizes.sample(max_points, random_state=seed) if len(sizes) > max_points else sizes
+    shown = (
+        sizes.sample(50_000, random_state=0) if len(sizes) > 50_000 else sizes
+    )  # a scatter that draws fast
     fig = _figure(6.5, 6.0)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
     scatter = fig.add_subplot(grid[1, 0])
@@ -130,7 +130,7 @@ def _draw_erf_discs(ax, result, colour: str) -> None:
         ax.add_patch(Circle(centre, radius / side, fill=False, color=colour, linestyle=style, lw=1.4))
 
 
-def fig1_erf(results: Mapping, normalise: bool = True, cmap: str = "magma") -> Figure:
+def fig1_erf(results: Mapping) -> Figure:
     """ERF maps in the image's frame with their mass discs, per resolution (and state: one row each)."""
     lookup = {(int(k[0]), k[1]) if isinstance(k, tuple) else (int(k), ""): v for k, v in results.items()}
     if not lookup:
@@ -147,15 +147,16 @@ def fig1_erf(results: Mapping, normalise: bool = True, cmap: str = "magma") -> F
         if result is None:
             ax.set_axis_off()
             continue
-        erf = result.erf / result.erf.max() if normalise else result.erf
-        image = ax.imshow(erf, extent=_UNIT_FRAME, cmap=cmap, vmin=0, interpolation="bilinear")
+        image = ax.imshow(
+            result.erf / result.erf.max(), extent=_UNIT_FRAME, cmap="magma", vmin=0, interpolation="bilinear"
+        )
         _draw_erf_discs(ax, result, "cyan")
         ax.set_title(_label(resolution) + (f" ({state})" if state else ""))
         _corner_text(
             ax, f"90%: {100 * result.fraction90:.0f}% of side\n50%: {100 * result.fraction50:.0f}% of side"
         )
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max" if normalise else "ERF")
+        fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max")
     fig.suptitle("Effective receptive field relative to the image (circles: 50% / 90% of mass)")
     return fig
 
@@ -202,8 +203,8 @@ def conv_stack_erfs(maps: Mapping[int, np.ndarray]) -> Figure:
 def fig4_gradcam(
     originals: Mapping[str, np.ndarray], maps: Mapping[str, Mapping[int, np.ndarray]],
     probabilities: Mapping[str, Mapping[int, Sequence[float]]], ground_truth: Mapping[str, Sequence[str]],
-    findings: Sequence[str] = ("Cardiomegaly", "Pneumothorax"), threshold: float = 0.5, alpha: float = 0.45,
-    title: str = "Grad-CAM across resolutions", names: Sequence[str] | None = None,
+    findings: Sequence[str] = ("Cardiomegaly", "Pneumothorax"), title: str = "Grad-CAM across resolutions",
+    names: Sequence[str] | None = None,
 ) -> Figure:  # fmt: skip
     """Grad-CAM grid (paper Fig. 4): a row per finding, the original then each column of ``maps``."""
     findings = [f for f in findings if f in maps]
@@ -223,20 +224,19 @@ def fig4_gradcam(
         _under(axes[row, 0], f"ground truth: {', '.join(ground_truth.get(finding, [])) or 'none'}")
         for ax, column in zip(axes[row, 1:], columns, strict=True):
             if column in maps[finding]:
-                ax.imshow(maps[finding][column], cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=_UNIT_FRAME,
+                ax.imshow(maps[finding][column], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=_UNIT_FRAME,
                           interpolation="bilinear")  # fmt: skip
-                _label_cam(ax, finding, column, probabilities[finding][column], threshold, names)
+                _label_cam(ax, finding, column, probabilities[finding][column], names)
     fig.suptitle(title)
     return fig
 
 
-def _label_cam(ax, finding: str, column, probabilities: Sequence[float], threshold: float, names) -> None:
-    # the title: the row's finding's probability; under it the findings above the threshold
+def _label_cam(ax, finding: str, column, probabilities: Sequence[float], names) -> None:
+    # the title: the row's finding's probability; under it the findings above 0.5
     probs, names = np.asarray(probabilities, dtype=float), list(FINDINGS if names is None else names)
-    predicted = [f"{name} ({p:.2f})" for name, p in zip(names, probs, strict=True) if p > threshold]
-    name = _label(column) if isinstance(column, int | np.integer) else column
-    ax.set_title(f"{name}: p={probs[names.index(finding)]:.2f}")
-    _under(ax, f"p > {threshold:g}: " + ("\n".join(predicted) or "none"), "x-small")
+    predicted = [f"{name} ({p:.2f})" for name, p in zip(names, probs, strict=True) if p > 0.5]
+    ax.set_title(f"{_label(column)}: p={probs[names.index(finding)]:.2f}")
+    _under(ax, "p > 0.5: " + ("\n".join(predicted) or "none"), "x-small")
 
 
 def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
@@ -269,9 +269,8 @@ def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
 
 
 def auc_vs_resolution(
-    auc_long: pd.DataFrame, findings: Sequence[str] | None = None, ci: pd.DataFrame | None = None,
-    ncols: int = 4, include_average: bool = True,
-) -> Figure:  # fmt: skip
+    auc_long: pd.DataFrame, findings: Sequence[str] | None = None, ci: pd.DataFrame | None = None
+) -> Figure:
     """AUC versus resolution per finding (std over folds, or ``ci``), ensembles as lines (and bands)."""
     frame = auc_long.assign(resolution=auc_long["resolution"].astype(str))
     numbers = sorted({int(r) for r in frame["resolution"] if r.lstrip("-").isdigit()})
@@ -279,17 +278,15 @@ def auc_vs_resolution(
         raise ValueError("the AUC table has no numeric resolutions")
     names = [r for r in dict.fromkeys(frame["resolution"]) if not r.lstrip("-").isdigit()]
     present = finding_order(frame["finding"])
-    findings = [f for f in findings if f in present] if findings else present
-    if include_average:
-        average = frame.groupby(["resolution", "fold"], sort=False)["auc"].mean().reset_index()
-        frame = pd.concat([frame, average.assign(finding="Average")], ignore_index=True)
-        findings = ["Average", *findings]
+    findings = ["Average", *([f for f in findings if f in present] if findings else present)]
+    average = frame.groupby(["resolution", "fold"], sort=False)["auc"].mean().reset_index()
+    frame = pd.concat([frame, average.assign(finding="Average")], ignore_index=True)
     summary = frame.groupby(["finding", "resolution"])["auc"].agg(["mean", "std"])
     if ci is not None:
         ci = ci.assign(resolution=ci["resolution"].astype(str))
         if ci.duplicated(["finding", "resolution"]).any():
             raise ValueError("ci must have one row per finding and resolution (pool the folds first)")
-    ncols = min(ncols, len(findings))
+    ncols = min(4, len(findings))
     fig = _figure(3.0 * ncols, 2.5 * int(np.ceil(len(findings) / ncols)) + 0.6)
     axes = fig.subplots(int(np.ceil(len(findings) / ncols)), ncols, squeeze=False, sharex=True)
     for ax, finding in zip(axes.flat, findings, strict=False):

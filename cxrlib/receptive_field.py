@@ -4,8 +4,6 @@ The walk's recurrence, the ERF's tensor, position, translations, the random-sign
 cost and the summaries (mass radii, Gaussian sigma): docs/method.md, "Receptive fields".
 """
 
-from __future__ import annotations
-
 import functools
 import math
 import os

@@ -1,8 +1,6 @@
 """The teaching notebook's (09) helpers: the ERF of an initial DenseNet121 at several sizes, and the ERF
 at a resolution chosen on a slider, at initialisation and (where the run has a model there) trained."""
 
-from __future__ import annotations
-
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ class ERFExplorer:
     _results: dict[tuple[int, str], ERFResult] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> ERFExplorer:
+    def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> "ERFExplorer":
         """The preset's trained models of its first trained fold, on its analysis device."""
         from .study import analysis_device
 

@@ -6,8 +6,6 @@ ceiling); ``load_img_s`` is the trainer's DataLoader reading the cache. On a CPU
 small and the ``note`` says so. Columns: docs/method.md, "Table 2".
 """
 
-from __future__ import annotations
-
 import math
 import os
 import time
