@@ -4,7 +4,6 @@ The ensemble's frames hold its logit ``log p - log(1 - p)``, scored like a resol
 reference optimum and when it counts as converged: docs/method.md, "Scale ensemble".
 """
 
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,17 +31,6 @@ def log_ensemble_probabilities(
         torch.logsumexp(log_weights + F.logsigmoid(logits), dim=-1),
         torch.logsumexp(log_weights + F.logsigmoid(-logits), dim=-1),
     )
-
-
-@contextlib.contextmanager
-def _single_thread():
-    # tiny tensor operations: a thread pool costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ensemble_loss(
@@ -80,12 +68,17 @@ def fit_stacked_ensemble(
     logits = torch.tensor(np.asarray(logits, dtype=float))  # a float64 copy
     labels = torch.tensor(np.asarray(labels, dtype=float))
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        shapes = f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        raise ValueError(f"logits must be [N, findings, scales] and labels [N, findings]; got {shapes}")
+        raise ValueError(
+            f"logits must be [N, F, S] and labels [N, F]; got {list(logits.shape)}, {list(labels.shape)}"
+        )
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or infinite values")
-    with _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensor operations: a thread pool costs more than it saves
+    try:
         return _fit(logits, labels, epochs, lr, lr_decay, tol, window)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fit(logits, labels, epochs, lr, lr_decay, tol, window) -> EnsembleFit:
@@ -185,31 +178,26 @@ class FoldEnsembles:
 
 
 def fit_fold_ensembles(
-    val_predictions: Mapping[tuple[int, int], pd.DataFrame],
-    test_predictions: Mapping[tuple[int, int], pd.DataFrame],
+    val: Mapping,
+    test: Mapping,
     index: pd.DataFrame,
     resolutions: Sequence[int],
     folds: Sequence[int] | None = None,
-    **fit_kwargs,
 ) -> FoldEnsembles:
     """Each fold's stacked ensemble fitted on its validation logits, and both ensembles of its test ones."""
     from .metrics import labels_for
 
     resolutions = list(resolutions)
-    folds = sorted({fold for _, fold in test_predictions}) if folds is None else list(folds)
+    folds = sorted({fold for _, fold in test}) if folds is None else list(folds)
     predictions, weights, reports = {}, [], []
     for fold in folds:
-        val_ids, val_logits = stack_scales({r: val_predictions[(r, fold)] for r in resolutions}, resolutions)
-        findings = list(val_predictions[(resolutions[0], fold)].columns)
-        fit = fit_stacked_ensemble(val_logits, labels_for(index, val_ids, findings).to_numpy(), **fit_kwargs)
-        ids, logits = stack_scales(
-            {r: test_predictions[(r, fold)][findings] for r in resolutions}, resolutions
-        )
-        for name, values in (
-            (STACKED, ensemble_logits(logits, fit.weights)),
-            (AVERAGE, average_logits(logits)),
-        ):
-            predictions[(name, fold)] = pd.DataFrame(values, index=ids, columns=findings)
+        val_ids, val_logits = stack_scales({r: val[(r, fold)] for r in resolutions}, resolutions)
+        findings = list(val[(resolutions[0], fold)].columns)
+        fit = fit_stacked_ensemble(val_logits, labels_for(index, val_ids, findings).to_numpy())
+        ids, logits = stack_scales({r: test[(r, fold)][findings] for r in resolutions}, resolutions)
+        stacked, average = ensemble_logits(logits, fit.weights), average_logits(logits)
+        predictions[(STACKED, fold)] = pd.DataFrame(stacked, index=ids, columns=findings)
+        predictions[(AVERAGE, fold)] = pd.DataFrame(average, index=ids, columns=findings)
         weights += [(f, r, fold, float(fit.weights[i, j])) for i, f in enumerate(findings)
                     for j, r in enumerate(resolutions)]  # fmt: skip
         report = {k: v for k, v in vars(fit).items() if k not in ("weights", "history", "reference_weights")}

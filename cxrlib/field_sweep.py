@@ -1,10 +1,5 @@
-"""What makes coarse findings fail at a higher resolution? Arms that each change one thing (notebook 10).
-
-At the sweep's resolution, with its images, fold and recipe, each arm (``field_sweep.arms`` of the
-preset: a name and its trainer options) changes one thing from the plain model, the ``baseline``: a
-wider field, more steps, or only the coarse findings to learn. The question, the arms and their
-results: docs/coarse_findings.md.
-"""
+"""What makes coarse findings fail at a higher resolution? Arms that each change one thing from the plain
+model at one resolution (notebook 10); the arms and their results: docs/coarse_findings.md."""
 
 import json
 import shutil
@@ -130,10 +125,8 @@ def sweep_table(
         for finding in scores.columns:
             y, s = labels[finding].to_numpy(), scores[finding].to_numpy()
             ci = metrics.bootstrap_auc_ci(y, s, groups, n_boot=preset.analysis.bootstrap)
-            _, n_pos, n_neg, _ = metrics.finding_auc(y, s)
-            rows.append(
-                (arm, erfs[arm].fraction90, finding, ci["auc"], ci["ci_low"], ci["ci_high"], n_pos, n_neg)
-            )
+            counts = metrics.finding_auc(y, s)[1:3]  # n_pos, n_neg
+            rows.append((arm, erfs[arm].fraction90, finding, ci["auc"], ci["ci_low"], ci["ci_high"], *counts))
     table, delong = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS)), _against_baseline(preset, scored, index)
     write_csv_atomic(table, preset.tables_path / "field_sweep.csv")
     write_csv_atomic(delong, preset.tables_path / "field_sweep_delong.csv")

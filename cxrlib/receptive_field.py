@@ -40,11 +40,10 @@ ERF_DEFINITION = (
 )
 
 
-class _Field(NamedTuple):  # per axis (height, width); the map's size when known
+class _Field(NamedTuple):  # per axis (height, width)
     rf: np.ndarray
     jump: np.ndarray
     start: np.ndarray
-    size: np.ndarray | None
 
 
 def _pair(value) -> np.ndarray:
@@ -63,16 +62,11 @@ def _apply_layer(state: _Field, name: str, layer: nn.Module, rows: list[dict]) -
         padding = (kernel - 1) * dilation / 2 if layer.padding == "same" else np.zeros(2)
     else:
         padding = _pair(layer.padding)
-    size = None
-    if state.size is not None:
-        rounding = np.ceil if getattr(layer, "ceil_mode", False) else np.floor
-        size = rounding((state.size + 2 * padding - dilation * (kernel - 1) - 1) / stride) + 1
     start = state.start + ((kernel - 1) / 2 * dilation - padding) * state.jump
-    out = _Field(state.rf + (kernel - 1) * dilation * state.jump, state.jump * stride, start, size)
+    out = _Field(state.rf + (kernel - 1) * dilation * state.jump, state.jump * stride, start)
     values = {"kernel": kernel, "stride": stride, "dilation": dilation, "padding": padding, "jump": out.jump,
-              "rf": out.rf, "start": out.start, "size": size}  # fmt: skip
-    shown = {k: _show(v) for k, v in values.items() if v is not None}
-    rows.append({"layer": name, "type": type(layer).__name__} | shown)
+              "rf": out.rf, "start": out.start}  # fmt: skip
+    rows.append({"layer": name, "type": type(layer).__name__} | {k: _show(v) for k, v in values.items()})
     return out
 
 
@@ -100,12 +94,11 @@ def _walk(module: nn.Module, name: str, state: _Field, rows: list[dict]) -> _Fie
 
 
 def theoretical_receptive_field(
-    module: nn.Module, input_size: int | tuple[int, int] | None = None, return_table: bool = False
-) -> int | tuple[int, int] | tuple[int | tuple[int, int], pd.DataFrame]:
+    module: nn.Module, return_table: bool = False
+) -> int | tuple | tuple[int | tuple, pd.DataFrame]:
     """Receptive field in input pixels of one output pixel of a CNN's convolutional part (and the walk)."""
     rows: list[dict] = []
-    size = None if input_size is None else _pair(input_size)
-    state = _walk(module, "", _Field(np.ones(2), np.ones(2), np.zeros(2), size), rows)
+    state = _walk(module, "", _Field(np.ones(2), np.ones(2), np.zeros(2)), rows)
     return (_show(state.rf), pd.DataFrame(rows)) if return_table else _show(state.rf)
 
 
