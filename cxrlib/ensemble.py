@@ -4,10 +4,8 @@ The ensemble's frames hold its logit ``log p - log(1 - p)``, scored like a resol
 reference optimum and when it counts as converged: docs/method.md, "Scale ensemble".
 """
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,9 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from .fileio import write_csv_atomic
 from .labels import finding_order
-from .paths import tables_dir
 
 STACKED, AVERAGE = "ensemble", "average"
 
@@ -215,11 +211,6 @@ def ensemble_weights_table(weights: pd.DataFrame) -> pd.DataFrame:
         ["finding", "resolution"], key=lambda c: c.map(order) if c.name == "finding" else c
     )
     return table.reset_index(drop=True)
-
-
-def write_ensemble_weights(run: str | os.PathLike, weights: pd.DataFrame) -> Path:
-    """Write ``tables/ensemble_weights.csv`` (from the per-fold long weights) atomically."""
-    return write_csv_atomic(ensemble_weights_table(weights), tables_dir(run) / "ensemble_weights.csv")
 
 
 def versus_best_single(table3: pd.DataFrame, resolutions: list[int]) -> pd.DataFrame:

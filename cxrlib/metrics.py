@@ -15,10 +15,9 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from .fileio import write_csv_atomic
 from .index import index_findings, read_index_findings
 from .labels import finding_order
-from .paths import FOLDS, INDEX, predictions_path, tables_dir
+from .paths import FOLDS, INDEX, predictions_path
 from .splits import fold_ids, num_folds, read_folds
 
 ENSEMBLE_NAMES = ("ensemble", "average")
@@ -190,13 +189,6 @@ def table3(auc_long: pd.DataFrame) -> pd.DataFrame:
         out[f"{label}_n_folds"] = part["n_folds"].fillna(0).astype(int).to_numpy()
         out[str(label)] = [_percent(m, s) for m, s in zip(part["mean"], part["std"], strict=True)]
     return out
-
-
-def write_auc_tables(run: str | os.PathLike, auc_long: pd.DataFrame) -> tuple[Path, Path]:
-    """Write ``tables/auc.csv`` (long) and ``tables/table3.csv`` atomically; return both paths."""
-    folder = tables_dir(run)
-    auc_path = write_csv_atomic(auc_long, folder / "auc.csv")
-    return auc_path, write_csv_atomic(table3(auc_long), folder / "table3.csv")
 
 
 def _weighted_auc_rows(sorted_pos: np.ndarray, sorted_neg: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -6,10 +6,8 @@ cost and the summaries (mass radii, Gaussian sigma): docs/method.md, "Receptive 
 
 import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -21,9 +19,7 @@ import torchvision
 from scipy.optimize import curve_fit
 from tqdm.auto import tqdm
 
-from .fileio import write_csv_atomic
 from .models import full_float32, model_input
-from .paths import tables_dir
 
 # Layers that leave the spatial field unchanged, and layers after which the field is the whole input.
 _IDENTITY_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm,
@@ -313,11 +309,6 @@ def compute_erfs(
             model, images[resolution], generator=generator, batch_size=batch, **kwargs
         )
     return results
-
-
-def write_erf_table(run: str | os.PathLike, table: pd.DataFrame) -> Path:
-    """Write ``tables/erf.csv`` atomically."""
-    return write_csv_atomic(table, tables_dir(run) / "erf.csv")
 
 
 def resize_images(images: torch.Tensor | np.ndarray, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
