@@ -64,9 +64,7 @@ def fit_stacked_ensemble(
     logits = torch.tensor(np.asarray(logits, dtype=float))  # a float64 copy
     labels = torch.tensor(np.asarray(labels, dtype=float))
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"logits must be [N, F, S] and labels [N, F]; got {list(logits.shape)}, {list(labels.shape)}"
-        )
+        raise ValueError(f"need logits [N, F, S] and labels [N, F], got {logits.shape}, {labels.shape}")
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or infinite values")
     threads = torch.get_num_threads()
@@ -158,9 +156,7 @@ def stack_scales(
     for resolution in resolutions:
         frame = frames[resolution]
         if sorted(frame.index) != sorted(ids) or sorted(frame.columns) != sorted(findings):
-            raise ValueError(
-                f"resolution {resolution} predicts other images or findings than {resolutions[0]}"
-            )
+            raise ValueError(f"resolution {resolution} has other images or findings than {resolutions[0]}")
     return ids, np.stack([frames[r].loc[ids, findings].to_numpy(dtype=float) for r in resolutions], axis=-1)
 
 

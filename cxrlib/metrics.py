@@ -48,10 +48,9 @@ def read_predictions(
         raise ValueError(f"{path}: dicom_id {frame.index[frame.index.duplicated()][0]!r} appears twice")
     scores = frame[findings].apply(pd.to_numeric, errors="coerce").astype(float)
     if len(bad := np.argwhere(~np.isfinite(scores.to_numpy().T))):
-        value = frame[findings[bad[0, 0]]].iloc[bad[0, 1]]
-        raise ValueError(
-            f"{path}: column {findings[bad[0, 0]]!r}, CSV line {bad[0, 1] + 2}: {value!r} is not finite"
-        )
+        column, row = findings[bad[0, 0]], bad[0, 1]
+        value = frame[column].iloc[row]
+        raise ValueError(f"{path}: column {column!r}, CSV line {row + 2}: {value!r} is not a finite number")
     if expected_ids is not None:
         expected, have = set(map(str, expected_ids)), set(scores.index)
         if have != expected:
@@ -96,9 +95,7 @@ def labels_for(
     """The index's labels (1 / 0 / NaN) of ``findings`` (None: all) for ``ids``, in order."""
     findings = index_findings(index) if findings is None else list(findings)
     if lacking := [f for f in findings if f not in index.columns]:
-        raise ValueError(
-            f"the index has no label column for {lacking}; its findings: {index_findings(index)}"
-        )
+        raise ValueError(f"the index has no label column for {lacking} (it has {index_findings(index)})")
     labels = index.set_index(index["dicom_id"].astype(str))[findings]
     ids = pd.Index(list(map(str, ids)))
     unknown = ids.difference(labels.index)
@@ -208,9 +205,7 @@ def bootstrap_auc(
     labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
     groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     if not len(labels) == len(scores) == len(groups):
-        raise ValueError(
-            f"labels, scores and groups differ in length: {len(labels)}, {len(scores)}, {len(groups)}"
-        )
+        raise ValueError(f"lengths differ: labels {len(labels)}, scores {len(scores)}, groups {len(groups)}")
     known = ~np.isnan(labels)
     order = np.argsort(scores[known], kind="mergesort")
     labels, scores, groups = labels[known][order], scores[known][order], groups[known][order]
@@ -312,10 +307,7 @@ def delong_covariance(
 
     (d_x, i10), (d_y, i01) = deviations(v_pos, cluster_of[positive]), deviations(v_neg, cluster_of[~positive])
     if min(i10, i01) < 2:
-        raise ValueError(
-            f"the clustered DeLong test needs positives and negatives in at least 2 clusters each, "
-            f"got {i10} and {i01}"
-        )
+        raise ValueError(f"DeLong needs both classes in at least 2 clusters each, got {i10} and {i01}")
     s10 = i10 / (i10 - 1) / m * d_x @ d_x.T
     s01 = i01 / (i01 - 1) / n * d_y @ d_y.T
     s11 = n_clusters / (n_clusters - 1) * d_x @ d_y.T

@@ -77,8 +77,8 @@ def _auc_axis(ax) -> None:
         ax.set_ylim(top - MIN_AUC_SPAN, top)
 
 
-def _corner_text(ax, text: str, color: str = "white") -> None:
-    ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", color=color, fontsize="small")
+def _corner_text(ax, text: str) -> None:
+    ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", color="white", fontsize="small")
 
 
 def _under(ax, text: str, fontsize: str = "small") -> None:
@@ -100,16 +100,12 @@ def fig3_image_sizes(index: pd.DataFrame) -> Figure:
         raise ValueError(f"the index has no {missing[0]!r} column (native image size)")
     sizes = index[columns].apply(pd.to_numeric, errors="coerce").dropna()
     sizes = sizes.set_axis(["width", "height"], axis=1)
-    shown = (
-        sizes.sample(50_000, random_state=0) if len(sizes) > 50_000 else sizes
-    )  # a scatter that draws fast
+    shown = sizes.sample(50_000, random_state=0) if len(sizes) > 50_000 else sizes  # a scatter drawn fast
     fig = _figure(6.5, 6.0)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
     scatter = fig.add_subplot(grid[1, 0])
     top, right = fig.add_subplot(grid[0, 0], sharex=scatter), fig.add_subplot(grid[1, 1], sharey=scatter)
-    sns.scatterplot(
-        data=shown, x="width", y="height", ax=scatter, s=8, alpha=0.3, linewidth=0, rasterized=True
-    )
+    sns.scatterplot(data=shown, x="width", y="height", ax=scatter, s=8, alpha=0.3, lw=0, rasterized=True)
     bins = min(60, max(5, int(np.sqrt(len(sizes)))))
     sns.histplot(data=sizes, x="width", ax=top, bins=bins, element="step")
     sns.histplot(data=sizes, y="height", ax=right, bins=bins, element="step")
@@ -152,9 +148,7 @@ def fig1_erf(results: Mapping) -> Figure:
         )
         _draw_erf_discs(ax, result, "cyan")
         ax.set_title(_label(resolution) + (f" ({state})" if state else ""))
-        _corner_text(
-            ax, f"90%: {100 * result.fraction90:.0f}% of side\n50%: {100 * result.fraction50:.0f}% of side"
-        )
+        _corner_text(ax, f"90%: {100 * result.fraction90:.0f}% of side\n50%: {100 * result.fraction50:.0f}%")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max")
     fig.suptitle("Effective receptive field relative to the image (circles: 50% / 90% of mass)")
@@ -344,7 +338,7 @@ def cross_resolution_heatmap(table: pd.DataFrame, findings: Sequence[str] = ("Av
             both[both["finding"] == finding].groupby(["train_resolution", "test_resolution"])["auc"].mean()
         )
         sns.heatmap(
-            cells.unstack("test_resolution").sort_index().sort_index(axis=1), annot=True, fmt=".2f",
+            cells.unstack().sort_index().sort_index(axis=1), annot=True, fmt=".2f",
             cmap="viridis", vmin=0.5, vmax=1.0, ax=ax, cbar=ax is axes[-1], linewidths=0.5, square=True,
             cbar_kws={"label": "test AUC"},
         )  # fmt: skip
@@ -454,9 +448,8 @@ def arms_auc(
     axes[0].set_ylabel("test AUC (patient-bootstrap 95% interval)")
     where = ""
     if reference is not None:
-        where = "; dashed: the resolution sweep at " + ", ".join(
-            f"{r} px" for r in sorted(set(reference["resolution"]))
-        )
+        resolutions = ", ".join(f"{r} px" for r in sorted(set(reference["resolution"])))
+        where = f"; dashed: the resolution sweep at {resolutions}"
     _auc_axis(axes[0])  # the y axis is shared
     fig.suptitle(f"What brings the coarse findings back? One change per arm{where}")
     return fig

@@ -72,16 +72,10 @@ def _walk(module: nn.Module, name: str, state: _Field, rows: list[dict]) -> _Fie
     if isinstance(module, _IDENTITY_LAYERS):
         return state
     if isinstance(module, _GLOBAL_LAYERS):
-        raise ValueError(
-            f"layer {name!r} ({type(module).__name__}) pools or connects globally, so the field "
-            "becomes the whole input; pass only the convolutional part (e.g. model.features)"
-        )
+        raise ValueError(f"{name!r} ({type(module).__name__}) pools or connects globally: use .features")
     children = list(module.named_children())
     if not children:
-        raise ValueError(
-            f"layer {name!r} ({type(module).__name__}) is not supported by the receptive field walk; "
-            "supported: Conv2d, MaxPool2d, AvgPool2d, norms, activations, dropout, containers"
-        )
+        raise ValueError(f"layer {name!r} ({type(module).__name__}) is not supported by the walk")
     # any container is a chain of its children; so is a dense block: each layer sees the block input and
     # every earlier output concatenated, and the largest of their fields is the last layer's
     for child_name, child in children:
@@ -194,9 +188,7 @@ def translate_batch(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) 
         return images
     height, width = images.shape[-2:]
     if max_shift >= min(height, width):
-        raise ValueError(
-            f"reflect padding needs max_shift < image side, got {max_shift} for {height}x{width}"
-        )
+        raise ValueError(f"reflect padding needs max_shift < image side: {max_shift} for {height}x{width}")
     padded = F.pad(images, (max_shift,) * 4, mode="reflect")
     out = torch.empty_like(images)
     for i, (dy, dx) in enumerate(shifts.tolist()):
