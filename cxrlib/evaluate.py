@@ -146,9 +146,7 @@ def evaluate_external(
     frame = other[list(BASE_COLUMNS)].assign(**{f: np.nan for f in ours})
     scores = _add_ensembles(run, score_models(models, frame, cache, resolve_device(device), batch_size), ours)
     keep = scored["finding"].tolist()
-    labels = other[list(BASE_COLUMNS)].assign(
-        **{f: other[n] for f, n in zip(keep, scored["other_name"], strict=True)}
-    )
+    labels = other[list(BASE_COLUMNS)].join(other[scored["other_name"]].set_axis(keep, axis=1))
     predictions = {key: scores_[keep] for key, scores_ in scores.items()}
     auc = metrics.auc_table(predictions, labels)
     bootstrap = metrics.bootstrap_table(predictions, labels, n_boot=n_boot)

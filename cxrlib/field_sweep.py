@@ -38,9 +38,7 @@ def _reusable(folder: Path, preset: Preset) -> bool:
 def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
     """Each arm's training folder (the baseline's may be another preset's finished run: ``reuse``)."""
     resolution = sweep_resolution(preset)
-    folders = {
-        arm: paths.variant_dir(preset.run_path, resolution, fold, arm) for arm in preset.field_sweep.arms
-    }
+    folders = {a: paths.variant_dir(preset.run_path, resolution, fold, a) for a in preset.field_sweep.arms}
     if preset.field_sweep.reuse:
         reused = paths.fold_dir(preset.field_sweep.reuse, resolution, fold)
         reused = reused if reused.is_absolute() else paths.PROJECT_ROOT / reused
@@ -161,7 +159,5 @@ def resolution_sweep(run: str | Path | None) -> pd.DataFrame | None:
     auc = auc[pd.to_numeric(auc["resolution"], errors="coerce").notna()].astype({"resolution": int})
     mean = auc.groupby(["resolution", "finding"], as_index=False)["auc"].mean()
     erf = pd.read_csv(tables / "erf.csv").query("state == 'trained'")
-    erf = erf[["resolution", "erf_fraction_of_image"]].rename(
-        columns={"erf_fraction_of_image": "erf_fraction"}
-    )
+    erf = erf.rename(columns={"erf_fraction_of_image": "erf_fraction"})
     return mean.merge(erf, on="resolution")[["resolution", "erf_fraction", "finding", "auc"]]

@@ -64,9 +64,7 @@ def gradcam(
                 column = _finding_index(finding, logits.shape[1], findings)
                 activation = captured.pop()
                 (grads,) = torch.autograd.grad(logits[:, column].sum(), activation)  # each image's own
-            cam = F.relu(
-                (grads.mean(dim=(2, 3), keepdim=True) * activation.detach()).sum(dim=1, keepdim=True)
-            )
+            cam = F.relu((grads.mean((2, 3), keepdim=True) * activation.detach()).sum(dim=1, keepdim=True))
             upsampled = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
             peak = upsampled.amax(dim=(2, 3), keepdim=True)
             maps.append(torch.where(peak > 0, upsampled / peak.clamp_min(1e-30), 0.0)[:, 0].cpu())

@@ -293,9 +293,7 @@ def auc_vs_resolution(
         ax.set_xlabel("resolution (px)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
-    fig.suptitle(
-        f"AUC versus input resolution ({'bootstrap CI' if ci is not None else 'mean ± std over folds'})"
-    )
+    fig.suptitle(f"AUC versus resolution ({'bootstrap CI' if ci is not None else 'mean ± std over folds'})")
     return fig
 
 
@@ -334,9 +332,7 @@ def cross_resolution_heatmap(table: pd.DataFrame, findings: Sequence[str] = ("Av
     fig = _figure(3.4 * len(shown) + 0.6, 3.3)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
     for ax, finding in zip(axes, shown, strict=True):
-        cells = (
-            both[both["finding"] == finding].groupby(["train_resolution", "test_resolution"])["auc"].mean()
-        )
+        cells = both[both["finding"] == finding].groupby(keys[:2])["auc"].mean()
         sns.heatmap(
             cells.unstack().sort_index().sort_index(axis=1), annot=True, fmt=".2f",
             cmap="viridis", vmin=0.5, vmax=1.0, ax=ax, cbar=ax is axes[-1], linewidths=0.5, square=True,
@@ -430,19 +426,15 @@ def arms_auc(
         zip([*coarse, *fine], sns.color_palette("colorblind", len(coarse) + len(fine)), strict=True)
     )
     for ax, group, name in ((axes[0], coarse, "coarse findings"), (axes[1], fine, "fine findings (control)")):
-        for k, finding in enumerate(group):
-            part = table[table["finding"] == finding].set_index("arm").reindex(arms)
+        for k, f in enumerate(group):
+            part = table[table["finding"] == f].set_index("arm").reindex(arms)
             x = np.arange(len(arms)) + 0.08 * (k - (len(group) - 1) / 2)
             errors = [part["auc"] - part["auc_low"], part["auc_high"] - part["auc"]]
-            ax.errorbar(
-                x, part["auc"], yerr=errors, marker="o", capsize=3, color=colours[finding], label=finding
-            )
-            for auc in [] if reference is None else reference.loc[reference["finding"] == finding, "auc"]:
-                ax.axhline(auc, color=colours[finding], linestyle="--", linewidth=0.9, alpha=0.7)
+            ax.errorbar(x, part["auc"], yerr=errors, marker="o", capsize=3, color=colours[f], label=f)
+            for auc in [] if reference is None else reference.loc[reference["finding"] == f, "auc"]:
+                ax.axhline(auc, color=colours[f], linestyle="--", linewidth=0.9, alpha=0.7)
         ax.axhline(0.5, color="0.6", linewidth=0.8)
-        ax.set_xticks(
-            range(len(arms)), [f"{arm}\nERF {100 * erf[arm]:.0f}%" for arm in arms], fontsize="small"
-        )
+        ax.set_xticks(range(len(arms)), [f"{a}\nERF {100 * erf[a]:.0f}%" for a in arms], fontsize="small")
         ax.set(xlim=(-0.5, len(arms) - 0.5), title=name)
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(group))
     axes[0].set_ylabel("test AUC (patient-bootstrap 95% interval)")

@@ -314,9 +314,7 @@ def conv_stack(depth: int, channels: int = 4, seed: int = 0) -> nn.Sequential:
     """``depth`` seeded linear 3x3 convolutions: a field of ``2 * depth + 1`` px, an ERF ~ ``sqrt(depth)``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(
-            *[nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1) for i in range(depth)]
-        )
+        return nn.Sequential(*[nn.Conv2d(channels if i else 1, channels, 3, padding=1) for i in range(depth)])
 
 
 def erf_of_conv_stack(

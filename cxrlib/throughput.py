@@ -85,11 +85,8 @@ def measure_model(
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
     model.eval()
     infer_seconds = _timed(infer_step, steps, warmup, device)
-    return {
-        "train_img_s": batch * steps / train_seconds,
-        "infer_img_s": batch * steps / infer_seconds,
-        "peak_mem_gib": peak,
-    }
+    timed = batch * steps  # images
+    return {"train_img_s": timed / train_seconds, "infer_img_s": timed / infer_seconds, "peak_mem_gib": peak}
 
 
 def measure_loading(
@@ -125,9 +122,7 @@ def measure_throughput(
         batch = batch_sizes[i] if batch_sizes else CPU_BATCH
         if on_gpu and not batch_sizes:
             batch = default_per_gpu_batch(resolution, device, memory_efficient, dtype)
-        note = (
-            "" if on_gpu else f"CPU: batch {batch}, {steps} timed steps; indicative only, not Table 2's GPUs"
-        )
+        note = "" if on_gpu else f"CPU: batch {batch}, {steps} timed steps; indicative only"
         amp_name = str(dtype).removeprefix("torch.") if dtype else "off"
         row = dict(resolution=int(resolution), device=device_name(device), batch=int(batch), amp=amp_name)
         try:
