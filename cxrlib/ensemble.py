@@ -1,8 +1,5 @@
-"""Stacked scale ensemble (the paper's eq. 2-3, in log space) and the plain average-probability ensemble.
-
-The ensemble's frames hold its logit ``log p - log(1 - p)``, scored like a resolution. The fit, its
-reference optimum and when it counts as converged: docs/method.md, "Scale ensemble".
-"""
+"""Stacked scale ensemble (the paper's eq. 2-3, in log space) and the plain average-probability ensemble;
+their frames hold the ensemble's logit. The fit and its convergence: docs/method.md, "Scale ensemble"."""
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -1,8 +1,5 @@
 """External validation: a trained run's models and ensembles scored on another data set's shared findings.
-
-``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` writes ``auc.csv``, ``table3.csv``,
-``auc_bootstrap.csv`` and ``findings.csv`` under ``runs/P/external/<name>/``: docs/data.md, docs/method.md.
-"""
+``python -m cxrlib.evaluate --run runs/P --index other/index.csv``: docs/data.md, docs/method.md."""
 
 import argparse
 import os

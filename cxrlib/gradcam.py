@@ -1,9 +1,5 @@
-"""Grad-CAM (Selvaraju et al.) for one finding on DenseNet's last feature map, at any resolution.
-
-``cam = ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of each image's own gradient of
-the finding's logit, on ``model.features`` before the final ReLU (the ERF's tensor), upsampled and
-divided by its maximum. Details: docs/method.md, "Grad-CAM".
-"""
+"""Grad-CAM (Selvaraju et al.) for one finding on DenseNet's last feature map (before the final ReLU),
+at any resolution: docs/method.md, "Grad-CAM"."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass

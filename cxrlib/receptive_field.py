@@ -1,8 +1,5 @@
 """Theoretical receptive field (a layer walk) and effective receptive field (the paper's eq. 1).
-
-The walk's recurrence, the ERF's tensor, position, translations, the random-sign estimator, its
-cost and the summaries (mass radii, Gaussian sigma): docs/method.md, "Receptive fields".
-"""
+Definitions, estimator and cost: docs/method.md, "Receptive fields"."""
 
 import functools
 import math

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import paths
+from .models import build_model, load_trained_model
 from .plots import erf_over_image
 from .presets import Preset
 from .receptive_field import ERFResult, default_erf_batch, effective_receptive_field, resize_images
@@ -58,8 +59,6 @@ class ERFExplorer:
 
     def results(self, resolution: int) -> dict[str, ERFResult]:
         """``{"init": ERFResult}``, plus ``"trained"`` when the run has a model at ``resolution``."""
-        from .models import load_trained_model
-
         resolution = int(resolution)
         states = ["init"] + (["trained"] if resolution in self.trained else [])
         for state in states:
@@ -135,7 +134,6 @@ class InitialERFs:
 
 def initial_erfs(preset: Preset, sizes=(32, 64, 128, 256), images: int = 4, seed: int = 0) -> InitialERFs:
     """The ERF of a randomly initialised DenseNet121 on the preset's first images at each size."""
-    from .models import build_model
     from .study import example_images, load_data
 
     ids = load_data(preset)[0]["dicom_id"].iloc[:images].tolist()

@@ -1,10 +1,5 @@
-"""Table 2: training and inference images/s, peak memory and cache loading rate per resolution.
-
-Each resolution is measured on the current device with the trainer's own optimizer step, batch,
-precision, layout and cuDNN autotuning, on synthetic uint8 batches already on the device (the model's
-ceiling); ``load_img_s`` is the trainer's DataLoader reading the cache. On a CPU the measurement is
-small and the ``note`` says so. Columns: docs/method.md, "Table 2".
-"""
+"""Table 2: training and inference images/s, peak memory and cache loading rate per resolution, with
+the trainer's own step and settings on the current device: docs/method.md, "Table 2"."""
 
 import math
 import os
