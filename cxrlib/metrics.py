@@ -95,8 +95,7 @@ def labels_for(
         raise ValueError(f"the index has no label column for {lacking} (it has {index_findings(index)})")
     labels = index.set_index(index["dicom_id"].astype(str))[findings]
     ids = pd.Index(list(map(str, ids)))
-    unknown = ids.difference(labels.index)
-    if len(unknown):
+    if len(unknown := ids.difference(labels.index)):
         raise ValueError(f"{len(unknown)} predicted image(s) not in the index, e.g. {list(unknown[:3])}")
     return labels.loc[ids].astype(float)
 
@@ -111,13 +110,9 @@ def finding_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int
     known = ~np.isnan(labels)
     y, s = labels[known], scores[known]
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-    if n_pos + n_neg == 0:
-        return float("nan"), 0, 0, REASON_NO_LABELS
-    if n_neg == 0:
-        return float("nan"), n_pos, 0, REASON_ONE_CLASS_POS
-    if n_pos == 0:
-        return float("nan"), 0, n_neg, REASON_ONE_CLASS_NEG
-    return float(roc_auc_score(y, s)), n_pos, n_neg, ""
+    one_class = REASON_ONE_CLASS_NEG if n_neg else REASON_ONE_CLASS_POS if n_pos else REASON_NO_LABELS
+    reason = "" if n_pos and n_neg else one_class
+    return (float("nan") if reason else float(roc_auc_score(y, s))), n_pos, n_neg, reason
 
 
 def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
@@ -145,11 +140,7 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
 
 
 def _is_number(value) -> bool:
-    try:
-        int(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+    return str(value).lstrip("-").isdigit()
 
 
 def column_order(resolutions: Iterable[int | str]) -> list[int | str]:

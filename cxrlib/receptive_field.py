@@ -118,9 +118,7 @@ class ERFResult:
 
     def __post_init__(self):
         if np.isnan(self.radius50_px):
-            summary = erf_summary(self.erf)
-            self.centroid, self.radius50_px = summary["centroid"], summary["radius50_px"]
-            self.radius90_px, self.sigma_px = summary["radius90_px"], summary["sigma_px"]
+            vars(self).update(erf_summary(self.erf))  # centroid, radius50_px, radius90_px, sigma_px
 
     @property
     def resolution(self) -> int:
@@ -286,13 +284,12 @@ def default_erf_batch(height: int, width: int) -> int:
 
 
 def compute_erfs(
-    models: Mapping[tuple[int, str], nn.Module], images: Mapping[int, torch.Tensor | np.ndarray], **kwargs
-) -> dict[tuple[int, str], ERFResult]:
+    models: Mapping[tuple[int, str], nn.Module], images: Mapping, seed: int = 0, **kwargs
+) -> dict:
     """:func:`effective_receptive_field` of each ``{(resolution, state): model}``, each with ``seed``."""
-    seed, batch_size = kwargs.pop("seed", 0), kwargs.pop("batch_size", None)
     results = {}
     for (resolution, state), model in models.items():
-        batch = batch_size or default_erf_batch(*tuple(images[resolution].shape[-2:]))
+        batch = default_erf_batch(*images[resolution].shape[-2:])
         generator = torch.Generator().manual_seed(seed)
         results[(resolution, state)] = effective_receptive_field(
             model, images[resolution], generator=generator, batch_size=batch, **kwargs
