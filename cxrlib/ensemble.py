@@ -16,9 +16,7 @@ from .labels import finding_order
 STACKED, AVERAGE = "ensemble", "average"
 
 
-def log_ensemble_probabilities(
-    logits: torch.Tensor, log_weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def log_ensemble_probabilities(logits: torch.Tensor, log_weights: torch.Tensor) -> tuple:
     """``(log p, log(1 - p))`` of ``p = sum_s w_s sigmoid(l_s)``: logits ``[N, F, S]``, weights ``[F, S]``."""
     return (
         torch.logsumexp(log_weights + F.logsigmoid(logits), dim=-1),
@@ -145,9 +143,7 @@ def average_logits(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     return ensemble_logits(logits, np.full(logits.shape[1:], 1.0 / logits.shape[2]))
 
 
-def stack_scales(
-    frames: Mapping[int, pd.DataFrame], resolutions: Sequence[int]
-) -> tuple[pd.Index, np.ndarray]:
+def stack_scales(frames: Mapping, resolutions: Sequence[int]) -> tuple[pd.Index, np.ndarray]:
     """``(ids, [N, findings, scales])`` of per-resolution score frames of the same images and findings."""
     ids, findings = frames[resolutions[0]].index, list(frames[resolutions[0]].columns)
     for resolution in resolutions:

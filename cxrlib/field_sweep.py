@@ -82,10 +82,7 @@ def train_arms(preset: Preset, fold: int, echo: bool = True) -> dict[str, Path]:
         settings = preset.field_sweep.arms[arm]
         if settings.get("continue_from"):
             _start_from(folders[settings["continue_from"]], folder)
-        options = {
-            **preset.train_options(resolution),
-            **{k: v for k, v in settings.items() if k not in OWN_KEYS},
-        }
+        options = preset.train_options(resolution) | {k: v for k, v in settings.items() if k not in OWN_KEYS}
         launch(
             resolution, fold, run_dir=preset.run_path, index=_arm_index(preset, arm, folder),
             folds=preset.folds_path, cache=preset.cache_path, gpus=processes, nnodes=preset.train.nnodes,
@@ -142,10 +139,8 @@ def _against_baseline(preset: Preset, scored: dict[str, pd.DataFrame], index: pd
     if not tables:
         return pd.DataFrame()
     delong = pd.concat(tables, ignore_index=True)
-    delong = delong[["arm", *delong.columns[:-1]]]
-    return metrics.correct_family(
-        delong, f"{len(tables)} arms vs {BASELINE_ARM} x the coarse and fine findings"
-    )
+    family = f"{len(tables)} arms vs {BASELINE_ARM} x the coarse and fine findings"
+    return metrics.correct_family(delong[["arm", *delong.columns[:-1]]], family)
 
 
 def resolution_sweep(run: str | Path | None) -> pd.DataFrame | None:

@@ -86,9 +86,7 @@ def pool_folds(predictions: PredictionSet) -> dict[tuple[int | str, str], pd.Dat
     return pooled
 
 
-def labels_for(
-    index: pd.DataFrame, ids: Iterable[str], findings: Sequence[str] | None = None
-) -> pd.DataFrame:
+def labels_for(index: pd.DataFrame, ids: Iterable, findings: Sequence[str] | None = None) -> pd.DataFrame:
     """The index's labels (1 / 0 / NaN) of ``findings`` (None: all) for ``ids``, in order."""
     findings = index_findings(index) if findings is None else list(findings)
     if lacking := [f for f in findings if f not in index.columns]:

@@ -258,9 +258,7 @@ def _squared_gradient_sum(target, x, exact, n_probes, chunk, generator) -> torch
     return total if exact else total / n_probes
 
 
-def erf_table(
-    results: Mapping[tuple[int, str], ERFResult], theoretical_rf_px: int | None = None
-) -> pd.DataFrame:
+def erf_table(results: Mapping, theoretical_rf_px: int | None = None) -> pd.DataFrame:
     """``erf.csv`` rows of ``{(resolution, state): result}``, init first."""
     rows = [
         {"resolution": r.resolution, "state": state, "erf_radius50_px": r.radius50_px,
@@ -283,9 +281,7 @@ def default_erf_batch(height: int, width: int) -> int:
     return max(1, min(8, 8 * 256 * 256 // max(1, int(height) * int(width))))
 
 
-def compute_erfs(
-    models: Mapping[tuple[int, str], nn.Module], images: Mapping, seed: int = 0, **kwargs
-) -> dict:
+def compute_erfs(models: Mapping, images: Mapping, seed: int = 0, **kwargs) -> dict:
     """:func:`effective_receptive_field` of each ``{(resolution, state): model}``, each with ``seed``."""
     results = {}
     for (resolution, state), model in models.items():

@@ -22,10 +22,8 @@ TEACHING_RESOLUTIONS = (32, 64, 96, 128, 192, 256)  # the slider's sides besides
 def trained_model_paths(preset: Preset, fold: int | None = None) -> dict[int, Path]:
     """Folders of the preset's finished trainings of one fold (default: the first), by resolution."""
     fold = preset.trained_folds()[0] if fold is None else fold
-    folders = {int(r): paths.fold_dir(preset.run_path, r, fold) for r in preset.resolutions}
-    return {
-        r: d for r, d in folders.items() if (d / paths.DONE).is_file() and (d / paths.BEST_MODEL).is_file()
-    }
+    dirs = {int(r): paths.fold_dir(preset.run_path, r, fold) for r in preset.resolutions}
+    return {r: d for r, d in dirs.items() if (d / paths.DONE).is_file() and (d / paths.BEST_MODEL).is_file()}
 
 
 @dataclass
