@@ -34,11 +34,6 @@ class External:
     findings: pd.DataFrame  # finding, other_name, scored, reason
     dropped: pd.DataFrame  # unreadable images left out (drop_bad): dicom_id, source_path, error
 
-    @property
-    def left_out(self) -> list[str]:
-        """The run's findings that are not scored."""
-        return self.findings.loc[~self.findings["scored"], "finding"].tolist()
-
 
 def _trained_models(run: Path) -> dict[tuple[int, int], Path]:
     found = {}

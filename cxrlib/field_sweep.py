@@ -60,8 +60,7 @@ def _start_from(source: Path, folder: Path) -> None:
     # the newest checkpoint and best model into an unstarted folder: the trainer continues that training
     if list_checkpoints(folder) or (folder / paths.DONE).is_file():
         return
-    checkpoints = list_checkpoints(source)
-    if not checkpoints:
+    if not (checkpoints := list_checkpoints(source)):
         raise FileNotFoundError(f"{source} has no checkpoint to continue from")
     folder.mkdir(parents=True, exist_ok=True)
     best = source / paths.BEST_MODEL

@@ -185,7 +185,7 @@ def _weighted_auc_rows(sorted_pos: np.ndarray, sorted_neg: np.ndarray, starts: n
 
 def bootstrap_auc(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, n_boot: int = 1000,
-    seed: int = 0, chunk: int = 200
+    seed: int = 0
 ) -> np.ndarray:  # fmt: skip
     """AUCs of ``n_boot`` resamples of ``groups`` (patients; None: images), NaN with one class."""
     labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
@@ -203,7 +203,7 @@ def bootstrap_auc(
         return out
     rng = np.random.default_rng(seed)
     is_pos = (labels == 1).astype(float)
-    chunk = max(1, min(chunk, 2_000_000 // max(len(labels), 1)))  # ~50 MB per array
+    chunk = max(1, min(200, 2_000_000 // max(len(labels), 1)))  # ~50 MB per array
     for first in range(0, n_boot, chunk):
         b = min(chunk, n_boot - first)
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b).astype(float)
@@ -214,7 +214,7 @@ def bootstrap_auc(
 
 def bootstrap_auc_ci(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, n_boot: int = 1000,
-    alpha: float = 0.05, seed: int = 0
+    seed: int = 0
 ) -> dict[str, float]:  # fmt: skip
     """``{auc, ci_low, ci_high, se, n_boot_valid}``: a percentile interval over valid resamples."""
     auc = finding_auc(labels, scores)[0]
@@ -222,7 +222,7 @@ def bootstrap_auc_ci(
     valid = boots[~np.isnan(boots)]
     if len(valid) == 0:
         return {"auc": auc, "ci_low": np.nan, "ci_high": np.nan, "se": np.nan, "n_boot_valid": 0}
-    low, high = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    low, high = np.quantile(valid, [0.05 / 2, 1 - 0.05 / 2])  # a 95% interval
     se = float(valid.std(ddof=1)) if len(valid) > 1 else np.nan
     return {"auc": auc, "ci_low": float(low), "ci_high": float(high), "se": se, "n_boot_valid": len(valid)}
 
