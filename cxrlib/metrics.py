@@ -129,9 +129,8 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
             for reason, g in undefined.groupby("reason", sort=True)
         ]
         warnings.warn(
-            f"AUC is NaN for {len(undefined)} of {len(table)} (finding, resolution, fold) cells, where the "
-            f"test images do not have both classes; {'; '.join(parts)}. They are left out of fold means and "
-            "Table 3 (see the 'reason' column of the AUC table)",
+            f"AUC is NaN for {len(undefined)} of {len(table)} (finding, resolution, fold) cells without both "
+            f"classes, left out of fold means and Table 3 (the 'reason' column): {'; '.join(parts)}",
             stacklevel=2,
         )
     return table
@@ -244,9 +243,8 @@ def bootstrap_table(predictions: PredictionSet, index: pd.DataFrame, n_boot: int
     if len(flagged):
         first = flagged.iloc[0]
         warnings.warn(
-            f"bootstrap intervals are unreliable for {len(flagged)} of {len(table)} (finding, resolution, "
-            f"fold) rows, e.g. {first['finding']} at {first['resolution']}: {first['caution']} "
-            "(the 'caution' column)",
+            f"bootstrap intervals are unreliable for {len(flagged)} of {len(table)} rows ('caution' column), "
+            f"e.g. {first['finding']} at {first['resolution']}: {first['caution']}",
             stacklevel=2,
         )
     return table

@@ -104,12 +104,10 @@ def fig3_image_sizes(index: pd.DataFrame) -> Figure:
     top, right = fig.add_subplot(grid[0, 0], sharex=scatter), fig.add_subplot(grid[1, 1], sharey=scatter)
     sns.scatterplot(data=shown, x="width", y="height", ax=scatter, s=8, alpha=0.3, lw=0, rasterized=True)
     bins = min(60, max(5, int(np.sqrt(len(sizes)))))
-    sns.histplot(data=sizes, x="width", ax=top, bins=bins, element="step")
-    sns.histplot(data=sizes, y="height", ax=right, bins=bins, element="step")
+    sns.histplot(data=sizes, x="width", ax=top, bins=bins, element="step").set(xlabel="")
+    sns.histplot(data=sizes, y="height", ax=right, bins=bins, element="step").set(ylabel="")
     top.tick_params(labelbottom=False)
     right.tick_params(labelleft=False)
-    top.set_xlabel("")
-    right.set_ylabel("")
     scatter.set(xlabel="native width (px)", ylabel="native height (px)")
     fig.suptitle(f"Native image sizes ({len(sizes):,} images)")
     return fig
@@ -400,8 +398,7 @@ def resolution_strip(images: Mapping[int, np.ndarray], title: str | None = None)
         ax.imshow(images[resolution], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(_label(resolution))
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or "")
     return fig
 
 

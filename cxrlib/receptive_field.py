@@ -51,10 +51,8 @@ def _show(values: np.ndarray) -> int | float | tuple:
 def _apply_layer(state: _Field, name: str, layer: nn.Module, rows: list[dict]) -> _Field:
     kernel, stride = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
     dilation = _pair(getattr(layer, "dilation", 1))
-    if isinstance(layer.padding, str):  # Conv2d(padding="same" | "valid"), stride 1 only
-        padding = (kernel - 1) * dilation / 2 if layer.padding == "same" else np.zeros(2)
-    else:
-        padding = _pair(layer.padding)
+    padding = np.zeros(2) if isinstance(layer.padding, str) else _pair(layer.padding)  # "valid": none
+    padding = (kernel - 1) * dilation / 2 if layer.padding == "same" else padding  # Conv2d, stride 1 only
     start = state.start + ((kernel - 1) / 2 * dilation - padding) * state.jump
     out = _Field(state.rf + (kernel - 1) * dilation * state.jump, state.jump * stride, start)
     values = {"kernel": kernel, "stride": stride, "dilation": dilation, "padding": padding, "jump": out.jump,
