@@ -282,10 +282,8 @@ def auc_vs_resolution(
         _auc_panel(ax, finding, numbers, names, summary, None if finding == "Average" else ci)
     for ax in list(axes.flat)[len(findings) :]:
         ax.set_axis_off()
-    for ax in axes[:, 0]:
-        ax.set_ylabel("AUC")
-    for ax in axes[-1]:
-        ax.set_xlabel("resolution (px)")
+    fig.supylabel("AUC")
+    fig.supxlabel("resolution (px)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     fig.suptitle(f"AUC versus resolution ({'bootstrap CI' if ci is not None else 'mean ± std over folds'})")
@@ -298,11 +296,9 @@ def _auc_panel(ax, finding: str, numbers: list[int], names: list[str], summary: 
         part = ci[ci["finding"] == finding].set_index("resolution").reindex(labels)
         mean = part["auc"].to_numpy(dtype=float)
         err = np.vstack([mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean])
-    elif finding in summary.index.get_level_values(0):
+    else:
         part = summary.loc[finding].reindex(labels)
         mean, err = part["mean"].to_numpy(dtype=float), np.nan_to_num(part["std"].to_numpy(dtype=float))
-    else:
-        mean, err = np.full(len(numbers), np.nan), None
     ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color="C0", label="single resolution")
     for name in names:
         if (finding, name) in summary.index:
