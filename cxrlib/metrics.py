@@ -312,8 +312,7 @@ def delong_test(
     elif se <= 1e-12 * max(abs(diff), 1.0):
         z, p = float(np.sign(diff) * np.inf), 0.0
     else:
-        z = diff / se
-        p = float(2 * stats.norm.sf(abs(z)))
+        z, p = diff / se, float(2 * stats.norm.sf(abs(diff / se)))
     half = float(stats.norm.ppf(0.975)) * se
     values = (float(aucs[0]), float(aucs[1]), diff, diff - half, diff + half, se, z, p)
     return dict(zip(DELONG_FIELDS, values, strict=True))

@@ -50,9 +50,8 @@ def measure_model(
     from .train import Runtime, optimizer_step
 
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    model = models.build_model("none", memory_efficient=memory_efficient).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = models.build_model("none", memory_efficient=memory_efficient).to(device, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     generator = torch.Generator(device=device).manual_seed(0)
