@@ -74,10 +74,8 @@ def _fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: 
         return None
     table = pd.read_csv(run / TABLES / FOLD_WEIGHTS).query("fold == @fold")
     grid = table.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
-    try:
-        return np.array(grid.loc[findings, resolutions], dtype=float)  # a writable copy
-    except KeyError:
-        return None
+    grid = grid.reindex(index=findings, columns=resolutions)
+    return None if grid.isna().any(axis=None) else grid.to_numpy(dtype=float, copy=True)
 
 
 def score_models(
@@ -104,8 +102,7 @@ def _add_ensembles(run: Path, scores: dict, findings: list[str]) -> dict:
             continue
         ids, logits = stack_scales({r: scores[(r, fold)] for r in resolutions}, resolutions)
         out[(AVERAGE, fold)] = pd.DataFrame(average_logits(logits), index=ids, columns=findings)
-        weights = _fold_weights(run, findings, resolutions, fold)
-        if weights is not None:
+        if (weights := _fold_weights(run, findings, resolutions, fold)) is not None:
             out[(STACKED, fold)] = pd.DataFrame(ensemble_logits(logits, weights), index=ids, columns=findings)
     return out
 

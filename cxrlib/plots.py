@@ -4,6 +4,7 @@ each returned figure once), in one style. Which notebook makes which figure: doc
 import io
 import itertools
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,11 +30,7 @@ _UNIT_FRAME = (0, 1, 1, 0)  # imshow extent: every image and map drawn in the im
 
 def show_inline() -> None:
     """In a notebook, show returned figures as images (``%matplotlib inline``) in the one style."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None  # None: not in IPython
     if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
         shell.run_line_magic("matplotlib", "inline")
     _set_style()

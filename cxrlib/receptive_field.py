@@ -250,8 +250,8 @@ def _squared_gradient_sum(target, x, exact, n_probes, chunk, generator) -> torch
         else:  # Rademacher signs per probe, image and channel
             signs = torch.randint(0, 2, (size, batch, n_channels), generator=generator)
             cotangents = (2.0 * signs - 1.0).to(device=x.device, dtype=target.dtype)
-        last = first + size >= count
-        (grads,) = torch.autograd.grad(target, x, cotangents, retain_graph=not last, is_grads_batched=True)
+        retain = first + size < count  # for the next chunk
+        (grads,) = torch.autograd.grad(target, x, cotangents, retain_graph=retain, is_grads_batched=True)
         total += grads.sum(dim=2).square().sum(dim=(0, 1))  # grads: [size, b, C, H, W]
     return total if exact else total / n_probes
 
