@@ -1,6 +1,7 @@
 """Stacked scale ensemble (the paper's eq. 2-3, in log space) and the plain average-probability ensemble;
 their frames hold the ensemble's logit. The fit and its convergence: docs/method.md, "Scale ensemble"."""
 
+from collections import namedtuple
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -153,13 +154,8 @@ def stack_scales(frames: Mapping, resolutions: Sequence[int]) -> tuple[pd.Index,
     return ids, np.stack([frames[r].loc[ids, findings].to_numpy(dtype=float) for r in resolutions], axis=-1)
 
 
-@dataclass
-class FoldEnsembles:
-    """Ensemble test predictions per fold, their weights and the fits' convergence."""
-
-    predictions: dict[tuple[str, int], pd.DataFrame]  # (ensemble | average, fold) -> logit frame
-    weights: pd.DataFrame  # finding, resolution, fold, weight
-    convergence: pd.DataFrame  # fold, converged, final_loss, final_grad_max, loss_gap, ...
+# {(ensemble or average, fold): test logits}, weights (finding, resolution, fold, weight), convergence
+FoldEnsembles = namedtuple("FoldEnsembles", "predictions weights convergence")
 
 
 def fit_fold_ensembles(

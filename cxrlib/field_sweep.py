@@ -3,7 +3,7 @@ model at one resolution (notebook 10); the arms and their results: docs/coarse_f
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import pandas as pd
@@ -90,13 +90,8 @@ def train_arms(preset: Preset, fold: int, echo: bool = True) -> dict[str, Path]:
     return folders
 
 
-@dataclass
-class Sweep:
-    """The arms' results: the table, the paired tests against the baseline and each arm's ERF."""
-
-    table: pd.DataFrame  # field_sweep.csv
-    delong: pd.DataFrame  # field_sweep_delong.csv
-    erfs: dict[str, object]  # arm -> ERFResult after training
+# the arms' results: field_sweep.csv, field_sweep_delong.csv (against the baseline), arm -> trained ERF
+Sweep = namedtuple("Sweep", "table delong erfs")
 
 
 def sweep_table(

@@ -1,8 +1,8 @@
 """Grad-CAM (Selvaraju et al.) for one finding on DenseNet's last feature map (before the final ReLU),
 at any resolution: docs/method.md, "Grad-CAM"."""
 
+from collections import namedtuple
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -13,14 +13,8 @@ import torch.nn.functional as F
 from .labels import FINDINGS
 from .models import full_float32, model_input
 
-
-@dataclass
-class GradCAMResult:
-    """Maps ``[N, H, W]`` in [0, 1] at the input size, and the model's probabilities ``[N, classes]``."""
-
-    maps: np.ndarray
-    probabilities: np.ndarray
-    raw_maps: np.ndarray  # [N, h', w'] ReLU(sum_k alpha_k A_k) before upsampling and scaling
+# maps [N, H, W] in [0, 1] at the input size, probabilities [N, classes], raw_maps [N, h', w'] unscaled
+GradCAMResult = namedtuple("GradCAMResult", "maps probabilities raw_maps")
 
 
 def _finding_index(finding: int | str, num_classes: int, findings: Sequence[str] | None) -> int:
