@@ -3,7 +3,6 @@ their frames hold the ensemble's logit. The fit and its convergence: docs/method
 
 from collections import namedtuple
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -36,20 +35,12 @@ def ensemble_loss(
     return per if per_finding else per.sum()
 
 
-@dataclass
-class EnsembleFit:
-    """A fitted stacked ensemble and how its optimisation ended."""
-
-    weights: np.ndarray  # [findings, scales]
-    history: pd.DataFrame  # epoch, loss, lr, grad_max, weight_change_max
-    converged: bool
-    final_loss: float
-    final_grad_max: float  # largest |d loss / d v| after the last epoch
-    loss_gap: float  # largest over findings of loss - reference optimal loss (nats per image)
-    weight_change_last: float  # largest |w change| over the last `window` epochs
-    reference_weights: np.ndarray  # [findings, scales], the optimum found by SLSQP
-    reference_distance: float  # largest |weight - reference weight| (flat optima allow some)
-    n_images: int
+# weights [F, S], history per epoch, then how the fit ended (docs/method.md, "Scale ensemble")
+EnsembleFit = namedtuple(
+    "EnsembleFit",
+    "weights history converged final_loss final_grad_max loss_gap weight_change_last reference_weights "
+    "reference_distance n_images",
+)
 
 
 def fit_stacked_ensemble(
@@ -181,7 +172,9 @@ def fit_fold_ensembles(
         predictions[(AVERAGE, fold)] = pd.DataFrame(average, index=ids, columns=findings)
         weights += [(f, r, fold, float(fit.weights[i, j])) for i, f in enumerate(findings)
                     for j, r in enumerate(resolutions)]  # fmt: skip
-        report = {k: v for k, v in vars(fit).items() if k not in ("weights", "history", "reference_weights")}
+        report = {
+            k: v for k, v in fit._asdict().items() if k not in ("weights", "history", "reference_weights")
+        }
         reports.append({"fold": fold, **report})
     weights = pd.DataFrame(weights, columns=["finding", "resolution", "fold", "weight"])
     return FoldEnsembles(predictions, weights, pd.DataFrame(reports))

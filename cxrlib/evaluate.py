@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +23,9 @@ from .paths import BEST_MODEL, INDEX, TABLES
 FOLD_WEIGHTS = "ensemble_weights_by_fold.csv"  # written by 04_evaluate: finding, resolution, fold, weight
 
 
-@dataclass
-class External:
-    """What an external validation wrote: tables for the shared findings."""
-
-    out: Path
-    auc: pd.DataFrame
-    table3: pd.DataFrame
-    bootstrap: pd.DataFrame
-    findings: pd.DataFrame  # finding, other_name, scored, reason
-    dropped: pd.DataFrame  # unreadable images left out (drop_bad): dicom_id, source_path, error
+# what an external validation wrote: its folder, the tables of the shared findings, findings.csv (finding,
+# other_name, scored, reason) and the unreadable images left out (drop_bad: dicom_id, source_path, error)
+External = namedtuple("External", "out auc table3 bootstrap findings dropped")
 
 
 def _trained_models(run: Path) -> dict[tuple[int, int], Path]:
