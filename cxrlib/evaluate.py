@@ -168,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.dropped.itertuples():
         print(f"left out: unreadable image {row.source_path}: {row.error}", file=sys.stderr)
     print(f"wrote {result.out}: auc.csv, table3.csv, auc_bootstrap.csv, findings.csv")
-    scored = result.findings[result.findings["scored"]][["finding", "other_name"]].values
-    print(f"scored ({len(scored)}): " + ", ".join(a if a == b else f"{a} ({b})" for a, b in scored))
     for row in result.findings[~result.findings["scored"]].itertuples():
         print(f"left out: {row.finding}: {row.reason}")
     shown = [c for c in result.table3.columns if not c.endswith(("_mean", "_std", "_n_folds"))]

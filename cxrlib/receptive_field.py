@@ -3,9 +3,9 @@ Definitions, estimator and cost: docs/method.md, "Receptive fields"."""
 
 import functools
 import math
+from collections import namedtuple
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from .models import full_float32, model_input
 
-# Layers that leave the spatial field unchanged, and layers after which the field is the whole input.
 _IDENTITY_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm,
                     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
                     nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout2d, nn.Identity)  # fmt: skip
@@ -33,10 +32,7 @@ ERF_DEFINITION = (
 )
 
 
-class _Field(NamedTuple):  # per axis (height, width)
-    rf: np.ndarray
-    jump: np.ndarray
-    start: np.ndarray
+_Field = namedtuple("_Field", "rf jump start")  # each an array per axis (height, width)
 
 
 def _pair(value) -> np.ndarray:

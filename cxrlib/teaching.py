@@ -2,6 +2,7 @@
 at a resolution chosen on a slider, at initialisation and (where the run has a model there) trained."""
 
 import importlib.util
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,13 +115,8 @@ def show_erf_explorer(explorer: ERFExplorer, interactive: bool = True) -> None:
         explorer.show(explorer.default_resolution)
 
 
-@dataclass
-class InitialERFs:
+class InitialERFs(namedtuple("InitialERFs", "images model results")):
     """Phantom images at several sizes (and as cached) and one initial DenseNet121's ERF at each size."""
-
-    images: dict[int, torch.Tensor]
-    model: nn.Module
-    results: dict[int, ERFResult]
 
     def summary(self) -> pd.DataFrame:
         """Per size: the 90%-mass disc's diameter in pixels and as a fraction of the image side."""
