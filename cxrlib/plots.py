@@ -126,7 +126,6 @@ def fig1_erf(results: Mapping) -> Figure:
     resolutions, states = sorted({r for r, _ in lookup}), list(dict.fromkeys(s for _, s in lookup))
     fig = _figure(3.0 * len(resolutions) + 0.8, 3.2 * len(states) + 0.3)
     axes = fig.subplots(len(states), len(resolutions), squeeze=False)
-    image = None
     for (row, state), (col, resolution) in itertools.product(enumerate(states), enumerate(resolutions)):
         ax, result = axes[row, col], lookup.get((resolution, state))
         ax.set(xticks=[0, 0.5, 1], yticks=[0, 0.5, 1], xlim=(0, 1), ylim=(1, 0))
@@ -141,8 +140,7 @@ def fig1_erf(results: Mapping) -> Figure:
         _draw_erf_discs(ax, result, "cyan")
         ax.set_title(_label(resolution) + (f" ({state})" if state else ""))
         _corner_text(ax, f"90%: {100 * result.fraction90:.0f}% of side\n50%: {100 * result.fraction50:.0f}%")
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max")  # every image has the same colour scale
     fig.suptitle("Effective receptive field relative to the image (circles: 50% / 90% of mass)")
     return fig
 
@@ -193,7 +191,7 @@ def fig4_gradcam(
     names: Sequence[str] | None = None,
 ) -> Figure:  # fmt: skip
     """Grad-CAM grid (paper Fig. 4): a row per finding, the original then each column of ``maps``."""
-    findings = [f for f in findings if f in maps]
+    findings, names = [f for f in findings if f in maps], list(FINDINGS if names is None else names)
     if not findings:
         raise ValueError("none of the requested findings has Grad-CAM maps")
     columns = list(dict.fromkeys(key for f in findings for key in maps[f]))
@@ -212,17 +210,12 @@ def fig4_gradcam(
             if column in maps[finding]:
                 ax.imshow(maps[finding][column], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=_UNIT_FRAME,
                           interpolation="bilinear")  # fmt: skip
-                _label_cam(ax, finding, column, probabilities[finding][column], names)
+                probs = np.asarray(probabilities[finding][column], dtype=float)  # title: this row's finding's
+                predicted = [f"{n} ({p:.2f})" for n, p in zip(names, probs, strict=True) if p > 0.5]
+                ax.set_title(f"{_label(column)}: p={probs[names.index(finding)]:.2f}")
+                _under(ax, "p > 0.5: " + ("\n".join(predicted) or "none"), "x-small")
     fig.suptitle(title)
     return fig
-
-
-def _label_cam(ax, finding: str, column, probabilities: Sequence[float], names) -> None:
-    # the title: the row's finding's probability; under it the findings above 0.5
-    probs, names = np.asarray(probabilities, dtype=float), list(FINDINGS if names is None else names)
-    predicted = [f"{name} ({p:.2f})" for name, p in zip(names, probs, strict=True) if p > 0.5]
-    ax.set_title(f"{_label(column)}: p={probs[names.index(finding)]:.2f}")
-    _under(ax, "p > 0.5: " + ("\n".join(predicted) or "none"), "x-small")
 
 
 def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
