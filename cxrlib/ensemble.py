@@ -185,10 +185,9 @@ def ensemble_weights_table(weights: pd.DataFrame) -> pd.DataFrame:
     grouped = weights.groupby(["finding", "resolution"], sort=False)["weight"]
     table = grouped.agg(weight="mean", std=lambda w: w.std(ddof=1), n_folds="count").reset_index()
     order = {f: i for i, f in enumerate(finding_order(weights["finding"]))}
-    table = table.sort_values(
-        ["finding", "resolution"], key=lambda c: c.map(order) if c.name == "finding" else c
+    return table.sort_values(
+        ["finding", "resolution"], key=lambda c: c.map(order) if c.name == "finding" else c, ignore_index=True
     )
-    return table.reset_index(drop=True)
 
 
 def versus_best_single(table3: pd.DataFrame, resolutions: list[int]) -> pd.DataFrame:

@@ -40,8 +40,8 @@ def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
     resolution = sweep_resolution(preset)
     folders = {a: paths.variant_dir(preset.run_path, resolution, fold, a) for a in preset.field_sweep.arms}
     if preset.field_sweep.reuse:
-        reused = paths.fold_dir(preset.field_sweep.reuse, resolution, fold)
-        reused = reused if reused.is_absolute() else paths.PROJECT_ROOT / reused
+        # relative to the project (an absolute path stays as it is)
+        reused = paths.PROJECT_ROOT / paths.fold_dir(preset.field_sweep.reuse, resolution, fold)
         if _reusable(reused, preset):
             folders[BASELINE_ARM] = reused
     return folders

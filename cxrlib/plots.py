@@ -307,8 +307,7 @@ def cross_resolution_heatmap(table: pd.DataFrame, findings: Sequence[str] = ("Av
     keys = ["train_resolution", "test_resolution", "fold"]
     average = table.groupby(keys)["auc"].mean().reset_index().assign(finding="Average")
     both = pd.concat([table, average], ignore_index=True)
-    shown = [f for f in findings if f in set(both["finding"])]
-    if not shown:
+    if not (shown := [f for f in findings if f in set(both["finding"])]):
         raise ValueError(f"none of {list(findings)} is in the table (it has {sorted(set(table['finding']))})")
     fig = _figure(3.4 * len(shown) + 0.6, 3.3)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
@@ -350,8 +349,7 @@ def phantom_examples(
     examples: Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]], findings: Sequence[str] | None = None
 ) -> Figure:
     """Each phantom finding per resolution: the image with it, and with - without (red: brighter)."""
-    findings = [f for f in (findings or list(examples)) if f in examples]
-    if not findings:
+    if not (findings := [f for f in (findings or list(examples)) if f in examples]):
         raise ValueError("no phantom examples to plot")
     resolutions = sorted({int(r) for f in findings for r in examples[f]})
     fig = _figure(2.0 * 2 * len(resolutions), 2.0 * len(findings) + 0.5)
