@@ -111,9 +111,8 @@ def optimal_weights(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
             grad = -(y * np.exp(pos - log_p) + (1 - y) * np.exp(neg - log_q)).mean(axis=0)
             return -(y * log_p + (1 - y) * log_q).mean(), grad
 
-        options = {"ftol": 1e-12, "maxiter": 500}
         result = minimize(loss_and_grad, weights[f], jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * n_scales,
-                          constraints=(simplex,), options=options)  # fmt: skip
+                          constraints=(simplex,), options={"ftol": 1e-12, "maxiter": 500})  # fmt: skip
         if result.success and result.fun <= loss_and_grad(weights[f])[0]:
             weights[f] = np.clip(result.x, 0.0, None) / np.clip(result.x, 0.0, None).sum()
         losses[f] = loss_and_grad(weights[f])[0]

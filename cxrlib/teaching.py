@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import paths
+from . import paths, study
 from .models import build_model, load_trained_model
 from .plots import erf_over_image
 from .presets import Preset
@@ -41,9 +41,7 @@ class ERFExplorer:
     @classmethod
     def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> "ERFExplorer":
         """The preset's trained models of its first trained fold, on its analysis device."""
-        from .study import analysis_device
-
-        return cls(images, init_model, trained_model_paths(preset), device=analysis_device(preset))
+        return cls(images, init_model, trained_model_paths(preset), device=study.analysis_device(preset))
 
     @property
     def resolutions(self) -> list[int]:  # what the slider offers
@@ -128,11 +126,9 @@ class InitialERFs(namedtuple("InitialERFs", "images model results")):
 
 def initial_erfs(preset: Preset, sizes=(32, 64, 128, 256), images: int = 4, seed: int = 0) -> InitialERFs:
     """The ERF of a randomly initialised DenseNet121 on the preset's first images at each size."""
-    from .study import example_images, load_data
-
-    ids = load_data(preset)[0]["dicom_id"].iloc[:images].tolist()
+    ids = study.load_data(preset)[0]["dicom_id"].iloc[:images].tolist()
     largest = max(preset.resolutions)
-    cached = example_images(preset, ids, largest)
+    cached = study.example_images(preset, ids, largest)
     resized = resize_images(cached, sizes)
     torch.manual_seed(seed)
     model = build_model("none").eval()
