@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import metrics, paths
+from . import metrics, models, paths
+from . import receptive_field as rf
 from .fileio import sha256_file, sidecar_path, write_csv_atomic
 from .index import read_index, select_findings, write_index
 from .presets import BASELINE_ARM, Preset
@@ -99,16 +100,13 @@ def sweep_table(
     device: torch.device,
 ) -> Sweep:  # fmt: skip
     """Test AUC with intervals, the ERF and DeLong tests against the baseline per arm; writes the tables."""
-    from .models import load_trained_model
-    from .receptive_field import default_erf_batch, effective_receptive_field
-
     subject = index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str)
     rows, scored, erfs = [], {}, {}
     for arm, folder in folders.items():
         scores = scored[arm] = metrics.read_predictions(folder / paths.PREDICTIONS["test"], test_ids)
-        model = load_trained_model(folder, map_location=device).to(device)
-        batch, generator = default_erf_batch(*images.shape[-2:]), torch.Generator().manual_seed(0)
-        erfs[arm] = effective_receptive_field(model, images, generator=generator, batch_size=batch)
+        model = models.load_trained_model(folder, map_location=device).to(device)
+        batch, generator = rf.default_erf_batch(*images.shape[-2:]), torch.Generator().manual_seed(0)
+        erfs[arm] = rf.effective_receptive_field(model, images, generator=generator, batch_size=batch)
         labels = metrics.labels_for(index, scores.index, scores.columns)
         groups = subject.loc[scores.index].to_numpy()
         for finding in scores.columns:

@@ -10,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import models
+from . import dist, models
 from .cache import CXRDataset
 from .fileio import write_csv_atomic
 from .labels import NUM_FINDINGS
 from .models import make_loader
 from .recipe import BatchPlan, default_per_gpu_batch
+from .train import Runtime, optimizer_step
 
 COLUMNS = ("resolution", "device", "batch", "amp", "train_img_s", "infer_img_s", "peak_mem_gib", "load_img_s",
            "note")  # fmt: skip
@@ -46,9 +47,6 @@ def measure_model(
     memory_efficient: bool = False, channels_last: bool | None = None,
 ) -> dict:  # fmt: skip
     """Training and inference images/s and peak memory with the trainer's step and forward pass."""
-    from . import dist as cxrdist
-    from .train import Runtime, optimizer_step
-
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = models.build_model("none", memory_efficient=memory_efficient).to(device, memory_format=layout)
@@ -59,7 +57,7 @@ def measure_model(
     targets = (torch.rand(batch, NUM_FINDINGS, device=device, generator=generator) < 0.3).float()
     angles = (torch.rand(batch, device=device, generator=generator) * 2 - 1) * 15
     draws = (angles, torch.rand(batch, device=device, generator=generator) < 0.5)
-    info, plan = cxrdist.DistInfo(0, 1, 0, device, None), BatchPlan(batch, 1, 1, batch)
+    info, plan = dist.DistInfo(0, 1, 0, device, None), BatchPlan(batch, 1, 1, batch)
     rt = Runtime(info, amp, channels_last, plan, False, False)
     group = [(1, (torch.arange(batch), images, targets, torch.ones_like(targets)))]
     totals = torch.zeros(3, dtype=torch.float64)
