@@ -158,7 +158,6 @@ def fit_fold_ensembles(
     """Each fold's stacked ensemble fitted on its validation logits, and both ensembles of its test ones."""
     from .metrics import labels_for
 
-    resolutions = list(resolutions)
     folds = sorted({fold for _, fold in test}) if folds is None else list(folds)
     predictions, weights, reports = {}, [], []
     for fold in folds:

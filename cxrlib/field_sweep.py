@@ -50,8 +50,7 @@ def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
 
 def _arm_index(preset: Preset, arm: str, folder: Path) -> Path:
     # the preset's index, or (``findings``) a copy with only those findings
-    findings = preset.field_sweep.arms[arm].get("findings")
-    if findings is None:
+    if (findings := preset.field_sweep.arms[arm].get("findings")) is None:
         return preset.index_path
     index = select_findings(read_index(preset.index_path), findings, f"arm {arm!r}")
     return write_index(index, folder.parent / paths.INDEX)

@@ -122,8 +122,7 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
             auc = finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())
             rows.append((finding, resolution, fold, *auc))
     table = pd.DataFrame(rows, columns=list(AUC_COLUMNS))
-    undefined = table[table["reason"] != ""]
-    if len(undefined):
+    if len(undefined := table[table["reason"] != ""]):
         parts = [
             f"{reason}: {len(g)} (e.g. {g['finding'].iat[0]} at {g['resolution'].iat[0]})"
             for reason, g in undefined.groupby("reason", sort=True)
@@ -322,8 +321,7 @@ def _adjusted(pvalues: Sequence[float], step: Callable[[np.ndarray, int], np.nda
     p = np.asarray(pvalues, dtype=float)
     out, valid = np.full_like(p, np.nan), np.flatnonzero(~np.isnan(p))
     order = valid[np.argsort(p[valid], kind="mergesort")]  # the valid p-values, ascending
-    if len(order):
-        out[order] = np.minimum(step(p[order], len(order)), 1.0)
+    out[order] = np.minimum(step(p[order], len(order)), 1.0)
     return out
 
 

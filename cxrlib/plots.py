@@ -1,7 +1,6 @@
 """Every figure as a function from data to a ``matplotlib.figure.Figure`` (no pyplot: a notebook shows
 each returned figure once), in one style. Which notebook makes which figure: docs/method.md."""
 
-import io
 import itertools
 import os
 import sys
@@ -49,18 +48,13 @@ def _figure(width: float, height: float) -> Figure:
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (parent folders created); returns the path."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
     with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+        fig.savefig(handle, format="png", dpi=150, bbox_inches="tight")
     return Path(path)
 
 
 def _label(resolution: int | str) -> str:
-    try:
-        return f"{int(resolution)}x{int(resolution)}"
-    except (TypeError, ValueError):
-        return str(resolution)
+    return f"{resolution}x{resolution}" if str(resolution).isdigit() else str(resolution)
 
 
 def _auc_axis(ax) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from IPython.display import display
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -86,8 +87,6 @@ class ERFExplorer:
 
     def show(self, resolution: int) -> None:
         """Print :meth:`caption` and display :meth:`figure` (what the slider redraws)."""
-        from IPython.display import display
-
         print(self.caption(resolution))
         display(self.figure(resolution))
 
@@ -106,8 +105,6 @@ def erf_slider(explorer: ERFExplorer, value: int | None = None):
 def show_erf_explorer(explorer: ERFExplorer, interactive: bool = True) -> None:
     """Display the slider (``interactive`` and ipywidgets installed), else what it shows at its start."""
     if interactive and importlib.util.find_spec("ipywidgets"):
-        from IPython.display import display
-
         display(erf_slider(explorer))
     else:
         explorer.show(explorer.default_resolution)

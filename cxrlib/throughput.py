@@ -139,7 +139,6 @@ def measure_throughput(
 
 def write_table2(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the table atomically (``<run>/tables/table2_throughput.csv`` by the contract)."""
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
+    if missing := [c for c in COLUMNS if c not in frame.columns]:
         raise ValueError(f"throughput table lacks column(s) {missing}")
     return write_csv_atomic(frame[list(COLUMNS)], path)
