@@ -1,18 +1,8 @@
-"""Stacked scale ensemble (the paper's eq. 2-3) and the plain average-probability ensemble.
+"""Stacked scale ensemble (the paper's eq. 2-3, in log space) and the plain average-probability ensemble;
+their frames hold the ensemble's logit. The fit and its convergence: docs/method.md, "Scale ensemble"."""
 
-Per finding ``f``: ``p_f = sum_s softmax_s(v_f) sigmoid(l_fs)`` over the scales' logits, in log space
-so that logits of +-100 stay finite; its logit ``log p - log(1 - p)`` is what the ensemble's frames
-hold, scored like a resolution. The fit (Adam, full batch, decayed learning rate), its reference
-optimum (SLSQP) and when it counts as converged: docs/method.md, "Scale ensemble".
-"""
-
-from __future__ import annotations
-
-import contextlib
-import os
+from collections import namedtuple
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,36 +11,17 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from .fileio import write_csv_atomic
 from .labels import finding_order
-from .paths import tables_dir
 
 STACKED, AVERAGE = "ensemble", "average"
 
 
-def log_ensemble_probabilities(
-    logits: torch.Tensor, log_weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def log_ensemble_probabilities(logits: torch.Tensor, log_weights: torch.Tensor) -> tuple:
     """``(log p, log(1 - p))`` of ``p = sum_s w_s sigmoid(l_s)``: logits ``[N, F, S]``, weights ``[F, S]``."""
-    return _pool(log_weights, F.logsigmoid(logits), F.logsigmoid(-logits))
-
-
-def _pool(log_weights, log_sig_pos, log_sig_neg) -> tuple[torch.Tensor, torch.Tensor]:
     return (
-        torch.logsumexp(log_weights + log_sig_pos, dim=-1),
-        torch.logsumexp(log_weights + log_sig_neg, dim=-1),
+        torch.logsumexp(log_weights + F.logsigmoid(logits), dim=-1),
+        torch.logsumexp(log_weights + F.logsigmoid(-logits), dim=-1),
     )
-
-
-@contextlib.contextmanager
-def _single_thread():
-    # tiny tensor operations: a thread pool costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ensemble_loss(
@@ -64,20 +35,12 @@ def ensemble_loss(
     return per if per_finding else per.sum()
 
 
-@dataclass
-class EnsembleFit:
-    """A fitted stacked ensemble and how its optimisation ended."""
-
-    weights: np.ndarray  # [findings, scales]
-    history: pd.DataFrame  # epoch, loss, lr, grad_max, weight_change_max
-    converged: bool
-    final_loss: float
-    final_grad_max: float  # largest |d loss / d v| after the last epoch
-    loss_gap: float  # largest over findings of loss - reference optimal loss (nats per image)
-    weight_change_last: float  # largest |w change| over the last `window` epochs
-    reference_weights: np.ndarray  # [findings, scales], the optimum found by SLSQP
-    reference_distance: float  # largest |weight - reference weight| (flat optima allow some)
-    n_images: int
+# weights [F, S], history per epoch, then how the fit ended (docs/method.md, "Scale ensemble")
+EnsembleFit = namedtuple(
+    "EnsembleFit",
+    "weights history converged final_loss final_grad_max loss_gap weight_change_last reference_weights "
+    "reference_distance n_images",
+)
 
 
 def fit_stacked_ensemble(
@@ -88,24 +51,25 @@ def fit_stacked_ensemble(
     logits = torch.tensor(np.asarray(logits, dtype=float))  # a float64 copy
     labels = torch.tensor(np.asarray(labels, dtype=float))
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        shapes = f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        raise ValueError(f"logits must be [N, findings, scales] and labels [N, findings]; got {shapes}")
+        raise ValueError(f"need logits [N, F, S] and labels [N, F], got {logits.shape}, {labels.shape}")
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or infinite values")
-    with _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensor operations: a thread pool costs more than it saves
+    try:
         return _fit(logits, labels, epochs, lr, lr_decay, tol, window)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fit(logits, labels, epochs, lr, lr_decay, tol, window) -> EnsembleFit:
     v = torch.zeros(logits.shape[1:], dtype=torch.float64, requires_grad=True)  # uniform weights
     optimizer = torch.optim.Adam([v], lr=lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
-    log_sig_pos, log_sig_neg = F.logsigmoid(logits), F.logsigmoid(-logits)  # fixed inputs: once
-
     rows, seen = [], [torch.softmax(v, dim=1).detach()]
     for epoch in range(1, epochs + 1):
         optimizer.zero_grad()
-        value = ensemble_loss(*_pool(F.log_softmax(v, dim=1), log_sig_pos, log_sig_neg), labels)
+        value = ensemble_loss(*log_ensemble_probabilities(logits, F.log_softmax(v, dim=1)), labels)
         value.backward()
         current_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -114,7 +78,7 @@ def _fit(logits, labels, epochs, lr, lr_decay, tol, window) -> EnsembleFit:
         change = float((seen[-1] - seen[-2]).abs().max())
         rows.append((epoch, value.item(), current_lr, float(v.grad.abs().max()), change))
     v.grad = None
-    per_finding = ensemble_loss(*_pool(F.log_softmax(v, dim=1), log_sig_pos, log_sig_neg), labels, True)
+    per_finding = ensemble_loss(*log_ensemble_probabilities(logits, F.log_softmax(v, dim=1)), labels, True)
     final = per_finding.sum()
     final.backward()
     reference, reference_losses = optimal_weights(logits.numpy(), labels.numpy())
@@ -147,9 +111,8 @@ def optimal_weights(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
             grad = -(y * np.exp(pos - log_p) + (1 - y) * np.exp(neg - log_q)).mean(axis=0)
             return -(y * log_p + (1 - y) * log_q).mean(), grad
 
-        options = {"ftol": 1e-12, "maxiter": 500}
         result = minimize(loss_and_grad, weights[f], jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * n_scales,
-                          constraints=(simplex,), options=options)  # fmt: skip
+                          constraints=(simplex,), options={"ftol": 1e-12, "maxiter": 500})  # fmt: skip
         if result.success and result.fun <= loss_and_grad(weights[f])[0]:
             weights[f] = np.clip(result.x, 0.0, None) / np.clip(result.x, 0.0, None).sum()
         losses[f] = loss_and_grad(weights[f])[0]
@@ -171,66 +134,46 @@ def average_logits(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     return ensemble_logits(logits, np.full(logits.shape[1:], 1.0 / logits.shape[2]))
 
 
-def stack_scales(
-    frames: Mapping[int, pd.DataFrame], resolutions: Sequence[int]
-) -> tuple[pd.Index, np.ndarray]:
+def stack_scales(frames: Mapping, resolutions: Sequence[int]) -> tuple[pd.Index, np.ndarray]:
     """``(ids, [N, findings, scales])`` of per-resolution score frames of the same images and findings."""
     ids, findings = frames[resolutions[0]].index, list(frames[resolutions[0]].columns)
     for resolution in resolutions:
         frame = frames[resolution]
-        if len(frame) != len(ids) or set(frame.index) != set(ids):
-            raise ValueError(
-                f"resolution {resolution} has predictions for other images than resolution "
-                f"{resolutions[0]}; the ensemble needs the same images at every scale"
-            )
-        if sorted(frame.columns) != sorted(findings):
-            raise ValueError(
-                f"resolution {resolution} predicts other findings than resolution {resolutions[0]}; "
-                "the ensemble needs the same label set at every scale"
-            )
+        if sorted(frame.index) != sorted(ids) or sorted(frame.columns) != sorted(findings):
+            raise ValueError(f"resolution {resolution} has other images or findings than {resolutions[0]}")
     return ids, np.stack([frames[r].loc[ids, findings].to_numpy(dtype=float) for r in resolutions], axis=-1)
 
 
-@dataclass
-class FoldEnsembles:
-    """Ensemble test predictions per fold, their weights and the fits' convergence."""
-
-    predictions: dict[tuple[str, int], pd.DataFrame]  # (ensemble | average, fold) -> logit frame
-    weights: pd.DataFrame  # finding, resolution, fold, weight
-    convergence: pd.DataFrame  # fold, converged, final_loss, final_grad_max, loss_gap, ...
+# {(ensemble or average, fold): test logits}, weights (finding, resolution, fold, weight), convergence
+FoldEnsembles = namedtuple("FoldEnsembles", "predictions weights convergence")
 
 
 def fit_fold_ensembles(
-    val_predictions: Mapping[tuple[int, int], pd.DataFrame],
-    test_predictions: Mapping[tuple[int, int], pd.DataFrame],
+    val: Mapping,
+    test: Mapping,
     index: pd.DataFrame,
     resolutions: Sequence[int],
     folds: Sequence[int] | None = None,
-    **fit_kwargs,
 ) -> FoldEnsembles:
     """Each fold's stacked ensemble fitted on its validation logits, and both ensembles of its test ones."""
     from .metrics import labels_for
 
-    resolutions = list(resolutions)
-    folds = sorted({fold for _, fold in test_predictions}) if folds is None else list(folds)
+    folds = sorted({fold for _, fold in test}) if folds is None else list(folds)
     predictions, weights, reports = {}, [], []
     for fold in folds:
-        val_ids, val_logits = stack_scales({r: val_predictions[(r, fold)] for r in resolutions}, resolutions)
-        findings = list(val_predictions[(resolutions[0], fold)].columns)
-        fit = fit_stacked_ensemble(val_logits, labels_for(index, val_ids, findings).to_numpy(), **fit_kwargs)
-        ids, logits = stack_scales(
-            {r: test_predictions[(r, fold)][findings] for r in resolutions}, resolutions
-        )
-        for name, values in (
-            (STACKED, ensemble_logits(logits, fit.weights)),
-            (AVERAGE, average_logits(logits)),
-        ):
-            predictions[(name, fold)] = pd.DataFrame(values, index=ids, columns=findings)
+        val_ids, val_logits = stack_scales({r: val[(r, fold)] for r in resolutions}, resolutions)
+        findings = list(val[(resolutions[0], fold)].columns)
+        fit = fit_stacked_ensemble(val_logits, labels_for(index, val_ids, findings).to_numpy())
+        ids, logits = stack_scales({r: test[(r, fold)][findings] for r in resolutions}, resolutions)
+        stacked, average = ensemble_logits(logits, fit.weights), average_logits(logits)
+        predictions[(STACKED, fold)] = pd.DataFrame(stacked, index=ids, columns=findings)
+        predictions[(AVERAGE, fold)] = pd.DataFrame(average, index=ids, columns=findings)
         weights += [(f, r, fold, float(fit.weights[i, j])) for i, f in enumerate(findings)
                     for j, r in enumerate(resolutions)]  # fmt: skip
-        fields = ("converged", "final_loss", "final_grad_max", "loss_gap", "weight_change_last",
-                  "reference_distance", "n_images")  # fmt: skip
-        reports.append({"fold": fold, **{name: getattr(fit, name) for name in fields}})
+        report = {
+            k: v for k, v in fit._asdict().items() if k not in ("weights", "history", "reference_weights")
+        }
+        reports.append({"fold": fold, **report})
     weights = pd.DataFrame(weights, columns=["finding", "resolution", "fold", "weight"])
     return FoldEnsembles(predictions, weights, pd.DataFrame(reports))
 
@@ -240,15 +183,9 @@ def ensemble_weights_table(weights: pd.DataFrame) -> pd.DataFrame:
     grouped = weights.groupby(["finding", "resolution"], sort=False)["weight"]
     table = grouped.agg(weight="mean", std=lambda w: w.std(ddof=1), n_folds="count").reset_index()
     order = {f: i for i, f in enumerate(finding_order(weights["finding"]))}
-    table = table.sort_values(
-        ["finding", "resolution"], key=lambda c: c.map(order) if c.name == "finding" else c
+    return table.sort_values(
+        ["finding", "resolution"], key=lambda c: c.map(order) if c.name == "finding" else c, ignore_index=True
     )
-    return table.reset_index(drop=True)
-
-
-def write_ensemble_weights(run: str | os.PathLike, weights: pd.DataFrame) -> Path:
-    """Write ``tables/ensemble_weights.csv`` (from the per-fold long weights) atomically."""
-    return write_csv_atomic(ensemble_weights_table(weights), tables_dir(run) / "ensemble_weights.csv")
 
 
 def versus_best_single(table3: pd.DataFrame, resolutions: list[int]) -> pd.DataFrame:

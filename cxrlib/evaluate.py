@@ -1,20 +1,11 @@
-"""External validation: a trained run scored on another data set, as papers report generalisation.
-
-``python -m cxrlib.evaluate --run runs/P --index other/index.csv`` caches the other set at the run's
-resolutions, scores every trained model and both scale ensembles of each fold (with the weights
-04_evaluate fitted on the run's own validation images, never fitted again) and writes ``auc.csv``,
-``table3.csv``, ``auc_bootstrap.csv`` and ``findings.csv`` (each finding scored, or why not) under
-``runs/P/external/<name>/``. An unreadable image stops it in one line, or with ``--drop-bad`` is
-left out and named. Shared findings: docs/method.md, "External validation".
-"""
-
-from __future__ import annotations
+"""External validation: a trained run's models and ensembles scored on another data set's shared findings.
+``python -m cxrlib.evaluate --run runs/P --index other/index.csv``: docs/data.md, docs/method.md."""
 
 import argparse
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +21,11 @@ from .models import amp_dtype, load_trained_model, resolve_device
 from .paths import BEST_MODEL, INDEX, TABLES
 
 FOLD_WEIGHTS = "ensemble_weights_by_fold.csv"  # written by 04_evaluate: finding, resolution, fold, weight
-MEAN_WEIGHTS = "ensemble_weights.csv"  # the fold means, for runs evaluated before the file above
 
 
-@dataclass
-class External:
-    """What an external validation wrote: tables for the shared findings."""
-
-    out: Path
-    auc: pd.DataFrame
-    table3: pd.DataFrame
-    bootstrap: pd.DataFrame
-    findings: pd.DataFrame  # finding, other_name, scored, reason
-    dropped: pd.DataFrame  # unreadable images left out (drop_bad): dicom_id, source_path, error
-
-    @property
-    def left_out(self) -> list[str]:
-        """The run's findings that are not scored."""
-        return self.findings.loc[~self.findings["scored"], "finding"].tolist()
+# what an external validation wrote: its folder, the tables of the shared findings, findings.csv (finding,
+# other_name, scored, reason) and the unreadable images left out (drop_bad: dicom_id, source_path, error)
+External = namedtuple("External", "out auc table3 bootstrap findings dropped")
 
 
 def _trained_models(run: Path) -> dict[tuple[int, int], Path]:
@@ -85,22 +63,18 @@ def finding_table(run_index: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fold_weights(run: Path, findings: list[str], resolutions: list[int], fold: int) -> np.ndarray | None:
-    by_fold, mean = run / TABLES / FOLD_WEIGHTS, run / TABLES / MEAN_WEIGHTS
-    if not (by_fold.is_file() or mean.is_file()):
+    if not (run / TABLES / FOLD_WEIGHTS).is_file():
         return None
-    table = pd.read_csv(by_fold).query("fold == @fold") if by_fold.is_file() else pd.read_csv(mean)
+    table = pd.read_csv(run / TABLES / FOLD_WEIGHTS).query("fold == @fold")
     grid = table.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
-    try:
-        return np.array(grid.loc[findings, resolutions], dtype=float)  # a writable copy
-    except KeyError:
-        return None
+    grid = grid.reindex(index=findings, columns=resolutions)
+    return None if grid.isna().any(axis=None) else grid.to_numpy(dtype=float, copy=True)
 
 
 def score_models(
     models: dict[tuple[int, int], Path], frame: pd.DataFrame, cache: Path, device, batch_size: int | None
 ) -> dict[tuple[int, int], pd.DataFrame]:
-    """Logits of every model on ``frame`` (the other set, with the run's finding columns); batches
-    of ``batch_size`` images (default :func:`cxrlib.models.inference_batch` of the resolution)."""
+    """Logits of every model on ``frame`` (the other set, with the run's finding columns)."""
     from .models import default_workers, inference_batch, predict_logits
 
     scores, workers = {}, default_workers(device, local_world_size=1)
@@ -121,8 +95,7 @@ def _add_ensembles(run: Path, scores: dict, findings: list[str]) -> dict:
             continue
         ids, logits = stack_scales({r: scores[(r, fold)] for r in resolutions}, resolutions)
         out[(AVERAGE, fold)] = pd.DataFrame(average_logits(logits), index=ids, columns=findings)
-        weights = _fold_weights(run, findings, resolutions, fold)
-        if weights is not None:
+        if (weights := _fold_weights(run, findings, resolutions, fold)) is not None:
             out[(STACKED, fold)] = pd.DataFrame(ensemble_logits(logits, weights), index=ids, columns=findings)
     return out
 
@@ -155,9 +128,7 @@ def evaluate_external(
     frame = other[list(BASE_COLUMNS)].assign(**{f: np.nan for f in ours})
     scores = _add_ensembles(run, score_models(models, frame, cache, resolve_device(device), batch_size), ours)
     keep = scored["finding"].tolist()
-    labels = other[list(BASE_COLUMNS)].assign(
-        **{f: other[n] for f, n in zip(keep, scored["other_name"], strict=True)}
-    )
+    labels = other[list(BASE_COLUMNS)].join(other[scored["other_name"]].set_axis(keep, axis=1))
     predictions = {key: scores_[keep] for key, scores_ in scores.items()}
     auc = metrics.auc_table(predictions, labels)
     bootstrap = metrics.bootstrap_table(predictions, labels, n_boot=n_boot)
@@ -176,7 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", type=Path, help="tables folder (default <run>/external/<index folder>)")
     add("--cache", type=Path, help="image cache of the other set (default <out>/cache)")
     add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    add("--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)")
+    add("--bootstrap", dest="n_boot", type=int, default=1000, help="patient bootstrap resamples")
     add("--batch-size", type=int, help="images per batch (default: 64 up to 512 px, fewer above)")
     add("--workers", type=int, help="cache processes (default: every CPU)")
     add("--drop-bad", action="store_true", help="leave unreadable images out (default: stop, naming them)")
@@ -188,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = evaluate_external(
-                args.run, args.index, args.out, args.cache, args.device, args.bootstrap,
-                args.batch_size, args.workers, args.drop_bad,
-            )  # fmt: skip
+            result = evaluate_external(**vars(args))
     except (ValueError, FileNotFoundError, CacheBuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -200,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.dropped.itertuples():
         print(f"left out: unreadable image {row.source_path}: {row.error}", file=sys.stderr)
     print(f"wrote {result.out}: auc.csv, table3.csv, auc_bootstrap.csv, findings.csv")
-    scored = result.findings[result.findings["scored"]][["finding", "other_name"]].values
-    print(f"scored ({len(scored)}): " + ", ".join(a if a == b else f"{a} ({b})" for a, b in scored))
     for row in result.findings[~result.findings["scored"]].itertuples():
         print(f"left out: {row.finding}: {row.reason}")
     shown = [c for c in result.table3.columns if not c.endswith(("_mean", "_std", "_n_folds"))]

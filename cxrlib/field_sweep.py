@@ -1,22 +1,16 @@
-"""What makes coarse findings fail at a higher resolution? Arms that each change one thing (notebook 10).
-
-At the sweep's resolution, with its images, fold and recipe, each arm (``field_sweep.arms`` of the
-preset: a name and its trainer options) changes one thing from the plain model, the ``baseline``: a
-wider field, more steps, or only the coarse findings to learn. The question, the arms and their
-results: docs/coarse_findings.md.
-"""
-
-from __future__ import annotations
+"""What makes coarse findings fail at a higher resolution? Arms that each change one thing from the plain
+model at one resolution (notebook 10); the arms and their results: docs/coarse_findings.md."""
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from . import metrics, paths
+from . import metrics, models, paths
+from . import receptive_field as rf
 from .fileio import sha256_file, sidecar_path, write_csv_atomic
 from .index import read_index, select_findings, write_index
 from .presets import BASELINE_ARM, Preset
@@ -45,12 +39,10 @@ def _reusable(folder: Path, preset: Preset) -> bool:
 def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
     """Each arm's training folder (the baseline's may be another preset's finished run: ``reuse``)."""
     resolution = sweep_resolution(preset)
-    folders = {
-        arm: paths.variant_dir(preset.run_path, resolution, fold, arm) for arm in preset.field_sweep.arms
-    }
+    folders = {a: paths.variant_dir(preset.run_path, resolution, fold, a) for a in preset.field_sweep.arms}
     if preset.field_sweep.reuse:
-        reused = paths.fold_dir(preset.field_sweep.reuse, resolution, fold)
-        reused = reused if reused.is_absolute() else paths.PROJECT_ROOT / reused
+        # relative to the project (an absolute path stays as it is)
+        reused = paths.PROJECT_ROOT / paths.fold_dir(preset.field_sweep.reuse, resolution, fold)
         if _reusable(reused, preset):
             folders[BASELINE_ARM] = reused
     return folders
@@ -58,8 +50,7 @@ def arm_folders(preset: Preset, fold: int) -> dict[str, Path]:
 
 def _arm_index(preset: Preset, arm: str, folder: Path) -> Path:
     # the preset's index, or (``findings``) a copy with only those findings
-    findings = preset.field_sweep.arms[arm].get("findings")
-    if findings is None:
+    if (findings := preset.field_sweep.arms[arm].get("findings")) is None:
         return preset.index_path
     index = select_findings(read_index(preset.index_path), findings, f"arm {arm!r}")
     return write_index(index, folder.parent / paths.INDEX)
@@ -69,8 +60,7 @@ def _start_from(source: Path, folder: Path) -> None:
     # the newest checkpoint and best model into an unstarted folder: the trainer continues that training
     if list_checkpoints(folder) or (folder / paths.DONE).is_file():
         return
-    checkpoints = list_checkpoints(source)
-    if not checkpoints:
+    if not (checkpoints := list_checkpoints(source)):
         raise FileNotFoundError(f"{source} has no checkpoint to continue from")
     folder.mkdir(parents=True, exist_ok=True)
     best = source / paths.BEST_MODEL
@@ -91,10 +81,7 @@ def train_arms(preset: Preset, fold: int, echo: bool = True) -> dict[str, Path]:
         settings = preset.field_sweep.arms[arm]
         if settings.get("continue_from"):
             _start_from(folders[settings["continue_from"]], folder)
-        options = {
-            **preset.train_options(resolution),
-            **{k: v for k, v in settings.items() if k not in OWN_KEYS},
-        }
+        options = preset.train_options(resolution) | {k: v for k, v in settings.items() if k not in OWN_KEYS}
         launch(
             resolution, fold, run_dir=preset.run_path, index=_arm_index(preset, arm, folder),
             folds=preset.folds_path, cache=preset.cache_path, gpus=processes, nnodes=preset.train.nnodes,
@@ -103,13 +90,8 @@ def train_arms(preset: Preset, fold: int, echo: bool = True) -> dict[str, Path]:
     return folders
 
 
-@dataclass
-class Sweep:
-    """The arms' results: the table, the paired tests against the baseline and each arm's ERF."""
-
-    table: pd.DataFrame  # field_sweep.csv
-    delong: pd.DataFrame  # field_sweep_delong.csv
-    erfs: dict[str, object]  # arm -> ERFResult after training
+# the arms' results: field_sweep.csv, field_sweep_delong.csv (against the baseline), arm -> trained ERF
+Sweep = namedtuple("Sweep", "table delong erfs")
 
 
 def sweep_table(
@@ -117,25 +99,20 @@ def sweep_table(
     device: torch.device,
 ) -> Sweep:  # fmt: skip
     """Test AUC with intervals, the ERF and DeLong tests against the baseline per arm; writes the tables."""
-    from .models import load_trained_model
-    from .receptive_field import default_erf_batch, effective_receptive_field
-
     subject = index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str)
     rows, scored, erfs = [], {}, {}
     for arm, folder in folders.items():
         scores = scored[arm] = metrics.read_predictions(folder / paths.PREDICTIONS["test"], test_ids)
-        model = load_trained_model(folder, map_location=device).to(device)
-        batch, generator = default_erf_batch(*images.shape[-2:]), torch.Generator().manual_seed(0)
-        erfs[arm] = effective_receptive_field(model, images, generator=generator, batch_size=batch)
+        model = models.load_trained_model(folder, map_location=device).to(device)
+        batch, generator = rf.default_erf_batch(*images.shape[-2:]), torch.Generator().manual_seed(0)
+        erfs[arm] = rf.effective_receptive_field(model, images, generator=generator, batch_size=batch)
         labels = metrics.labels_for(index, scores.index, scores.columns)
         groups = subject.loc[scores.index].to_numpy()
         for finding in scores.columns:
             y, s = labels[finding].to_numpy(), scores[finding].to_numpy()
             ci = metrics.bootstrap_auc_ci(y, s, groups, n_boot=preset.analysis.bootstrap)
-            _, n_pos, n_neg, _ = metrics.finding_auc(y, s)
-            rows.append(
-                (arm, erfs[arm].fraction90, finding, ci["auc"], ci["ci_low"], ci["ci_high"], n_pos, n_neg)
-            )
+            counts = metrics.finding_auc(y, s)[1:3]  # n_pos, n_neg
+            rows.append((arm, erfs[arm].fraction90, finding, ci["auc"], ci["ci_low"], ci["ci_high"], *counts))
     table, delong = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS)), _against_baseline(preset, scored, index)
     write_csv_atomic(table, preset.tables_path / "field_sweep.csv")
     write_csv_atomic(delong, preset.tables_path / "field_sweep_delong.csv")
@@ -153,10 +130,8 @@ def _against_baseline(preset: Preset, scored: dict[str, pd.DataFrame], index: pd
     if not tables:
         return pd.DataFrame()
     delong = pd.concat(tables, ignore_index=True)
-    delong = delong[["arm", *delong.columns[:-1]]]
-    return metrics.correct_family(
-        delong, f"{len(tables)} arms vs {BASELINE_ARM} x the coarse and fine findings"
-    )
+    family = f"{len(tables)} arms vs {BASELINE_ARM} x the coarse and fine findings"
+    return metrics.correct_family(delong[["arm", *delong.columns[:-1]]], family)
 
 
 def resolution_sweep(run: str | Path | None) -> pd.DataFrame | None:
@@ -170,7 +145,5 @@ def resolution_sweep(run: str | Path | None) -> pd.DataFrame | None:
     auc = auc[pd.to_numeric(auc["resolution"], errors="coerce").notna()].astype({"resolution": int})
     mean = auc.groupby(["resolution", "finding"], as_index=False)["auc"].mean()
     erf = pd.read_csv(tables / "erf.csv").query("state == 'trained'")
-    erf = erf[["resolution", "erf_fraction_of_image"]].rename(
-        columns={"erf_fraction_of_image": "erf_fraction"}
-    )
+    erf = erf.rename(columns={"erf_fraction_of_image": "erf_fraction"})
     return mean.merge(erf, on="resolution")[["resolution", "erf_fraction", "finding", "auc"]]

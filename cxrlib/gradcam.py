@@ -1,15 +1,8 @@
-"""Grad-CAM (Selvaraju et al.) for one finding on DenseNet's last feature map, at any resolution.
+"""Grad-CAM (Selvaraju et al.) for one finding on DenseNet's last feature map (before the final ReLU),
+at any resolution: docs/method.md, "Grad-CAM"."""
 
-``cam = ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of each image's own gradient of
-the finding's logit, on ``model.features`` before the final ReLU (the ERF's tensor), upsampled and
-divided by its maximum. The hook lives only inside a :class:`GradCAM` context, as in
-pytorch-grad-cam's ``base_cam.py``. Details: docs/method.md, "Grad-CAM".
-"""
-
-from __future__ import annotations
-
+from collections import namedtuple
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -20,16 +13,8 @@ import torch.nn.functional as F
 from .labels import FINDINGS
 from .models import full_float32, model_input
 
-
-@dataclass
-class GradCAMResult:
-    """Maps ``[N, H, W]`` in [0, 1] at the input size, and the model's outputs for the batch."""
-
-    maps: np.ndarray
-    probabilities: np.ndarray  # [N, num_classes], sigmoid of the logits
-    logits: np.ndarray
-    finding: int
-    raw_maps: np.ndarray  # [N, h', w'] ReLU(sum_k alpha_k A_k) before upsampling and scaling
+# maps [N, H, W] in [0, 1] at the input size, probabilities [N, classes], raw_maps [N, h', w'] unscaled
+GradCAMResult = namedtuple("GradCAMResult", "maps probabilities raw_maps")
 
 
 def _finding_index(finding: int | str, num_classes: int, findings: Sequence[str] | None) -> int:
@@ -43,73 +28,43 @@ def _finding_index(finding: int | str, num_classes: int, findings: Sequence[str]
     return int(finding)
 
 
-class GradCAM:
-    """Grad-CAM on ``target_layer`` (default ``model.features``), its hook alive inside a ``with`` block."""
-
-    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
-        self.model, self.target_layer = model, model.features if target_layer is None else target_layer
-        self._handle, self._activation = None, None
-
-    def _capture(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        self._activation = output
-        return output.clone()  # DenseNet's in-place ReLU then acts on the copy, not on the captured map
-
-    def __enter__(self) -> GradCAM:
-        self._handle = self.target_layer.register_forward_hook(self._capture)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = self._activation = None
-
-    @full_float32()  # float32 gradients and maps: no TF32 convolutions on a GPU
-    def __call__(
-        self, images: torch.Tensor | np.ndarray, finding: int | str, batch_size: int = 16,
-        findings: Sequence[str] | None = None,
-    ) -> GradCAMResult:  # fmt: skip
-        """Maps for ``finding`` (an index or a name of the label set ``findings``) on ``images``."""
-        if self._handle is None:
-            raise RuntimeError("use GradCAM inside a 'with' block: the hook is registered on entering it")
-        x_all = model_input(images)
-        device = next(self.model.parameters(), torch.empty(0)).device
-        was_training = self.model.training
-        self.model.eval()
-        maps, raw_maps, logits_all = [], [], []
-        try:
-            for first in range(0, len(x_all), batch_size):
-                x = x_all[first : first + batch_size].to(device)
-                with torch.enable_grad():
-                    logits = self.model(x)
-                    column = _finding_index(finding, logits.shape[1], findings)
-                    if self._activation is None:
-                        raise RuntimeError("the target layer did not run in the model's forward pass")
-                    activation, self._activation = self._activation, None
-                    (grads,) = torch.autograd.grad(logits[:, column].sum(), activation)  # each image's own
-                cam = F.relu(
-                    (grads.mean(dim=(2, 3), keepdim=True) * activation.detach()).sum(dim=1, keepdim=True)
-                )
-                upsampled = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                peak = upsampled.amax(dim=(2, 3), keepdim=True)
-                maps.append(torch.where(peak > 0, upsampled / peak.clamp_min(1e-30), 0.0)[:, 0].cpu())
-                raw_maps.append(cam[:, 0].cpu())
-                logits_all.append(logits.detach().cpu())
-        finally:
-            self.model.train(was_training)
-        logits = torch.cat(logits_all).float()
-        probabilities = torch.sigmoid(logits).numpy()
-        return GradCAMResult(
-            torch.cat(maps).numpy(), probabilities, logits.numpy(), column, torch.cat(raw_maps).numpy()
-        )
-
-
+@full_float32()  # float32 gradients and maps: no TF32 convolutions on a GPU
 def gradcam(
     model: nn.Module, images: torch.Tensor | np.ndarray, finding: int | str,
     target_layer: nn.Module | None = None, batch_size: int = 16, findings: Sequence[str] | None = None,
 ) -> GradCAMResult:  # fmt: skip
-    """Grad-CAM maps for ``finding`` in one call, the hook removed before returning."""
-    with GradCAM(model, target_layer) as cam:
-        return cam(images, finding, batch_size=batch_size, findings=findings)
+    """Maps for ``finding`` (an index or a name of the label set ``findings``) on ``images``, on
+    ``target_layer`` (default ``model.features``); the hook lives only during the call."""
+    captured = []
+
+    def capture(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        captured.append(output)
+        return output.clone()  # DenseNet's in-place ReLU then acts on the copy, not on the captured map
+
+    handle = (model.features if target_layer is None else target_layer).register_forward_hook(capture)
+    x_all, device = model_input(images), next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    maps, raw_maps, logits_all = [], [], []
+    try:
+        for first in range(0, len(x_all), batch_size):
+            x = x_all[first : first + batch_size].to(device)
+            with torch.enable_grad():
+                logits = model(x)
+                column = _finding_index(finding, logits.shape[1], findings)
+                activation = captured.pop()
+                (grads,) = torch.autograd.grad(logits[:, column].sum(), activation)  # each image's own
+            cam = F.relu((grads.mean((2, 3), keepdim=True) * activation.detach()).sum(dim=1, keepdim=True))
+            upsampled = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            peak = upsampled.amax(dim=(2, 3), keepdim=True)
+            maps.append(torch.where(peak > 0, upsampled / peak.clamp_min(1e-30), 0.0)[:, 0].cpu())
+            raw_maps.append(cam[:, 0].cpu())
+            logits_all.append(logits.detach().cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    probabilities = torch.sigmoid(torch.cat(logits_all).float()).numpy()
+    return GradCAMResult(torch.cat(maps).numpy(), probabilities, torch.cat(raw_maps).numpy())
 
 
 def example_for(test: pd.DataFrame, finding: str) -> tuple[pd.Series, bool]:

@@ -1,10 +1,5 @@
 """Per-finding AUC on each test fold, Table 3, patient-bootstrap intervals and clustered DeLong tests.
-
-Definitions (unknown labels, Table 3's Average, the bootstrap's caution, Obuchowski's clustered test,
-the correction family): docs/method.md, "Metrics".
-"""
-
-from __future__ import annotations
+Definitions: docs/method.md, "Metrics"."""
 
 import itertools
 import os
@@ -17,10 +12,10 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from .fileio import read_header, write_csv_atomic
+from .fileio import read_header
 from .index import index_findings
 from .labels import finding_order
-from .paths import FOLDS, INDEX, predictions_path, tables_dir
+from .paths import FOLDS, INDEX, predictions_path
 from .splits import fold_ids, num_folds, read_folds
 
 ENSEMBLE_NAMES = ("ensemble", "average")
@@ -39,9 +34,6 @@ def read_predictions(
     path: str | os.PathLike, expected_ids: Iterable[str] | None = None, findings: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """One prediction file as logits by ``dicom_id`` (exactly ``expected_ids``); one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prediction file not found: {path}")
     frame = pd.read_csv(path, dtype={"dicom_id": str})
     if "dicom_id" not in frame.columns:
         raise ValueError(f"{path}: no 'dicom_id' column")
@@ -53,13 +45,10 @@ def read_predictions(
     if frame.index.duplicated().any():
         raise ValueError(f"{path}: dicom_id {frame.index[frame.index.duplicated()][0]!r} appears twice")
     scores = frame[findings].apply(pd.to_numeric, errors="coerce").astype(float)
-    bad = np.argwhere(~np.isfinite(scores.to_numpy().T))
-    if len(bad):
-        column, row = bad[0]
-        value = frame[findings[column]].iloc[row]
-        raise ValueError(
-            f"{path}: column {findings[column]!r}, CSV line {row + 2}: {value!r} is not a finite number"
-        )
+    if len(bad := np.argwhere(~np.isfinite(scores.to_numpy().T))):
+        column, row = findings[bad[0, 0]], bad[0, 1]
+        value = frame[column].iloc[row]
+        raise ValueError(f"{path}: column {column!r}, CSV line {row + 2}: {value!r} is not a finite number")
     if expected_ids is not None:
         expected, have = set(map(str, expected_ids)), set(scores.index)
         if have != expected:
@@ -87,39 +76,31 @@ def load_predictions(
     }
 
 
-def pool_folds(predictions: PredictionSet, label: str = "all") -> dict[tuple[int | str, str], pd.DataFrame]:
-    """``{(resolution, label): scores}``: the folds of each resolution concatenated."""
-    by_resolution: dict[int | str, list[pd.DataFrame]] = {}
-    for (resolution, _), frame in predictions.items():
-        by_resolution.setdefault(resolution, []).append(frame)
-    pooled = {(resolution, label): pd.concat(frames) for resolution, frames in by_resolution.items()}
-    for (resolution, _), frame in pooled.items():
-        if frame.index.duplicated().any():
-            where = f"resolution {resolution}: image {frame.index[frame.index.duplicated()][0]!r}"
-            raise ValueError(f"{where} is in more than one fold's predictions")
+def pool_folds(predictions: PredictionSet) -> dict[tuple[int | str, str], pd.DataFrame]:
+    """``{(resolution, "all"): scores}``: the folds of each resolution concatenated."""
+    pooled = {}
+    for resolution in dict.fromkeys(r for r, _ in predictions):
+        frame = pd.concat([f for (r, _), f in predictions.items() if r == resolution])
+        if len(twice := frame.index[frame.index.duplicated()]):
+            raise ValueError(f"resolution {resolution}: image {twice[0]!r} is in more than one fold")
+        pooled[(resolution, "all")] = frame
     return pooled
 
 
-def labels_for(
-    index: pd.DataFrame, ids: Iterable[str], findings: Sequence[str] | None = None
-) -> pd.DataFrame:
+def labels_for(index: pd.DataFrame, ids: Iterable, findings: Sequence[str] | None = None) -> pd.DataFrame:
     """The index's labels (1 / 0 / NaN) of ``findings`` (None: all) for ``ids``, in order."""
     findings = index_findings(index) if findings is None else list(findings)
-    lacking = [f for f in findings if f not in index.columns]
-    if lacking:
-        raise ValueError(
-            f"the index has no label column for {lacking}; its findings: {index_findings(index)}"
-        )
+    if lacking := [f for f in findings if f not in index.columns]:
+        raise ValueError(f"the index has no label column for {lacking} (it has {index_findings(index)})")
     labels = index.set_index(index["dicom_id"].astype(str))[findings]
     ids = pd.Index(list(map(str, ids)))
-    unknown = ids.difference(labels.index)
-    if len(unknown):
+    if len(unknown := ids.difference(labels.index)):
         raise ValueError(f"{len(unknown)} predicted image(s) not in the index, e.g. {list(unknown[:3])}")
     return labels.loc[ids].astype(float)
 
 
-def _subjects(index: pd.DataFrame, ids: pd.Index, column: str) -> np.ndarray:
-    return index.set_index(index["dicom_id"].astype(str))[column].astype(str).loc[ids].to_numpy()
+def _subjects(index: pd.DataFrame, ids: pd.Index) -> np.ndarray:
+    return index.set_index(index["dicom_id"].astype(str))["subject_id"].astype(str).loc[ids].to_numpy()
 
 
 def finding_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int, str]:
@@ -128,13 +109,9 @@ def finding_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int
     known = ~np.isnan(labels)
     y, s = labels[known], scores[known]
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-    if n_pos + n_neg == 0:
-        return float("nan"), 0, 0, REASON_NO_LABELS
-    if n_neg == 0:
-        return float("nan"), n_pos, 0, REASON_ONE_CLASS_POS
-    if n_pos == 0:
-        return float("nan"), 0, n_neg, REASON_ONE_CLASS_NEG
-    return float(roc_auc_score(y, s)), n_pos, n_neg, ""
+    one_class = REASON_ONE_CLASS_NEG if n_neg else REASON_ONE_CLASS_POS if n_pos else REASON_NO_LABELS
+    reason = "" if n_pos and n_neg else one_class
+    return (float("nan") if reason else float(roc_auc_score(y, s))), n_pos, n_neg, reason
 
 
 def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
@@ -146,28 +123,21 @@ def auc_table(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
             auc = finding_auc(labels[finding].to_numpy(), scores[finding].to_numpy())
             rows.append((finding, resolution, fold, *auc))
     table = pd.DataFrame(rows, columns=list(AUC_COLUMNS))
-    undefined = table[table["reason"] != ""]
-    if len(undefined):
-        parts = []
-        for reason, group in undefined.groupby("reason", sort=True):
-            first = group.iloc[0]
-            where = f"{first['finding']}, resolution {first['resolution']}, fold {first['fold']}"
-            parts.append(f"{reason}: {len(group)} (e.g. {where})")
+    if len(undefined := table[table["reason"] != ""]):
+        parts = [
+            f"{reason}: {len(g)} (e.g. {g['finding'].iat[0]} at {g['resolution'].iat[0]})"
+            for reason, g in undefined.groupby("reason", sort=True)
+        ]
         warnings.warn(
-            f"AUC is NaN for {len(undefined)} of {len(table)} (finding, resolution, fold) cells, where the "
-            f"test images do not have both classes; {'; '.join(parts)}. They are left out of fold means and "
-            "Table 3 (see the 'reason' column of the AUC table)",
+            f"AUC is NaN for {len(undefined)} of {len(table)} (finding, resolution, fold) cells without both "
+            f"classes, left out of fold means and Table 3 (the 'reason' column): {'; '.join(parts)}",
             stacklevel=2,
         )
     return table
 
 
 def _is_number(value) -> bool:
-    try:
-        int(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+    return str(value).lstrip("-").isdigit()
 
 
 def column_order(resolutions: Iterable[int | str]) -> list[int | str]:
@@ -203,13 +173,6 @@ def table3(auc_long: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_auc_tables(run: str | os.PathLike, auc_long: pd.DataFrame) -> tuple[Path, Path]:
-    """Write ``tables/auc.csv`` (long) and ``tables/table3.csv`` atomically; return both paths."""
-    folder = tables_dir(run)
-    auc_path = write_csv_atomic(auc_long, folder / "auc.csv")
-    return auc_path, write_csv_atomic(table3(auc_long), folder / "table3.csv")
-
-
 def _weighted_auc_rows(sorted_pos: np.ndarray, sorted_neg: np.ndarray, starts: np.ndarray) -> np.ndarray:
     pos = np.add.reduceat(sorted_pos, starts, axis=1)
     neg = np.add.reduceat(sorted_neg, starts, axis=1)
@@ -221,15 +184,13 @@ def _weighted_auc_rows(sorted_pos: np.ndarray, sorted_neg: np.ndarray, starts: n
 
 def bootstrap_auc(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, n_boot: int = 1000,
-    seed: int = 0, chunk: int = 200
+    seed: int = 0
 ) -> np.ndarray:  # fmt: skip
     """AUCs of ``n_boot`` resamples of ``groups`` (patients; None: images), NaN with one class."""
     labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
     groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     if not len(labels) == len(scores) == len(groups):
-        raise ValueError(
-            f"labels, scores and groups differ in length: {len(labels)}, {len(scores)}, {len(groups)}"
-        )
+        raise ValueError(f"lengths differ: labels {len(labels)}, scores {len(scores)}, groups {len(groups)}")
     known = ~np.isnan(labels)
     order = np.argsort(scores[known], kind="mergesort")
     labels, scores, groups = labels[known][order], scores[known][order], groups[known][order]
@@ -241,7 +202,7 @@ def bootstrap_auc(
         return out
     rng = np.random.default_rng(seed)
     is_pos = (labels == 1).astype(float)
-    chunk = max(1, min(chunk, 2_000_000 // max(len(labels), 1)))  # ~50 MB per array
+    chunk = max(1, min(200, 2_000_000 // max(len(labels), 1)))  # ~50 MB per array
     for first in range(0, n_boot, chunk):
         b = min(chunk, n_boot - first)
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b).astype(float)
@@ -252,7 +213,7 @@ def bootstrap_auc(
 
 def bootstrap_auc_ci(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, n_boot: int = 1000,
-    alpha: float = 0.05, seed: int = 0
+    seed: int = 0
 ) -> dict[str, float]:  # fmt: skip
     """``{auc, ci_low, ci_high, se, n_boot_valid}``: a percentile interval over valid resamples."""
     auc = finding_auc(labels, scores)[0]
@@ -260,35 +221,30 @@ def bootstrap_auc_ci(
     valid = boots[~np.isnan(boots)]
     if len(valid) == 0:
         return {"auc": auc, "ci_low": np.nan, "ci_high": np.nan, "se": np.nan, "n_boot_valid": 0}
-    low, high = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    low, high = np.quantile(valid, [0.05 / 2, 1 - 0.05 / 2])  # a 95% interval
     se = float(valid.std(ddof=1)) if len(valid) > 1 else np.nan
     return {"auc": auc, "ci_low": float(low), "ci_high": float(high), "se": se, "n_boot_valid": len(valid)}
 
 
-def bootstrap_table(
-    predictions: PredictionSet, index: pd.DataFrame, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-    group_column: str = "subject_id"
-) -> pd.DataFrame:  # fmt: skip
+def bootstrap_table(predictions: PredictionSet, index: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Patient-bootstrap intervals per (finding, resolution, fold), with a ``caution`` column."""
     rows = []
     for (resolution, fold), scores in predictions.items():
         labels = labels_for(index, scores.index, scores.columns)
-        groups = _subjects(index, scores.index, group_column)
+        groups = _subjects(index, scores.index)
         for finding in scores.columns:
             y = labels[finding].to_numpy()
-            ci = bootstrap_auc_ci(y, scores[finding].to_numpy(), groups, n_boot, alpha, seed)
+            ci = bootstrap_auc_ci(y, scores[finding].to_numpy(), groups, n_boot)
             caution = _bootstrap_caution(y, groups, ci["n_boot_valid"], n_boot)
-            n_groups = int(pd.unique(groups).size)
             key = {"finding": finding, "resolution": resolution, "fold": fold}
-            rows.append({**key, **ci, "n_groups": n_groups, "caution": caution})
+            rows.append({**key, **ci, "n_groups": int(pd.unique(groups).size), "caution": caution})
     table = pd.DataFrame(rows)
     flagged = table[table["caution"] != ""] if len(table) else table
     if len(flagged):
         first = flagged.iloc[0]
         warnings.warn(
-            f"bootstrap intervals are unreliable for {len(flagged)} of {len(table)} (finding, resolution, "
-            f"fold) rows, e.g. {first['finding']} at {first['resolution']}: {first['caution']} "
-            "(the 'caution' column)",
+            f"bootstrap intervals are unreliable for {len(flagged)} of {len(table)} rows ('caution' column), "
+            f"e.g. {first['finding']} at {first['resolution']}: {first['caution']}",
             stacklevel=2,
         )
     return table
@@ -325,8 +281,6 @@ def delong_covariance(
         return aucs, np.atleast_2d(np.cov(v_pos)) / m + np.atleast_2d(np.cov(v_neg)) / n
     _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
     n_clusters = int(cluster_of.max()) + 1
-    if n_clusters < 2:
-        raise ValueError("the clustered DeLong test needs at least 2 clusters (subjects)")
 
     def deviations(components: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, int]:
         sums = np.stack([np.bincount(members, weights=c, minlength=n_clusters) for c in components])
@@ -335,10 +289,7 @@ def delong_covariance(
 
     (d_x, i10), (d_y, i01) = deviations(v_pos, cluster_of[positive]), deviations(v_neg, cluster_of[~positive])
     if min(i10, i01) < 2:
-        raise ValueError(
-            f"the clustered DeLong test needs positives and negatives in at least 2 clusters each, "
-            f"got {i10} and {i01}"
-        )
+        raise ValueError(f"DeLong needs both classes in at least 2 clusters each, got {i10} and {i01}")
     s10 = i10 / (i10 - 1) / m * d_x @ d_x.T
     s01 = i01 / (i01 - 1) / n * d_y @ d_y.T
     s11 = n_clusters / (n_clusters - 1) * d_x @ d_y.T
@@ -361,8 +312,7 @@ def delong_test(
     elif se <= 1e-12 * max(abs(diff), 1.0):
         z, p = float(np.sign(diff) * np.inf), 0.0
     else:
-        z = diff / se
-        p = float(2 * stats.norm.sf(abs(z)))
+        z, p = diff / se, float(2 * stats.norm.sf(abs(diff / se)))
     half = float(stats.norm.ppf(0.975)) * se
     values = (float(aucs[0]), float(aucs[1]), diff, diff - half, diff + half, se, z, p)
     return dict(zip(DELONG_FIELDS, values, strict=True))
@@ -372,8 +322,7 @@ def _adjusted(pvalues: Sequence[float], step: Callable[[np.ndarray, int], np.nda
     p = np.asarray(pvalues, dtype=float)
     out, valid = np.full_like(p, np.nan), np.flatnonzero(~np.isnan(p))
     order = valid[np.argsort(p[valid], kind="mergesort")]  # the valid p-values, ascending
-    if len(order):
-        out[order] = np.minimum(step(p[order], len(order)), 1.0)
+    out[order] = np.minimum(step(p[order], len(order)), 1.0)
     return out
 
 
@@ -397,19 +346,11 @@ def correct_family(table: pd.DataFrame, family: str) -> pd.DataFrame:
     return table
 
 
-def delong_findings(
-    scores_a: pd.DataFrame,
-    scores_b: pd.DataFrame,
-    index: pd.DataFrame,
-    group_column: str | None = "subject_id",
-) -> pd.DataFrame:
-    """Clustered DeLong test per finding of two score frames of the same images, corrected over them."""
-    if set(scores_a.index) != set(scores_b.index):
-        raise ValueError("the two prediction frames do not hold the same images; a paired test needs them")
+def delong_findings(scores_a: pd.DataFrame, scores_b: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """Patient-clustered DeLong test per finding of two score frames of the same images, corrected."""
     scores_b = scores_b.loc[scores_a.index]
     labels = labels_for(index, scores_a.index, scores_a.columns)
-    clusters = None if group_column is None else _subjects(index, scores_a.index, group_column)
-    rows = []
+    clusters, rows = _subjects(index, scores_a.index), []
     for finding in scores_a.columns:
         try:
             result = delong_test(labels[finding].to_numpy(), scores_a[finding], scores_b[finding], clusters)
@@ -420,9 +361,7 @@ def delong_findings(
     return correct_family(pd.DataFrame(rows), "the findings of this pair")
 
 
-def pairwise_delong(
-    predictions: PredictionSet, index: pd.DataFrame, group_column: str | None = "subject_id"
-) -> pd.DataFrame:
+def pairwise_delong(predictions: PredictionSet, index: pd.DataFrame) -> pd.DataFrame:
     """Clustered DeLong tests of every pair of resolutions / ensembles, corrected per fold."""
     labels_in = column_order(resolution for resolution, _ in predictions)
     tables = []
@@ -430,7 +369,7 @@ def pairwise_delong(
         present = [r for r in labels_in if (r, fold) in predictions]
         pairs = list(itertools.combinations(present, 2))
         per_fold = [
-            delong_findings(predictions[(a, fold)], predictions[(b, fold)], index, group_column).assign(
+            delong_findings(predictions[(a, fold)], predictions[(b, fold)], index).assign(
                 resolution_a=a, resolution_b=b, fold=fold
             )
             for a, b in pairs

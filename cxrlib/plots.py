@@ -1,13 +1,6 @@
-"""Every figure as a function from data to a ``matplotlib.figure.Figure``, in one style.
+"""Every figure as a function from data to a ``matplotlib.figure.Figure`` (no pyplot: a notebook shows
+each returned figure once), in one style. Which notebook makes which figure: docs/method.md."""
 
-Figures are built without pyplot, so a loop that makes many does not accumulate open windows and a
-notebook shows each returned figure once; without a display the Agg backend is selected on import.
-:func:`save_figure` writes a PNG atomically. Which notebook makes which figure: docs/method.md.
-"""
-
-from __future__ import annotations
-
-import io
 import itertools
 import os
 import sys
@@ -15,13 +8,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
-
-_HEADLESS = sys.platform.startswith("linux") and not (
-    os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-)
-if _HEADLESS and not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
-
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -43,11 +29,7 @@ _UNIT_FRAME = (0, 1, 1, 0)  # imshow extent: every image and map drawn in the im
 
 def show_inline() -> None:
     """In a notebook, show returned figures as images (``%matplotlib inline``) in the one style."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None  # None: not in IPython
     if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
         shell.run_line_magic("matplotlib", "inline")
     _set_style()
@@ -64,20 +46,15 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (parent folders created); returns the path."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+        fig.savefig(handle, format="png", dpi=150, bbox_inches="tight")
     return Path(path)
 
 
 def _label(resolution: int | str) -> str:
-    try:
-        return f"{int(resolution)}x{int(resolution)}"
-    except (TypeError, ValueError):
-        return str(resolution)
+    return f"{resolution}x{resolution}" if str(resolution).isdigit() else str(resolution)
 
 
 def _auc_axis(ax) -> None:
@@ -88,8 +65,8 @@ def _auc_axis(ax) -> None:
         ax.set_ylim(top - MIN_AUC_SPAN, top)
 
 
-def _corner_text(ax, text: str, color: str = "white") -> None:
-    ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", color=color, fontsize="small")
+def _corner_text(ax, text: str) -> None:
+    ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", color="white", fontsize="small")
 
 
 def _under(ax, text: str, fontsize: str = "small") -> None:
@@ -104,29 +81,24 @@ def native_size_columns(index: pd.DataFrame) -> list[str]:
     return ["width", "height"]
 
 
-def fig3_image_sizes(index: pd.DataFrame, max_points: int = 50_000, seed: int = 0) -> Figure:
+def fig3_image_sizes(index: pd.DataFrame) -> Figure:
     """Native width x height of the index's images, a scatter with marginal histograms (paper Fig. 3)."""
     columns = native_size_columns(index)
-    for column in columns:
-        if column not in index.columns:
-            raise ValueError(f"the index has no {column!r} column (native image size)")
+    if missing := [c for c in columns if c not in index.columns]:
+        raise ValueError(f"the index has no {missing[0]!r} column (native image size)")
     sizes = index[columns].apply(pd.to_numeric, errors="coerce").dropna()
     sizes = sizes.set_axis(["width", "height"], axis=1)
-    shown = sizes.sample(max_points, random_state=seed) if len(sizes) > max_points else sizes
+    shown = sizes.sample(50_000, random_state=0) if len(sizes) > 50_000 else sizes  # a scatter drawn fast
     fig = _figure(6.5, 6.0)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
     scatter = fig.add_subplot(grid[1, 0])
     top, right = fig.add_subplot(grid[0, 0], sharex=scatter), fig.add_subplot(grid[1, 1], sharey=scatter)
-    sns.scatterplot(
-        data=shown, x="width", y="height", ax=scatter, s=8, alpha=0.3, linewidth=0, rasterized=True
-    )
+    sns.scatterplot(data=shown, x="width", y="height", ax=scatter, s=8, alpha=0.3, lw=0, rasterized=True)
     bins = min(60, max(5, int(np.sqrt(len(sizes)))))
-    sns.histplot(data=sizes, x="width", ax=top, bins=bins, element="step")
-    sns.histplot(data=sizes, y="height", ax=right, bins=bins, element="step")
+    sns.histplot(data=sizes, x="width", ax=top, bins=bins, element="step").set(xlabel="")
+    sns.histplot(data=sizes, y="height", ax=right, bins=bins, element="step").set(ylabel="")
     top.tick_params(labelbottom=False)
     right.tick_params(labelleft=False)
-    top.set_xlabel("")
-    right.set_ylabel("")
     scatter.set(xlabel="native width (px)", ylabel="native height (px)")
     fig.suptitle(f"Native image sizes ({len(sizes):,} images)")
     return fig
@@ -140,7 +112,7 @@ def _draw_erf_discs(ax, result, colour: str) -> None:
         ax.add_patch(Circle(centre, radius / side, fill=False, color=colour, linestyle=style, lw=1.4))
 
 
-def fig1_erf(results: Mapping, normalise: bool = True, cmap: str = "magma") -> Figure:
+def fig1_erf(results: Mapping) -> Figure:
     """ERF maps in the image's frame with their mass discs, per resolution (and state: one row each)."""
     lookup = {(int(k[0]), k[1]) if isinstance(k, tuple) else (int(k), ""): v for k, v in results.items()}
     if not lookup:
@@ -148,7 +120,6 @@ def fig1_erf(results: Mapping, normalise: bool = True, cmap: str = "magma") -> F
     resolutions, states = sorted({r for r, _ in lookup}), list(dict.fromkeys(s for _, s in lookup))
     fig = _figure(3.0 * len(resolutions) + 0.8, 3.2 * len(states) + 0.3)
     axes = fig.subplots(len(states), len(resolutions), squeeze=False)
-    image = None
     for (row, state), (col, resolution) in itertools.product(enumerate(states), enumerate(resolutions)):
         ax, result = axes[row, col], lookup.get((resolution, state))
         ax.set(xticks=[0, 0.5, 1], yticks=[0, 0.5, 1], xlim=(0, 1), ylim=(1, 0))
@@ -157,15 +128,13 @@ def fig1_erf(results: Mapping, normalise: bool = True, cmap: str = "magma") -> F
         if result is None:
             ax.set_axis_off()
             continue
-        erf = result.erf / result.erf.max() if normalise else result.erf
-        image = ax.imshow(erf, extent=_UNIT_FRAME, cmap=cmap, vmin=0, interpolation="bilinear")
+        image = ax.imshow(
+            result.erf / result.erf.max(), extent=_UNIT_FRAME, cmap="magma", vmin=0, interpolation="bilinear"
+        )
         _draw_erf_discs(ax, result, "cyan")
         ax.set_title(_label(resolution) + (f" ({state})" if state else ""))
-        _corner_text(
-            ax, f"90%: {100 * result.fraction90:.0f}% of side\n50%: {100 * result.fraction50:.0f}% of side"
-        )
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max" if normalise else "ERF")
+        _corner_text(ax, f"90%: {100 * result.fraction90:.0f}% of side\n50%: {100 * result.fraction50:.0f}%")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="ERF / max")  # every image has the same colour scale
     fig.suptitle("Effective receptive field relative to the image (circles: 50% / 90% of mass)")
     return fig
 
@@ -212,11 +181,11 @@ def conv_stack_erfs(maps: Mapping[int, np.ndarray]) -> Figure:
 def fig4_gradcam(
     originals: Mapping[str, np.ndarray], maps: Mapping[str, Mapping[int, np.ndarray]],
     probabilities: Mapping[str, Mapping[int, Sequence[float]]], ground_truth: Mapping[str, Sequence[str]],
-    findings: Sequence[str] = ("Cardiomegaly", "Pneumothorax"), threshold: float = 0.5, alpha: float = 0.45,
-    title: str = "Grad-CAM across resolutions", names: Sequence[str] | None = None,
+    findings: Sequence[str] = ("Cardiomegaly", "Pneumothorax"), title: str = "Grad-CAM across resolutions",
+    names: Sequence[str] | None = None,
 ) -> Figure:  # fmt: skip
     """Grad-CAM grid (paper Fig. 4): a row per finding, the original then each column of ``maps``."""
-    findings = [f for f in findings if f in maps]
+    findings, names = [f for f in findings if f in maps], list(FINDINGS if names is None else names)
     if not findings:
         raise ValueError("none of the requested findings has Grad-CAM maps")
     columns = list(dict.fromkeys(key for f in findings for key in maps[f]))
@@ -233,38 +202,28 @@ def fig4_gradcam(
         _under(axes[row, 0], f"ground truth: {', '.join(ground_truth.get(finding, [])) or 'none'}")
         for ax, column in zip(axes[row, 1:], columns, strict=True):
             if column in maps[finding]:
-                ax.imshow(maps[finding][column], cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=_UNIT_FRAME,
+                ax.imshow(maps[finding][column], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=_UNIT_FRAME,
                           interpolation="bilinear")  # fmt: skip
-                _label_cam(ax, finding, column, probabilities[finding][column], threshold, names)
+                probs = np.asarray(probabilities[finding][column], dtype=float)  # title: this row's finding's
+                predicted = [f"{n} ({p:.2f})" for n, p in zip(names, probs, strict=True) if p > 0.5]
+                ax.set_title(f"{_label(column)}: p={probs[names.index(finding)]:.2f}")
+                _under(ax, "p > 0.5: " + ("\n".join(predicted) or "none"), "x-small")
     fig.suptitle(title)
     return fig
 
 
-def _label_cam(ax, finding: str, column, probabilities: Sequence[float], threshold: float, names) -> None:
-    # the title: the row's finding's probability; under it the findings above the threshold
-    probs, names = np.asarray(probabilities, dtype=float), list(FINDINGS if names is None else names)
-    predicted = [f"{name} ({p:.2f})" for name, p in zip(names, probs, strict=True) if p > threshold]
-    name = _label(column) if isinstance(column, int | np.integer) else column
-    ax.set_title(f"{name}: p={probs[names.index(finding)]:.2f}")
-    _under(ax, f"p > {threshold:g}: " + ("\n".join(predicted) or "none"), "x-small")
-
-
 def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
     """Stacked bars of each finding's ensemble weights over the resolutions, in percent (paper Fig. 5)."""
-    missing = {"finding", "resolution", "weight"} - set(weights.columns)
-    if missing:
-        raise ValueError(
-            f"ensemble weights need columns finding, resolution, weight; missing {sorted(missing)}"
-        )
+    if missing := {"finding", "resolution", "weight"} - set(weights.columns):
+        raise ValueError(f"ensemble weights lack column(s) {sorted(missing)}")
     table = weights.pivot_table(index="finding", columns="resolution", values="weight", aggfunc="mean")
     table = table.reindex(finding_order(weights["finding"]))
     table = table[sorted(table.columns, key=int)] * 100
     fig = _figure(8.5, 0.42 * len(table) + 1.6)
     ax = fig.add_subplot()
     left, y = np.zeros(len(table)), np.arange(len(table))
-    for color, resolution in zip(
-        sns.color_palette("viridis", len(table.columns)), table.columns, strict=True
-    ):
+    palette = sns.color_palette("viridis", len(table.columns))
+    for color, resolution in zip(palette, table.columns, strict=True):
         values = table[resolution].to_numpy()
         ax.barh(y, values, left=left, color=color, label=_label(resolution), edgecolor="white")
         text_color = "white" if np.mean(color[:3]) < 0.5 else "black"
@@ -283,9 +242,8 @@ def fig5_ensemble_weights(weights: pd.DataFrame) -> Figure:
 
 
 def auc_vs_resolution(
-    auc_long: pd.DataFrame, findings: Sequence[str] | None = None, ci: pd.DataFrame | None = None,
-    ncols: int = 4, include_average: bool = True,
-) -> Figure:  # fmt: skip
+    auc_long: pd.DataFrame, findings: Sequence[str] | None = None, ci: pd.DataFrame | None = None
+) -> Figure:
     """AUC versus resolution per finding (std over folds, or ``ci``), ensembles as lines (and bands)."""
     frame = auc_long.assign(resolution=auc_long["resolution"].astype(str))
     numbers = sorted({int(r) for r in frame["resolution"] if r.lstrip("-").isdigit()})
@@ -293,35 +251,26 @@ def auc_vs_resolution(
         raise ValueError("the AUC table has no numeric resolutions")
     names = [r for r in dict.fromkeys(frame["resolution"]) if not r.lstrip("-").isdigit()]
     present = finding_order(frame["finding"])
-    findings = [f for f in findings if f in present] if findings else present
-    if include_average:
-        average = frame.groupby(["resolution", "fold"], sort=False)["auc"].mean().reset_index()
-        frame = pd.concat([frame, average.assign(finding="Average")], ignore_index=True)
-        findings = ["Average", *findings]
+    findings = ["Average", *([f for f in findings if f in present] if findings else present)]
+    average = frame.groupby(["resolution", "fold"], sort=False)["auc"].mean().reset_index()
+    frame = pd.concat([frame, average.assign(finding="Average")], ignore_index=True)
     summary = frame.groupby(["finding", "resolution"])["auc"].agg(["mean", "std"])
     if ci is not None:
         ci = ci.assign(resolution=ci["resolution"].astype(str))
         if ci.duplicated(["finding", "resolution"]).any():
-            raise ValueError(
-                "ci must have one row per finding and resolution; for several folds pool them "
-                "first (metrics.pool_folds) or pass one fold's rows"
-            )
-    ncols = min(ncols, len(findings))
+            raise ValueError("ci must have one row per finding and resolution (pool the folds first)")
+    ncols = min(4, len(findings))
     fig = _figure(3.0 * ncols, 2.5 * int(np.ceil(len(findings) / ncols)) + 0.6)
     axes = fig.subplots(int(np.ceil(len(findings) / ncols)), ncols, squeeze=False, sharex=True)
     for ax, finding in zip(axes.flat, findings, strict=False):
         _auc_panel(ax, finding, numbers, names, summary, None if finding == "Average" else ci)
     for ax in list(axes.flat)[len(findings) :]:
         ax.set_axis_off()
-    for ax in axes[:, 0]:
-        ax.set_ylabel("AUC")
-    for ax in axes[-1]:
-        ax.set_xlabel("resolution (px)")
+    fig.supylabel("AUC")
+    fig.supxlabel("resolution (px)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
-    fig.suptitle(
-        f"AUC versus input resolution ({'bootstrap CI' if ci is not None else 'mean ± std over folds'})"
-    )
+    fig.suptitle(f"AUC versus resolution ({'bootstrap CI' if ci is not None else 'mean ± std over folds'})")
     return fig
 
 
@@ -331,11 +280,9 @@ def _auc_panel(ax, finding: str, numbers: list[int], names: list[str], summary: 
         part = ci[ci["finding"] == finding].set_index("resolution").reindex(labels)
         mean = part["auc"].to_numpy(dtype=float)
         err = np.vstack([mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean])
-    elif finding in summary.index.get_level_values(0):
+    else:
         part = summary.loc[finding].reindex(labels)
         mean, err = part["mean"].to_numpy(dtype=float), np.nan_to_num(part["std"].to_numpy(dtype=float))
-    else:
-        mean, err = np.full(len(numbers), np.nan), None
     ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color="C0", label="single resolution")
     for name in names:
         if (finding, name) in summary.index:
@@ -354,17 +301,14 @@ def cross_resolution_heatmap(table: pd.DataFrame, findings: Sequence[str] = ("Av
     keys = ["train_resolution", "test_resolution", "fold"]
     average = table.groupby(keys)["auc"].mean().reset_index().assign(finding="Average")
     both = pd.concat([table, average], ignore_index=True)
-    shown = [f for f in findings if f in set(both["finding"])]
-    if not shown:
+    if not (shown := [f for f in findings if f in set(both["finding"])]):
         raise ValueError(f"none of {list(findings)} is in the table (it has {sorted(set(table['finding']))})")
     fig = _figure(3.4 * len(shown) + 0.6, 3.3)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
     for ax, finding in zip(axes, shown, strict=True):
-        cells = (
-            both[both["finding"] == finding].groupby(["train_resolution", "test_resolution"])["auc"].mean()
-        )
+        cells = both[both["finding"] == finding].groupby(keys[:2])["auc"].mean()
         sns.heatmap(
-            cells.unstack("test_resolution").sort_index().sort_index(axis=1), annot=True, fmt=".2f",
+            cells.unstack().sort_index().sort_index(axis=1), annot=True, fmt=".2f",
             cmap="viridis", vmin=0.5, vmax=1.0, ax=ax, cbar=ax is axes[-1], linewidths=0.5, square=True,
             cbar_kws={"label": "test AUC"},
         )  # fmt: skip
@@ -385,12 +329,9 @@ def training_curves(histories: Mapping[tuple[int, int], pd.DataFrame]) -> Figure
     for (resolution, fold), history in sorted(histories.items()):
         color = colors[int(resolution)]
         label = _label(resolution) if fold == min(f for r, f in histories if r == resolution) else None
-        if "train_loss" in history:
-            loss_ax.plot(history["epoch"], history["train_loss"], color=color, linestyle="--", alpha=0.8)
-        if "val_loss" in history:
-            loss_ax.plot(history["epoch"], history["val_loss"], color=color, label=label)
-        if "lr" in history:
-            lr_ax.plot(history["epoch"], history["lr"], color=color, label=label)
+        loss_ax.plot(history["epoch"], history["train_loss"], color=color, linestyle="--", alpha=0.8)
+        loss_ax.plot(history["epoch"], history["val_loss"], color=color, label=label)
+        lr_ax.plot(history["epoch"], history["lr"], color=color, label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss (dashed: train, solid: validation)")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", yscale="log")
     loss_ax.legend(title="resolution")
@@ -402,8 +343,7 @@ def phantom_examples(
     examples: Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]], findings: Sequence[str] | None = None
 ) -> Figure:
     """Each phantom finding per resolution: the image with it, and with - without (red: brighter)."""
-    findings = [f for f in (findings or list(examples)) if f in examples]
-    if not findings:
+    if not (findings := [f for f in (findings or list(examples)) if f in examples]):
         raise ValueError("no phantom examples to plot")
     resolutions = sorted({int(r) for f in findings for r in examples[f]})
     fig = _figure(2.0 * 2 * len(resolutions), 2.0 * len(findings) + 0.5)
@@ -415,10 +355,6 @@ def phantom_examples(
         axes[row, 0].set_ylabel(finding, fontweight="bold", fontsize="small")
         for col, resolution in enumerate(resolutions):
             image_ax, diff_ax = axes[row, 2 * col], axes[row, 2 * col + 1]
-            if resolution not in examples[finding]:
-                image_ax.set_axis_off()
-                diff_ax.set_axis_off()
-                continue
             with_img, without_img = (np.asarray(a, dtype=float) for a in examples[finding][resolution])
             difference = with_img - without_img
             limit = max(float(np.abs(difference).max()), 1.0)
@@ -440,8 +376,7 @@ def resolution_strip(images: Mapping[int, np.ndarray], title: str | None = None)
         ax.imshow(images[resolution], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(_label(resolution))
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or "")
     return fig
 
 
@@ -459,27 +394,22 @@ def arms_auc(
         zip([*coarse, *fine], sns.color_palette("colorblind", len(coarse) + len(fine)), strict=True)
     )
     for ax, group, name in ((axes[0], coarse, "coarse findings"), (axes[1], fine, "fine findings (control)")):
-        for k, finding in enumerate(group):
-            part = table[table["finding"] == finding].set_index("arm").reindex(arms)
+        for k, f in enumerate(group):
+            part = table[table["finding"] == f].set_index("arm").reindex(arms)
             x = np.arange(len(arms)) + 0.08 * (k - (len(group) - 1) / 2)
             errors = [part["auc"] - part["auc_low"], part["auc_high"] - part["auc"]]
-            ax.errorbar(
-                x, part["auc"], yerr=errors, marker="o", capsize=3, color=colours[finding], label=finding
-            )
-            for auc in [] if reference is None else reference.loc[reference["finding"] == finding, "auc"]:
-                ax.axhline(auc, color=colours[finding], linestyle="--", linewidth=0.9, alpha=0.7)
+            ax.errorbar(x, part["auc"], yerr=errors, marker="o", capsize=3, color=colours[f], label=f)
+            for auc in [] if reference is None else reference.loc[reference["finding"] == f, "auc"]:
+                ax.axhline(auc, color=colours[f], linestyle="--", linewidth=0.9, alpha=0.7)
         ax.axhline(0.5, color="0.6", linewidth=0.8)
-        ax.set_xticks(
-            range(len(arms)), [f"{arm}\nERF {100 * erf[arm]:.0f}%" for arm in arms], fontsize="small"
-        )
+        ax.set_xticks(range(len(arms)), [f"{a}\nERF {100 * erf[a]:.0f}%" for a in arms], fontsize="small")
         ax.set(xlim=(-0.5, len(arms) - 0.5), title=name)
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(group))
     axes[0].set_ylabel("test AUC (patient-bootstrap 95% interval)")
     where = ""
     if reference is not None:
-        where = "; dashed: the resolution sweep at " + ", ".join(
-            f"{r} px" for r in sorted(set(reference["resolution"]))
-        )
+        resolutions = ", ".join(f"{r} px" for r in sorted(set(reference["resolution"])))
+        where = f"; dashed: the resolution sweep at {resolutions}"
     _auc_axis(axes[0])  # the y axis is shared
     fig.suptitle(f"What brings the coarse findings back? One change per arm{where}")
     return fig

@@ -1,18 +1,11 @@
 """Theoretical receptive field (a layer walk) and effective receptive field (the paper's eq. 1).
-
-The walk's recurrence, the ERF's tensor, position, translations, the random-sign estimator, its
-cost and the summaries (mass radii, Gaussian sigma): docs/method.md, "Receptive fields".
-"""
-
-from __future__ import annotations
+Definitions, estimator and cost: docs/method.md, "Receptive fields"."""
 
 import functools
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections import namedtuple
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,11 +16,8 @@ import torchvision
 from scipy.optimize import curve_fit
 from tqdm.auto import tqdm
 
-from .fileio import write_csv_atomic
 from .models import full_float32, model_input
-from .paths import tables_dir
 
-# Layers that leave the spatial field unchanged, and layers after which the field is the whole input.
 _IDENTITY_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm,
                     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
                     nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout2d, nn.Identity)  # fmt: skip
@@ -42,11 +32,7 @@ ERF_DEFINITION = (
 )
 
 
-class _Field(NamedTuple):  # per axis (height, width); the map's size when known
-    rf: np.ndarray
-    jump: np.ndarray
-    start: np.ndarray
-    size: np.ndarray | None
+_Field = namedtuple("_Field", "rf jump start")  # each an array per axis (height, width)
 
 
 def _pair(value) -> np.ndarray:
@@ -61,22 +47,13 @@ def _show(values: np.ndarray) -> int | float | tuple:
 def _apply_layer(state: _Field, name: str, layer: nn.Module, rows: list[dict]) -> _Field:
     kernel, stride = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
     dilation = _pair(getattr(layer, "dilation", 1))
-    if isinstance(layer.padding, str):  # Conv2d(padding="same" | "valid"), stride 1 only
-        padding = (kernel - 1) * dilation / 2 if layer.padding == "same" else np.zeros(2)
-    else:
-        padding = _pair(layer.padding)
-    size = None
-    if state.size is not None:
-        rounding = np.ceil if getattr(layer, "ceil_mode", False) else np.floor
-        size = rounding((state.size + 2 * padding - dilation * (kernel - 1) - 1) / stride) + 1
+    padding = np.zeros(2) if isinstance(layer.padding, str) else _pair(layer.padding)  # "valid": none
+    padding = (kernel - 1) * dilation / 2 if layer.padding == "same" else padding  # Conv2d, stride 1 only
     start = state.start + ((kernel - 1) / 2 * dilation - padding) * state.jump
-    out = _Field(state.rf + (kernel - 1) * dilation * state.jump, state.jump * stride, start, size)
+    out = _Field(state.rf + (kernel - 1) * dilation * state.jump, state.jump * stride, start)
     values = {"kernel": kernel, "stride": stride, "dilation": dilation, "padding": padding, "jump": out.jump,
-              "rf": out.rf, "start": out.start, "size": size}  # fmt: skip
-    rows.append(
-        {"layer": name, "type": type(layer).__name__}
-        | {k: _show(v) for k, v in values.items() if v is not None}
-    )
+              "rf": out.rf, "start": out.start}  # fmt: skip
+    rows.append({"layer": name, "type": type(layer).__name__} | {k: _show(v) for k, v in values.items()})
     return out
 
 
@@ -86,40 +63,23 @@ def _walk(module: nn.Module, name: str, state: _Field, rows: list[dict]) -> _Fie
     if isinstance(module, _IDENTITY_LAYERS):
         return state
     if isinstance(module, _GLOBAL_LAYERS):
-        raise ValueError(
-            f"layer {name!r} ({type(module).__name__}) pools or connects globally, so the field "
-            "becomes the whole input; pass only the convolutional part (e.g. model.features)"
-        )
+        raise ValueError(f"{name!r} ({type(module).__name__}) pools or connects globally: use .features")
     children = list(module.named_children())
-    if type(module).__name__ == "_DenseBlock":
-        # Each layer sees the block input and every earlier output, concatenated: the field of a
-        # concatenation is the largest of its parts (all share jump and start).
-        branches = [state]
-        for child_name, child in children:
-            branches.append(
-                _walk(child, f"{name}.{child_name}", max(branches, key=lambda s: s.rf.max()), rows)
-            )
-        jumps = {tuple(b.jump) for b in branches}
-        if len(jumps) != 1:
-            raise ValueError(f"dense block {name!r} concatenates maps of different strides {jumps}")
-        return max(branches, key=lambda s: s.rf.max())
     if not children:
-        raise ValueError(
-            f"layer {name!r} ({type(module).__name__}) is not supported by the receptive field walk; "
-            "supported: Conv2d, MaxPool2d, AvgPool2d, norms, activations, dropout, containers"
-        )
-    for child_name, child in children:  # any other container: a chain of its children
+        raise ValueError(f"layer {name!r} ({type(module).__name__}) is not supported by the walk")
+    # any container is a chain of its children; so is a dense block: each layer sees the block input and
+    # every earlier output concatenated, and the largest of their fields is the last layer's
+    for child_name, child in children:
         state = _walk(child, f"{name}.{child_name}" if name else child_name, state, rows)
     return state
 
 
 def theoretical_receptive_field(
-    module: nn.Module, input_size: int | tuple[int, int] | None = None, return_table: bool = False
-) -> int | tuple[int, int] | tuple[int | tuple[int, int], pd.DataFrame]:
+    module: nn.Module, return_table: bool = False
+) -> int | tuple | tuple[int | tuple, pd.DataFrame]:
     """Receptive field in input pixels of one output pixel of a CNN's convolutional part (and the walk)."""
     rows: list[dict] = []
-    size = None if input_size is None else _pair(input_size)
-    state = _walk(module, "", _Field(np.ones(2), np.ones(2), np.zeros(2), size), rows)
+    state = _walk(module, "", _Field(np.ones(2), np.ones(2), np.zeros(2)), rows)
     return (_show(state.rf), pd.DataFrame(rows)) if return_table else _show(state.rf)
 
 
@@ -152,9 +112,7 @@ class ERFResult:
 
     def __post_init__(self):
         if np.isnan(self.radius50_px):
-            summary = erf_summary(self.erf)
-            self.centroid, self.radius50_px = summary["centroid"], summary["radius50_px"]
-            self.radius90_px, self.sigma_px = summary["radius90_px"], summary["sigma_px"]
+            vars(self).update(erf_summary(self.erf))  # centroid, radius50_px, radius90_px, sigma_px
 
     @property
     def resolution(self) -> int:
@@ -219,31 +177,13 @@ def translate_batch(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) 
         return images
     height, width = images.shape[-2:]
     if max_shift >= min(height, width):
-        raise ValueError(
-            f"reflect padding needs max_shift < image side, got {max_shift} for {height}x{width}"
-        )
+        raise ValueError(f"reflect padding needs max_shift < image side: {max_shift} for {height}x{width}")
     padded = F.pad(images, (max_shift,) * 4, mode="reflect")
     out = torch.empty_like(images)
     for i, (dy, dx) in enumerate(shifts.tolist()):
         top, left = max_shift - dy, max_shift - dx
         out[i] = padded[i, :, top : top + height, left : left + width]
     return out
-
-
-def _as_batch(images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, bool]:
-    """Images as a float ``[N, C, H, W]`` tensor and whether they are grayscale pixels in [0, 1]."""
-    images = torch.as_tensor(images)
-    if images.dim() == 2:
-        images = images[None, None]
-    elif images.dim() == 3:
-        images = images[:, None]
-    if images.dim() != 4:
-        raise ValueError(f"images must be [N, C, H, W], [N, H, W] or [H, W]; got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        if images.shape[1] != 1:
-            raise ValueError(f"uint8 images must be grayscale [N, 1, H, W]; got shape {tuple(images.shape)}")
-        return images.float() / 255.0, True
-    return images.float(), False
 
 
 @full_float32()  # float32 as documented: TF32 convolutions (a GPU default) would round the gradients
@@ -255,11 +195,11 @@ def effective_receptive_field(
     """Eq. 1 of ``model.features`` over randomly shifted uint8 grayscale images (or float model inputs)."""
     if min(n_translations, n_probes, chunk, batch_size) < 1:
         raise ValueError("n_translations, n_probes, chunk and batch_size must be at least 1")
-    if not 0.0 <= max_shift < 1.0:
-        raise ValueError(f"max_shift is a fraction of the image side in [0, 1), got {max_shift}")
     features = getattr(model, "features", model)
     device = next(model.parameters(), torch.empty(0)).device
-    pixels, grayscale = _as_batch(images)
+    pixels = torch.as_tensor(images)
+    grayscale = pixels.dtype == torch.uint8  # gray pixels [N, 1, H, W], through the model's input scaling
+    pixels = pixels.float() / 255.0 if grayscale else pixels.float()
     n_images, _, height, width = pixels.shape
     shift_px = int(round(max_shift * min(height, width)))
     generator = generator or torch.Generator().manual_seed(0)
@@ -306,18 +246,14 @@ def _squared_gradient_sum(target, x, exact, n_probes, chunk, generator) -> torch
         else:  # Rademacher signs per probe, image and channel
             signs = torch.randint(0, 2, (size, batch, n_channels), generator=generator)
             cotangents = (2.0 * signs - 1.0).to(device=x.device, dtype=target.dtype)
-        last = first + size >= count
-        (grads,) = torch.autograd.grad(target, x, cotangents, retain_graph=not last, is_grads_batched=True)
+        retain = first + size < count  # for the next chunk
+        (grads,) = torch.autograd.grad(target, x, cotangents, retain_graph=retain, is_grads_batched=True)
         total += grads.sum(dim=2).square().sum(dim=(0, 1))  # grads: [size, b, C, H, W]
     return total if exact else total / n_probes
 
 
-def erf_table(
-    results: Iterable[tuple[str, ERFResult]] | Mapping[tuple[int, str], ERFResult],
-    theoretical_rf_px: int | None = None,
-) -> pd.DataFrame:
-    """``erf.csv`` rows from ``(state, result)`` pairs or ``{(resolution, state): result}``, init first."""
-    pairs = [(key[1], value) for key, value in results.items()] if isinstance(results, Mapping) else results
+def erf_table(results: Mapping, theoretical_rf_px: int | None = None) -> pd.DataFrame:
+    """``erf.csv`` rows of ``{(resolution, state): result}``, init first."""
     rows = [
         {"resolution": r.resolution, "state": state, "erf_radius50_px": r.radius50_px,
          "erf_radius90_px": r.radius90_px, "erf_radius_px": r.radius90_px,
@@ -325,7 +261,7 @@ def erf_table(
          "gaussian_sigma_px": r.sigma_px, "n_images": r.n_images, "n_samples": r.n_samples,
          "method": r.method, "n_probes": r.n_probes, "max_shift_px": r.max_shift_px, "padding": r.padding,
          "theoretical_rf_px": theoretical_rf_px, "definition": ERF_DEFINITION}
-        for state, r in pairs
+        for (_, state), r in results.items()
     ]  # fmt: skip
     order = {"init": 0, "trained": 1}
     table = pd.DataFrame(rows).sort_values(
@@ -334,24 +270,16 @@ def erf_table(
     return table.reset_index(drop=True)
 
 
-ERF_BATCH_PIXELS = 8 * 256 * 256  # pixels of one ERF batch in compute_erfs (8 images of 256 px)
-
-
 def default_erf_batch(height: int, width: int) -> int:
     """Samples per ERF forward pass: 8 images of 256 px or fewer, one from 1024 px on (memory)."""
-    return max(1, min(8, ERF_BATCH_PIXELS // max(1, int(height) * int(width))))
+    return max(1, min(8, 8 * 256 * 256 // max(1, int(height) * int(width))))
 
 
-def compute_erfs(
-    models: Mapping[tuple[int, str], nn.Module], images: Mapping[int, torch.Tensor | np.ndarray], **kwargs
-) -> dict[tuple[int, str], ERFResult]:
+def compute_erfs(models: Mapping, images: Mapping, seed: int = 0, **kwargs) -> dict:
     """:func:`effective_receptive_field` of each ``{(resolution, state): model}``, each with ``seed``."""
-    seed, batch_size = kwargs.pop("seed", 0), kwargs.pop("batch_size", None)
     results = {}
     for (resolution, state), model in models.items():
-        if resolution not in images:
-            raise ValueError(f"no images given for resolution {resolution}")
-        batch = batch_size or default_erf_batch(*tuple(images[resolution].shape[-2:]))
+        batch = default_erf_batch(*images[resolution].shape[-2:])
         generator = torch.Generator().manual_seed(seed)
         results[(resolution, state)] = effective_receptive_field(
             model, images[resolution], generator=generator, batch_size=batch, **kwargs
@@ -359,15 +287,9 @@ def compute_erfs(
     return results
 
 
-def write_erf_table(run: str | os.PathLike, table: pd.DataFrame) -> Path:
-    """Write ``tables/erf.csv`` atomically."""
-    return write_csv_atomic(table, tables_dir(run) / "erf.csv")
-
-
 def resize_images(images: torch.Tensor | np.ndarray, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
     """uint8 ``[N, 1, R, R]`` images resized (antialiased bilinear) to each side in ``sizes``."""
-    batch = torch.as_tensor(images)
-    batch = (batch[:, None] if batch.dim() == 3 else batch).float()
+    batch = torch.as_tensor(images).float()
     resized = [F.interpolate(batch, size=(s, s), mode="bilinear", antialias=True) for s in sizes]
     return {int(s): r.round().clamp(0, 255).to(torch.uint8) for s, r in zip(sizes, resized, strict=True)}
 
@@ -376,9 +298,7 @@ def conv_stack(depth: int, channels: int = 4, seed: int = 0) -> nn.Sequential:
     """``depth`` seeded linear 3x3 convolutions: a field of ``2 * depth + 1`` px, an ERF ~ ``sqrt(depth)``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(
-            *[nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1) for i in range(depth)]
-        )
+        return nn.Sequential(*[nn.Conv2d(channels if i else 1, channels, 3, padding=1) for i in range(depth)])
 
 
 def erf_of_conv_stack(

@@ -27,7 +27,7 @@ from .index import index_findings, read_index, select_findings, write_index
 from .launch import build_command, launch, resolve_nproc
 from .phantom import ensure_phantom
 from .presets import Preset, resolve
-from .receptive_field import compute_erfs, densenet121_field, erf_table, write_erf_table
+from .receptive_field import compute_erfs, densenet121_field, erf_table
 from .run_folder import set_aside_stale_run
 from .train import get_args_parser
 
@@ -231,12 +231,13 @@ def evaluate(preset: Preset) -> Evaluation:
         ensembles = ensemble.fit_fold_ensembles(val, test, index, resolutions, folds)
         scored = {**test, **ensembles.predictions}
         weights = ensemble.ensemble_weights_table(ensembles.weights)
-        ensemble.write_ensemble_weights(run, ensembles.weights)
+        write_csv_atomic(weights, tables / "ensemble_weights.csv")
         # each fold's own weights, which an external validation applies (cxrlib.evaluate)
         write_csv_atomic(ensembles.weights, tables / "ensemble_weights_by_fold.csv")
         write_csv_atomic(ensembles.convergence, tables / "ensemble_convergence.csv")
     auc_long, pooled = metrics.auc_table(scored, index), metrics.pool_folds(scored)
-    metrics.write_auc_tables(run, auc_long)
+    write_csv_atomic(auc_long, tables / "auc.csv")
+    write_csv_atomic(metrics.table3(auc_long), tables / "table3.csv")
     bootstrap = metrics.bootstrap_table(pooled, index, n_boot=preset.analysis.bootstrap)
     write_csv_atomic(bootstrap, tables / "auc_bootstrap.csv")
     delong = metrics.pairwise_delong(pooled, index) if len(pooled) >= 2 else pd.DataFrame()
@@ -336,7 +337,7 @@ def receptive_fields(preset: Preset, seed: int = 0, progress: bool = True):
         nets[(resolution, "trained")] = trained_model(preset, resolution, device=device)
     results = compute_erfs(nets, images, exact=preset.analysis.erf_exact, seed=seed, progress=progress)
     table = erf_table(results, theoretical_rf_px=densenet121_field()[0])
-    write_erf_table(preset.run_path, table)
+    write_csv_atomic(table, preset.tables_path / "erf.csv")
     return results, table
 
 

@@ -1,22 +1,19 @@
-"""The "try it yourself" part of the teaching notebook (09): the ERF at a resolution chosen on a slider.
+"""The teaching notebook's (09) helpers: the ERF of an initial DenseNet121 at several sizes, and the ERF
+at a resolution chosen on a slider, at initialisation and (where the run has a model there) trained."""
 
-:class:`ERFExplorer` measures eq. 1 of a randomly initialised DenseNet121 on the same phantom images
-at any resolution and, where the preset's run has a trained model there, of that model too; the
-slider of :func:`show_erf_explorer` redraws :meth:`ERFExplorer.show`, the output an executed notebook
-(``interactive = False``) shows.
-"""
-
-from __future__ import annotations
-
+import importlib.util
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from IPython.display import display
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import paths
+from . import paths, study
+from .models import build_model, load_trained_model
 from .plots import erf_over_image
 from .presets import Preset
 from .receptive_field import ERFResult, default_erf_batch, effective_receptive_field, resize_images
@@ -27,10 +24,8 @@ TEACHING_RESOLUTIONS = (32, 64, 96, 128, 192, 256)  # the slider's sides besides
 def trained_model_paths(preset: Preset, fold: int | None = None) -> dict[int, Path]:
     """Folders of the preset's finished trainings of one fold (default: the first), by resolution."""
     fold = preset.trained_folds()[0] if fold is None else fold
-    folders = {int(r): paths.fold_dir(preset.run_path, r, fold) for r in preset.resolutions}
-    return {
-        r: d for r, d in folders.items() if (d / paths.DONE).is_file() and (d / paths.BEST_MODEL).is_file()
-    }
+    dirs = {int(r): paths.fold_dir(preset.run_path, r, fold) for r in preset.resolutions}
+    return {r: d for r, d in dirs.items() if (d / paths.DONE).is_file() and (d / paths.BEST_MODEL).is_file()}
 
 
 @dataclass
@@ -45,11 +40,9 @@ class ERFExplorer:
     _results: dict[tuple[int, str], ERFResult] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> ERFExplorer:
+    def from_preset(cls, preset: Preset, images: torch.Tensor, init_model: nn.Module) -> "ERFExplorer":
         """The preset's trained models of its first trained fold, on its analysis device."""
-        from .study import analysis_device
-
-        return cls(images, init_model, trained_model_paths(preset), device=analysis_device(preset))
+        return cls(images, init_model, trained_model_paths(preset), device=study.analysis_device(preset))
 
     @property
     def resolutions(self) -> list[int]:  # what the slider offers
@@ -64,8 +57,6 @@ class ERFExplorer:
 
     def results(self, resolution: int) -> dict[str, ERFResult]:
         """``{"init": ERFResult}``, plus ``"trained"`` when the run has a model at ``resolution``."""
-        from .models import load_trained_model
-
         resolution = int(resolution)
         states = ["init"] + (["trained"] if resolution in self.trained else [])
         for state in states:
@@ -74,10 +65,8 @@ class ERFExplorer:
             model = self.init_model if state == "init" else self.trained[resolution]
             if not isinstance(model, nn.Module):
                 model = self.trained[resolution] = load_trained_model(model, map_location=self.device)
-            generator, batch = (
-                torch.Generator().manual_seed(self.seed),
-                default_erf_batch(resolution, resolution),
-            )
+            generator = torch.Generator().manual_seed(self.seed)
+            batch = default_erf_batch(resolution, resolution)
             self._results[(resolution, state)] = effective_receptive_field(
                 model.to(self.device), self.image(resolution), generator=generator, batch_size=batch
             )
@@ -98,8 +87,6 @@ class ERFExplorer:
 
     def show(self, resolution: int) -> None:
         """Print :meth:`caption` and display :meth:`figure` (what the slider redraws)."""
-        from IPython.display import display
-
         print(self.caption(resolution))
         display(self.figure(resolution))
 
@@ -117,25 +104,14 @@ def erf_slider(explorer: ERFExplorer, value: int | None = None):
 
 def show_erf_explorer(explorer: ERFExplorer, interactive: bool = True) -> None:
     """Display the slider (``interactive`` and ipywidgets installed), else what it shows at its start."""
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        interactive = False
-    if interactive:
-        from IPython.display import display
-
+    if interactive and importlib.util.find_spec("ipywidgets"):
         display(erf_slider(explorer))
     else:
         explorer.show(explorer.default_resolution)
 
 
-@dataclass
-class InitialERFs:
+class InitialERFs(namedtuple("InitialERFs", "images model results")):
     """Phantom images at several sizes (and as cached) and one initial DenseNet121's ERF at each size."""
-
-    images: dict[int, torch.Tensor]
-    model: nn.Module
-    results: dict[int, ERFResult]
 
     def summary(self) -> pd.DataFrame:
         """Per size: the 90%-mass disc's diameter in pixels and as a fraction of the image side."""
@@ -147,12 +123,9 @@ class InitialERFs:
 
 def initial_erfs(preset: Preset, sizes=(32, 64, 128, 256), images: int = 4, seed: int = 0) -> InitialERFs:
     """The ERF of a randomly initialised DenseNet121 on the preset's first images at each size."""
-    from .models import build_model
-    from .study import example_images, load_data
-
-    ids = load_data(preset)[0]["dicom_id"].iloc[:images].tolist()
+    ids = study.load_data(preset)[0]["dicom_id"].iloc[:images].tolist()
     largest = max(preset.resolutions)
-    cached = example_images(preset, ids, largest)
+    cached = study.example_images(preset, ids, largest)
     resized = resize_images(cached, sizes)
     torch.manual_seed(seed)
     model = build_model("none").eval()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from cxrlib import ensemble, metrics
+from cxrlib.fileio import write_csv_atomic
 from cxrlib.labels import FINDINGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +88,7 @@ def test_fold_ensembles_score_like_resolutions_and_weights_table(tmp_path):
     aucs = metrics.auc_table({**test, **result.predictions}, index)
     table = metrics.table3(aucs)
     assert {"32", "64", "ensemble", "average"} <= set(table.columns)
-    path = ensemble.write_ensemble_weights(tmp_path, result.weights)
+    path = write_csv_atomic(ensemble.ensemble_weights_table(result.weights), tmp_path / "weights.csv")
     written = pd.read_csv(path)
     assert list(written.columns) == ["finding", "resolution", "weight", "std", "n_folds"]
     assert len(written) == len(FINDINGS) * 2

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from cxrlib.gradcam import GradCAM, gradcam
+from cxrlib.gradcam import gradcam
 from cxrlib.labels import FINDINGS
 
 SQUARE = 8
@@ -65,9 +65,8 @@ def test_each_image_uses_its_own_gradients():
     torch.manual_seed(3)
     model = torchvision.models.densenet121(weights=None, num_classes=len(FINDINGS))
     images = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
-    with GradCAM(model) as cam:
-        batch = cam(images, "Pneumothorax")
-        alone = [cam(images[i : i + 1], "Pneumothorax") for i in range(3)]
+    batch = gradcam(model, images, "Pneumothorax")
+    alone = [gradcam(model, images[i : i + 1], "Pneumothorax") for i in range(3)]
     for i in range(3):
         np.testing.assert_allclose(batch.raw_maps[i], alone[i].raw_maps[0], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(batch.probabilities[i], alone[i].probabilities[0], rtol=1e-5)
@@ -89,17 +88,14 @@ def test_densenet_map_is_computed_on_the_pre_relu_features_output():
     np.testing.assert_allclose(result.probabilities, torch.sigmoid(logits).detach().numpy(), rtol=1e-5)
 
 
-def test_hook_is_removed_on_exit_and_on_exception():
-    model = SquareDetector()
-    with GradCAM(model) as cam:
-        assert len(model.features._forward_hooks) == 1
-        cam(planted_images([(0, 0)]), TARGET)
-    assert len(model.features._forward_hooks) == 0
-    with pytest.raises(ValueError, match="unknown finding"), GradCAM(model) as cam:
-        cam(planted_images([(0, 0)]), "Not A Finding")
-    assert len(model.features._forward_hooks) == 0
-    with pytest.raises(RuntimeError, match="with"):
-        GradCAM(model)(planted_images([(0, 0)]), TARGET)
+def test_hook_lives_only_during_the_call_and_is_removed_on_an_exception():
+    model, hooks_seen = SquareDetector(), []
+    model.classifier.register_forward_hook(lambda *_: hooks_seen.append(len(model.features._forward_hooks)))
+    gradcam(model, planted_images([(0, 0)]), TARGET)
+    assert hooks_seen == [1] and len(model.features._forward_hooks) == 0
+    with pytest.raises(ValueError, match="unknown finding"):
+        gradcam(model, planted_images([(0, 0)]), "Not A Finding")
+    assert hooks_seen == [1, 1] and len(model.features._forward_hooks) == 0
 
 
 def test_gradcam_is_computed_in_float32_with_tf32_off_and_the_settings_restored():

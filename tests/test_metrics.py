@@ -7,6 +7,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from cxrlib import metrics
+from cxrlib.fileio import write_csv_atomic
 from cxrlib.labels import FINDINGS
 from cxrlib.paths import predictions_path
 from cxrlib.splits import fold_ids, make_folds, write_folds
@@ -294,7 +295,8 @@ def test_load_predictions_checks_coverage_and_auc_table_and_table3(tmp_path):
     assert average["64_std"] == pytest.approx(per_fold_avg.std(ddof=1))
     assert table.set_index("finding").loc["Fracture", "64"] == "n/a"
 
-    auc_path, table_path = metrics.write_auc_tables(tmp_path, aucs_with_ens)
+    auc_path = write_csv_atomic(aucs_with_ens, tmp_path / "auc.csv")
+    table_path = write_csv_atomic(metrics.table3(aucs_with_ens), tmp_path / "table3.csv")
     reread = metrics.table3(pd.read_csv(auc_path))
     pd.testing.assert_frame_equal(reread, pd.read_csv(table_path, keep_default_na=False, na_values=[""]))
 

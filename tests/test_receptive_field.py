@@ -18,14 +18,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_densenet121_theoretical_receptive_field_is_2071():
     features = torchvision.models.densenet121(weights=None).features
     assert rfm.theoretical_receptive_field(features) == 2071
-    rf, table = rfm.theoretical_receptive_field(features, input_size=256, return_table=True)
+    rf, table = rfm.theoretical_receptive_field(features, return_table=True)
     assert rf == 2071
     assert table["rf"].iloc[-1] == 2071 and table["jump"].iloc[-1] == 32
-    assert table["size"].iloc[-1] == 8  # 256 px -> 8 x 8 feature map
     assert list(table["layer"][:2]) == ["conv0", "pool0"]
     assert list(table.columns[:3]) == ["layer", "type", "kernel"]
     once, layers = rfm.densenet121_field()  # the one the notebooks and the ERF table show
-    assert once == 2071 and layers.drop(columns="size", errors="ignore").equals(table.drop(columns="size"))
+    assert once == 2071 and layers.equals(table)
 
 
 def test_global_layers_are_refused_by_name():
@@ -75,7 +74,7 @@ def test_walk_matches_the_support_of_the_input_gradient_on_a_chain():
     with torch.no_grad():
         for conv in (net[0], net[3], net[5]):  # positive weights: no cancellation inside the field
             conv.weight.uniform_(0.1, 1.0)
-    rf, table = rfm.theoretical_receptive_field(net, input_size=96, return_table=True)
+    rf, table = rfm.theoretical_receptive_field(net, return_table=True)
     # (k - 1) * dilation * jump per layer, jump = product of the strides before it.
     assert rf == 1 + 4 * 1 + 2 * 2 + 2 * 2 * 4 + 1 * 4 + 2 * 8
     rows, cols, (u, v) = gradient_support(net, 96, n_images=1)
@@ -90,7 +89,7 @@ def test_walk_matches_the_gradient_support_of_a_small_torchvision_densenet():
     features = torchvision.models.DenseNet(
         growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2
     ).features
-    rf, table = rfm.theoretical_receptive_field(features, input_size=160, return_table=True)
+    rf, table = rfm.theoretical_receptive_field(features, return_table=True)
     assert rf == 7 + 2 * 2 + 2 * 2 * 4 + 1 * 4 + 2 * 2 * 8  # conv0, pool0, block1, transition, block2
     rows, cols, (u, v) = gradient_support(features, 160, n_images=64)
     np.testing.assert_array_equal(rows, expected_window(table, u))
